@@ -1,0 +1,522 @@
+//! The schema of Switchboard's `conf/socket.yaml`: types, defaults and validation.
+//!
+//! Depend on this crate when you need to read, write or check a Switchboard config without
+//! running a gateway (an operator tool, a config generator, a CI check). It has no runtime:
+//! no tokio, no sockets, only serde. The facade crate `switchboard` maps a [`Config`] onto the
+//! options of each layer.
+//!
+//! The spec's file loads unchanged; every hook (`onconnect`, `onmessage`, `onclose`, `send`,
+//! `broadcast`) is optional, and every extension has a default:
+//!
+//! ```
+//! let config = switchboard_config::Config::from_yaml_str(r#"
+//! gateway:
+//!   socket:
+//!     path: "/connect"
+//!     onconnect:
+//!       publish: "socket:connection"
+//! "#).unwrap();
+//! assert_eq!(config.gateway.socket.path.as_str(), "/connect");
+//! assert_eq!(config.gateway.socket.heartbeat, std::time::Duration::from_secs(30));
+//! assert_eq!(config.gateway.listen.to_string(), "127.0.0.1:4000");
+//! ```
+//!
+//! Errors name the key and where it is:
+//!
+//! ```
+//! let err = switchboard_config::Config::from_yaml_str("gateway:\n  socket:\n    pth: /x\n")
+//!     .unwrap_err();
+//! assert!(err.to_string().contains("unknown field `pth`"), "{err}");
+//! assert_eq!(err.line(), Some(3));
+//! ```
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+
+mod error;
+pub use error::ConfigError;
+
+/// A whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Config {
+    /// The `gateway` section: everything Switchboard reads lives under it.
+    pub gateway: Gateway,
+}
+
+impl Config {
+    /// Parses and validates a config from YAML text.
+    pub fn from_yaml_str(text: &str) -> Result<Self, ConfigError> {
+        serde_yaml::from_str(text).map_err(ConfigError::from_yaml)
+    }
+
+    /// Reads, parses and validates the config file at `path`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_yaml_str(&text).map_err(|e| e.in_file(path))
+    }
+}
+
+/// The `gateway` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Gateway {
+    /// Address the public listener binds (extension). Default `127.0.0.1:4000`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The spec's socket section.
+    pub socket: Socket,
+    /// How sockets are mapped to usernames (extension). Defaults: see [`Auth`].
+    #[serde(default)]
+    pub auth: Auth,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4000))
+}
+
+/// The `gateway.socket` section: the spec's hooks plus our transport knobs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Socket {
+    /// The HTTP path that accepts WebSocket upgrades. Must start with `/`. Default `/connect`.
+    #[serde(default = "default_path")]
+    pub path: UrlPath,
+    /// Publish a message when a socket connects.
+    #[serde(default)]
+    pub onconnect: Option<PublishHook>,
+    /// Publish messages the sockets send: all of them, and by `type`.
+    #[serde(default)]
+    pub onmessage: Option<OnMessage>,
+    /// Publish a message when a socket closes, whatever the reason.
+    #[serde(default)]
+    pub onclose: Option<PublishHook>,
+    /// The topic whose messages are delivered to one user's sockets.
+    #[serde(default)]
+    pub send: Option<SubscribeHook>,
+    /// The topic whose messages are delivered to every socket (or one namespace's).
+    #[serde(default)]
+    pub broadcast: Option<SubscribeHook>,
+    /// Interval between server pings; a client that has not answered the previous ping by
+    /// the next one is closed (extension). Human duration, e.g. `30s`. Default 30 s.
+    #[serde(default = "default_heartbeat", deserialize_with = "de_duration")]
+    pub heartbeat: Duration,
+    /// Largest inbound message, after reassembly of fragments, in bytes; accepts `64KiB`,
+    /// `1MiB`, `1000`. Default 64 KiB (extension).
+    #[serde(default = "default_max_message_size", deserialize_with = "de_byte_size")]
+    pub max_message_size: usize,
+    /// Frames that may wait in one socket's send queue before it counts as a slow consumer
+    /// and is closed (extension). Default 256.
+    #[serde(default = "default_send_queue", deserialize_with = "de_positive")]
+    pub send_queue: usize,
+}
+
+fn default_path() -> UrlPath {
+    UrlPath("/connect".into())
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_message_size() -> usize {
+    64 * 1024
+}
+fn default_send_queue() -> usize {
+    256
+}
+
+/// A hook that publishes to one topic (`onconnect`, `onclose`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PublishHook {
+    /// The topic to publish to.
+    pub publish: Topic,
+}
+
+/// A built-in subscriber's topic (`send`, `broadcast`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SubscribeHook {
+    /// The topic to subscribe to.
+    pub subscribe: Topic,
+}
+
+/// The `onmessage` hook.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct OnMessage {
+    /// Every message a socket sends is published here (optional).
+    #[serde(default)]
+    pub publish: Option<Topic>,
+    /// Messages of one `type` are *also* published to that entry's topic.
+    #[serde(default)]
+    pub types: TypeRoutes,
+}
+
+/// One entry of `onmessage.types`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TypeRoute {
+    /// The `type` of the incoming message this entry matches.
+    #[serde(rename = "type")]
+    pub message_type: String,
+    /// The topic such messages are published to.
+    pub publish: Topic,
+}
+
+/// `onmessage.types`: a list whose `type` values are unique.
+#[derive(Debug, Clone, Default)]
+pub struct TypeRoutes(Vec<TypeRoute>);
+
+impl TypeRoutes {
+    /// The entries, in file order.
+    pub fn iter(&self) -> std::slice::Iter<'_, TypeRoute> {
+        self.0.iter()
+    }
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// True when there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a TypeRoutes {
+    type Item = &'a TypeRoute;
+    type IntoIter = std::slice::Iter<'a, TypeRoute>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl<'de> Deserialize<'de> for TypeRoutes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TypeRoutes;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of {type, publish} entries")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TypeRoutes, A::Error> {
+                let mut routes: Vec<TypeRoute> = Vec::new();
+                while let Some(route) = seq.next_element::<TypeRoute>()? {
+                    if let Some(first) = routes
+                        .iter()
+                        .position(|r| r.message_type == route.message_type)
+                    {
+                        return Err(de::Error::custom(format_args!(
+                            "duplicate type `{}`: entries {} and {} of the list",
+                            route.message_type,
+                            first + 1,
+                            routes.len() + 1
+                        )));
+                    }
+                    routes.push(route);
+                }
+                Ok(TypeRoutes(routes))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// A topic name: any non-empty string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Topic(String);
+
+impl Topic {
+    /// The topic as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Topic {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim().is_empty() {
+            return Err(de::Error::custom("topic must not be empty"));
+        }
+        Ok(Topic(s))
+    }
+}
+
+/// An HTTP path starting with `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlPath(String);
+
+impl UrlPath {
+    /// The path as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for UrlPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if !s.starts_with('/') {
+            return Err(de::Error::custom(format_args!(
+                "path `{s}` must start with `/`"
+            )));
+        }
+        if s.contains(['?', '#', ' ']) {
+            return Err(de::Error::custom(format_args!(
+                "path `{s}` must be a plain path (no query, fragment or spaces)"
+            )));
+        }
+        Ok(UrlPath(s))
+    }
+}
+
+/// JWT signature algorithms Switchboard accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
+pub enum Algorithm {
+    /// HMAC with SHA-256; the secret comes from `auth.secret_env`.
+    HS256,
+    /// HMAC with SHA-384.
+    HS384,
+    /// HMAC with SHA-512.
+    HS512,
+    /// RSA PKCS#1 v1.5 with SHA-256; the key comes from `auth.public_key_file`.
+    RS256,
+    /// RSA PKCS#1 v1.5 with SHA-384.
+    RS384,
+    /// RSA PKCS#1 v1.5 with SHA-512.
+    RS512,
+    /// ECDSA P-256 with SHA-256; the key comes from `auth.public_key_file`.
+    ES256,
+    /// ECDSA P-384 with SHA-384.
+    ES384,
+}
+
+impl Algorithm {
+    /// True for the HMAC (shared secret) family.
+    pub fn is_hmac(self) -> bool {
+        matches!(self, Self::HS256 | Self::HS384 | Self::HS512)
+    }
+}
+
+/// The `gateway.auth` section: how a socket's JWT is found and verified (extension).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawAuth")]
+#[non_exhaustive]
+pub struct Auth {
+    /// Name of the cookie that carries the token. Default `ID_TOKEN`. An
+    /// `Authorization: Bearer` header is accepted too.
+    pub cookie: String,
+    /// Claim whose string value is the socket's username. Default `preferred_username`.
+    pub username_claim: String,
+    /// Signature algorithm. Default `HS256`.
+    pub algorithm: Algorithm,
+    /// For HS*: environment variable holding the shared secret. Default `SWITCHBOARD_JWT_SECRET`.
+    pub secret_env: String,
+    /// For RS*/ES*: PEM file with the public key.
+    pub public_key_file: Option<PathBuf>,
+    /// Clock skew tolerated on `exp` and `nbf`. Default 0 s.
+    pub leeway: Duration,
+    /// If set, the `iss` claim must equal it.
+    pub issuer: Option<String>,
+    /// If set, the `aud` claim must contain it.
+    pub audience: Option<String>,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth::try_from(RawAuth::default()).expect("default auth is valid")
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default = "default_cookie")]
+    cookie: String,
+    #[serde(default = "default_username_claim")]
+    username_claim: String,
+    #[serde(default = "default_algorithm")]
+    algorithm: Algorithm,
+    #[serde(default)]
+    secret_env: Option<String>,
+    #[serde(default)]
+    public_key_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_duration")]
+    leeway: Duration,
+    #[serde(default)]
+    issuer: Option<String>,
+    #[serde(default)]
+    audience: Option<String>,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        RawAuth {
+            cookie: default_cookie(),
+            username_claim: default_username_claim(),
+            algorithm: default_algorithm(),
+            secret_env: None,
+            public_key_file: None,
+            leeway: Duration::ZERO,
+            issuer: None,
+            audience: None,
+        }
+    }
+}
+
+fn default_cookie() -> String {
+    "ID_TOKEN".into()
+}
+fn default_username_claim() -> String {
+    "preferred_username".into()
+}
+fn default_algorithm() -> Algorithm {
+    Algorithm::HS256
+}
+
+impl TryFrom<RawAuth> for Auth {
+    type Error = String;
+    fn try_from(raw: RawAuth) -> Result<Self, String> {
+        if raw.cookie.is_empty() {
+            return Err("auth.cookie must not be empty".into());
+        }
+        if raw.username_claim.is_empty() {
+            return Err("auth.username_claim must not be empty".into());
+        }
+        if raw.algorithm.is_hmac() {
+            if raw.public_key_file.is_some() {
+                return Err(format!(
+                    "auth.public_key_file is for RS*/ES* algorithms; {:?} uses auth.secret_env",
+                    raw.algorithm
+                ));
+            }
+        } else {
+            if raw.public_key_file.is_none() {
+                return Err(format!(
+                    "auth.public_key_file is required for algorithm {:?}",
+                    raw.algorithm
+                ));
+            }
+            if raw.secret_env.is_some() {
+                return Err(format!(
+                    "auth.secret_env is for HS* algorithms; {:?} uses auth.public_key_file",
+                    raw.algorithm
+                ));
+            }
+        }
+        Ok(Auth {
+            cookie: raw.cookie,
+            username_claim: raw.username_claim,
+            algorithm: raw.algorithm,
+            secret_env: raw
+                .secret_env
+                .unwrap_or_else(|| "SWITCHBOARD_JWT_SECRET".into()),
+            public_key_file: raw.public_key_file,
+            leeway: raw.leeway,
+            issuer: raw.issuer,
+            audience: raw.audience,
+        })
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(s.trim())
+        .map_err(|e| de::Error::custom(format_args!("invalid duration `{s}`: {e} (try `30s`)")))
+}
+
+fn de_positive<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if n == 0 {
+        return Err(de::Error::custom("must be at least 1"));
+    }
+    Ok(n)
+}
+
+/// Parses `1000`, `64KiB`, `64 KB`, `1MiB`, `1M` into bytes (K = 1024).
+pub fn parse_byte_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("invalid size `{text}` (try `64KiB`)"))?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("invalid size unit in `{text}` (use B, KiB, MiB, GiB)")),
+    };
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("size `{text}` is too large"))?;
+    if bytes == 0 {
+        return Err("size must be at least 1 byte".into());
+    }
+    Ok(bytes)
+}
+
+fn de_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Int(u64),
+        Text(String),
+    }
+    let text = match Size::deserialize(d)? {
+        Size::Int(n) => n.to_string(),
+        Size::Text(s) => s,
+    };
+    parse_byte_size(&text).map_err(de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_byte_size("1000"), Ok(1000));
+        assert_eq!(parse_byte_size("64KiB"), Ok(65536));
+        assert_eq!(parse_byte_size("2 MB"), Ok(2 << 20));
+        assert!(parse_byte_size("0").is_err());
+        assert!(parse_byte_size("12 parsecs").is_err());
+        assert!(parse_byte_size("").is_err());
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::from_yaml_str("gateway:\n  socket: {}\n").unwrap();
+        let s = &c.gateway.socket;
+        assert_eq!(s.path.as_str(), "/connect");
+        assert!(s.onconnect.is_none() && s.onmessage.is_none() && s.send.is_none());
+        assert_eq!(s.max_message_size, 65536);
+        assert_eq!(s.send_queue, 256);
+        assert_eq!(c.gateway.auth.secret_env, "SWITCHBOARD_JWT_SECRET");
+        assert_eq!(c.gateway.auth.algorithm, Algorithm::HS256);
+    }
+}

@@ -1,0 +1,188 @@
+//! Config loading: the spec's file, our own, and every bad-config case.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use switchboard_config::{Algorithm, Config, ConfigError};
+
+fn repo_file(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
+}
+
+fn bad(yaml: &str) -> ConfigError {
+    Config::from_yaml_str(yaml).expect_err("config should be rejected")
+}
+
+#[test]
+fn spec_example_loads_unchanged() {
+    let c = Config::from_file(repo_file("conf/examples/spec.yaml")).unwrap();
+    let s = &c.gateway.socket;
+    assert_eq!(s.path.as_str(), "/connect");
+    assert_eq!(s.onconnect.as_ref().unwrap().publish.as_str(), "socket:connection");
+    let om = s.onmessage.as_ref().unwrap();
+    assert_eq!(om.publish.as_ref().unwrap().as_str(), "socket:generalMessage");
+    let types: Vec<_> = om
+        .types
+        .iter()
+        .map(|t| (t.message_type.as_str(), t.publish.as_str()))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("message_type_one", "socket:type_one"),
+            ("message_type_two", "socket:type_two")
+        ]
+    );
+    assert_eq!(s.onclose.as_ref().unwrap().publish.as_str(), "socket:close");
+    assert_eq!(s.send.as_ref().unwrap().subscribe.as_str(), "socket:send");
+    assert_eq!(s.broadcast.as_ref().unwrap().subscribe.as_str(), "socket:broadcast");
+    // extensions take their defaults
+    assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:4000");
+    assert_eq!(s.heartbeat, Duration::from_secs(30));
+}
+
+#[test]
+fn repo_socket_yaml_loads() {
+    let c = Config::from_file(repo_file("conf/socket.yaml")).unwrap();
+    assert_eq!(c.gateway.auth.cookie, "ID_TOKEN");
+    assert_eq!(c.gateway.socket.max_message_size, 64 * 1024);
+}
+
+#[test]
+fn every_hook_is_optional() {
+    let c = Config::from_yaml_str("gateway:\n  socket:\n    path: /ws\n").unwrap();
+    let s = &c.gateway.socket;
+    assert!(s.onconnect.is_none());
+    assert!(s.onmessage.is_none());
+    assert!(s.onclose.is_none());
+    assert!(s.send.is_none());
+    assert!(s.broadcast.is_none());
+    let c = Config::from_yaml_str(
+        "gateway:\n  socket:\n    onmessage:\n      types:\n        - {type: a, publish: t}\n",
+    )
+    .unwrap();
+    assert!(c.gateway.socket.onmessage.unwrap().publish.is_none());
+}
+
+#[test]
+fn extensions_parse() {
+    let c = Config::from_yaml_str(
+        r#"
+gateway:
+  listen: "0.0.0.0:9000"
+  socket:
+    heartbeat: 1m 30s
+    max_message_size: 1MiB
+    send_queue: 8
+  auth:
+    algorithm: ES256
+    public_key_file: /etc/keys/pub.pem
+    username_claim: sub
+    leeway: 5s
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.gateway.listen.port(), 9000);
+    assert_eq!(c.gateway.socket.heartbeat, Duration::from_secs(90));
+    assert_eq!(c.gateway.socket.max_message_size, 1 << 20);
+    assert_eq!(c.gateway.socket.send_queue, 8);
+    assert_eq!(c.gateway.auth.algorithm, Algorithm::ES256);
+    assert_eq!(c.gateway.auth.username_claim, "sub");
+    assert_eq!(c.gateway.auth.leeway, Duration::from_secs(5));
+}
+
+#[test]
+fn unknown_key_is_named_with_line_and_column() {
+    let e = bad("gateway:\n  socket:\n    path: /x\n    onconect:\n      publish: t\n");
+    let msg = e.to_string();
+    assert!(msg.contains("unknown field `onconect`"), "{msg}");
+    assert!(msg.contains("gateway.socket"), "{msg}");
+    assert_eq!(e.line(), Some(4), "{msg}");
+    assert_eq!(e.column(), Some(5), "{msg}");
+}
+
+#[test]
+fn unknown_key_deep_inside_types() {
+    let e = bad("gateway:\n  socket:\n    onmessage:\n      types:\n        - type: a\n          publsh: t\n");
+    assert!(e.to_string().contains("unknown field `publsh`"), "{e}");
+    assert_eq!(e.line(), Some(6), "{e}");
+}
+
+#[test]
+fn path_must_start_with_slash() {
+    let e = bad("gateway:\n  socket:\n    path: connect\n");
+    assert!(e.to_string().contains("must start with `/`"), "{e}");
+    assert!(e.to_string().starts_with("gateway.socket: path"), "{e}");
+    assert_eq!(e.line(), Some(3), "{e}");
+}
+
+#[test]
+fn empty_topic_is_rejected() {
+    let e = bad("gateway:\n  socket:\n    onclose:\n      publish: \"\"\n");
+    assert!(e.to_string().contains("topic must not be empty"), "{e}");
+    assert!(e.to_string().starts_with("gateway.socket.onclose:"), "{e}");
+    assert_eq!(e.line(), Some(4), "{e}");
+}
+
+#[test]
+fn duplicate_type_is_rejected() {
+    let e = bad(
+        "gateway:\n  socket:\n    onmessage:\n      types:\n        - type: a\n          publish: t1\n        - type: a\n          publish: t2\n",
+    );
+    assert!(
+        e.to_string()
+            .contains("gateway.socket.onmessage.types: duplicate type `a`: entries 1 and 2"),
+        "{e}"
+    );
+    assert_eq!(e.line(), Some(5), "the list's line: {e}");
+}
+
+#[test]
+fn bad_duration_size_and_queue() {
+    let e = bad("gateway:\n  socket:\n    heartbeat: soon\n");
+    assert!(e.to_string().contains("invalid duration `soon`"), "{e}");
+    assert_eq!(e.line(), Some(3));
+    let e = bad("gateway:\n  socket:\n    max_message_size: 10 parsecs\n");
+    assert!(e.to_string().contains("invalid size unit"), "{e}");
+    let e = bad("gateway:\n  socket:\n    send_queue: 0\n");
+    assert!(e.to_string().contains("at least 1"), "{e}");
+}
+
+#[test]
+fn bad_listen_address() {
+    let e = bad("gateway:\n  listen: localhost\n  socket: {}\n");
+    assert!(e.to_string().contains("gateway.listen"), "{e}");
+    assert_eq!(e.line(), Some(2));
+}
+
+#[test]
+fn auth_combinations_are_checked() {
+    let e = bad("gateway:\n  socket: {}\n  auth:\n    algorithm: RS256\n");
+    assert!(e.to_string().contains("public_key_file is required"), "{e}");
+    assert!(e.line().is_some(), "{e}");
+    let e = bad("gateway:\n  socket: {}\n  auth:\n    public_key_file: k.pem\n");
+    assert!(e.to_string().contains("auth.public_key_file is for RS*/ES*"), "{e}");
+    let e = bad("gateway:\n  socket: {}\n  auth:\n    algorithm: none\n");
+    assert!(e.to_string().contains("unknown variant `none`"), "{e}");
+    let e = bad("gateway:\n  socket: {}\n  auth:\n    secret: hunter2\n");
+    assert!(e.to_string().contains("unknown field `secret`"), "{e}");
+}
+
+#[test]
+fn missing_socket_section_and_syntax_errors() {
+    let e = bad("gateway: {}\n");
+    assert!(e.to_string().contains("missing field `socket`"), "{e}");
+    let e = bad("gateway:\n  socket: [\n");
+    assert!(e.line().is_some(), "{e}");
+}
+
+#[test]
+fn file_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("socket.yaml");
+    std::fs::write(&p, "gateway:\n  sockt: {}\n").unwrap();
+    let e = Config::from_file(&p).unwrap_err();
+    assert!(e.to_string().starts_with(&p.display().to_string()), "{e}");
+    let e = Config::from_file(dir.path().join("missing.yaml")).unwrap_err();
+    assert!(e.to_string().contains("cannot read config file"), "{e}");
+}
