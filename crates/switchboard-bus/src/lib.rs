@@ -1,1 +1,351 @@
-//! tmp
+//! Topics, messages, handlers and the in-process event bus: the pub/sub half of Switchboard.
+//!
+//! Depend on this crate to write handlers that run inside a gateway, to publish with a
+//! [`Producer`], or to implement another bus (NATS, say) behind the [`Bus`] trait without
+//! touching the rest of Switchboard. It knows nothing of sockets or HTTP.
+//!
+//! The model is the spec's `EventBus`: a [`Message`] has a topic, `data` (JSON), a `context`
+//! (who sent it) and, when it came from a socket, a way back: [`Message::reply`] and
+//! [`Message::fail`]. Several handlers may subscribe to one topic; each gets the message.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use switchboard_bus::{Bus, InProcessBus, Message, Producer};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let bus = Arc::new(InProcessBus::new());
+//! let (tx, rx) = std::sync::mpsc::channel();
+//! bus.subscribe("greetings", Arc::new(move |msg: Message| {
+//!     let tx = tx.clone();
+//!     async move { tx.send(msg.data()["name"].clone()).unwrap(); }
+//! })).unwrap();
+//!
+//! let producer = Producer::new(bus);
+//! producer.send("greetings", serde_json::json!({"name": "alex"})).unwrap();
+//! assert_eq!(rx.recv().unwrap(), "alex");
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+mod in_process;
+pub use in_process::InProcessBus;
+
+/// Who and where a message came from. Handlers read it as the spec's `msg.context`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Context {
+    /// The connection that caused the message, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_id: Option<u64>,
+    /// The verified username of that connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The namespace the connection asked for (also at `params.namespace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The upgrade request's headers, lower-case names; verified JWT claims at `jwt`.
+    #[serde(default)]
+    pub headers: Map<String, Value>,
+    /// The upgrade request's query parameters (`namespace` among them).
+    #[serde(default)]
+    pub params: Map<String, Value>,
+}
+
+impl Context {
+    /// A context for a connection.
+    pub fn for_connection(
+        connection_id: u64,
+        username: impl Into<String>,
+        namespace: Option<String>,
+        headers: Map<String, Value>,
+        params: Map<String, Value>,
+    ) -> Self {
+        Context {
+            connection_id: Some(connection_id),
+            username: Some(username.into()),
+            namespace,
+            headers,
+            params,
+        }
+    }
+}
+
+/// What a handler answers to the sender of a message.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Reply {
+    /// `msg.reply(payload)`.
+    Ok(Value),
+    /// `msg.fail(error)`.
+    Fail(Value),
+    /// The handler returned an error or panicked; the bus reports it without details.
+    HandlerFailed,
+}
+
+/// The way back to whoever published a message (a socket, for the gateway). Implemented by
+/// the gateway; a reply to a target that has gone must be dropped quietly.
+pub trait ReplyTo: Send + Sync + 'static {
+    /// Delivers `reply` for a message that was published on `topic`.
+    fn deliver(&self, topic: &str, reply: Reply);
+}
+
+/// One event on the bus. Cloning is cheap: topic, data and context are shared.
+#[derive(Clone)]
+pub struct Message {
+    topic: Arc<str>,
+    data: Arc<Value>,
+    context: Arc<Context>,
+    reply_to: Option<Arc<dyn ReplyTo>>,
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("topic", &self.topic)
+            .field("data", &self.data)
+            .field("context", &self.context)
+            .field("can_reply", &self.reply_to.is_some())
+            .finish()
+    }
+}
+
+impl Message {
+    /// A message with empty context and nobody to reply to (what [`Producer::send`] makes).
+    pub fn new(topic: impl Into<Arc<str>>, data: Value) -> Self {
+        Message {
+            topic: topic.into(),
+            data: Arc::new(data),
+            context: Arc::default(),
+            reply_to: None,
+        }
+    }
+
+    /// The same data and context published on another topic (shares, does not copy).
+    pub fn with_topic(&self, topic: impl Into<Arc<str>>) -> Self {
+        Message {
+            topic: topic.into(),
+            ..self.clone()
+        }
+    }
+
+    /// Sets the context.
+    pub fn with_context(mut self, context: Arc<Context>) -> Self {
+        self.context = context;
+        self
+    }
+
+    /// Sets where replies go.
+    pub fn with_reply_to(mut self, reply_to: Arc<dyn ReplyTo>) -> Self {
+        self.reply_to = Some(reply_to);
+        self
+    }
+
+    /// Shares already-allocated data (avoids a copy when one payload goes to several topics).
+    pub fn with_shared_data(mut self, data: Arc<Value>) -> Self {
+        self.data = data;
+        self
+    }
+
+    /// The topic this message was published on.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The message's data: for socket messages, the whole JSON object the client sent.
+    pub fn data(&self) -> &Value {
+        &self.data
+    }
+
+    /// The shared data, to pass on without copying.
+    pub fn shared_data(&self) -> &Arc<Value> {
+        &self.data
+    }
+
+    /// Who sent it.
+    pub fn context(&self) -> &Context {
+        &self.context
+    }
+
+    /// The shared context.
+    pub fn shared_context(&self) -> &Arc<Context> {
+        &self.context
+    }
+
+    /// True when [`Message::reply`] reaches someone.
+    pub fn can_reply(&self) -> bool {
+        self.reply_to.is_some()
+    }
+
+    /// Answers the sender. From an `onconnect` handler the client gets
+    /// `{"type":"onconnect","payload":...}`; from a message handler
+    /// `{"type":<topic>,"payload":...}`. Without a sender, or if it has gone, nothing happens.
+    pub fn reply(&self, payload: impl Serialize) {
+        self.answer(Reply::Ok, payload);
+    }
+
+    /// Answers the sender with an error frame `{"type":"error","payload":...}`. From an
+    /// `onconnect` handler the socket is then closed.
+    pub fn fail(&self, error: impl Serialize) {
+        self.answer(Reply::Fail, error);
+    }
+
+    /// Delivers a [`Reply`] as is (used by bus implementations).
+    pub fn deliver(&self, reply: Reply) {
+        if let Some(to) = &self.reply_to {
+            to.deliver(&self.topic, reply);
+        }
+    }
+
+    fn answer(&self, kind: fn(Value) -> Reply, payload: impl Serialize) {
+        if self.reply_to.is_none() {
+            return;
+        }
+        match serde_json::to_value(payload) {
+            Ok(v) => self.deliver(kind(v)),
+            Err(e) => {
+                tracing::error!(topic = %self.topic, error = %e, "reply payload is not serializable");
+                self.deliver(Reply::HandlerFailed);
+            }
+        }
+    }
+}
+
+/// The error type handlers may return.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A boxed handler future.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'static>>;
+
+/// Something that handles messages of a topic. Implemented for every
+/// `Fn(Message) -> impl Future<Output = ()>` and `... Output = Result<(), E>` closure.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one message.
+    fn call(&self, msg: Message) -> HandlerFuture;
+}
+
+/// What a handler closure's future may return: `()` or `Result<(), E>`.
+pub trait IntoHandlerResult {
+    /// Converts into the bus's result type.
+    fn into_handler_result(self) -> Result<(), HandlerError>;
+}
+
+impl IntoHandlerResult for () {
+    fn into_handler_result(self) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+impl<E: Into<HandlerError>> IntoHandlerResult for Result<(), E> {
+    fn into_handler_result(self) -> Result<(), HandlerError> {
+        self.map_err(Into::into)
+    }
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: IntoHandlerResult,
+{
+    fn call(&self, msg: Message) -> HandlerFuture {
+        let fut = self(msg);
+        Box::pin(async move { fut.await.into_handler_result() })
+    }
+}
+
+/// Why a publish failed. Hands the message back, so nothing is lost silently.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot publish to `{}`: {reason}", message.topic())]
+pub struct PublishError {
+    /// The message that was not published.
+    pub message: Message,
+    /// Why.
+    pub reason: PublishFailure,
+}
+
+/// The reasons a publish can fail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishFailure {
+    /// The bus is not running (no async runtime, or it was shut down).
+    #[error("the bus is not running")]
+    NotRunning,
+    /// The broker could not be reached.
+    #[error("the broker is unavailable: {0}")]
+    Unavailable(String),
+    /// The data could not be serialized to JSON.
+    #[error("data is not serializable: {0}")]
+    Serialize(String),
+}
+
+/// Why a subscribe failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscribeError {
+    /// The topic name is empty.
+    #[error("topic must not be empty")]
+    EmptyTopic,
+    /// The broker refused or could not be reached.
+    #[error("cannot subscribe to `{topic}`: {reason}")]
+    Broker {
+        /// The topic.
+        topic: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// The seam between Switchboard and a message bus. The in-process [`InProcessBus`] is the
+/// default; a broker-backed bus implements the same trait in its own crate.
+///
+/// `publish` must not block: a bus that does I/O queues the message and reports failures
+/// later through [`Message::fail`] on the message itself.
+pub trait Bus: Send + Sync + 'static {
+    /// Publishes `msg` to every handler subscribed to its topic. No subscriber is not an error.
+    fn publish(&self, msg: Message) -> Result<(), PublishError>;
+
+    /// Adds `handler` to `topic`. Every handler of a topic gets every message.
+    fn subscribe(&self, topic: &str, handler: Arc<dyn Handler>) -> Result<(), SubscribeError>;
+}
+
+/// Publishes messages from anywhere: the spec's `producer.send(topic, data)`.
+#[derive(Clone)]
+pub struct Producer {
+    bus: Arc<dyn Bus>,
+}
+
+impl fmt::Debug for Producer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Producer").finish_non_exhaustive()
+    }
+}
+
+impl Producer {
+    /// A producer on `bus`.
+    pub fn new(bus: Arc<dyn Bus>) -> Self {
+        Producer { bus }
+    }
+
+    /// Publishes `data` on `topic`, with an empty context and nobody to reply to.
+    pub fn send(&self, topic: &str, data: impl Serialize) -> Result<(), PublishError> {
+        match serde_json::to_value(data) {
+            Ok(v) => self.bus.publish(Message::new(topic, v)),
+            Err(e) => Err(PublishError {
+                message: Message::new(topic, Value::Null),
+                reason: PublishFailure::Serialize(e.to_string()),
+            }),
+        }
+    }
+
+    /// Publishes a prepared message.
+    pub fn publish(&self, msg: Message) -> Result<(), PublishError> {
+        self.bus.publish(msg)
+    }
+}

@@ -1,0 +1,194 @@
+//! The embedded bus: topics map to handlers in this process.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, RwLock};
+use std::task::{Context as TaskContext, Poll, Waker};
+
+use futures_util::FutureExt;
+
+use crate::{
+    Bus, Handler, HandlerError, HandlerFuture, Message, PublishError, PublishFailure, Reply,
+    SubscribeError,
+};
+
+type Handlers = Arc<[Arc<dyn Handler>]>;
+
+/// The in-process bus: every handler subscribed to a topic runs in this process.
+///
+/// Dispatch runs each handler's future *inline* until it first waits, and only then spawns
+/// it on the tokio runtime. Handlers that finish without waiting (most: compute, reply,
+/// send) therefore run in publish order and cost no task spawn; handlers that wait run
+/// concurrently. A handler that returns an error or panics is logged, its sender gets
+/// [`Reply::HandlerFailed`], and nothing else is affected.
+#[derive(Default)]
+pub struct InProcessBus {
+    topics: RwLock<HashMap<Arc<str>, Handlers>>,
+}
+
+impl std::fmt::Debug for InProcessBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let topics = self.topics.read().map(|t| t.len()).unwrap_or(0);
+        f.debug_struct("InProcessBus").field("topics", &topics).finish()
+    }
+}
+
+impl InProcessBus {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of handlers subscribed to `topic`.
+    pub fn handler_count(&self, topic: &str) -> usize {
+        self.handlers(topic).map_or(0, |h| h.len())
+    }
+
+    fn handlers(&self, topic: &str) -> Option<Handlers> {
+        let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
+        topics.get(topic).cloned()
+    }
+}
+
+impl Bus for InProcessBus {
+    fn publish(&self, msg: Message) -> Result<(), PublishError> {
+        let Some(handlers) = self.handlers(msg.topic()) else {
+            return Ok(());
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Err(PublishError {
+                message: msg,
+                reason: PublishFailure::NotRunning,
+            });
+        };
+        for handler in handlers.iter() {
+            dispatch(&runtime, handler.as_ref(), msg.clone());
+        }
+        Ok(())
+    }
+
+    fn subscribe(&self, topic: &str, handler: Arc<dyn Handler>) -> Result<(), SubscribeError> {
+        if topic.is_empty() {
+            return Err(SubscribeError::EmptyTopic);
+        }
+        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        let entry = topics.entry(Arc::from(topic)).or_insert_with(|| Arc::new([]));
+        let mut list: Vec<_> = entry.iter().cloned().collect();
+        list.push(handler);
+        *entry = list.into();
+        Ok(())
+    }
+}
+
+/// Runs one handler on one message: inline until it first waits, then on the runtime.
+fn dispatch(runtime: &tokio::runtime::Handle, handler: &dyn Handler, msg: Message) {
+    let origin = msg.clone();
+    let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut fut: HandlerFuture = handler.call(msg);
+        let mut cx = TaskContext::from_waker(Waker::noop());
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(result) => Ok(result),
+            Poll::Pending => Err(fut),
+        }
+    }));
+    match started {
+        Ok(Ok(result)) => report(&origin, result),
+        Ok(Err(pending)) => {
+            // The spawned task polls again at once with a real waker, which the future
+            // registers in place of the no-op one.
+            runtime.spawn(async move {
+                match AssertUnwindSafe(pending).catch_unwind().await {
+                    Ok(result) => report(&origin, result),
+                    Err(panic) => report_panic(&origin, panic),
+                }
+            });
+        }
+        Err(panic) => report_panic(&origin, panic),
+    }
+}
+
+fn report(msg: &Message, result: Result<(), HandlerError>) {
+    if let Err(error) = result {
+        tracing::error!(topic = msg.topic(), %error, "handler failed");
+        msg.deliver(Reply::HandlerFailed);
+    }
+}
+
+fn report_panic(msg: &Message, panic: Box<dyn std::any::Any + Send>) {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    tracing::error!(topic = msg.topic(), panic = %what, "handler panicked");
+    msg.deliver(Reply::HandlerFailed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ReplyTo;
+    use serde_json::json;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(String, Reply)>>);
+    impl ReplyTo for Recorder {
+        fn deliver(&self, topic: &str, reply: Reply) {
+            self.0.lock().unwrap().push((topic.into(), reply));
+        }
+    }
+
+    #[tokio::test]
+    async fn sync_handlers_run_in_publish_order_without_spawning() {
+        let bus = InProcessBus::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        bus.subscribe(
+            "t",
+            Arc::new(move |m: Message| {
+                s.lock().unwrap().push(m.data().as_i64().unwrap());
+                async {}
+            }),
+        )
+        .unwrap();
+        for i in 0..100 {
+            bus.publish(Message::new("t", json!(i))).unwrap();
+        }
+        // No await happened, so the handlers ran inline.
+        assert_eq!(*seen.lock().unwrap(), (0..100).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn publish_without_subscribers_is_ok() {
+        let bus = InProcessBus::new();
+        bus.publish(Message::new("nobody", json!(1))).unwrap();
+        assert_eq!(bus.handler_count("nobody"), 0);
+    }
+
+    #[test]
+    fn publish_outside_a_runtime_hands_the_message_back() {
+        let bus = InProcessBus::new();
+        bus.subscribe("t", Arc::new(|_m: Message| async {})).unwrap();
+        let err = bus.publish(Message::new("t", json!("x"))).unwrap_err();
+        assert_eq!(err.reason, PublishFailure::NotRunning);
+        assert_eq!(err.message.data(), &json!("x"));
+    }
+
+    #[tokio::test]
+    async fn failing_handler_reports_without_details() {
+        let bus = InProcessBus::new();
+        bus.subscribe(
+            "t",
+            Arc::new(|_m: Message| async { Err::<(), _>("database on fire") }),
+        )
+        .unwrap();
+        let rec = Arc::new(Recorder::default());
+        bus.publish(Message::new("t", json!(null)).with_reply_to(rec.clone()))
+            .unwrap();
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            [("t".to_string(), Reply::HandlerFailed)]
+        );
+    }
+}
