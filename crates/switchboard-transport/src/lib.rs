@@ -1,1 +1,310 @@
-//! tmp
+//! The WebSocket transport of Switchboard: HTTP/1.1 upgrades (hyper 1), frames
+//! (fastwebsockets), a bounded send queue per socket, server heartbeats and the close
+//! handshake.
+//!
+//! Depend on this crate when you want a fast, careful WebSocket server and will decide
+//! yourself what the bytes mean. It knows nothing of topics, JSON or users: you implement
+//! [`Service`] (admission before the upgrade, what to do with each message, what to do when a
+//! socket ends) and get a [`SocketHandle`] per socket to send frames through.
+//!
+//! What it guarantees:
+//! - upgrades only at [`TransportOptions::path`]; a plain `GET` there gets `426`, any other
+//!   path goes to [`Service::http`] (default `404`);
+//! - [`Service::admit`] runs before the upgrade; its refusal is sent as the HTTP response and
+//!   no socket exists;
+//! - messages reach [`Service::on_message`] whole (fragments reassembled), in order, text
+//!   always valid UTF-8, never larger than [`TransportOptions::max_message_size`] (else close
+//!   `1009`); protocol errors close with `1002`, invalid UTF-8 with `1007`;
+//! - [`Service::on_close`] is called exactly once for every socket [`Service::open`] was
+//!   called for, whatever ended it;
+//! - a socket whose send queue is full is closed (`1008`, "send queue full") instead of
+//!   growing memory; a client that misses a heartbeat pong is dropped.
+//!
+//! See `examples/echo.rs` for a complete echo server.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, UPGRADE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+mod socket;
+pub use socket::{CloseReason, SendError, SocketHandle, SLOW_CONSUMER_CODE};
+
+pub use http::request::Parts as RequestParts;
+pub use hyper::http;
+
+/// The body type of every HTTP response the transport sends.
+pub type Body = Full<Bytes>;
+
+/// Options of the transport. Plain data with defaults; the `switchboard` facade fills it from
+/// the config file.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TransportOptions {
+    /// Path that accepts upgrades. Default `/connect`.
+    pub path: String,
+    /// Interval between server pings; a client that has not answered one ping by the next
+    /// is dropped. Default 30 s.
+    pub heartbeat_interval: Duration,
+    /// Largest inbound message (after reassembly) in bytes; larger closes with `1009`.
+    /// Default 64 KiB.
+    pub max_message_size: usize,
+    /// Frames that may wait in one socket's send queue. Default 256.
+    pub send_queue: usize,
+    /// How long a client may take to send its request headers. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// How long to wait for the peer's half of a close handshake. Default 2 s.
+    pub close_timeout: Duration,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        TransportOptions {
+            path: "/connect".into(),
+            heartbeat_interval: Duration::from_secs(30),
+            max_message_size: 64 * 1024,
+            send_queue: 256,
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One complete inbound message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A text message; the bytes are valid UTF-8.
+    Text(Bytes),
+    /// A binary message.
+    Binary(Bytes),
+}
+
+/// What the transport asks of its user. One value serves every connection.
+pub trait Service: Send + Sync + 'static {
+    /// What [`Service::admit`] learns about a request (an identity, say), handed to
+    /// [`Service::open`].
+    type Admission: Send + 'static;
+    /// Per-socket state the service keeps, handed back on every message and at close.
+    type Session: Send + Sync + 'static;
+
+    /// Decides, before the upgrade, whether this request may open a socket. An `Err`
+    /// response is sent as is (e.g. `401`) and no socket is opened.
+    fn admit(&self, request: &RequestParts) -> Result<Self::Admission, Response<Body>>;
+
+    /// A socket was opened for an admitted request.
+    fn open(&self, admission: Self::Admission, socket: SocketHandle) -> Self::Session;
+
+    /// A whole message arrived. Called in arrival order, never concurrently for one socket.
+    fn on_message(&self, session: &Self::Session, message: Inbound);
+
+    /// The socket has ended. Called exactly once per opened socket.
+    fn on_close(&self, session: Self::Session, reason: CloseReason);
+
+    /// Answers a request to any path other than the upgrade path. Default: `404`.
+    fn http(&self, request: &RequestParts) -> Response<Body> {
+        let _ = request;
+        plain_response(StatusCode::NOT_FOUND, "not found\n")
+    }
+}
+
+/// A small text response, for refusals.
+pub fn plain_response(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut res = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+/// A running server. Dropping it does not stop it; call [`Server::shutdown`].
+pub struct Server {
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    accept_loop: JoinHandle<()>,
+    alive: Option<mpsc::Sender<Infallible>>,
+    sockets_done: mpsc::Receiver<Infallible>,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What happened during [`Server::shutdown`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// True when every socket finished its close before the deadline.
+    pub drained: bool,
+}
+
+impl Server {
+    /// Binds `addr` and starts serving `service`.
+    pub async fn bind<S: Service>(
+        addr: SocketAddr,
+        options: TransportOptions,
+        service: Arc<S>,
+    ) -> std::io::Result<Server> {
+        let listener = TcpListener::bind(addr).await?;
+        Self::from_listener(listener, options, service)
+    }
+
+    /// Starts serving `service` on a bound listener.
+    pub fn from_listener<S: Service>(
+        listener: TcpListener,
+        options: TransportOptions,
+        service: Arc<S>,
+    ) -> std::io::Result<Server> {
+        let local_addr = listener.local_addr()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        // The server and every socket task hold a strong `alive` sender; once the server drops
+        // its own at shutdown, `recv` returns None when the last socket task has ended.
+        let (alive, sockets_done) = mpsc::channel::<Infallible>(1);
+        let shared = Arc::new(Shared {
+            options,
+            service,
+            shutdown: shutdown_rx.clone(),
+            alive: alive.downgrade(),
+        });
+        let accept_loop = tokio::spawn(accept_loop(listener, shared, shutdown_rx));
+        Ok(Server {
+            local_addr,
+            shutdown,
+            accept_loop,
+            alive: Some(alive),
+            sockets_done,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, closes every socket with `1001` (going away), and waits until each
+    /// has ended and [`Service::on_close`] has run for it, or until `drain` has passed.
+    pub async fn shutdown(mut self, drain: Duration) -> ShutdownReport {
+        let _ = self.shutdown.send(true);
+        self.accept_loop.abort();
+        let _ = (&mut self.accept_loop).await;
+        self.alive = None;
+        let drained = tokio::time::timeout(drain, self.sockets_done.recv())
+            .await
+            .is_ok();
+        ShutdownReport { drained }
+    }
+}
+
+struct Shared<S> {
+    options: TransportOptions,
+    service: Arc<S>,
+    shutdown: watch::Receiver<bool>,
+    alive: mpsc::WeakSender<Infallible>,
+}
+
+async fn accept_loop<S: Service>(
+    listener: TcpListener,
+    shared: Arc<Shared<S>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let io = TokioIo::new(stream);
+            let svc_shared = shared.clone();
+            let svc = service_fn(move |req| {
+                let shared = svc_shared.clone();
+                async move { Ok::<_, Infallible>(handle_request(shared, req, peer)) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(shared.options.handshake_timeout)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+fn handle_request<S: Service>(
+    shared: Arc<Shared<S>>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    if req.uri().path() != shared.options.path {
+        let (parts, _body) = req.into_parts();
+        return shared.service.http(&parts);
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        let mut res = plain_response(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint speaks WebSocket only\n",
+        );
+        res.headers_mut()
+            .insert(UPGRADE, HeaderValue::from_static("websocket"));
+        return res;
+    }
+    if req.method() != hyper::Method::GET {
+        return plain_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "upgrade requests use GET\n",
+        );
+    }
+    let (parts, body) = req.into_parts();
+    let admission = match shared.service.admit(&parts) {
+        Ok(a) => a,
+        Err(refusal) => return refusal,
+    };
+    let mut req = Request::from_parts(parts, body);
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "bad upgrade request");
+            return plain_response(StatusCode::BAD_REQUEST, "bad websocket upgrade request\n");
+        }
+    };
+    let alive = shared.alive.upgrade();
+    tokio::spawn(async move {
+        let _alive = alive;
+        match upgrade.await {
+            Ok(ws) => socket::run(ws, admission, peer, &shared).await,
+            Err(e) => tracing::debug!(%peer, error = %e, "upgrade did not complete"),
+        }
+    });
+    response.map(|_| Full::default())
+}

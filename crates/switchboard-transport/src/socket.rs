@@ -1,0 +1,524 @@
+//! One socket's life: a reader (this task), a writer (its own task) fed by a bounded queue,
+//! and the close handshake between them.
+//!
+//! Every way a socket can end goes through [`SocketState::request_close`]: the first request
+//! wins and fixes the [`CloseReason`] reported to [`Service::on_close`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{BufWriter, ReadHalf, WriteHalf};
+use tokio::sync::{watch, Notify};
+use tokio::time::{timeout, Instant};
+
+use crate::{Inbound, Service, Shared};
+
+type Io = TokioIo<Upgraded>;
+type Reader = WebSocketRead<ReadHalf<Io>>;
+type Writer = WebSocketWrite<BufWriter<WriteHalf<Io>>>;
+
+/// How many queued frames the writer sends before it flushes.
+const MAX_BATCH: usize = 64;
+/// Write buffer per socket; a batch of small frames goes out in one syscall.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Why a socket ended, as reported to [`Service::on_close`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The client sent a close frame (`code` 1005 when it had none).
+    Client {
+        /// The client's close code.
+        code: u16,
+        /// The client's reason text.
+        reason: String,
+    },
+    /// The connection dropped without a close frame.
+    Dropped,
+    /// The client did not answer a heartbeat ping in time.
+    HeartbeatTimeout,
+    /// The client broke the protocol; we closed with `code` (1002, 1007 or 1009).
+    Protocol {
+        /// The close code sent.
+        code: u16,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The server side closed it ([`SocketHandle::close`]).
+    Server {
+        /// The close code sent.
+        code: u16,
+        /// The reason sent.
+        reason: String,
+    },
+    /// The server is shutting down; closed with 1001.
+    Shutdown,
+    /// The send queue was full; closed with 1008.
+    SlowConsumer,
+    /// Reading or writing the connection failed.
+    Io(String),
+}
+
+/// Why [`SocketHandle::send_text`] did not queue a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The socket is closing or closed.
+    #[error("socket is closed")]
+    Closed,
+    /// The send queue was full; the socket is being closed as a slow consumer.
+    #[error("send queue full; socket closed as a slow consumer")]
+    Full,
+}
+
+/// Close code sent to a slow consumer.
+pub const SLOW_CONSUMER_CODE: u16 = 1008;
+
+enum Outbound {
+    Text(Bytes),
+    Binary(Bytes),
+    Pong(Bytes),
+    Close(u16, String),
+}
+
+/// The frame to end with, if any.
+enum Farewell {
+    Code(u16, String),
+    Echo(Bytes),
+}
+
+struct CloseRequest {
+    farewell: Option<Farewell>,
+    reason: CloseReason,
+}
+
+pub(crate) struct SocketState {
+    peer: SocketAddr,
+    queue: flume::Sender<Outbound>,
+    closing: AtomicBool,
+    request: Mutex<Option<CloseRequest>>,
+    closed_signal: Notify,
+    pong_seen: AtomicBool,
+}
+
+impl SocketState {
+    /// Records how the socket ends; the first request wins. Returns true if this one did.
+    fn request_close(&self, farewell: Option<Farewell>, reason: CloseReason) -> bool {
+        let won = {
+            let mut slot = self.request.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() {
+                *slot = Some(CloseRequest { farewell, reason });
+                true
+            } else {
+                false
+            }
+        };
+        self.closing.store(true, Ordering::Release);
+        self.closed_signal.notify_waiters();
+        won
+    }
+
+    async fn close_requested(&self) {
+        loop {
+            let notified = self.closed_signal.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.request.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn take_farewell(&self) -> Option<Farewell> {
+        self.request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .and_then(|r| r.farewell.take())
+    }
+
+    fn reason(&self) -> CloseReason {
+        self.request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|r| r.reason.clone())
+            .unwrap_or(CloseReason::Dropped)
+    }
+
+    fn enqueue(&self, out: Outbound) -> Result<(), SendError> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(SendError::Closed);
+        }
+        match self.queue.try_send(out) {
+            Ok(()) => Ok(()),
+            Err(flume::TrySendError::Disconnected(_)) => Err(SendError::Closed),
+            Err(flume::TrySendError::Full(_)) => {
+                self.request_close(
+                    Some(Farewell::Code(SLOW_CONSUMER_CODE, "send queue full".into())),
+                    CloseReason::SlowConsumer,
+                );
+                Err(SendError::Full)
+            }
+        }
+    }
+}
+
+/// Sends to one socket. Cheap to clone; every clone refers to the same socket. Sending never
+/// waits: a full queue closes the socket as a slow consumer.
+#[derive(Clone)]
+pub struct SocketHandle {
+    state: Arc<SocketState>,
+}
+
+impl std::fmt::Debug for SocketHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketHandle")
+            .field("peer", &self.state.peer)
+            .field("closing", &self.is_closing())
+            .finish()
+    }
+}
+
+impl SocketHandle {
+    /// Queues a text frame. `text` must be valid UTF-8 (it is sent as is); share one `Bytes`
+    /// across many sockets to encode once.
+    pub fn send_text(&self, text: Bytes) -> Result<(), SendError> {
+        self.state.enqueue(Outbound::Text(text))
+    }
+
+    /// Queues a binary frame.
+    pub fn send_binary(&self, data: Bytes) -> Result<(), SendError> {
+        self.state.enqueue(Outbound::Binary(data))
+    }
+
+    /// Closes the socket with `code` and `reason` after the frames already queued. If the
+    /// queue is full, closes at once.
+    pub fn close(&self, code: u16, reason: &str) {
+        let reason = truncate_reason(reason);
+        if self.state.closing.load(Ordering::Acquire) {
+            return;
+        }
+        if self
+            .state
+            .queue
+            .try_send(Outbound::Close(code, reason.clone()))
+            .is_err()
+        {
+            self.state.request_close(
+                Some(Farewell::Code(code, reason.clone())),
+                CloseReason::Server { code, reason },
+            );
+        }
+    }
+
+    /// True once the socket is closing or closed: sends will fail.
+    pub fn is_closing(&self) -> bool {
+        self.state.closing.load(Ordering::Acquire)
+    }
+
+    /// The client's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.state.peer
+    }
+
+    /// Frames waiting in the send queue.
+    pub fn queued(&self) -> usize {
+        self.state.queue.len()
+    }
+}
+
+/// Close reasons are limited to 123 bytes by RFC 6455.
+fn truncate_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_string()
+}
+
+/// Runs a socket from the completed upgrade to its end.
+pub(crate) async fn run<S: Service>(
+    ws: WebSocket<Io>,
+    admission: S::Admission,
+    peer: SocketAddr,
+    shared: &Shared<S>,
+) {
+    let opts = &shared.options;
+    let (mut reader, writer) = ws.split(|io| {
+        let (r, w) = tokio::io::split(io);
+        (r, BufWriter::with_capacity(WRITE_BUFFER, w))
+    });
+    // fastwebsockets rejects frames of `max_message_size` or more; we allow exactly the max.
+    reader.set_max_message_size(opts.max_message_size.saturating_add(1));
+    let (queue, outbox) = flume::bounded(opts.send_queue);
+    let state = Arc::new(SocketState {
+        peer,
+        queue,
+        closing: AtomicBool::new(false),
+        request: Mutex::new(None),
+        closed_signal: Notify::new(),
+        pong_seen: AtomicBool::new(false),
+    });
+    let session = shared.service.open(
+        admission,
+        SocketHandle {
+            state: state.clone(),
+        },
+    );
+    let mut writer_task = tokio::spawn(write_loop(
+        writer,
+        outbox,
+        state.clone(),
+        opts.heartbeat_interval,
+        shared.shutdown.clone(),
+    ));
+    {
+        let read = read_loop(
+            &mut reader,
+            shared.service.as_ref(),
+            &session,
+            &state,
+            opts.max_message_size,
+        );
+        let mut read = std::pin::pin!(read);
+
+        tokio::select! {
+            end = &mut read => {
+                let (farewell, reason) = end;
+                state.request_close(farewell, reason);
+                if timeout(opts.close_timeout, &mut writer_task).await.is_err() {
+                    writer_task.abort();
+                }
+            }
+            _ = state.close_requested() => {
+                let writer_done = timeout(opts.close_timeout, &mut writer_task).await;
+                match writer_done {
+                    Ok(Ok(true)) => {
+                        // We sent a close frame: give the client a moment to answer it.
+                        let _ = timeout(opts.close_timeout, &mut read).await;
+                    }
+                    Ok(_) => {}
+                    Err(_) => writer_task.abort(),
+                }
+            }
+        }
+    }
+    shared.service.on_close(session, state.reason());
+}
+
+/// Reads until the connection ends; returns the frame to answer with and why it ended.
+async fn read_loop<S: Service>(
+    reader: &mut Reader,
+    service: &S,
+    session: &S::Session,
+    state: &SocketState,
+    max_message_size: usize,
+) -> (Option<Farewell>, CloseReason) {
+    // Pings are answered through the send queue; a full queue just drops the pong.
+    let mut obligations = |frame: Frame<'_>| {
+        if frame.opcode == OpCode::Pong {
+            let _ = state
+                .queue
+                .try_send(Outbound::Pong(Bytes::copy_from_slice(&frame.payload)));
+        }
+        std::future::ready(Ok::<(), std::io::Error>(()))
+    };
+    // A fragmented message in progress: its opcode and the bytes so far.
+    let mut partial: Option<(OpCode, BytesMut)> = None;
+    loop {
+        let frame = match reader.read_frame(&mut obligations).await {
+            Ok(frame) => frame,
+            Err(e) => return read_error(e, max_message_size),
+        };
+        let fin = frame.fin;
+        match frame.opcode {
+            OpCode::Text | OpCode::Binary if partial.is_some() => {
+                return protocol(1002, "new message before the previous one finished");
+            }
+            OpCode::Text | OpCode::Binary if fin => {
+                deliver(service, session, frame.opcode, into_bytes(frame.payload));
+            }
+            OpCode::Text | OpCode::Binary => {
+                partial = Some((frame.opcode, BytesMut::from(&frame.payload[..])));
+            }
+            OpCode::Continuation => {
+                let Some((opcode, buf)) = partial.as_mut() else {
+                    return protocol(1002, "continuation frame without a message");
+                };
+                if buf.len() + frame.payload.len() > max_message_size {
+                    return protocol(1009, "message too big");
+                }
+                buf.extend_from_slice(&frame.payload);
+                if fin {
+                    let opcode = *opcode;
+                    let whole = partial.take().map(|(_, b)| b.freeze()).unwrap_or_default();
+                    if opcode == OpCode::Text && std::str::from_utf8(&whole).is_err() {
+                        return protocol(1007, "invalid UTF-8 in text message");
+                    }
+                    deliver(service, session, opcode, whole);
+                }
+            }
+            OpCode::Close => {
+                let payload = into_bytes(frame.payload);
+                let (code, reason) = match payload.len() {
+                    0 => (1005, String::new()),
+                    _ => (
+                        u16::from_be_bytes([payload[0], payload[1]]),
+                        String::from_utf8_lossy(&payload[2..]).into_owned(),
+                    ),
+                };
+                return (Some(Farewell::Echo(payload)), CloseReason::Client { code, reason });
+            }
+            OpCode::Pong => state.pong_seen.store(true, Ordering::Release),
+            OpCode::Ping => {}
+        }
+    }
+}
+
+fn deliver<S: Service>(service: &S, session: &S::Session, opcode: OpCode, data: Bytes) {
+    let message = if opcode == OpCode::Text {
+        Inbound::Text(data)
+    } else {
+        Inbound::Binary(data)
+    };
+    service.on_message(session, message);
+}
+
+fn into_bytes(payload: Payload<'_>) -> Bytes {
+    match payload {
+        Payload::Bytes(b) => b.freeze(),
+        other => Bytes::from(Vec::from(other)),
+    }
+}
+
+fn protocol(code: u16, detail: &str) -> (Option<Farewell>, CloseReason) {
+    (
+        Some(Farewell::Code(code, detail.to_string())),
+        CloseReason::Protocol {
+            code,
+            detail: detail.to_string(),
+        },
+    )
+}
+
+fn read_error(e: WebSocketError, max_message_size: usize) -> (Option<Farewell>, CloseReason) {
+    match e {
+        WebSocketError::UnexpectedEOF => (None, CloseReason::Dropped),
+        WebSocketError::IoError(io) => (None, CloseReason::Io(io.to_string())),
+        WebSocketError::FrameTooLarge => protocol(
+            1009,
+            &format!("message too big (limit {max_message_size} bytes)"),
+        ),
+        WebSocketError::InvalidUTF8 => protocol(1007, "invalid UTF-8"),
+        other => protocol(1002, &other.to_string().to_lowercase()),
+    }
+}
+
+/// Writes queued frames in batches and pings on schedule. Returns true if it sent a close frame.
+async fn write_loop(
+    mut ws: Writer,
+    outbox: flume::Receiver<Outbound>,
+    state: Arc<SocketState>,
+    heartbeat: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> bool {
+    let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut awaiting_pong = false;
+    let sent_close = loop {
+        tokio::select! {
+            biased;
+            _ = state.close_requested() => break farewell(&mut ws, &state).await,
+            _ = async { drop(shutdown.wait_for(|down| *down).await) } => {
+                state.request_close(
+                    Some(Farewell::Code(1001, "server shutting down".into())),
+                    CloseReason::Shutdown,
+                );
+                break farewell(&mut ws, &state).await;
+            }
+            first = outbox.recv_async() => {
+                let Ok(first) = first else { break false };
+                match write_batch(&mut ws, &outbox, first, &state).await {
+                    Ok(true) => break farewell(&mut ws, &state).await,
+                    Ok(false) => {}
+                    Err(e) => {
+                        state.request_close(None, CloseReason::Io(e.to_string()));
+                        break false;
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                if awaiting_pong && !state.pong_seen.swap(false, Ordering::AcqRel) {
+                    state.request_close(None, CloseReason::HeartbeatTimeout);
+                    break false;
+                }
+                state.pong_seen.store(false, Ordering::Release);
+                awaiting_pong = true;
+                let ping = Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""));
+                if let Err(e) = write_and_flush(&mut ws, ping).await {
+                    state.request_close(None, CloseReason::Io(e.to_string()));
+                    break false;
+                }
+            }
+        }
+    };
+    // Free whatever is still queued now, not when the last handle goes.
+    outbox.drain().for_each(drop);
+    sent_close
+}
+
+/// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]), then flushes once.
+/// Returns true when a queued close was reached (the close is recorded, not yet written).
+async fn write_batch(
+    ws: &mut Writer,
+    outbox: &flume::Receiver<Outbound>,
+    first: Outbound,
+    state: &SocketState,
+) -> Result<bool, WebSocketError> {
+    let mut next = Some(first);
+    let mut written = 0;
+    while let Some(out) = next.take() {
+        match out {
+            Outbound::Text(b) => ws.write_frame(Frame::text(Payload::Borrowed(&b))).await?,
+            Outbound::Binary(b) => ws.write_frame(Frame::binary(Payload::Borrowed(&b))).await?,
+            Outbound::Pong(b) => ws.write_frame(Frame::pong(Payload::Borrowed(&b))).await?,
+            Outbound::Close(code, reason) => {
+                ws.flush().await?;
+                state.request_close(
+                    Some(Farewell::Code(code, reason.clone())),
+                    CloseReason::Server { code, reason },
+                );
+                return Ok(true);
+            }
+        }
+        written += 1;
+        if written < MAX_BATCH {
+            next = outbox.try_recv().ok();
+        }
+    }
+    ws.flush().await?;
+    Ok(false)
+}
+
+async fn write_and_flush(ws: &mut Writer, frame: Frame<'_>) -> Result<(), WebSocketError> {
+    ws.write_frame(frame).await?;
+    ws.flush().await
+}
+
+/// Writes the close frame the winning request asked for. Returns true if one was sent.
+async fn farewell(ws: &mut Writer, state: &SocketState) -> bool {
+    let frame = match state.take_farewell() {
+        Some(Farewell::Code(code, reason)) => Frame::close(code, reason.as_bytes()),
+        Some(Farewell::Echo(payload)) => Frame::close_raw(Payload::Owned(payload.to_vec())),
+        None => return false,
+    };
+    write_and_flush(ws, frame).await.is_ok()
+}

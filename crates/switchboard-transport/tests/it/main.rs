@@ -1,0 +1,318 @@
+//! The transport over real TCP sockets on 127.0.0.1: upgrades, refusals, frames, close
+//! codes, heartbeats, slow consumers and shutdown.
+
+mod raw;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hyper::StatusCode;
+use switchboard_transport::{
+    plain_response, Body, CloseReason, Inbound, RequestParts, Server, Service, SocketHandle,
+    TransportOptions,
+};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+/// Echoes messages, obeys a few commands, and reports every close.
+struct TestService {
+    closes: mpsc::UnboundedSender<CloseReason>,
+}
+
+impl Service for TestService {
+    type Admission = ();
+    type Session = SocketHandle;
+
+    fn admit(&self, request: &RequestParts) -> Result<(), hyper::Response<Body>> {
+        if request.uri.query() == Some("deny") {
+            return Err(plain_response(StatusCode::UNAUTHORIZED, "no\n"));
+        }
+        Ok(())
+    }
+
+    fn open(&self, _: (), socket: SocketHandle) -> SocketHandle {
+        socket
+    }
+
+    fn on_message(&self, socket: &SocketHandle, message: Inbound) {
+        match message {
+            Inbound::Text(t) if &t[..] == b"close" => socket.close(4000, "bye"),
+            Inbound::Text(t) if t.starts_with(b"flood ") => {
+                let n: usize = std::str::from_utf8(&t[6..]).unwrap().parse().unwrap();
+                let frame = Bytes::from(vec![b'x'; 1024]);
+                for _ in 0..n {
+                    if socket.send_text(frame.clone()).is_err() {
+                        break;
+                    }
+                }
+            }
+            Inbound::Text(t) => drop(socket.send_text(t)),
+            Inbound::Binary(b) => drop(socket.send_binary(b)),
+        }
+    }
+
+    fn on_close(&self, _: SocketHandle, reason: CloseReason) {
+        let _ = self.closes.send(reason);
+    }
+
+    fn http(&self, request: &RequestParts) -> hyper::Response<Body> {
+        if request.uri.path() == "/hello" {
+            return plain_response(StatusCode::OK, "hello\n");
+        }
+        plain_response(StatusCode::NOT_FOUND, "not found\n")
+    }
+}
+
+struct Harness {
+    server: Server,
+    closes: mpsc::UnboundedReceiver<CloseReason>,
+}
+
+impl Harness {
+    async fn start(tweak: impl FnOnce(&mut TransportOptions)) -> Harness {
+        let mut options = TransportOptions::default();
+        options.path = "/ws".into();
+        options.max_message_size = 1024;
+        tweak(&mut options);
+        let (tx, closes) = mpsc::unbounded_channel();
+        let server = Server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            options,
+            Arc::new(TestService { closes: tx }),
+        )
+        .await
+        .unwrap();
+        Harness { server, closes }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/ws", self.server.local_addr())
+    }
+
+    async fn next_close(&mut self) -> CloseReason {
+        tokio::time::timeout(Duration::from_secs(10), self.closes.recv())
+            .await
+            .expect("on_close within 10 s")
+            .unwrap()
+    }
+}
+
+async fn http_status(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("").to_string()
+}
+
+#[tokio::test]
+async fn echoes_text_and_binary_and_reports_client_close() {
+    let mut h = Harness::start(|_| {}).await;
+    let (mut ws, resp) = tokio_tungstenite::connect_async(h.url()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws.send(WsMessage::text("hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), WsMessage::text("hi"));
+    ws.send(WsMessage::binary(vec![0u8, 159, 146, 150])).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        WsMessage::binary(vec![0u8, 159, 146, 150])
+    );
+    ws.close(None).await.unwrap();
+    // the server answers the close handshake
+    while let Some(Ok(m)) = ws.next().await {
+        if m.is_close() {
+            break;
+        }
+    }
+    assert_eq!(
+        h.next_close().await,
+        CloseReason::Client { code: 1005, reason: String::new() }
+    );
+}
+
+#[tokio::test]
+async fn other_paths_go_to_http_and_plain_get_gets_426() {
+    let h = Harness::start(|_| {}).await;
+    let addr = h.server.local_addr();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(http_status(addr, &get("/nope")).await.contains("404"));
+    assert!(http_status(addr, &get("/hello")).await.contains("200"));
+    assert!(http_status(addr, &get("/ws")).await.contains("426"));
+    // an upgrade at another path is not an upgrade
+    let up = "GET /other HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    assert!(http_status(addr, up).await.contains("404"));
+}
+
+#[tokio::test]
+async fn refused_admission_sends_the_response_and_opens_nothing() {
+    let mut h = Harness::start(|_| {}).await;
+    let err = tokio_tungstenite::connect_async(format!("{}?deny", h.url()))
+        .await
+        .unwrap_err();
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED)
+        }
+        other => panic!("expected HTTP 401, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(h.closes.try_recv().is_err(), "no socket, so no close");
+}
+
+#[tokio::test]
+async fn server_close_sends_code_and_reason() {
+    let mut h = Harness::start(|_| {}).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(h.url()).await.unwrap();
+    ws.send(WsMessage::text("hi")).await.unwrap();
+    ws.send(WsMessage::text("close")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), WsMessage::text("hi"));
+    match ws.next().await.unwrap().unwrap() {
+        WsMessage::Close(Some(f)) => {
+            assert_eq!(f.code, CloseCode::from(4000));
+            assert_eq!(f.reason, "bye");
+        }
+        other => panic!("expected close, got {other:?}"),
+    }
+    assert_eq!(
+        h.next_close().await,
+        CloseReason::Server { code: 4000, reason: "bye".into() }
+    );
+}
+
+#[tokio::test]
+async fn fragments_reassemble_and_count_as_a_whole() {
+    let mut h = Harness::start(|o| o.max_message_size = 10).await;
+    let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    c.send_frame(false, raw::TEXT, b"hel").await;
+    c.send_frame(false, raw::CONTINUATION, b"lo ").await;
+    c.send_frame(true, raw::CONTINUATION, "wörld".as_bytes()[..4].as_ref()).await;
+    // "hello wör" is exactly 10 bytes: within the limit, and valid UTF-8 once whole
+    let (op, payload) = c.read_frame().await;
+    assert_eq!((op, payload.as_slice()), (raw::TEXT, "hello wör".as_bytes()));
+    // 4 + 4 + 4 = 12 bytes > 10, though each fragment is small
+    c.send_frame(false, raw::TEXT, b"aaaa").await;
+    c.send_frame(false, raw::CONTINUATION, b"bbbb").await;
+    c.send_frame(true, raw::CONTINUATION, b"cccc").await;
+    assert_eq!(c.read_close_code().await, 1009);
+    assert!(matches!(h.next_close().await, CloseReason::Protocol { code: 1009, .. }));
+}
+
+#[tokio::test]
+async fn oversized_frame_closes_1009() {
+    let mut h = Harness::start(|o| o.max_message_size = 10).await;
+    let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    c.send_frame(true, raw::TEXT, b"exactly 10").await;
+    assert_eq!(c.read_frame().await.1, b"exactly 10");
+    c.send_frame(true, raw::TEXT, b"eleven byte").await;
+    assert_eq!(c.read_close_code().await, 1009);
+    assert!(matches!(h.next_close().await, CloseReason::Protocol { code: 1009, .. }));
+}
+
+#[tokio::test]
+async fn invalid_utf8_closes_1007() {
+    let mut h = Harness::start(|_| {}).await;
+    let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    c.send_frame(true, raw::TEXT, &[0xff, 0xfe]).await;
+    assert_eq!(c.read_close_code().await, 1007);
+    assert!(matches!(h.next_close().await, CloseReason::Protocol { code: 1007, .. }));
+    // also when the bad byte is split across fragments
+    let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    c.send_frame(false, raw::TEXT, &[b'a', 0xce]).await;
+    c.send_frame(true, raw::CONTINUATION, &[0x41]).await;
+    assert_eq!(c.read_close_code().await, 1007);
+    assert!(matches!(h.next_close().await, CloseReason::Protocol { code: 1007, .. }));
+}
+
+#[tokio::test]
+async fn protocol_errors_close_1002() {
+    let mut h = Harness::start(|_| {}).await;
+    // continuation without a message
+    let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    c.send_frame(true, raw::CONTINUATION, b"x").await;
+    assert_eq!(c.read_close_code().await, 1002);
+    assert!(matches!(h.next_close().await, CloseReason::Protocol { code: 1002, .. }));
+    // a new message inside a fragmented one
+    let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    c.send_frame(false, raw::TEXT, b"x").await;
+    c.send_frame(true, raw::TEXT, b"y").await;
+    assert_eq!(c.read_close_code().await, 1002);
+    assert!(matches!(h.next_close().await, CloseReason::Protocol { code: 1002, .. }));
+}
+
+#[tokio::test]
+async fn client_that_ignores_pings_is_dropped() {
+    let mut h = Harness::start(|o| o.heartbeat_interval = Duration::from_millis(150)).await;
+    // A raw client that never answers pings.
+    let _silent = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    // A tungstenite client answers pings by itself and must stay.
+    let (mut alive, _) = tokio_tungstenite::connect_async(h.url()).await.unwrap();
+    let keep_reading = tokio::spawn(async move {
+        // reading drives tungstenite's automatic pongs
+        let deadline = tokio::time::sleep(Duration::from_millis(900));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                m = alive.next() => if m.is_none() { panic!("live client was closed") },
+            }
+        }
+        alive
+    });
+    assert_eq!(h.next_close().await, CloseReason::HeartbeatTimeout);
+    let mut alive = keep_reading.await.unwrap();
+    alive.send(WsMessage::text("still here")).await.unwrap();
+    loop {
+        if let WsMessage::Text(t) = alive.next().await.unwrap().unwrap() {
+            assert_eq!(t.as_str(), "still here");
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_consumer_is_closed_and_others_are_not() {
+    let mut h = Harness::start(|o| o.send_queue = 16).await;
+    let mut slow = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    let (mut fast, _) = tokio_tungstenite::connect_async(h.url()).await.unwrap();
+    // The slow client asks for far more than its socket buffers and queue hold, and never reads.
+    slow.send_frame(true, raw::TEXT, b"flood 100000").await;
+    assert_eq!(h.next_close().await, CloseReason::SlowConsumer);
+    fast.send(WsMessage::text("ok?")).await.unwrap();
+    assert_eq!(fast.next().await.unwrap().unwrap(), WsMessage::text("ok?"));
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_socket_with_1001() {
+    let mut h = Harness::start(|_| {}).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(tokio_tungstenite::connect_async(h.url()).await.unwrap().0);
+    }
+    let addr = h.server.local_addr();
+    let report = h.server.shutdown(Duration::from_secs(5)).await;
+    assert!(report.drained);
+    for _ in 0..5 {
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(1), h.closes.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+            CloseReason::Shutdown
+        );
+    }
+    for mut c in clients {
+        match c.next().await {
+            Some(Ok(WsMessage::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Away),
+            other => panic!("expected close 1001, got {other:?}"),
+        }
+    }
+    // no longer accepting
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}

@@ -1,0 +1,93 @@
+//! A deliberately minimal WebSocket client over raw TCP, for sending what a well-behaved
+//! client library would refuse to send (bad UTF-8, stray continuations) and for not
+//! answering pings.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub(crate) const CONTINUATION: u8 = 0x0;
+pub(crate) const TEXT: u8 = 0x1;
+pub(crate) const CLOSE: u8 = 0x8;
+pub(crate) const PING: u8 = 0x9;
+
+pub(crate) struct Client {
+    stream: TcpStream,
+}
+
+impl Client {
+    pub(crate) async fn connect(addr: SocketAddr, path: &str) -> Client {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        // read the response head byte by byte so no frame bytes are swallowed
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            stream.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        Client { stream }
+    }
+
+    pub(crate) async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        let mut f = vec![(fin as u8) << 7 | opcode];
+        let mask = [0x11u8, 0x22, 0x33, 0x44];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n < 65536 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&f).await.unwrap();
+    }
+
+    /// The next frame that is not a ping: (opcode, payload).
+    pub(crate) async fn read_frame(&mut self) -> (u8, Vec<u8>) {
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(10), self.read_any())
+                .await
+                .expect("a frame within 10 s");
+            if frame.0 != PING {
+                return frame;
+            }
+        }
+    }
+
+    /// Reads until a close frame and returns its code.
+    pub(crate) async fn read_close_code(&mut self) -> u16 {
+        loop {
+            let (op, payload) = self.read_frame().await;
+            if op == CLOSE {
+                return u16::from_be_bytes([payload[0], payload[1]]);
+            }
+        }
+    }
+
+    async fn read_any(&mut self) -> (u8, Vec<u8>) {
+        let mut h = [0u8; 2];
+        self.stream.read_exact(&mut h).await.unwrap();
+        let len = match h[1] & 0x7f {
+            126 => self.stream.read_u16().await.unwrap() as usize,
+            127 => self.stream.read_u64().await.unwrap() as usize,
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        self.stream.read_exact(&mut payload).await.unwrap();
+        (h[0] & 0x0f, payload)
+    }
+}
