@@ -1,1 +1,319 @@
-//! tmp
+//! Switchboard: a WebSocket gateway wired to a pub/sub event bus, configured by the spec's
+//! `conf/socket.yaml`.
+//!
+//! Depend on this crate to run a gateway inside your Rust service: build a [`Container`] from
+//! the config, add handlers for the topics the config publishes to, and send to users with a
+//! [`Producer`]. It is the only crate that knows the spec's semantics; it puts together
+//! `switchboard-config`, `-bus`, `-registry` and `-transport`, which you may also use alone.
+//!
+//! - a socket connects → `onconnect.publish`; `msg.reply(p)` reaches it as
+//!   `{"type":"onconnect","payload":p}`; `msg.fail(e)` sends `{"type":"error","payload":e}` and
+//!   closes the socket (code 1008);
+//! - a socket sends `{"type": T, ...}` → `onmessage.publish`, and also the `publish` topic of
+//!   the `onmessage.types` entry for `T`; `msg.reply(p)` reaches it as
+//!   `{"type":<topic>,"payload":p}`; `msg.fail(e)` sends an error frame, the socket stays open;
+//! - anything else a socket sends gets an error frame and publishes nothing;
+//! - data `{username, namespace?, type, payload}` on the `send` topic reaches that user's
+//!   sockets in that namespace (or all of the user's sockets without `namespace`);
+//!   `{type, payload, namespace?}` on `broadcast` reaches every socket (or one namespace's);
+//! - a socket ends, however it ends → `onclose.publish`, once.
+//!
+//! ```no_run
+//! use switchboard::{Container, Message, Config};
+//! use serde_json::json;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::from_file("conf/socket.yaml")?;
+//! let mut container = Container::new(config)?;
+//! let producer = container.producer();
+//! container.add_handler("socket:connection", |msg: Message| async move {
+//!     let user = msg.context().username.clone();
+//!     msg.reply(json!({"hello": user}));
+//! })?;
+//! container.add_handler("socket:generalMessage", move |msg: Message| {
+//!     let producer = producer.clone();
+//!     async move {
+//!         // tell everyone in the sender's namespace
+//!         let ns = msg.context().namespace.clone();
+//!         producer.send("socket:broadcast", json!({
+//!             "namespace": ns, "type": "echo", "payload": msg.data().clone(),
+//!         }))
+//!     }
+//! })?;
+//! container.run().await?; // until Ctrl-C or SIGTERM
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_registry::{Registry, Target};
+use switchboard_transport::{Server, SocketHandle, TransportOptions};
+
+mod auth;
+mod delivery;
+mod gateway;
+
+pub use auth::AuthError;
+pub use gateway::CONNECT_FAILED_CODE;
+pub use switchboard_bus::{
+    Bus, Context, Handler, HandlerError, InProcessBus, Message, Producer, PublishError, Reply,
+    ReplyTo, SubscribeError,
+};
+pub use switchboard_config::{Config, ConfigError};
+pub use switchboard_transport::{http, plain_response, Body, RequestParts, ShutdownReport};
+
+/// An extra HTTP endpoint served beside the socket path (the demo's page, a health check).
+pub type Route = Arc<dyn Fn(&RequestParts) -> http::Response<Body> + Send + Sync>;
+pub(crate) type Routes = HashMap<String, Route>;
+
+/// Why a [`Container`] could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The auth section cannot be put to use (secret unset, key file unreadable).
+    #[error("auth: {0}")]
+    Auth(String),
+    /// A built-in subscriber could not subscribe.
+    #[error(transparent)]
+    Subscribe(#[from] SubscribeError),
+}
+
+/// The gateway: config, bus, sockets and handlers. Build it, add handlers, then
+/// [`Container::start`] or [`Container::run`] it.
+pub struct Container {
+    config: Config,
+    bus: Arc<dyn Bus>,
+    registry: Arc<Registry<SocketHandle>>,
+    routes: Routes,
+    verifier: auth::Verifier,
+}
+
+impl fmt::Debug for Container {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Container")
+            .field("listen", &self.config.gateway.listen)
+            .field("path", &self.config.gateway.socket.path.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Container {
+    /// A container on the in-process bus.
+    pub fn new(config: Config) -> Result<Self, BuildError> {
+        Self::with_bus(config, Arc::new(InProcessBus::new()))
+    }
+
+    /// A container on any [`Bus`].
+    pub fn with_bus(config: Config, bus: Arc<dyn Bus>) -> Result<Self, BuildError> {
+        let verifier = auth::Verifier::from_config(&config.gateway.auth)?;
+        let registry = Arc::new(Registry::new());
+        let socket = &config.gateway.socket;
+        if let Some(send) = &socket.send {
+            bus.subscribe(
+                send.subscribe.as_str(),
+                Arc::new(delivery::send_handler(registry.clone())),
+            )?;
+        }
+        if let Some(broadcast) = &socket.broadcast {
+            bus.subscribe(
+                broadcast.subscribe.as_str(),
+                Arc::new(delivery::broadcast_handler(registry.clone())),
+            )?;
+        }
+        Ok(Container {
+            config,
+            bus,
+            registry,
+            routes: HashMap::new(),
+            verifier,
+        })
+    }
+
+    /// Subscribes `handler` to `topic` (the spec's `addHandler`). Several handlers may share
+    /// a topic; each gets every message.
+    pub fn add_handler(
+        &mut self,
+        topic: &str,
+        handler: impl Handler,
+    ) -> Result<&mut Self, SubscribeError> {
+        self.bus.subscribe(topic, Arc::new(handler))?;
+        Ok(self)
+    }
+
+    /// Serves `route` for GET (or any method) requests to exactly `path`.
+    pub fn route(
+        &mut self,
+        path: &str,
+        route: impl Fn(&RequestParts) -> http::Response<Body> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.routes.insert(path.to_string(), Arc::new(route));
+        self
+    }
+
+    /// A producer on this container's bus (the spec's `producer.send`).
+    pub fn producer(&self) -> Producer {
+        Producer::new(self.bus.clone())
+    }
+
+    /// A read-only view of the connected sockets.
+    pub fn sockets(&self) -> Sockets {
+        Sockets(self.registry.clone())
+    }
+
+    /// The config this container was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Binds the configured `gateway.listen` address and starts serving.
+    pub async fn start(self) -> std::io::Result<Running> {
+        let addr = self.config.gateway.listen;
+        self.start_on(addr).await
+    }
+
+    /// Binds `addr` (port 0 for any) and starts serving.
+    pub async fn start_on(self, addr: SocketAddr) -> std::io::Result<Running> {
+        let socket = &self.config.gateway.socket;
+        let mut options = TransportOptions::default();
+        options.path = socket.path.as_str().to_string();
+        options.heartbeat_interval = socket.heartbeat;
+        options.max_message_size = socket.max_message_size;
+        options.send_queue = socket.send_queue;
+        let hooks = gateway::Hooks {
+            onconnect: socket.onconnect.as_ref().map(|h| h.publish.as_str().into()),
+            onmessage: socket
+                .onmessage
+                .as_ref()
+                .and_then(|m| m.publish.as_ref())
+                .map(|t| t.as_str().into()),
+            types: socket
+                .onmessage
+                .iter()
+                .flat_map(|m| m.types.iter())
+                .map(|t| (t.message_type.clone(), Arc::from(t.publish.as_str())))
+                .collect(),
+            onclose: socket.onclose.as_ref().map(|h| h.publish.as_str().into()),
+        };
+        let producer = self.producer();
+        let sockets = self.sockets();
+        let service = Arc::new(gateway::Gateway {
+            hooks,
+            bus: self.bus,
+            registry: self.registry,
+            verifier: self.verifier,
+            routes: self.routes,
+        });
+        let server = Server::bind(addr, options, service).await?;
+        Ok(Running {
+            server,
+            producer,
+            sockets,
+        })
+    }
+
+    /// Starts, serves until Ctrl-C or SIGTERM, then closes every socket (1001) and waits up
+    /// to 10 s for them to finish.
+    pub async fn run(self) -> std::io::Result<()> {
+        let running = self.start().await?;
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        running.shutdown(Duration::from_secs(10)).await;
+        Ok(())
+    }
+}
+
+/// Resolves on Ctrl-C, or SIGTERM on Unix.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// A started gateway.
+#[derive(Debug)]
+pub struct Running {
+    server: Server,
+    producer: Producer,
+    sockets: Sockets,
+}
+
+impl Running {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// A producer on its bus.
+    pub fn producer(&self) -> Producer {
+        self.producer.clone()
+    }
+
+    /// The connected sockets.
+    pub fn sockets(&self) -> &Sockets {
+        &self.sockets
+    }
+
+    /// Stops accepting, closes every socket with 1001 (each publishes `onclose`), and waits
+    /// up to `drain` for them.
+    pub async fn shutdown(self, drain: Duration) -> ShutdownReport {
+        self.server.shutdown(drain).await
+    }
+}
+
+/// A read-only view of who is connected.
+#[derive(Clone)]
+pub struct Sockets(Arc<Registry<SocketHandle>>);
+
+impl fmt::Debug for Sockets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sockets").field("count", &self.count()).finish()
+    }
+}
+
+impl Sockets {
+    /// All connected sockets.
+    pub fn count(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Sockets in `namespace`.
+    pub fn count_in_namespace(&self, namespace: &str) -> usize {
+        self.0.count(Target::Namespace(namespace))
+    }
+
+    /// Sockets of `username` (in `namespace`, if given).
+    pub fn count_of_user(&self, username: &str, namespace: Option<&str>) -> usize {
+        match namespace {
+            Some(ns) => self.0.count(Target::UserInNamespace(username, ns)),
+            None => self.0.count(Target::User(username)),
+        }
+    }
+
+    /// Distinct usernames with a socket in `namespace`, sorted.
+    pub fn users_in_namespace(&self, namespace: &str) -> Vec<String> {
+        self.0
+            .users_in_namespace(namespace)
+            .iter()
+            .map(|u| u.to_string())
+            .collect()
+    }
+}

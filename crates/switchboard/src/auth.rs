@@ -1,0 +1,176 @@
+//! Identity: find the socket's JWT (cookie or bearer header), verify it, take the username.
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+use switchboard_config::Auth;
+use switchboard_transport::http::HeaderMap;
+
+use crate::BuildError;
+
+/// Why a request was refused before the upgrade (all answered with HTTP 401).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// Neither the cookie nor an `Authorization: Bearer` header carried a token.
+    #[error("no token: send the `{0}` cookie or an `Authorization: Bearer` header")]
+    Missing(String),
+    /// The token failed verification (signature, expiry, not-before, issuer, audience, shape).
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// The token is valid but lacks the username claim (or it is not a non-empty string).
+    #[error("token has no string `{0}` claim")]
+    MissingClaim(String),
+}
+
+/// A verified identity.
+#[derive(Debug, Clone)]
+pub(crate) struct Identity {
+    pub(crate) username: String,
+    pub(crate) claims: Map<String, Value>,
+}
+
+/// Verifies tokens with the configured key and rules.
+pub(crate) struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+    cookie: String,
+    username_claim: String,
+}
+
+impl Verifier {
+    pub(crate) fn from_config(auth: &Auth) -> Result<Self, BuildError> {
+        use switchboard_config::Algorithm as A;
+        let algorithm = match auth.algorithm {
+            A::HS256 => Algorithm::HS256,
+            A::HS384 => Algorithm::HS384,
+            A::HS512 => Algorithm::HS512,
+            A::RS256 => Algorithm::RS256,
+            A::RS384 => Algorithm::RS384,
+            A::RS512 => Algorithm::RS512,
+            A::ES256 => Algorithm::ES256,
+            A::ES384 => Algorithm::ES384,
+            other => {
+                return Err(BuildError::Auth(format!(
+                    "algorithm {other:?} is not supported"
+                )))
+            }
+        };
+        let key = if auth.algorithm.is_hmac() {
+            let secret = std::env::var(&auth.secret_env).map_err(|_| {
+                BuildError::Auth(format!(
+                    "environment variable {} (auth.secret_env) is not set",
+                    auth.secret_env
+                ))
+            })?;
+            if secret.len() < 16 {
+                return Err(BuildError::Auth(format!(
+                    "the secret in {} is shorter than 16 bytes",
+                    auth.secret_env
+                )));
+            }
+            DecodingKey::from_secret(secret.as_bytes())
+        } else {
+            let path = auth
+                .public_key_file
+                .as_ref()
+                .ok_or_else(|| BuildError::Auth("auth.public_key_file is not set".into()))?;
+            let pem = std::fs::read(path).map_err(|e| {
+                BuildError::Auth(format!("cannot read {}: {e}", path.display()))
+            })?;
+            let parsed = if matches!(auth.algorithm, A::ES256 | A::ES384) {
+                DecodingKey::from_ec_pem(&pem)
+            } else {
+                DecodingKey::from_rsa_pem(&pem)
+            };
+            parsed.map_err(|e| {
+                BuildError::Auth(format!("{} is not a usable public key: {e}", path.display()))
+            })?
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = auth.leeway.as_secs();
+        validation.validate_nbf = true;
+        match &auth.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &auth.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        Ok(Verifier {
+            key,
+            validation,
+            cookie: auth.cookie.clone(),
+            username_claim: auth.username_claim.clone(),
+        })
+    }
+
+    pub(crate) fn verify(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {
+        let token = token_from_headers(headers, &self.cookie)
+            .ok_or_else(|| AuthError::Missing(self.cookie.clone()))?;
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
+            .map_err(|e| AuthError::Invalid(describe(&e)))?;
+        let username = match data.claims.get(&self.username_claim) {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => return Err(AuthError::MissingClaim(self.username_claim.clone())),
+        };
+        Ok(Identity {
+            username,
+            claims: data.claims,
+        })
+    }
+}
+
+fn describe(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match e.kind() {
+        K::ExpiredSignature => "expired".into(),
+        K::ImmatureSignature => "not valid yet (nbf)".into(),
+        K::InvalidSignature => "bad signature".into(),
+        K::InvalidAlgorithm => "unexpected algorithm".into(),
+        K::InvalidIssuer => "wrong issuer".into(),
+        K::InvalidAudience => "wrong audience".into(),
+        K::MissingRequiredClaim(c) => format!("missing `{c}` claim"),
+        _ => "malformed".into(),
+    }
+}
+
+/// The token from the `cookie_name` cookie, else from `Authorization: Bearer`.
+pub(crate) fn token_from_headers<'h>(headers: &'h HeaderMap, cookie_name: &str) -> Option<&'h str> {
+    let from_cookie = headers
+        .get_all(switchboard_transport::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == cookie_name)
+        .map(|(_, value)| value.trim().trim_matches('"'))
+        .filter(|v| !v.is_empty());
+    from_cookie.or_else(|| {
+        headers
+            .get(switchboard_transport::http::header::AUTHORIZATION)?
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_transport::http::HeaderValue;
+
+    #[test]
+    fn token_is_found_in_cookie_or_bearer_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(token_from_headers(&h, "ID_TOKEN"), None);
+        h.insert("authorization", HeaderValue::from_static("Bearer abc"));
+        assert_eq!(token_from_headers(&h, "ID_TOKEN"), Some("abc"));
+        h.insert("cookie", HeaderValue::from_static("a=1; ID_TOKEN=xyz; b=2"));
+        assert_eq!(token_from_headers(&h, "ID_TOKEN"), Some("xyz"));
+        assert_eq!(token_from_headers(&h, "OTHER"), Some("abc"));
+        h.insert("cookie", HeaderValue::from_static("MY_ID_TOKEN=no"));
+        assert_eq!(token_from_headers(&h, "ID_TOKEN"), Some("abc"));
+    }
+}
