@@ -29,7 +29,9 @@ pub struct InProcessBus {
 impl std::fmt::Debug for InProcessBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let topics = self.topics.read().map(|t| t.len()).unwrap_or(0);
-        f.debug_struct("InProcessBus").field("topics", &topics).finish()
+        f.debug_struct("InProcessBus")
+            .field("topics", &topics)
+            .finish()
     }
 }
 
@@ -72,7 +74,9 @@ impl Bus for InProcessBus {
             return Err(SubscribeError::EmptyTopic);
         }
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
-        let entry = topics.entry(Arc::from(topic)).or_insert_with(|| Arc::new([]));
+        let entry = topics
+            .entry(Arc::from(topic))
+            .or_insert_with(|| Arc::new([]));
         let mut list: Vec<_> = entry.iter().cloned().collect();
         list.push(handler);
         *entry = list.into();
@@ -169,7 +173,8 @@ mod tests {
     #[test]
     fn publish_outside_a_runtime_hands_the_message_back() {
         let bus = InProcessBus::new();
-        bus.subscribe("t", Arc::new(|_m: Message| async {})).unwrap();
+        bus.subscribe("t", Arc::new(|_m: Message| async {}))
+            .unwrap();
         let err = bus.publish(Message::new("t", json!("x"))).unwrap_err();
         assert_eq!(err.reason, PublishFailure::NotRunning);
         assert_eq!(err.message.data(), &json!("x"));

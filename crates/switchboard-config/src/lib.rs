@@ -115,7 +115,10 @@ pub struct Socket {
     pub heartbeat: Duration,
     /// Largest inbound message, after reassembly of fragments, in bytes; accepts `64KiB`,
     /// `1MiB`, `1000`. Default 64 KiB (extension).
-    #[serde(default = "default_max_message_size", deserialize_with = "de_byte_size")]
+    #[serde(
+        default = "default_max_message_size",
+        deserialize_with = "de_byte_size"
+    )]
     pub max_message_size: usize,
     /// Frames that may wait in one socket's send queue before it counts as a slow consumer
     /// and is closed (extension). Default 256.
@@ -469,7 +472,11 @@ pub fn parse_byte_size(text: &str) -> Result<usize, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("invalid size unit in `{text}` (use B, KiB, MiB, GiB)")),
+        _ => {
+            return Err(format!(
+                "invalid size unit in `{text}` (use B, KiB, MiB, GiB)"
+            ))
+        }
     };
     let bytes = n
         .checked_mul(mult)

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite};
+use fastwebsockets::{
+    Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite,
+};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{BufWriter, ReadHalf, WriteHalf};
@@ -129,7 +131,12 @@ impl SocketState {
             let notified = self.closed_signal.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.request.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            if self
+                .request
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+            {
                 return;
             }
             notified.await;
@@ -375,7 +382,10 @@ async fn read_loop<S: Service>(
                         String::from_utf8_lossy(&payload[2..]).into_owned(),
                     ),
                 };
-                return (Some(Farewell::Echo(payload)), CloseReason::Client { code, reason });
+                return (
+                    Some(Farewell::Echo(payload)),
+                    CloseReason::Client { code, reason },
+                );
             }
             OpCode::Pong => state.pong_seen.store(true, Ordering::Release),
             OpCode::Ping => {}

@@ -74,16 +74,18 @@ impl Verifier {
                 .public_key_file
                 .as_ref()
                 .ok_or_else(|| BuildError::Auth("auth.public_key_file is not set".into()))?;
-            let pem = std::fs::read(path).map_err(|e| {
-                BuildError::Auth(format!("cannot read {}: {e}", path.display()))
-            })?;
+            let pem = std::fs::read(path)
+                .map_err(|e| BuildError::Auth(format!("cannot read {}: {e}", path.display())))?;
             let parsed = if matches!(auth.algorithm, A::ES256 | A::ES384) {
                 DecodingKey::from_ec_pem(&pem)
             } else {
                 DecodingKey::from_rsa_pem(&pem)
             };
             parsed.map_err(|e| {
-                BuildError::Auth(format!("{} is not a usable public key: {e}", path.display()))
+                BuildError::Auth(format!(
+                    "{} is not a usable public key: {e}",
+                    path.display()
+                ))
             })?
         };
         let mut validation = Validation::new(algorithm);

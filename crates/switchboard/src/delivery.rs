@@ -31,9 +31,7 @@ pub(crate) fn send_handler(registry: Sockets) -> impl Fn(Message) -> Ready<()> +
 
 /// `broadcast` data: `{type, payload, namespace?}`. Reaches every socket, or every socket of
 /// `namespace` when given (our extension).
-pub(crate) fn broadcast_handler(
-    registry: Sockets,
-) -> impl Fn(Message) -> Ready<()> + Send + Sync {
+pub(crate) fn broadcast_handler(registry: Sockets) -> impl Fn(Message) -> Ready<()> + Send + Sync {
     move |msg: Message| {
         let target = match optional_str(msg.data(), "namespace") {
             Ok(Some(ns)) => Target::Namespace(ns),

@@ -103,7 +103,8 @@ impl Gateway {
         if let Err(e) = self.bus.publish(msg) {
             tracing::warn!(error = %e, "publish failed");
             let topic = e.message.topic().to_string();
-            e.message.fail(json!({"message": "could not publish", "topic": topic}));
+            e.message
+                .fail(json!({"message": "could not publish", "topic": topic}));
         }
     }
 }
@@ -117,10 +118,8 @@ impl Service for Gateway {
             tracing::debug!(error = %e, "refused upgrade");
             let mut res = Response::new(Body::from(format!("{e}\n")));
             *res.status_mut() = StatusCode::UNAUTHORIZED;
-            res.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             res
         })?;
         let params: Map<String, Value> = request

@@ -285,7 +285,9 @@ pub struct Sockets(Arc<Registry<SocketHandle>>);
 
 impl fmt::Debug for Sockets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sockets").field("count", &self.count()).finish()
+        f.debug_struct("Sockets")
+            .field("count", &self.count())
+            .finish()
     }
 }
 

@@ -60,15 +60,22 @@ async fn async_handler_replies_after_waiting() {
     )
     .unwrap();
     let (to, mut rx) = reply_channel();
-    bus.publish(Message::new("slow", json!(7)).with_reply_to(to)).unwrap();
-    assert_eq!(next(&mut rx).await, ("slow".into(), Reply::Ok(json!({"echo": 7}))));
+    bus.publish(Message::new("slow", json!(7)).with_reply_to(to))
+        .unwrap();
+    assert_eq!(
+        next(&mut rx).await,
+        ("slow".into(), Reply::Ok(json!({"echo": 7})))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panics_and_errors_are_isolated() {
     let bus = InProcessBus::new();
-    bus.subscribe("t", Arc::new(|_m: Message| -> std::future::Ready<()> { panic!("boom") }))
-        .unwrap();
+    bus.subscribe(
+        "t",
+        Arc::new(|_m: Message| -> std::future::Ready<()> { panic!("boom") }),
+    )
+    .unwrap();
     bus.subscribe(
         "t",
         Arc::new(|_m: Message| async {
@@ -96,7 +103,10 @@ async fn panics_and_errors_are_isolated() {
         got.push(next(&mut rx).await.1);
     }
     let failed = got.iter().filter(|r| **r == Reply::HandlerFailed).count();
-    let ok = got.iter().filter(|r| **r == Reply::Ok(json!("fine"))).count();
+    let ok = got
+        .iter()
+        .filter(|r| **r == Reply::Ok(json!("fine")))
+        .count();
     assert_eq!((failed, ok), (4, 2), "{got:?}");
 }
 
@@ -109,7 +119,8 @@ async fn fail_carries_the_error_payload() {
     )
     .unwrap();
     let (to, mut rx) = reply_channel();
-    bus.publish(Message::new("t", json!(null)).with_reply_to(to)).unwrap();
+    bus.publish(Message::new("t", json!(null)).with_reply_to(to))
+        .unwrap();
     assert_eq!(next(&mut rx).await.1, Reply::Fail(json!({"code": "nope"})));
 }
 
@@ -153,7 +164,11 @@ async fn replies_that_never_come_or_go_nowhere_leak_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(Arc::strong_count(&target), 1, "handler task kept the message alive");
+    assert_eq!(
+        Arc::strong_count(&target),
+        1,
+        "handler task kept the message alive"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,6 +195,8 @@ async fn producer_from_inside_a_handler() {
     )
     .unwrap();
     Producer::new(bus).send("first", 1).unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap();
     assert_eq!(got, Some(json!({"from": 1})));
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 use switchboard_config::{Algorithm, Config, ConfigError};
 
 fn repo_file(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
 }
 
 fn bad(yaml: &str) -> ConfigError {
@@ -18,9 +20,15 @@ fn spec_example_loads_unchanged() {
     let c = Config::from_file(repo_file("conf/examples/spec.yaml")).unwrap();
     let s = &c.gateway.socket;
     assert_eq!(s.path.as_str(), "/connect");
-    assert_eq!(s.onconnect.as_ref().unwrap().publish.as_str(), "socket:connection");
+    assert_eq!(
+        s.onconnect.as_ref().unwrap().publish.as_str(),
+        "socket:connection"
+    );
     let om = s.onmessage.as_ref().unwrap();
-    assert_eq!(om.publish.as_ref().unwrap().as_str(), "socket:generalMessage");
+    assert_eq!(
+        om.publish.as_ref().unwrap().as_str(),
+        "socket:generalMessage"
+    );
     let types: Vec<_> = om
         .types
         .iter()
@@ -35,7 +43,10 @@ fn spec_example_loads_unchanged() {
     );
     assert_eq!(s.onclose.as_ref().unwrap().publish.as_str(), "socket:close");
     assert_eq!(s.send.as_ref().unwrap().subscribe.as_str(), "socket:send");
-    assert_eq!(s.broadcast.as_ref().unwrap().subscribe.as_str(), "socket:broadcast");
+    assert_eq!(
+        s.broadcast.as_ref().unwrap().subscribe.as_str(),
+        "socket:broadcast"
+    );
     // extensions take their defaults
     assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:4000");
     assert_eq!(s.heartbeat, Duration::from_secs(30));
@@ -161,7 +172,11 @@ fn auth_combinations_are_checked() {
     assert!(e.to_string().contains("public_key_file is required"), "{e}");
     assert!(e.line().is_some(), "{e}");
     let e = bad("gateway:\n  socket: {}\n  auth:\n    public_key_file: k.pem\n");
-    assert!(e.to_string().contains("auth.public_key_file is for RS*/ES*"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("auth.public_key_file is for RS*/ES*"),
+        "{e}"
+    );
     let e = bad("gateway:\n  socket: {}\n  auth:\n    algorithm: none\n");
     assert!(e.to_string().contains("unknown variant `none`"), "{e}");
     let e = bad("gateway:\n  socket: {}\n  auth:\n    secret: hunter2\n");

@@ -28,13 +28,19 @@ fn targets_select_exactly_their_sockets() {
     for (i, (u, ns)) in population.iter().enumerate() {
         reg.insert(u, *ns, i as u32);
     }
-    assert_eq!(ids(&reg, Target::UserInNamespace("alex", "a")), [0, 1].into());
+    assert_eq!(
+        ids(&reg, Target::UserInNamespace("alex", "a")),
+        [0, 1].into()
+    );
     assert_eq!(ids(&reg, Target::User("alex")), [0, 1, 2, 3].into());
     assert_eq!(ids(&reg, Target::Namespace("a")), [0, 1, 4].into());
     assert_eq!(ids(&reg, Target::Namespace("b")), [2, 5].into());
     assert_eq!(ids(&reg, Target::All), (0..6).collect());
     assert_eq!(ids(&reg, Target::User("nobody")), BTreeSet::new());
-    assert_eq!(ids(&reg, Target::UserInNamespace("sam", "b")), BTreeSet::new());
+    assert_eq!(
+        ids(&reg, Target::UserInNamespace("sam", "b")),
+        BTreeSet::new()
+    );
     let users: Vec<String> = reg
         .users_in_namespace("a")
         .iter()
@@ -80,8 +86,12 @@ fn concurrent_inserts_and_removes_leave_consistent_indices() {
         t.join().unwrap();
     }
     assert_eq!(reg.len(), 4 * 1000);
-    let by_ns: usize = (0..5).map(|n| reg.count(Target::Namespace(&format!("n{n}")))).sum();
+    let by_ns: usize = (0..5)
+        .map(|n| reg.count(Target::Namespace(&format!("n{n}"))))
+        .sum();
     assert_eq!(by_ns, 4000);
-    let by_user: usize = (0..17).map(|u| reg.count(Target::User(&format!("u{u}")))).sum();
+    let by_user: usize = (0..17)
+        .map(|u| reg.count(Target::User(&format!("u{u}"))))
+        .sum();
     assert_eq!(by_user, 4000);
 }

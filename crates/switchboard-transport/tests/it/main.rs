@@ -109,7 +109,11 @@ async fn http_status(addr: std::net::SocketAddr, request: &str) -> String {
         .await
         .unwrap()
         .unwrap();
-    String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("").to_string()
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
 }
 
 #[tokio::test]
@@ -119,7 +123,9 @@ async fn echoes_text_and_binary_and_reports_client_close() {
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     ws.send(WsMessage::text("hi")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), WsMessage::text("hi"));
-    ws.send(WsMessage::binary(vec![0u8, 159, 146, 150])).await.unwrap();
+    ws.send(WsMessage::binary(vec![0u8, 159, 146, 150]))
+        .await
+        .unwrap();
     assert_eq!(
         ws.next().await.unwrap().unwrap(),
         WsMessage::binary(vec![0u8, 159, 146, 150])
@@ -133,7 +139,10 @@ async fn echoes_text_and_binary_and_reports_client_close() {
     }
     assert_eq!(
         h.next_close().await,
-        CloseReason::Client { code: 1005, reason: String::new() }
+        CloseReason::Client {
+            code: 1005,
+            reason: String::new()
+        }
     );
 }
 
@@ -182,7 +191,10 @@ async fn server_close_sends_code_and_reason() {
     }
     assert_eq!(
         h.next_close().await,
-        CloseReason::Server { code: 4000, reason: "bye".into() }
+        CloseReason::Server {
+            code: 4000,
+            reason: "bye".into()
+        }
     );
 }
 
@@ -192,16 +204,23 @@ async fn fragments_reassemble_and_count_as_a_whole() {
     let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
     c.send_frame(false, raw::TEXT, b"hel").await;
     c.send_frame(false, raw::CONTINUATION, b"lo ").await;
-    c.send_frame(true, raw::CONTINUATION, "wörld".as_bytes()[..4].as_ref()).await;
+    c.send_frame(true, raw::CONTINUATION, "wörld".as_bytes()[..4].as_ref())
+        .await;
     // "hello wör" is exactly 10 bytes: within the limit, and valid UTF-8 once whole
     let (op, payload) = c.read_frame().await;
-    assert_eq!((op, payload.as_slice()), (raw::TEXT, "hello wör".as_bytes()));
+    assert_eq!(
+        (op, payload.as_slice()),
+        (raw::TEXT, "hello wör".as_bytes())
+    );
     // 4 + 4 + 4 = 12 bytes > 10, though each fragment is small
     c.send_frame(false, raw::TEXT, b"aaaa").await;
     c.send_frame(false, raw::CONTINUATION, b"bbbb").await;
     c.send_frame(true, raw::CONTINUATION, b"cccc").await;
     assert_eq!(c.read_close_code().await, 1009);
-    assert!(matches!(h.next_close().await, CloseReason::Protocol { code: 1009, .. }));
+    assert!(matches!(
+        h.next_close().await,
+        CloseReason::Protocol { code: 1009, .. }
+    ));
 }
 
 #[tokio::test]
@@ -212,7 +231,10 @@ async fn oversized_frame_closes_1009() {
     assert_eq!(c.read_frame().await.1, b"exactly 10");
     c.send_frame(true, raw::TEXT, b"eleven byte").await;
     assert_eq!(c.read_close_code().await, 1009);
-    assert!(matches!(h.next_close().await, CloseReason::Protocol { code: 1009, .. }));
+    assert!(matches!(
+        h.next_close().await,
+        CloseReason::Protocol { code: 1009, .. }
+    ));
 }
 
 #[tokio::test]
@@ -221,13 +243,19 @@ async fn invalid_utf8_closes_1007() {
     let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
     c.send_frame(true, raw::TEXT, &[0xff, 0xfe]).await;
     assert_eq!(c.read_close_code().await, 1007);
-    assert!(matches!(h.next_close().await, CloseReason::Protocol { code: 1007, .. }));
+    assert!(matches!(
+        h.next_close().await,
+        CloseReason::Protocol { code: 1007, .. }
+    ));
     // also when the bad byte is split across fragments
     let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
     c.send_frame(false, raw::TEXT, &[b'a', 0xce]).await;
     c.send_frame(true, raw::CONTINUATION, &[0x41]).await;
     assert_eq!(c.read_close_code().await, 1007);
-    assert!(matches!(h.next_close().await, CloseReason::Protocol { code: 1007, .. }));
+    assert!(matches!(
+        h.next_close().await,
+        CloseReason::Protocol { code: 1007, .. }
+    ));
 }
 
 #[tokio::test]
@@ -237,13 +265,19 @@ async fn protocol_errors_close_1002() {
     let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
     c.send_frame(true, raw::CONTINUATION, b"x").await;
     assert_eq!(c.read_close_code().await, 1002);
-    assert!(matches!(h.next_close().await, CloseReason::Protocol { code: 1002, .. }));
+    assert!(matches!(
+        h.next_close().await,
+        CloseReason::Protocol { code: 1002, .. }
+    ));
     // a new message inside a fragmented one
     let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
     c.send_frame(false, raw::TEXT, b"x").await;
     c.send_frame(true, raw::TEXT, b"y").await;
     assert_eq!(c.read_close_code().await, 1002);
-    assert!(matches!(h.next_close().await, CloseReason::Protocol { code: 1002, .. }));
+    assert!(matches!(
+        h.next_close().await,
+        CloseReason::Protocol { code: 1002, .. }
+    ));
 }
 
 #[tokio::test]

@@ -51,7 +51,10 @@ gateway:
 }
 
 pub(crate) fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 pub(crate) fn token_with(claims: Value, secret: &str) -> String {
@@ -73,10 +76,7 @@ pub(crate) fn token(username: &str) -> String {
 /// Every message any recording handler saw: (topic, data, context as JSON).
 pub(crate) type Seen = mpsc::UnboundedReceiver<(String, Value, Value)>;
 
-pub(crate) fn recorder(
-    container: &mut Container,
-    topics: &[&str],
-) -> Seen {
+pub(crate) fn recorder(container: &mut Container, topics: &[&str]) -> Seen {
     let (tx, rx) = mpsc::unbounded_channel();
     for topic in topics {
         let tx = tx.clone();
@@ -102,12 +102,16 @@ pub(crate) async fn start(container: Container) -> Running {
 }
 
 pub(crate) async fn connect(running: &Running, user: &str, namespace: Option<&str>) -> Ws {
-    let query = namespace.map(|n| format!("?namespace={n}")).unwrap_or_default();
+    let query = namespace
+        .map(|n| format!("?namespace={n}"))
+        .unwrap_or_default();
     let url = format!("ws://{}/connect{query}", running.local_addr());
     let mut req = url.into_client_request().unwrap();
     req.headers_mut().insert(
         "cookie",
-        format!("theme=dark; ID_TOKEN={}", token(user)).parse().unwrap(),
+        format!("theme=dark; ID_TOKEN={}", token(user))
+            .parse()
+            .unwrap(),
     );
     let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     ws

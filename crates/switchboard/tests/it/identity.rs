@@ -16,8 +16,7 @@ async fn status_with(gw: &switchboard::Running, headers: &[(&'static str, String
     let url = format!("ws://{}/connect?namespace=acme", gw.local_addr());
     let mut req = url.into_client_request().unwrap();
     for (k, v) in headers {
-        req.headers_mut()
-            .insert(*k, v.parse().unwrap());
+        req.headers_mut().insert(*k, v.parse().unwrap());
     }
     match tokio_tungstenite::connect_async(req).await {
         Ok((_ws, resp)) => resp.status().as_u16(),
@@ -94,11 +93,18 @@ async fn every_bad_token_is_refused_with_401_and_publishes_nothing() {
     }
     // a good token by bearer header is accepted
     assert_eq!(
-        status_with(&gw, &[("authorization", format!("Bearer {}", token("alex")))]).await,
+        status_with(
+            &gw,
+            &[("authorization", format!("Bearer {}", token("alex")))]
+        )
+        .await,
         101
     );
     let (topic, data, _) = next_published(&mut seen).await;
-    assert_eq!((topic.as_str(), &data["username"]), ("socket:connection", &json!("alex")));
+    assert_eq!(
+        (topic.as_str(), &data["username"]),
+        ("socket:connection", &json!("alex"))
+    );
     // the refused ones published nothing, before or after
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let rest: Vec<_> = std::iter::from_fn(|| seen.try_recv().ok())
@@ -113,7 +119,10 @@ fn b64(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
         for i in 0..=chunk.len() {
             out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
         }
@@ -149,12 +158,22 @@ async fn asymmetric_case(alg: &str, algorithm: Algorithm, private: &str, public:
         &EncodingKey::from_secret(&std::fs::read(keys_dir().join(public)).unwrap()),
     )
     .unwrap();
-    assert_eq!(status_with(&gw, &cookie(&confused)).await, 401, "{alg} key confusion");
+    assert_eq!(
+        status_with(&gw, &cookie(&confused)).await,
+        401,
+        "{alg} key confusion"
+    );
 }
 
 #[tokio::test]
 async fn rs256_with_a_pem_public_key() {
-    asymmetric_case("RS256", Algorithm::RS256, "rsa_private.pem", "rsa_public.pem").await;
+    asymmetric_case(
+        "RS256",
+        Algorithm::RS256,
+        "rsa_private.pem",
+        "rsa_public.pem",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -184,7 +203,11 @@ async fn http_first_line(addr: std::net::SocketAddr, request: &str) -> String {
     s.write_all(request.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 2048];
     let n = s.read(&mut buf).await.unwrap();
-    String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("").to_string()
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
 }
 
 #[tokio::test]
@@ -242,4 +265,3 @@ async fn the_specs_curl_handshake_gets_101() {
         "{text}"
     );
 }
-

@@ -39,7 +39,10 @@ async fn connect_reply_reaches_the_client_with_full_context() {
     assert_eq!(ctx["headers"]["jwt"]["preferred_username"], "alex");
     assert_eq!(ctx["headers"]["jwt"]["email"], "alex@example.com");
     assert!(ctx["headers"]["host"].is_string());
-    assert!(ctx["headers"].get("cookie").is_none(), "credentials stay out of messages");
+    assert!(
+        ctx["headers"].get("cookie").is_none(),
+        "credentials stay out of messages"
+    );
 }
 
 #[tokio::test]
@@ -67,7 +70,11 @@ async fn connect_fail_sends_error_then_closes_and_still_publishes_onclose() {
 
 /// Replies to every message with what it saw, on every message topic.
 fn echo_handlers(c: &mut Container) {
-    for topic in ["socket:generalMessage", "socket:type_one", "socket:type_two"] {
+    for topic in [
+        "socket:generalMessage",
+        "socket:type_one",
+        "socket:type_two",
+    ] {
         c.add_handler(topic, |m: Message| async move {
             m.reply(json!({"got": m.data().clone()}));
         })
@@ -81,7 +88,11 @@ async fn messages_publish_general_and_typed_and_replies_carry_the_topic() {
     echo_handlers(&mut c);
     let mut seen = recorder(
         &mut c,
-        &["socket:generalMessage", "socket:type_one", "socket:type_two"],
+        &[
+            "socket:generalMessage",
+            "socket:type_one",
+            "socket:type_two",
+        ],
     );
     let gw = start(c).await;
     let mut ws = connect(&gw, "alex", Some("acme")).await;
@@ -97,7 +108,10 @@ async fn messages_publish_general_and_typed_and_replies_carry_the_topic() {
             json!({"type": "socket:type_one", "payload": {"got": m1}}),
         ]
     );
-    let mut topics = vec![next_published(&mut seen).await.0, next_published(&mut seen).await.0];
+    let mut topics = vec![
+        next_published(&mut seen).await.0,
+        next_published(&mut seen).await.0,
+    ];
     topics.sort();
     assert_eq!(topics, ["socket:generalMessage", "socket:type_one"]);
 
@@ -128,7 +142,10 @@ async fn message_fail_sends_error_frame_and_keeps_the_socket() {
     let gw = start(c).await;
     let mut ws = connect(&gw, "alex", None).await;
     send(&mut ws, json!({"type": "x", "payload": {"ok": false}})).await;
-    assert_eq!(recv(&mut ws).await, json!({"type": "error", "payload": {"code": "E_NOPE"}}));
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type": "error", "payload": {"code": "E_NOPE"}})
+    );
     send(&mut ws, json!({"type": "x", "payload": {"ok": true}})).await;
     assert_eq!(
         recv(&mut ws).await,
@@ -159,11 +176,17 @@ async fn bad_messages_get_error_frames_publish_nothing_and_keep_the_socket() {
     ws.send(WsMessage::binary(vec![1u8, 2, 3])).await.unwrap();
     let frame = recv(&mut ws).await;
     assert_eq!(frame["type"], "error");
-    assert!(frame["payload"]["message"].as_str().unwrap().contains("binary"));
+    assert!(frame["payload"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("binary"));
     assert!(seen.try_recv().is_err(), "nothing was published");
     // still open and working
     send(&mut ws, json!({"type": "message_type_one"})).await;
-    assert_eq!(recv(&mut ws).await["payload"]["got"]["type"], "message_type_one");
+    assert_eq!(
+        recv(&mut ws).await["payload"]["got"]["type"],
+        "message_type_one"
+    );
 }
 
 #[tokio::test]
@@ -195,7 +218,7 @@ async fn send_reaches_the_user_in_that_namespace_only() {
 async fn send_without_namespace_reaches_every_socket_of_the_user() {
     let c = Container::new(spec_config("")).unwrap();
     let gw = start(c).await;
-    let mut alex = vec![
+    let mut alex = [
         connect(&gw, "alex", Some("a")).await,
         connect(&gw, "alex", Some("b")).await,
         connect(&gw, "alex", None).await,
@@ -203,7 +226,10 @@ async fn send_without_namespace_reaches_every_socket_of_the_user() {
     let mut sam = connect(&gw, "sam", Some("a")).await;
     wait_for_sockets(&gw, 4).await;
     gw.producer()
-        .send("socket:send", json!({"username": "alex", "type": "t", "payload": 5}))
+        .send(
+            "socket:send",
+            json!({"username": "alex", "type": "t", "payload": 5}),
+        )
         .unwrap();
     for ws in alex.iter_mut() {
         assert_eq!(recv(ws).await, json!({"type": "t", "payload": 5}));
@@ -215,7 +241,7 @@ async fn send_without_namespace_reaches_every_socket_of_the_user() {
 async fn broadcast_reaches_everyone_or_one_namespace() {
     let c = Container::new(spec_config("")).unwrap();
     let gw = start(c).await;
-    let mut a = vec![
+    let mut a = [
         connect(&gw, "alex", Some("a")).await,
         connect(&gw, "sam", Some("a")).await,
     ];
@@ -223,7 +249,8 @@ async fn broadcast_reaches_everyone_or_one_namespace() {
     let mut none = connect(&gw, "lee", None).await;
     wait_for_sockets(&gw, 4).await;
     let p = gw.producer();
-    p.send("socket:broadcast", json!({"type": "all", "payload": 1})).unwrap();
+    p.send("socket:broadcast", json!({"type": "all", "payload": 1}))
+        .unwrap();
     for ws in a.iter_mut().chain([&mut b, &mut none]) {
         assert_eq!(recv(ws).await, json!({"type": "all", "payload": 1}));
     }
@@ -265,8 +292,15 @@ async fn handlers_can_send_through_the_producer() {
     let mut sam = connect(&gw, "sam", Some("a")).await;
     let mut sam_elsewhere = connect(&gw, "sam", Some("b")).await;
     wait_for_sockets(&gw, 3).await;
-    send(&mut alex, json!({"type": "message_type_two", "payload": {"to": "sam"}})).await;
-    assert_eq!(recv(&mut sam).await, json!({"type": "poke", "payload": {"from": "alex"}}));
+    send(
+        &mut alex,
+        json!({"type": "message_type_two", "payload": {"to": "sam"}}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut sam).await,
+        json!({"type": "poke", "payload": {"from": "alex"}})
+    );
     assert_silent(&mut sam_elsewhere, 300).await;
 }
 
@@ -278,11 +312,16 @@ async fn bad_send_data_is_refused_without_harm() {
     wait_for_sockets(&gw, 1).await;
     let p = gw.producer();
     p.send("socket:send", json!({"type": "t"})).unwrap(); // no username
-    p.send("socket:send", json!({"username": "alex", "payload": 1})).unwrap(); // no type
-    p.send("socket:send", json!({"username": "alex", "namespace": 5, "type": "t"}))
-        .unwrap();
+    p.send("socket:send", json!({"username": "alex", "payload": 1}))
+        .unwrap(); // no type
+    p.send(
+        "socket:send",
+        json!({"username": "alex", "namespace": 5, "type": "t"}),
+    )
+    .unwrap();
     assert_silent(&mut alex, 200).await;
-    p.send("socket:send", json!({"username": "alex", "type": "t"})).unwrap();
+    p.send("socket:send", json!({"username": "alex", "type": "t"}))
+        .unwrap();
     assert_eq!(recv(&mut alex).await, json!({"type": "t", "payload": null}));
 }
 
@@ -338,7 +377,10 @@ async fn panicking_and_failing_handlers_leave_the_socket_open() {
         send(&mut ws, json!({"type": t})).await;
         let frame = recv(&mut ws).await;
         assert_eq!(frame["type"], "error", "{frame}");
-        assert!(!frame["payload"]["message"].as_str().unwrap().contains("db down"));
+        assert!(!frame["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("db down"));
     }
     send(&mut ws, json!({"type": "ping"})).await;
     assert_eq!(recv(&mut ws).await["payload"], "pong");
@@ -394,4 +436,3 @@ async fn wait_for_sockets(gw: &switchboard::Running, n: usize) {
     }
     panic!("expected {n} sockets, have {}", gw.sockets().count());
 }
-

@@ -19,6 +19,10 @@ pub(crate) async fn connect(addr: SocketAddr, token: &str) -> TcpStream {
         stream.read_exact(&mut b).await.unwrap();
         head.push(b[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     stream
 }

@@ -1,0 +1,245 @@
+//! The demo chat: handlers written against the public `switchboard` API exactly as a user
+//! would write them, a page at `/`, and `/demo/login` to get a token.
+//!
+//! - connect: needs `?namespace=`; replies `{username, namespace, online, users}` and tells
+//!   the namespace who is online (`chat.presence`);
+//! - `chat.say {text}` → `chat.said {from, text}` to the sender's namespace (broadcast topic);
+//! - `chat.whisper {to, text}` → `chat.whispered {from, text}` to user `to` in the sender's
+//!   namespace (send topic), with a copy to the sender; without `to` or `text`: `fail`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use switchboard::http::{header, HeaderValue, Response, StatusCode};
+use switchboard::{
+    plain_response, Body, Config, Container, Message, Producer, RequestParts, Sockets,
+};
+
+/// The repo's `conf/socket.yaml`, for `serve --demo` outside the repo.
+pub(crate) const BUNDLED_CONFIG: &str = include_str!("../../../conf/socket.yaml");
+const PAGE: &str = include_str!("../assets/index.html");
+/// Used only by `serve --demo` when the secret variable is unset.
+const DEMO_SECRET: &str = "switchboard-demo-secret-not-for-production";
+const MAX_TEXT: usize = 2000;
+
+/// Sets the config's secret variable to the demo secret when it is unset. Call before any
+/// thread starts.
+pub(crate) fn use_demo_secret_if_unset(config: &Config) {
+    let var = &config.gateway.auth.secret_env;
+    if std::env::var(var).map_or(true, |v| v.is_empty()) {
+        eprintln!(
+            "switchboard: demo mode: {var} is unset, using the demo secret (never in production)"
+        );
+        std::env::set_var(var, DEMO_SECRET);
+    }
+}
+
+/// Topics the demo needs from the config.
+struct Topics {
+    connect: String,
+    close: Option<String>,
+    say: String,
+    whisper: String,
+    send: String,
+    broadcast: String,
+}
+
+impl Topics {
+    fn from_config(config: &Config) -> Result<Self, String> {
+        let s = &config.gateway.socket;
+        let typed = |t: &str| {
+            s.onmessage
+                .iter()
+                .flat_map(|m| m.types.iter())
+                .find(|r| r.message_type == t)
+                .map(|r| r.publish.to_string())
+                .ok_or_else(|| format!("the demo needs an onmessage.types entry for `{t}`"))
+        };
+        Ok(Topics {
+            connect: s
+                .onconnect
+                .as_ref()
+                .map(|h| h.publish.to_string())
+                .ok_or("the demo needs onconnect.publish")?,
+            close: s.onclose.as_ref().map(|h| h.publish.to_string()),
+            say: typed("chat.say")?,
+            whisper: typed("chat.whisper")?,
+            send: s
+                .send
+                .as_ref()
+                .map(|h| h.subscribe.to_string())
+                .ok_or("the demo needs send.subscribe")?,
+            broadcast: s
+                .broadcast
+                .as_ref()
+                .map(|h| h.subscribe.to_string())
+                .ok_or("the demo needs broadcast.subscribe")?,
+        })
+    }
+}
+
+/// Adds the demo's handlers and routes to `container`.
+pub(crate) fn install(container: &mut Container) -> Result<(), Box<dyn std::error::Error>> {
+    let topics = Topics::from_config(container.config())?;
+    let secret = std::env::var(&container.config().gateway.auth.secret_env)?;
+    if !container.config().gateway.auth.algorithm.is_hmac() {
+        return Err("the demo signs its own tokens and needs an HS* auth.algorithm".into());
+    }
+    let cookie = container.config().gateway.auth.cookie.clone();
+    let claim = container.config().gateway.auth.username_claim.clone();
+    let producer = container.producer();
+    let sockets = container.sockets();
+
+    let (p, s, broadcast) = (producer.clone(), sockets.clone(), topics.broadcast.clone());
+    container.add_handler(&topics.connect, move |msg: Message| {
+        on_connect(msg, &p, &s, &broadcast);
+        async {}
+    })?;
+    if let Some(close) = &topics.close {
+        let (p, s, broadcast) = (producer.clone(), sockets.clone(), topics.broadcast.clone());
+        container.add_handler(close, move |msg: Message| {
+            if let Some(ns) = &msg.context().namespace {
+                let _ = p.send(&broadcast, presence(&s, ns));
+            }
+            async {}
+        })?;
+    }
+    let (p, broadcast) = (producer.clone(), topics.broadcast.clone());
+    container.add_handler(&topics.say, move |msg: Message| {
+        on_say(msg, &p, &broadcast);
+        async {}
+    })?;
+    let (p, send) = (producer, topics.send.clone());
+    container.add_handler(&topics.whisper, move |msg: Message| {
+        on_whisper(msg, &p, &send);
+        async {}
+    })?;
+
+    container.route("/", |_req: &RequestParts| {
+        let mut res = Response::new(Body::from(PAGE));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        res
+    });
+    container.route("/demo/login", move |req: &RequestParts| {
+        login(req, &secret, &cookie, &claim)
+    });
+    Ok(())
+}
+
+fn presence(sockets: &Sockets, namespace: &str) -> Value {
+    json!({
+        "namespace": namespace,
+        "type": "chat.presence",
+        "payload": {
+            "online": sockets.count_in_namespace(namespace),
+            "users": sockets.users_in_namespace(namespace),
+        },
+    })
+}
+
+fn on_connect(msg: Message, producer: &Producer, sockets: &Sockets, broadcast: &str) {
+    let ctx = msg.context();
+    let Some(namespace) = &ctx.namespace else {
+        msg.fail(json!({"message": "pick a namespace: connect with ?namespace=NAME"}));
+        return;
+    };
+    msg.reply(json!({
+        "username": ctx.username,
+        "namespace": namespace,
+        "online": sockets.count_in_namespace(namespace),
+        "users": sockets.users_in_namespace(namespace),
+    }));
+    let _ = producer.send(broadcast, presence(sockets, namespace));
+}
+
+/// The sender's name and namespace, and the payload's `text`, if all are there.
+fn speaker(msg: &Message) -> Option<(&str, &str, &str)> {
+    let ctx = msg.context();
+    let text = msg.data()["payload"]["text"].as_str()?;
+    if text.trim().is_empty() || text.len() > MAX_TEXT {
+        return None;
+    }
+    Some((ctx.username.as_deref()?, ctx.namespace.as_deref()?, text))
+}
+
+fn on_say(msg: Message, producer: &Producer, broadcast: &str) {
+    let Some((from, namespace, text)) = speaker(&msg) else {
+        msg.fail(
+            json!({"message": format!("chat.say needs payload.text (1 to {MAX_TEXT} bytes)")}),
+        );
+        return;
+    };
+    let _ = producer.send(
+        broadcast,
+        json!({"namespace": namespace, "type": "chat.said", "payload": {"from": from, "text": text}}),
+    );
+}
+
+fn on_whisper(msg: Message, producer: &Producer, send: &str) {
+    let to = msg.data()["payload"]["to"]
+        .as_str()
+        .filter(|t| !t.is_empty());
+    let (Some(to), Some((from, namespace, text))) = (to, speaker(&msg)) else {
+        msg.fail(json!({"message": "chat.whisper needs payload.to and payload.text"}));
+        return;
+    };
+    let payload = json!({"from": from, "text": text, "to": to});
+    let mut recipients = vec![to];
+    if from != to {
+        recipients.push(from);
+    }
+    for user in recipients {
+        let _ = producer.send(
+            send,
+            json!({"username": user, "namespace": namespace, "type": "chat.whispered", "payload": payload}),
+        );
+    }
+}
+
+/// `GET /demo/login?username=NAME`: a one-hour demo token in the auth cookie.
+fn login(req: &RequestParts, secret: &str, cookie: &str, claim: &str) -> Response<Body> {
+    let username = req
+        .uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("username=")))
+        .unwrap_or("");
+    let valid = (1..=32).contains(&username.len())
+        && username
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if !valid {
+        return plain_response(
+            StatusCode::BAD_REQUEST,
+            "username: 1 to 32 letters, digits, '_', '.' or '-'\n",
+        );
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut claims = serde_json::Map::new();
+    claims.insert(claim.to_string(), json!(username));
+    claims.insert("iat".into(), json!(now));
+    claims.insert("exp".into(), json!(now + 3600));
+    let token = match jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    ) {
+        Ok(t) => t,
+        Err(_) => return plain_response(StatusCode::INTERNAL_SERVER_ERROR, "cannot sign\n"),
+    };
+    let mut res = Response::new(Body::from(json!({"username": username}).to_string()));
+    let set_cookie = format!("{cookie}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age=3600");
+    if let Ok(v) = HeaderValue::from_str(&set_cookie) {
+        res.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}

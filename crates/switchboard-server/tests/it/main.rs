@@ -1,0 +1,287 @@
+//! The `switchboard` binary as a user runs it: `check-config`, and `serve --demo` driven by
+//! real WebSocket clients, ended by SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_switchboard"))
+}
+
+fn repo(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
+}
+
+#[test]
+fn check_config_accepts_the_spec_file() {
+    let out = bin()
+        .args(["check-config"])
+        .arg(repo("conf/examples/spec.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(": ok (listen 127.0.0.1:4000, path /connect"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_config_names_the_key_and_line_of_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("socket.yaml");
+    std::fs::write(
+        &file,
+        "gateway:\n  socket:\n    path: /x\n    onclose:\n      publsh: t\n",
+    )
+    .unwrap();
+    let out = bin().arg("check-config").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown field `publsh`"), "{stderr}");
+    assert!(stderr.contains("gateway.socket.onclose"), "{stderr}");
+    assert!(stderr.contains("line 5 column 7"), "{stderr}");
+}
+
+/// The demo server process; killed on drop if the test did not end it.
+struct Demo {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_demo() -> Demo {
+    let mut child = bin()
+        .args(["serve", "--demo", "--listen", "127.0.0.1:0", "--config"])
+        .arg(repo("conf/socket.yaml"))
+        .env_remove("SWITCHBOARD_JWT_SECRET")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("server printed its address").unwrap();
+        if let Some(rest) = line.strip_prefix("switchboard: listening on ws://") {
+            break rest.trim_end_matches("/connect").parse().unwrap();
+        }
+    };
+    // keep draining stdout so the server never blocks on a full pipe
+    std::thread::spawn(move || for _ in lines {});
+    Demo { child, addr }
+}
+
+/// A plain HTTP GET; returns (status, headers, body).
+async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    (status, head.to_string(), body.to_string())
+}
+
+async fn login(addr: SocketAddr, user: &str) -> String {
+    let (status, head, _) = get(addr, &format!("/demo/login?username={user}")).await;
+    assert_eq!(status, 200, "{head}");
+    let line = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .expect("a cookie");
+    let cookie = line.split_once(':').unwrap().1.trim();
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    cookie.split(';').next().unwrap().to_string()
+}
+
+async fn connect(addr: SocketAddr, cookie: &str, namespace: Option<&str>) -> Ws {
+    let q = namespace
+        .map(|n| format!("?namespace={n}"))
+        .unwrap_or_default();
+    let mut req = format!("ws://{addr}/connect{q}")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("cookie", cookie.parse().unwrap());
+    tokio_tungstenite::connect_async(req).await.unwrap().0
+}
+
+/// The next frame of `kind`, skipping others (presence updates arrive at any time).
+async fn recv_type(ws: &mut Ws, kind: &str) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {kind} within 5 s"))
+            .unwrap()
+            .unwrap();
+        if let WsMessage::Text(t) = m {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == kind {
+                return v["payload"].clone();
+            }
+        }
+    }
+}
+
+/// Asserts no frame of `kind` arrives within `ms`.
+async fn assert_no(ws: &mut Ws, kind: &str, ms: u64) {
+    let r = tokio::time::timeout(Duration::from_millis(ms), recv_type(ws, kind)).await;
+    assert!(r.is_err(), "unexpected {kind}: {:?}", r.ok());
+}
+
+async fn say(ws: &mut Ws, v: Value) {
+    ws.send(WsMessage::text(v.to_string())).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_chat_end_to_end_then_sigterm() {
+    let mut demo = start_demo();
+    let addr = demo.addr;
+
+    let (status, head, page) = get(addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/html"),
+        "{head}"
+    );
+    assert!(page.contains("Switchboard demo chat"));
+    assert_eq!(get(addr, "/demo/login?username=bad%20name").await.0, 400);
+    assert_eq!(get(addr, "/demo/login").await.0, 400);
+
+    let (alex_c, sam_c, kim_c) = (
+        login(addr, "alex").await,
+        login(addr, "sam").await,
+        login(addr, "kim").await,
+    );
+    let mut alex = connect(addr, &alex_c, Some("x")).await;
+    let hello = recv_type(&mut alex, "onconnect").await;
+    assert_eq!(
+        hello,
+        json!({"username": "alex", "namespace": "x", "online": 1, "users": ["alex"]})
+    );
+    let mut sam = connect(addr, &sam_c, Some("x")).await;
+    let hello = recv_type(&mut sam, "onconnect").await;
+    assert_eq!(
+        (hello["online"].clone(), hello["users"].clone()),
+        (json!(2), json!(["alex", "sam"]))
+    );
+    // alex sees sam arrive
+    loop {
+        if recv_type(&mut alex, "chat.presence").await["online"] == 2 {
+            break;
+        }
+    }
+    let mut kim = connect(addr, &kim_c, Some("y")).await;
+    assert_eq!(recv_type(&mut kim, "onconnect").await["online"], 1);
+
+    say(
+        &mut alex,
+        json!({"type": "chat.say", "payload": {"text": "hi all"}}),
+    )
+    .await;
+    let said = json!({"from": "alex", "text": "hi all"});
+    assert_eq!(recv_type(&mut alex, "chat.said").await, said);
+    assert_eq!(recv_type(&mut sam, "chat.said").await, said);
+    assert_no(&mut kim, "chat.said", 300).await;
+
+    say(
+        &mut sam,
+        json!({"type": "chat.whisper", "payload": {"to": "alex", "text": "psst"}}),
+    )
+    .await;
+    let w = recv_type(&mut alex, "chat.whispered").await;
+    assert_eq!(
+        (w["from"].clone(), w["text"].clone()),
+        (json!("sam"), json!("psst"))
+    );
+    assert_eq!(recv_type(&mut sam, "chat.whispered").await["text"], "psst");
+    assert_no(&mut kim, "chat.whispered", 300).await;
+
+    // a whisper to kim from namespace x does not cross tenants
+    say(
+        &mut alex,
+        json!({"type": "chat.whisper", "payload": {"to": "kim", "text": "hey"}}),
+    )
+    .await;
+    assert_no(&mut kim, "chat.whispered", 300).await;
+
+    say(
+        &mut alex,
+        json!({"type": "chat.whisper", "payload": {"text": "to nobody"}}),
+    )
+    .await;
+    assert!(recv_type(&mut alex, "error").await["message"]
+        .as_str()
+        .unwrap()
+        .contains("payload.to"));
+    say(&mut alex, json!({"type": "chat.say", "payload": {}})).await;
+    assert!(recv_type(&mut alex, "error").await["message"].is_string());
+
+    // no namespace: the connect handler fails, the socket is closed with 1008
+    let mut lost = connect(addr, &alex_c, None).await;
+    assert!(recv_type(&mut lost, "error").await["message"]
+        .as_str()
+        .unwrap()
+        .contains("namespace"));
+    match tokio::time::timeout(Duration::from_secs(5), lost.next())
+        .await
+        .unwrap()
+    {
+        Some(Ok(WsMessage::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Policy),
+        other => panic!("expected close 1008, got {other:?}"),
+    }
+
+    // SIGTERM: every socket gets 1001 and the process exits 0
+    let pid = demo.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    for ws in [&mut alex, &mut sam, &mut kim] {
+        let code = loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .unwrap()
+            {
+                Some(Ok(WsMessage::Close(Some(f)))) => break f.code,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        assert_eq!(code, CloseCode::Away);
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let s = demo.child.wait().unwrap();
+        drop(demo);
+        s
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+}
