@@ -18,8 +18,8 @@ pub enum ConfigError {
     Invalid {
         /// The file, when loaded from one.
         file: Option<PathBuf>,
-        /// What is wrong, with the key path and position (`gateway.socket: unknown field ...
-        /// at line 3 column 5`).
+        /// What is wrong, with the key path and position, as the YAML parser words it
+        /// (`gateway.socket: unknown field `pth`, expected one of ... at line 3 column 5`).
         message: String,
         /// 1-based line of the offending key or value, when known.
         line: Option<usize>,

@@ -111,7 +111,7 @@ pub struct Socket {
     pub broadcast: Option<SubscribeHook>,
     /// Interval between server pings; a client that has not answered the previous ping by
     /// the next one is closed (extension). Human duration, e.g. `30s`. Default 30 s.
-    #[serde(default = "default_heartbeat", deserialize_with = "de_duration")]
+    #[serde(default = "default_heartbeat", deserialize_with = "de_heartbeat")]
     pub heartbeat: Duration,
     /// Largest inbound message, after reassembly of fragments, in bytes; accepts `64KiB`,
     /// `1MiB`, `1000`. Default 64 KiB (extension).
@@ -122,7 +122,7 @@ pub struct Socket {
     pub max_message_size: usize,
     /// Frames that may wait in one socket's send queue before it counts as a slow consumer
     /// and is closed (extension). Default 256.
-    #[serde(default = "default_send_queue", deserialize_with = "de_positive")]
+    #[serde(default = "default_send_queue", deserialize_with = "de_send_queue")]
     pub send_queue: usize,
 }
 
@@ -340,11 +340,12 @@ pub struct Auth {
     pub secret_env: String,
     /// For RS*/ES*: PEM file with the public key.
     pub public_key_file: Option<PathBuf>,
-    /// Clock skew tolerated on `exp` and `nbf`. Default 0 s.
+    /// Clock skew tolerated on `exp` and `nbf`, in whole seconds (fractions are dropped).
+    /// Default 0 s.
     pub leeway: Duration,
-    /// If set, the `iss` claim must equal it.
+    /// If set, tokens must carry an `iss` claim equal to it.
     pub issuer: Option<String>,
-    /// If set, the `aud` claim must contain it.
+    /// If set, tokens must carry an `aud` claim containing it.
     pub audience: Option<String>,
 }
 
@@ -451,10 +452,18 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         .map_err(|e| de::Error::custom(format_args!("invalid duration `{s}`: {e} (try `30s`)")))
 }
 
-fn de_positive<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+fn de_heartbeat<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let interval = de_duration(d)?;
+    if interval < Duration::from_millis(10) {
+        return Err(de::Error::custom("heartbeat must be at least 10ms"));
+    }
+    Ok(interval)
+}
+
+fn de_send_queue<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     let n = usize::deserialize(d)?;
     if n == 0 {
-        return Err(de::Error::custom("must be at least 1"));
+        return Err(de::Error::custom("send_queue must be at least 1"));
     }
     Ok(n)
 }

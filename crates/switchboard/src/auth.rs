@@ -91,13 +91,20 @@ impl Verifier {
         let mut validation = Validation::new(algorithm);
         validation.leeway = auth.leeway.as_secs();
         validation.validate_nbf = true;
+        // jsonwebtoken checks `iss`/`aud` only when present unless they are required.
+        let mut required = vec!["exp"];
         match &auth.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &auth.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         Ok(Verifier {
             key,
             validation,

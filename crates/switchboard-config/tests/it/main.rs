@@ -156,7 +156,15 @@ fn bad_duration_size_and_queue() {
     let e = bad("gateway:\n  socket:\n    max_message_size: 10 parsecs\n");
     assert!(e.to_string().contains("invalid size unit"), "{e}");
     let e = bad("gateway:\n  socket:\n    send_queue: 0\n");
-    assert!(e.to_string().contains("at least 1"), "{e}");
+    assert!(
+        e.to_string().contains("send_queue must be at least 1"),
+        "{e}"
+    );
+    let e = bad("gateway:\n  socket:\n    heartbeat: 0s\n");
+    assert!(
+        e.to_string().contains("heartbeat must be at least 10ms"),
+        "{e}"
+    );
 }
 
 #[test]

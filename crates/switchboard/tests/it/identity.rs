@@ -265,3 +265,40 @@ async fn the_specs_curl_handshake_gets_101() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn issuer_and_audience_are_required_when_configured() {
+    let _ = spec_config(""); // sets the test secret variable
+    let yaml = format!(
+        "gateway:\n  socket: {{}}\n  auth:\n    secret_env: {SECRET_ENV}\n    issuer: https://id.example\n    audience: switchboard\n"
+    );
+    let gw = start(Container::new(Config::from_yaml_str(&yaml).unwrap()).unwrap()).await;
+    let t = now() + 600;
+    let cases = [
+        (json!({"preferred_username": "a", "exp": t}), 401),
+        (
+            json!({"preferred_username": "a", "exp": t, "aud": "switchboard"}),
+            401,
+        ),
+        (
+            json!({"preferred_username": "a", "exp": t, "iss": "https://id.example"}),
+            401,
+        ),
+        (
+            json!({"preferred_username": "a", "exp": t, "iss": "https://evil.example", "aud": "switchboard"}),
+            401,
+        ),
+        (
+            json!({"preferred_username": "a", "exp": t, "iss": "https://id.example", "aud": "other"}),
+            401,
+        ),
+        (
+            json!({"preferred_username": "a", "exp": t, "iss": "https://id.example", "aud": ["x", "switchboard"]}),
+            101,
+        ),
+    ];
+    for (claims, want) in cases {
+        let got = status_with(&gw, &cookie(&token_with(claims.clone(), SECRET))).await;
+        assert_eq!(got, want, "{claims}");
+    }
+}
