@@ -2,7 +2,9 @@
 //!
 //! - `cargo xtask ci`: exactly what CI runs: install missing system tools, then format
 //!   check, clippy, the layering check, every test;
-//! - `cargo xtask fmt` / `lint` / `test` / `layering`: one step each.
+//! - `cargo xtask fmt` / `lint` / `test` / `layering`: one step each;
+//! - `cargo xtask autobahn`: the Autobahn|Testsuite cases 1-11 (via `kosoku`) against the
+//!   transport's echo example; fails on any FAILED case.
 
 use std::process::{Command, ExitCode};
 
@@ -15,6 +17,14 @@ const LEAVES: &[&str] = &[
 ];
 
 fn main() -> ExitCode {
+    // Run from the workspace root whatever the caller's directory.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace");
+    if let Err(e) = std::env::set_current_dir(root) {
+        eprintln!("xtask: cannot enter {}: {e}", root.display());
+        return ExitCode::FAILURE;
+    }
     let task = std::env::args().nth(1).unwrap_or_else(|| "help".into());
     let result = match task.as_str() {
         "ci" => ci(),
@@ -23,6 +33,7 @@ fn main() -> ExitCode {
         "test" => test(),
         "layering" => layering(),
         "deps" => install_system_deps(),
+        "autobahn" => autobahn(),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
@@ -32,6 +43,7 @@ fn main() -> ExitCode {
                  lint      format check and clippy -D warnings\n  \
                  test      every test of the workspace\n  \
                  layering  check that the leaf crates depend on no other switchboard crate\n  \
+                 autobahn  Autobahn cases 1-11 against the echo example (installs kosoku)\n  \
                  deps      install missing system tools (curl)"
             );
             return if task == "help" {
@@ -56,7 +68,94 @@ fn ci() -> Result {
     install_system_deps()?;
     lint()?;
     layering()?;
-    test()
+    test()?;
+    autobahn()
+}
+
+/// Runs Autobahn's fuzzingclient cases (sections 1-11; 12 and 13 are compression, which we
+/// do not offer) against `examples/echo.rs`. kosoku exits non-zero on any FAILED case.
+fn autobahn() -> Result {
+    if !have("kosoku") {
+        run(
+            "python3",
+            &["-m", "pip", "install", "--quiet", "kosoku==0.1.0"],
+        )?;
+    }
+    run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "switchboard-transport",
+            "--example",
+            "echo",
+        ],
+    )?;
+    let port = free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let mut echo = Command::new("target/release/examples/echo")
+        .args([addr.as_str(), "/"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the echo example: {e}"))?;
+    // Wait until it accepts connections (at most 10 s).
+    let ready = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    let outdir = "target/autobahn";
+    let result = if ready {
+        let _ = std::fs::remove_dir_all(outdir);
+        run(
+            "kosoku",
+            &[
+                "-m",
+                "fuzzingclient",
+                "-o",
+                outdir,
+                "-x",
+                "12.*",
+                "-x",
+                "13.*",
+                &addr,
+            ],
+        )
+    } else {
+        Err("the echo example did not start listening".into())
+    };
+    let _ = echo.kill();
+    let _ = echo.wait();
+    result?;
+    println!("autobahn: {}", summarize_autobahn(outdir)?);
+    Ok(())
+}
+
+/// "N cases: OK a, NON-STRICT b, ..." from the per-case reports.
+fn summarize_autobahn(outdir: &str) -> std::result::Result<String, String> {
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    let entries = std::fs::read_dir(outdir).map_err(|e| format!("{outdir}: {e}"))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !name.contains("_case_") || !name.ends_with(".json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if let Some(rest) = text.split("\"behavior\": \"").nth(1) {
+            let behavior = rest.split('"').next().unwrap_or("?").to_string();
+            *counts.entry(behavior).or_default() += 1;
+        }
+    }
+    let total: usize = counts.values().sum();
+    let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    Ok(format!("{total} cases: {}", parts.join(", ")))
+}
+
+fn free_port() -> std::result::Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
 }
 
 fn lint() -> Result {

@@ -16,7 +16,7 @@ use fastwebsockets::{
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{BufWriter, ReadHalf, WriteHalf};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::time::{timeout, Instant};
 
 use crate::{Inbound, Service, Shared};
@@ -206,11 +206,17 @@ impl SocketHandle {
         self.state.enqueue(Outbound::Binary(data))
     }
 
-    /// Closes the socket with `code` and `reason` after the frames already queued. If the
-    /// queue is full, closes at once.
+    /// Closes the socket with `code` and `reason` after the frames already queued; later
+    /// sends fail. If the queue is full, closes at once. A code that may not be sent on the
+    /// wire (RFC 6455 7.4) becomes 1011.
     pub fn close(&self, code: u16, reason: &str) {
+        let code = if is_sendable_close_code(code) {
+            code
+        } else {
+            1011
+        };
         let reason = truncate_reason(reason);
-        if self.state.closing.load(Ordering::Acquire) {
+        if self.state.closing.swap(true, Ordering::AcqRel) {
             return;
         }
         if self
@@ -240,6 +246,11 @@ impl SocketHandle {
     pub fn queued(&self) -> usize {
         self.state.queue.len()
     }
+}
+
+/// Codes an endpoint may send in a close frame (RFC 6455 7.4.1, 7.4.2).
+fn is_sendable_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
 }
 
 /// Close reasons are limited to 123 bytes by RFC 6455.
@@ -285,8 +296,8 @@ pub(crate) async fn run<S: Service>(
         outbox,
         state.clone(),
         opts.heartbeat_interval,
-        shared.shutdown.clone(),
     ));
+    let mut shutdown = shared.shutdown.clone();
     {
         let read = read_loop(
             &mut reader,
@@ -297,25 +308,33 @@ pub(crate) async fn run<S: Service>(
         );
         let mut read = std::pin::pin!(read);
 
-        tokio::select! {
-            end = &mut read => {
-                let (farewell, reason) = end;
+        let read_ended = tokio::select! {
+            end = &mut read => Some(end),
+            _ = async { drop(shutdown.wait_for(|down| *down).await) } => {
+                state.request_close(
+                    Some(Farewell::Code(1001, "server shutting down".into())),
+                    CloseReason::Shutdown,
+                );
+                None
+            }
+            _ = state.close_requested() => None,
+        };
+        match read_ended {
+            Some((farewell, reason)) => {
                 state.request_close(farewell, reason);
                 if timeout(opts.close_timeout, &mut writer_task).await.is_err() {
                     writer_task.abort();
                 }
             }
-            _ = state.close_requested() => {
-                let writer_done = timeout(opts.close_timeout, &mut writer_task).await;
-                match writer_done {
-                    Ok(Ok(true)) => {
-                        // We sent a close frame: give the client a moment to answer it.
-                        let _ = timeout(opts.close_timeout, &mut read).await;
-                    }
-                    Ok(_) => {}
-                    Err(_) => writer_task.abort(),
+            // Closing from our side: the writer sends the close frame (or gives up).
+            None => match timeout(opts.close_timeout, &mut writer_task).await {
+                Ok(Ok(true)) => {
+                    // We sent a close frame: give the client a moment to answer it.
+                    let _ = timeout(opts.close_timeout, &mut read).await;
                 }
-            }
+                Ok(_) => {}
+                Err(_) => writer_task.abort(),
+            },
         }
     }
     shared.service.on_close(session, state.reason());
@@ -346,12 +365,21 @@ async fn read_loop<S: Service>(
             Err(e) => return read_error(e, max_message_size),
         };
         let fin = frame.fin;
+        if is_control(frame.opcode) && frame.payload.len() > 125 {
+            return protocol(1002, "control frame payload over 125 bytes");
+        }
         match frame.opcode {
             OpCode::Text | OpCode::Binary if partial.is_some() => {
                 return protocol(1002, "new message before the previous one finished");
             }
             OpCode::Text | OpCode::Binary if fin => {
-                deliver(service, session, frame.opcode, into_bytes(frame.payload));
+                deliver(
+                    service,
+                    session,
+                    state,
+                    frame.opcode,
+                    into_bytes(frame.payload),
+                );
             }
             OpCode::Text | OpCode::Binary => {
                 partial = Some((frame.opcode, BytesMut::from(&frame.payload[..])));
@@ -370,7 +398,7 @@ async fn read_loop<S: Service>(
                     if opcode == OpCode::Text && std::str::from_utf8(&whole).is_err() {
                         return protocol(1007, "invalid UTF-8 in text message");
                     }
-                    deliver(service, session, opcode, whole);
+                    deliver(service, session, state, opcode, whole);
                 }
             }
             OpCode::Close => {
@@ -393,13 +421,40 @@ async fn read_loop<S: Service>(
     }
 }
 
-fn deliver<S: Service>(service: &S, session: &S::Session, opcode: OpCode, data: Bytes) {
+fn is_control(opcode: OpCode) -> bool {
+    matches!(opcode, OpCode::Close | OpCode::Ping | OpCode::Pong)
+}
+
+/// Hands a whole message to the service, unless the socket is already closing. A panic in
+/// the service closes this socket (1011) and nothing else.
+fn deliver<S: Service>(
+    service: &S,
+    session: &S::Session,
+    state: &SocketState,
+    opcode: OpCode,
+    data: Bytes,
+) {
+    if state.closing.load(Ordering::Acquire) {
+        return;
+    }
     let message = if opcode == OpCode::Text {
         Inbound::Text(data)
     } else {
         Inbound::Binary(data)
     };
-    service.on_message(session, message);
+    let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        service.on_message(session, message)
+    }));
+    if delivered.is_err() {
+        tracing::error!(peer = %state.peer, "service panicked in on_message; closing the socket");
+        state.request_close(
+            Some(Farewell::Code(1011, "internal error".into())),
+            CloseReason::Server {
+                code: 1011,
+                reason: "internal error".into(),
+            },
+        );
+    }
 }
 
 fn into_bytes(payload: Payload<'_>) -> Bytes {
@@ -433,38 +488,25 @@ fn read_error(e: WebSocketError, max_message_size: usize) -> (Option<Farewell>, 
 }
 
 /// Writes queued frames in batches and pings on schedule. Returns true if it sent a close frame.
+///
+/// Every write must finish within one heartbeat interval: a client that accepts no bytes for
+/// that long is not consuming, and waiting longer would pin the socket (and block shutdown).
 async fn write_loop(
     mut ws: Writer,
     outbox: flume::Receiver<Outbound>,
     state: Arc<SocketState>,
     heartbeat: Duration,
-    mut shutdown: watch::Receiver<bool>,
 ) -> bool {
     let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut awaiting_pong = false;
+    let stalled = || state.request_close(None, CloseReason::SlowConsumer);
     let sent_close = loop {
+        // Order matters: a close beats everything, and the heartbeat must not starve behind
+        // a queue that never empties.
         tokio::select! {
             biased;
-            _ = state.close_requested() => break farewell(&mut ws, &state).await,
-            _ = async { drop(shutdown.wait_for(|down| *down).await) } => {
-                state.request_close(
-                    Some(Farewell::Code(1001, "server shutting down".into())),
-                    CloseReason::Shutdown,
-                );
-                break farewell(&mut ws, &state).await;
-            }
-            first = outbox.recv_async() => {
-                let Ok(first) = first else { break false };
-                match write_batch(&mut ws, &outbox, first, &state).await {
-                    Ok(true) => break farewell(&mut ws, &state).await,
-                    Ok(false) => {}
-                    Err(e) => {
-                        state.request_close(None, CloseReason::Io(e.to_string()));
-                        break false;
-                    }
-                }
-            }
+            _ = state.close_requested() => break farewell(&mut ws, &outbox, &state).await,
             _ = tick.tick() => {
                 if awaiting_pong && !state.pong_seen.swap(false, Ordering::AcqRel) {
                     state.request_close(None, CloseReason::HeartbeatTimeout);
@@ -473,9 +515,31 @@ async fn write_loop(
                 state.pong_seen.store(false, Ordering::Release);
                 awaiting_pong = true;
                 let ping = Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""));
-                if let Err(e) = write_and_flush(&mut ws, ping).await {
-                    state.request_close(None, CloseReason::Io(e.to_string()));
-                    break false;
+                match timeout(heartbeat, write_and_flush(&mut ws, ping)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        state.request_close(None, CloseReason::Io(e.to_string()));
+                        break false;
+                    }
+                    Err(_) => {
+                        stalled();
+                        break false;
+                    }
+                }
+            }
+            first = outbox.recv_async() => {
+                let Ok(first) = first else { break false };
+                match timeout(heartbeat, write_batch(&mut ws, &outbox, first, &state)).await {
+                    Ok(Ok(true)) => break farewell(&mut ws, &outbox, &state).await,
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => {
+                        state.request_close(None, CloseReason::Io(e.to_string()));
+                        break false;
+                    }
+                    Err(_) => {
+                        stalled();
+                        break false;
+                    }
                 }
             }
         }
@@ -496,19 +560,15 @@ async fn write_batch(
     let mut next = Some(first);
     let mut written = 0;
     while let Some(out) = next.take() {
-        match out {
-            Outbound::Text(b) => ws.write_frame(Frame::text(Payload::Borrowed(&b))).await?,
-            Outbound::Binary(b) => ws.write_frame(Frame::binary(Payload::Borrowed(&b))).await?,
-            Outbound::Pong(b) => ws.write_frame(Frame::pong(Payload::Borrowed(&b))).await?,
-            Outbound::Close(code, reason) => {
-                ws.flush().await?;
-                state.request_close(
-                    Some(Farewell::Code(code, reason.clone())),
-                    CloseReason::Server { code, reason },
-                );
-                return Ok(true);
-            }
+        if let Outbound::Close(code, reason) = out {
+            ws.flush().await?;
+            state.request_close(
+                Some(Farewell::Code(code, reason.clone())),
+                CloseReason::Server { code, reason },
+            );
+            return Ok(true);
         }
+        write_frame(ws, &out).await?;
         written += 1;
         if written < MAX_BATCH {
             next = outbox.try_recv().ok();
@@ -518,13 +578,45 @@ async fn write_batch(
     Ok(false)
 }
 
+/// Writes one data or pong frame (a queued close is the caller's business).
+async fn write_frame(ws: &mut Writer, out: &Outbound) -> Result<(), WebSocketError> {
+    match out {
+        Outbound::Text(b) => ws.write_frame(Frame::text(Payload::Borrowed(b))).await,
+        Outbound::Binary(b) => ws.write_frame(Frame::binary(Payload::Borrowed(b))).await,
+        Outbound::Pong(b) => ws.write_frame(Frame::pong(Payload::Borrowed(b))).await,
+        Outbound::Close(..) => Ok(()),
+    }
+}
+
 async fn write_and_flush(ws: &mut Writer, frame: Frame<'_>) -> Result<(), WebSocketError> {
     ws.write_frame(frame).await?;
     ws.flush().await
 }
 
 /// Writes the close frame the winning request asked for. Returns true if one was sent.
-async fn farewell(ws: &mut Writer, state: &SocketState) -> bool {
+///
+/// After a client close, a protocol error or a server close, frames queued before it still go
+/// out first (an echo of the message before a bad frame, say). After a slow-consumer or
+/// shutdown close they are dropped: the client is not reading, or we are leaving.
+async fn farewell(
+    ws: &mut Writer,
+    outbox: &flume::Receiver<Outbound>,
+    state: &SocketState,
+) -> bool {
+    let flush_first = matches!(
+        state.reason(),
+        CloseReason::Client { .. } | CloseReason::Protocol { .. } | CloseReason::Server { .. }
+    );
+    if flush_first {
+        for out in outbox.try_iter() {
+            if matches!(out, Outbound::Close(..)) {
+                break;
+            }
+            if write_frame(ws, &out).await.is_err() {
+                return false;
+            }
+        }
+    }
     let frame = match state.take_farewell() {
         Some(Farewell::Code(code, reason)) => Frame::close(code, reason.as_bytes()),
         Some(Farewell::Echo(payload)) => Frame::close_raw(Payload::Owned(payload.to_vec())),

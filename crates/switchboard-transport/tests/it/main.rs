@@ -323,6 +323,45 @@ async fn slow_consumer_is_closed_and_others_are_not() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_cannot_pin_its_socket() {
+    // A queue too big to fill: only the write deadline can notice the stall.
+    let mut h = Harness::start(|o| {
+        o.send_queue = 1_000_000;
+        o.heartbeat_interval = Duration::from_millis(300);
+    })
+    .await;
+    let mut stuck = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    stuck.send_frame(true, raw::TEXT, b"flood 40000").await;
+    assert_eq!(h.next_close().await, CloseReason::SlowConsumer);
+    // and shutdown is not held up by it
+    assert!(h.server.shutdown(Duration::from_secs(3)).await.drained);
+}
+
+#[tokio::test]
+async fn shutdown_drains_even_a_socket_whose_client_stopped_reading() {
+    let h = Harness::start(|o| o.send_queue = 1_000_000).await;
+    let mut stuck = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    stuck.send_frame(true, raw::TEXT, b"flood 40000").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Harness { server, mut closes } = h;
+    let report = server.shutdown(Duration::from_secs(5)).await;
+    assert!(report.drained);
+    assert_eq!(closes.try_recv(), Ok(CloseReason::Shutdown));
+}
+
+#[tokio::test]
+async fn oversized_control_frames_close_1002() {
+    let mut h = Harness::start(|_| {}).await;
+    let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    c.send_frame(true, raw::PONG, &[0u8; 126]).await;
+    assert_eq!(c.read_close_code().await, 1002);
+    assert!(matches!(
+        h.next_close().await,
+        CloseReason::Protocol { code: 1002, .. }
+    ));
+}
+
+#[tokio::test]
 async fn shutdown_closes_every_socket_with_1001() {
     let mut h = Harness::start(|_| {}).await;
     let mut clients = Vec::new();
