@@ -1,0 +1,1 @@
+//! Placeholder: the load generator and criterion benches live here (issue 4).
