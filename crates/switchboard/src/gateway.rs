@@ -15,6 +15,7 @@ use switchboard_transport::{
 };
 
 use crate::auth::{Identity, Verifier};
+use crate::inbound::{decode_client_message, BadMessage};
 use crate::Routes;
 
 /// Close code sent after an `onconnect` handler's `fail`.
@@ -206,33 +207,21 @@ impl Service for Gateway {
     }
 
     fn on_message(&self, s: &Session, message: Inbound) {
-        let text = match message {
-            Inbound::Text(text) => text,
-            Inbound::Binary(_) => {
-                let _ = s.handle.send_text(error_frame(&json!({
-                    "message": "binary messages are not supported; send JSON text",
-                })));
+        let decoded = match &message {
+            Inbound::Text(text) => decode_client_message(text),
+            Inbound::Binary(_) => Err(BadMessage::Binary),
+        };
+        let message = match decoded {
+            Ok(m) => m,
+            Err(bad) => {
+                let _ = s
+                    .handle
+                    .send_text(error_frame(&json!({"message": bad.to_string()})));
                 return;
             }
         };
-        let data: Value = match serde_json::from_slice(&text) {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = s.handle.send_text(error_frame(&json!({
-                    "message": format!("message is not valid JSON: {e}"),
-                })));
-                return;
-            }
-        };
-        let typed_topic = match data.get("type") {
-            Some(Value::String(t)) if data.is_object() => self.hooks.types.get(t.as_str()),
-            _ => {
-                let _ = s.handle.send_text(error_frame(&json!({
-                    "message": "message must be a JSON object with a string `type`",
-                })));
-                return;
-            }
-        };
+        let typed_topic = self.hooks.types.get(message.message_type());
+        let data = message.into_data();
         let data = Arc::new(data);
         let publish = |topic: &Arc<str>| {
             self.publish(

@@ -56,9 +56,11 @@ use switchboard_transport::{Server, SocketHandle, TransportOptions};
 mod auth;
 mod delivery;
 mod gateway;
+mod inbound;
 
 pub use auth::AuthError;
 pub use gateway::CONNECT_FAILED_CODE;
+pub use inbound::{decode_client_message, BadMessage, ClientMessage};
 pub use switchboard_bus::{
     Bus, Context, Handler, HandlerError, InProcessBus, Message, Producer, PublishError, Reply,
     ReplyTo, SubscribeError,
