@@ -2,6 +2,7 @@
 //! clients and signed tokens.
 
 mod harness;
+mod hostile;
 mod identity;
 mod raw;
 

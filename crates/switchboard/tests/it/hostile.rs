@@ -1,0 +1,1 @@
+//! Hostile input, limits and faults, end to end (issue 3).
