@@ -80,6 +80,59 @@ pub struct Gateway {
     /// How sockets are mapped to usernames (extension). Defaults: see [`Auth`].
     #[serde(default)]
     pub auth: Auth,
+    /// Admission limits and abuse controls (extension). Defaults: see [`Limits`].
+    #[serde(default)]
+    pub limits: Limits,
+    /// On shutdown, how long to wait for sockets to close (extension). Default 10 s.
+    #[serde(default = "default_drain", deserialize_with = "de_duration")]
+    pub drain: Duration,
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// The `gateway.limits` section (extension): what one client or one user may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Most sockets open at once; more get HTTP 503 before the upgrade. Default: no limit
+    /// (the process's open-file limit still applies).
+    #[serde(default, deserialize_with = "de_opt_positive")]
+    pub max_sockets: Option<usize>,
+    /// Most sockets one username may hold at once; more get HTTP 429. Default: no limit.
+    #[serde(default, deserialize_with = "de_opt_positive")]
+    pub max_sockets_per_user: Option<usize>,
+    /// How long a client may take to send its upgrade request's headers. Default 10 s.
+    #[serde(
+        default = "default_handshake_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub handshake_timeout: Duration,
+    /// Sustained inbound messages per second per socket; over it, messages are refused with
+    /// an error frame, and a socket that keeps going is closed (1008). Default: off.
+    #[serde(default, deserialize_with = "de_opt_positive")]
+    pub messages_per_second: Option<u32>,
+    /// Messages a socket may send in a burst above the rate. Default: twice the rate.
+    #[serde(default, deserialize_with = "de_opt_positive")]
+    pub message_burst: Option<u32>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sockets: None,
+            max_sockets_per_user: None,
+            handshake_timeout: default_handshake_timeout(),
+            messages_per_second: None,
+            message_burst: None,
+        }
+    }
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_listen() -> SocketAddr {
@@ -124,6 +177,30 @@ pub struct Socket {
     /// and is closed (extension). Default 256.
     #[serde(default = "default_send_queue", deserialize_with = "de_send_queue")]
     pub send_queue: usize,
+    /// Origins (`https://app.example.com`, or `"*"` for any) whose pages may open sockets;
+    /// others get HTTP 403 (extension). Default, when absent: same host only, i.e. the
+    /// `Origin` header's host must equal the `Host` header; requests without `Origin`
+    /// (non-browser clients) are allowed either way.
+    #[serde(default, deserialize_with = "de_origins")]
+    pub allowed_origins: Option<Vec<String>>,
+}
+
+fn de_origins<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    for origin in &list {
+        let valid = origin == "*"
+            || ["http://", "https://"].iter().any(|scheme| {
+                origin
+                    .strip_prefix(scheme)
+                    .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+            });
+        if !valid {
+            return Err(de::Error::custom(format_args!(
+                "allowed_origins entry `{origin}` must be `*` or scheme://host[:port] without a path"
+            )));
+        }
+    }
+    Ok(Some(list))
 }
 
 fn default_path() -> UrlPath {
@@ -347,6 +424,10 @@ pub struct Auth {
     pub issuer: Option<String>,
     /// If set, tokens must carry an `aud` claim containing it.
     pub audience: Option<String>,
+    /// If set, a socket may only ask for a namespace listed in this claim (a string or an
+    /// array of strings); others get HTTP 403. Default: unset, any namespace (the spec's
+    /// behaviour: the connect handler decides).
+    pub namespace_claim: Option<String>,
 }
 
 impl Default for Auth {
@@ -374,6 +455,8 @@ struct RawAuth {
     issuer: Option<String>,
     #[serde(default)]
     audience: Option<String>,
+    #[serde(default)]
+    namespace_claim: Option<String>,
 }
 
 impl Default for RawAuth {
@@ -387,6 +470,7 @@ impl Default for RawAuth {
             leeway: Duration::ZERO,
             issuer: None,
             audience: None,
+            namespace_claim: None,
         }
     }
 }
@@ -442,6 +526,7 @@ impl TryFrom<RawAuth> for Auth {
             leeway: raw.leeway,
             issuer: raw.issuer,
             audience: raw.audience,
+            namespace_claim: raw.namespace_claim,
         })
     }
 }
@@ -458,6 +543,20 @@ fn de_heartbeat<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         return Err(de::Error::custom("heartbeat must be at least 10ms"));
     }
     Ok(interval)
+}
+
+fn de_opt_positive<'de, D, N>(d: D) -> Result<Option<N>, D::Error>
+where
+    D: Deserializer<'de>,
+    N: Deserialize<'de> + Default + PartialEq,
+{
+    let n = N::deserialize(d)?;
+    if n == N::default() {
+        return Err(de::Error::custom(
+            "limits must be at least 1 (leave the key out for no limit)",
+        ));
+    }
+    Ok(Some(n))
 }
 
 fn de_send_queue<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {

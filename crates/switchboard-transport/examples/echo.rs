@@ -47,6 +47,8 @@ async fn main() -> std::io::Result<()> {
     // Autobahn sends messages up to 16 MiB.
     options.max_message_size = 32 << 20;
     options.send_queue = 1024;
+    // Conformance clients send any Origin.
+    options.origins = switchboard_transport::OriginPolicy::Any;
     let server = Server::bind(addr.parse().expect("address"), options, Arc::new(Echo)).await?;
     println!("echo server on ws://{}", server.local_addr());
     tokio::signal::ctrl_c().await?;

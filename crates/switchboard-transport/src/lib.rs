@@ -25,6 +25,7 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +42,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 mod socket;
+mod stats;
 pub use socket::{CloseReason, SendError, SocketHandle, SLOW_CONSUMER_CODE};
+pub use stats::{TransportCounters, TransportStats};
 
 pub use http::request::Parts as RequestParts;
 pub use hyper::http;
@@ -68,6 +71,50 @@ pub struct TransportOptions {
     pub handshake_timeout: Duration,
     /// How long to wait for the peer's half of a close handshake. Default 2 s.
     pub close_timeout: Duration,
+    /// Which pages may open sockets, by their `Origin` header. Default: same host.
+    pub origins: OriginPolicy,
+    /// Most sockets open at once (upgrades in progress included); more get 503. Default:
+    /// no limit.
+    pub max_connections: Option<usize>,
+}
+
+/// Which `Origin`s may open a socket. A request without an `Origin` header (not from a
+/// browser) is allowed under every policy: the check exists to stop other sites' pages from
+/// using a visitor's cookies (cross-site WebSocket hijacking).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OriginPolicy {
+    /// The `Origin`'s host and port must equal the `Host` header.
+    SameHost,
+    /// Any origin.
+    Any,
+    /// Exactly these origins (`https://app.example.com`), compared case-insensitively.
+    List(Vec<String>),
+}
+
+impl OriginPolicy {
+    /// Whether a request with these headers passes.
+    pub fn allows(&self, headers: &http::HeaderMap) -> bool {
+        let Some(origin) = headers.get(hyper::header::ORIGIN) else {
+            return true;
+        };
+        let Ok(origin) = origin.to_str() else {
+            return false;
+        };
+        match self {
+            OriginPolicy::Any => true,
+            OriginPolicy::List(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+            OriginPolicy::SameHost => {
+                let authority = origin
+                    .strip_prefix("https://")
+                    .or_else(|| origin.strip_prefix("http://"));
+                let host = headers
+                    .get(hyper::header::HOST)
+                    .and_then(|h| h.to_str().ok());
+                matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
+            }
+        }
+    }
 }
 
 impl Default for TransportOptions {
@@ -79,6 +126,8 @@ impl Default for TransportOptions {
             send_queue: 256,
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
+            origins: OriginPolicy::SameHost,
+            max_connections: None,
         }
     }
 }
@@ -136,6 +185,7 @@ pub fn plain_response(status: StatusCode, text: &'static str) -> Response<Body> 
 /// A running server. Dropping it does not stop it; call [`Server::shutdown`].
 pub struct Server {
     local_addr: SocketAddr,
+    stats: Arc<TransportStats>,
     shutdown: watch::Sender<bool>,
     accept_loop: JoinHandle<()>,
     alive: Option<mpsc::Sender<Infallible>>,
@@ -180,15 +230,18 @@ impl Server {
         // The server and every socket task hold a strong `alive` sender; once the server drops
         // its own at shutdown, `recv` returns None when the last socket task has ended.
         let (alive, sockets_done) = mpsc::channel::<Infallible>(1);
+        let stats = Arc::new(TransportStats::default());
         let shared = Arc::new(Shared {
             options,
             service,
             shutdown: shutdown_rx.clone(),
             alive: alive.downgrade(),
+            stats: stats.clone(),
         });
         let accept_loop = tokio::spawn(accept_loop(listener, shared, shutdown_rx));
         Ok(Server {
             local_addr,
+            stats,
             shutdown,
             accept_loop,
             alive: Some(alive),
@@ -199,6 +252,11 @@ impl Server {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> Arc<TransportStats> {
+        self.stats.clone()
     }
 
     /// Stops accepting, closes every socket with `1001` (going away), and waits until each
@@ -220,6 +278,7 @@ struct Shared<S> {
     service: Arc<S>,
     shutdown: watch::Receiver<bool>,
     alive: mpsc::WeakSender<Infallible>,
+    pub(crate) stats: Arc<TransportStats>,
 }
 
 async fn accept_loop<S: Service>(
@@ -285,9 +344,24 @@ fn handle_request<S: Service>(
         return plain_response(StatusCode::METHOD_NOT_ALLOWED, "upgrade requests use GET\n");
     }
     let (parts, body) = req.into_parts();
+    if !shared.options.origins.allows(&parts.headers) {
+        shared.stats.refused_origin.fetch_add(1, Relaxed);
+        return plain_response(StatusCode::FORBIDDEN, "origin not allowed\n");
+    }
+    // Reserve a socket slot before the (costlier) admission; released when the socket ends.
+    let Some(slot) = SocketSlot::reserve(&shared.stats, shared.options.max_connections) else {
+        shared.stats.refused_capacity.fetch_add(1, Relaxed);
+        let mut res = plain_response(StatusCode::SERVICE_UNAVAILABLE, "too many sockets\n");
+        res.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return res;
+    };
     let admission = match shared.service.admit(&parts) {
         Ok(a) => a,
-        Err(refusal) => return refusal,
+        Err(refusal) => {
+            shared.stats.refused_by_service.fetch_add(1, Relaxed);
+            return refusal;
+        }
     };
     let mut req = Request::from_parts(parts, body);
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
@@ -300,10 +374,31 @@ fn handle_request<S: Service>(
     let alive = shared.alive.upgrade();
     tokio::spawn(async move {
         let _alive = alive;
+        let _slot = slot;
         match upgrade.await {
             Ok(ws) => socket::run(ws, admission, peer, &shared).await,
             Err(e) => tracing::debug!(%peer, error = %e, "upgrade did not complete"),
         }
     });
     response.map(|_| Full::default())
+}
+
+/// One reserved place among `max_connections`; gives it back when dropped.
+struct SocketSlot(Arc<TransportStats>);
+
+impl SocketSlot {
+    fn reserve(stats: &Arc<TransportStats>, max: Option<usize>) -> Option<SocketSlot> {
+        let before = stats.sockets_open.fetch_add(1, Relaxed);
+        if max.is_some_and(|max| before >= max as u64) {
+            stats.sockets_open.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(SocketSlot(stats.clone()))
+    }
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.0.sockets_open.fetch_sub(1, Relaxed);
+    }
 }

@@ -285,6 +285,10 @@ pub(crate) async fn run<S: Service>(
         closed_signal: Notify::new(),
         pong_seen: AtomicBool::new(false),
     });
+    shared
+        .stats
+        .sockets_opened
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let session = shared.service.open(
         admission,
         SocketHandle {
@@ -337,7 +341,9 @@ pub(crate) async fn run<S: Service>(
             },
         }
     }
-    shared.service.on_close(session, state.reason());
+    let reason = state.reason();
+    shared.stats.closed(&reason);
+    shared.service.on_close(session, reason);
 }
 
 /// Reads until the connection ends; returns the frame to answer with and why it ended.

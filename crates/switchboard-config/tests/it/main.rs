@@ -209,3 +209,71 @@ fn file_errors_name_the_file() {
     let e = Config::from_file(dir.path().join("missing.yaml")).unwrap_err();
     assert!(e.to_string().contains("cannot read config file"), "{e}");
 }
+
+#[test]
+fn limits_origins_and_drain_parse() {
+    let c = Config::from_yaml_str(
+        r#"
+gateway:
+  drain: 3s
+  socket:
+    allowed_origins: ["https://app.example.com", "http://localhost:4000"]
+  limits:
+    max_sockets: 100
+    max_sockets_per_user: 3
+    handshake_timeout: 2s
+    messages_per_second: 20
+    message_burst: 40
+  auth:
+    namespace_claim: tenants
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.gateway.drain, Duration::from_secs(3));
+    let l = &c.gateway.limits;
+    assert_eq!(
+        (l.max_sockets, l.max_sockets_per_user),
+        (Some(100), Some(3))
+    );
+    assert_eq!(l.handshake_timeout, Duration::from_secs(2));
+    assert_eq!(
+        (l.messages_per_second, l.message_burst),
+        (Some(20), Some(40))
+    );
+    assert_eq!(c.gateway.socket.allowed_origins.as_ref().unwrap().len(), 2);
+    assert_eq!(c.gateway.auth.namespace_claim.as_deref(), Some("tenants"));
+    let d = Config::from_yaml_str("gateway:\n  socket: {}\n").unwrap();
+    assert!(d.gateway.socket.allowed_origins.is_none());
+    assert!(d.gateway.limits.max_sockets.is_none());
+    assert_eq!(d.gateway.drain, Duration::from_secs(10));
+}
+
+#[test]
+fn bad_origins_are_rejected() {
+    for bad in [
+        "example.com",
+        "https://example.com/app",
+        "ftp://x",
+        "https://",
+    ] {
+        let e = bad_origin(bad);
+        assert!(
+            e.to_string().contains("allowed_origins entry"),
+            "{bad}: {e}"
+        );
+        assert_eq!(e.line(), Some(3), "{e}");
+    }
+}
+
+#[test]
+fn zero_limits_are_rejected() {
+    let e = bad("gateway:\n  socket: {}\n  limits:\n    max_sockets: 0\n");
+    assert!(e.to_string().contains("at least 1"), "{e}");
+    assert_eq!(e.line(), Some(4), "{e}");
+}
+
+fn bad_origin(origin: &str) -> ConfigError {
+    bad(&format!(
+        "gateway:\n  socket:\n    allowed_origins: [\"{origin}\"]\n"
+    ))
+}

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper::StatusCode;
 use switchboard_transport::{
-    plain_response, Body, CloseReason, Inbound, RequestParts, Server, Service, SocketHandle,
-    TransportOptions,
+    plain_response, Body, CloseReason, Inbound, OriginPolicy, RequestParts, Server, Service,
+    SocketHandle, TransportOptions,
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -359,6 +359,110 @@ async fn oversized_control_frames_close_1002() {
         h.next_close().await,
         CloseReason::Protocol { code: 1002, .. }
     ));
+}
+
+/// Upgrade status for a request with these extra headers.
+async fn upgrade_status(addr: std::net::SocketAddr, extra: &str) -> String {
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    );
+    http_status(addr, &req).await
+}
+
+#[tokio::test]
+async fn foreign_origins_get_403_by_default() {
+    let h = Harness::start(|_| {}).await;
+    let addr = h.server.local_addr();
+    assert!(
+        upgrade_status(addr, "").await.contains("101"),
+        "no Origin: not a browser"
+    );
+    let same = format!("Origin: http://{addr}\r\n");
+    assert!(upgrade_status(addr, &same).await.contains("101"));
+    let same_tls = format!("Origin: https://{addr}\r\n");
+    assert!(upgrade_status(addr, &same_tls).await.contains("101"));
+    for foreign in [
+        "Origin: https://evil.example\r\n",
+        "Origin: null\r\n",
+        "Origin: http://127.0.0.1.evil.example\r\n",
+    ] {
+        assert!(
+            upgrade_status(addr, foreign).await.contains("403"),
+            "{foreign}"
+        );
+    }
+    assert_eq!(h.server.stats().snapshot().refused_origin, 3);
+}
+
+#[tokio::test]
+async fn an_origin_list_admits_exactly_its_entries() {
+    let h = Harness::start(|o| {
+        o.origins = OriginPolicy::List(vec!["https://app.example.com".into()]);
+    })
+    .await;
+    let addr = h.server.local_addr();
+    assert!(upgrade_status(addr, "Origin: https://APP.example.com\r\n")
+        .await
+        .contains("101"));
+    assert!(upgrade_status(addr, "Origin: http://app.example.com\r\n")
+        .await
+        .contains("403"));
+    let same = format!("Origin: http://{addr}\r\n");
+    assert!(
+        upgrade_status(addr, &same).await.contains("403"),
+        "the list replaces same-host"
+    );
+}
+
+#[tokio::test]
+async fn max_connections_refuses_with_503_and_frees_slots_on_close() {
+    let mut h = Harness::start(|o| o.max_connections = Some(2)).await;
+    let (a, _) = tokio_tungstenite::connect_async(h.url()).await.unwrap();
+    let (_b, _) = tokio_tungstenite::connect_async(h.url()).await.unwrap();
+    match tokio_tungstenite::connect_async(h.url()).await.unwrap_err() {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(resp.headers().contains_key("retry-after"));
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    drop(a);
+    h.next_close().await;
+    tokio_tungstenite::connect_async(h.url()).await.unwrap();
+    let stats = h.server.stats().snapshot();
+    assert_eq!((stats.refused_capacity, stats.sockets_opened), (1, 3));
+}
+
+#[tokio::test]
+async fn idle_connections_are_dropped_and_do_not_block_real_clients() {
+    use tokio::io::AsyncReadExt;
+    let h = Harness::start(|o| o.handshake_timeout = Duration::from_millis(300)).await;
+    let addr = h.server.local_addr();
+    // 200 clients open TCP and never send a byte.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // A real client still gets through at once.
+    let started = std::time::Instant::now();
+    let (mut ws, _) = tokio_tungstenite::connect_async(h.url()).await.unwrap();
+    ws.send(WsMessage::text("hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), WsMessage::text("hi"));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // And every idle one is closed by the server after the handshake timeout.
+    for mut s in idle {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("idle connection closed within 5 s");
+        // hyper may answer 408 before closing; either way the connection ends.
+        if let Ok(n) = n {
+            if n > 0 {
+                assert!(String::from_utf8_lossy(&buf[..n]).contains("408"));
+            }
+        }
+    }
 }
 
 #[tokio::test]
