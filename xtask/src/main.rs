@@ -8,6 +8,8 @@
 
 use std::process::{Command, ExitCode};
 
+mod bench;
+
 /// Crates that must not depend on any other switchboard crate.
 const LEAVES: &[&str] = &[
     "switchboard-config",
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
         "layering" => layering(),
         "deps" => install_system_deps(),
         "autobahn" => autobahn(),
+        "bench" => bench::run(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
                  test      every test of the workspace\n  \
                  layering  check that the leaf crates depend on no other switchboard crate\n  \
                  autobahn  Autobahn cases 1-11 against the echo example (installs kosoku)\n  \
+                 bench     load benchmark vs ws-node and uws-node (--smoke: CI's; --help)\n  \
                  deps      install missing system tools (curl)"
             );
             return if task == "help" {
@@ -69,7 +73,8 @@ fn ci() -> Result {
     lint()?;
     layering()?;
     test()?;
-    autobahn()
+    autobahn()?;
+    bench::ci()
 }
 
 /// Runs Autobahn's fuzzingclient cases (sections 1-11; 12 and 13 are compression, which we

@@ -1,0 +1,75 @@
+//! What `/proc` says about a process: CPU time used and resident memory (Linux only; on other
+//! systems every reading is `None`).
+
+/// Clock ticks per second of `/proc/*/stat` times (`USER_HZ`, 100 on every Linux build).
+pub const TICKS_PER_SEC: f64 = 100.0;
+
+/// User + system CPU time of `pid` (or of this process) in clock ticks.
+pub fn cpu_ticks(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    parse_stat_ticks(&std::fs::read_to_string(path).ok()?)
+}
+
+/// `utime + stime` from the text of a `/proc/PID/stat` file.
+pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces; fields are counted after its `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After `)`: state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Resident set size of `pid` in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    parse_vm_rss(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// `VmRSS` in KiB from the text of a `/proc/PID/status` file.
+pub fn parse_vm_rss(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Cores' worth of CPU used between two readings `secs` apart (1.0 = one core busy).
+pub fn cores(before: Option<u64>, after: Option<u64>, secs: f64) -> Option<f64> {
+    let (b, a) = (before?, after?);
+    (secs > 0.0).then(|| a.saturating_sub(b) as f64 / TICKS_PER_SEC / secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        let stat = "1234 (my (odd) cmd) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 4 0";
+        assert_eq!(parse_stat_ticks(stat), Some(325));
+    }
+
+    #[test]
+    fn rss_is_read_from_status() {
+        let status = "Name:\tx\nVmPeak:\t 9000 kB\nVmRSS:\t    5120 kB\nThreads:\t2\n";
+        assert_eq!(parse_vm_rss(status), Some(5120));
+        assert_eq!(parse_vm_rss("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn this_process_has_readings_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(cpu_ticks(None).is_some());
+            assert!(rss_kib(std::process::id()).unwrap() > 0);
+        }
+        assert_eq!(cores(Some(100), Some(300), 2.0), Some(1.0));
+        assert_eq!(cores(None, Some(300), 2.0), None);
+    }
+}
