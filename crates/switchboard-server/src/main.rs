@@ -43,9 +43,10 @@ enum Command {
         /// secret when the config's secret variable is unset. Never in production.
         #[arg(long)]
         demo: bool,
-        /// How long shutdown waits for sockets to close.
-        #[arg(long, default_value = "10s", value_parser = humantime_duration)]
-        drain: Duration,
+        /// How long shutdown waits for sockets to close (default: the config's
+        /// `gateway.drain`, 10 s unless set).
+        #[arg(long, value_parser = humantime_duration)]
+        drain: Option<Duration>,
     },
     /// Validate a config file: exit 0 with a summary, or non-zero naming the key and line.
     CheckConfig {
@@ -137,7 +138,7 @@ async fn serve(
     (source, config): Loaded,
     listen: Option<SocketAddr>,
     demo: bool,
-    drain: Duration,
+    drain: Option<Duration>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let addr = listen.unwrap_or(config.gateway.listen);
     let path = config.gateway.socket.path.as_str().to_string();
@@ -154,6 +155,7 @@ async fn serve(
     }
     switchboard::shutdown_signal().await;
     println!("switchboard: shutting down");
+    let drain = drain.unwrap_or(running.drain());
     let report = running.shutdown(drain).await;
     if !report.drained {
         eprintln!("switchboard: some sockets did not close within {drain:?}");

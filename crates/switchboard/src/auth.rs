@@ -35,6 +35,7 @@ pub(crate) struct Verifier {
     validation: Validation,
     cookie: String,
     username_claim: String,
+    namespace_claim: Option<String>,
 }
 
 impl Verifier {
@@ -110,7 +111,21 @@ impl Verifier {
             validation,
             cookie: auth.cookie.clone(),
             username_claim: auth.username_claim.clone(),
+            namespace_claim: auth.namespace_claim.clone(),
         })
+    }
+
+    /// Whether `identity` may join `namespace`: always, unless `auth.namespace_claim` is set,
+    /// in which case that claim (a string or an array of strings) must list it.
+    pub(crate) fn namespace_allowed(&self, identity: &Identity, namespace: &str) -> bool {
+        let Some(claim) = &self.namespace_claim else {
+            return true;
+        };
+        match identity.claims.get(claim) {
+            Some(Value::String(s)) => s == namespace,
+            Some(Value::Array(list)) => list.iter().any(|v| v.as_str() == Some(namespace)),
+            _ => false,
+        }
     }
 
     pub(crate) fn verify(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {

@@ -2,13 +2,14 @@
 //! client sees of replies and failures.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use switchboard_bus::{Bus, Context, Message, Reply, ReplyTo};
-use switchboard_registry::{ConnId, Registry};
+use switchboard_registry::{ConnId, Registry, Target};
 use switchboard_transport::http::{header, HeaderValue, Response, StatusCode};
 use switchboard_transport::{
     plain_response, Body, CloseReason, Inbound, RequestParts, Service, SocketHandle,
@@ -16,6 +17,8 @@ use switchboard_transport::{
 
 use crate::auth::{Identity, Verifier};
 use crate::inbound::{decode_client_message, BadMessage};
+use crate::rate::{Bucket, RateLimit, Verdict};
+use crate::stats::GatewayStats;
 use crate::Routes;
 
 /// Close code sent after an `onconnect` handler's `fail`.
@@ -36,7 +39,15 @@ pub(crate) struct Gateway {
     pub(crate) registry: Arc<Registry<SocketHandle>>,
     pub(crate) verifier: Verifier,
     pub(crate) routes: Routes,
+    pub(crate) stats: Arc<GatewayStats>,
+    pub(crate) max_sockets_per_user: Option<usize>,
+    pub(crate) rate_limit: Option<RateLimit>,
 }
+
+/// Close code for a socket that kept sending over its rate limit.
+pub const RATE_LIMIT_CLOSE_CODE: u16 = 1008;
+/// Close code after a connect handler errors or panics.
+pub const CONNECT_HANDLER_ERROR_CODE: u16 = 1011;
 
 /// What admission learned, handed to `open`.
 pub(crate) struct Admitted {
@@ -51,6 +62,7 @@ pub(crate) struct Session {
     handle: SocketHandle,
     context: Arc<Context>,
     replies: Arc<dyn ReplyTo>,
+    bucket: Option<Mutex<Bucket>>,
 }
 
 /// Encodes `{"type": kind, "payload": payload}` once, for any number of sockets.
@@ -75,33 +87,45 @@ fn internal_error(topic: &str) -> Value {
 
 /// Replies to a socket: `{type: topic, payload}` (or `onconnect` on connect), `error` frames
 /// for failures. A socket that has gone makes every send fail quietly.
+///
+/// On connect, the handler is the gatekeeper, so it fails closed: `fail` closes with 1008,
+/// and an error or panic closes with 1011.
 struct SocketReplies {
     handle: SocketHandle,
     on_connect: bool,
+    stats: Arc<GatewayStats>,
 }
 
 impl ReplyTo for SocketReplies {
     fn deliver(&self, topic: &str, reply: Reply) {
         let kind = if self.on_connect { "onconnect" } else { topic };
-        let _ = match reply {
-            Reply::Ok(payload) => self.handle.send_text(encode_frame(kind, &payload)),
-            Reply::Fail(error) => {
-                let sent = self.handle.send_text(error_frame(&error));
-                if self.on_connect {
-                    self.handle
-                        .close(CONNECT_FAILED_CODE, "connection refused by handler");
-                }
-                sent
+        let closing = match reply {
+            Reply::Ok(payload) => {
+                let _ = self.handle.send_text(encode_frame(kind, &payload));
+                None
             }
-            Reply::HandlerFailed => self.handle.send_text(error_frame(&internal_error(topic))),
-            _ => Ok(()),
+            Reply::Fail(error) => {
+                let _ = self.handle.send_text(error_frame(&error));
+                Some((CONNECT_FAILED_CODE, "connection refused by handler"))
+            }
+            Reply::HandlerFailed => {
+                GatewayStats::bump(&self.stats.handler_failures);
+                let _ = self.handle.send_text(error_frame(&internal_error(topic)));
+                Some((CONNECT_HANDLER_ERROR_CODE, "connect handler failed"))
+            }
+            _ => None,
         };
+        if let (true, Some((code, reason))) = (self.on_connect, closing) {
+            GatewayStats::bump(&self.stats.connect_failures);
+            self.handle.close(code, reason);
+        }
     }
 }
 
 impl Gateway {
     fn publish(&self, msg: Message) {
         if let Err(e) = self.bus.publish(msg) {
+            GatewayStats::bump(&self.stats.publish_failures);
             tracing::warn!(error = %e, "publish failed");
             let topic = e.message.topic().to_string();
             e.message
@@ -116,6 +140,7 @@ impl Service for Gateway {
 
     fn admit(&self, request: &RequestParts) -> Result<Admitted, Response<Body>> {
         let identity = self.verifier.verify(&request.headers).map_err(|e| {
+            GatewayStats::bump(&self.stats.refused_unauthorized);
             tracing::debug!(error = %e, "refused upgrade");
             let mut res = Response::new(Body::from(format!("{e}\n")));
             *res.status_mut() = StatusCode::UNAUTHORIZED;
@@ -137,6 +162,29 @@ impl Service for Gateway {
             .and_then(Value::as_str)
             .filter(|ns| !ns.is_empty())
             .map(str::to_string);
+        if let Some(ns) = &namespace {
+            if !self.verifier.namespace_allowed(&identity, ns) {
+                GatewayStats::bump(&self.stats.refused_namespace);
+                return Err(plain_response(
+                    StatusCode::FORBIDDEN,
+                    "namespace not allowed for this token\n",
+                ));
+            }
+        }
+        if let Some(max) = self.max_sockets_per_user {
+            // Checked here, before the upgrade; concurrent handshakes of one user may
+            // overshoot by the number in flight.
+            if self.registry.count(Target::User(&identity.username)) >= max {
+                GatewayStats::bump(&self.stats.refused_user_limit);
+                let mut res = plain_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many sockets for this user\n",
+                );
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                return Err(res);
+            }
+        }
         let mut headers = Map::new();
         for (name, value) in &request.headers {
             // Credentials stay out of messages: handlers get the verified claims instead.
@@ -183,6 +231,7 @@ impl Service for Gateway {
             let replies = Arc::new(SocketReplies {
                 handle: handle.clone(),
                 on_connect: true,
+                stats: self.stats.clone(),
             });
             let data = json!({
                 "connection_id": id.0,
@@ -200,13 +249,39 @@ impl Service for Gateway {
             replies: Arc::new(SocketReplies {
                 handle: handle.clone(),
                 on_connect: false,
+                stats: self.stats.clone(),
             }),
             handle,
             context,
+            bucket: self.rate_limit.map(|l| Mutex::new(Bucket::new(l))),
         }
     }
 
     fn on_message(&self, s: &Session, message: Inbound) {
+        if let (Some(bucket), Some(limit)) = (&s.bucket, self.rate_limit) {
+            let verdict = bucket
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(limit, Instant::now());
+            match verdict {
+                Verdict::Accept => {}
+                Verdict::Refuse { first } => {
+                    GatewayStats::bump(&self.stats.rate_limited);
+                    if first {
+                        let _ = s.handle.send_text(error_frame(&json!({
+                            "message": "rate limit exceeded; messages are dropped until you slow down",
+                        })));
+                    }
+                    return;
+                }
+                Verdict::Close => {
+                    GatewayStats::bump(&self.stats.rate_limited);
+                    GatewayStats::bump(&self.stats.rate_limit_closes);
+                    s.handle.close(RATE_LIMIT_CLOSE_CODE, "rate limit exceeded");
+                    return;
+                }
+            }
+        }
         let decoded = match &message {
             Inbound::Text(text) => decode_client_message(text),
             Inbound::Binary(_) => Err(BadMessage::Binary),
@@ -214,12 +289,14 @@ impl Service for Gateway {
         let message = match decoded {
             Ok(m) => m,
             Err(bad) => {
+                GatewayStats::bump(&self.stats.bad_messages);
                 let _ = s
                     .handle
                     .send_text(error_frame(&json!({"message": bad.to_string()})));
                 return;
             }
         };
+        GatewayStats::bump(&self.stats.messages_in);
         let typed_topic = self.hooks.types.get(message.message_type());
         let data = message.into_data();
         let data = Arc::new(data);

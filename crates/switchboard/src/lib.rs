@@ -51,22 +51,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_registry::{Registry, Target};
-use switchboard_transport::{Server, SocketHandle, TransportOptions};
+use switchboard_transport::{OriginPolicy, Server, SocketHandle, TransportOptions};
+
+use crate::rate::RateLimit;
+use crate::stats::GatewayStats;
 
 mod auth;
 mod delivery;
 mod gateway;
 mod inbound;
+mod rate;
+mod stats;
 
 pub use auth::AuthError;
-pub use gateway::CONNECT_FAILED_CODE;
+pub use gateway::{CONNECT_FAILED_CODE, CONNECT_HANDLER_ERROR_CODE, RATE_LIMIT_CLOSE_CODE};
 pub use inbound::{decode_client_message, BadMessage, ClientMessage};
+pub use stats::Stats;
 pub use switchboard_bus::{
     Bus, Context, Handler, HandlerError, InProcessBus, Message, Producer, PublishError, Reply,
     ReplyTo, SubscribeError,
 };
 pub use switchboard_config::{Config, ConfigError};
-pub use switchboard_transport::{http, plain_response, Body, RequestParts, ShutdownReport};
+pub use switchboard_transport::{
+    http, plain_response, Body, RequestParts, ShutdownReport, TransportCounters, SLOW_CONSUMER_CODE,
+};
 
 /// An extra HTTP endpoint served beside the socket path (the demo's page, a health check).
 pub type Route = Arc<dyn Fn(&RequestParts) -> http::Response<Body> + Send + Sync>;
@@ -185,6 +193,18 @@ impl Container {
         options.heartbeat_interval = socket.heartbeat;
         options.max_message_size = socket.max_message_size;
         options.send_queue = socket.send_queue;
+        let limits = &self.config.gateway.limits;
+        options.handshake_timeout = limits.handshake_timeout;
+        options.max_connections = limits.max_sockets;
+        options.origins = match &socket.allowed_origins {
+            None => OriginPolicy::SameHost,
+            Some(list) if list.iter().any(|o| o == "*") => OriginPolicy::Any,
+            Some(list) => OriginPolicy::List(list.clone()),
+        };
+        let rate_limit = limits.messages_per_second.map(|rate| RateLimit {
+            per_second: f64::from(rate),
+            burst: f64::from(limits.message_burst.unwrap_or(rate.saturating_mul(2))),
+        });
         let hooks = gateway::Hooks {
             onconnect: socket.onconnect.as_ref().map(|h| h.publish.as_str().into()),
             onmessage: socket
@@ -202,28 +222,36 @@ impl Container {
         };
         let producer = self.producer();
         let sockets = self.sockets();
+        let stats = Arc::new(GatewayStats::default());
+        let drain = self.config.gateway.drain;
         let service = Arc::new(gateway::Gateway {
             hooks,
             bus: self.bus,
             registry: self.registry,
             verifier: self.verifier,
             routes: self.routes,
+            stats: stats.clone(),
+            max_sockets_per_user: limits.max_sockets_per_user,
+            rate_limit,
         });
         let server = Server::bind(addr, options, service).await?;
         Ok(Running {
             server,
             producer,
             sockets,
+            stats,
+            drain,
         })
     }
 
     /// Starts, serves until Ctrl-C or SIGTERM, then closes every socket (1001) and waits up
-    /// to 10 s for them to finish.
+    /// to `gateway.drain` for them to finish.
     pub async fn run(self) -> std::io::Result<()> {
         let running = self.start().await?;
         shutdown_signal().await;
         tracing::info!("shutting down");
-        running.shutdown(Duration::from_secs(10)).await;
+        let drain = running.drain;
+        running.shutdown(drain).await;
         Ok(())
     }
 }
@@ -256,6 +284,8 @@ pub struct Running {
     server: Server,
     producer: Producer,
     sockets: Sockets,
+    stats: Arc<GatewayStats>,
+    drain: Duration,
 }
 
 impl Running {
@@ -272,6 +302,16 @@ impl Running {
     /// The connected sockets.
     pub fn sockets(&self) -> &Sockets {
         &self.sockets
+    }
+
+    /// Every counter, now.
+    pub fn stats(&self) -> Stats {
+        self.stats.snapshot(self.server.stats().snapshot())
+    }
+
+    /// The configured shutdown drain deadline (`gateway.drain`).
+    pub fn drain(&self) -> Duration {
+        self.drain
     }
 
     /// Stops accepting, closes every socket with 1001 (each publishes `onclose`), and waits

@@ -26,3 +26,22 @@ pub(crate) async fn connect(addr: SocketAddr, token: &str) -> TcpStream {
     );
     stream
 }
+
+/// Reads frames until a text frame (opcode 1) and returns its payload. Server frames are
+/// unmasked; pings are ignored.
+pub(crate) async fn read_text(stream: &mut TcpStream) -> Vec<u8> {
+    loop {
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.unwrap();
+        let len = match head[1] & 0x7f {
+            126 => stream.read_u16().await.unwrap() as usize,
+            127 => stream.read_u64().await.unwrap() as usize,
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).await.unwrap();
+        if head[0] & 0x0f == 1 {
+            return payload;
+        }
+    }
+}

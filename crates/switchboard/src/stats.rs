@@ -1,0 +1,74 @@
+//! What the gateway counts: refusals, bad input, rate limiting, failures. Plain atomics,
+//! ready for a metrics exporter.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use switchboard_transport::TransportCounters;
+
+#[derive(Debug, Default)]
+pub(crate) struct GatewayStats {
+    pub(crate) refused_unauthorized: AtomicU64,
+    pub(crate) refused_namespace: AtomicU64,
+    pub(crate) refused_user_limit: AtomicU64,
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) bad_messages: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) rate_limit_closes: AtomicU64,
+    pub(crate) publish_failures: AtomicU64,
+    pub(crate) handler_failures: AtomicU64,
+    pub(crate) connect_failures: AtomicU64,
+}
+
+impl GatewayStats {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+}
+
+/// A copy of every counter at one moment: [`crate::Running::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// The transport's counters: sockets open, refusals by origin and capacity, closes by
+    /// reason (slow consumers, heartbeat timeouts, protocol errors, ...).
+    pub transport: TransportCounters,
+    /// Upgrades refused with 401 (no token, bad token, missing claim).
+    pub refused_unauthorized: u64,
+    /// Upgrades refused with 403 for a namespace the token does not list.
+    pub refused_namespace: u64,
+    /// Upgrades refused with 429 for `max_sockets_per_user`.
+    pub refused_user_limit: u64,
+    /// Well-formed messages received and published.
+    pub messages_in: u64,
+    /// Messages refused with an error frame (not JSON, no string `type`, binary).
+    pub bad_messages: u64,
+    /// Messages refused by the rate limit.
+    pub rate_limited: u64,
+    /// Sockets closed for going on over the rate limit.
+    pub rate_limit_closes: u64,
+    /// Publishes the bus refused (the sender got an error frame).
+    pub publish_failures: u64,
+    /// Handlers that returned an error or panicked.
+    pub handler_failures: u64,
+    /// Sockets closed by their connect handler (`fail`, error or panic).
+    pub connect_failures: u64,
+}
+
+impl GatewayStats {
+    pub(crate) fn snapshot(&self, transport: TransportCounters) -> Stats {
+        let l = |c: &AtomicU64| c.load(Relaxed);
+        Stats {
+            transport,
+            refused_unauthorized: l(&self.refused_unauthorized),
+            refused_namespace: l(&self.refused_namespace),
+            refused_user_limit: l(&self.refused_user_limit),
+            messages_in: l(&self.messages_in),
+            bad_messages: l(&self.bad_messages),
+            rate_limited: l(&self.rate_limited),
+            rate_limit_closes: l(&self.rate_limit_closes),
+            publish_failures: l(&self.publish_failures),
+            handler_failures: l(&self.handler_failures),
+            connect_failures: l(&self.connect_failures),
+        }
+    }
+}
