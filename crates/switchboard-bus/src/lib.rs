@@ -313,6 +313,12 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Adds `handler` to `topic`. Every handler of a topic gets every message.
     fn subscribe(&self, topic: &str, handler: Arc<dyn Handler>) -> Result<(), SubscribeError>;
+
+    /// True while the bus can publish (a broker bus: while connected). Readiness checks use
+    /// it. The in-process bus is always ready.
+    fn is_ready(&self) -> bool {
+        true
+    }
 }
 
 /// Publishes messages from anywhere: the spec's `producer.send(topic, data)`.

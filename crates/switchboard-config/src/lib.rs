@@ -86,6 +86,76 @@ pub struct Gateway {
     /// On shutdown, how long to wait for sockets to close (extension). Default 10 s.
     #[serde(default = "default_drain", deserialize_with = "de_duration")]
     pub drain: Duration,
+    /// The admin listener: metrics and health checks, off the public port (extension).
+    /// Absent: no admin listener.
+    #[serde(default)]
+    pub admin: Option<Admin>,
+    /// Logging (extension).
+    #[serde(default)]
+    pub log: Log,
+    /// Which bus carries the events (extension). Absent: the in-process bus.
+    #[serde(default)]
+    pub bus: Option<BusConfig>,
+}
+
+/// The `gateway.admin` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Admin {
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub listen: SocketAddr,
+}
+
+/// The `gateway.log` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Log {
+    /// `text` (default) or `json` (one object per line, for log shippers).
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The `gateway.bus` section: a broker instead of the in-process bus.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct BusConfig {
+    /// NATS, for several gateway nodes and handlers in other processes.
+    pub nats: NatsConfig,
+}
+
+/// The `gateway.bus.nats` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct NatsConfig {
+    /// Server URL, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// How long a socket waits for a handler's reply before it gets an error frame.
+    /// Default 10 s.
+    #[serde(default = "default_reply_timeout", deserialize_with = "de_duration")]
+    pub reply_timeout: Duration,
+    /// This node's name in NATS (connection name, reply subjects). Default: generated.
+    #[serde(default)]
+    pub node_name: Option<String>,
+}
+
+fn default_reply_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_drain() -> Duration {

@@ -222,6 +222,7 @@ impl Container {
         };
         let producer = self.producer();
         let sockets = self.sockets();
+        let bus = self.bus.clone();
         let stats = Arc::new(GatewayStats::default());
         let drain = self.config.gateway.drain;
         let service = Arc::new(gateway::Gateway {
@@ -241,6 +242,7 @@ impl Container {
             sockets,
             stats,
             drain,
+            bus,
         })
     }
 
@@ -279,13 +281,21 @@ pub async fn shutdown_signal() {
 }
 
 /// A started gateway.
-#[derive(Debug)]
 pub struct Running {
     server: Server,
     producer: Producer,
     sockets: Sockets,
     stats: Arc<GatewayStats>,
     drain: Duration,
+    bus: Arc<dyn Bus>,
+}
+
+impl fmt::Debug for Running {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Running")
+            .field("local_addr", &self.local_addr())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Running {
@@ -307,6 +317,12 @@ impl Running {
     /// Every counter, now.
     pub fn stats(&self) -> Stats {
         self.stats.snapshot(self.server.stats().snapshot())
+    }
+
+    /// True while the gateway can do its job: listening, and its bus ready (a broker bus
+    /// connected). For readiness probes.
+    pub fn is_ready(&self) -> bool {
+        self.bus.is_ready()
     }
 
     /// The configured shutdown drain deadline (`gateway.drain`).

@@ -277,3 +277,33 @@ fn bad_origin(origin: &str) -> ConfigError {
         "gateway:\n  socket:\n    allowed_origins: [\"{origin}\"]\n"
     ))
 }
+
+#[test]
+fn admin_log_and_bus_sections_parse() {
+    let c = Config::from_yaml_str(
+        r#"
+gateway:
+  socket: {}
+  admin:
+    listen: "127.0.0.1:9090"
+  log:
+    format: json
+  bus:
+    nats:
+      url: "nats://127.0.0.1:4222"
+      reply_timeout: 2s
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.gateway.admin.unwrap().listen.port(), 9090);
+    assert_eq!(c.gateway.log.format, switchboard_config::LogFormat::Json);
+    let nats = c.gateway.bus.unwrap().nats;
+    assert_eq!(nats.url, "nats://127.0.0.1:4222");
+    assert_eq!(nats.reply_timeout, Duration::from_secs(2));
+    let d = Config::from_yaml_str("gateway:\n  socket: {}\n").unwrap();
+    assert!(d.gateway.admin.is_none() && d.gateway.bus.is_none());
+    let e = bad("gateway:\n  socket: {}\n  log:\n    format: xml\n");
+    assert!(e.to_string().contains("unknown variant `xml`"), "{e}");
+    let e = bad("gateway:\n  socket: {}\n  bus:\n    kafka: {}\n");
+    assert!(e.to_string().contains("unknown field `kafka`"), "{e}");
+}
