@@ -311,8 +311,21 @@ pub trait Bus: Send + Sync + 'static {
     /// Publishes `msg` to every handler subscribed to its topic. No subscriber is not an error.
     fn publish(&self, msg: Message) -> Result<(), PublishError>;
 
-    /// Adds `handler` to `topic`. Every handler of a topic gets every message.
+    /// Adds `handler` to `topic`. Every handler of a topic gets every message. On a
+    /// distributed bus, handlers of one topic form a group across processes: each message is
+    /// handled once per group, by one of its members.
     fn subscribe(&self, topic: &str, handler: Arc<dyn Handler>) -> Result<(), SubscribeError>;
+
+    /// Adds `handler` to `topic` on *every* node: each process that subscribes this way gets
+    /// every message (the gateway's `send` and `broadcast` subscribers, which deliver to the
+    /// node's own sockets). In one process it is the same as [`Bus::subscribe`].
+    fn subscribe_every_node(
+        &self,
+        topic: &str,
+        handler: Arc<dyn Handler>,
+    ) -> Result<(), SubscribeError> {
+        self.subscribe(topic, handler)
+    }
 
     /// True while the bus can publish (a broker bus: while connected). Readiness checks use
     /// it. The in-process bus is always ready.

@@ -123,13 +123,13 @@ impl Container {
         let registry = Arc::new(Registry::new());
         let socket = &config.gateway.socket;
         if let Some(send) = &socket.send {
-            bus.subscribe(
+            bus.subscribe_every_node(
                 send.subscribe.as_str(),
                 Arc::new(delivery::send_handler(registry.clone())),
             )?;
         }
         if let Some(broadcast) = &socket.broadcast {
-            bus.subscribe(
+            bus.subscribe_every_node(
                 broadcast.subscribe.as_str(),
                 Arc::new(delivery::broadcast_handler(registry.clone())),
             )?;
