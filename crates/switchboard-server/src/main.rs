@@ -14,6 +14,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -142,9 +143,21 @@ async fn serve(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let addr = listen.unwrap_or(config.gateway.listen);
     let path = config.gateway.socket.path.as_str().to_string();
-    let mut container = Container::new(config)?;
+    let nats = match &config.gateway.bus {
+        Some(bus) => Some(Arc::new(connect_nats(&bus.nats).await?)),
+        None => None,
+    };
+    let mut container = match &nats {
+        Some(bus) => Container::with_bus(config, bus.clone())?,
+        None => Container::new(config)?,
+    };
     if demo {
         demo::install(&mut container)?;
+    }
+    if let Some(bus) = &nats {
+        // Subscriptions must be live before the first socket can publish.
+        bus.subscriptions_ready().await?;
+        println!("switchboard: bus nats, node {}", bus.node_name());
     }
     let running = container.start_on(addr).await?;
     let local = running.local_addr();
@@ -161,6 +174,15 @@ async fn serve(
         eprintln!("switchboard: some sockets did not close within {drain:?}");
     }
     Ok(())
+}
+
+async fn connect_nats(
+    config: &switchboard::config::NatsConfig,
+) -> Result<switchboard_bus_nats::NatsBus, switchboard_bus_nats::NatsError> {
+    let mut options = switchboard_bus_nats::NatsOptions::new(config.url.clone());
+    options.reply_timeout = config.reply_timeout;
+    options.node_name = config.node_name.clone();
+    switchboard_bus_nats::NatsBus::connect(options).await
 }
 
 fn init_logging() {

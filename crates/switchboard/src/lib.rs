@@ -71,6 +71,8 @@ pub use switchboard_bus::{
     Bus, Context, Handler, HandlerError, InProcessBus, Message, Producer, PublishError, Reply,
     ReplyTo, SubscribeError,
 };
+/// The config schema (`switchboard-config`), for its section types.
+pub use switchboard_config as config;
 pub use switchboard_config::{Config, ConfigError};
 pub use switchboard_transport::{
     http, plain_response, Body, RequestParts, ShutdownReport, TransportCounters, SLOW_CONSUMER_CODE,

@@ -390,7 +390,10 @@ async fn slow_consumer_among_a_thousand_is_closed_and_the_rest_get_everything() 
     // buffers exist, and the second 2.5 GB add next to nothing (measured: about 1 MB).
     // The bound on one slow socket's queue itself is exact: `send_queue` frames.
     let grown = rss_kib().saturating_sub(rss_half);
-    assert!(grown < 32 * 1024, "RSS grew by {grown} KiB in the second half of the stream");
+    assert!(
+        grown < 32 * 1024,
+        "RSS grew by {grown} KiB in the second half of the stream"
+    );
     drop(fast);
 }
 
