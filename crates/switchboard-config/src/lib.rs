@@ -39,7 +39,10 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
 mod error;
+mod expand;
+mod reference;
 pub use error::ConfigError;
+pub use reference::{reference, KeyDoc, Origin, Section};
 
 /// A whole config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,9 +54,39 @@ pub struct Config {
 }
 
 impl Config {
-    /// Parses and validates a config from YAML text.
+    /// Parses and validates a config from YAML text. `${NAME}` in a string value is replaced
+    /// by the environment variable `NAME` (an unset one is an error that names it); `$${` is
+    /// a literal `${`.
     pub fn from_yaml_str(text: &str) -> Result<Self, ConfigError> {
-        serde_yaml::from_str(text).map_err(ConfigError::from_yaml)
+        Self::from_yaml_str_with_env(text, &|name| {
+            std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+        })
+    }
+
+    /// Like [`Config::from_yaml_str`], with `env` looking up the variables instead of the
+    /// process environment.
+    ///
+    /// ```
+    /// let env = |name: &str| (name == "PORT").then(|| "4001".to_string());
+    /// let config = switchboard_config::Config::from_yaml_str_with_env(
+    ///     "gateway:\n  listen: 127.0.0.1:${PORT}\n  socket: {}\n",
+    ///     &env,
+    /// ).unwrap();
+    /// assert_eq!(config.gateway.listen.port(), 4001);
+    ///
+    /// let err = switchboard_config::Config::from_yaml_str_with_env(
+    ///     "gateway:\n  socket:\n    path: /${NOPE}\n",
+    ///     &env,
+    /// ).unwrap_err();
+    /// assert!(err.to_string().contains("environment variable `NOPE` is not set"), "{err}");
+    /// assert_eq!(err.line(), Some(3));
+    /// ```
+    pub fn from_yaml_str_with_env(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        Config::deserialize(expand::Expand { de, env }).map_err(ConfigError::from_yaml)
     }
 
     /// Reads, parses and validates the config file at `path`.
@@ -105,6 +138,15 @@ pub struct Gateway {
 pub struct Admin {
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
     pub listen: SocketAddr,
+    /// How many namespaces get their own `switchboard_sockets_open_by_namespace` series (the
+    /// ones with the most sockets); the rest are summed under `namespace="(other)"`.
+    /// Default 20; 0 turns the per-namespace series off.
+    #[serde(default = "default_top_namespaces")]
+    pub top_namespaces: usize,
+}
+
+fn default_top_namespaces() -> usize {
+    20
 }
 
 /// The `gateway.log` section.

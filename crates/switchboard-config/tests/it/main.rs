@@ -307,3 +307,95 @@ gateway:
     let e = bad("gateway:\n  socket: {}\n  bus:\n    kafka: {}\n");
     assert!(e.to_string().contains("unknown field `kafka`"), "{e}");
 }
+
+fn test_env(name: &str) -> Option<String> {
+    match name {
+        "ADDR" => Some("0.0.0.0:4100".into()),
+        "TOPIC" => Some("chat:say".into()),
+        "BEAT" => Some("15s".into()),
+        "SIZE" => Some("1MiB".into()),
+        "ALG" => Some("HS512".into()),
+        "ORIGIN" => Some("https://app.example.com".into()),
+        // a value that would break the file if it were pasted into the text
+        "TRICKY" => Some("a\"b'c\n  socket: {}\n# d: ${NOT_EXPANDED_AGAIN}".into()),
+        _ => None,
+    }
+}
+
+fn with_env(yaml: &str) -> Result<Config, ConfigError> {
+    Config::from_yaml_str_with_env(yaml, &test_env)
+}
+
+#[test]
+fn env_vars_expand_in_string_values_of_every_kind() {
+    let c = with_env(
+        "gateway:\n  listen: ${ADDR}\n  socket:\n    heartbeat: ${BEAT}\n    max_message_size: \"${SIZE}\"\n    allowed_origins: [\"${ORIGIN}\"]\n    onmessage:\n      types:\n        - { type: \"${TOPIC}\", publish: \"x-${TOPIC}-y\" }\n  auth:\n    algorithm: ${ALG}\n    issuer: ${TRICKY}\n",
+    )
+    .unwrap();
+    let g = &c.gateway;
+    assert_eq!(g.listen.to_string(), "0.0.0.0:4100");
+    assert_eq!(g.socket.heartbeat, Duration::from_secs(15));
+    assert_eq!(g.socket.max_message_size, 1 << 20);
+    assert_eq!(
+        g.socket.allowed_origins.as_deref(),
+        Some(&["https://app.example.com".to_string()][..])
+    );
+    let route = g
+        .socket
+        .onmessage
+        .as_ref()
+        .unwrap()
+        .types
+        .iter()
+        .next()
+        .unwrap();
+    assert_eq!(route.message_type, "chat:say");
+    assert_eq!(route.publish.as_str(), "x-chat:say-y");
+    assert_eq!(g.auth.algorithm, Algorithm::HS512);
+    // the value is taken as it is: quotes, newlines and `${` inside it change nothing
+    assert_eq!(g.auth.issuer.as_deref(), test_env("TRICKY").as_deref());
+}
+
+#[test]
+fn an_unset_env_var_is_an_error_naming_it_with_its_line() {
+    let err = with_env(
+        "gateway:\n  socket:\n    path: /x\n  auth:\n    issuer: \"https://${IDP_HOST}/\"\n",
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("environment variable `IDP_HOST` is not set"),
+        "{text}"
+    );
+    assert!(text.contains("gateway.auth"), "{text}");
+    assert_eq!((err.line(), err.column()), (Some(5), Some(13)), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("socket.yaml");
+    std::fs::write(
+        &file,
+        "gateway:\n  socket:\n    path: /${SWITCHBOARD_TEST_SURELY_UNSET_VAR}\n",
+    )
+    .unwrap();
+    let text = Config::from_file(&file).unwrap_err().to_string();
+    assert!(text.starts_with(&file.display().to_string()), "{text}");
+    assert!(
+        text.contains("`SWITCHBOARD_TEST_SURELY_UNSET_VAR` is not set at line 3"),
+        "{text}"
+    );
+}
+
+#[test]
+fn dollar_dollar_brace_is_a_literal_and_keys_and_comments_are_not_expanded() {
+    let c = with_env(
+        "# ${UNSET_IN_A_COMMENT}\ngateway:\n  socket:\n    path: /a$b\n  auth:\n    issuer: \"$${TOPIC} costs $5\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.gateway.socket.path.as_str(), "/a$b");
+    assert_eq!(c.gateway.auth.issuer.as_deref(), Some("${TOPIC} costs $5"));
+
+    let err = bad("gateway:\n  socket:\n    ${TOPIC}: 1\n").to_string();
+    assert!(err.contains("unknown field `${TOPIC}`"), "{err}");
+    let err = bad("gateway:\n  socket:\n    path: /${oops\n").to_string();
+    assert!(err.contains("unterminated `${`"), "{err}");
+}

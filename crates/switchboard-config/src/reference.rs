@@ -1,0 +1,685 @@
+//! Every key of the config file, documented once: the source of the reference tables in
+//! `docs/CONFIG.md` (`cargo xtask codegen`). The tests below check it against the schema:
+//! every listed key exists and accepts its example, and every field the schema has is listed.
+
+/// Whether a key comes from the spec or is our extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Origin {
+    /// Defined by the spec's `conf/socket.yaml`.
+    Spec,
+    /// Our extension; always optional or inside an optional section.
+    Ext,
+}
+
+/// One key of the config file.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct KeyDoc {
+    /// Full key path, e.g. `gateway.socket.heartbeat`; `[]` marks the entries of a list
+    /// (`gateway.socket.onmessage.types[].publish`).
+    pub path: &'static str,
+    /// Value type, in Markdown (`duration`, `` `ip:port` ``, `map`).
+    pub kind: &'static str,
+    /// Default, in Markdown (`` `30s` ``, `absent`, `**required**`).
+    pub default: &'static str,
+    /// Spec or extension.
+    pub origin: Origin,
+    /// What the key does, in Markdown (one paragraph).
+    pub doc: &'static str,
+    /// A YAML value this key accepts, for the schema tests; `None` for sections.
+    pub example: Option<&'static str>,
+}
+
+/// A group of keys shown as one table.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct Section {
+    /// Heading text, in Markdown.
+    pub title: &'static str,
+    /// Stripped from each key's path in the table.
+    pub prefix: &'static str,
+    /// The keys, in the order they are shown.
+    pub keys: &'static [KeyDoc],
+}
+
+impl Section {
+    /// True when every key is an extension (the table then leaves out the "Ext." marks).
+    pub fn all_ext(&self) -> bool {
+        self.keys.iter().all(|k| k.origin == Origin::Ext)
+    }
+}
+
+/// Every key of the config file, grouped as `docs/CONFIG.md` shows them.
+pub fn reference() -> &'static [Section] {
+    SECTIONS
+}
+
+const fn key(
+    path: &'static str,
+    kind: &'static str,
+    default: &'static str,
+    origin: Origin,
+    doc: &'static str,
+    example: Option<&'static str>,
+) -> KeyDoc {
+    KeyDoc {
+        path,
+        kind,
+        default,
+        origin,
+        doc,
+        example,
+    }
+}
+
+use Origin::{Ext, Spec};
+
+const SECTIONS: &[Section] = &[
+    Section {
+        title: "`gateway`",
+        prefix: "gateway.",
+        keys: &[
+            key(
+                "gateway.socket",
+                "map",
+                "**required**",
+                Spec,
+                "The socket section below.",
+                None,
+            ),
+            key(
+                "gateway.listen",
+                "`ip:port`",
+                "`127.0.0.1:4000`",
+                Ext,
+                "Address the listener binds (`0.0.0.0:4000`, `[::]:4000`). `serve --listen` \
+                 overrides it.",
+                Some("127.0.0.1:4001"),
+            ),
+            key(
+                "gateway.auth",
+                "map",
+                "all defaults",
+                Ext,
+                "How a socket's JWT is found and verified.",
+                None,
+            ),
+            key(
+                "gateway.limits",
+                "map",
+                "all defaults",
+                Ext,
+                "Admission limits and abuse controls, below.",
+                None,
+            ),
+            key(
+                "gateway.drain",
+                "duration",
+                "`10s`",
+                Ext,
+                "On SIGTERM / Ctrl-C, how long to wait for sockets to finish their close (1001) \
+                 before exiting. `serve --drain` overrides it.",
+                Some("5s"),
+            ),
+            key(
+                "gateway.admin",
+                "map",
+                "absent",
+                Ext,
+                "The admin listener: Prometheus metrics and health checks on their own address, \
+                 off the public port. Absent: no admin listener. See \
+                 [Operating](../README.md#operating).",
+                None,
+            ),
+            key(
+                "gateway.log",
+                "map",
+                "all defaults",
+                Ext,
+                "How the gateway logs.",
+                None,
+            ),
+            key(
+                "gateway.bus",
+                "map",
+                "absent",
+                Ext,
+                "A message broker instead of the in-process bus, for several gateway nodes and \
+                 handlers in other processes. Absent: the in-process bus.",
+                None,
+            ),
+        ],
+    },
+    Section {
+        title: "`gateway.socket`",
+        prefix: "gateway.socket.",
+        keys: &[
+            key(
+                "gateway.socket.path",
+                "string",
+                "`/connect`",
+                Spec,
+                "HTTP path that accepts upgrades. Must start with `/`, with no `?`, `#` or \
+                 spaces. A plain `GET` here gets `426`, and other paths get `404`.",
+                Some("/ws"),
+            ),
+            key(
+                "gateway.socket.onconnect",
+                "map",
+                "absent",
+                Spec,
+                "See hooks.",
+                None,
+            ),
+            key(
+                "gateway.socket.onmessage",
+                "map",
+                "absent",
+                Spec,
+                "See hooks.",
+                None,
+            ),
+            key(
+                "gateway.socket.onclose",
+                "map",
+                "absent",
+                Spec,
+                "See hooks.",
+                None,
+            ),
+            key(
+                "gateway.socket.send",
+                "map",
+                "absent",
+                Spec,
+                "See hooks.",
+                None,
+            ),
+            key(
+                "gateway.socket.broadcast",
+                "map",
+                "absent",
+                Spec,
+                "See hooks.",
+                None,
+            ),
+            key(
+                "gateway.socket.heartbeat",
+                "duration",
+                "`30s`",
+                Ext,
+                "Interval between server pings. A client that has not answered a ping by the \
+                 next one is dropped without a close frame. At least `10ms`.",
+                Some("15s"),
+            ),
+            key(
+                "gateway.socket.max_message_size",
+                "size",
+                "`64KiB`",
+                Ext,
+                "Largest inbound message after fragments are reassembled. A larger one closes \
+                 the socket with 1009.",
+                Some("1MiB"),
+            ),
+            key(
+                "gateway.socket.send_queue",
+                "integer ≥ 1",
+                "`256`",
+                Ext,
+                "Frames that may wait in one socket's outbound queue. When it is full, the \
+                 socket is closed (1008, `send queue full`). A socket whose writes make no \
+                 progress for one `heartbeat` interval is dropped too.",
+                Some("64"),
+            ),
+            key(
+                "gateway.socket.allowed_origins",
+                "list of strings",
+                "absent",
+                Ext,
+                "Origins whose pages may open sockets: `scheme://host[:port]` entries, or `\"*\"` \
+                 for any. Others get `403`. **Absent: same host only** (the `Origin` host must \
+                 equal the `Host` header), which stops cross-site WebSocket hijacking with the \
+                 auth cookie. Requests without `Origin` (non-browser clients) pass either way.",
+                Some("[\"https://app.example.com\"]"),
+            ),
+        ],
+    },
+    Section {
+        title: "`gateway.limits`",
+        prefix: "gateway.limits.",
+        keys: &[
+            key(
+                "gateway.limits.max_sockets",
+                "integer ≥ 1",
+                "no limit",
+                Ext,
+                "Sockets open at once (upgrades in progress included). More get `503` with \
+                 `Retry-After` before the upgrade. The process's open-file limit applies \
+                 regardless.",
+                Some("19000"),
+            ),
+            key(
+                "gateway.limits.max_sockets_per_user",
+                "integer ≥ 1",
+                "no limit",
+                Ext,
+                "Sockets one username may hold. More get `429` with `Retry-After`. Checked at \
+                 admission; simultaneous handshakes of one user may overshoot by the number in \
+                 flight.",
+                Some("20"),
+            ),
+            key(
+                "gateway.limits.handshake_timeout",
+                "duration",
+                "`10s`",
+                Ext,
+                "How long a client may take to send its upgrade request's headers before the \
+                 connection is closed.",
+                Some("5s"),
+            ),
+            key(
+                "gateway.limits.messages_per_second",
+                "integer ≥ 1",
+                "off",
+                Ext,
+                "Sustained inbound messages per socket. Over it, a message is dropped; the first \
+                 of a run gets an error frame (`rate limit exceeded ...`).",
+                Some("50"),
+            ),
+            key(
+                "gateway.limits.message_burst",
+                "integer ≥ 1",
+                "2 × rate",
+                Ext,
+                "Messages a socket may send at once above the rate. A socket refused this many \
+                 times in a row is closed (1008, `rate limit exceeded`).",
+                Some("100"),
+            ),
+        ],
+    },
+    Section {
+        title: "Hooks",
+        prefix: "gateway.socket.",
+        keys: &[
+            key(
+                "gateway.socket.onconnect.publish",
+                "topic",
+                "required in `onconnect`",
+                Spec,
+                "Topic published when a socket is accepted.",
+                Some("\"socket:connection\""),
+            ),
+            key(
+                "gateway.socket.onmessage.publish",
+                "topic",
+                "absent",
+                Spec,
+                "Topic that receives every valid message a socket sends.",
+                Some("\"socket:generalMessage\""),
+            ),
+            key(
+                "gateway.socket.onmessage.types",
+                "list",
+                "`[]`",
+                Spec,
+                "Routes by `type`. Matching messages are published to the entry's topic *as \
+                 well as* to `onmessage.publish`.",
+                None,
+            ),
+            key(
+                "gateway.socket.onclose.publish",
+                "topic",
+                "required in `onclose`",
+                Spec,
+                "Topic published when a socket ends.",
+                Some("\"socket:close\""),
+            ),
+            key(
+                "gateway.socket.send.subscribe",
+                "topic",
+                "required in `send`",
+                Spec,
+                "Built-in subscriber that delivers to one user's sockets.",
+                Some("\"socket:send\""),
+            ),
+            key(
+                "gateway.socket.broadcast.subscribe",
+                "topic",
+                "required in `broadcast`",
+                Spec,
+                "Built-in subscriber that delivers to all sockets, or to one namespace's sockets.",
+                Some("\"socket:broadcast\""),
+            ),
+        ],
+    },
+    Section {
+        title: "`onmessage.types[]`",
+        prefix: "gateway.socket.onmessage.types[].",
+        keys: &[
+            key(
+                "gateway.socket.onmessage.types[].type",
+                "string",
+                "required",
+                Spec,
+                "Value of the incoming message's `type` field, matched exactly. Must be unique \
+                 in the list.",
+                Some("\"chat.say\""),
+            ),
+            key(
+                "gateway.socket.onmessage.types[].publish",
+                "topic",
+                "required",
+                Spec,
+                "Topic for messages of this type.",
+                Some("\"chat:say\""),
+            ),
+        ],
+    },
+    Section {
+        title: "`gateway.auth`",
+        prefix: "gateway.auth.",
+        keys: &[
+            key(
+                "gateway.auth.cookie",
+                "string, non-empty",
+                "`ID_TOKEN`",
+                Ext,
+                "Name of the cookie that carries the token.",
+                Some("SESSION"),
+            ),
+            key(
+                "gateway.auth.username_claim",
+                "string, non-empty",
+                "`preferred_username`",
+                Ext,
+                "Claim whose non-empty string value becomes the socket's username.",
+                Some("sub"),
+            ),
+            key(
+                "gateway.auth.algorithm",
+                "enum",
+                "`HS256`",
+                Ext,
+                "One of `HS256`, `HS384`, `HS512`, `RS256`, `RS384`, `RS512`, `ES256`, `ES384`. \
+                 The token's `alg` must match it.",
+                Some("HS512"),
+            ),
+            key(
+                "gateway.auth.secret_env",
+                "string",
+                "`SWITCHBOARD_JWT_SECRET`",
+                Ext,
+                "HS\\* only. Name of the environment variable that holds the shared secret. \
+                 Setting it with RS\\*/ES\\* is an error.",
+                Some("MY_JWT_SECRET"),
+            ),
+            key(
+                "gateway.auth.public_key_file",
+                "path",
+                "absent",
+                Ext,
+                "RS\\*/ES\\* only, and required for them. PEM public key (RSA for RS\\*, EC for \
+                 ES\\*). A relative path is resolved from the working directory. Setting it with \
+                 HS\\* is an error.",
+                Some("/etc/switchboard/jwt.pem"),
+            ),
+            key(
+                "gateway.auth.leeway",
+                "duration",
+                "`0s`",
+                Ext,
+                "Clock skew tolerated on `exp` and `nbf`. Whole seconds only: `1500ms` counts \
+                 as 1 s.",
+                Some("30s"),
+            ),
+            key(
+                "gateway.auth.issuer",
+                "string",
+                "absent",
+                Ext,
+                "If set, tokens must carry `iss`, equal to it.",
+                Some("\"https://id.example.com\""),
+            ),
+            key(
+                "gateway.auth.audience",
+                "string",
+                "absent",
+                Ext,
+                "If set, tokens must carry `aud`, equal to or containing it. If unset, `aud` is \
+                 not checked.",
+                Some("switchboard"),
+            ),
+            key(
+                "gateway.auth.namespace_claim",
+                "string",
+                "absent",
+                Ext,
+                "If set, a socket may only ask for a `?namespace=` listed in this claim (a \
+                 string, or an array of strings); others get `403`. Absent: any namespace, as in \
+                 the spec (the connect handler decides).",
+                Some("tenants"),
+            ),
+        ],
+    },
+    Section {
+        title: "`gateway.admin`",
+        prefix: "gateway.admin.",
+        keys: &[
+            key(
+                "gateway.admin.listen",
+                "`ip:port`",
+                "required in `admin`",
+                Ext,
+                "Address of the admin listener: `GET /metrics` (Prometheus), `/healthz` (the \
+                 process is alive), `/readyz` (listening and the bus is ready; `503` while \
+                 shutting down). Keep it off the public network. `serve --admin-listen` \
+                 overrides it (and works without this section).",
+                Some("127.0.0.1:9090"),
+            ),
+            key(
+                "gateway.admin.top_namespaces",
+                "integer",
+                "`20`",
+                Ext,
+                "How many namespaces get their own `switchboard_sockets_open_by_namespace` \
+                 series: the ones with the most sockets at scrape time. The rest are summed under \
+                 `namespace=\"(other)\"`, which caps the label's cardinality. `0`: all under \
+                 `(other)`.",
+                Some("50"),
+            ),
+        ],
+    },
+    Section {
+        title: "`gateway.log`",
+        prefix: "gateway.log.",
+        keys: &[key(
+            "gateway.log.format",
+            "`text` or `json`",
+            "`text`",
+            Ext,
+            "Log lines on stderr: human-readable text, or one JSON object per line for log \
+             shippers. Which events are logged is set by the `RUST_LOG` environment variable \
+             (default `info`; e.g. `RUST_LOG=switchboard=debug`).",
+            Some("json"),
+        )],
+    },
+    Section {
+        title: "`gateway.bus`",
+        prefix: "gateway.bus.",
+        keys: &[
+            key(
+                "gateway.bus.nats",
+                "map",
+                "required in `bus`",
+                Ext,
+                "NATS: topics are NATS subjects; several gateway nodes and handlers in any \
+                 language share one broker.",
+                None,
+            ),
+            key(
+                "gateway.bus.nats.url",
+                "string",
+                "required in `nats`",
+                Ext,
+                "Server URL, e.g. `nats://127.0.0.1:4222`.",
+                Some("nats://127.0.0.1:4222"),
+            ),
+            key(
+                "gateway.bus.nats.reply_timeout",
+                "duration",
+                "`10s`",
+                Ext,
+                "How long a socket's message waits for a handler's answer; after it, the socket \
+                 gets an error frame.",
+                Some("3s"),
+            ),
+            key(
+                "gateway.bus.nats.node_name",
+                "string",
+                "generated",
+                Ext,
+                "This node's name in NATS (connection name, reply subjects). Must be unique \
+                 among the nodes.",
+                Some("gw-1"),
+            ),
+        ],
+    },
+];
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_yaml::{Mapping, Value};
+
+    use super::*;
+    use crate::Config;
+
+    fn all_keys() -> impl Iterator<Item = &'static KeyDoc> {
+        reference().iter().flat_map(|s| s.keys.iter())
+    }
+
+    /// The direct children of `parent` (`"gateway"`, `"gateway.socket.onmessage.types[]"`).
+    fn children(parent: &str) -> BTreeSet<&'static str> {
+        all_keys()
+            .filter_map(|k| k.path.strip_prefix(parent)?.strip_prefix('.'))
+            .filter(|rest| !rest.contains('.'))
+            .collect()
+    }
+
+    /// A YAML document with `value` at `path`; `[]` segments become one-entry lists.
+    fn nested(path: &str, value: Value, doc: &mut Value) {
+        let mut node = doc;
+        let segments: Vec<&str> = path.split('.').collect();
+        for (i, seg) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            let (name, list) = match seg.strip_suffix("[]") {
+                Some(name) => (name, true),
+                None => (*seg, false),
+            };
+            let map = node.as_mapping_mut().expect("a map");
+            let key = Value::String(name.into());
+            if last {
+                map.insert(key, value);
+                return;
+            }
+            let entry = map.entry(key).or_insert_with(|| {
+                if list {
+                    Value::Sequence(vec![Value::Mapping(Mapping::new())])
+                } else {
+                    Value::Mapping(Mapping::new())
+                }
+            });
+            node = if list {
+                entry.as_sequence_mut().unwrap().get_mut(0).unwrap()
+            } else {
+                entry
+            };
+        }
+    }
+
+    /// The smallest valid config: `gateway.socket: {}`.
+    fn base() -> Value {
+        let mut doc = Value::Mapping(Mapping::new());
+        nested("gateway.socket", Value::Mapping(Mapping::new()), &mut doc);
+        doc
+    }
+
+    fn parse(doc: &Value) -> Result<Config, crate::ConfigError> {
+        Config::from_yaml_str_with_env(&serde_yaml::to_string(doc).unwrap(), &|_| None)
+    }
+
+    #[test]
+    fn every_listed_key_exists_and_accepts_its_example() {
+        for k in all_keys() {
+            let Some(example) = k.example else {
+                assert!(
+                    !children(k.path).is_empty() || k.kind == "list",
+                    "{}: only sections go without an example",
+                    k.path
+                );
+                continue;
+            };
+            let mut doc = base();
+            // required siblings (and the list entry's fields) need values too
+            let parent = k.path.rsplit_once('.').unwrap().0;
+            for sibling in all_keys() {
+                if sibling.path.rsplit_once('.').unwrap().0 == parent
+                    && sibling.default.contains("required")
+                {
+                    if let Some(e) = sibling.example {
+                        nested(sibling.path, serde_yaml::from_str(e).unwrap(), &mut doc);
+                    }
+                }
+            }
+            if k.path == "gateway.auth.public_key_file" {
+                nested("gateway.auth.algorithm", "RS256".into(), &mut doc);
+            }
+            nested(k.path, serde_yaml::from_str(example).unwrap(), &mut doc);
+            if let Err(e) = parse(&doc) {
+                panic!("{}: example {example} is refused: {e}", k.path);
+            }
+        }
+    }
+
+    #[test]
+    fn every_field_of_the_schema_is_listed() {
+        // serde names every field of a section when it meets an unknown one.
+        let mut sections: BTreeSet<String> = all_keys()
+            .filter_map(|k| {
+                let parent = k.path.rsplit_once('.')?.0;
+                Some(parent.to_string())
+            })
+            .collect();
+        sections.insert("gateway".into());
+        for section in &sections {
+            let mut doc = base();
+            nested(&format!("{section}.zz_probe"), Value::from(1), &mut doc);
+            let err = parse(&doc).expect_err(section).to_string();
+            let expected = err
+                .split_once("expected ")
+                .unwrap_or_else(|| panic!("{section}: {err}"))
+                .1;
+            let expected = expected.split(" at line").next().unwrap();
+            let fields: BTreeSet<&str> = expected.split('`').skip(1).step_by(2).collect();
+            assert_eq!(
+                fields,
+                children(section),
+                "{section}: the schema's fields (left) and the reference (right) differ"
+            );
+        }
+    }
+
+    #[test]
+    fn sections_group_keys_under_their_prefix() {
+        let mut seen = BTreeSet::new();
+        for section in reference() {
+            for k in section.keys {
+                assert!(k.path.starts_with(section.prefix), "{}", k.path);
+                assert!(seen.insert(k.path), "{} is listed twice", k.path);
+                assert!(!k.doc.contains('\n'), "{}", k.path);
+            }
+        }
+    }
+}
