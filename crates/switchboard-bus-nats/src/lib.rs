@@ -410,6 +410,11 @@ async fn listen_for_answers(mut replies: async_nats::Subscriber, waiting: Arc<Mu
         else {
             continue;
         };
+        if answer.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            // Nobody subscribes to the topic: as on the in-process bus, nothing happens.
+            lock(&waiting).by_id.remove(&id);
+            continue;
+        }
         let Some(pending) = lock(&waiting).by_id.get(&id).cloned() else {
             continue; // too late: the timeout already answered
         };

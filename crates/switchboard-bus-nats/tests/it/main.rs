@@ -1,1 +1,199 @@
-//! tmp
+//! The NATS bus against a real nats-server on a loopback port of its own: handlers over
+//! NATS, reply timeouts, queue groups, and NATS dying and coming back under open sockets.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use support::*;
+use switchboard::{Container, Message};
+use switchboard_bus::Bus;
+use switchboard_bus_nats::{NatsBus, NatsOptions};
+
+async fn gateway(
+    nats: &NatsServer,
+    reply_timeout: Duration,
+    setup: impl FnOnce(&mut Container),
+) -> Gateway {
+    let mut options = NatsOptions::new(nats.url());
+    options.reply_timeout = reply_timeout;
+    let bus = Arc::new(NatsBus::connect(options).await.unwrap());
+    let mut container = Container::with_bus(config(), bus.clone()).unwrap();
+    setup(&mut container);
+    bus.subscriptions_ready().await.unwrap();
+    let running = container
+        .start_on("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    Gateway { running, bus }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_handlers_answer_over_nats() {
+    let nats = NatsServer::start();
+    let gw = gateway(&nats, Duration::from_secs(5), |c| {
+        c.add_handler("socket:connection", |m: Message| async move {
+            m.reply(json!({"hello": m.context().username}));
+        })
+        .unwrap();
+        c.add_handler("socket:generalMessage", |m: Message| async move {
+            if m.data()["type"] == "bad" {
+                m.fail(json!({"message": "no"}));
+            } else {
+                m.reply(m.data()["payload"].clone());
+            }
+        })
+        .unwrap();
+    })
+    .await;
+    let mut ws = connect(gw.running.local_addr(), "alex", Some("a")).await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type": "onconnect", "payload": {"hello": "alex"}})
+    );
+    send(&mut ws, json!({"type": "x", "payload": [1, 2]})).await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type": "socket:generalMessage", "payload": [1, 2]})
+    );
+    send(&mut ws, json!({"type": "bad"})).await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type": "error", "payload": {"message": "no"}})
+    );
+    // a send published through the bus comes back over NATS to this node's socket
+    gw.running
+        .producer()
+        .send(
+            "socket:send",
+            json!({"username": "alex", "namespace": "a", "type": "t", "payload": 1}),
+        )
+        .unwrap();
+    assert_eq!(recv(&mut ws).await, json!({"type": "t", "payload": 1}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_never_answers_gets_an_error_frame_after_the_timeout() {
+    let nats = NatsServer::start();
+    // An outside handler that takes the message and never answers.
+    let outside = async_nats::connect(nats.url()).await.unwrap();
+    let mut silent = outside
+        .queue_subscribe("socket:generalMessage", "switchboard-handlers".into())
+        .await
+        .unwrap();
+    outside.flush().await.unwrap();
+    let gw = gateway(&nats, Duration::from_millis(500), |_| {}).await;
+    let mut ws = connect(gw.running.local_addr(), "alex", None).await;
+    send(&mut ws, json!({"type": "x"})).await;
+    let taken = tokio::time::timeout(Duration::from_secs(5), silent.next())
+        .await
+        .unwrap();
+    assert!(
+        taken.unwrap().reply.is_some(),
+        "the event asks for an answer"
+    );
+    let frame = recv(&mut ws).await;
+    assert_eq!(frame["type"], "error");
+    assert!(
+        frame["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no handler answered"),
+        "{frame}"
+    );
+    assert_eq!(frame["payload"]["topic"], "socket:generalMessage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_event_is_handled_once_per_queue_group() {
+    let nats = NatsServer::start();
+    let handled = Arc::new(AtomicUsize::new(0));
+    // Three handler processes in one group (three NATS connections), plus the gateway.
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        let bus = NatsBus::connect(NatsOptions::new(nats.url()))
+            .await
+            .unwrap();
+        let h = handled.clone();
+        bus.subscribe(
+            "socket:generalMessage",
+            Arc::new(move |m: Message| {
+                h.fetch_add(1, Ordering::SeqCst);
+                async move { m.reply("ok") }
+            }),
+        )
+        .unwrap();
+        bus.subscriptions_ready().await.unwrap();
+        members.push(bus);
+    }
+    let gw = gateway(&nats, Duration::from_secs(5), |_| {}).await;
+    let mut ws = connect(gw.running.local_addr(), "alex", None).await;
+    for i in 0..20 {
+        send(&mut ws, json!({"type": "n", "payload": i})).await;
+        assert_eq!(recv(&mut ws).await["payload"], "ok");
+    }
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        20,
+        "once each, not three times"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_keeps_sockets_open_and_traffic_resumes() {
+    let mut nats = NatsServer::start();
+    let gw = gateway(&nats, Duration::from_secs(5), |c| {
+        c.add_handler("socket:generalMessage", |m: Message| async move {
+            m.reply(m.data()["payload"].clone());
+        })
+        .unwrap();
+    })
+    .await;
+    let mut ws = connect(gw.running.local_addr(), "alex", Some("a")).await;
+    send(&mut ws, json!({"type": "x", "payload": "before"})).await;
+    assert_eq!(recv(&mut ws).await["payload"], "before");
+    assert!(gw.running.is_ready());
+
+    nats.stop();
+    wait_until(|| !gw.bus.is_ready(), "the bus to notice NATS is gone").await;
+    assert!(!gw.running.is_ready());
+    // An event that cannot be published: an error frame, never silence; the socket stays.
+    send(&mut ws, json!({"type": "x", "payload": "during"})).await;
+    let frame = recv(&mut ws).await;
+    assert_eq!(frame["type"], "error", "{frame}");
+    assert_eq!(frame["payload"]["message"], "could not publish");
+
+    nats.restart();
+    wait_until(|| gw.bus.is_ready(), "the bus to reconnect").await;
+    // Subscriptions come back with the connection: replies and deliveries flow again.
+    let mut resumed: Option<Value> = None;
+    for _ in 0..50 {
+        send(&mut ws, json!({"type": "x", "payload": "after"})).await;
+        let frame = recv(&mut ws).await;
+        if frame["type"] == "socket:generalMessage" {
+            resumed = Some(frame);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(resumed.expect("traffic resumed")["payload"], "after");
+    gw.running
+        .producer()
+        .send(
+            "socket:send",
+            json!({"username": "alex", "namespace": "a", "type": "t", "payload": 2}),
+        )
+        .unwrap();
+    loop {
+        let frame = recv(&mut ws).await;
+        if frame["type"] == "t" {
+            assert_eq!(frame["payload"], 2);
+            break;
+        }
+    }
+    assert_eq!(gw.running.sockets().count(), 1, "the socket never dropped");
+}
