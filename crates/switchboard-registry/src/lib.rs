@@ -233,6 +233,15 @@ impl<H: Clone> Registry<H> {
         }
     }
 
+    /// Every namespace with at least one socket, and how many sockets it has (in no
+    /// particular order). Sockets without a namespace are not counted.
+    pub fn namespace_counts(&self) -> Vec<(Arc<str>, usize)> {
+        self.by_namespace
+            .iter()
+            .map(|e| (e.key().clone(), e.value().len()))
+            .collect()
+    }
+
     /// The distinct usernames with at least one socket in `namespace`, sorted.
     pub fn users_in_namespace(&self, namespace: &str) -> Vec<Arc<str>> {
         let ids: Vec<ConnId> = match self.by_namespace.get(namespace) {
@@ -262,6 +271,20 @@ mod tests {
         assert!(reg.is_empty());
         assert!(reg.by_user.is_empty());
         assert!(reg.by_namespace.is_empty());
+    }
+
+    #[test]
+    fn namespace_counts_list_each_namespace_once() {
+        let reg = Registry::new();
+        reg.insert("a", Some("n1"), 1u8);
+        reg.insert("b", Some("n1"), 2u8);
+        let gone = reg.insert("c", Some("n2"), 3u8);
+        reg.insert("d", None, 4u8);
+        let mut counts = reg.namespace_counts();
+        counts.sort();
+        assert_eq!(counts, [(Arc::from("n1"), 2), (Arc::from("n2"), 1)]);
+        reg.remove(gone);
+        assert_eq!(reg.namespace_counts(), [(Arc::from("n1"), 2)]);
     }
 
     #[test]

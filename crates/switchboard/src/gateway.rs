@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use switchboard_bus::{Bus, Context, Message, Reply, ReplyTo};
@@ -17,6 +18,7 @@ use switchboard_transport::{
 
 use crate::auth::{Identity, Verifier};
 use crate::inbound::{decode_client_message, BadMessage};
+use crate::metrics::Metrics;
 use crate::rate::{Bucket, RateLimit, Verdict};
 use crate::stats::GatewayStats;
 use crate::Routes;
@@ -28,9 +30,25 @@ pub const CONNECT_FAILED_CODE: u16 = 1008;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Hooks {
     pub(crate) onconnect: Option<Arc<str>>,
-    pub(crate) onmessage: Option<Arc<str>>,
-    pub(crate) types: HashMap<String, Arc<str>>,
+    pub(crate) onmessage: Option<Route>,
+    pub(crate) types: HashMap<String, Route>,
     pub(crate) onclose: Option<Arc<str>>,
+}
+
+/// A topic socket messages are published to, with its `messages_in` counter.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    pub(crate) topic: Arc<str>,
+    pub(crate) messages_in: Counter,
+}
+
+impl Route {
+    pub(crate) fn new(topic: &str, metrics: &Metrics) -> Self {
+        Route {
+            topic: topic.into(),
+            messages_in: metrics.topic(topic).messages_in().clone(),
+        }
+    }
 }
 
 pub(crate) struct Gateway {
@@ -40,6 +58,7 @@ pub(crate) struct Gateway {
     pub(crate) verifier: Verifier,
     pub(crate) routes: Routes,
     pub(crate) stats: Arc<GatewayStats>,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) max_sockets_per_user: Option<usize>,
     pub(crate) rate_limit: Option<RateLimit>,
 }
@@ -61,7 +80,7 @@ pub(crate) struct Session {
     id: ConnId,
     handle: SocketHandle,
     context: Arc<Context>,
-    replies: Arc<dyn ReplyTo>,
+    replies: Arc<SocketReplies>,
     bucket: Option<Mutex<Bucket>>,
 }
 
@@ -94,22 +113,45 @@ struct SocketReplies {
     handle: SocketHandle,
     on_connect: bool,
     stats: Arc<GatewayStats>,
+    metrics: Arc<Metrics>,
 }
 
-impl ReplyTo for SocketReplies {
+/// The way back for one published message: remembers when it was published, for the reply
+/// latency histogram.
+struct Timed {
+    replies: Arc<SocketReplies>,
+    published: Instant,
+}
+
+impl ReplyTo for Timed {
     fn deliver(&self, topic: &str, reply: Reply) {
+        let topic_metrics = self.replies.metrics.topic(topic);
+        topic_metrics
+            .reply_latency()
+            .observe(self.published.elapsed().as_secs_f64());
+        self.replies.answer(topic, topic_metrics, reply);
+    }
+}
+
+impl SocketReplies {
+    fn answer(&self, topic: &str, topic_metrics: &crate::metrics::TopicMetrics, reply: Reply) {
         let kind = if self.on_connect { "onconnect" } else { topic };
+        let errors = &self.metrics.errors;
         let closing = match reply {
             Reply::Ok(payload) => {
-                let _ = self.handle.send_text(encode_frame(kind, &payload));
+                if self.handle.send_text(encode_frame(kind, &payload)).is_ok() {
+                    topic_metrics.messages_out().inc();
+                }
                 None
             }
             Reply::Fail(error) => {
+                errors.fail.inc();
                 let _ = self.handle.send_text(error_frame(&error));
                 Some((CONNECT_FAILED_CODE, "connection refused by handler"))
             }
             Reply::HandlerFailed => {
                 GatewayStats::bump(&self.stats.handler_failures);
+                errors.handler_error.inc();
                 let _ = self.handle.send_text(error_frame(&internal_error(topic)));
                 Some((CONNECT_HANDLER_ERROR_CODE, "connect handler failed"))
             }
@@ -228,10 +270,14 @@ impl Service for Gateway {
         ));
         tracing::debug!(connection = %id, username = ?context.username, namespace = ?context.namespace, "socket open");
         if let Some(topic) = &self.hooks.onconnect {
-            let replies = Arc::new(SocketReplies {
-                handle: handle.clone(),
-                on_connect: true,
-                stats: self.stats.clone(),
+            let replies = Arc::new(Timed {
+                replies: Arc::new(SocketReplies {
+                    handle: handle.clone(),
+                    on_connect: true,
+                    stats: self.stats.clone(),
+                    metrics: self.metrics.clone(),
+                }),
+                published: Instant::now(),
             });
             let data = json!({
                 "connection_id": id.0,
@@ -250,6 +296,7 @@ impl Service for Gateway {
                 handle: handle.clone(),
                 on_connect: false,
                 stats: self.stats.clone(),
+                metrics: self.metrics.clone(),
             }),
             handle,
             context,
@@ -268,6 +315,7 @@ impl Service for Gateway {
                 Verdict::Refuse { first } => {
                     GatewayStats::bump(&self.stats.rate_limited);
                     if first {
+                        self.metrics.errors.rate_limited.inc();
                         let _ = s.handle.send_text(error_frame(&json!({
                             "message": "rate limit exceeded; messages are dropped until you slow down",
                         })));
@@ -290,6 +338,7 @@ impl Service for Gateway {
             Ok(m) => m,
             Err(bad) => {
                 GatewayStats::bump(&self.stats.bad_messages);
+                self.metrics.errors.bad_message.inc();
                 let _ = s
                     .handle
                     .send_text(error_frame(&json!({"message": bad.to_string()})));
@@ -300,12 +349,18 @@ impl Service for Gateway {
         let typed_topic = self.hooks.types.get(message.message_type());
         let data = message.into_data();
         let data = Arc::new(data);
-        let publish = |topic: &Arc<str>| {
+        // One way back for both topics: it carries the publish time for the latency series.
+        let reply_to: Arc<dyn ReplyTo> = Arc::new(Timed {
+            replies: s.replies.clone(),
+            published: Instant::now(),
+        });
+        let publish = |route: &Route| {
+            route.messages_in.inc();
             self.publish(
-                Message::new(topic.clone(), Value::Null)
+                Message::new(route.topic.clone(), Value::Null)
                     .with_shared_data(data.clone())
                     .with_context(s.context.clone())
-                    .with_reply_to(s.replies.clone()),
+                    .with_reply_to(reply_to.clone()),
             )
         };
         if let Some(general) = &self.hooks.onmessage {

@@ -47,19 +47,24 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_registry::{Registry, Target};
 use switchboard_transport::{OriginPolicy, Server, SocketHandle, TransportOptions};
 
+use crate::admin::{AdminServer, AdminState};
+use crate::metrics::Metrics;
 use crate::rate::RateLimit;
 use crate::stats::GatewayStats;
 
+mod admin;
 mod auth;
 mod delivery;
 mod gateway;
 mod inbound;
+mod metrics;
 mod rate;
 mod stats;
 
@@ -102,6 +107,8 @@ pub struct Container {
     registry: Arc<Registry<SocketHandle>>,
     routes: Routes,
     verifier: auth::Verifier,
+    metrics: Arc<Metrics>,
+    admin_listen: Option<SocketAddr>,
 }
 
 impl fmt::Debug for Container {
@@ -124,24 +131,32 @@ impl Container {
         let verifier = auth::Verifier::from_config(&config.gateway.auth)?;
         let registry = Arc::new(Registry::new());
         let socket = &config.gateway.socket;
+        let metrics = Arc::new(Metrics::new(config_topics(&config)));
         if let Some(send) = &socket.send {
+            let topic = send.subscribe.as_str();
+            let out = metrics.topic(topic).messages_out().clone();
             bus.subscribe_every_node(
-                send.subscribe.as_str(),
-                Arc::new(delivery::send_handler(registry.clone())),
+                topic,
+                Arc::new(delivery::send_handler(registry.clone(), out)),
             )?;
         }
         if let Some(broadcast) = &socket.broadcast {
+            let topic = broadcast.subscribe.as_str();
+            let out = metrics.topic(topic).messages_out().clone();
             bus.subscribe_every_node(
-                broadcast.subscribe.as_str(),
-                Arc::new(delivery::broadcast_handler(registry.clone())),
+                topic,
+                Arc::new(delivery::broadcast_handler(registry.clone(), out)),
             )?;
         }
+        let admin_listen = config.gateway.admin.as_ref().map(|a| a.listen);
         Ok(Container {
             config,
             bus,
             registry,
             routes: HashMap::new(),
             verifier,
+            metrics,
+            admin_listen,
         })
     }
 
@@ -166,6 +181,13 @@ impl Container {
         self
     }
 
+    /// Serves the admin endpoints (`/metrics`, `/healthz`, `/readyz`) on `addr` (port 0 for
+    /// any), instead of the config's `gateway.admin.listen`, or even without that section.
+    pub fn admin_listen(&mut self, addr: SocketAddr) -> &mut Self {
+        self.admin_listen = Some(addr);
+        self
+    }
+
     /// A producer on this container's bus (the spec's `producer.send`).
     pub fn producer(&self) -> Producer {
         Producer::new(self.bus.clone())
@@ -187,7 +209,8 @@ impl Container {
         self.start_on(addr).await
     }
 
-    /// Binds `addr` (port 0 for any) and starts serving.
+    /// Binds `addr` (port 0 for any) and starts serving; also binds the admin listener when
+    /// the config has `gateway.admin` (or [`Container::admin_listen`] was called).
     pub async fn start_on(self, addr: SocketAddr) -> std::io::Result<Running> {
         let socket = &self.config.gateway.socket;
         let mut options = TransportOptions::default();
@@ -207,18 +230,22 @@ impl Container {
             per_second: f64::from(rate),
             burst: f64::from(limits.message_burst.unwrap_or(rate.saturating_mul(2))),
         });
+        let metrics = &self.metrics;
         let hooks = gateway::Hooks {
             onconnect: socket.onconnect.as_ref().map(|h| h.publish.as_str().into()),
             onmessage: socket
                 .onmessage
                 .as_ref()
                 .and_then(|m| m.publish.as_ref())
-                .map(|t| t.as_str().into()),
+                .map(|t| gateway::Route::new(t.as_str(), metrics)),
             types: socket
                 .onmessage
                 .iter()
                 .flat_map(|m| m.types.iter())
-                .map(|t| (t.message_type.clone(), Arc::from(t.publish.as_str())))
+                .map(|t| {
+                    let route = gateway::Route::new(t.publish.as_str(), metrics);
+                    (t.message_type.clone(), route)
+                })
                 .collect(),
             onclose: socket.onclose.as_ref().map(|h| h.publish.as_str().into()),
         };
@@ -227,6 +254,13 @@ impl Container {
         let bus = self.bus.clone();
         let stats = Arc::new(GatewayStats::default());
         let drain = self.config.gateway.drain;
+        let top_namespaces = self
+            .config
+            .gateway
+            .admin
+            .as_ref()
+            .map_or(20, |a| a.top_namespaces);
+        let registry = self.registry.clone();
         let service = Arc::new(gateway::Gateway {
             hooks,
             bus: self.bus,
@@ -234,10 +268,41 @@ impl Container {
             verifier: self.verifier,
             routes: self.routes,
             stats: stats.clone(),
+            metrics: self.metrics.clone(),
             max_sockets_per_user: limits.max_sockets_per_user,
             rate_limit,
         });
         let server = Server::bind(addr, options, service).await?;
+        let draining = Arc::new(AtomicBool::new(false));
+        let prometheus = Arc::new(self.metrics.registry(metrics::Scraped {
+            gateway: stats.clone(),
+            transport: server.stats(),
+            registry,
+            bus: bus.clone(),
+            draining: draining.clone(),
+            top_namespaces,
+        }));
+        let admin = match self.admin_listen {
+            Some(admin_addr) => {
+                let state = AdminState {
+                    registry: prometheus.clone(),
+                    bus: bus.clone(),
+                    draining: draining.clone(),
+                };
+                match AdminServer::bind(admin_addr, state).await {
+                    Ok(admin) => Some(admin),
+                    Err(e) => {
+                        server.shutdown(Duration::ZERO).await;
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
+        tracing::info!(listen = %server.local_addr(), path = %options_path(&self.config), "gateway listening");
+        if let Some(admin) = &admin {
+            tracing::info!(listen = %admin.local_addr(), "admin listener: /metrics /healthz /readyz");
+        }
         Ok(Running {
             server,
             producer,
@@ -245,6 +310,9 @@ impl Container {
             stats,
             drain,
             bus,
+            admin,
+            prometheus,
+            draining,
         })
     }
 
@@ -258,6 +326,25 @@ impl Container {
         running.shutdown(drain).await;
         Ok(())
     }
+}
+
+/// Every topic the config names: the handles of their metrics are made up front.
+fn config_topics(config: &Config) -> Vec<&str> {
+    let s = &config.gateway.socket;
+    let mut topics: Vec<&str> = Vec::new();
+    topics.extend(s.onconnect.iter().map(|h| h.publish.as_str()));
+    if let Some(m) = &s.onmessage {
+        topics.extend(m.publish.iter().map(|t| t.as_str()));
+        topics.extend(m.types.iter().map(|t| t.publish.as_str()));
+    }
+    topics.extend(s.onclose.iter().map(|h| h.publish.as_str()));
+    topics.extend(s.send.iter().map(|h| h.subscribe.as_str()));
+    topics.extend(s.broadcast.iter().map(|h| h.subscribe.as_str()));
+    topics
+}
+
+fn options_path(config: &Config) -> &str {
+    config.gateway.socket.path.as_str()
 }
 
 /// Resolves on Ctrl-C, or SIGTERM on Unix.
@@ -290,6 +377,9 @@ pub struct Running {
     stats: Arc<GatewayStats>,
     drain: Duration,
     bus: Arc<dyn Bus>,
+    admin: Option<AdminServer>,
+    prometheus: Arc<prometheus_client::registry::Registry>,
+    draining: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for Running {
@@ -322,9 +412,20 @@ impl Running {
     }
 
     /// True while the gateway can do its job: listening, and its bus ready (a broker bus
-    /// connected). For readiness probes.
+    /// connected). For readiness probes; the admin listener's `/readyz` answers with it.
     pub fn is_ready(&self) -> bool {
-        self.bus.is_ready()
+        !self.draining.load(Relaxed) && self.bus.is_ready()
+    }
+
+    /// The admin listener's address (`/metrics`, `/healthz`, `/readyz`), if it has one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
+    }
+
+    /// Every metric now, in the Prometheus text format: what the admin listener's `/metrics`
+    /// serves. The names are listed in the README's "Operating" section.
+    pub fn metrics_text(&self) -> String {
+        metrics::render(&self.prometheus, false)
     }
 
     /// The configured shutdown drain deadline (`gateway.drain`).
@@ -333,9 +434,15 @@ impl Running {
     }
 
     /// Stops accepting, closes every socket with 1001 (each publishes `onclose`), and waits
-    /// up to `drain` for them.
+    /// up to `drain` for them. `/readyz` answers 503 from the start; the admin listener stops
+    /// at the end.
     pub async fn shutdown(self, drain: Duration) -> ShutdownReport {
-        self.server.shutdown(drain).await
+        self.draining.store(true, Relaxed);
+        let report = self.server.shutdown(drain).await;
+        if let Some(admin) = self.admin {
+            admin.stop();
+        }
+        report
     }
 }
 

@@ -1,6 +1,7 @@
 //! End to end: the spec's behaviour over real sockets on 127.0.0.1, with real WebSocket
 //! clients and signed tokens.
 
+mod admin;
 mod harness;
 mod hostile;
 mod identity;
