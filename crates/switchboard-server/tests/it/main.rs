@@ -1,6 +1,8 @@
 //! The `switchboard` binary as a user runs it: `check-config`, and `serve --demo` driven by
 //! real WebSocket clients, ended by SIGTERM.
 
+mod nats;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,224 @@
+//! Scale-out end to end: two `switchboard serve` processes on one nats-server, handlers in
+//! other processes (a plain NATS client, and the Python example).
+
+#[path = "../../../switchboard-bus-nats/tests/it/support.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use support::{connect, recv, send, NatsServer, Ws, SECRET, SECRET_ENV};
+
+/// A gateway node: the real binary with a NATS bus; killed by PID when dropped.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node(nats: &NatsServer, name: &str) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("socket.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+gateway:
+  socket:
+    onconnect: {{publish: "socket:connection"}}
+    onmessage: {{publish: "socket:generalMessage"}}
+    onclose: {{publish: "socket:close"}}
+    send: {{subscribe: "socket:send"}}
+    broadcast: {{subscribe: "socket:broadcast"}}
+  auth:
+    secret_env: {SECRET_ENV}
+  bus:
+    nats:
+      url: "{}"
+      node_name: "{name}"
+      reply_timeout: 3s
+"#,
+            nats.url()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env(SECRET_ENV, SECRET)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("node printed its address").unwrap();
+        if let Some(rest) = line.strip_prefix("switchboard: listening on ws://") {
+            break rest.trim_end_matches("/connect").parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Node {
+        child,
+        addr,
+        _dir: dir,
+    }
+}
+
+/// Asserts nothing more arrives on `ws` within `ms` (pings aside).
+async fn silent(ws: &mut Ws, ms: u64) {
+    if let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(ms), ws.next()).await {
+        assert!(!m.is_text(), "unexpected frame: {m:?}");
+    }
+}
+
+async fn publish(client: &async_nats::Client, subject: &str, body: Value) {
+    client
+        .publish(subject.to_string(), body.to_string().into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_and_broadcast_from_plain_nats_reach_each_socket_once_across_nodes() {
+    let nats = NatsServer::start();
+    let (a, b) = (node(&nats, "node-a"), node(&nats, "node-b"));
+    let mut alex_a = connect(a.addr, "alex", Some("acme")).await;
+    let mut alex_b = connect(b.addr, "alex", Some("acme")).await;
+    let mut alex_other = connect(b.addr, "alex", Some("globex")).await;
+    let mut kim_b = connect(b.addr, "kim", Some("globex")).await;
+    let mut sam_a = connect(a.addr, "sam", Some("acme")).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // a plain NATS client sends to alex in acme: both of alex's acme sockets, once each
+    publish(
+        &client,
+        "socket:send",
+        json!({"username": "alex", "namespace": "acme", "type": "note", "payload": 1}),
+    )
+    .await;
+    for ws in [&mut alex_a, &mut alex_b] {
+        assert_eq!(recv(ws).await, json!({"type": "note", "payload": 1}));
+    }
+    // a broadcast to acme: every acme socket on both nodes, once each; globex nothing
+    publish(
+        &client,
+        "socket:broadcast",
+        json!({"namespace": "acme", "type": "news", "payload": 2}),
+    )
+    .await;
+    for ws in [&mut alex_a, &mut alex_b, &mut sam_a] {
+        assert_eq!(recv(ws).await, json!({"type": "news", "payload": 2}));
+    }
+    for ws in [&mut alex_a, &mut alex_b, &mut sam_a, &mut alex_other, &mut kim_b] {
+        silent(ws, 300).await;
+    }
+    // a broadcast to everyone
+    publish(&client, "socket:broadcast", json!({"type": "all", "payload": 3})).await;
+    for ws in [&mut alex_a, &mut alex_b, &mut sam_a, &mut alex_other, &mut kim_b] {
+        assert_eq!(recv(ws).await, json!({"type": "all", "payload": 3}));
+        silent(ws, 100).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_on_node_b_is_answered_by_an_outside_handler() {
+    let nats = NatsServer::start();
+    let handler = async_nats::connect(nats.url()).await.unwrap();
+    let mut events = handler
+        .queue_subscribe("socket:connection", "switchboard-handlers".into())
+        .await
+        .unwrap();
+    handler.flush().await.unwrap();
+    let answering = handler.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            let envelope: Value = serde_json::from_slice(&event.payload).unwrap();
+            let answer = json!({"reply": {
+                "welcome": envelope["context"]["username"],
+                "node_saw": envelope["topic"],
+            }});
+            answering
+                .publish(event.reply.unwrap(), answer.to_string().into())
+                .await
+                .unwrap();
+        }
+    });
+    let (_a, b) = (node(&nats, "node-a"), node(&nats, "node-b"));
+    let mut ws = connect(b.addr, "alex", Some("acme")).await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type": "onconnect", "payload": {"welcome": "alex", "node_saw": "socket:connection"}})
+    );
+}
+
+/// The Python example handler, started by PID and killed on drop.
+struct Python(Child);
+
+impl Drop for Python {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn python_handler(nats: &NatsServer) -> Python {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/python/handler.py");
+    let mut child = Command::new("python3")
+        .args([script, &nats.url()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with nats-py (cargo xtask deps installs it)");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    match lines.next() {
+        Some(Ok(line)) if line == "ready" => {}
+        other => panic!("python handler did not start: {other:?} (is nats-py installed?)"),
+    }
+    Python(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_handles_events_from_both_nodes() {
+    let nats = NatsServer::start();
+    let _python = python_handler(&nats);
+    let (a, b) = (node(&nats, "node-a"), node(&nats, "node-b"));
+    let mut on_b = connect(b.addr, "alex", Some("acme")).await;
+    assert_eq!(
+        recv(&mut on_b).await,
+        json!({"type": "onconnect", "payload": {"handled_by": "python", "username": "alex", "namespace": "acme"}})
+    );
+    let mut on_a = connect(a.addr, "alex", Some("acme")).await;
+    assert_eq!(recv(&mut on_a).await["payload"]["handled_by"], "python");
+    // a reply from Python comes back to the socket that asked
+    send(&mut on_a, json!({"type": "hello", "payload": 1})).await;
+    assert_eq!(
+        recv(&mut on_a).await,
+        json!({"type": "socket:generalMessage", "payload": {"echo": {"type": "hello", "payload": 1}}})
+    );
+    // fail becomes an error frame
+    send(&mut on_a, json!({"type": "python.fail"})).await;
+    assert_eq!(
+        recv(&mut on_a).await,
+        json!({"type": "error", "payload": {"message": "python says no"}})
+    );
+    // Python publishes to the send topic: alex's sockets on both nodes get it
+    send(&mut on_b, json!({"type": "python.poke", "payload": "hi"})).await;
+    for ws in [&mut on_a, &mut on_b] {
+        assert_eq!(recv(ws).await, json!({"type": "python.poked", "payload": "hi"}));
+    }
+}
