@@ -207,23 +207,46 @@ fn layering() -> Result {
     Ok(())
 }
 
-/// The tests use curl (the spec's handshake). Install it where it is missing and we may.
+/// What the tests need beyond cargo: curl (the spec's handshake), nats-server (scale-out
+/// tests) from Debian, and nats-py (the Python handler example) from PyPI. Installs what is
+/// missing, where we may.
 fn install_system_deps() -> Result {
-    let missing: Vec<&str> = ["curl"].into_iter().filter(|tool| !have(tool)).collect();
-    if missing.is_empty() {
-        return Ok(());
+    let missing: Vec<&str> = [("curl", "curl"), ("nats-server", "nats-server")]
+        .into_iter()
+        .filter(|(tool, _)| !have(tool) && !have(&format!("/usr/sbin/{tool}")))
+        .map(|(_, package)| package)
+        .collect();
+    if !missing.is_empty() {
+        println!("installing {missing:?}");
+        let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
+        let apt = |args: &[&str]| {
+            let mut full: Vec<&str> = sudo.to_vec();
+            full.extend_from_slice(args);
+            run(full[0], &full[1..])
+        };
+        apt(&["apt-get", "update", "-qq"])?;
+        let mut install = vec!["apt-get", "install", "-y", "-qq"];
+        install.extend(missing);
+        apt(&install)?;
     }
-    println!("installing {missing:?}");
-    let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
-    let apt = |args: &[&str]| {
-        let mut full: Vec<&str> = sudo.to_vec();
-        full.extend_from_slice(args);
-        run(full[0], &full[1..])
-    };
-    apt(&["apt-get", "update", "-qq"])?;
-    let mut install = vec!["apt-get", "install", "-y", "-qq"];
-    install.extend(missing);
-    apt(&install)
+    let has_nats_py = Command::new("python3")
+        .args(["-c", "import nats"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_nats_py {
+        run(
+            "python3",
+            &[
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "-r",
+                "examples/python/requirements.txt",
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 fn have(tool: &str) -> bool {
