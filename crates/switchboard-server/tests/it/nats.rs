@@ -125,12 +125,29 @@ async fn send_and_broadcast_from_plain_nats_reach_each_socket_once_across_nodes(
     for ws in [&mut alex_a, &mut alex_b, &mut sam_a] {
         assert_eq!(recv(ws).await, json!({"type": "news", "payload": 2}));
     }
-    for ws in [&mut alex_a, &mut alex_b, &mut sam_a, &mut alex_other, &mut kim_b] {
+    for ws in [
+        &mut alex_a,
+        &mut alex_b,
+        &mut sam_a,
+        &mut alex_other,
+        &mut kim_b,
+    ] {
         silent(ws, 300).await;
     }
     // a broadcast to everyone
-    publish(&client, "socket:broadcast", json!({"type": "all", "payload": 3})).await;
-    for ws in [&mut alex_a, &mut alex_b, &mut sam_a, &mut alex_other, &mut kim_b] {
+    publish(
+        &client,
+        "socket:broadcast",
+        json!({"type": "all", "payload": 3}),
+    )
+    .await;
+    for ws in [
+        &mut alex_a,
+        &mut alex_b,
+        &mut sam_a,
+        &mut alex_other,
+        &mut kim_b,
+    ] {
         assert_eq!(recv(ws).await, json!({"type": "all", "payload": 3}));
         silent(ws, 100).await;
     }
@@ -178,7 +195,10 @@ impl Drop for Python {
 }
 
 fn python_handler(nats: &NatsServer) -> Python {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/python/handler.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/python/handler.py"
+    );
     let mut child = Command::new("python3")
         .args([script, &nats.url()])
         .stdout(Stdio::piped())
@@ -219,6 +239,9 @@ async fn the_python_example_handles_events_from_both_nodes() {
     // Python publishes to the send topic: alex's sockets on both nodes get it
     send(&mut on_b, json!({"type": "python.poke", "payload": "hi"})).await;
     for ws in [&mut on_a, &mut on_b] {
-        assert_eq!(recv(ws).await, json!({"type": "python.poked", "payload": "hi"}));
+        assert_eq!(
+            recv(ws).await,
+            json!({"type": "python.poked", "payload": "hi"})
+        );
     }
 }
