@@ -1,5 +1,6 @@
 //! The demo chat: handlers written against the public `switchboard` API exactly as a user
-//! would write them, a page at `/`, and `/demo/login` to get a token.
+//! would write them, a page at `/` (using the client helper at `/switchboard-client.js`), and
+//! `/demo/login` to get a token.
 //!
 //! - connect: needs `?namespace=`; replies `{username, namespace, online, users}` and tells
 //!   the namespace who is online (`chat.presence`);
@@ -18,6 +19,8 @@ use switchboard::{
 /// The repo's `conf/socket.yaml`, for `serve --demo` outside the repo.
 pub(crate) const BUNDLED_CONFIG: &str = include_str!("../../../conf/socket.yaml");
 const PAGE: &str = include_str!("../assets/index.html");
+/// The client helper the page imports; usable on its own (`assets/switchboard-client.js`).
+const CLIENT_JS: &str = include_str!("../assets/switchboard-client.js");
 /// Used only by `serve --demo` when the secret variable is unset.
 const DEMO_SECRET: &str = "switchboard-demo-secret-not-for-production";
 const MAX_TEXT: usize = 2000;
@@ -120,6 +123,14 @@ pub(crate) fn install(container: &mut Container) -> Result<(), Box<dyn std::erro
         res.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        res
+    });
+    container.route("/switchboard-client.js", |_req: &RequestParts| {
+        let mut res = Response::new(Body::from(CLIENT_JS));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/javascript; charset=utf-8"),
         );
         res
     });

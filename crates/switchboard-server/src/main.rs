@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! switchboard serve [--config conf/socket.yaml] [--listen 127.0.0.1:4000]
+//!                   [--admin-listen 127.0.0.1:9090] [--log-format json] [--drain 10s]
 //! switchboard serve --demo
 //! switchboard check-config conf/socket.yaml
 //! ```
@@ -17,41 +18,93 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use switchboard::config::LogFormat;
 use switchboard::{Config, Container};
 
 mod demo;
 
 /// A WebSocket gateway wired to a pub/sub event bus.
 #[derive(Debug, Parser)]
-#[command(name = "switchboard", version, about, long_about = None)]
+#[command(
+    name = "switchboard",
+    version,
+    about,
+    long_about = "A WebSocket gateway wired to a pub/sub event bus.\n\n\
+        Sockets connect with a JWT; what they send is published to the topics named in the \
+        config (conf/socket.yaml), and what is published to its `send` and `broadcast` topics \
+        reaches them. Every config key: docs/CONFIG.md.",
+    after_help = "Examples:\n  \
+        switchboard serve --demo                     # the demo chat on http://127.0.0.1:4000/\n  \
+        switchboard serve -c conf/socket.yaml --admin-listen 127.0.0.1:9090\n  \
+        switchboard check-config conf/socket.yaml    # exit 0 and a summary, or 2 and the error\n\n\
+        Environment:\n  \
+        RUST_LOG                 which log events to write (default `info`)\n  \
+        SWITCHBOARD_JWT_SECRET   the HS* secret (the name is `gateway.auth.secret_env`)\n  \
+        ${NAME} in the config's string values is replaced by the variable NAME."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway until Ctrl-C or SIGTERM, then close every socket (1001) and exit.
+    #[command(
+        long_about = "Run the gateway until Ctrl-C or SIGTERM, then close every socket (1001), \
+            wait for them to finish (--drain) and exit 0.\n\n\
+            On start it prints the config it loaded and the addresses it listens on (stdout); \
+            logs go to stderr. Exit status: 0 after a clean shutdown, 1 if it cannot start \
+            (address in use, JWT secret unset, broker unreachable), 2 for an invalid config.",
+        after_help = "Examples:\n  \
+            switchboard serve --demo --listen 127.0.0.1:0\n  \
+            RUST_LOG=switchboard=debug switchboard serve -c conf/socket.yaml --log-format json"
+    )]
     Serve {
-        /// The config file.
+        /// The config file (YAML; `${NAME}` in string values is read from the environment).
         #[arg(long, short, default_value = "conf/socket.yaml")]
         config: PathBuf,
         /// Listen on this address instead of the config's `gateway.listen` (port 0: any).
-        #[arg(long)]
+        #[arg(long, value_name = "IP:PORT")]
         listen: Option<SocketAddr>,
+        /// Serve `/metrics`, `/healthz` and `/readyz` on this address instead of the config's
+        /// `gateway.admin.listen` (port 0: any). Keep it off the public network.
+        #[arg(long, value_name = "IP:PORT")]
+        admin_listen: Option<SocketAddr>,
+        /// Log format, instead of the config's `gateway.log.format` (default text). Which events
+        /// are logged is set by `RUST_LOG`.
+        #[arg(long, value_enum, value_name = "FORMAT")]
+        log_format: Option<LogFormatArg>,
         /// Run the bundled demo chat (page at `/`, tokens from `/demo/login`). Uses a demo
         /// secret when the config's secret variable is unset. Never in production.
         #[arg(long)]
         demo: bool,
         /// How long shutdown waits for sockets to close (default: the config's
-        /// `gateway.drain`, 10 s unless set).
-        #[arg(long, value_parser = humantime_duration)]
+        /// `gateway.drain`, 10 s unless set), e.g. `30s`.
+        #[arg(long, value_parser = humantime_duration, value_name = "DURATION")]
         drain: Option<Duration>,
     },
     /// Validate a config file: exit 0 with a summary, or non-zero naming the key and line.
+    #[command(
+        long_about = "Validate a config file without starting the gateway.\n\n\
+            Exit 0 and print `FILE: ok (listen ..., path ..., N message type route(s), auth ALG)`, \
+            or exit 2 and print `error: FILE: <key path>: <problem> at line L column C` on \
+            stderr. Variables named as `${NAME}` must be set; the JWT secret variable and the \
+            public key file are only read by `serve`.",
+        after_help = "Example:\n  switchboard check-config conf/socket.yaml"
+    )]
     CheckConfig {
-        /// The config file.
+        /// The config file to check.
         file: PathBuf,
     },
 }
@@ -76,10 +129,11 @@ fn main() -> ExitCode {
         Command::Serve {
             config,
             listen,
+            admin_listen,
+            log_format,
             demo,
             drain,
         } => {
-            init_logging();
             let loaded = match load_config(&config, demo) {
                 Ok(c) => c,
                 Err(e) => {
@@ -87,6 +141,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            init_logging(match log_format {
+                Some(LogFormatArg::Json) => LogFormat::Json,
+                Some(LogFormatArg::Text) => LogFormat::Text,
+                None => loaded.1.gateway.log.format,
+            });
             if demo {
                 demo::use_demo_secret_if_unset(&loaded.1);
             }
@@ -100,7 +159,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(loaded, listen, demo, drain)) {
+            match runtime.block_on(serve(loaded, listen, admin_listen, demo, drain)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -126,18 +185,23 @@ fn load_config(path: &PathBuf, demo: bool) -> Result<Loaded, switchboard::Config
 fn summary(config: &Config) -> String {
     let s = &config.gateway.socket;
     let types = s.onmessage.as_ref().map_or(0, |m| m.types.len());
-    format!(
+    let mut summary = format!(
         "listen {}, path {}, {} message type route(s), auth {:?}",
         config.gateway.listen,
         s.path.as_str(),
         types,
         config.gateway.auth.algorithm
-    )
+    );
+    if let Some(admin) = &config.gateway.admin {
+        summary.push_str(&format!(", admin {}", admin.listen));
+    }
+    summary
 }
 
 async fn serve(
     (source, config): Loaded,
     listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
     demo: bool,
     drain: Option<Duration>,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -154,6 +218,9 @@ async fn serve(
     if demo {
         demo::install(&mut container)?;
     }
+    if let Some(admin) = admin_listen {
+        container.admin_listen(admin);
+    }
     if let Some(bus) = &nats {
         // Subscriptions must be live before the first socket can publish.
         bus.subscriptions_ready().await?;
@@ -163,6 +230,9 @@ async fn serve(
     let local = running.local_addr();
     println!("switchboard: config {source}");
     println!("switchboard: listening on ws://{local}{path}");
+    if let Some(admin) = running.admin_addr() {
+        println!("switchboard: admin on http://{admin} (/metrics, /healthz, /readyz)");
+    }
     if demo {
         println!("switchboard: demo chat at http://{local}/ (open it in two browser windows)");
     }
@@ -185,11 +255,15 @@ async fn connect_nats(
     switchboard_bus_nats::NatsBus::connect(options).await
 }
 
-fn init_logging() {
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text or one JSON object a line.
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        _ => builder.init(),
+    }
 }

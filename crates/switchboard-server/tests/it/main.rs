@@ -2,6 +2,7 @@
 //! real WebSocket clients, ended by SIGTERM.
 
 mod nats;
+mod ops;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
