@@ -9,6 +9,7 @@
 use std::process::{Command, ExitCode};
 
 mod bench;
+mod fuzz;
 
 /// Crates that must not depend on any other switchboard crate.
 const LEAVES: &[&str] = &[
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         "layering" => layering(),
         "deps" => install_system_deps(),
         "autobahn" => autobahn(),
+        "fuzz" => fuzz::fuzz(&std::env::args().skip(2).collect::<Vec<_>>()),
         "bench" => bench::run(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
             eprintln!(
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
                  test      every test of the workspace\n  \
                  layering  check that the leaf crates depend on no other switchboard crate\n  \
                  autobahn  Autobahn cases 1-11 against the echo example (installs kosoku)\n  \
+                 fuzz      fuzz targets: [TARGET] [--seconds N] [--asan] (default all, 60 s)\n  \
                  bench     load benchmark vs ws-node and uws-node (--smoke: CI's; --help)\n  \
                  deps      install missing system tools (curl)"
             );

@@ -1,5 +1,7 @@
 //! Registry behaviour under many users and namespaces, and under concurrent writers.
 
+mod model;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 

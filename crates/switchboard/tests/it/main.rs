@@ -6,6 +6,7 @@ mod harness;
 mod hostile;
 mod identity;
 mod raw;
+mod tenancy;
 
 use std::time::Duration;
 
