@@ -5,10 +5,16 @@
 //! - `cargo xtask fmt` / `lint` / `test` / `layering`: one step each;
 //! - `cargo xtask autobahn`: the Autobahn|Testsuite cases 1-11 (via `kosoku`) against the
 //!   transport's echo example; fails on any FAILED case.
+//! - `cargo xtask codegen`: regenerate `docs/CONFIG.md` from the config schema (`--check`:
+//!   only fail when it is stale; a test does the same);
+//! - `cargo xtask e2e`: the demo chat in headless Chromium and the client helper's unit tests
+//!   (`e2e/`); installs Debian's chromium when missing. Part of `ci`.
 
 use std::process::{Command, ExitCode};
 
 mod bench;
+mod codegen;
+mod e2e;
 mod fuzz;
 
 /// Crates that must not depend on any other switchboard crate.
@@ -37,6 +43,8 @@ fn main() -> ExitCode {
         "layering" => layering(),
         "deps" => install_system_deps(),
         "autobahn" => autobahn(),
+        "codegen" => codegen::run(&std::env::args().skip(2).collect::<Vec<_>>()),
+        "e2e" => e2e::run_e2e(),
         "fuzz" => fuzz::fuzz(&std::env::args().skip(2).collect::<Vec<_>>()),
         "bench" => bench::run(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
@@ -49,6 +57,8 @@ fn main() -> ExitCode {
                  test      every test of the workspace\n  \
                  layering  check that the leaf crates depend on no other switchboard crate\n  \
                  autobahn  Autobahn cases 1-11 against the echo example (installs kosoku)\n  \
+                 codegen   regenerate docs/CONFIG.md from the schema (--check: fail if stale)\n  \
+                 e2e       the demo chat in headless Chromium + client unit tests (installs chromium)\n  \
                  fuzz      fuzz targets: [TARGET] [--seconds N] [--asan] (default all, 60 s)\n  \
                  bench     load benchmark vs ws-node and uws-node (--smoke: CI's; --help)\n  \
                  deps      install missing system tools (curl)"
@@ -76,6 +86,7 @@ fn ci() -> Result {
     lint()?;
     layering()?;
     test()?;
+    e2e::run_e2e()?;
     autobahn()?;
     bench::ci()
 }

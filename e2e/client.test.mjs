@@ -1,0 +1,222 @@
+// Unit tests of crates/switchboard-server/assets/switchboard-client.js with a fake WebSocket
+// and mocked timers: the backoff schedule, at-most-once sending, dispatch, and stopping.
+
+import { test, mock, beforeEach, afterEach } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
+
+// The helper is a browser ES module; load it as one whatever Node thinks of `.js` files.
+const source = await readFile(
+  new URL('../crates/switchboard-server/assets/switchboard-client.js', import.meta.url),
+  'utf8',
+);
+const { SwitchboardClient, backoffDelay, DEFAULT_BACKOFF } = await import(
+  'data:text/javascript;base64,' + Buffer.from(source).toString('base64')
+);
+
+/** A WebSocket stand-in the test drives by hand. */
+class FakeSocket {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    FakeSocket.all.push(this);
+  }
+  send(text) {
+    assert.equal(this.readyState, 1, 'send on a socket that is not open');
+    this.sent.push(JSON.parse(text));
+  }
+  close(code = 1000, reason = '') {
+    this.readyState = 3;
+    this.closedWith = { code, reason };
+  }
+  // test controls
+  open() {
+    this.readyState = 1;
+    this.onopen?.({});
+  }
+  drop(code = 1006, reason = '') {
+    this.readyState = 3;
+    this.onclose?.({ code, reason });
+  }
+  receive(frame) {
+    this.onmessage?.({ data: typeof frame === 'string' ? frame : JSON.stringify(frame) });
+  }
+}
+
+const last = () => FakeSocket.all.at(-1);
+
+function client(options = {}) {
+  const statuses = [];
+  const c = new SwitchboardClient('ws://gateway/connect', {
+    WebSocket: FakeSocket,
+    random: () => 0,
+    ...options,
+  });
+  c.onStatus((s) => statuses.push(s));
+  return { c, statuses };
+}
+
+beforeEach(() => {
+  FakeSocket.all = [];
+  mock.timers.enable({ apis: ['setTimeout'] });
+});
+afterEach(() => mock.timers.reset());
+
+test('backoff doubles from 250 ms up to the cap, jitter only shortens it', () => {
+  const none = () => 0;
+  const full = () => 0.999999;
+  const plain = [0, 1, 2, 3, 4, 5, 6, 10].map((a) => backoffDelay(a, DEFAULT_BACKOFF, none));
+  assert.deepEqual(plain, [250, 500, 1000, 2000, 4000, 8000, 10000, 10000]);
+  const jittered = [0, 1, 6].map((a) => backoffDelay(a, DEFAULT_BACKOFF, full));
+  assert.deepEqual(jittered, [125, 250, 5000]);
+  for (let i = 0; i < 200; i++) {
+    const d = backoffDelay(3, { initialMs: 100, maxMs: 700 });
+    assert.ok(d >= 350 && d <= 700, `delay ${d}`);
+  }
+});
+
+test('reconnects after each drop with growing delays, and resets after a stable connection', () => {
+  const { c, statuses } = client({ stableMs: 1000 });
+  c.connect();
+  assert.equal(FakeSocket.all.length, 1);
+  last().drop(); // refused before opening
+  assert.deepEqual(statuses.at(-1), { state: 'reconnecting', attempt: 1, delayMs: 250, code: 1006, reason: '' });
+  mock.timers.tick(249);
+  assert.equal(FakeSocket.all.length, 1, 'not before the delay');
+  mock.timers.tick(1);
+  assert.equal(FakeSocket.all.length, 2);
+  last().drop();
+  assert.equal(statuses.at(-1).delayMs, 500);
+  mock.timers.tick(500);
+  last().open();
+  assert.equal(c.connected, true);
+  last().drop(1001, 'going away'); // dropped before it was stable: the backoff goes on
+  assert.equal(statuses.at(-1).delayMs, 1000);
+  mock.timers.tick(1000);
+  last().open();
+  mock.timers.tick(1000); // stable
+  last().drop(1001);
+  assert.equal(statuses.at(-1).delayMs, 250, 'back to the first delay');
+  assert.deepEqual(
+    statuses.map((s) => s.state),
+    ['connecting', 'reconnecting', 'connecting', 'reconnecting', 'connecting', 'open',
+      'reconnecting', 'connecting', 'open', 'reconnecting'],
+  );
+});
+
+test('each message is handed to a socket at most once; the outbox is sent once, on the next connection', () => {
+  const { c } = client({ outbox: 2 });
+  assert.equal(c.send('early', 1), 'queued'); // before connect()
+  c.connect();
+  assert.equal(c.send('while.connecting', 2), 'queued'); // the outbox holds 2: 'early' is dropped
+  assert.equal(c.send('also.connecting', 3), 'queued');
+  assert.equal(c.pending, 2);
+  const first = last();
+  first.open();
+  assert.equal(c.pending, 0);
+  assert.equal(c.send('live', 4), 'sent');
+  first.drop();
+  assert.equal(c.send('offline'), 'queued');
+  mock.timers.tick(250);
+  const second = last();
+  assert.notEqual(first, second);
+  second.open();
+  assert.deepEqual(first.sent, [
+    { type: 'while.connecting', payload: 2 },
+    { type: 'also.connecting', payload: 3 },
+    { type: 'live', payload: 4 },
+  ]);
+  assert.deepEqual(second.sent, [{ type: 'offline' }], 'nothing from the first socket is resent');
+  second.drop();
+  mock.timers.tick(500); // the second delay: the connection never became stable
+  assert.equal(FakeSocket.all.length, 3);
+  last().open();
+  assert.deepEqual(last().sent, [], 'the outbox was emptied when it was sent');
+});
+
+test('without an outbox, a message sent while disconnected is dropped, not sent later', () => {
+  const { c } = client();
+  c.connect();
+  assert.equal(c.send('too.early'), 'dropped');
+  last().open();
+  assert.deepEqual(last().sent, []);
+});
+
+test('frames are dispatched by type, bad frames are ignored, handlers can be removed', () => {
+  const { c } = client();
+  const got = [];
+  const off = c.on('chat.said', (payload, frame) => got.push(['said', payload, frame.type]));
+  c.on('*', (_payload, frame) => got.push(['any', frame.type]));
+  c.connect();
+  last().open();
+  last().receive({ type: 'chat.said', payload: { text: 'hi' } });
+  last().receive({ type: 'other' });
+  last().receive('not json');
+  last().receive({ payload: 'no type' });
+  last().receive('[1,2]');
+  off();
+  last().receive({ type: 'chat.said', payload: 2 });
+  assert.deepEqual(got, [
+    ['said', { text: 'hi' }, 'chat.said'],
+    ['any', 'chat.said'],
+    ['any', 'other'],
+    ['any', 'chat.said'],
+  ]);
+});
+
+test('close() stops reconnecting, even with a retry pending; late events of old sockets are ignored', () => {
+  const { c, statuses } = client({ outbox: 5 });
+  c.connect();
+  const ws = last();
+  ws.open();
+  ws.drop();
+  assert.equal(statuses.at(-1).state, 'reconnecting');
+  c.close();
+  assert.equal(statuses.at(-1).state, 'closed');
+  mock.timers.tick(60_000);
+  assert.equal(FakeSocket.all.length, 1, 'no new socket after close()');
+  assert.equal(c.send('after.close'), 'dropped');
+  ws.receive({ type: 'late' }); // ignored
+  // and an open socket is closed with 1000
+  c.connect();
+  last().open();
+  c.close();
+  assert.deepEqual(last().closedWith, { code: 1000, reason: 'bye' });
+});
+
+test('beforeConnect runs before every attempt, and a failure is retried with backoff', async () => {
+  const calls = [];
+  let fail = true;
+  const { c, statuses } = client({
+    beforeConnect: async (info) => {
+      calls.push(info.reconnect);
+      if (fail) throw new Error('login failed');
+    },
+  });
+  c.connect();
+  await Promise.resolve();
+  await Promise.resolve();
+  assert.equal(FakeSocket.all.length, 0);
+  assert.equal(statuses.at(-1).state, 'reconnecting');
+  assert.equal(statuses.at(-1).error.message, 'login failed');
+  fail = false;
+  mock.timers.tick(250);
+  await Promise.resolve();
+  await Promise.resolve();
+  assert.equal(FakeSocket.all.length, 1);
+  assert.deepEqual(calls, [false, true]);
+});
+
+test('shouldReconnect can refuse, e.g. after a policy close', () => {
+  const { c, statuses } = client({ shouldReconnect: ({ code }) => code !== 1008 });
+  c.connect();
+  last().open();
+  last().drop(1008, 'connection refused by handler');
+  assert.deepEqual(statuses.at(-1), {
+    state: 'closed', attempt: 0, code: 1008, reason: 'connection refused by handler',
+  });
+  mock.timers.tick(60_000);
+  assert.equal(FakeSocket.all.length, 1);
+});
