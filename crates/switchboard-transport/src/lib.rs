@@ -20,7 +20,52 @@
 //! - a socket whose send queue is full is closed (`1008`, "send queue full") instead of
 //!   growing memory; a client that misses a heartbeat pong is dropped.
 //!
-//! See `examples/echo.rs` for a complete echo server.
+//! An echo server: every text message comes back to its sender.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use switchboard_transport::{
+//!     http::Response, Body, CloseReason, Inbound, RequestParts, Server, Service, SocketHandle,
+//!     TransportOptions,
+//! };
+//!
+//! struct Echo;
+//!
+//! impl Service for Echo {
+//!     type Admission = ();
+//!     type Session = SocketHandle;
+//!     fn admit(&self, _request: &RequestParts) -> Result<(), Response<Body>> {
+//!         Ok(()) // check a token here; an Err is sent as the HTTP response
+//!     }
+//!     fn open(&self, _: (), socket: SocketHandle) -> SocketHandle {
+//!         socket
+//!     }
+//!     fn on_message(&self, socket: &SocketHandle, message: Inbound) {
+//!         if let Inbound::Text(text) = message {
+//!             let _ = socket.send_text(text); // Err: queue full, the socket is being closed
+//!         }
+//!     }
+//!     fn on_close(&self, _socket: SocketHandle, _reason: CloseReason) {}
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> std::io::Result<()> {
+//! let mut options = TransportOptions::default();
+//! options.path = "/echo".into();
+//! let server = Server::bind("127.0.0.1:0".parse().unwrap(), options, Arc::new(Echo)).await?;
+//!
+//! # use futures_util::{SinkExt, StreamExt};
+//! # use tokio_tungstenite::tungstenite::Message;
+//! let url = format!("ws://{}/echo", server.local_addr());
+//! let (mut client, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+//! client.send(Message::text("hello")).await.unwrap();
+//! assert_eq!(client.next().await.unwrap().unwrap(), Message::text("hello"));
+//!
+//! server.shutdown(Duration::from_secs(1)).await; // every socket gets 1001
+//! # Ok(()) }
+//! ```
+//!
+//! See `examples/echo.rs` for the complete echo server used for conformance runs.
 
 use std::convert::Infallible;
 use std::fmt;
