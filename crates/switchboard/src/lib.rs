@@ -83,6 +83,11 @@ pub use switchboard_transport::{
     http, plain_response, Body, RequestParts, ShutdownReport, TransportCounters, SLOW_CONSUMER_CODE,
 };
 
+/// The README's Rust examples, compiled (not run) as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
+
 /// An extra HTTP endpoint served beside the socket path (the demo's page, a health check).
 pub type Route = Arc<dyn Fn(&RequestParts) -> http::Response<Body> + Send + Sync>;
 pub(crate) type Routes = HashMap<String, Route>;
