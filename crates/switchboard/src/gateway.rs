@@ -347,6 +347,9 @@ impl Service for Gateway {
         };
         GatewayStats::bump(&self.stats.messages_in);
         let typed_topic = self.hooks.types.get(message.message_type());
+        if typed_topic.is_none() && self.hooks.onmessage.is_none() {
+            return; // no topic for it
+        }
         let data = message.into_data();
         let data = Arc::new(data);
         // One way back for both topics: it carries the publish time for the latency series.
