@@ -20,8 +20,12 @@ type Figures = BTreeMap<String, String>;
 
 /// The secret every server verifies and the client signs with (loopback benchmark only).
 const SECRET: &str = "switchboard-bench-secret-not-for-production";
-const CLIENT: &str = "target/release/bench-client";
-const SERVER: &str = "target/release/bench-server";
+
+/// A bench binary in the release target directory (`CARGO_TARGET_DIR` or `target`).
+fn bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
+    PathBuf::from(target).join("release").join(name)
+}
 
 const USAGE: &str = "usage: cargo xtask bench [options]
 
@@ -225,6 +229,10 @@ impl Options {
 
 /// `cargo xtask bench [options]`.
 pub(crate) fn run(args: &[String]) -> Result {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return Ok(());
+    }
     let o = Options::parse(args)?;
     if o.build {
         build()?;
@@ -242,9 +250,14 @@ pub(crate) fn run(args: &[String]) -> Result {
             _ => measured(&o, scenario, &mut report)?,
         }
     }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     report.line(format!(
-        "\n_Whole run: {:.0} s._",
-        started.elapsed().as_secs_f64()
+        "\n_Whole run: {:.0} s; load average at the end: {}._",
+        started.elapsed().as_secs_f64(),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     ));
     let text = report.text();
     if let Some(dir) = o.report.parent() {
@@ -269,10 +282,11 @@ pub(crate) fn run(args: &[String]) -> Result {
 }
 
 /// What CI runs: the micro-benchmarks build, and every load scenario briefly against
-/// Switchboard alone.
+/// Switchboard alone. `cargo bench --no-run` also builds the bench binaries (benches may run
+/// them), in the same profile, so the smoke run needs no second build.
 pub(crate) fn ci() -> Result {
     cmd("cargo", &["bench", "-p", "switchboard-bench", "--no-run"])?;
-    run(&["--smoke".to_string()])
+    run(&["--smoke".to_string(), "--no-build".to_string()])
 }
 
 fn build() -> Result {
@@ -348,7 +362,7 @@ impl Running {
         let port = free_port()?;
         let mut command = match server.peer_dir() {
             None => {
-                let mut c = Command::new(SERVER);
+                let mut c = Command::new(bin("bench-server"));
                 c.arg(port.to_string());
                 if let Some(n) = o.server_threads {
                     c.args(["--threads", &n.to_string()]);
@@ -412,7 +426,7 @@ impl Drop for Running {
 
 /// The client's arguments shared by every scenario.
 fn client_command(o: &Options, target: &Running) -> Command {
-    let mut c = Command::new(CLIENT);
+    let mut c = Command::new(bin("bench-client"));
     c.env("SWITCHBOARD_JWT_SECRET", SECRET)
         .arg("--addr")
         .arg(format!("127.0.0.1:{}", target.port))
@@ -805,7 +819,7 @@ impl Report {
         ));
         r.line(
             "- ratio column: Switchboard's figure ÷ this server's for throughput, this \
-             server's ÷ Switchboard's for latency and memory; above 1× means Switchboard \
+             server's ÷ Switchboard's for latency, CPU per unit of work and memory; above 1× means Switchboard \
              is better"
                 .to_string(),
         );
@@ -866,15 +880,31 @@ impl Report {
         } else {
             "latency"
         };
+        let unit = if scenario == Scenario::Broadcast {
+            "delivery"
+        } else if scenario == Scenario::Handshake {
+            "connection"
+        } else {
+            "message"
+        };
         self.line(format!(
             "| server | {figure} | ratio | {latency} p50 µs | p99 µs | p999 µs | p99 ratio | \
-             client CPU | server CPU |"
+             client CPU | server CPU | server CPU µs per {unit} | ratio |"
         ));
-        self.line("|---|---:|---:|---:|---:|---:|---:|---:|---:|".into());
+        self.line("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into());
+        // CPU time per unit of work: less sensitive than throughput to a client or to other
+        // processes taking the cores.
+        let cost = |f: &Figures| {
+            num(f, "server_cpu")
+                .zip(num(f, "rate"))
+                .filter(|(_, r)| *r > 0.0)
+                .map(|(c, r)| c * 1e6 / r)
+        };
+        let sb_cost = sb.as_ref().and_then(cost);
         for (server, f) in rows {
             let Some(f) = f else {
                 self.line(format!(
-                    "| {} | failed | — | — | — | — | — | — | — |",
+                    "| {} | failed | — | — | — | — | — | — | — | — | — |",
                     server.name()
                 ));
                 continue;
@@ -886,7 +916,7 @@ impl Report {
                 ""
             };
             self.line(format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {}{} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} |",
                 server.name(),
                 fmt_int(num(f, "rate")),
                 ratio(sb_num("rate"), num(f, "rate")),
@@ -897,6 +927,8 @@ impl Report {
                 fmt_opt(client, 2),
                 bound,
                 fmt_opt(num(f, "server_cpu"), 2),
+                fmt_opt(cost(f), 1),
+                ratio(cost(f), sb_cost),
             ));
         }
         if scenario == Scenario::Broadcast {

@@ -276,9 +276,27 @@ async fn run(cli: Cli) -> Result<String, String> {
 
 type Ws = WebSocket<TcpStream>;
 
-/// Opens `n` sockets, `user-{offset + i}` each, at most `connect_concurrency` at a time,
-/// retrying each up to three times. Fails if any cannot be opened.
-async fn open_sockets(run: &Arc<Run>, n: usize, offset: usize) -> Result<Vec<Ws>, String> {
+/// Opens socket `i` as `user-{i}`, retrying up to three times.
+async fn open_one(run: &Run, i: usize) -> Result<Ws, String> {
+    let token = switchboard_bench::mint_token(&run.secret, &format!("user-{i}"), 3600);
+    let mut last = String::new();
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+        }
+        let connect = client::connect(&run.ep, run.source(i), &token);
+        match tokio::time::timeout(Duration::from_secs(10), connect).await {
+            Ok(Ok(ws)) => return Ok(ws),
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "timed out".into(),
+        }
+    }
+    Err(format!("socket {i}: {last}"))
+}
+
+/// Opens `n` sockets, `user-{i}` each, at most `connect_concurrency` at a time. Fails if any
+/// cannot be opened.
+async fn open_sockets(run: &Arc<Run>, n: usize) -> Result<Vec<Ws>, String> {
     let gate = Arc::new(Semaphore::new(run.connect_concurrency));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(n);
@@ -287,21 +305,7 @@ async fn open_sockets(run: &Arc<Run>, n: usize, offset: usize) -> Result<Vec<Ws>
         let gate = gate.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.map_err(|e| e.to_string())?;
-            let token =
-                switchboard_bench::mint_token(&run.secret, &format!("user-{}", offset + i), 3600);
-            let mut last = String::new();
-            for attempt in 0..3 {
-                if attempt > 0 {
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                }
-                let connect = client::connect(&run.ep, run.source(i), &token);
-                match tokio::time::timeout(Duration::from_secs(10), connect).await {
-                    Ok(Ok(ws)) => return Ok(ws),
-                    Ok(Err(e)) => last = e.to_string(),
-                    Err(_) => last = "timed out".into(),
-                }
-            }
-            Err(format!("socket {i}: {last}"))
+            open_one(&run, i).await
         }));
     }
     let mut sockets = Vec::with_capacity(n);
@@ -358,7 +362,7 @@ async fn roundtrips(
     warmup: f64,
     secs: f64,
 ) -> Result<String, String> {
-    let sockets = open_sockets(&run, n.max(1), 0).await?;
+    let sockets = open_sockets(&run, n.max(1)).await?;
     let clock = Clock::start(warmup, secs);
     let cpu = sample_cpu(clock, run.server_pid);
     let expect = match kind {
@@ -560,7 +564,7 @@ async fn broadcast(
     secs: f64,
 ) -> Result<String, String> {
     let n = n.max(1);
-    let mut sockets = open_sockets(&run, n + 1, 0).await?;
+    let mut sockets = open_sockets(&run, n + 1).await?;
     let publisher = sockets.pop().expect("n + 1 sockets");
 
     // Prove that every subscriber is registered (open ran) before the first broadcast.
@@ -736,39 +740,33 @@ async fn subscriber(mut ws: Ws, fan: Arc<Fanout>) {
 }
 
 /// Scenario 4: hold N proven sockets until told to stop. The caller reads the server's RSS
-/// between `READY` and closing our stdin.
+/// between `READY` and closing our stdin. Each socket is connected, proven with one echo and
+/// then read (answering heartbeats) by its own task from the start, so a slow setup of many
+/// sockets never misses a ping.
 async fn idle(run: Arc<Run>, n: usize, hold: f64) -> Result<String, String> {
     let started = Instant::now();
-    let sockets = open_sockets(&run, n, 0).await?;
     let gate = Arc::new(Semaphore::new(run.connect_concurrency));
-    let probes: Vec<_> = sockets
-        .into_iter()
-        .enumerate()
-        .map(|(i, ws)| {
-            let gate = gate.clone();
-            let payload = run.payload;
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<Result<(), String>>();
+    let lost = Arc::new(AtomicU64::new(0));
+    let holders: Vec<_> = (0..n)
+        .map(|i| {
+            let (run, gate, ready, lost) =
+                (run.clone(), gate.clone(), ready_tx.clone(), lost.clone());
             tokio::spawn(async move {
                 let permit = gate.acquire().await;
-                let r = probe(ws, i as u32, payload).await;
+                let opened = match open_one(&run, i).await {
+                    Ok(ws) => probe(ws, i as u32, run.payload).await,
+                    Err(e) => Err(e),
+                };
                 drop(permit);
-                r
-            })
-        })
-        .collect();
-    let mut held = Vec::with_capacity(n);
-    for p in probes {
-        match p.await {
-            Ok(Ok(ws)) => held.push(ws),
-            Ok(Err(e)) => return Err(format!("a socket failed its first echo: {e}")),
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    let lost = Arc::new(AtomicU64::new(0));
-    let holders: Vec<_> = held
-        .into_iter()
-        .map(|mut ws| {
-            let lost = lost.clone();
-            tokio::spawn(async move {
+                let mut ws = match opened {
+                    Ok(ws) => ws,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(()));
                 // Answer heartbeats (auto-pong) until the socket or the process ends.
                 while let Ok(f) = ws.read_frame().await {
                     if f.opcode == OpCode::Close {
@@ -779,7 +777,16 @@ async fn idle(run: Arc<Run>, n: usize, hold: f64) -> Result<String, String> {
             })
         })
         .collect();
+    drop(ready_tx);
+    for _ in 0..n {
+        match ready_rx.recv().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(format!("a socket failed to open or echo: {e}")),
+            None => return Err("a socket task ended early".into()),
+        }
+    }
     let setup = started.elapsed().as_secs_f64();
+    eprintln!("bench-client: {n} sockets open and proven in {setup:.2}s");
     println!("READY sockets={n} setup_s={setup:.2}");
     let _ = std::io::stdout().flush();
 
