@@ -21,10 +21,15 @@ type Figures = BTreeMap<String, String>;
 /// The secret every server verifies and the client signs with (loopback benchmark only).
 const SECRET: &str = "switchboard-bench-secret-not-for-production";
 
-/// A bench binary in the release target directory (`CARGO_TARGET_DIR` or `target`).
-fn bin(name: &str) -> PathBuf {
+/// A bench binary built with `profile`, in `CARGO_TARGET_DIR` or `target`.
+fn bin(profile: &str, name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
-    PathBuf::from(target).join("release").join(name)
+    let dir = match profile {
+        "dev" | "test" => "debug",
+        "release" | "bench" => "release",
+        other => other,
+    };
+    PathBuf::from(target).join(dir).join(name)
 }
 
 const USAGE: &str = "usage: cargo xtask bench [options]
@@ -46,6 +51,7 @@ const USAGE: &str = "usage: cargo xtask bench [options]
   --client-threads N       client runtime threads (default 1)
   --server-threads N       Switchboard worker threads (default: one per core)
   --report PATH            also write the tables here (default target/bench/report.md)
+  --profile NAME           cargo profile of the bench binaries (default release)
   --no-build               do not build the bench binaries first";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +128,7 @@ struct Options {
     client_threads: usize,
     server_threads: Option<usize>,
     report: PathBuf,
+    profile: String,
     build: bool,
 }
 
@@ -162,6 +169,7 @@ impl Options {
             } else {
                 "target/bench/report.md"
             }),
+            profile: "release".into(),
             build: true,
         }
     }
@@ -216,6 +224,7 @@ impl Options {
                 "--client-threads" => o.client_threads = num(value)?,
                 "--server-threads" => o.server_threads = Some(num(value)?),
                 "--report" => o.report = PathBuf::from(value),
+                "--profile" => o.profile = value.clone(),
                 other => return Err(format!("unknown option `{other}`\n\n{USAGE}")),
             }
         }
@@ -235,7 +244,7 @@ pub(crate) fn run(args: &[String]) -> Result {
     }
     let o = Options::parse(args)?;
     if o.build {
-        build()?;
+        build(&o.profile)?;
     }
     for server in &o.servers {
         if let Some(dir) = server.peer_dir() {
@@ -283,18 +292,32 @@ pub(crate) fn run(args: &[String]) -> Result {
 
 /// What CI runs: the micro-benchmarks build, and every load scenario briefly against
 /// Switchboard alone. `cargo bench --no-run` also builds the bench binaries (benches may run
-/// them), in the same profile, so the smoke run needs no second build.
+/// them), in the same profile, so the smoke run needs no second build. CI builds them in
+/// the dev profile: it reuses what `cargo test --workspace` has built and adds about a
+/// minute, where the release profile would add about five on this machine; the smoke run
+/// never judges speed.
 pub(crate) fn ci() -> Result {
-    cmd("cargo", &["bench", "-p", "switchboard-bench", "--no-run"])?;
-    run(&["--smoke".to_string(), "--no-build".to_string()])
+    cmd(
+        "cargo",
+        &[
+            "bench",
+            "-p",
+            "switchboard-bench",
+            "--no-run",
+            "--profile",
+            "dev",
+        ],
+    )?;
+    run(&["--smoke", "--no-build", "--profile", "dev"].map(String::from))
 }
 
-fn build() -> Result {
+fn build(profile: &str) -> Result {
     cmd(
         "cargo",
         &[
             "build",
-            "--release",
+            "--profile",
+            profile,
             "-p",
             "switchboard-bench",
             "--bin",
@@ -362,7 +385,7 @@ impl Running {
         let port = free_port()?;
         let mut command = match server.peer_dir() {
             None => {
-                let mut c = Command::new(bin("bench-server"));
+                let mut c = Command::new(bin(&o.profile, "bench-server"));
                 c.arg(port.to_string());
                 if let Some(n) = o.server_threads {
                     c.args(["--threads", &n.to_string()]);
@@ -426,7 +449,7 @@ impl Drop for Running {
 
 /// The client's arguments shared by every scenario.
 fn client_command(o: &Options, target: &Running) -> Command {
-    let mut c = Command::new(bin("bench-client"));
+    let mut c = Command::new(bin(&o.profile, "bench-client"));
     c.env("SWITCHBOARD_JWT_SECRET", SECRET)
         .arg("--addr")
         .arg(format!("127.0.0.1:{}", target.port))
@@ -814,8 +837,9 @@ impl Report {
                 .map_or("one per core".into(), |n| n.to_string())
         ));
         r.line(format!(
-            "- each run: {} s warm-up, {} s measured; a fresh server process per run",
-            o.warmup, o.secs
+            "- each run: {} s warm-up, {} s measured; a fresh server process per run; \
+             bench binaries built with the `{}` profile",
+            o.warmup, o.secs, o.profile
         ));
         r.line(
             "- ratio column: Switchboard's figure ÷ this server's for throughput, this \
