@@ -10,12 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fastwebsockets::{
-    Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite,
-};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket, WebSocketError, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::Notify;
 use tokio::time::{timeout, Instant};
 
@@ -23,12 +21,11 @@ use crate::{Inbound, Service, Shared};
 
 type Io = TokioIo<Upgraded>;
 type Reader = WebSocketRead<ReadHalf<Io>>;
-type Writer = WebSocketWrite<BufWriter<WriteHalf<Io>>>;
 
 /// How many queued frames the writer sends before it flushes.
 const MAX_BATCH: usize = 64;
-/// Write buffer per socket; a batch of small frames goes out in one syscall.
-const WRITE_BUFFER: usize = 16 * 1024;
+/// A batch stops growing at this many bytes (big frames would otherwise pile up).
+const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// Why a socket ended, as reported to [`Service::on_close`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,10 +267,13 @@ pub(crate) async fn run<S: Service>(
     shared: &Shared<S>,
 ) {
     let opts = &shared.options;
-    let (mut reader, writer) = ws.split(|io| {
-        let (r, w) = tokio::io::split(io);
-        (r, BufWriter::with_capacity(WRITE_BUFFER, w))
-    });
+    // fastwebsockets reads; we encode and write ourselves (see `Writer`).
+    let (r, w) = tokio::io::split(ws.into_inner());
+    let (mut reader, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), Role::Server);
+    let writer = Writer {
+        io: w,
+        buf: Vec::new(),
+    };
     // fastwebsockets rejects frames of `max_message_size` or more; we allow exactly the max.
     reader.set_max_message_size(opts.max_message_size.saturating_add(1));
     let (queue, outbox) = flume::bounded(opts.send_queue);
@@ -520,8 +520,8 @@ async fn write_loop(
                 }
                 state.pong_seen.store(false, Ordering::Release);
                 awaiting_pong = true;
-                let ping = Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""));
-                match timeout(heartbeat, write_and_flush(&mut ws, ping)).await {
+                ws.push(OpCode::Ping, b"");
+                match timeout(heartbeat, ws.flush()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         state.request_close(None, CloseReason::Io(e.to_string()));
@@ -555,14 +555,54 @@ async fn write_loop(
     sent_close
 }
 
-/// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]), then flushes once.
-/// Returns true when a queued close was reached (the close is recorded, not yet written).
+/// The socket's write side. Frames are encoded into one buffer per batch and go out in a
+/// single `write_all`; the buffer is released after every batch, so an idle socket holds no
+/// write buffer at all (fastwebsockets' writer, or a `BufWriter`, would keep one per socket).
+struct Writer {
+    io: WriteHalf<Io>,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    /// Appends one unmasked, final frame.
+    fn push(&mut self, opcode: OpCode, payload: &[u8]) {
+        let mut head = [0u8; 14];
+        let len = Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(&mut head);
+        self.buf.reserve(len + payload.len());
+        self.buf.extend_from_slice(&head[..len]);
+        self.buf.extend_from_slice(payload);
+    }
+
+    /// Appends a data or pong frame (a queued close is the caller's business).
+    fn push_outbound(&mut self, out: &Outbound) {
+        match out {
+            Outbound::Text(b) => self.push(OpCode::Text, b),
+            Outbound::Binary(b) => self.push(OpCode::Binary, b),
+            Outbound::Pong(b) => self.push(OpCode::Pong, b),
+            Outbound::Close(..) => {}
+        }
+    }
+
+    /// Writes what was appended and releases the buffer.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        let buf = std::mem::take(&mut self.buf);
+        if !buf.is_empty() {
+            self.io.write_all(&buf).await?;
+            self.io.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `first` and whatever else is queued (up to [`MAX_BATCH`] frames or
+/// [`MAX_BATCH_BYTES`]) in one write. Returns true when a queued close was reached (the close
+/// is recorded, not yet written).
 async fn write_batch(
     ws: &mut Writer,
     outbox: &flume::Receiver<Outbound>,
     first: Outbound,
     state: &SocketState,
-) -> Result<bool, WebSocketError> {
+) -> std::io::Result<bool> {
     let mut next = Some(first);
     let mut written = 0;
     while let Some(out) = next.take() {
@@ -574,29 +614,14 @@ async fn write_batch(
             );
             return Ok(true);
         }
-        write_frame(ws, &out).await?;
+        ws.push_outbound(&out);
         written += 1;
-        if written < MAX_BATCH {
+        if written < MAX_BATCH && ws.buf.len() < MAX_BATCH_BYTES {
             next = outbox.try_recv().ok();
         }
     }
     ws.flush().await?;
     Ok(false)
-}
-
-/// Writes one data or pong frame (a queued close is the caller's business).
-async fn write_frame(ws: &mut Writer, out: &Outbound) -> Result<(), WebSocketError> {
-    match out {
-        Outbound::Text(b) => ws.write_frame(Frame::text(Payload::Borrowed(b))).await,
-        Outbound::Binary(b) => ws.write_frame(Frame::binary(Payload::Borrowed(b))).await,
-        Outbound::Pong(b) => ws.write_frame(Frame::pong(Payload::Borrowed(b))).await,
-        Outbound::Close(..) => Ok(()),
-    }
-}
-
-async fn write_and_flush(ws: &mut Writer, frame: Frame<'_>) -> Result<(), WebSocketError> {
-    ws.write_frame(frame).await?;
-    ws.flush().await
 }
 
 /// Writes the close frame the winning request asked for. Returns true if one was sent.
@@ -618,15 +643,17 @@ async fn farewell(
             if matches!(out, Outbound::Close(..)) {
                 break;
             }
-            if write_frame(ws, &out).await.is_err() {
-                return false;
-            }
+            ws.push_outbound(&out);
         }
     }
-    let frame = match state.take_farewell() {
-        Some(Farewell::Code(code, reason)) => Frame::close(code, reason.as_bytes()),
-        Some(Farewell::Echo(payload)) => Frame::close_raw(Payload::Owned(payload.to_vec())),
+    match state.take_farewell() {
+        Some(Farewell::Code(code, reason)) => {
+            let mut payload = code.to_be_bytes().to_vec();
+            payload.extend_from_slice(reason.as_bytes());
+            ws.push(OpCode::Close, &payload);
+        }
+        Some(Farewell::Echo(payload)) => ws.push(OpCode::Close, &payload),
         None => return false,
-    };
-    write_and_flush(ws, frame).await.is_ok()
+    }
+    ws.flush().await.is_ok()
 }
