@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::{have, is_root, run, Result};
+use crate::{apt_install, have, run, Result};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -49,27 +49,6 @@ pub(crate) fn run_e2e() -> Result {
             ("CHROMIUM", CHROMIUM),
         ],
     )
-}
-
-fn apt_install(packages: &[&str]) -> Result {
-    println!("installing {packages:?}");
-    let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
-    let apt = |args: &[&str]| {
-        let mut full: Vec<&str> = sudo.to_vec();
-        full.extend_from_slice(args);
-        run(full[0], &full[1..])
-    };
-    apt(&["apt-get", "update", "-qq"])?;
-    let mut install = vec![
-        "env",
-        "DEBIAN_FRONTEND=noninteractive",
-        "apt-get",
-        "install",
-        "-y",
-        "-qq",
-    ];
-    install.extend_from_slice(packages);
-    apt(&install)
 }
 
 /// Runs `program` in `e2e/`.

@@ -231,17 +231,7 @@ fn install_system_deps() -> Result {
         .map(|(_, package)| package)
         .collect();
     if !missing.is_empty() {
-        println!("installing {missing:?}");
-        let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
-        let apt = |args: &[&str]| {
-            let mut full: Vec<&str> = sudo.to_vec();
-            full.extend_from_slice(args);
-            run(full[0], &full[1..])
-        };
-        apt(&["apt-get", "update", "-qq"])?;
-        let mut install = vec!["apt-get", "install", "-y", "-qq"];
-        install.extend(missing);
-        apt(&install)?;
+        apt_install(&missing)?;
     }
     let has_nats_py = Command::new("python3")
         .args(["-c", "import nats"])
@@ -261,6 +251,28 @@ fn install_system_deps() -> Result {
         )?;
     }
     Ok(())
+}
+
+/// Installs Debian packages (with sudo unless we are root).
+pub(crate) fn apt_install(packages: &[&str]) -> Result {
+    println!("installing {packages:?}");
+    let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
+    let apt = |args: &[&str]| {
+        let mut full: Vec<&str> = sudo.to_vec();
+        full.extend_from_slice(args);
+        run(full[0], &full[1..])
+    };
+    apt(&["apt-get", "update", "-qq"])?;
+    let mut install = vec![
+        "env",
+        "DEBIAN_FRONTEND=noninteractive",
+        "apt-get",
+        "install",
+        "-y",
+        "-qq",
+    ];
+    install.extend_from_slice(packages);
+    apt(&install)
 }
 
 fn have(tool: &str) -> bool {
