@@ -76,10 +76,18 @@ impl Drop for Demo {
 }
 
 fn start_demo() -> Demo {
-    let mut child = bin()
+    let mut serve = bin();
+    serve
         .args(["serve", "--demo", "--listen", "127.0.0.1:0", "--config"])
         .arg(repo("conf/socket.yaml"))
-        .env_remove("SWITCHBOARD_JWT_SECRET")
+        .env_remove("SWITCHBOARD_JWT_SECRET");
+    let (child, addr) = spawn_serve(serve);
+    Demo { child, addr }
+}
+
+/// Spawns a prepared `switchboard serve` command and returns it with the address it printed.
+pub(crate) fn spawn_serve(mut serve: Command) -> (Child, SocketAddr) {
+    let mut child = serve
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -94,7 +102,7 @@ fn start_demo() -> Demo {
     };
     // keep draining stdout so the server never blocks on a full pipe
     std::thread::spawn(move || for _ in lines {});
-    Demo { child, addr }
+    (child, addr)
 }
 
 /// A plain HTTP GET; returns (status, headers, body).

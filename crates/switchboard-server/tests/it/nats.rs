@@ -54,23 +54,12 @@ gateway:
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    serve
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
-        .env(SECRET_ENV, SECRET)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("node printed its address").unwrap();
-        if let Some(rest) = line.strip_prefix("switchboard: listening on ws://") {
-            break rest.trim_end_matches("/connect").parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+        .env(SECRET_ENV, SECRET);
+    let (child, addr) = crate::spawn_serve(serve);
     Node {
         child,
         addr,
