@@ -22,6 +22,9 @@ pub enum Kind {
     Send,
     /// `{"type":"broadcast"}`: delivered to every socket via the broadcast topic.
     Broadcast,
+    /// `{"username":U,"type":"bench"}`: what a plain NATS client publishes to `socket:send`
+    /// (docs/PROTOCOL.md); every socket of user `U` gets `{"type":"bench","payload":P}`.
+    Nats,
 }
 
 /// The send time, sequence number and sender carried by a payload.
@@ -44,13 +47,14 @@ pub struct Template {
 
 impl Template {
     /// The message of `kind` with a payload of `payload_len` bytes (at least [`STAMP_LEN`]);
-    /// `to` is the target user of [`Kind::Send`].
+    /// `to` is the target user of [`Kind::Send`] and [`Kind::Nats`].
     pub fn new(kind: Kind, to: &str, payload_len: usize) -> Template {
         let payload_len = payload_len.max(STAMP_LEN);
         let head = match kind {
             Kind::Echo => r#"{"type":"echo","payload":""#.to_string(),
             Kind::Broadcast => r#"{"type":"broadcast","payload":""#.to_string(),
             Kind::Send => format!(r#"{{"type":"send","to":"{to}","payload":""#),
+            Kind::Nats => format!(r#"{{"username":"{to}","type":"bench","payload":""#),
         };
         let mut bytes = head.into_bytes();
         let at = bytes.len();

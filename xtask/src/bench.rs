@@ -7,6 +7,10 @@
 //! addresses so that tens of thousands of sockets do not run out of ephemeral ports.
 //! `--smoke` is what CI runs: every scenario for about two seconds, small N, Switchboard
 //! only; it fails on errors, never on speed.
+//!
+//! `cross-node` runs Switchboard alone (the peers have no NATS): its own nats-server on a free
+//! port (started and stopped by PID), `bench-server --nats`, and a plain NATS client in
+//! `bench-client` publishing to `socket:send`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -36,12 +40,13 @@ const USAGE: &str = "usage: cargo xtask bench [options]
 
   --smoke                  CI: every scenario ~2 s, small N, Switchboard only; fails on errors
   --servers LIST           switchboard,ws-node,uws-node (default: all three)
-  --scenarios LIST         echo,broadcast,send,idle,handshake (default: all)
+  --scenarios LIST         echo,broadcast,send,idle,handshake,cross-node (default: all;
+                           cross-node runs Switchboard only and needs nats-server)
   --secs S                 measured seconds per run (default 10)
   --warmup S               warm-up seconds per run (default 2)
   --sockets N              echo: sockets (default 100)
-  --inflight N             echo and send: messages in flight per socket (default 1)
-  --send-sockets N         send: sockets, one user each (default 100)
+  --inflight N             echo, send, cross-node: messages in flight per socket (default 1)
+  --send-sockets N         send and cross-node: sockets, one user each (default 100)
   --subscribers N          broadcast: subscribers (default 10000)
   --broadcast-inflight N   broadcast: broadcasts in flight (default 1)
   --idle LIST              idle: socket counts (default 10000,50000)
@@ -95,6 +100,7 @@ enum Scenario {
     Send,
     Idle,
     Handshake,
+    CrossNode,
 }
 
 impl Scenario {
@@ -105,6 +111,7 @@ impl Scenario {
             "send" => Ok(Scenario::Send),
             "idle" => Ok(Scenario::Idle),
             "handshake" => Ok(Scenario::Handshake),
+            "cross-node" => Ok(Scenario::CrossNode),
             other => Err(format!("unknown scenario `{other}`")),
         }
     }
@@ -130,6 +137,8 @@ struct Options {
     report: PathBuf,
     profile: String,
     build: bool,
+    /// The NATS server of a cross-node run (set while one runs, never from the command line).
+    nats: Option<String>,
 }
 
 impl Options {
@@ -147,6 +156,7 @@ impl Options {
                 Scenario::Send,
                 Scenario::Idle,
                 Scenario::Handshake,
+                Scenario::CrossNode,
             ],
             secs: if smoke { 2.0 } else { 10.0 },
             warmup: if smoke { 0.5 } else { 2.0 },
@@ -171,6 +181,7 @@ impl Options {
             }),
             profile: "release".into(),
             build: true,
+            nats: None,
         }
     }
 
@@ -256,6 +267,7 @@ pub(crate) fn run(args: &[String]) -> Result {
     for scenario in o.scenarios.clone() {
         match scenario {
             Scenario::Idle => idle(&o, &mut report)?,
+            Scenario::CrossNode => cross_node(&o, &mut report)?,
             _ => measured(&o, scenario, &mut report)?,
         }
     }
@@ -387,6 +399,9 @@ impl Running {
             None => {
                 let mut c = Command::new(bin(&o.profile, "bench-server"));
                 c.arg(port.to_string());
+                if let Some(url) = &o.nats {
+                    c.args(["--nats", url]);
+                }
                 if let Some(n) = o.server_threads {
                     c.args(["--threads", &n.to_string()]);
                 }
@@ -494,6 +509,15 @@ fn scenario_args(o: &Options, scenario: Scenario) -> Vec<String> {
             &o.handshake_concurrency.to_string(),
         ]),
         Scenario::Idle => s(&["idle"]),
+        Scenario::CrossNode => s(&[
+            "cross-node",
+            "--nats",
+            o.nats.as_deref().unwrap_or("nats://127.0.0.1:4222"),
+            "--sockets",
+            &o.send_sockets.to_string(),
+            "--inflight",
+            &o.inflight.to_string(),
+        ]),
     }
 }
 
@@ -551,7 +575,7 @@ fn run_client(o: &Options, target: &Running, scenario: Scenario) -> Result<Figur
     }
 }
 
-/// Scenarios 1, 2, 3 and 5: a fresh server process each, the same client run against each.
+/// Scenarios 1, 2, 3, 5 and 6: a fresh server process each, the same client run against each.
 fn measured(o: &Options, scenario: Scenario, report: &mut Report) -> Result {
     let mut rows = Vec::new();
     for &server in &o.servers {
@@ -593,6 +617,67 @@ fn measured(o: &Options, scenario: Scenario, report: &mut Report) -> Result {
     }
     report.table(o, scenario, &rows);
     Ok(())
+}
+
+/// A nats-server of our own on a free loopback port, killed by PID when dropped.
+struct NatsServer {
+    child: Child,
+    url: String,
+}
+
+impl NatsServer {
+    fn start() -> Result<NatsServer> {
+        let port = free_port()?;
+        let program = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let child = Command::new(program)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start nats-server ({program}): {e}"))?;
+        let nats = NatsServer {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err("nats-server did not start listening within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(nats)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        // `Child::kill` signals this child's PID only.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Scenario 6: `send` through NATS from a plain NATS client, Switchboard only.
+fn cross_node(o: &Options, report: &mut Report) -> Result {
+    let nats = match NatsServer::start() {
+        Ok(n) => n,
+        Err(e) => {
+            println!("bench: cross-node: {e}");
+            report.failures.push(format!("CrossNode: {e}"));
+            return Ok(());
+        }
+    };
+    let mut o = o.clone();
+    o.servers = vec![Server::Switchboard];
+    o.nats = Some(nats.url.clone());
+    let result = measured(&o, Scenario::CrossNode, report);
+    drop(nats);
+    result
 }
 
 fn fmt_figures(f: &Figures) -> String {
@@ -896,6 +981,15 @@ impl Report {
                 ),
                 "connections/s",
             ),
+            Scenario::CrossNode => (
+                format!(
+                    "cross-node send through NATS: a plain NATS client publishes to `socket:send` \
+                     for one user among {} sockets on a Switchboard node on the NATS bus, \
+                     {} in flight each",
+                    o.send_sockets, o.inflight
+                ),
+                "messages/s",
+            ),
             Scenario::Idle => unreachable!("idle has its own table"),
         };
         self.line(format!("\n## {title}\n"));
@@ -1121,6 +1215,9 @@ mod tests {
         let o = Options::parse(&["--servers", "ws-node"].map(String::from)).unwrap();
         assert_eq!(o.servers, [Server::Switchboard, Server::WsNode]);
         assert!(Options::parse(&["--bogus", "1"].map(String::from)).is_err());
+        let o = Options::parse(&["--scenarios", "send,cross-node"].map(String::from)).unwrap();
+        assert_eq!(o.scenarios, [Scenario::Send, Scenario::CrossNode]);
+        assert_eq!(scenario_args(&o, Scenario::CrossNode)[0], "cross-node");
         assert!(Options::parse(&["--secs"].map(String::from)).is_err());
     }
 

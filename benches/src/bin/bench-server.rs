@@ -2,8 +2,11 @@
 //! handlers every peer in `benches/peers/` implements too.
 //!
 //! ```text
-//! SWITCHBOARD_JWT_SECRET=... bench-server [PORT] [--threads N]
+//! SWITCHBOARD_JWT_SECRET=... bench-server [PORT] [--threads N] [--nats nats://127.0.0.1:P]
 //! ```
+//!
+//! With `--nats`, the container runs on the NATS bus (`switchboard-bus-nats`) instead of the
+//! in-process one, so a plain NATS client can publish to its topics (the cross-node run).
 //!
 //! Prints `listening PORT` once it accepts connections; stops on SIGTERM or Ctrl-C.
 //!
@@ -16,11 +19,13 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use serde_json::{json, Value};
 use switchboard::{Config, Container, Message};
+use switchboard_bus_nats::{NatsBus, NatsOptions};
 
 /// Switchboard's load-benchmark server.
 #[derive(Debug, Parser)]
@@ -31,6 +36,9 @@ struct Args {
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Run on the NATS bus at this URL (loopback) instead of the in-process bus.
+    #[arg(long)]
+    nats: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -46,7 +54,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(args.port)) {
+    match runtime.block_on(serve(args.port, args.nats)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench-server: {e}");
@@ -55,9 +63,16 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(port: u16, nats: Option<String>) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::from_yaml_str(&switchboard_bench::server_yaml())?;
-    let mut container = Container::new(config)?;
+    let nats = match nats {
+        Some(url) => Some(Arc::new(NatsBus::connect(NatsOptions::new(url)).await?)),
+        None => None,
+    };
+    let mut container = match &nats {
+        Some(bus) => Container::with_bus(config, bus.clone())?,
+        None => Container::new(config)?,
+    };
     let producer = container.producer();
 
     container.add_handler("bench:echo", |msg: Message| async move {
@@ -91,6 +106,10 @@ async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
         }
     })?;
 
+    if let Some(bus) = &nats {
+        // Subscriptions must be live before the first socket (or NATS client) publishes.
+        bus.subscriptions_ready().await?;
+    }
     let running = container
         .start_on(SocketAddr::from(([127, 0, 0, 1], port)))
         .await?;
