@@ -19,6 +19,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::run as cmd;
+
 type Result<T = ()> = std::result::Result<T, String>;
 type Figures = BTreeMap<String, String>;
 
@@ -338,19 +340,6 @@ fn build(profile: &str) -> Result {
             "bench-client",
         ],
     )
-}
-
-fn cmd(program: &str, args: &[&str]) -> Result {
-    println!("$ {program} {}", args.join(" "));
-    let status = Command::new(program)
-        .args(args)
-        .status()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("`{program} {}` failed ({status})", args.join(" ")))
-    }
 }
 
 /// Installs a peer's locked dependencies when they are missing.
