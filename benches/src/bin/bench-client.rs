@@ -371,6 +371,26 @@ impl Tally {
             self.first_error = Some(e.to_string());
         }
     }
+
+    /// Waits for every worker and adds up what they saw (a worker that panicked counts as an
+    /// error); reports the first error on stderr.
+    async fn join_all(workers: Vec<tokio::task::JoinHandle<Tally>>) -> Tally {
+        let mut total = Tally::default();
+        for w in workers {
+            match w.await {
+                Ok(t) => {
+                    total.samples.extend(t.samples);
+                    total.errors += t.errors;
+                    total.first_error = total.first_error.or(t.first_error);
+                }
+                Err(e) => total.error(e),
+            }
+        }
+        if let Some(e) = &total.first_error {
+            eprintln!("bench-client: {} errors, first: {e}", total.errors);
+        }
+        total
+    }
 }
 
 /// Scenarios 1 and 3: each socket keeps `inflight` messages out and counts the answers.
@@ -404,27 +424,13 @@ async fn roundtrips(
             ))
         })
         .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    let mut first_error = None;
-    for w in workers {
-        match w.await {
-            Ok(t) => {
-                all.extend(t.samples);
-                errors += t.errors;
-                first_error = first_error.or(t.first_error);
-            }
-            Err(e) => {
-                errors += 1;
-                first_error = first_error.or(Some(e.to_string()));
-            }
-        }
-    }
+    let Tally {
+        samples: all,
+        errors,
+        ..
+    } = Tally::join_all(workers).await;
     let (client_cpu, server_cpu) = cpu.await.unwrap_or((None, None));
     let samples = Samples::new(all);
-    if let Some(e) = &first_error {
-        eprintln!("bench-client: {errors} errors, first: {e}");
-    }
     Ok(result_line(&[
         (
             "scenario",
@@ -574,27 +580,13 @@ async fn cross_node(
             ))
         })
         .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    let mut first_error = None;
-    for w in workers {
-        match w.await {
-            Ok(t) => {
-                all.extend(t.samples);
-                errors += t.errors;
-                first_error = first_error.or(t.first_error);
-            }
-            Err(e) => {
-                errors += 1;
-                first_error = first_error.or(Some(e.to_string()));
-            }
-        }
-    }
+    let Tally {
+        samples: all,
+        errors,
+        ..
+    } = Tally::join_all(workers).await;
     let (client_cpu, server_cpu) = cpu.await.unwrap_or((None, None));
     let samples = Samples::new(all);
-    if let Some(e) = &first_error {
-        eprintln!("bench-client: {errors} errors, first: {e}");
-    }
     Ok(result_line(&[
         ("scenario", "cross-node".into()),
         ("sockets", n.to_string()),
@@ -1054,20 +1046,12 @@ async fn handshakes(
             })
         })
         .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    let mut first_error = None;
-    for w in workers {
-        if let Ok(t) = w.await {
-            all.extend(t.samples);
-            errors += t.errors;
-            first_error = first_error.or(t.first_error);
-        }
-    }
+    let Tally {
+        samples: all,
+        errors,
+        ..
+    } = Tally::join_all(workers).await;
     let (client_cpu, server_cpu) = cpu.await.unwrap_or((None, None));
-    if let Some(e) = &first_error {
-        eprintln!("bench-client: {errors} errors, first: {e}");
-    }
     let samples = Samples::new(all);
     Ok(result_line(&[
         ("scenario", "handshake".into()),
