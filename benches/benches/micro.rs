@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use serde::Serialize;
 use serde_json::{json, Value};
-use switchboard::decode_client_message;
+use switchboard::{decode_client_message, encode_frame};
 use switchboard_bus::{Bus, InProcessBus, Message, Reply, ReplyTo};
 use switchboard_registry::{ConnId, Registry, Target};
 
@@ -89,17 +88,6 @@ fn registry(c: &mut Criterion) {
         )
     });
     g.finish();
-}
-
-/// Encodes `{"type": kind, "payload": payload}` the way the gateway does.
-fn encode_frame(kind: &str, payload: &Value) -> Bytes {
-    #[derive(Serialize)]
-    struct Frame<'a> {
-        #[serde(rename = "type")]
-        kind: &'a str,
-        payload: &'a Value,
-    }
-    Bytes::from(serde_json::to_vec(&Frame { kind, payload }).unwrap_or_default())
 }
 
 /// A socket's way back, as the gateway builds it: encode the reply, queue the frame.

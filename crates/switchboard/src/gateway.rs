@@ -84,8 +84,9 @@ pub(crate) struct Session {
     bucket: Option<Mutex<Bucket>>,
 }
 
-/// Encodes `{"type": kind, "payload": payload}` once, for any number of sockets.
-pub(crate) fn encode_frame(kind: &str, payload: &Value) -> Bytes {
+/// Encodes `{"type": kind, "payload": payload}` once, for any number of sockets: the wire
+/// shape of every frame the gateway sends (replies, `send`, `broadcast`, error frames).
+pub fn encode_frame(kind: &str, payload: &Value) -> Bytes {
     #[derive(Serialize)]
     struct Frame<'a> {
         #[serde(rename = "type")]

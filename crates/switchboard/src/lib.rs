@@ -69,7 +69,9 @@ mod rate;
 mod stats;
 
 pub use auth::AuthError;
-pub use gateway::{CONNECT_FAILED_CODE, CONNECT_HANDLER_ERROR_CODE, RATE_LIMIT_CLOSE_CODE};
+pub use gateway::{
+    encode_frame, CONNECT_FAILED_CODE, CONNECT_HANDLER_ERROR_CODE, RATE_LIMIT_CLOSE_CODE,
+};
 pub use inbound::{decode_client_message, BadMessage, ClientMessage};
 pub use stats::Stats;
 pub use switchboard_bus::{
