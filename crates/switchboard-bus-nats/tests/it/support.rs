@@ -1,7 +1,7 @@
 //! Test support: a nats-server of our own on a free loopback port, a gateway config, and a
 //! WebSocket client with a signed token.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,13 +32,36 @@ pub(crate) struct NatsServer {
 
 impl NatsServer {
     pub(crate) fn start() -> NatsServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = NatsServer { port, child: None };
-        server.restart();
+        // nats-server picks a free port itself (`-p -1`) and names it in a ports file: a port
+        // probed here and released could be taken by a parallel test's server in between,
+        // and the two tests would then share (and stop) one server.
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(nats_server_binary())
+            .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server must be installed (cargo xtask deps installs it)");
+        let ports_file = dir.path().join(format!("nats-server_{}.ports", child.id()));
+        let mut server = NatsServer {
+            port: 0,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        server.port = loop {
+            let port = std::fs::read_to_string(&ports_file).ok().and_then(|text| {
+                let ports: Value = serde_json::from_str(&text).ok()?;
+                let url = ports["nats"][0].as_str()?;
+                url.rsplit(':').next()?.parse::<u16>().ok()
+            });
+            if let Some(port) = port {
+                break port;
+            }
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        server.wait_until_accepting();
         server
     }
 
@@ -55,6 +78,10 @@ impl NatsServer {
             .spawn()
             .expect("nats-server must be installed (cargo xtask deps installs it)");
         self.child = Some(child);
+        self.wait_until_accepting();
+    }
+
+    fn wait_until_accepting(&self) {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
