@@ -1,6 +1,5 @@
-//! The WebSocket transport of Switchboard: HTTP/1.1 upgrades (hyper 1), frames
-//! (fastwebsockets), a bounded send queue per socket, server heartbeats and the close
-//! handshake.
+//! The WebSocket transport of Switchboard: HTTP/1.1 upgrades (hyper 1), frames, a bounded
+//! send queue per socket, server heartbeats and the close handshake.
 //!
 //! Depend on this crate when you want a fast, careful WebSocket server and will decide
 //! yourself what the bytes mean. It knows nothing of topics, JSON or users: you implement
@@ -77,15 +76,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, UPGRADE};
+use hyper::header::{
+    HeaderName, HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+mod frame;
+mod reader;
 mod socket;
 mod stats;
 pub use socket::{CloseReason, SendError, SocketHandle, SLOW_CONSUMER_CODE};
@@ -409,23 +413,55 @@ fn handle_request<S: Service>(
         }
     };
     let mut req = Request::from_parts(parts, body);
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::debug!(%peer, error = %e, "bad upgrade request");
-            return plain_response(StatusCode::BAD_REQUEST, "bad websocket upgrade request\n");
-        }
+    let Some(accept) = accept_key(req.headers()) else {
+        let mut res = plain_response(StatusCode::BAD_REQUEST, "bad websocket upgrade request\n");
+        res.headers_mut().insert(
+            HeaderName::from_static("sec-websocket-version"),
+            HeaderValue::from_static("13"),
+        );
+        return res;
     };
+    let on_upgrade = hyper::upgrade::on(&mut req);
     let alive = shared.alive.upgrade();
     tokio::spawn(async move {
         let _alive = alive;
         let _slot = slot;
-        match upgrade.await {
-            Ok(ws) => socket::run(ws, admission, peer, &shared).await,
-            Err(e) => tracing::debug!(%peer, error = %e, "upgrade did not complete"),
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => return tracing::debug!(%peer, error = %e, "upgrade did not complete"),
+        };
+        // The connection was served over `TokioIo<TcpStream>` (see `accept_loop`); taking the
+        // stream back lets the socket read and write it without hyper's buffers in between.
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let stream = parts.io.into_inner();
+                socket::run(stream, parts.read_buf, admission, peer, &shared).await
+            }
+            Err(_) => tracing::error!(%peer, "upgraded connection is not a TcpStream"),
         }
     });
-    response.map(|_| Full::default())
+    let mut res = Response::new(Full::default());
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = res.headers_mut();
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    res
+}
+
+/// `Sec-WebSocket-Accept` for a request with a key and version 13 (RFC 6455 4.2.2).
+fn accept_key(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    use base64::Engine;
+    use sha1::Digest;
+    if headers.get(SEC_WEBSOCKET_VERSION)?.as_bytes() != b"13" {
+        return None;
+    }
+    let key = headers.get(SEC_WEBSOCKET_KEY)?;
+    let mut sha1 = sha1::Sha1::new();
+    sha1.update(key.as_bytes());
+    sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    let accept = base64::engine::general_purpose::STANDARD.encode(sha1.finalize());
+    HeaderValue::from_str(&accept).ok()
 }
 
 /// One reserved place among `max_connections`; gives it back when dropped.

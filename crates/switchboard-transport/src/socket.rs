@@ -1,30 +1,32 @@
-//! One socket's life: a reader (this task), a writer (its own task) fed by a bounded queue,
-//! and the close handshake between them.
+//! One socket's life in one task, and the handle that sends to it.
+//!
+//! Sending writes straight to the kernel from the sender's own task (a `try_write`, never
+//! waiting) whenever nothing is queued before it: a reply or a broadcast costs one system
+//! call per socket and no task wake-up. Only what the kernel does not take goes to the
+//! socket's queue, and the socket's task writes it as the connection drains. The same task
+//! reads, answers pings, sends heartbeats and runs the close handshake, so an open socket is
+//! one task, one small shared state and no buffers while idle.
 //!
 //! Every way a socket can end goes through [`SocketState::request_close`]: the first request
 //! wins and fixes the [`CloseReason`] reported to [`Service::on_close`].
 
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket, WebSocketError, WebSocketRead};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::{timeout, Instant};
 
+use crate::frame::{self, MAX_SERVER_HEAD};
+use crate::reader::{Drained, Event, FrameReader, ReadEnd};
 use crate::{Inbound, Service, Shared};
 
-type Io = TokioIo<Upgraded>;
-type Reader = WebSocketRead<ReadHalf<Io>>;
-
-/// How many queued frames the writer sends before it flushes.
-const MAX_BATCH: usize = 64;
-/// A batch stops growing at this many bytes (big frames would otherwise pile up).
+/// The socket's task encodes at most this many queued bytes per write.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// Why a socket ended, as reported to [`Service::on_close`].
@@ -82,8 +84,26 @@ pub const SLOW_CONSUMER_CODE: u16 = 1008;
 enum Outbound {
     Text(Bytes),
     Binary(Bytes),
+    Ping,
     Pong(Bytes),
+    /// [`SocketHandle::close`]: frames before it go out, then the close handshake starts.
     Close(u16, String),
+    /// The close frame itself, queued by the closing socket's task.
+    Farewell(Bytes),
+}
+
+impl Outbound {
+    /// The frame to write; `Close` is a marker, not a frame.
+    fn frame(&self) -> (u8, &[u8]) {
+        match self {
+            Outbound::Text(b) => (frame::TEXT, b),
+            Outbound::Binary(b) => (frame::BINARY, b),
+            Outbound::Ping => (frame::PING, b""),
+            Outbound::Pong(b) => (frame::PONG, b),
+            Outbound::Farewell(b) => (frame::CLOSE, b),
+            Outbound::Close(..) => unreachable!("a close marker is not written"),
+        }
+    }
 }
 
 /// The frame to end with, if any.
@@ -92,25 +112,79 @@ enum Farewell {
     Echo(Bytes),
 }
 
+impl Farewell {
+    fn payload(self) -> Bytes {
+        match self {
+            Farewell::Code(code, reason) => {
+                let mut payload = code.to_be_bytes().to_vec();
+                payload.extend_from_slice(reason.as_bytes());
+                payload.into()
+            }
+            Farewell::Echo(payload) => payload,
+        }
+    }
+}
+
 struct CloseRequest {
     farewell: Option<Farewell>,
     reason: CloseReason,
 }
 
+/// What happens to a frame that finds the queue full.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WhenFull {
+    /// The socket is closed as a slow consumer (data frames).
+    CloseSocket,
+    /// The frame is dropped (pongs and pings: the heartbeat deals with such a client).
+    Drop,
+}
+
+/// The write side's state, behind one lock: whoever holds it may write to the socket.
+#[derive(Default)]
+struct Outbox {
+    /// Frames not written yet, in order.
+    queue: VecDeque<Outbound>,
+    /// Encoded bytes the kernel has not taken yet; they go out before `queue`.
+    unsent: BytesMut,
+    /// True while the socket's task does the writing: senders queue instead of writing.
+    backlogged: bool,
+    /// Some bytes were written since the heartbeat last looked (stall detection).
+    progressed: bool,
+}
+
+/// What [`SocketState::flush`] got to.
+enum Flushed {
+    /// Everything is written; senders write directly again.
+    Done,
+    /// The kernel's buffer is full: wait until the socket is writable.
+    Blocked,
+    /// A [`SocketHandle::close`] marker came next (everything before it is written).
+    CloseReached(u16, String),
+}
+
 pub(crate) struct SocketState {
     peer: SocketAddr,
-    queue: flume::Sender<Outbound>,
+    stream: TcpStream,
+    out: Mutex<Outbox>,
+    capacity: usize,
+    /// Wakes the socket's task: a backlog to write, or a close request.
+    wake: Notify,
+    /// Set by [`SocketHandle::close`] and every close request: sends fail from then on.
     closing: AtomicBool,
+    close_requested: AtomicBool,
     request: Mutex<Option<CloseRequest>>,
-    closed_signal: Notify,
     pong_seen: AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl SocketState {
     /// Records how the socket ends; the first request wins. Returns true if this one did.
     fn request_close(&self, farewell: Option<Farewell>, reason: CloseReason) -> bool {
         let won = {
-            let mut slot = self.request.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slot = lock(&self.request);
             if slot.is_none() {
                 *slot = Some(CloseRequest { farewell, reason });
                 true
@@ -119,64 +193,179 @@ impl SocketState {
             }
         };
         self.closing.store(true, Ordering::Release);
-        self.closed_signal.notify_waiters();
+        self.close_requested.store(true, Ordering::Release);
+        self.wake.notify_one();
         won
     }
 
-    async fn close_requested(&self) {
-        loop {
-            let notified = self.closed_signal.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self
-                .request
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some()
-            {
-                return;
-            }
-            notified.await;
-        }
+    fn is_close_requested(&self) -> bool {
+        self.close_requested.load(Ordering::Acquire)
     }
 
     fn take_farewell(&self) -> Option<Farewell> {
-        self.request
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-            .and_then(|r| r.farewell.take())
+        lock(&self.request).as_mut().and_then(|r| r.farewell.take())
     }
 
     fn reason(&self) -> CloseReason {
-        self.request
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        lock(&self.request)
             .as_ref()
             .map(|r| r.reason.clone())
             .unwrap_or(CloseReason::Dropped)
     }
 
-    fn enqueue(&self, out: Outbound) -> Result<(), SendError> {
+    /// Sends one frame: written at once if nothing waits before it and the kernel takes it,
+    /// queued otherwise.
+    fn push(&self, out: Outbound, when_full: WhenFull) -> Result<(), SendError> {
+        let mut outbox = lock(&self.out);
+        // Checked under the lock: once the closing task holds it, nothing is written after
+        // the close frame.
         if self.closing.load(Ordering::Acquire) {
             return Err(SendError::Closed);
         }
-        match self.queue.try_send(out) {
-            Ok(()) => Ok(()),
-            Err(flume::TrySendError::Disconnected(_)) => Err(SendError::Closed),
-            Err(flume::TrySendError::Full(_)) => {
-                self.request_close(
-                    Some(Farewell::Code(SLOW_CONSUMER_CODE, "send queue full".into())),
-                    CloseReason::SlowConsumer,
-                );
-                Err(SendError::Full)
+        if outbox.backlogged {
+            if outbox.queue.len() >= self.capacity {
+                drop(outbox);
+                if when_full == WhenFull::CloseSocket {
+                    self.request_close(
+                        Some(Farewell::Code(SLOW_CONSUMER_CODE, "send queue full".into())),
+                        CloseReason::SlowConsumer,
+                    );
+                }
+                return Err(SendError::Full);
+            }
+            outbox.queue.push_back(out);
+            return Ok(());
+        }
+        let (opcode, payload) = out.frame();
+        let mut head = [0u8; MAX_SERVER_HEAD];
+        let head_len = frame::encode_head(opcode, payload.len(), &mut head);
+        let bufs = [IoSlice::new(&head[..head_len]), IoSlice::new(payload)];
+        let written = match self.stream.try_write_vectored(&bufs) {
+            Ok(n) => n,
+            Err(e) if is_retry(&e) => 0,
+            Err(e) => {
+                drop(outbox);
+                self.request_close(None, CloseReason::Io(e.to_string()));
+                return Err(SendError::Closed);
+            }
+        };
+        if written == head_len + payload.len() {
+            return Ok(());
+        }
+        if written == 0 {
+            outbox.queue.push_back(out);
+        } else {
+            // The kernel took part of the frame: the rest goes next, before anything else.
+            if written < head_len {
+                outbox.unsent.extend_from_slice(&head[written..head_len]);
+                outbox.unsent.extend_from_slice(payload);
+            } else {
+                outbox
+                    .unsent
+                    .extend_from_slice(&payload[written - head_len..]);
+            }
+            outbox.progressed = true;
+        }
+        outbox.backlogged = true;
+        drop(outbox);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Writes the backlog until it is gone, the kernel's buffer is full, or a close marker is
+    /// next. Called by the socket's task only.
+    fn flush(&self) -> io::Result<Flushed> {
+        let mut guard = lock(&self.out);
+        let outbox = &mut *guard;
+        loop {
+            if outbox.unsent.is_empty() {
+                match outbox.queue.front() {
+                    None => {
+                        outbox.backlogged = false;
+                        outbox.unsent = BytesMut::new(); // no buffer kept while idle
+                        return Ok(Flushed::Done);
+                    }
+                    Some(Outbound::Close(..)) => {
+                        let Some(Outbound::Close(code, reason)) = outbox.queue.pop_front() else {
+                            unreachable!("just seen")
+                        };
+                        return Ok(Flushed::CloseReached(code, reason));
+                    }
+                    Some(_) => {}
+                }
+                while let Some(next) = outbox.queue.front() {
+                    if matches!(next, Outbound::Close(..)) || outbox.unsent.len() >= MAX_BATCH_BYTES
+                    {
+                        break;
+                    }
+                    let (opcode, payload) = next.frame();
+                    frame::encode_frame(opcode, payload, &mut outbox.unsent);
+                    outbox.queue.pop_front();
+                }
+            }
+            match self.stream.try_write(&outbox.unsent) {
+                Ok(n) => {
+                    outbox.unsent.advance(n);
+                    outbox.progressed = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
     }
+
+    /// Starts the close: from here on only the socket's task writes. Keeps the frames queued
+    /// before any close marker when `keep_queued`, drops them otherwise (a frame the kernel
+    /// took in part is always finished, or the close frame would land inside it).
+    fn begin_closing(&self, keep_queued: bool) {
+        let mut outbox = lock(&self.out);
+        outbox.backlogged = true;
+        let keep = if keep_queued {
+            outbox
+                .queue
+                .iter()
+                .position(|o| matches!(o, Outbound::Close(..)))
+                .unwrap_or(outbox.queue.len())
+        } else {
+            0
+        };
+        outbox.queue.truncate(keep);
+    }
+
+    /// Queues the close frame after everything else; only the closing task calls this.
+    fn queue_farewell(&self, payload: Bytes) {
+        let mut outbox = lock(&self.out);
+        outbox.queue.push_back(Outbound::Farewell(payload));
+        outbox.backlogged = true;
+    }
+
+    /// Whether a backlog waits, and whether any bytes went out since the last call.
+    fn take_progress(&self) -> (bool, bool) {
+        let mut outbox = lock(&self.out);
+        let progressed = std::mem::take(&mut outbox.progressed);
+        (outbox.backlogged, progressed)
+    }
+
+    /// Ends the TCP connection now, even while handles to the socket live on.
+    fn shutdown_stream(&self) {
+        let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn is_retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 /// Sends to one socket. Cheap to clone; every clone refers to the same socket. Sending never
-/// waits: a full queue closes the socket as a slow consumer.
+/// waits: a frame is written at once when the connection takes it and queued otherwise, and a
+/// full queue closes the socket as a slow consumer.
+///
+/// Drop handles once [`Service::on_close`] has run: the connection is closed by then, but
+/// the handle's memory is freed with the last clone.
 #[derive(Clone)]
 pub struct SocketHandle {
     state: Arc<SocketState>,
@@ -192,41 +381,45 @@ impl std::fmt::Debug for SocketHandle {
 }
 
 impl SocketHandle {
-    /// Queues a text frame. `text` must be valid UTF-8 (it is sent as is); share one `Bytes`
+    /// Sends a text frame. `text` must be valid UTF-8 (it is sent as is); share one `Bytes`
     /// across many sockets to encode once.
     pub fn send_text(&self, text: Bytes) -> Result<(), SendError> {
-        self.state.enqueue(Outbound::Text(text))
+        self.state.push(Outbound::Text(text), WhenFull::CloseSocket)
     }
 
-    /// Queues a binary frame.
+    /// Sends a binary frame.
     pub fn send_binary(&self, data: Bytes) -> Result<(), SendError> {
-        self.state.enqueue(Outbound::Binary(data))
+        self.state
+            .push(Outbound::Binary(data), WhenFull::CloseSocket)
     }
 
     /// Closes the socket with `code` and `reason` after the frames already queued; later
     /// sends fail. If the queue is full, closes at once. A code that may not be sent on the
     /// wire (RFC 6455 7.4) becomes 1011.
     pub fn close(&self, code: u16, reason: &str) {
-        let code = if is_sendable_close_code(code) {
+        let code = if frame::is_sendable_close_code(code) {
             code
         } else {
             1011
         };
         let reason = truncate_reason(reason);
-        if self.state.closing.swap(true, Ordering::AcqRel) {
+        let state = &self.state;
+        let mut outbox = lock(&state.out);
+        if state.closing.swap(true, Ordering::AcqRel) {
             return;
         }
-        if self
-            .state
-            .queue
-            .try_send(Outbound::Close(code, reason.clone()))
-            .is_err()
-        {
-            self.state.request_close(
+        if outbox.queue.len() >= state.capacity {
+            drop(outbox);
+            state.request_close(
                 Some(Farewell::Code(code, reason.clone())),
                 CloseReason::Server { code, reason },
             );
+            return;
         }
+        outbox.queue.push_back(Outbound::Close(code, reason));
+        outbox.backlogged = true;
+        drop(outbox);
+        state.wake.notify_one();
     }
 
     /// True once the socket is closing or closed: sends will fail.
@@ -239,15 +432,10 @@ impl SocketHandle {
         self.state.peer
     }
 
-    /// Frames waiting in the send queue.
+    /// Frames waiting in the send queue (not yet taken by the kernel).
     pub fn queued(&self) -> usize {
-        self.state.queue.len()
+        lock(&self.state.out).queue.len()
     }
-}
-
-/// Codes an endpoint may send in a close frame (RFC 6455 7.4.1, 7.4.2).
-fn is_sendable_close_code(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
 }
 
 /// Close reasons are limited to 123 bytes by RFC 6455.
@@ -259,30 +447,25 @@ fn truncate_reason(reason: &str) -> String {
     reason[..end].to_string()
 }
 
-/// Runs a socket from the completed upgrade to its end.
+/// Runs a socket from the completed upgrade to its end. `early`: bytes the client sent
+/// right behind its upgrade request.
 pub(crate) async fn run<S: Service>(
-    ws: WebSocket<Io>,
+    stream: TcpStream,
+    early: Bytes,
     admission: S::Admission,
     peer: SocketAddr,
     shared: &Shared<S>,
 ) {
     let opts = &shared.options;
-    // fastwebsockets reads; we encode and write ourselves (see `Writer`).
-    let (r, w) = tokio::io::split(ws.into_inner());
-    let (mut reader, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), Role::Server);
-    let writer = Writer {
-        io: w,
-        buf: Vec::new(),
-    };
-    // fastwebsockets rejects frames of `max_message_size` or more; we allow exactly the max.
-    reader.set_max_message_size(opts.max_message_size.saturating_add(1));
-    let (queue, outbox) = flume::bounded(opts.send_queue);
     let state = Arc::new(SocketState {
         peer,
-        queue,
+        stream,
+        out: Mutex::default(),
+        capacity: opts.send_queue,
+        wake: Notify::new(),
         closing: AtomicBool::new(false),
+        close_requested: AtomicBool::new(false),
         request: Mutex::new(None),
-        closed_signal: Notify::new(),
         pong_seen: AtomicBool::new(false),
     });
     shared
@@ -295,140 +478,183 @@ pub(crate) async fn run<S: Service>(
             state: state.clone(),
         },
     );
-    let mut writer_task = tokio::spawn(write_loop(
-        writer,
-        outbox,
-        state.clone(),
-        opts.heartbeat_interval,
-    ));
-    let mut shutdown = shared.shutdown.clone();
-    {
-        let read = read_loop(
-            &mut reader,
-            shared.service.as_ref(),
-            &session,
-            &state,
-            opts.max_message_size,
-        );
-        let mut read = std::pin::pin!(read);
-
-        let read_ended = tokio::select! {
-            end = &mut read => Some(end),
-            _ = async { drop(shutdown.wait_for(|down| *down).await) } => {
-                state.request_close(
-                    Some(Farewell::Code(1001, "server shutting down".into())),
-                    CloseReason::Shutdown,
-                );
-                None
-            }
-            _ = state.close_requested() => None,
-        };
-        match read_ended {
-            Some((farewell, reason)) => {
-                state.request_close(farewell, reason);
-                if timeout(opts.close_timeout, &mut writer_task).await.is_err() {
-                    writer_task.abort();
-                }
-            }
-            // Closing from our side: the writer sends the close frame (or gives up).
-            None => match timeout(opts.close_timeout, &mut writer_task).await {
-                Ok(Ok(true)) => {
-                    // We sent a close frame: give the client a moment to answer it.
-                    let _ = timeout(opts.close_timeout, &mut read).await;
-                }
-                Ok(_) => {}
-                Err(_) => writer_task.abort(),
-            },
-        }
-    }
+    let mut reader = FrameReader::new(opts.max_message_size, early);
+    serve(&state, &mut reader, shared, &session).await;
+    finish(&state, &mut reader, opts.close_timeout).await;
+    state.shutdown_stream();
     let reason = state.reason();
     shared.stats.closed(&reason);
     shared.service.on_close(session, reason);
 }
 
-/// Reads until the connection ends; returns the frame to answer with and why it ended.
-async fn read_loop<S: Service>(
-    reader: &mut Reader,
-    service: &S,
-    session: &S::Session,
+/// The open socket: reads, writes the backlog, heartbeats; returns once a close is requested.
+async fn serve<S: Service>(
     state: &SocketState,
-    max_message_size: usize,
-) -> (Option<Farewell>, CloseReason) {
-    // Pings are answered through the send queue; a full queue just drops the pong.
-    let mut obligations = |frame: Frame<'_>| {
-        if frame.opcode == OpCode::Pong {
-            let _ = state
-                .queue
-                .try_send(Outbound::Pong(Bytes::copy_from_slice(&frame.payload)));
-        }
-        std::future::ready(Ok::<(), std::io::Error>(()))
-    };
-    // A fragmented message in progress: its opcode and the bytes so far.
-    let mut partial: Option<(OpCode, BytesMut)> = None;
+    reader: &mut FrameReader,
+    shared: &Shared<S>,
+    session: &S::Session,
+) {
+    let heartbeat = shared.options.heartbeat_interval;
+    let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = shared.shutdown.clone();
+    if *shutdown.borrow_and_update() {
+        state.request_close(
+            Some(Farewell::Code(1001, "server shutting down".into())),
+            CloseReason::Shutdown,
+        );
+    }
+    let mut awaiting_pong = false;
+    // Waiting for the kernel to take more of the backlog.
+    let mut blocked = false;
+    // A backlog was waiting at the last heartbeat.
+    let mut was_backlogged = false;
+    let service = shared.service.as_ref();
+    // The client may have sent frames right behind its upgrade request.
+    read(state, reader, service, session);
     loop {
-        let frame = match reader.read_frame(&mut obligations).await {
-            Ok(frame) => frame,
-            Err(e) => return read_error(e, max_message_size),
-        };
-        let fin = frame.fin;
-        if is_control(frame.opcode) && frame.payload.len() > 125 {
-            return protocol(1002, "control frame payload over 125 bytes");
+        if state.is_close_requested() {
+            return;
         }
-        match frame.opcode {
-            OpCode::Text | OpCode::Binary if partial.is_some() => {
-                return protocol(1002, "new message before the previous one finished");
-            }
-            OpCode::Text | OpCode::Binary if fin => {
-                deliver(
-                    service,
-                    session,
-                    state,
-                    frame.opcode,
-                    into_bytes(frame.payload),
-                );
-            }
-            OpCode::Text | OpCode::Binary => {
-                partial = Some((frame.opcode, BytesMut::from(&frame.payload[..])));
-            }
-            OpCode::Continuation => {
-                let Some((opcode, buf)) = partial.as_mut() else {
-                    return protocol(1002, "continuation frame without a message");
-                };
-                if buf.len() + frame.payload.len() > max_message_size {
-                    return protocol(1009, "message too big");
+        // Order matters: closing and writing beat reading, and the heartbeat must not
+        // starve behind a client that never stops sending.
+        tokio::select! {
+            biased;
+            _ = state.wake.notified() => blocked = write_backlog(state),
+            ready = state.stream.writable(), if blocked => match ready {
+                Ok(()) => blocked = write_backlog(state),
+                Err(e) => drop(state.request_close(None, CloseReason::Io(e.to_string()))),
+            },
+            changed = shutdown.changed() => {
+                // A dropped server counts as a shutdown too.
+                if changed.is_err() || *shutdown.borrow_and_update() {
+                    state.request_close(
+                        Some(Farewell::Code(1001, "server shutting down".into())),
+                        CloseReason::Shutdown,
+                    );
                 }
-                buf.extend_from_slice(&frame.payload);
-                if fin {
-                    let opcode = *opcode;
-                    let whole = partial.take().map(|(_, b)| b.freeze()).unwrap_or_default();
-                    if opcode == OpCode::Text && std::str::from_utf8(&whole).is_err() {
-                        return protocol(1007, "invalid UTF-8 in text message");
+            }
+            _ = tick.tick() => {
+                // A client that accepts no bytes for a whole heartbeat interval is not
+                // consuming; waiting longer would pin the socket (and block shutdown).
+                let (backlogged, progressed) = state.take_progress();
+                if was_backlogged && backlogged && !progressed {
+                    state.request_close(None, CloseReason::SlowConsumer);
+                    continue;
+                }
+                was_backlogged = backlogged;
+                if awaiting_pong && !state.pong_seen.swap(false, Ordering::AcqRel) {
+                    state.request_close(None, CloseReason::HeartbeatTimeout);
+                    continue;
+                }
+                awaiting_pong = true;
+                let _ = state.push(Outbound::Ping, WhenFull::Drop);
+            }
+            ready = state.stream.readable() => match ready {
+                Ok(()) => {
+                    if read(state, reader, service, session) == Some(Drained::No) {
+                        // More is waiting; let other sockets run first.
+                        tokio::task::yield_now().await;
                     }
-                    deliver(service, session, state, opcode, whole);
                 }
-            }
-            OpCode::Close => {
-                let payload = into_bytes(frame.payload);
-                let (code, reason) = match payload.len() {
-                    0 => (1005, String::new()),
-                    _ => (
-                        u16::from_be_bytes([payload[0], payload[1]]),
-                        String::from_utf8_lossy(&payload[2..]).into_owned(),
-                    ),
-                };
-                return (
-                    Some(Farewell::Echo(payload)),
-                    CloseReason::Client { code, reason },
-                );
-            }
-            OpCode::Pong => state.pong_seen.store(true, Ordering::Release),
-            OpCode::Ping => {}
+                Err(e) => drop(state.request_close(None, CloseReason::Io(e.to_string()))),
+            },
         }
     }
 }
 
-fn is_control(opcode: OpCode) -> bool {
-    matches!(opcode, OpCode::Close | OpCode::Ping | OpCode::Pong)
+/// Reads what the socket has and hands it on; `None` once reading has ended the socket.
+fn read<S: Service>(
+    state: &SocketState,
+    reader: &mut FrameReader,
+    service: &S,
+    session: &S::Session,
+) -> Option<Drained> {
+    let mut on_event = |event: Event<'_>| match event {
+        Event::Message { text, data } => deliver(service, session, state, text, data),
+        Event::Ping(payload) => {
+            let pong = Outbound::Pong(Bytes::copy_from_slice(payload));
+            let _ = state.push(pong, WhenFull::Drop);
+        }
+        Event::Pong => state.pong_seen.store(true, Ordering::Release),
+    };
+    match reader.read(&state.stream, &mut on_event) {
+        Ok(drained) => Some(drained),
+        Err(end) => {
+            let (farewell, reason) = read_end(end);
+            state.request_close(farewell, reason);
+            None
+        }
+    }
+}
+
+/// Writes the backlog after a wake-up or writability; true while the kernel is full.
+fn write_backlog(state: &SocketState) -> bool {
+    match state.flush() {
+        Ok(Flushed::Done) => false,
+        Ok(Flushed::Blocked) => true,
+        Ok(Flushed::CloseReached(code, reason)) => {
+            state.request_close(
+                Some(Farewell::Code(code, reason.clone())),
+                CloseReason::Server { code, reason },
+            );
+            false
+        }
+        Err(e) => {
+            state.request_close(None, CloseReason::Io(e.to_string()));
+            false
+        }
+    }
+}
+
+/// The close handshake, as the winning close request asked for it.
+///
+/// After a client close, a protocol error or a server close, frames queued before it still go
+/// out first (an echo of the message before a bad frame, say). After a slow-consumer or
+/// shutdown close they are dropped: the client is not reading, or we are leaving. When we
+/// started the close, the client gets `close_timeout` to answer it.
+async fn finish(state: &SocketState, reader: &mut FrameReader, close_timeout: Duration) {
+    let reason = state.reason();
+    let keep_queued = matches!(
+        reason,
+        CloseReason::Client { .. } | CloseReason::Protocol { .. } | CloseReason::Server { .. }
+    );
+    state.begin_closing(keep_queued);
+    let Some(farewell) = state.take_farewell() else {
+        return;
+    };
+    state.queue_farewell(farewell.payload());
+    let written = timeout(close_timeout, async {
+        loop {
+            match state.flush()? {
+                Flushed::Done => return Ok::<(), io::Error>(()),
+                Flushed::Blocked => state.stream.writable().await?,
+                Flushed::CloseReached(..) => unreachable!("begin_closing removed the markers"),
+            }
+        }
+    })
+    .await;
+    let started_by_us = !matches!(
+        reason,
+        CloseReason::Client { .. } | CloseReason::Protocol { .. }
+    );
+    if matches!(written, Ok(Ok(()))) && started_by_us {
+        let _ = timeout(close_timeout, await_close_reply(state, reader)).await;
+    }
+}
+
+/// Reads (and ignores) until the client's close frame, the end of the connection, or an error.
+async fn await_close_reply(state: &SocketState, reader: &mut FrameReader) {
+    loop {
+        if state.stream.readable().await.is_err() {
+            return;
+        }
+        match reader.read(&state.stream, &mut |_| {}) {
+            Ok(Drained::Yes) => {}
+            Ok(Drained::No) => tokio::task::yield_now().await,
+            Err(_) => return,
+        }
+    }
 }
 
 /// Hands a whole message to the service, unless the socket is already closing. A panic in
@@ -437,13 +663,13 @@ fn deliver<S: Service>(
     service: &S,
     session: &S::Session,
     state: &SocketState,
-    opcode: OpCode,
+    text: bool,
     data: Bytes,
 ) {
     if state.closing.load(Ordering::Acquire) {
         return;
     }
-    let message = if opcode == OpCode::Text {
+    let message = if text {
         Inbound::Text(data)
     } else {
         Inbound::Binary(data)
@@ -463,197 +689,22 @@ fn deliver<S: Service>(
     }
 }
 
-fn into_bytes(payload: Payload<'_>) -> Bytes {
-    match payload {
-        Payload::Bytes(b) => b.freeze(),
-        other => Bytes::from(Vec::from(other)),
-    }
-}
-
-fn protocol(code: u16, detail: &str) -> (Option<Farewell>, CloseReason) {
-    (
-        Some(Farewell::Code(code, detail.to_string())),
-        CloseReason::Protocol {
+/// The close frame to answer with, and why the socket ended, when reading ended it.
+fn read_end(end: ReadEnd) -> (Option<Farewell>, CloseReason) {
+    match end {
+        ReadEnd::Eof => (None, CloseReason::Dropped),
+        ReadEnd::Io(e) => (None, CloseReason::Io(e.to_string())),
+        ReadEnd::Close {
+            payload,
             code,
-            detail: detail.to_string(),
-        },
-    )
-}
-
-fn read_error(e: WebSocketError, max_message_size: usize) -> (Option<Farewell>, CloseReason) {
-    match e {
-        WebSocketError::UnexpectedEOF => (None, CloseReason::Dropped),
-        WebSocketError::IoError(io) => (None, CloseReason::Io(io.to_string())),
-        WebSocketError::FrameTooLarge => protocol(
-            1009,
-            &format!("message too big (limit {max_message_size} bytes)"),
+            reason,
+        } => (
+            Some(Farewell::Echo(payload)),
+            CloseReason::Client { code, reason },
         ),
-        WebSocketError::InvalidUTF8 => protocol(1007, "invalid UTF-8"),
-        other => protocol(1002, &other.to_string().to_lowercase()),
+        ReadEnd::Violation { code, detail } => (
+            Some(Farewell::Code(code, detail.clone())),
+            CloseReason::Protocol { code, detail },
+        ),
     }
-}
-
-/// Writes queued frames in batches and pings on schedule. Returns true if it sent a close frame.
-///
-/// Every write must finish within one heartbeat interval: a client that accepts no bytes for
-/// that long is not consuming, and waiting longer would pin the socket (and block shutdown).
-async fn write_loop(
-    mut ws: Writer,
-    outbox: flume::Receiver<Outbound>,
-    state: Arc<SocketState>,
-    heartbeat: Duration,
-) -> bool {
-    let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut awaiting_pong = false;
-    let stalled = || state.request_close(None, CloseReason::SlowConsumer);
-    let sent_close = loop {
-        // Order matters: a close beats everything, and the heartbeat must not starve behind
-        // a queue that never empties.
-        tokio::select! {
-            biased;
-            _ = state.close_requested() => break farewell(&mut ws, &outbox, &state).await,
-            _ = tick.tick() => {
-                if awaiting_pong && !state.pong_seen.swap(false, Ordering::AcqRel) {
-                    state.request_close(None, CloseReason::HeartbeatTimeout);
-                    break false;
-                }
-                state.pong_seen.store(false, Ordering::Release);
-                awaiting_pong = true;
-                ws.push(OpCode::Ping, b"");
-                match timeout(heartbeat, ws.flush()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        state.request_close(None, CloseReason::Io(e.to_string()));
-                        break false;
-                    }
-                    Err(_) => {
-                        stalled();
-                        break false;
-                    }
-                }
-            }
-            first = outbox.recv_async() => {
-                let Ok(first) = first else { break false };
-                match timeout(heartbeat, write_batch(&mut ws, &outbox, first, &state)).await {
-                    Ok(Ok(true)) => break farewell(&mut ws, &outbox, &state).await,
-                    Ok(Ok(false)) => {}
-                    Ok(Err(e)) => {
-                        state.request_close(None, CloseReason::Io(e.to_string()));
-                        break false;
-                    }
-                    Err(_) => {
-                        stalled();
-                        break false;
-                    }
-                }
-            }
-        }
-    };
-    // Free whatever is still queued now, not when the last handle goes.
-    outbox.drain().for_each(drop);
-    sent_close
-}
-
-/// The socket's write side. Frames are encoded into one buffer per batch and go out in a
-/// single `write_all`; the buffer is released after every batch, so an idle socket holds no
-/// write buffer at all (fastwebsockets' writer, or a `BufWriter`, would keep one per socket).
-struct Writer {
-    io: WriteHalf<Io>,
-    buf: Vec<u8>,
-}
-
-impl Writer {
-    /// Appends one unmasked, final frame.
-    fn push(&mut self, opcode: OpCode, payload: &[u8]) {
-        let mut head = [0u8; 14];
-        let len = Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(&mut head);
-        self.buf.reserve(len + payload.len());
-        self.buf.extend_from_slice(&head[..len]);
-        self.buf.extend_from_slice(payload);
-    }
-
-    /// Appends a data or pong frame (a queued close is the caller's business).
-    fn push_outbound(&mut self, out: &Outbound) {
-        match out {
-            Outbound::Text(b) => self.push(OpCode::Text, b),
-            Outbound::Binary(b) => self.push(OpCode::Binary, b),
-            Outbound::Pong(b) => self.push(OpCode::Pong, b),
-            Outbound::Close(..) => {}
-        }
-    }
-
-    /// Writes what was appended and releases the buffer.
-    async fn flush(&mut self) -> std::io::Result<()> {
-        let buf = std::mem::take(&mut self.buf);
-        if !buf.is_empty() {
-            self.io.write_all(&buf).await?;
-            self.io.flush().await?;
-        }
-        Ok(())
-    }
-}
-
-/// Writes `first` and whatever else is queued (up to [`MAX_BATCH`] frames or
-/// [`MAX_BATCH_BYTES`]) in one write. Returns true when a queued close was reached (the close
-/// is recorded, not yet written).
-async fn write_batch(
-    ws: &mut Writer,
-    outbox: &flume::Receiver<Outbound>,
-    first: Outbound,
-    state: &SocketState,
-) -> std::io::Result<bool> {
-    let mut next = Some(first);
-    let mut written = 0;
-    while let Some(out) = next.take() {
-        if let Outbound::Close(code, reason) = out {
-            ws.flush().await?;
-            state.request_close(
-                Some(Farewell::Code(code, reason.clone())),
-                CloseReason::Server { code, reason },
-            );
-            return Ok(true);
-        }
-        ws.push_outbound(&out);
-        written += 1;
-        if written < MAX_BATCH && ws.buf.len() < MAX_BATCH_BYTES {
-            next = outbox.try_recv().ok();
-        }
-    }
-    ws.flush().await?;
-    Ok(false)
-}
-
-/// Writes the close frame the winning request asked for. Returns true if one was sent.
-///
-/// After a client close, a protocol error or a server close, frames queued before it still go
-/// out first (an echo of the message before a bad frame, say). After a slow-consumer or
-/// shutdown close they are dropped: the client is not reading, or we are leaving.
-async fn farewell(
-    ws: &mut Writer,
-    outbox: &flume::Receiver<Outbound>,
-    state: &SocketState,
-) -> bool {
-    let flush_first = matches!(
-        state.reason(),
-        CloseReason::Client { .. } | CloseReason::Protocol { .. } | CloseReason::Server { .. }
-    );
-    if flush_first {
-        for out in outbox.try_iter() {
-            if matches!(out, Outbound::Close(..)) {
-                break;
-            }
-            ws.push_outbound(&out);
-        }
-    }
-    match state.take_farewell() {
-        Some(Farewell::Code(code, reason)) => {
-            let mut payload = code.to_be_bytes().to_vec();
-            payload.extend_from_slice(reason.as_bytes());
-            ws.push(OpCode::Close, &payload);
-        }
-        Some(Farewell::Echo(payload)) => ws.push(OpCode::Close, &payload),
-        None => return false,
-    }
-    ws.flush().await.is_ok()
 }
