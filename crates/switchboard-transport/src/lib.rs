@@ -91,8 +91,10 @@ use tokio::task::JoinHandle;
 mod frame;
 mod reader;
 mod socket;
+mod sockets;
 mod stats;
 pub use socket::{CloseReason, SendError, SocketHandle, SLOW_CONSUMER_CODE};
+use sockets::SocketList;
 pub use stats::{TransportCounters, TransportStats};
 
 pub use http::request::Parts as RequestParts;
@@ -280,7 +282,14 @@ impl Server {
         // its own at shutdown, `recv` returns None when the last socket task has ended.
         let (alive, sockets_done) = mpsc::channel::<Infallible>(1);
         let stats = Arc::new(TransportStats::default());
+        let socket_list = Arc::new(SocketList::default());
+        tokio::spawn(sockets::heartbeat_until_shutdown(
+            socket_list.clone(),
+            options.heartbeat_interval,
+            shutdown_rx.clone(),
+        ));
         let shared = Arc::new(Shared {
+            sockets: socket_list,
             options,
             service,
             shutdown: shutdown_rx.clone(),
@@ -323,6 +332,7 @@ impl Server {
 }
 
 struct Shared<S> {
+    sockets: Arc<SocketList>,
     options: TransportOptions,
     service: Arc<S>,
     shutdown: watch::Receiver<bool>,

@@ -18,9 +18,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use std::task::Poll;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
-use tokio::time::{timeout, Instant};
+
+use futures_util::task::AtomicWaker;
+use tokio::time::timeout;
 
 use crate::frame::{self, MAX_SERVER_HEAD};
 use crate::reader::{Drained, Event, FrameReader, ReadEnd};
@@ -167,13 +169,17 @@ pub(crate) struct SocketState {
     stream: TcpStream,
     out: Mutex<Outbox>,
     capacity: usize,
-    /// Wakes the socket's task: a backlog to write, or a close request.
-    wake: Notify,
+    /// The socket's task, woken when `work` is set (a backlog to write, or a close request).
+    task: AtomicWaker,
+    work: AtomicBool,
     /// Set by [`SocketHandle::close`] and every close request: sends fail from then on.
     closing: AtomicBool,
     close_requested: AtomicBool,
     request: Mutex<Option<CloseRequest>>,
+    /// Heartbeat state, kept by the server's heartbeat sweep (see [`SocketState::heartbeat`]).
     pong_seen: AtomicBool,
+    awaiting_pong: AtomicBool,
+    was_backlogged: AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -194,8 +200,45 @@ impl SocketState {
         };
         self.closing.store(true, Ordering::Release);
         self.close_requested.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.wake();
         won
+    }
+
+    /// Tells the socket's task there is work: a backlog or a close request.
+    fn wake(&self) {
+        self.work.store(true, Ordering::Release);
+        self.task.wake();
+    }
+
+    /// One heartbeat, from the server's sweep: closes a socket whose client answered no ping
+    /// since the last sweep, or accepted no bytes of a waiting backlog since then (it is not
+    /// consuming, and waiting longer would pin the socket and block shutdown); pings the rest.
+    pub(crate) fn heartbeat(&self) {
+        if self.is_close_requested() {
+            return;
+        }
+        let (backlogged, progressed) = self.take_progress();
+        let was_backlogged = self.was_backlogged.swap(backlogged, Ordering::AcqRel);
+        if was_backlogged && backlogged && !progressed {
+            self.request_close(None, CloseReason::SlowConsumer);
+            return;
+        }
+        if self.awaiting_pong.load(Ordering::Acquire)
+            && !self.pong_seen.swap(false, Ordering::AcqRel)
+        {
+            self.request_close(None, CloseReason::HeartbeatTimeout);
+            return;
+        }
+        self.awaiting_pong.store(true, Ordering::Release);
+        let _ = self.push(Outbound::Ping, WhenFull::Drop);
+    }
+
+    /// The server is shutting down: close with 1001.
+    pub(crate) fn shut_down(&self) {
+        self.request_close(
+            Some(Farewell::Code(1001, "server shutting down".into())),
+            CloseReason::Shutdown,
+        );
     }
 
     fn is_close_requested(&self) -> bool {
@@ -268,7 +311,7 @@ impl SocketState {
         }
         outbox.backlogged = true;
         drop(outbox);
-        self.wake.notify_one();
+        self.wake();
         Ok(())
     }
 
@@ -419,7 +462,7 @@ impl SocketHandle {
         outbox.queue.push_back(Outbound::Close(code, reason));
         outbox.backlogged = true;
         drop(outbox);
-        state.wake.notify_one();
+        state.wake();
     }
 
     /// True once the socket is closing or closed: sends will fail.
@@ -462,12 +505,20 @@ pub(crate) async fn run<S: Service>(
         stream,
         out: Mutex::default(),
         capacity: opts.send_queue,
-        wake: Notify::new(),
+        task: AtomicWaker::new(),
+        work: AtomicBool::new(false),
         closing: AtomicBool::new(false),
         close_requested: AtomicBool::new(false),
         request: Mutex::new(None),
         pong_seen: AtomicBool::new(false),
+        awaiting_pong: AtomicBool::new(false),
+        was_backlogged: AtomicBool::new(false),
     });
+    let listed = shared.sockets.insert(state.clone());
+    // After listing it: a shutdown that started before has already swept the list.
+    if *shared.shutdown.borrow() {
+        state.shut_down();
+    }
     shared
         .stats
         .sockets_opened
@@ -479,88 +530,70 @@ pub(crate) async fn run<S: Service>(
         },
     );
     let mut reader = FrameReader::new(opts.max_message_size, early);
-    serve(&state, &mut reader, shared, &session).await;
-    finish(&state, &mut reader, opts.close_timeout).await;
+    serve(&state, &mut reader, shared.service.as_ref(), &session).await;
+    // Boxed: the close handshake's timers would otherwise take room in every idle socket's
+    // task for its whole life.
+    Box::pin(finish(&state, &mut reader, opts.close_timeout)).await;
     state.shutdown_stream();
+    shared.sockets.remove(listed);
     let reason = state.reason();
     shared.stats.closed(&reason);
     shared.service.on_close(session, reason);
 }
 
-/// The open socket: reads, writes the backlog, heartbeats; returns once a close is requested.
+/// The open socket: reads, and writes the backlog; returns once a close is requested.
+///
+/// A hand-written poll loop rather than `select!` over futures: readiness comes from the
+/// stream's own per-direction waker slots and work from one `AtomicWaker`, so an idle
+/// socket's task holds no waiter nodes or timers, and an event costs no future set-up.
 async fn serve<S: Service>(
     state: &SocketState,
     reader: &mut FrameReader,
-    shared: &Shared<S>,
+    service: &S,
     session: &S::Session,
 ) {
-    let heartbeat = shared.options.heartbeat_interval;
-    let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut shutdown = shared.shutdown.clone();
-    if *shutdown.borrow_and_update() {
-        state.request_close(
-            Some(Farewell::Code(1001, "server shutting down".into())),
-            CloseReason::Shutdown,
-        );
-    }
-    let mut awaiting_pong = false;
-    // Waiting for the kernel to take more of the backlog.
-    let mut blocked = false;
-    // A backlog was waiting at the last heartbeat.
-    let mut was_backlogged = false;
-    let service = shared.service.as_ref();
     // The client may have sent frames right behind its upgrade request.
     read(state, reader, service, session);
-    loop {
+    // Waiting for the kernel to take more of the backlog.
+    let mut blocked = false;
+    std::future::poll_fn(|cx| loop {
         if state.is_close_requested() {
-            return;
+            return Poll::Ready(());
         }
-        // Order matters: closing and writing beat reading, and the heartbeat must not
-        // starve behind a client that never stops sending.
-        tokio::select! {
-            biased;
-            _ = state.wake.notified() => blocked = write_backlog(state),
-            ready = state.stream.writable(), if blocked => match ready {
-                Ok(()) => blocked = write_backlog(state),
-                Err(e) => drop(state.request_close(None, CloseReason::Io(e.to_string()))),
-            },
-            changed = shutdown.changed() => {
-                // A dropped server counts as a shutdown too.
-                if changed.is_err() || *shutdown.borrow_and_update() {
-                    state.request_close(
-                        Some(Farewell::Code(1001, "server shutting down".into())),
-                        CloseReason::Shutdown,
-                    );
-                }
-            }
-            _ = tick.tick() => {
-                // A client that accepts no bytes for a whole heartbeat interval is not
-                // consuming; waiting longer would pin the socket (and block shutdown).
-                let (backlogged, progressed) = state.take_progress();
-                if was_backlogged && backlogged && !progressed {
-                    state.request_close(None, CloseReason::SlowConsumer);
+        state.task.register(cx.waker());
+        // Closing and writing come before reading.
+        if state.work.swap(false, Ordering::AcqRel) {
+            blocked = write_backlog(state);
+            continue;
+        }
+        if blocked {
+            match state.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    blocked = write_backlog(state);
                     continue;
                 }
-                was_backlogged = backlogged;
-                if awaiting_pong && !state.pong_seen.swap(false, Ordering::AcqRel) {
-                    state.request_close(None, CloseReason::HeartbeatTimeout);
+                Poll::Ready(Err(e)) => {
+                    state.request_close(None, CloseReason::Io(e.to_string()));
                     continue;
                 }
-                awaiting_pong = true;
-                let _ = state.push(Outbound::Ping, WhenFull::Drop);
+                Poll::Pending => {}
             }
-            ready = state.stream.readable() => match ready {
-                Ok(()) => {
-                    if read(state, reader, service, session) == Some(Drained::No) {
-                        // More is waiting; let other sockets run first.
-                        tokio::task::yield_now().await;
-                    }
-                }
-                Err(e) => drop(state.request_close(None, CloseReason::Io(e.to_string()))),
-            },
         }
-    }
+        match state.stream.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => {
+                if read(state, reader, service, session) == Some(Drained::No) {
+                    // More is waiting; let other sockets run first.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            }
+            Poll::Ready(Err(e)) => {
+                state.request_close(None, CloseReason::Io(e.to_string()));
+            }
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Reads what the socket has and hands it on; `None` once reading has ended the socket.
