@@ -93,6 +93,7 @@ mod reader;
 mod socket;
 mod sockets;
 mod stats;
+use socket::SocketTask;
 pub use socket::{CloseReason, SendError, SocketHandle, SLOW_CONSUMER_CODE};
 use sockets::SocketList;
 pub use stats::{TransportCounters, TransportStats};
@@ -433,9 +434,9 @@ fn handle_request<S: Service>(
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let alive = shared.alive.upgrade();
+    // Boxed until the upgrade completes, so that waiting for it stays small.
+    let admission = Box::new(admission);
     tokio::spawn(async move {
-        let _alive = alive;
-        let _slot = slot;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => return tracing::debug!(%peer, error = %e, "upgrade did not complete"),
@@ -445,7 +446,15 @@ fn handle_request<S: Service>(
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 let stream = parts.io.into_inner();
-                socket::run(stream, parts.read_buf, admission, peer, &shared).await
+                let open = Open {
+                    admission: *admission,
+                    peer,
+                    alive,
+                    slot,
+                };
+                // A task of its own, holding just the socket: this one (and what it held while
+                // waiting for the upgrade) ends here.
+                tokio::spawn(SocketTask::open(stream, parts.read_buf, open, shared));
             }
             Err(_) => tracing::error!(%peer, "upgraded connection is not a TcpStream"),
         }
@@ -474,8 +483,17 @@ fn accept_key(headers: &http::HeaderMap) -> Option<HeaderValue> {
     HeaderValue::from_str(&accept).ok()
 }
 
+/// What an admitted, upgraded connection brings to its socket.
+pub(crate) struct Open<A> {
+    admission: A,
+    peer: SocketAddr,
+    /// Keeps [`Server::shutdown`] waiting until the socket has ended.
+    alive: Option<mpsc::Sender<Infallible>>,
+    slot: SocketSlot,
+}
+
 /// One reserved place among `max_connections`; gives it back when dropped.
-struct SocketSlot(Arc<TransportStats>);
+pub(crate) struct SocketSlot(Arc<TransportStats>);
 
 impl SocketSlot {
     fn reserve(stats: &Arc<TransportStats>, max: Option<usize>) -> Option<SocketSlot> {

@@ -11,6 +11,7 @@
 //! wins and fixes the [`CloseReason`] reported to [`Service::on_close`].
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,15 +19,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use std::future::Future;
+use std::pin::Pin;
 use std::task::Poll;
 use tokio::net::TcpStream;
 
 use futures_util::task::AtomicWaker;
+use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 use crate::frame::{self, MAX_SERVER_HEAD};
 use crate::reader::{Drained, Event, FrameReader, ReadEnd};
-use crate::{Inbound, Service, Shared};
+use crate::{Inbound, Open, Service, Shared, SocketSlot};
 
 /// The socket's task encodes at most this many queued bytes per write.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
@@ -490,110 +494,179 @@ fn truncate_reason(reason: &str) -> String {
     reason[..end].to_string()
 }
 
-/// Runs a socket from the completed upgrade to its end. `early`: bytes the client sent
-/// right behind its upgrade request.
-pub(crate) async fn run<S: Service>(
-    stream: TcpStream,
-    early: Bytes,
-    admission: S::Admission,
-    peer: SocketAddr,
-    shared: &Shared<S>,
-) {
-    let opts = &shared.options;
-    let state = Arc::new(SocketState {
-        peer,
-        stream,
-        out: Mutex::default(),
-        capacity: opts.send_queue,
-        task: AtomicWaker::new(),
-        work: AtomicBool::new(false),
-        closing: AtomicBool::new(false),
-        close_requested: AtomicBool::new(false),
-        request: Mutex::new(None),
-        pong_seen: AtomicBool::new(false),
-        awaiting_pong: AtomicBool::new(false),
-        was_backlogged: AtomicBool::new(false),
-    });
-    let listed = shared.sockets.insert(state.clone());
-    // After listing it: a shutdown that started before has already swept the list.
-    if *shared.shutdown.borrow() {
-        state.shut_down();
-    }
-    shared
-        .stats
-        .sockets_opened
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let session = shared.service.open(
-        admission,
-        SocketHandle {
-            state: state.clone(),
-        },
-    );
-    let mut reader = FrameReader::new(opts.max_message_size, early);
-    serve(&state, &mut reader, shared.service.as_ref(), &session).await;
-    // Boxed: the close handshake's timers would otherwise take room in every idle socket's
-    // task for its whole life.
-    Box::pin(finish(&state, &mut reader, opts.close_timeout)).await;
-    state.shutdown_stream();
-    shared.sockets.remove(listed);
-    let reason = state.reason();
-    shared.stats.closed(&reason);
-    shared.service.on_close(session, reason);
+/// One open socket, from the completed upgrade to [`Service::on_close`]: the future its task
+/// runs.
+///
+/// Written by hand rather than as an `async fn` so that an idle socket's task holds exactly
+/// these fields: an `async fn` would keep its arguments and every nested future's locals side
+/// by side for the socket's whole life (1.4 KB here). Reading and writing wait on the
+/// stream's own per-direction waker slots and work from other tasks arrives through one
+/// `AtomicWaker`, so there are no waiter nodes, timers or `select!` futures either; the close
+/// handshake's future is boxed and exists only while closing.
+pub(crate) struct SocketTask<S: Service> {
+    state: Arc<SocketState>,
+    reader: FrameReader,
+    /// `None` once handed to [`Service::on_close`].
+    session: Option<S::Session>,
+    shared: Arc<Shared<S>>,
+    /// The socket's number in the server's [`SocketList`](crate::sockets::SocketList).
+    listed: u64,
+    /// Frames the client sent right behind its upgrade request have not been looked at yet.
+    fresh: bool,
+    /// Waiting for the kernel to take more of the backlog.
+    blocked: bool,
+    closing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Held for the socket's life: the place among `max_connections`, and the sender that
+    /// keeps [`Server::shutdown`](crate::Server::shutdown) waiting for this socket.
+    _slot: SocketSlot,
+    _alive: Option<mpsc::Sender<Infallible>>,
 }
 
-/// The open socket: reads, and writes the backlog; returns once a close is requested.
-///
-/// A hand-written poll loop rather than `select!` over futures: readiness comes from the
-/// stream's own per-direction waker slots and work from one `AtomicWaker`, so an idle
-/// socket's task holds no waiter nodes or timers, and an event costs no future set-up.
-async fn serve<S: Service>(
-    state: &SocketState,
-    reader: &mut FrameReader,
-    service: &S,
-    session: &S::Session,
-) {
-    // The client may have sent frames right behind its upgrade request.
-    read(state, reader, service, session);
-    // Waiting for the kernel to take more of the backlog.
-    let mut blocked = false;
-    std::future::poll_fn(|cx| loop {
-        if state.is_close_requested() {
+// Nothing is pinned structurally: the closing future is boxed, the rest is plain data.
+impl<S: Service> Unpin for SocketTask<S> {}
+
+impl<S: Service> SocketTask<S> {
+    /// Opens the socket for the service. `early`: bytes the client sent right behind its
+    /// upgrade request.
+    pub(crate) fn open(
+        stream: TcpStream,
+        early: Bytes,
+        open: Open<S::Admission>,
+        shared: Arc<Shared<S>>,
+    ) -> SocketTask<S> {
+        let Open {
+            admission,
+            peer,
+            alive,
+            slot,
+        } = open;
+        let opts = &shared.options;
+        let state = Arc::new(SocketState {
+            peer,
+            stream,
+            out: Mutex::default(),
+            capacity: opts.send_queue,
+            task: AtomicWaker::new(),
+            work: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            close_requested: AtomicBool::new(false),
+            request: Mutex::new(None),
+            pong_seen: AtomicBool::new(false),
+            awaiting_pong: AtomicBool::new(false),
+            was_backlogged: AtomicBool::new(false),
+        });
+        let listed = shared.sockets.insert(state.clone());
+        // After listing it: a shutdown that started before has already swept the list.
+        if *shared.shutdown.borrow() {
+            state.shut_down();
+        }
+        shared
+            .stats
+            .sockets_opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let session = shared.service.open(
+            admission,
+            SocketHandle {
+                state: state.clone(),
+            },
+        );
+        SocketTask {
+            reader: FrameReader::new(opts.max_message_size, early),
+            state,
+            session: Some(session),
+            shared,
+            listed,
+            fresh: true,
+            blocked: false,
+            closing: None,
+            _slot: slot,
+            _alive: alive,
+        }
+    }
+
+    /// The open socket: reads, and writes the backlog; ready once a close is requested.
+    fn poll_serve(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let state = &*self.state;
+        let service = self.shared.service.as_ref();
+        let Some(session) = self.session.as_ref() else {
             return Poll::Ready(());
+        };
+        if std::mem::take(&mut self.fresh) {
+            read(state, &mut self.reader, service, session);
         }
-        state.task.register(cx.waker());
-        // Closing and writing come before reading.
-        if state.work.swap(false, Ordering::AcqRel) {
-            blocked = write_backlog(state);
-            continue;
-        }
-        if blocked {
-            match state.stream.poll_write_ready(cx) {
+        loop {
+            if state.is_close_requested() {
+                return Poll::Ready(());
+            }
+            state.task.register(cx.waker());
+            // Closing and writing come before reading.
+            if state.work.swap(false, Ordering::AcqRel) {
+                self.blocked = write_backlog(state);
+                continue;
+            }
+            if self.blocked {
+                match state.stream.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.blocked = write_backlog(state);
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        state.request_close(None, CloseReason::Io(e.to_string()));
+                        continue;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            match state.stream.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => {
-                    blocked = write_backlog(state);
-                    continue;
+                    if read(state, &mut self.reader, service, session) == Some(Drained::No) {
+                        // More is waiting; let other sockets run first.
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
                 }
                 Poll::Ready(Err(e)) => {
                     state.request_close(None, CloseReason::Io(e.to_string()));
-                    continue;
                 }
-                Poll::Pending => {}
+                Poll::Pending => return Poll::Pending,
             }
         }
-        match state.stream.poll_read_ready(cx) {
-            Poll::Ready(Ok(())) => {
-                if read(state, reader, service, session) == Some(Drained::No) {
-                    // More is waiting; let other sockets run first.
-                    cx.waker().wake_by_ref();
+    }
+
+    /// The socket has ended: the connection is closed, the service hears of it.
+    fn end(&mut self) {
+        self.state.shutdown_stream();
+        self.shared.sockets.remove(self.listed);
+        let reason = self.state.reason();
+        self.shared.stats.closed(&reason);
+        if let Some(session) = self.session.take() {
+            self.shared.service.on_close(session, reason);
+        }
+    }
+}
+
+impl<S: Service> Future for SocketTask<S> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            if let Some(closing) = this.closing.as_mut() {
+                if closing.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
+                this.closing = None;
+                this.end();
+                return Poll::Ready(());
             }
-            Poll::Ready(Err(e)) => {
-                state.request_close(None, CloseReason::Io(e.to_string()));
+            if this.poll_serve(cx).is_pending() {
+                return Poll::Pending;
             }
-            Poll::Pending => return Poll::Pending,
+            let reader = std::mem::replace(&mut this.reader, FrameReader::new(0, Bytes::new()));
+            let close_timeout = this.shared.options.close_timeout;
+            this.closing = Some(Box::pin(finish(this.state.clone(), reader, close_timeout)));
         }
-    })
-    .await
+    }
 }
 
 /// Reads what the socket has and hands it on; `None` once reading has ended the socket.
@@ -646,7 +719,9 @@ fn write_backlog(state: &SocketState) -> bool {
 /// out first (an echo of the message before a bad frame, say). After a slow-consumer or
 /// shutdown close they are dropped: the client is not reading, or we are leaving. When we
 /// started the close, the client gets `close_timeout` to answer it.
-async fn finish(state: &SocketState, reader: &mut FrameReader, close_timeout: Duration) {
+async fn finish(state: Arc<SocketState>, mut reader: FrameReader, close_timeout: Duration) {
+    let state = &*state;
+    let reader = &mut reader;
     let reason = state.reason();
     let keep_queued = matches!(
         reason,
