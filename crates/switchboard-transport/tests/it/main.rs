@@ -281,6 +281,40 @@ async fn protocol_errors_close_1002() {
 }
 
 #[tokio::test]
+async fn frames_sent_with_the_upgrade_request_are_not_lost() {
+    let h = Harness::start(|_| {}).await;
+    let mut early = raw::frame(true, raw::TEXT, b"first");
+    early.extend(raw::frame(true, raw::TEXT, b"second"));
+    let mut c = raw::Client::connect_sending(h.server.local_addr(), "/ws", &early).await;
+    assert_eq!(c.read_frame().await, (raw::TEXT, b"first".to_vec()));
+    assert_eq!(c.read_frame().await, (raw::TEXT, b"second".to_vec()));
+}
+
+#[tokio::test]
+async fn a_backlog_reaches_a_slow_reader_whole_and_in_order() {
+    // Far more than the socket buffers hold: most frames are queued, some are split by
+    // partial writes, and all must arrive intact.
+    let h = Harness::start(|o| o.send_queue = 100_000).await;
+    let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    c.send_frame(true, raw::TEXT, b"flood 3000").await;
+    c.send_frame(true, raw::TEXT, b"after the flood").await;
+    for i in 0..3000 {
+        if i % 500 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await; // let the backlog build
+        }
+        assert_eq!(
+            c.read_frame().await,
+            (raw::TEXT, vec![b'x'; 1024]),
+            "frame {i}"
+        );
+    }
+    assert_eq!(
+        c.read_frame().await,
+        (raw::TEXT, b"after the flood".to_vec())
+    );
+}
+
+#[tokio::test]
 async fn client_that_ignores_pings_is_dropped() {
     let mut h = Harness::start(|o| o.heartbeat_interval = Duration::from_millis(150)).await;
     // A raw client that never answers pings.

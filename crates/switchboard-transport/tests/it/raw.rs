@@ -14,18 +14,45 @@ pub(crate) const CLOSE: u8 = 0x8;
 pub(crate) const PING: u8 = 0x9;
 pub(crate) const PONG: u8 = 0xA;
 
+/// A masked client frame.
+pub(crate) fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![(fin as u8) << 7 | opcode];
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
 pub(crate) struct Client {
     stream: TcpStream,
 }
 
 impl Client {
     pub(crate) async fn connect(addr: SocketAddr, path: &str) -> Client {
+        Self::connect_sending(addr, path, &[]).await
+    }
+
+    /// Connects, sending `early` (frames, say) in the same write as the upgrade request.
+    pub(crate) async fn connect_sending(addr: SocketAddr, path: &str, early: &[u8]) -> Client {
         let mut stream = TcpStream::connect(addr).await.unwrap();
-        let req = format!(
+        let mut req = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        );
-        stream.write_all(req.as_bytes()).await.unwrap();
+        )
+        .into_bytes();
+        req.extend_from_slice(early);
+        stream.write_all(&req).await.unwrap();
         // read the response head byte by byte so no frame bytes are swallowed
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
@@ -33,28 +60,21 @@ impl Client {
             stream.read_exact(&mut b).await.unwrap();
             head.push(b[0]);
         }
-        let head = String::from_utf8(head).unwrap();
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        // RFC 6455 section 1.3's example key and its accept value.
+        assert!(
+            head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"),
+            "{head}"
+        );
         Client { stream }
     }
 
     pub(crate) async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
-        let mut f = vec![(fin as u8) << 7 | opcode];
-        let mask = [0x11u8, 0x22, 0x33, 0x44];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n < 65536 => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.stream.write_all(&f).await.unwrap();
+        self.stream
+            .write_all(&frame(fin, opcode, payload))
+            .await
+            .unwrap();
     }
 
     /// The next frame that is not a ping: (opcode, payload).
