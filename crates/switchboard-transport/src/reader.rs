@@ -316,6 +316,11 @@ mod tests {
 
     /// Feeds `bytes` through `parse` in chunks of `chunk`, the way reads would split them.
     fn feed(bytes: &[u8], chunk: usize, max: usize) -> (Vec<String>, Option<ReadEnd>) {
+        feed_cuts(bytes, &[chunk], max)
+    }
+
+    /// Feeds `bytes` in pieces of the given sizes (cycled), like reads of varying length.
+    fn feed_cuts(bytes: &[u8], cuts: &[usize], max: usize) -> (Vec<String>, Option<ReadEnd>) {
         let mut reader = FrameReader::new(max, Bytes::new());
         let mut seen = Vec::new();
         let mut on = |e: Event<'_>| match e {
@@ -325,7 +330,13 @@ mod tests {
             Event::Ping(p) => seen.push(format!("ping:{}", String::from_utf8_lossy(p))),
             Event::Pong => seen.push("pong".into()),
         };
-        for piece in bytes.chunks(chunk) {
+        let mut rest = bytes;
+        for &cut in cuts.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (piece, after) = rest.split_at(cut.clamp(1, rest.len()));
+            rest = after;
             reader.pending.extend_from_slice(piece);
             if let Err(end) = reader.parse_pending(&mut on) {
                 return (seen, Some(end));
@@ -339,6 +350,43 @@ mod tests {
             );
         }
         (seen, None)
+    }
+
+    fn outcome(end: &Option<ReadEnd>) -> String {
+        match end {
+            None => "open".into(),
+            Some(ReadEnd::Violation { code, .. }) => format!("violation {code}"),
+            Some(ReadEnd::Close { code, .. }) => format!("close {code}"),
+            Some(other) => format!("{other:?}"),
+        }
+    }
+
+    proptest::proptest! {
+        /// Any bytes, cut anywhere: no panic, and the same messages and the same ending as
+        /// when they arrive in one piece. The frames are built from random headers (any
+        /// opcode, RSV bits, mask bit and length form) and random payloads, so they cover
+        /// valid and invalid streams alike.
+        #[test]
+        fn any_stream_cut_anywhere_parses_as_a_whole(
+            frames in proptest::collection::vec(
+                (0u8..=255, proptest::bool::ANY, proptest::collection::vec(0u8..=255, 0..300)),
+                0..12,
+            ),
+            garbage in proptest::collection::vec(0u8..=255, 0..16),
+            cuts in proptest::collection::vec(1usize..64, 1..8),
+        ) {
+            let mut stream = Vec::new();
+            for (first, text, payload) in &frames {
+                // Mostly well-formed data/control frames, sometimes any first byte.
+                let first = if first % 4 == 0 { *first } else { (first & 0x80) | if *text { 1 } else { first & 0x0F } };
+                stream.extend(masked(first, payload));
+            }
+            stream.extend(&garbage);
+            let (whole, whole_end) = feed_cuts(&stream, &[stream.len().max(1)], 256);
+            let (split, split_end) = feed_cuts(&stream, &cuts, 256);
+            proptest::prop_assert_eq!(whole, split);
+            proptest::prop_assert_eq!(outcome(&whole_end), outcome(&split_end));
+        }
     }
 
     #[test]
