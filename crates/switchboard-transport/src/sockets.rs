@@ -66,8 +66,13 @@ pub(crate) async fn heartbeat_until_shutdown(
                 }
             }
             _ = tick.tick() => {
-                for socket in sockets.snapshot() {
+                for (i, socket) in sockets.snapshot().into_iter().enumerate() {
                     socket.heartbeat();
+                    // A ping is a system call: let other tasks on this thread run now and
+                    // then during a sweep of many thousand sockets.
+                    if i % 1024 == 1023 {
+                        tokio::task::yield_now().await;
+                    }
                 }
             }
         }
