@@ -188,11 +188,14 @@ fn read_ready(stream: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, bool)> {
     }
 }
 
-/// How many bytes the frame starting `buf` takes in all, when its header is complete
-/// (lets the pending buffer grow once rather than read by read).
+/// How many bytes to make room for, for the frame starting `buf`: its whole size when its
+/// header is complete, so the pending buffer grows once rather than read by read, but no more
+/// than one scratch buffer's worth: the size is what the client *says*, and a header alone
+/// must not make the server reserve a whole maximum-size message (beyond that the buffer
+/// grows as the bytes actually arrive).
 fn frame_size_hint(buf: &[u8]) -> usize {
     match frame::parse_head(buf) {
-        Ok(Some(head)) => head.size.saturating_add(head.len as usize),
+        Ok(Some(head)) => head.size.saturating_add(head.len as usize).min(SCRATCH_LEN),
         _ => 0,
     }
 }

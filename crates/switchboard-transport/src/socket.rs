@@ -34,6 +34,8 @@ use crate::{Inbound, Open, Service, Shared, SocketSlot};
 
 /// The socket's task encodes at most this many queued bytes per write.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
+/// Pings and pongs that may wait ahead of queued data.
+const MAX_QUEUED_CONTROL: usize = 4;
 
 /// Why a socket ended, as reported to [`Service::on_close`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +101,11 @@ enum Outbound {
 }
 
 impl Outbound {
+    /// A ping or pong, which may overtake queued data.
+    fn is_control(&self) -> bool {
+        matches!(self, Outbound::Ping | Outbound::Pong(_))
+    }
+
     /// The frame to write; `Close` is a marker, not a frame.
     fn frame(&self) -> (u8, &[u8]) {
         match self {
@@ -270,6 +277,18 @@ impl SocketState {
             return Err(SendError::Closed);
         }
         if outbox.backlogged {
+            if out.is_control() {
+                // Pings and pongs go ahead of queued data (a control frame may go between
+                // any two frames), so a client that is reading a long backlog still
+                // answers the heartbeat in time. A few at most: a client that pings without
+                // reading does not grow the queue.
+                let at = outbox.queue.iter().take_while(|o| o.is_control()).count();
+                if at >= MAX_QUEUED_CONTROL {
+                    return Err(SendError::Full);
+                }
+                outbox.queue.insert(at, out);
+                return Ok(());
+            }
             if outbox.queue.len() >= self.capacity {
                 drop(outbox);
                 if when_full == WhenFull::CloseSocket {
@@ -394,6 +413,13 @@ impl SocketState {
         (outbox.backlogged, progressed)
     }
 
+    /// Frees whatever is still queued: the socket has ended, though handles may live on.
+    fn release_buffers(&self) {
+        let mut outbox = lock(&self.out);
+        outbox.queue = VecDeque::new();
+        outbox.unsent = BytesMut::new();
+    }
+
     /// Ends the TCP connection now, even while handles to the socket live on.
     fn shutdown_stream(&self) {
         let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Both);
@@ -456,6 +482,9 @@ impl SocketHandle {
             return;
         }
         if outbox.queue.len() >= state.capacity {
+            // At once: what is queued is dropped (a frame the kernel took in part is still
+            // finished before the close frame).
+            outbox.queue.clear();
             drop(outbox);
             state.request_close(
                 Some(Farewell::Code(code, reason.clone())),
@@ -555,11 +584,6 @@ impl<S: Service> SocketTask<S> {
             awaiting_pong: AtomicBool::new(false),
             was_backlogged: AtomicBool::new(false),
         });
-        let listed = shared.sockets.insert(state.clone());
-        // After listing it: a shutdown that started before has already swept the list.
-        if *shared.shutdown.borrow() {
-            state.shut_down();
-        }
         shared
             .stats
             .sockets_opened
@@ -570,6 +594,13 @@ impl<S: Service> SocketTask<S> {
                 state: state.clone(),
             },
         );
+        // Listed only once `open` has returned: if it panics, nothing holds the stream and
+        // the connection closes as the panic unwinds.
+        let listed = shared.sockets.insert(state.clone());
+        // After listing it: a shutdown that started before has already swept the list.
+        if *shared.shutdown.borrow() {
+            state.shut_down();
+        }
         SocketTask {
             reader: FrameReader::new(opts.max_message_size, early),
             state,
@@ -636,6 +667,7 @@ impl<S: Service> SocketTask<S> {
     /// The socket has ended: the connection is closed, the service hears of it.
     fn end(&mut self) {
         self.state.shutdown_stream();
+        self.state.release_buffers();
         self.shared.sockets.remove(self.listed);
         let reason = self.state.reason();
         self.shared.stats.closed(&reason);
@@ -814,5 +846,101 @@ fn read_end(end: ReadEnd) -> (Option<Farewell>, CloseReason) {
             Some(Farewell::Code(code, detail.clone())),
             CloseReason::Protocol { code, detail },
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket whose peer never reads, with the kernel's buffers full: every send queues.
+    async fn backlogged_socket(capacity: usize) -> (SocketState, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, addr) = listener.accept().await.unwrap();
+        let state = SocketState {
+            peer: addr,
+            stream,
+            out: Mutex::default(),
+            capacity,
+            task: AtomicWaker::new(),
+            work: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            close_requested: AtomicBool::new(false),
+            request: Mutex::new(None),
+            pong_seen: AtomicBool::new(false),
+            awaiting_pong: AtomicBool::new(false),
+            was_backlogged: AtomicBool::new(false),
+        };
+        let big = Bytes::from(vec![b'x'; 64 * 1024]);
+        while !lock(&state.out).backlogged {
+            state
+                .push(Outbound::Text(big.clone()), WhenFull::CloseSocket)
+                .unwrap();
+        }
+        (state, peer)
+    }
+
+    fn kinds(state: &SocketState) -> Vec<&'static str> {
+        lock(&state.out)
+            .queue
+            .iter()
+            .map(|o| match o {
+                Outbound::Text(_) => "text",
+                Outbound::Ping => "ping",
+                Outbound::Pong(_) => "pong",
+                _ => "other",
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn pings_and_pongs_overtake_queued_data_in_their_own_order() {
+        let (state, _peer) = backlogged_socket(100).await;
+        let data = || Outbound::Text(Bytes::from_static(b"data"));
+        state.push(data(), WhenFull::CloseSocket).unwrap();
+        state.push(Outbound::Ping, WhenFull::Drop).unwrap();
+        state.push(data(), WhenFull::CloseSocket).unwrap();
+        state
+            .push(Outbound::Pong(Bytes::from_static(b"1")), WhenFull::Drop)
+            .unwrap();
+        let queued = kinds(&state);
+        let controls = queued.iter().take_while(|k| **k != "text").count();
+        assert_eq!(&queued[..controls], ["ping", "pong"]);
+        assert!(queued[controls..].iter().all(|k| *k == "text"));
+        // A client that pings without reading cannot grow the queue with pongs.
+        for _ in 0..10 {
+            let _ = state.push(Outbound::Pong(Bytes::new()), WhenFull::Drop);
+        }
+        let controls = kinds(&state).iter().filter(|k| **k != "text").count();
+        assert_eq!(controls, MAX_QUEUED_CONTROL);
+        assert!(
+            !state.is_close_requested(),
+            "dropping a pong closes nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_closes_as_a_slow_consumer_and_a_later_close_drops_the_queue() {
+        let (state, _peer) = backlogged_socket(3).await;
+        let data = || Outbound::Text(Bytes::from_static(b"data"));
+        while state.push(data(), WhenFull::CloseSocket).is_ok() {}
+        assert_eq!(state.reason(), CloseReason::SlowConsumer);
+
+        let (state, _peer) = backlogged_socket(3).await;
+        let handle = SocketHandle {
+            state: Arc::new(state),
+        };
+        while lock(&handle.state.out).queue.len() < 3 {
+            handle.send_text(Bytes::from_static(b"data")).unwrap();
+        }
+        handle.close(4000, "bye");
+        assert!(lock(&handle.state.out).queue.is_empty(), "closes at once");
+        assert!(matches!(
+            handle.state.reason(),
+            CloseReason::Server { code: 4000, .. }
+        ));
     }
 }

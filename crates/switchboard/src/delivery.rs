@@ -101,21 +101,30 @@ fn fan_out(sockets: &[SocketHandle], frame: &Bytes, threads: usize) -> u64 {
 }
 
 /// Calls `f` once for every item, from `threads` threads (the caller's among them); counts
-/// the `true`s.
+/// the `true`s. A panic in `f` on a helper thread is raised again here.
 fn split_over_threads<T: Sync>(items: &[T], threads: usize, f: impl Fn(&T) -> bool + Sync) -> u64 {
     let run = |chunk: &[T]| chunk.iter().map(|item| u64::from(f(item))).sum::<u64>();
     let mut chunks = items.chunks(items.len().div_ceil(threads.max(1)).max(1));
     let first = chunks.next().unwrap_or_default();
     std::thread::scope(|scope| {
         let helpers: Vec<_> = chunks
-            .map(|chunk| scope.spawn(move || run(chunk)))
+            .map(|chunk| {
+                // The OS may refuse a thread (a thread limit): then this thread does it.
+                std::thread::Builder::new()
+                    .spawn_scoped(scope, move || run(chunk))
+                    .map_err(|_| chunk)
+            })
             .collect();
-        let mine = run(first);
-        // A helper that panicked re-raises its panic when the scope ends.
-        mine + helpers
-            .into_iter()
-            .map(|h| h.join().unwrap_or(0))
-            .sum::<u64>()
+        let mut total = run(first);
+        for helper in helpers {
+            total += match helper {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(chunk) => run(chunk),
+            };
+        }
+        total
     })
 }
 
@@ -151,6 +160,19 @@ mod tests {
             );
             assert_eq!(counted, len as u64, "{len}/{threads}");
         }
+    }
+
+    #[test]
+    fn a_panic_on_a_helper_thread_reaches_the_caller() {
+        let items: Vec<u32> = (0..100).collect();
+        // The last chunk runs on a helper thread.
+        let outcome = std::panic::catch_unwind(|| {
+            split_over_threads(&items, 2, |i| {
+                assert!(*i != 99, "a send panicked");
+                true
+            })
+        });
+        assert!(outcome.is_err(), "not swallowed as a short count");
     }
 
     #[test]

@@ -23,17 +23,19 @@ struct TestService {
 }
 
 impl Service for TestService {
-    type Admission = ();
+    /// Whether `open` should panic (`?panic-open`).
+    type Admission = bool;
     type Session = SocketHandle;
 
-    fn admit(&self, request: &RequestParts) -> Result<(), hyper::Response<Body>> {
+    fn admit(&self, request: &RequestParts) -> Result<bool, hyper::Response<Body>> {
         if request.uri.query() == Some("deny") {
             return Err(plain_response(StatusCode::UNAUTHORIZED, "no\n"));
         }
-        Ok(())
+        Ok(request.uri.query() == Some("panic-open"))
     }
 
-    fn open(&self, _: (), socket: SocketHandle) -> SocketHandle {
+    fn open(&self, panic_on_open: bool, socket: SocketHandle) -> SocketHandle {
+        assert!(!panic_on_open, "open panics, as asked");
         socket
     }
 
@@ -312,6 +314,19 @@ async fn a_backlog_reaches_a_slow_reader_whole_and_in_order() {
         c.read_frame().await,
         (raw::TEXT, b"after the flood".to_vec())
     );
+}
+
+#[tokio::test]
+async fn a_panic_in_open_closes_the_connection() {
+    let h = Harness::start(|_| {}).await;
+    let url = format!("{}?panic-open", h.url());
+    let (mut client, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    // The upgrade was answered before `open` ran; the panic must end the connection now,
+    // not leave it open with no task behind it.
+    let end = tokio::time::timeout(Duration::from_secs(5), client.next())
+        .await
+        .expect("the connection ends");
+    assert!(!matches!(end, Some(Ok(WsMessage::Text(_)))), "{end:?}");
 }
 
 #[tokio::test]
