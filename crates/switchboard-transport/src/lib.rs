@@ -16,8 +16,11 @@
 //!   `1009`); protocol errors close with `1002`, invalid UTF-8 with `1007`;
 //! - [`Service::on_close`] is called exactly once for every socket [`Service::open`] was
 //!   called for, whatever ended it;
+//! - sending never waits: a frame is written to the kernel from the sender's own task when
+//!   nothing is queued before it, and queued (in order) otherwise;
 //! - a socket whose send queue is full is closed (`1008`, "send queue full") instead of
-//!   growing memory; a client that misses a heartbeat pong is dropped.
+//!   growing memory; a client that misses a heartbeat pong, or takes no bytes of its backlog
+//!   between two heartbeats, is dropped.
 //!
 //! An echo server: every text message comes back to its sender.
 //!
