@@ -57,20 +57,13 @@ fn deliver(registry: &Sockets, msg: &Message, target: Target<'_>, out: &Counter)
         return refuse(msg, "delivery needs a string `type`");
     };
     let frame = encode_frame(kind, data.get("payload").unwrap_or(&Value::Null));
-    let recipients = registry.count(target);
-    let threads = fan_out_threads(recipients);
-    let queued = if threads > 1 {
-        let mut sockets = Vec::with_capacity(recipients);
-        registry.for_each(target, |_, socket| sockets.push(socket.clone()));
-        fan_out(&sockets, &frame, threads)
-    } else {
-        let mut queued = 0;
-        registry.for_each(target, |_, socket| {
-            // A full queue closes that socket only; the others still get the frame.
-            queued += u64::from(socket.send_text(frame.clone()).is_ok());
-        });
-        queued
-    };
+    // The handles are gathered first and written to afterwards: each write is a system call,
+    // and the registry's shard locks, which connects and disconnects wait on, must not be
+    // held across thousands of them.
+    let mut sockets = Vec::with_capacity(registry.count(target));
+    registry.for_each(target, |_, socket| sockets.push(socket.clone()));
+    // A full queue closes that socket only; the others still get the frame.
+    let queued = fan_out(&sockets, &frame, fan_out_threads(sockets.len()));
     if queued > 0 {
         out.inc_by(queued);
     }
@@ -104,6 +97,9 @@ fn fan_out(sockets: &[SocketHandle], frame: &Bytes, threads: usize) -> u64 {
 /// the `true`s. A panic in `f` on a helper thread is raised again here.
 fn split_over_threads<T: Sync>(items: &[T], threads: usize, f: impl Fn(&T) -> bool + Sync) -> u64 {
     let run = |chunk: &[T]| chunk.iter().map(|item| u64::from(f(item))).sum::<u64>();
+    if threads <= 1 {
+        return run(items);
+    }
     let mut chunks = items.chunks(items.len().div_ceil(threads.max(1)).max(1));
     let first = chunks.next().unwrap_or_default();
     std::thread::scope(|scope| {
