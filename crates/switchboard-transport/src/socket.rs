@@ -198,6 +198,24 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SocketState {
+    /// A just-opened socket: nothing queued, no close requested, no ping outstanding.
+    fn new(stream: TcpStream, peer: SocketAddr, capacity: usize) -> SocketState {
+        SocketState {
+            peer,
+            stream,
+            out: Mutex::default(),
+            capacity,
+            task: AtomicWaker::new(),
+            work: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            close_requested: AtomicBool::new(false),
+            request: Mutex::new(None),
+            pong_seen: AtomicBool::new(false),
+            awaiting_pong: AtomicBool::new(false),
+            was_backlogged: AtomicBool::new(false),
+        }
+    }
+
     /// Records how the socket ends; the first request wins. Returns true if this one did.
     fn request_close(&self, farewell: Option<Farewell>, reason: CloseReason) -> bool {
         let won = {
@@ -570,20 +588,7 @@ impl<S: Service> SocketTask<S> {
             slot,
         } = open;
         let opts = &shared.options;
-        let state = Arc::new(SocketState {
-            peer,
-            stream,
-            out: Mutex::default(),
-            capacity: opts.send_queue,
-            task: AtomicWaker::new(),
-            work: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
-            close_requested: AtomicBool::new(false),
-            request: Mutex::new(None),
-            pong_seen: AtomicBool::new(false),
-            awaiting_pong: AtomicBool::new(false),
-            was_backlogged: AtomicBool::new(false),
-        });
+        let state = Arc::new(SocketState::new(stream, peer, opts.send_queue));
         shared
             .stats
             .sockets_opened
@@ -860,20 +865,7 @@ mod tests {
             .await
             .unwrap();
         let (stream, addr) = listener.accept().await.unwrap();
-        let state = SocketState {
-            peer: addr,
-            stream,
-            out: Mutex::default(),
-            capacity,
-            task: AtomicWaker::new(),
-            work: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
-            close_requested: AtomicBool::new(false),
-            request: Mutex::new(None),
-            pong_seen: AtomicBool::new(false),
-            awaiting_pong: AtomicBool::new(false),
-            was_backlogged: AtomicBool::new(false),
-        };
+        let state = SocketState::new(stream, addr, capacity);
         let big = Bytes::from(vec![b'x'; 64 * 1024]);
         while !lock(&state.out).backlogged {
             state
