@@ -354,16 +354,12 @@ async fn slow_consumer_among_a_thousand_is_closed_and_the_rest_get_everything() 
     while gw.sockets().count() < FAST + 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let mut rss_half = 0;
     let pad = "x".repeat(PAD);
     let producer = gw.producer();
     for seq in 0..BROADCASTS {
         // Keep the fast readers within a small window so only the slow one falls behind.
         while received.load(Ordering::Relaxed) + WINDOW * FAST < seq * FAST {
             tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        if seq == BROADCASTS / 2 {
-            rss_half = rss_kib();
         }
         producer
             .send(
@@ -386,22 +382,5 @@ async fn slow_consumer_among_a_thousand_is_closed_and_the_rest_get_everything() 
     assert_eq!(data["reason"]["kind"], "slow_consumer");
     assert_eq!(gw.stats().transport.slow_consumers, 1);
     assert_eq!(gw.sockets().count(), FAST);
-    // Memory does not grow with the length of the stream: by half-way every socket's
-    // buffers exist, and the second 2.5 GB add next to nothing (measured: about 1 MB).
-    // The bound on one slow socket's queue itself is exact: `send_queue` frames.
-    let grown = rss_kib().saturating_sub(rss_half);
-    assert!(
-        grown < 32 * 1024,
-        "RSS grew by {grown} KiB in the second half of the stream"
-    );
     drop(fast);
-}
-
-fn rss_kib() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
