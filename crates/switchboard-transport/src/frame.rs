@@ -107,6 +107,15 @@ pub(crate) fn encode_head(opcode: u8, len: usize, out: &mut [u8; MAX_SERVER_HEAD
     }
 }
 
+/// The length of a server frame's header for a payload of `len` bytes.
+pub(crate) fn head_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    }
+}
+
 /// Appends a whole server frame to `buf`.
 pub(crate) fn encode_frame(opcode: u8, payload: &[u8], buf: &mut BytesMut) {
     let mut head = [0u8; MAX_SERVER_HEAD];

@@ -18,9 +18,16 @@
 //!   called for, whatever ended it;
 //! - sending never waits: a frame is written to the kernel from the sender's own task when
 //!   nothing is queued before it, and queued (in order) otherwise;
-//! - a socket whose send queue is full is closed (`1008`, "send queue full") instead of
-//!   growing memory; a client that misses a heartbeat pong, or takes no bytes of its backlog
-//!   between two heartbeats, is dropped.
+//! - a socket whose send queue is full (in frames or bytes) is closed (`1008`, "send queue
+//!   full") instead of growing memory; a client that misses a heartbeat pong, or takes no
+//!   bytes of its backlog between two heartbeats, is dropped;
+//! - every byte a client can make the server buffer (an incomplete message, queued frames)
+//!   counts against one budget per server ([`TransportOptions::buffer_budget`]); at the budget
+//!   the sockets holding the most are closed ([`OVER_BUDGET_CODE`]) and it is never exceeded;
+//! - connections that have not finished their upgrade are capped, in total and per client
+//!   address, and bounded in time; an upgrade request whose head is larger than
+//!   [`TransportOptions::max_request_head`] gets `431`; every connection serves one request
+//!   (a refusal closes it).
 //!
 //! An echo server: every text message comes back to its sender.
 //!
@@ -91,14 +98,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+mod budget;
 mod frame;
+mod handshakes;
 mod reader;
 mod socket;
 mod sockets;
 mod stats;
+use handshakes::Handshakes;
 use socket::SocketTask;
-pub use socket::{CloseReason, SendError, SocketHandle, SLOW_CONSUMER_CODE};
-use sockets::SocketList;
+pub use socket::{CloseReason, SendError, SocketHandle, OVER_BUDGET_CODE, SLOW_CONSUMER_CODE};
+use sockets::Hub;
 pub use stats::{TransportCounters, TransportStats};
 
 pub use http::request::Parts as RequestParts;
@@ -122,8 +132,24 @@ pub struct TransportOptions {
     pub max_message_size: usize,
     /// Frames that may wait in one socket's send queue. Default 256.
     pub send_queue: usize,
-    /// How long a client may take to send its request headers. Default 10 s.
+    /// Bytes that may wait in one socket's send queue (a frame is always taken into an empty
+    /// queue, whatever its size). Default 1 MiB.
+    pub send_queue_bytes: usize,
+    /// Bytes buffered across all sockets, at most: incomplete inbound messages and queued
+    /// outbound frames. At the budget, the sockets holding the most are closed with
+    /// [`OVER_BUDGET_CODE`]. Default 256 MiB.
+    pub buffer_budget: usize,
+    /// How long a connection may take from being accepted to completing its upgrade (or to
+    /// its one HTTP response). Default 10 s.
     pub handshake_timeout: Duration,
+    /// Connections that have not completed their upgrade, at most; more are closed as soon as
+    /// they are accepted. Default 1,024.
+    pub max_handshakes: usize,
+    /// The same, per client IP address. Default 256.
+    pub max_handshakes_per_address: usize,
+    /// Largest upgrade request head in bytes (request line and headers); larger gets `431`.
+    /// Default 32 KiB.
+    pub max_request_head: usize,
     /// How long to wait for the peer's half of a close handshake. Default 2 s.
     pub close_timeout: Duration,
     /// Which pages may open sockets, by their `Origin` header. Default: same host.
@@ -179,7 +205,12 @@ impl Default for TransportOptions {
             heartbeat_interval: Duration::from_secs(30),
             max_message_size: 64 * 1024,
             send_queue: 256,
+            send_queue_bytes: 1 << 20,
+            buffer_budget: 256 << 20,
             handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 1024,
+            max_handshakes_per_address: 256,
+            max_request_head: 32 << 10,
             close_timeout: Duration::from_secs(2),
             origins: OriginPolicy::SameHost,
             max_connections: None,
@@ -215,6 +246,13 @@ pub trait Service: Send + Sync + 'static {
 
     /// A whole message arrived. Called in arrival order, never concurrently for one socket.
     fn on_message(&self, session: &Self::Session, message: Inbound);
+
+    /// The client sent a ping: answer it with a pong? Default yes. A service that rate-limits
+    /// its clients counts pings here too (each pong costs a write); false drops the ping.
+    fn on_ping(&self, session: &Self::Session) -> bool {
+        let _ = session;
+        true
+    }
 
     /// The socket has ended. Called exactly once per opened socket.
     fn on_close(&self, session: Self::Session, reason: CloseReason);
@@ -286,19 +324,24 @@ impl Server {
         // its own at shutdown, `recv` returns None when the last socket task has ended.
         let (alive, sockets_done) = mpsc::channel::<Infallible>(1);
         let stats = Arc::new(TransportStats::default());
-        let socket_list = Arc::new(SocketList::default());
+        stats.budget.set_limit(options.buffer_budget);
+        let hub = Arc::new(Hub::new(stats.clone()));
         tokio::spawn(sockets::heartbeat_until_shutdown(
-            socket_list.clone(),
+            hub.clone(),
             options.heartbeat_interval,
             shutdown_rx.clone(),
         ));
         let shared = Arc::new(Shared {
-            sockets: socket_list,
+            hub,
+            handshakes: Arc::new(Handshakes::new(
+                options.max_handshakes,
+                options.max_handshakes_per_address,
+                stats.clone(),
+            )),
             options,
             service,
             shutdown: shutdown_rx.clone(),
             alive: alive.downgrade(),
-            stats: stats.clone(),
         });
         let accept_loop = tokio::spawn(accept_loop(listener, shared, shutdown_rx));
         Ok(Server {
@@ -336,12 +379,12 @@ impl Server {
 }
 
 struct Shared<S> {
-    sockets: Arc<SocketList>,
+    hub: Arc<Hub>,
+    handshakes: Arc<Handshakes>,
     options: TransportOptions,
     service: Arc<S>,
     shutdown: watch::Receiver<bool>,
     alive: mpsc::WeakSender<Infallible>,
-    pub(crate) stats: Arc<TransportStats>,
 }
 
 async fn accept_loop<S: Service>(
@@ -364,6 +407,21 @@ async fn accept_loop<S: Service>(
                 continue;
             }
         };
+        // Counted from here until the upgrade completes or the connection ends; over the cap,
+        // the connection is closed before a byte is read, so a flood of half-open upgrades
+        // cannot take the file descriptors that `max_connections` is there to share out.
+        let stats = &shared.hub.stats;
+        let in_progress = match Handshakes::enter(&shared.handshakes, peer.ip()) {
+            Ok(slot) => slot,
+            Err(handshakes::Refused::Total) => {
+                stats.refused_handshakes.fetch_add(1, Relaxed);
+                continue;
+            }
+            Err(handshakes::Refused::PerAddress) => {
+                stats.refused_handshakes_per_address.fetch_add(1, Relaxed);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -371,16 +429,38 @@ async fn accept_loop<S: Service>(
             let svc_shared = shared.clone();
             let svc = service_fn(move |req| {
                 let shared = svc_shared.clone();
-                async move { Ok::<_, Infallible>(handle_request(shared, req, peer)) }
+                async move {
+                    let mut response = handle_request(shared, req, peer);
+                    // One request per connection: after a refusal (or any plain HTTP answer)
+                    // the connection closes, so it cannot be kept to try again and again.
+                    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                        response
+                            .headers_mut()
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(response)
+                }
             });
+            let options = &shared.options;
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(shared.options.handshake_timeout)
+                .header_read_timeout(options.handshake_timeout)
+                // hyper answers 431 itself for a head larger than its buffer (8 KiB at least);
+                // `handle_request` applies the exact limit.
+                .max_buf_size(options.max_request_head.saturating_add(1024).max(8192))
                 .serve_connection(io, svc)
                 .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "http connection ended with an error");
+            match tokio::time::timeout(options.handshake_timeout, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.is_parse_too_large() => {
+                    shared.hub.stats.refused_head_size.fetch_add(1, Relaxed);
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "http connection ended with an error")
+                }
+                Err(_) => tracing::debug!(%peer, "handshake timed out"),
             }
+            drop(in_progress);
         });
     }
 }
@@ -407,13 +487,21 @@ fn handle_request<S: Service>(
         return plain_response(StatusCode::METHOD_NOT_ALLOWED, "upgrade requests use GET\n");
     }
     let (parts, body) = req.into_parts();
+    let stats = &shared.hub.stats;
+    if request_head_len(&parts) > shared.options.max_request_head {
+        stats.refused_head_size.fetch_add(1, Relaxed);
+        return plain_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request headers too large\n",
+        );
+    }
     if !shared.options.origins.allows(&parts.headers) {
-        shared.stats.refused_origin.fetch_add(1, Relaxed);
+        stats.refused_origin.fetch_add(1, Relaxed);
         return plain_response(StatusCode::FORBIDDEN, "origin not allowed\n");
     }
     // Reserve a socket slot before the (costlier) admission; released when the socket ends.
-    let Some(slot) = SocketSlot::reserve(&shared.stats, shared.options.max_connections) else {
-        shared.stats.refused_capacity.fetch_add(1, Relaxed);
+    let Some(slot) = SocketSlot::reserve(stats, shared.options.max_connections) else {
+        stats.refused_capacity.fetch_add(1, Relaxed);
         let mut res = plain_response(StatusCode::SERVICE_UNAVAILABLE, "too many sockets\n");
         res.headers_mut()
             .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("5"));
@@ -422,7 +510,7 @@ fn handle_request<S: Service>(
     let admission = match shared.service.admit(&parts) {
         Ok(a) => a,
         Err(refusal) => {
-            shared.stats.refused_by_service.fetch_add(1, Relaxed);
+            stats.refused_by_service.fetch_add(1, Relaxed);
             return refusal;
         }
     };
@@ -469,6 +557,18 @@ fn handle_request<S: Service>(
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
     res
+}
+
+/// The size of a request's head as it came in: request line and header lines.
+fn request_head_len(parts: &RequestParts) -> usize {
+    let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = parts.method.as_str().len() + target + 12;
+    let headers: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    line + headers + 2
 }
 
 /// `Sec-WebSocket-Accept` for a request with a key and version 13 (RFC 6455 4.2.2).

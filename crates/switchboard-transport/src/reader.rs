@@ -49,6 +49,8 @@ pub(crate) enum ReadEnd {
     },
     /// The peer broke the protocol; the connection must close with `code`.
     Violation { code: u16, detail: String },
+    /// Buffering what the peer sent would take the server past its buffer budget.
+    OverBudget,
 }
 
 impl From<Violation> for ReadEnd {
@@ -97,12 +99,37 @@ impl FrameReader {
         }
     }
 
+    /// The reader for a closing socket: it keeps what it has read (the client's close frame
+    /// may be in it) but no message in progress, and refuses every data frame with a payload,
+    /// so it holds nothing more while it waits for the close frame.
+    pub(crate) fn for_closing(self) -> FrameReader {
+        FrameReader {
+            pending: self.pending,
+            messages: Assembler {
+                max_message_size: 0,
+                partial: None,
+            },
+        }
+    }
+
+    /// Bytes this reader holds: an incomplete frame and a fragmented message so far.
+    pub(crate) fn held(&self) -> usize {
+        let partial = self
+            .messages
+            .partial
+            .as_ref()
+            .map_or(0, |(_, data, _)| data.capacity());
+        self.pending.capacity() + partial
+    }
+
     /// Handles whatever the socket has: complete frames become events, an incomplete frame
-    /// is kept for next time.
+    /// is kept for next time. After each read, `settle` is told how many bytes the reader
+    /// holds; when it answers false (over the buffer budget), reading ends the socket.
     pub(crate) fn read(
         &mut self,
         stream: &TcpStream,
         on: &mut dyn FnMut(Event<'_>),
+        settle: &mut dyn FnMut(usize) -> bool,
     ) -> Result<Drained, ReadEnd> {
         if !self.pending.is_empty() {
             self.parse_pending(on)?;
@@ -114,6 +141,9 @@ impl FrameReader {
                 Ok(mut scratch) => self.read_once(stream, &mut scratch, on),
                 Err(_) => self.read_once(stream, &mut vec![0; SCRATCH_LEN], on),
             })?;
+            if !settle(self.held()) {
+                return Err(ReadEnd::OverBudget);
+            }
             if done {
                 return Ok(Drained::Yes);
             }

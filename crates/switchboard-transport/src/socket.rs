@@ -28,8 +28,10 @@ use futures_util::task::AtomicWaker;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
+use crate::budget::Holding;
 use crate::frame::{self, MAX_SERVER_HEAD};
 use crate::reader::{Drained, Event, FrameReader, ReadEnd};
+use crate::sockets::Hub;
 use crate::{Inbound, Open, Service, Shared, SocketSlot};
 
 /// The socket's task encodes at most this many queued bytes per write.
@@ -72,6 +74,9 @@ pub enum CloseReason {
     SlowConsumer,
     /// Reading or writing the connection failed.
     Io(String),
+    /// Shed to keep the server's buffered bytes within its budget; closed with
+    /// [`OVER_BUDGET_CODE`] (or dropped, when a frame was half written).
+    OverBudget,
 }
 
 /// Why [`SocketHandle::send_text`] did not queue a frame.
@@ -84,10 +89,17 @@ pub enum SendError {
     /// The send queue was full; the socket is being closed as a slow consumer.
     #[error("send queue full; socket closed as a slow consumer")]
     Full,
+    /// The server's buffer budget is spent and this socket holds more than its share; it is
+    /// being closed.
+    #[error("buffer budget exceeded; socket closed")]
+    OverBudget,
 }
 
 /// Close code sent to a slow consumer.
 pub const SLOW_CONSUMER_CODE: u16 = 1008;
+/// Close code sent to a socket shed to keep the server within its buffer budget (1013, "try
+/// again later": the server is overloaded, not the client at fault).
+pub const OVER_BUDGET_CODE: u16 = 1013;
 
 enum Outbound {
     Text(Bytes),
@@ -104,6 +116,14 @@ impl Outbound {
     /// A ping or pong, which may overtake queued data.
     fn is_control(&self) -> bool {
         matches!(self, Outbound::Ping | Outbound::Pong(_))
+    }
+
+    /// Bytes on the wire: header and payload (0 for the `Close` marker).
+    fn wire_len(&self) -> usize {
+        match self {
+            Outbound::Close(..) => 0,
+            other => frame::head_len(other.frame().1.len()) + other.frame().1.len(),
+        }
     }
 
     /// The frame to write; `Close` is a marker, not a frame.
@@ -163,6 +183,9 @@ struct Outbox {
     backlogged: bool,
     /// Some bytes were written since the heartbeat last looked (stall detection).
     progressed: bool,
+    /// Bytes in `queue` (as they will be on the wire) and `unsent`: this socket's outbound
+    /// share of the buffer budget.
+    bytes: usize,
 }
 
 /// What [`SocketState::flush`] got to.
@@ -180,6 +203,12 @@ pub(crate) struct SocketState {
     stream: TcpStream,
     out: Mutex<Outbox>,
     capacity: usize,
+    /// Most bytes the outbox may hold (a frame is always taken into an empty one).
+    capacity_bytes: usize,
+    /// The server's sockets and buffer budget.
+    hub: Arc<Hub>,
+    /// Bytes this socket holds (inbound and outbound), as counted in the budget.
+    pub(crate) holding: Holding,
     /// The socket's task, woken when `work` is set (a backlog to write, or a close request).
     task: AtomicWaker,
     work: AtomicBool,
@@ -191,6 +220,8 @@ pub(crate) struct SocketState {
     pong_seen: AtomicBool,
     awaiting_pong: AtomicBool,
     was_backlogged: AtomicBool,
+    /// [`SocketHandle::pause_reading`]: the socket's task reads nothing until resumed.
+    reading_paused: AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -199,12 +230,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl SocketState {
     /// A just-opened socket: nothing queued, no close requested, no ping outstanding.
-    fn new(stream: TcpStream, peer: SocketAddr, capacity: usize) -> SocketState {
+    fn new(stream: TcpStream, peer: SocketAddr, limits: QueueLimits, hub: Arc<Hub>) -> SocketState {
         SocketState {
             peer,
             stream,
             out: Mutex::default(),
-            capacity,
+            capacity: limits.frames,
+            capacity_bytes: limits.bytes,
+            hub,
+            holding: Holding::default(),
             task: AtomicWaker::new(),
             work: AtomicBool::new(false),
             closing: AtomicBool::new(false),
@@ -213,7 +247,51 @@ impl SocketState {
             pong_seen: AtomicBool::new(false),
             awaiting_pong: AtomicBool::new(false),
             was_backlogged: AtomicBool::new(false),
+            reading_paused: AtomicBool::new(false),
         }
+    }
+
+    /// Closes this socket to bring the server back within its buffer budget; returns the bytes
+    /// it held for the caller to take off the budget (`None` if it was shed already). Its
+    /// queue is freed here when no one else holds it at this moment, else by its own task,
+    /// which the close request wakes at once.
+    pub(crate) fn shed_for_budget(&self) -> Option<usize> {
+        let held = self.holding.write_off();
+        self.request_close(
+            Some(Farewell::Code(
+                OVER_BUDGET_CODE,
+                "buffer budget exceeded".into(),
+            )),
+            CloseReason::OverBudget,
+        );
+        if let Ok(mut outbox) = self.out.try_lock() {
+            outbox.queue = VecDeque::new();
+            outbox.bytes = outbox.unsent.len();
+        }
+        held
+    }
+
+    /// Closes this socket because it asked for more than the budget lets it have.
+    fn refuse_for_budget(&self, mid_frame: bool) {
+        let farewell =
+            (!mid_frame).then(|| Farewell::Code(OVER_BUDGET_CODE, "buffer budget exceeded".into()));
+        self.request_close(farewell, CloseReason::OverBudget);
+    }
+
+    /// Counts `n` more outbound bytes in `outbox`, within the budget.
+    fn reserve_out(&self, outbox: &mut Outbox, n: usize) -> bool {
+        if !self.hub.reserve(self, n) {
+            return false;
+        }
+        outbox.bytes += n;
+        true
+    }
+
+    /// Gives back `n` outbound bytes that were written or dropped.
+    fn release_out(&self, outbox: &mut Outbox, n: usize) {
+        let n = n.min(outbox.bytes);
+        outbox.bytes -= n;
+        self.hub.release(self, n);
     }
 
     /// Records how the socket ends; the first request wins. Returns true if this one did.
@@ -252,8 +330,12 @@ impl SocketState {
             self.request_close(None, CloseReason::SlowConsumer);
             return;
         }
+        // A paused socket reads nothing, so its pongs wait unread; whoever paused it bounds
+        // the pause.
+        let paused = self.reading_paused.load(Ordering::Acquire);
         if self.awaiting_pong.load(Ordering::Acquire)
             && !self.pong_seen.swap(false, Ordering::AcqRel)
+            && !paused
         {
             self.request_close(None, CloseReason::HeartbeatTimeout);
             return;
@@ -301,13 +383,15 @@ impl SocketState {
                 // answers the heartbeat in time. A few at most: a client that pings without
                 // reading does not grow the queue.
                 let at = outbox.queue.iter().take_while(|o| o.is_control()).count();
-                if at >= MAX_QUEUED_CONTROL {
+                if at >= MAX_QUEUED_CONTROL || !self.reserve_out(&mut outbox, out.wire_len()) {
                     return Err(SendError::Full);
                 }
                 outbox.queue.insert(at, out);
                 return Ok(());
             }
-            if outbox.queue.len() >= self.capacity {
+            let size = out.wire_len();
+            let over_bytes = outbox.bytes > 0 && outbox.bytes + size > self.capacity_bytes;
+            if outbox.queue.len() >= self.capacity || over_bytes {
                 drop(outbox);
                 if when_full == WhenFull::CloseSocket {
                     self.request_close(
@@ -316,6 +400,13 @@ impl SocketState {
                     );
                 }
                 return Err(SendError::Full);
+            }
+            if !self.reserve_out(&mut outbox, size) {
+                drop(outbox);
+                if when_full == WhenFull::CloseSocket {
+                    self.refuse_for_budget(false);
+                }
+                return Err(SendError::OverBudget);
             }
             outbox.queue.push_back(out);
             return Ok(());
@@ -335,6 +426,13 @@ impl SocketState {
         };
         if written == head_len + payload.len() {
             return Ok(());
+        }
+        let rest = head_len + payload.len() - written;
+        if !self.reserve_out(&mut outbox, rest) {
+            drop(outbox);
+            // Half a frame on the wire cannot be followed by a close frame.
+            self.refuse_for_budget(written > 0);
+            return Err(SendError::OverBudget);
         }
         if written == 0 {
             outbox.queue.push_back(out);
@@ -391,6 +489,7 @@ impl SocketState {
                 Ok(n) => {
                     outbox.unsent.advance(n);
                     outbox.progressed = true;
+                    self.release_out(outbox, n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -414,13 +513,20 @@ impl SocketState {
         } else {
             0
         };
+        let dropped: usize = outbox.queue.iter().skip(keep).map(Outbound::wire_len).sum();
         outbox.queue.truncate(keep);
+        self.release_out(&mut outbox, dropped);
     }
 
     /// Queues the close frame after everything else; only the closing task calls this.
     fn queue_farewell(&self, payload: Bytes) {
         let mut outbox = lock(&self.out);
-        outbox.queue.push_back(Outbound::Farewell(payload));
+        let farewell = Outbound::Farewell(payload);
+        // A few bytes, freed once written: counted, but never refused.
+        let size = farewell.wire_len();
+        self.hub.force(self, size);
+        outbox.bytes += size;
+        outbox.queue.push_back(farewell);
         outbox.backlogged = true;
     }
 
@@ -436,6 +542,8 @@ impl SocketState {
         let mut outbox = lock(&self.out);
         outbox.queue = VecDeque::new();
         outbox.unsent = BytesMut::new();
+        let held = outbox.bytes;
+        self.release_out(&mut outbox, held);
     }
 
     /// Ends the TCP connection now, even while handles to the socket live on.
@@ -502,7 +610,9 @@ impl SocketHandle {
         if outbox.queue.len() >= state.capacity {
             // At once: what is queued is dropped (a frame the kernel took in part is still
             // finished before the close frame).
+            let dropped: usize = outbox.queue.iter().map(Outbound::wire_len).sum();
             outbox.queue.clear();
+            state.release_out(&mut outbox, dropped);
             drop(outbox);
             state.request_close(
                 Some(Farewell::Code(code, reason.clone())),
@@ -530,6 +640,34 @@ impl SocketHandle {
     pub fn queued(&self) -> usize {
         lock(&self.state.out).queue.len()
     }
+
+    /// Bytes this socket buffers now (an incomplete inbound message and queued outbound
+    /// frames), as counted against the server's buffer budget.
+    pub fn buffered_bytes(&self) -> usize {
+        self.state.holding.get()
+    }
+
+    /// Stops reading from this socket: what the client sends waits in the kernel (and in
+    /// whatever was read with the upgrade request) until [`SocketHandle::resume_reading`].
+    /// Sending still works. While paused, a missed heartbeat pong does not close the socket
+    /// (the pong is simply not read yet), so whoever pauses must bound the pause.
+    pub fn pause_reading(&self) {
+        self.state.reading_paused.store(true, Ordering::Release);
+    }
+
+    /// Reads again after [`SocketHandle::pause_reading`], starting with what arrived meanwhile.
+    pub fn resume_reading(&self) {
+        if self.state.reading_paused.swap(false, Ordering::AcqRel) {
+            self.state.wake();
+        }
+    }
+}
+
+/// How much one socket's send queue may hold.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueLimits {
+    pub(crate) frames: usize,
+    pub(crate) bytes: usize,
 }
 
 /// Close reasons are limited to 123 bytes by RFC 6455.
@@ -560,6 +698,8 @@ pub(crate) struct SocketTask<S: Service> {
     listed: u64,
     /// Frames the client sent right behind its upgrade request have not been looked at yet.
     fresh: bool,
+    /// Bytes the reader holds, as counted in the buffer budget.
+    inbound: usize,
     /// Waiting for the kernel to take more of the backlog.
     blocked: bool,
     closing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
@@ -588,8 +728,13 @@ impl<S: Service> SocketTask<S> {
             slot,
         } = open;
         let opts = &shared.options;
-        let state = Arc::new(SocketState::new(stream, peer, opts.send_queue));
+        let limits = QueueLimits {
+            frames: opts.send_queue,
+            bytes: opts.send_queue_bytes,
+        };
+        let state = Arc::new(SocketState::new(stream, peer, limits, shared.hub.clone()));
         shared
+            .hub
             .stats
             .sockets_opened
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -601,7 +746,7 @@ impl<S: Service> SocketTask<S> {
         );
         // Listed only once `open` has returned: if it panics, nothing holds the stream and
         // the connection closes as the panic unwinds.
-        let listed = shared.sockets.insert(state.clone());
+        let listed = shared.hub.sockets.insert(state.clone());
         // After listing it: a shutdown that started before has already swept the list.
         if *shared.shutdown.borrow() {
             state.shut_down();
@@ -613,6 +758,7 @@ impl<S: Service> SocketTask<S> {
             shared,
             listed,
             fresh: true,
+            inbound: 0,
             blocked: false,
             closing: None,
             _slot: slot,
@@ -627,9 +773,11 @@ impl<S: Service> SocketTask<S> {
         let Some(session) = self.session.as_ref() else {
             return Poll::Ready(());
         };
-        if std::mem::take(&mut self.fresh) {
-            read(state, &mut self.reader, service, session);
-        }
+        let mut reading = Reading {
+            state,
+            reader: &mut self.reader,
+            inbound: &mut self.inbound,
+        };
         loop {
             if state.is_close_requested() {
                 return Poll::Ready(());
@@ -638,6 +786,27 @@ impl<S: Service> SocketTask<S> {
             // Closing and writing come before reading.
             if state.work.swap(false, Ordering::AcqRel) {
                 self.blocked = write_backlog(state);
+                continue;
+            }
+            if state.reading_paused.load(Ordering::Acquire) {
+                // `resume_reading` wakes the task; until then only writing goes on.
+                if self.blocked {
+                    match state.stream.poll_write_ready(cx) {
+                        Poll::Ready(Ok(())) => {
+                            self.blocked = write_backlog(state);
+                            continue;
+                        }
+                        Poll::Ready(Err(e)) => {
+                            state.request_close(None, CloseReason::Io(e.to_string()));
+                            continue;
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                return Poll::Pending;
+            }
+            if std::mem::take(&mut self.fresh) {
+                reading.read(service, session);
                 continue;
             }
             if self.blocked {
@@ -655,7 +824,7 @@ impl<S: Service> SocketTask<S> {
             }
             match state.stream.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => {
-                    if read(state, &mut self.reader, service, session) == Some(Drained::No) {
+                    if reading.read(service, session) == Some(Drained::No) {
                         // More is waiting; let other sockets run first.
                         cx.waker().wake_by_ref();
                         return Poll::Pending;
@@ -673,11 +842,29 @@ impl<S: Service> SocketTask<S> {
     fn end(&mut self) {
         self.state.shutdown_stream();
         self.state.release_buffers();
-        self.shared.sockets.remove(self.listed);
+        self.shared
+            .hub
+            .release(&self.state, std::mem::take(&mut self.inbound));
+        self.shared.hub.sockets.remove(self.listed);
         let reason = self.state.reason();
-        self.shared.stats.closed(&reason);
+        self.shared.hub.stats.closed(&reason);
         if let Some(session) = self.session.take() {
             self.shared.service.on_close(session, reason);
+        }
+    }
+}
+
+impl<S: Service> Drop for SocketTask<S> {
+    /// A task dropped before it ended (its runtime shut down) still leaves the server's list
+    /// and gives its bytes back; `on_close` is not called from a drop.
+    fn drop(&mut self) {
+        if self.session.is_some() {
+            self.state.shutdown_stream();
+            self.state.release_buffers();
+            self.shared
+                .hub
+                .release(&self.state, std::mem::take(&mut self.inbound));
+            self.shared.hub.sockets.remove(self.listed);
         }
     }
 }
@@ -699,36 +886,73 @@ impl<S: Service> Future for SocketTask<S> {
             if this.poll_serve(cx).is_pending() {
                 return Poll::Pending;
             }
+            // While closing, the reader only looks for the client's close frame: data frames
+            // end the wait and nothing more is buffered, so its bytes leave the budget now.
             let reader = std::mem::replace(&mut this.reader, FrameReader::new(0, Bytes::new()));
+            let reader = reader.for_closing();
+            this.shared
+                .hub
+                .release(&this.state, std::mem::take(&mut this.inbound));
             let close_timeout = this.shared.options.close_timeout;
             this.closing = Some(Box::pin(finish(this.state.clone(), reader, close_timeout)));
         }
     }
 }
 
-/// Reads what the socket has and hands it on; `None` once reading has ended the socket.
-fn read<S: Service>(
-    state: &SocketState,
-    reader: &mut FrameReader,
-    service: &S,
-    session: &S::Session,
-) -> Option<Drained> {
-    let mut on_event = |event: Event<'_>| match event {
-        Event::Message { text, data } => deliver(service, session, state, text, data),
-        Event::Ping(payload) => {
-            let pong = Outbound::Pong(Bytes::copy_from_slice(payload));
-            let _ = state.push(pong, WhenFull::Drop);
-        }
-        Event::Pong => state.pong_seen.store(true, Ordering::Release),
-    };
-    match reader.read(&state.stream, &mut on_event) {
-        Ok(drained) => Some(drained),
-        Err(end) => {
-            let (farewell, reason) = read_end(end);
-            state.request_close(farewell, reason);
-            None
+/// The read side of an open socket, borrowed from its task for one poll.
+struct Reading<'a> {
+    state: &'a SocketState,
+    reader: &'a mut FrameReader,
+    /// What the reader holds, as counted in the budget.
+    inbound: &'a mut usize,
+}
+
+impl Reading<'_> {
+    /// Reads what the socket has and hands it on; `None` once reading has ended the socket.
+    fn read<S: Service>(&mut self, service: &S, session: &S::Session) -> Option<Drained> {
+        let state = self.state;
+        let mut on_event = |event: Event<'_>| match event {
+            Event::Message { text, data } => deliver(service, session, state, text, data),
+            Event::Ping(payload) => {
+                if ping_allowed(service, session, state) {
+                    let pong = Outbound::Pong(Bytes::copy_from_slice(payload));
+                    let _ = state.push(pong, WhenFull::Drop);
+                }
+            }
+            Event::Pong => state.pong_seen.store(true, Ordering::Release),
+        };
+        let inbound = &mut *self.inbound;
+        // After every read: the reader's bytes, counted in the budget before more are read.
+        let mut settle = |held: usize| {
+            if held > *inbound {
+                if !state.hub.reserve(state, held - *inbound) {
+                    return false;
+                }
+            } else {
+                state.hub.release(state, *inbound - held);
+            }
+            *inbound = held;
+            true
+        };
+        match self.reader.read(&state.stream, &mut on_event, &mut settle) {
+            Ok(drained) => Some(drained),
+            Err(end) => {
+                let (farewell, reason) = read_end(end);
+                state.request_close(farewell, reason);
+                None
+            }
         }
     }
+}
+
+/// Whether to answer a ping: the service may count it against a rate limit. A panic counts
+/// as no.
+fn ping_allowed<S: Service>(service: &S, session: &S::Session, state: &SocketState) -> bool {
+    if state.closing.load(Ordering::Acquire) {
+        return false;
+    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| service.on_ping(session)))
+        .unwrap_or(false)
 }
 
 /// Writes the backlog after a wake-up or writability; true while the kernel is full.
@@ -794,7 +1018,7 @@ async fn await_close_reply(state: &SocketState, reader: &mut FrameReader) {
         if state.stream.readable().await.is_err() {
             return;
         }
-        match reader.read(&state.stream, &mut |_| {}) {
+        match reader.read(&state.stream, &mut |_| {}, &mut |_| true) {
             Ok(Drained::Yes) => {}
             Ok(Drained::No) => tokio::task::yield_now().await,
             Err(_) => return,
@@ -851,6 +1075,13 @@ fn read_end(end: ReadEnd) -> (Option<Farewell>, CloseReason) {
             Some(Farewell::Code(code, detail.clone())),
             CloseReason::Protocol { code, detail },
         ),
+        ReadEnd::OverBudget => (
+            Some(Farewell::Code(
+                OVER_BUDGET_CODE,
+                "buffer budget exceeded".into(),
+            )),
+            CloseReason::OverBudget,
+        ),
     }
 }
 
@@ -865,7 +1096,11 @@ mod tests {
             .await
             .unwrap();
         let (stream, addr) = listener.accept().await.unwrap();
-        let state = SocketState::new(stream, addr, capacity);
+        let limits = QueueLimits {
+            frames: capacity,
+            bytes: usize::MAX,
+        };
+        let state = SocketState::new(stream, addr, limits, Arc::default());
         let big = Bytes::from(vec![b'x'; 64 * 1024]);
         while !lock(&state.out).backlogged {
             state

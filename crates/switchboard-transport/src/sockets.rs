@@ -1,5 +1,5 @@
-//! Every open socket of a server, and the one task that heartbeats them all and closes them
-//! at shutdown.
+//! Every open socket of a server, the buffer budget they share, and the one task that
+//! heartbeats them all and closes them at shutdown.
 //!
 //! One sweep per heartbeat interval for the whole server, instead of a timer in every
 //! socket's task: an idle socket then costs no timer and no wake-up of its own between
@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 
 use crate::socket::SocketState;
+use crate::stats::TransportStats;
 
 /// The open sockets, by a number of their own.
 #[derive(Default)]
@@ -38,6 +39,10 @@ impl SocketList {
         }
     }
 
+    fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).1.len()
+    }
+
     /// The sockets open now; the lock is not held while the caller works through them.
     fn snapshot(&self) -> Vec<Arc<SocketState>> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -45,11 +50,99 @@ impl SocketList {
     }
 }
 
+/// What the sockets of one server share: the list of them, and the counters with the buffer
+/// budget (see [`crate::budget`]).
+#[derive(Default)]
+pub(crate) struct Hub {
+    pub(crate) sockets: SocketList,
+    pub(crate) stats: Arc<TransportStats>,
+}
+
+impl Hub {
+    pub(crate) fn new(stats: Arc<TransportStats>) -> Hub {
+        Hub {
+            sockets: SocketList::default(),
+            stats,
+        }
+    }
+
+    /// Counts `n` more buffered bytes for `who`. When that would take the server past its
+    /// budget, `who` is refused if it already holds more than a fair share (the budget divided
+    /// by the open sockets); otherwise the sockets that hold the most, above a fair share, are
+    /// shed (closed, their bytes taken off the budget at once) until `n` fits. So a socket
+    /// that stays within its fair share is never refused, and the budget is never exceeded.
+    pub(crate) fn reserve(&self, who: &SocketState, n: usize) -> bool {
+        let budget = &self.stats.budget;
+        // A few rounds at most: other sockets may take the room made between two steps.
+        for _ in 0..3 {
+            if who.holding.is_shed() {
+                return false;
+            }
+            if budget.try_add(n) {
+                if who.holding.add(n) {
+                    return true;
+                }
+                budget.sub(n); // shed in the meantime
+                return false;
+            }
+            let share = budget.limit() / self.sockets.len().max(1);
+            if who.holding.get().saturating_add(n) > share || !self.shed_largest(share, n, who) {
+                return false;
+            }
+        }
+        false
+    }
+
+    /// Counts `n` bytes for `who` whatever the budget (a close frame).
+    pub(crate) fn force(&self, who: &SocketState, n: usize) {
+        if who.holding.add(n) {
+            self.stats.budget.force_add(n);
+        }
+    }
+
+    /// Gives back `n` bytes `who` no longer holds.
+    pub(crate) fn release(&self, who: &SocketState, n: usize) {
+        if n > 0 && who.holding.sub(n) {
+            self.stats.budget.sub(n);
+        }
+    }
+
+    /// Sheds the sockets holding more than `share`, largest first, until `need` bytes fit with
+    /// a sixteenth of the budget to spare (so that the next reservations do not each scan the
+    /// list again). False if there was nobody to shed.
+    fn shed_largest(&self, share: usize, need: usize, who: &SocketState) -> bool {
+        let mut over: Vec<(usize, Arc<SocketState>)> = self
+            .sockets
+            .snapshot()
+            .into_iter()
+            .filter(|s| !std::ptr::eq(&**s, who))
+            .map(|s| (s.holding.get(), s))
+            .filter(|(held, _)| *held > share)
+            .collect();
+        if over.is_empty() {
+            return false;
+        }
+        over.sort_unstable_by_key(|(held, _)| std::cmp::Reverse(*held));
+        let budget = &self.stats.budget;
+        let limit = budget.limit();
+        let target = limit.saturating_sub(need).saturating_sub(limit / 16);
+        for (_, victim) in over {
+            if let Some(held) = victim.shed_for_budget() {
+                budget.sub(held);
+            }
+            if budget.used() <= target {
+                break;
+            }
+        }
+        true
+    }
+}
+
 /// Pings every socket each `every` (closing those that did not answer the last ping or are
 /// stalled, see [`SocketState::heartbeat`]) until the server shuts down, then closes them
 /// all with 1001. A dropped server counts as a shutdown.
 pub(crate) async fn heartbeat_until_shutdown(
-    sockets: Arc<SocketList>,
+    hub: Arc<Hub>,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -59,14 +152,14 @@ pub(crate) async fn heartbeat_until_shutdown(
         tokio::select! {
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow_and_update() {
-                    for socket in sockets.snapshot() {
+                    for socket in hub.sockets.snapshot() {
                         socket.shut_down();
                     }
                     return;
                 }
             }
             _ = tick.tick() => {
-                for (i, socket) in sockets.snapshot().into_iter().enumerate() {
+                for (i, socket) in hub.sockets.snapshot().into_iter().enumerate() {
                     socket.heartbeat();
                     // A ping is a system call: let other tasks on this thread run now and
                     // then during a sweep of many thousand sockets.

@@ -45,7 +45,16 @@ impl Client {
 
     /// Connects, sending `early` (frames, say) in the same write as the upgrade request.
     pub(crate) async fn connect_sending(addr: SocketAddr, path: &str, early: &[u8]) -> Client {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        Self::upgrade(stream, addr, path, early).await
+    }
+
+    /// Connects from the loopback address `local` (127.0.0.x), as another client machine would.
+    pub(crate) async fn connect_from(local: &str, addr: SocketAddr, path: &str) -> Client {
+        Self::upgrade(tcp_from(local, addr).await, addr, path, &[]).await
+    }
+
+    async fn upgrade(mut stream: TcpStream, addr: SocketAddr, path: &str, early: &[u8]) -> Client {
         let mut req = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
@@ -111,4 +120,13 @@ impl Client {
         self.stream.read_exact(&mut payload).await.unwrap();
         (h[0] & 0x0f, payload)
     }
+}
+
+/// A TCP connection to `addr` from the loopback address `local` (127.0.0.x).
+pub(crate) async fn tcp_from(local: &str, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(local.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(addr).await.unwrap()
 }
