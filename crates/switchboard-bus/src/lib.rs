@@ -32,10 +32,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 mod in_process;
+mod json_object;
 pub use in_process::InProcessBus;
+pub use json_object::JsonObject;
 
 /// Who and where a message came from. Handlers read it as the spec's `msg.context`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -50,29 +52,31 @@ pub struct Context {
     /// The namespace the connection asked for (also at `params.namespace`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// The upgrade request's headers, lower-case names; verified JWT claims at `jwt`.
+    /// The upgrade request's headers that the gateway is configured to pass on
+    /// (`socket.context_headers`), lower-case names; the verified JWT claims at `jwt`.
     #[serde(default)]
-    pub headers: Map<String, Value>,
+    pub headers: JsonObject,
     /// The upgrade request's query parameters (`namespace` among them).
     #[serde(default)]
-    pub params: Map<String, Value>,
+    pub params: JsonObject,
 }
 
 impl Context {
-    /// A context for a connection.
+    /// A context for a connection. `headers` and `params` may be maps or [`JsonObject`]s
+    /// (which a gateway shares between the messages of one socket).
     pub fn for_connection(
         connection_id: u64,
         username: impl Into<String>,
         namespace: Option<String>,
-        headers: Map<String, Value>,
-        params: Map<String, Value>,
+        headers: impl Into<JsonObject>,
+        params: impl Into<JsonObject>,
     ) -> Self {
         Context {
             connection_id: Some(connection_id),
             username: Some(username.into()),
             namespace,
-            headers,
-            params,
+            headers: headers.into(),
+            params: params.into(),
         }
     }
 }

@@ -216,12 +216,35 @@ pub struct Limits {
     /// Most sockets one username may hold at once; more get HTTP 429. Default: no limit.
     #[serde(default, deserialize_with = "de_opt_positive")]
     pub max_sockets_per_user: Option<usize>,
-    /// How long a client may take to send its upgrade request's headers. Default 10 s.
+    /// How long a connection may take from being accepted to completing its upgrade.
+    /// Default 10 s.
     #[serde(
         default = "default_handshake_timeout",
         deserialize_with = "de_duration"
     )]
     pub handshake_timeout: Duration,
+    /// Connections that have not completed their upgrade, at most; more are closed as soon
+    /// as they are accepted. Default 1,024.
+    #[serde(default = "default_max_handshakes", deserialize_with = "de_positive")]
+    pub max_handshakes: usize,
+    /// The same, per client IP address. Default 256.
+    #[serde(
+        default = "default_max_handshakes_per_address",
+        deserialize_with = "de_positive"
+    )]
+    pub max_handshakes_per_address: usize,
+    /// Largest upgrade request head (request line and headers); larger gets `431`.
+    /// Default 32 KiB.
+    #[serde(
+        default = "default_max_request_head",
+        deserialize_with = "de_byte_size"
+    )]
+    pub max_request_head: usize,
+    /// Bytes buffered across all sockets, at most: incomplete inbound messages and queued
+    /// outbound frames. At the budget the sockets holding the most are closed (1013).
+    /// Default 256 MiB.
+    #[serde(default = "default_buffer_budget", deserialize_with = "de_byte_size")]
+    pub buffer_budget: usize,
     /// Sustained inbound messages per second per socket; over it, messages are refused with
     /// an error frame, and a socket that keeps going is closed (1008). Default: off.
     #[serde(default, deserialize_with = "de_opt_positive")]
@@ -237,6 +260,10 @@ impl Default for Limits {
             max_sockets: None,
             max_sockets_per_user: None,
             handshake_timeout: default_handshake_timeout(),
+            max_handshakes: default_max_handshakes(),
+            max_handshakes_per_address: default_max_handshakes_per_address(),
+            max_request_head: default_max_request_head(),
+            buffer_budget: default_buffer_budget(),
             messages_per_second: None,
             message_burst: None,
         }
@@ -245,6 +272,18 @@ impl Default for Limits {
 
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_max_handshakes() -> usize {
+    1024
+}
+fn default_max_handshakes_per_address() -> usize {
+    256
+}
+fn default_max_request_head() -> usize {
+    32 << 10
+}
+fn default_buffer_budget() -> usize {
+    256 << 20
 }
 
 fn default_listen() -> SocketAddr {
@@ -259,9 +298,10 @@ pub struct Socket {
     /// The HTTP path that accepts WebSocket upgrades. Must start with `/`. Default `/connect`.
     #[serde(default = "default_path")]
     pub path: UrlPath,
-    /// Publish a message when a socket connects.
+    /// Publish a message when a socket connects; optionally hold the socket until the
+    /// handler answers (`gate`).
     #[serde(default)]
-    pub onconnect: Option<PublishHook>,
+    pub onconnect: Option<ConnectHook>,
     /// Publish messages the sockets send: all of them, and by `type`.
     #[serde(default)]
     pub onmessage: Option<OnMessage>,
@@ -289,6 +329,22 @@ pub struct Socket {
     /// and is closed (extension). Default 256.
     #[serde(default = "default_send_queue", deserialize_with = "de_send_queue")]
     pub send_queue: usize,
+    /// Bytes that may wait in one socket's send queue (a frame is always taken into an empty
+    /// queue) before it counts as a slow consumer (extension). Default 1 MiB.
+    #[serde(
+        default = "default_send_queue_bytes",
+        deserialize_with = "de_byte_size"
+    )]
+    pub send_queue_bytes: usize,
+    /// Request headers copied into the context handlers see (`context.headers`), by name
+    /// (extension). `cookie`, `authorization` and `proxy-authorization` are never copied;
+    /// the verified claims are always at `context.headers.jwt`. Default `user-agent`,
+    /// `origin`, `x-forwarded-for`, `x-request-id`.
+    #[serde(
+        default = "default_context_headers",
+        deserialize_with = "de_context_headers"
+    )]
+    pub context_headers: Vec<String>,
     /// Origins (`https://app.example.com`, or `"*"` for any) whose pages may open sockets;
     /// others get HTTP 403 (extension). Default, when absent: same host only, i.e. the
     /// `Origin` header's host must equal the `Host` header; requests without `Origin`
@@ -327,14 +383,76 @@ fn default_max_message_size() -> usize {
 fn default_send_queue() -> usize {
     256
 }
+fn default_send_queue_bytes() -> usize {
+    1 << 20
+}
+fn default_context_headers() -> Vec<String> {
+    ["user-agent", "origin", "x-forwarded-for", "x-request-id"]
+        .map(String::from)
+        .to_vec()
+}
 
-/// A hook that publishes to one topic (`onconnect`, `onclose`).
+/// Headers that carry credentials: never copied into a message's context.
+pub const CREDENTIAL_HEADERS: [&str; 3] = ["cookie", "authorization", "proxy-authorization"];
+
+fn de_context_headers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        let lower = name.trim().to_ascii_lowercase();
+        let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if lower.is_empty() || !lower.chars().all(token) {
+            return Err(de::Error::custom(format_args!(
+                "context_headers entry `{name}` is not a header name"
+            )));
+        }
+        if CREDENTIAL_HEADERS.contains(&lower.as_str()) {
+            return Err(de::Error::custom(format_args!(
+                "context_headers entry `{name}` carries credentials and is never copied into \
+                 messages (handlers get the verified claims at `context.headers.jwt`)"
+            )));
+        }
+        if lower == "jwt" {
+            return Err(de::Error::custom(
+                "context_headers entry `jwt` is reserved for the verified claims",
+            ));
+        }
+        if !out.contains(&lower) {
+            out.push(lower);
+        }
+    }
+    Ok(out)
+}
+
+/// A hook that publishes to one topic (`onclose`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct PublishHook {
     /// The topic to publish to.
     pub publish: Topic,
+}
+
+/// The `onconnect` hook: the topic, and whether the socket waits for the handler's verdict.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ConnectHook {
+    /// The topic to publish to.
+    pub publish: Topic,
+    /// Hold the socket until a connect handler answers (extension; AWS API Gateway's
+    /// `$connect`): until its `reply`, nothing the socket sends is read or published and no
+    /// `send`/`broadcast` reaches it; its `fail` closes the socket. Default false.
+    #[serde(default)]
+    pub gate: bool,
+    /// With `gate`: how long to wait for the answer before closing the socket (1011).
+    /// Default 10 s.
+    #[serde(default = "default_gate_timeout", deserialize_with = "de_duration")]
+    pub gate_timeout: Duration,
+}
+
+fn default_gate_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// A built-in subscriber's topic (`send`, `broadcast`).
@@ -370,6 +488,9 @@ pub struct TypeRoute {
     /// The topic such messages are published to.
     pub publish: Topic,
 }
+
+/// The message `type` a client sends to refresh its token in-band; never published.
+pub const REFRESH_TYPE: &str = "$refresh";
 
 /// `onmessage.types`: a list whose `type` values are unique.
 #[derive(Debug, Clone, Default)]
@@ -409,6 +530,11 @@ impl<'de> Deserialize<'de> for TypeRoutes {
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TypeRoutes, A::Error> {
                 let mut routes: Vec<TypeRoute> = Vec::new();
                 while let Some(route) = seq.next_element::<TypeRoute>()? {
+                    if route.message_type == REFRESH_TYPE {
+                        return Err(de::Error::custom(format_args!(
+                            "type `{REFRESH_TYPE}` is reserved: the gateway answers it (token refresh)"
+                        )));
+                    }
                     if let Some(first) = routes
                         .iter()
                         .position(|r| r.message_type == route.message_type)
@@ -540,6 +666,9 @@ pub struct Auth {
     /// array of strings); others get HTTP 403. Default: unset, any namespace (the spec's
     /// behaviour: the connect handler decides).
     pub namespace_claim: Option<String>,
+    /// Close a socket when its token's `exp` (plus `leeway`) passes, unless the client has
+    /// refreshed it in-band. Default true.
+    pub close_on_expiry: bool,
 }
 
 impl Default for Auth {
@@ -569,6 +698,12 @@ struct RawAuth {
     audience: Option<String>,
     #[serde(default)]
     namespace_claim: Option<String>,
+    #[serde(default = "default_true")]
+    close_on_expiry: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for RawAuth {
@@ -583,6 +718,7 @@ impl Default for RawAuth {
             issuer: None,
             audience: None,
             namespace_claim: None,
+            close_on_expiry: true,
         }
     }
 }
@@ -639,6 +775,7 @@ impl TryFrom<RawAuth> for Auth {
             issuer: raw.issuer,
             audience: raw.audience,
             namespace_claim: raw.namespace_claim,
+            close_on_expiry: raw.close_on_expiry,
         })
     }
 }
@@ -669,6 +806,14 @@ where
         ));
     }
     Ok(Some(n))
+}
+
+fn de_positive<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if n == 0 {
+        return Err(de::Error::custom("must be at least 1"));
+    }
+    Ok(n)
 }
 
 fn de_send_queue<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {

@@ -243,6 +243,28 @@ const SECTIONS: &[Section] = &[
                  auth cookie. Requests without `Origin` (non-browser clients) pass either way.",
                 Some("[\"https://app.example.com\"]"),
             ),
+            key(
+                "gateway.socket.send_queue_bytes",
+                "size",
+                "`1MiB`",
+                Ext,
+                "Bytes that may wait in one socket's outbound queue. When the next frame would \
+                 pass it, the socket is closed as a slow consumer (1008, `send queue full`). A \
+                 frame is always taken into an empty queue, whatever its size.",
+                Some("256KiB"),
+            ),
+            key(
+                "gateway.socket.context_headers",
+                "list of strings",
+                "`[user-agent, origin, x-forwarded-for, x-request-id]`",
+                Ext,
+                "Upgrade request headers copied into the context handlers see \
+                 (`context.headers`), by name. At most 4 KiB of them are kept per socket (in \
+                 this order; the rest are left out). `cookie`, `authorization` and \
+                 `proxy-authorization` are refused here: credentials never reach messages. The \
+                 verified claims are always at `context.headers.jwt`. `[]` copies none.",
+                Some("[\"user-agent\", \"x-tenant\"]"),
+            ),
         ],
     },
     Section {
@@ -274,9 +296,48 @@ const SECTIONS: &[Section] = &[
                 "duration",
                 "`10s`",
                 Ext,
-                "How long a client may take to send its upgrade request's headers before the \
-                 connection is closed.",
+                "How long a connection may take from being accepted to completing its upgrade \
+                 (or receiving its one HTTP response) before it is closed.",
                 Some("5s"),
+            ),
+            key(
+                "gateway.limits.max_handshakes",
+                "integer ≥ 1",
+                "`1024`",
+                Ext,
+                "Connections that have not completed their upgrade, at most. More are closed as \
+                 soon as they are accepted, before a byte is read, so a flood of half-open \
+                 upgrades cannot take the file descriptors the sockets need.",
+                Some("4096"),
+            ),
+            key(
+                "gateway.limits.max_handshakes_per_address",
+                "integer ≥ 1",
+                "`256`",
+                Ext,
+                "The same, per client IP address. Behind a proxy that hides client addresses, \
+                 raise it to about `max_handshakes`.",
+                Some("64"),
+            ),
+            key(
+                "gateway.limits.max_request_head",
+                "size",
+                "`32KiB`",
+                Ext,
+                "Largest upgrade request head (request line and headers). Larger gets `431`.",
+                Some("16KiB"),
+            ),
+            key(
+                "gateway.limits.buffer_budget",
+                "size",
+                "`256MiB`",
+                Ext,
+                "Bytes buffered across all sockets, at most: incomplete inbound messages and \
+                 queued outbound frames (a frame shared by many sockets counts once per \
+                 socket). At the budget, the sockets that hold the most, above a fair share \
+                 (the budget divided by the open sockets), are closed with 1013 (`buffer \
+                 budget exceeded`); a socket within its fair share is never refused.",
+                Some("1GiB"),
             ),
             key(
                 "gateway.limits.messages_per_second",
@@ -309,6 +370,27 @@ const SECTIONS: &[Section] = &[
                 Spec,
                 "Topic published when a socket is accepted.",
                 Some("\"socket:connection\""),
+            ),
+            key(
+                "gateway.socket.onconnect.gate",
+                "bool",
+                "`false`",
+                Ext,
+                "Hold each new socket until a connect handler answers (AWS API Gateway's \
+                 `$connect`): until its `reply`, nothing the socket sends is read or published \
+                 and no `send`/`broadcast` reaches it; its `fail` (or an error) closes the \
+                 socket and what the client sent meanwhile is dropped unread. With the gate on, \
+                 a connect handler must `reply` (or `fail`).",
+                Some("true"),
+            ),
+            key(
+                "gateway.socket.onconnect.gate_timeout",
+                "duration",
+                "`10s`",
+                Ext,
+                "With `gate`: how long a socket waits for the verdict before it is closed \
+                 (1011, `connect handler did not answer`).",
+                Some("5s"),
             ),
             key(
                 "gateway.socket.onmessage.publish",
@@ -459,6 +541,17 @@ const SECTIONS: &[Section] = &[
                  string, or an array of strings); others get `403`. Absent: any namespace, as in \
                  the spec (the connect handler decides).",
                 Some("tenants"),
+            ),
+            key(
+                "gateway.auth.close_on_expiry",
+                "bool",
+                "`true`",
+                Ext,
+                "Close a socket when its token's `exp` plus `leeway` passes (4001, `token \
+                 expired`; `onclose` is published), unless the client has sent a fresh token \
+                 for the same user first (`{\"type\":\"$refresh\",\"payload\":{\"token\":...}}`). \
+                 `false`: sockets outlive their token, as in the spec.",
+                Some("false"),
             ),
         ],
     },

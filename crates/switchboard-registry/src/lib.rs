@@ -7,9 +7,11 @@
 //! fits any transport.
 //!
 //! Every index is sharded ([`dashmap`]); readers of one shard never wait for writers of another,
-//! and there is no global lock. Each index stores its own clone of the handle, so a lookup
-//! touches one map only. Visitors run while a shard is read-locked: keep them short (push into
-//! a queue, do not await or block).
+//! and there is no global lock. The handle is stored by id, and once more in each index that
+//! holds the connection (by user, and by namespace when it has one), so a lookup touches one
+//! map only; an index entry for a single connection holds it inline, with no table of its
+//! own. Visitors run while a shard is read-locked: keep them short (push into a queue, do not
+//! await or block).
 //!
 //! ```
 //! use switchboard_registry::{Registry, Target};
@@ -30,9 +32,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
 /// Identifies one connection for as long as the registry lives. Never reused.
@@ -69,21 +73,98 @@ pub struct Entry<H> {
     pub handle: H,
 }
 
-type Set<H> = HashMap<ConnId, H>;
+/// Hashes connection ids: they are handed out in sequence by the registry, never chosen by a
+/// client, so one multiplication spreads them well enough and costs far less than SipHash.
+#[derive(Default)]
+struct IdHasher(u64);
 
-#[derive(Debug)]
-struct UserIndex<H> {
-    all: Set<H>,
-    by_namespace: HashMap<Arc<str>, Set<H>>,
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
+
+type ById = BuildHasherDefault<IdHasher>;
+
+/// The connections under one key of an index: one inline (the common case: a user with one
+/// socket), or a table once there are more.
+#[derive(Debug)]
+enum Members<V> {
+    One(ConnId, V),
+    Many(HashMap<ConnId, V, ById>),
+}
+
+impl<V> Members<V> {
+    fn insert(&mut self, id: ConnId, value: V) {
+        match self {
+            Members::Many(map) => {
+                map.insert(id, value);
+            }
+            Members::One(..) => {
+                let mut map = HashMap::with_capacity_and_hasher(2, ById::default());
+                map.insert(id, value);
+                if let Members::One(first, v) = std::mem::replace(self, Members::Many(map)) {
+                    if let Members::Many(map) = self {
+                        map.insert(first, v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes `id`; true when nothing is left.
+    fn remove(&mut self, id: ConnId) -> bool {
+        match self {
+            Members::One(only, _) => *only == id,
+            Members::Many(map) => {
+                map.remove(&id);
+                if map.len() == 1 {
+                    // Back to one inline: give the table's memory back.
+                    let (only, v) = map.drain().next().expect("one left");
+                    *self = Members::One(only, v);
+                }
+                map_is_empty(self)
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Members::One(..) => 1,
+            Members::Many(map) => map.len(),
+        }
+    }
+
+    fn for_each(&self, mut visit: impl FnMut(ConnId, &V)) {
+        match self {
+            Members::One(id, v) => visit(*id, v),
+            Members::Many(map) => map.iter().for_each(|(id, v)| visit(*id, v)),
+        }
+    }
+}
+
+fn map_is_empty<V>(members: &Members<V>) -> bool {
+    matches!(members, Members::Many(map) if map.is_empty())
+}
+
+/// A user's connections, each with its namespace.
+type UserMembers<H> = Members<(Option<Arc<str>>, H)>;
 
 /// The index of connected sockets. Cheap to share behind an `Arc`; all methods take `&self`.
 #[derive(Debug)]
 pub struct Registry<H> {
     next_id: AtomicU64,
-    conns: DashMap<ConnId, Entry<H>>,
-    by_user: DashMap<Arc<str>, UserIndex<H>>,
-    by_namespace: DashMap<Arc<str>, Set<H>>,
+    conns: DashMap<ConnId, Entry<H>, ById>,
+    by_user: DashMap<Arc<str>, UserMembers<H>>,
+    by_namespace: DashMap<Arc<str>, Members<H>>,
 }
 
 impl<H: Clone> Default for Registry<H> {
@@ -97,7 +178,7 @@ impl<H: Clone> Registry<H> {
     pub fn new() -> Self {
         Registry {
             next_id: AtomicU64::new(1),
-            conns: DashMap::new(),
+            conns: DashMap::with_hasher(ById::default()),
             by_user: DashMap::new(),
             by_namespace: DashMap::new(),
         }
@@ -118,30 +199,27 @@ impl<H: Clone> Registry<H> {
     /// Registers a connection under an id from [`Registry::next_id`]. Replaces any entry with
     /// the same id.
     pub fn insert_with_id(&self, id: ConnId, username: &str, namespace: Option<&str>, handle: H) {
+        self.insert_shared(id, Arc::from(username), namespace.map(Arc::from), handle);
+    }
+
+    /// Like [`Registry::insert_with_id`], with the username and namespace the caller already
+    /// holds shared (they are kept, not copied).
+    pub fn insert_shared(
+        &self,
+        id: ConnId,
+        username: Arc<str>,
+        namespace: Option<Arc<str>>,
+        handle: H,
+    ) {
         self.remove(id);
-        let username: Arc<str> = Arc::from(username);
-        let namespace: Option<Arc<str>> = namespace.map(Arc::from);
-        {
-            let mut user = self
-                .by_user
-                .entry(username.clone())
-                .or_insert_with(|| UserIndex {
-                    all: HashMap::new(),
-                    by_namespace: HashMap::new(),
-                });
-            user.all.insert(id, handle.clone());
-            if let Some(ns) = &namespace {
-                user.by_namespace
-                    .entry(ns.clone())
-                    .or_default()
-                    .insert(id, handle.clone());
-            }
-        }
+        add(
+            &self.by_user,
+            username.clone(),
+            id,
+            (namespace.clone(), handle.clone()),
+        );
         if let Some(ns) = &namespace {
-            self.by_namespace
-                .entry(ns.clone())
-                .or_default()
-                .insert(id, handle.clone());
+            add(&self.by_namespace, ns.clone(), id, handle.clone());
         }
         self.conns.insert(
             id,
@@ -156,23 +234,11 @@ impl<H: Clone> Registry<H> {
     /// Unregisters a connection and returns its entry, if it was there.
     pub fn remove(&self, id: ConnId) -> Option<Entry<H>> {
         let (_, entry) = self.conns.remove(&id)?;
-        self.by_user.remove_if_mut(&entry.username, |_, user| {
-            user.all.remove(&id);
-            if let Some(ns) = &entry.namespace {
-                if let Some(set) = user.by_namespace.get_mut(ns) {
-                    set.remove(&id);
-                    if set.is_empty() {
-                        user.by_namespace.remove(ns);
-                    }
-                }
-            }
-            user.all.is_empty()
-        });
+        self.by_user
+            .remove_if_mut(&entry.username, |_, members| members.remove(id));
         if let Some(ns) = &entry.namespace {
-            self.by_namespace.remove_if_mut(ns, |_, set| {
-                set.remove(&id);
-                set.is_empty()
-            });
+            self.by_namespace
+                .remove_if_mut(ns, |_, members| members.remove(id));
         }
         Some(entry)
     }
@@ -196,40 +262,45 @@ impl<H: Clone> Registry<H> {
     /// runs under a shard's read lock: keep it short and never call back into the registry's
     /// writers from it.
     pub fn for_each(&self, target: Target<'_>, mut visit: impl FnMut(ConnId, &H)) {
-        let mut visit_set = |set: &Set<H>| set.iter().for_each(|(id, h)| visit(*id, h));
         match target {
             Target::All => self.conns.iter().for_each(|e| visit(*e.key(), &e.handle)),
             Target::User(user) => {
-                if let Some(u) = self.by_user.get(user) {
-                    visit_set(&u.all);
+                if let Some(members) = self.by_user.get(user) {
+                    members.for_each(|id, (_, h)| visit(id, h));
                 }
             }
             Target::UserInNamespace(user, ns) => {
-                if let Some(u) = self.by_user.get(user) {
-                    if let Some(s) = u.by_namespace.get(ns) {
-                        visit_set(s);
-                    }
+                if let Some(members) = self.by_user.get(user) {
+                    members.for_each(|id, (in_ns, h)| {
+                        if in_ns.as_deref() == Some(ns) {
+                            visit(id, h);
+                        }
+                    });
                 }
             }
             Target::Namespace(ns) => {
-                if let Some(s) = self.by_namespace.get(ns) {
-                    visit_set(&s);
+                if let Some(members) = self.by_namespace.get(ns) {
+                    members.for_each(visit);
                 }
             }
         }
     }
 
-    /// Number of connections `target` selects, without visiting them.
+    /// Number of connections `target` selects, without visiting them (for one user in one
+    /// namespace, that user's sockets are looked through).
     pub fn count(&self, target: Target<'_>) -> usize {
         match target {
             Target::All => self.len(),
-            Target::User(user) => self.by_user.get(user).map_or(0, |u| u.all.len()),
-            Target::UserInNamespace(user, ns) => self
-                .by_user
-                .get(user)
-                .and_then(|u| u.by_namespace.get(ns).map(|s| s.len()))
-                .unwrap_or(0),
-            Target::Namespace(ns) => self.by_namespace.get(ns).map_or(0, |s| s.len()),
+            Target::User(user) => self.by_user.get(user).map_or(0, |m| m.len()),
+            Target::UserInNamespace(user, ns) => {
+                let mut n = 0;
+                if let Some(members) = self.by_user.get(user) {
+                    members
+                        .for_each(|_, (in_ns, _)| n += usize::from(in_ns.as_deref() == Some(ns)));
+                }
+                n
+            }
+            Target::Namespace(ns) => self.by_namespace.get(ns).map_or(0, |m| m.len()),
         }
     }
 
@@ -244,10 +315,10 @@ impl<H: Clone> Registry<H> {
 
     /// The distinct usernames with at least one socket in `namespace`, sorted.
     pub fn users_in_namespace(&self, namespace: &str) -> Vec<Arc<str>> {
-        let ids: Vec<ConnId> = match self.by_namespace.get(namespace) {
-            Some(s) => s.keys().copied().collect(),
-            None => return Vec::new(),
-        };
+        let mut ids = Vec::new();
+        if let Some(members) = self.by_namespace.get(namespace) {
+            members.for_each(|id, _| ids.push(id));
+        }
         let mut users: Vec<Arc<str>> = ids
             .into_iter()
             .filter_map(|id| self.conns.get(&id).map(|e| e.username.clone()))
@@ -255,6 +326,16 @@ impl<H: Clone> Registry<H> {
         users.sort();
         users.dedup();
         users
+    }
+}
+
+/// Adds `id` under `key` of `index`: inline for the first, in a table from the second on.
+fn add<V>(index: &DashMap<Arc<str>, Members<V>>, key: Arc<str>, id: ConnId, value: V) {
+    match index.entry(key) {
+        MapEntry::Occupied(mut members) => members.get_mut().insert(id, value),
+        MapEntry::Vacant(slot) => {
+            slot.insert(Members::One(id, value));
+        }
     }
 }
 
@@ -271,6 +352,23 @@ mod tests {
         assert!(reg.is_empty());
         assert!(reg.by_user.is_empty());
         assert!(reg.by_namespace.is_empty());
+    }
+
+    #[test]
+    fn members_go_from_one_to_many_and_back() {
+        let reg = Registry::new();
+        let a = reg.insert("u", Some("n"), 1u8);
+        assert!(matches!(*reg.by_user.get("u").unwrap(), Members::One(..)));
+        let b = reg.insert("u", Some("n"), 2u8);
+        let c = reg.insert("u", Some("m"), 3u8);
+        assert!(matches!(*reg.by_user.get("u").unwrap(), Members::Many(_)));
+        assert_eq!(reg.count(Target::UserInNamespace("u", "n")), 2);
+        reg.remove(a);
+        reg.remove(c);
+        assert!(matches!(*reg.by_user.get("u").unwrap(), Members::One(id, _) if id == b));
+        assert!(matches!(*reg.by_namespace.get("n").unwrap(), Members::One(id, _) if id == b));
+        reg.remove(b);
+        assert!(reg.by_user.is_empty() && reg.by_namespace.is_empty());
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum AuthError {
 pub(crate) struct Identity {
     pub(crate) username: String,
     pub(crate) claims: Map<String, Value>,
+    /// The token's `exp`, in seconds since the Unix epoch.
+    pub(crate) exp: u64,
 }
 
 /// Verifies tokens with the configured key and rules.
@@ -128,18 +130,31 @@ impl Verifier {
         }
     }
 
+    /// Verifies the token an upgrade request carries (cookie, else bearer header).
     pub(crate) fn verify(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {
         let token = token_from_headers(headers, &self.cookie)
             .ok_or_else(|| AuthError::Missing(self.cookie.clone()))?;
+        self.verify_token(token)
+    }
+
+    /// Verifies one token exactly as at the upgrade (an in-band refresh uses it too).
+    pub(crate) fn verify_token(&self, token: &str) -> Result<Identity, AuthError> {
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
             .map_err(|e| AuthError::Invalid(describe(&e)))?;
         let username = match data.claims.get(&self.username_claim) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(AuthError::MissingClaim(self.username_claim.clone())),
         };
+        // `exp` is required and checked by the validation, so it is a number here.
+        let exp = data
+            .claims
+            .get("exp")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0) as u64;
         Ok(Identity {
             username,
             claims: data.claims,
+            exp,
         })
     }
 }

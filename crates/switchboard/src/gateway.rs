@@ -2,21 +2,24 @@
 //! client sees of replies and failures.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
-use switchboard_bus::{Bus, Context, Message, Reply, ReplyTo};
+use switchboard_bus::{Bus, Context, JsonObject, Message, Reply, ReplyTo};
 use switchboard_registry::{ConnId, Registry, Target};
-use switchboard_transport::http::{header, HeaderValue, Response, StatusCode};
+use switchboard_transport::http::{
+    header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode,
+};
 use switchboard_transport::{
     plain_response, Body, CloseReason, Inbound, RequestParts, Service, SocketHandle,
 };
 
 use crate::auth::{Identity, Verifier};
+use crate::expiry::Expiries;
 use crate::inbound::{decode_client_message, BadMessage};
 use crate::metrics::Metrics;
 use crate::rate::{Bucket, RateLimit, Verdict};
@@ -25,6 +28,23 @@ use crate::Routes;
 
 /// Close code sent after an `onconnect` handler's `fail`.
 pub const CONNECT_FAILED_CODE: u16 = 1008;
+/// Close code for a socket that kept sending over its rate limit.
+pub const RATE_LIMIT_CLOSE_CODE: u16 = 1008;
+/// Close code after a connect handler errors or panics, or (with the connect gate) does not
+/// answer in time.
+pub const CONNECT_HANDLER_ERROR_CODE: u16 = 1011;
+/// Close code when a socket's token expires (`auth.close_on_expiry`).
+pub const TOKEN_EXPIRED_CODE: u16 = 4001;
+/// Close code when an in-band refresh brings a token for another user, or one that does not
+/// allow the socket's namespace.
+pub const REFRESH_MISMATCH_CODE: u16 = 1008;
+/// The message `type` of an in-band token refresh (answered by the gateway, never published).
+pub use switchboard_config::REFRESH_TYPE;
+/// The `type` of the gateway's answer to an accepted refresh.
+pub const REFRESHED_TYPE: &str = "$refreshed";
+
+/// At most this many bytes of request headers are copied into a socket's context.
+const MAX_CONTEXT_HEADER_BYTES: usize = 4096;
 
 /// Topics the gateway publishes to, from the config.
 #[derive(Debug, Clone, Default)]
@@ -51,37 +71,77 @@ impl Route {
     }
 }
 
+/// What replies need from the gateway: the counters and the metrics.
+pub(crate) struct Observe {
+    pub(crate) stats: Arc<GatewayStats>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
 pub(crate) struct Gateway {
     pub(crate) hooks: Hooks,
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) registry: Arc<Registry<SocketHandle>>,
     pub(crate) verifier: Verifier,
     pub(crate) routes: Routes,
-    pub(crate) stats: Arc<GatewayStats>,
-    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) observe: Arc<Observe>,
     pub(crate) max_sockets_per_user: Option<usize>,
     pub(crate) rate_limit: Option<RateLimit>,
+    /// `socket.context_headers`, parsed.
+    pub(crate) context_headers: Vec<HeaderName>,
+    /// `onconnect.gate`: how long a socket waits for its verdict.
+    pub(crate) gate_timeout: Option<Duration>,
+    /// `auth.close_on_expiry`: the sockets' expiry times.
+    pub(crate) expiries: Option<Arc<Expiries>>,
 }
-
-/// Close code for a socket that kept sending over its rate limit.
-pub const RATE_LIMIT_CLOSE_CODE: u16 = 1008;
-/// Close code after a connect handler errors or panics.
-pub const CONNECT_HANDLER_ERROR_CODE: u16 = 1011;
 
 /// What admission learned, handed to `open`.
 pub(crate) struct Admitted {
-    identity: Identity,
-    headers: Map<String, Value>,
-    params: Map<String, Value>,
-    namespace: Option<String>,
+    username: Arc<str>,
+    namespace: Option<Arc<str>>,
+    exp: u64,
+    context: SocketContext,
+}
+
+/// What handlers see of a socket, kept as JSON text: the copied request headers with the
+/// verified claims at `jwt`, and the query parameters. Each message gets a [`Context`] that
+/// shares this text and parses it only if a handler reads it, so an idle socket holds two
+/// strings rather than three maps.
+struct SocketContext {
+    headers: Arc<str>,
+    params: Arc<str>,
 }
 
 pub(crate) struct Session {
     id: ConnId,
     handle: SocketHandle,
-    context: Arc<Context>,
-    replies: Arc<SocketReplies>,
+    username: Arc<str>,
+    namespace: Option<Arc<str>>,
+    /// Replaced when the client refreshes its token (the claims change).
+    headers: Mutex<Arc<str>>,
+    params: Arc<str>,
+    /// The current token's `exp` (seconds), where the expiry queue files this socket.
+    exp: Mutex<u64>,
     bucket: Option<Mutex<Bucket>>,
+    /// With the connect gate: whether the verdict has let the socket in.
+    gate: Option<Arc<Gate>>,
+}
+
+impl Session {
+    /// The context of one message from this socket.
+    fn context(&self) -> Arc<Context> {
+        let headers = lock(&self.headers).clone();
+        Arc::new(Context::for_connection(
+            self.id.0,
+            &*self.username,
+            self.namespace.as_deref().map(String::from),
+            JsonObject::from_json_text(headers),
+            JsonObject::from_json_text(self.params.clone()),
+        ))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Encodes `{"type": kind, "payload": payload}` once, for any number of sockets: the wire
@@ -105,43 +165,44 @@ fn internal_error(topic: &str) -> Value {
     json!({"message": "internal error in a handler", "topic": topic})
 }
 
-/// Replies to a socket: `{type: topic, payload}` (or `onconnect` on connect), `error` frames
-/// for failures. A socket that has gone makes every send fail quietly.
-///
-/// On connect, the handler is the gatekeeper, so it fails closed: `fail` closes with 1008,
-/// and an error or panic closes with 1011.
-struct SocketReplies {
-    handle: SocketHandle,
-    on_connect: bool,
-    stats: Arc<GatewayStats>,
-    metrics: Arc<Metrics>,
+/// Where a message's replies go, and what they mean there.
+enum Answering {
+    /// A socket's message: `{type: topic, payload}`; `fail` sends an error frame.
+    Message,
+    /// The connect handler: `onconnect` frames; it is the gatekeeper, so it fails closed
+    /// (`fail` closes with 1008, an error or panic with 1011).
+    Connect,
+    /// The connect handler with the gate on: as `Connect`, and its first `reply` lets the
+    /// socket in.
+    Gate(Arc<Gate>),
 }
 
-/// The way back for one published message: remembers when it was published, for the reply
-/// latency histogram.
-struct Timed {
-    replies: Arc<SocketReplies>,
+/// The way back to a socket for one published message. Remembers when it was published, for
+/// the reply latency histogram. A socket that has gone makes every send fail quietly.
+struct Replies {
+    handle: SocketHandle,
+    answering: Answering,
+    observe: Arc<Observe>,
     published: Instant,
 }
 
-impl ReplyTo for Timed {
+impl ReplyTo for Replies {
     fn deliver(&self, topic: &str, reply: Reply) {
-        let topic_metrics = self.replies.metrics.topic(topic);
+        let metrics = &self.observe.metrics;
+        let topic_metrics = metrics.topic(topic);
         topic_metrics
             .reply_latency()
             .observe(self.published.elapsed().as_secs_f64());
-        self.replies.answer(topic, topic_metrics, reply);
-    }
-}
-
-impl SocketReplies {
-    fn answer(&self, topic: &str, topic_metrics: &crate::metrics::TopicMetrics, reply: Reply) {
-        let kind = if self.on_connect { "onconnect" } else { topic };
-        let errors = &self.metrics.errors;
+        let on_connect = !matches!(self.answering, Answering::Message);
+        let kind = if on_connect { "onconnect" } else { topic };
+        let errors = &metrics.errors;
         let closing = match reply {
             Reply::Ok(payload) => {
                 if self.handle.send_text(encode_frame(kind, &payload)).is_ok() {
                     topic_metrics.messages_out().inc();
+                }
+                if let Answering::Gate(gate) = &self.answering {
+                    gate.let_in();
                 }
                 None
             }
@@ -151,30 +212,226 @@ impl SocketReplies {
                 Some((CONNECT_FAILED_CODE, "connection refused by handler"))
             }
             Reply::HandlerFailed => {
-                GatewayStats::bump(&self.stats.handler_failures);
+                GatewayStats::bump(&self.observe.stats.handler_failures);
                 errors.handler_error.inc();
                 let _ = self.handle.send_text(error_frame(&internal_error(topic)));
                 Some((CONNECT_HANDLER_ERROR_CODE, "connect handler failed"))
             }
             _ => None,
         };
-        if let (true, Some((code, reason))) = (self.on_connect, closing) {
-            GatewayStats::bump(&self.stats.connect_failures);
+        if let (true, Some((code, reason))) = (on_connect, closing) {
+            if let Answering::Gate(gate) = &self.answering {
+                gate.shut();
+            }
+            GatewayStats::bump(&self.observe.stats.connect_failures);
             self.handle.close(code, reason);
         }
+    }
+}
+
+/// With the connect gate on: a socket that waits for its connect handler's verdict. Until
+/// then it is not in the registry (no `send`/`broadcast` reaches it) and its reading is
+/// paused (nothing it sends is read, so nothing is published). The state is behind a lock so
+/// that a verdict and the socket's end cannot cross: a socket is registered at most once, and
+/// never after it has ended.
+pub(crate) struct Gate {
+    state: Mutex<GateState>,
+    id: ConnId,
+    username: Arc<str>,
+    namespace: Option<Arc<str>>,
+    handle: SocketHandle,
+    registry: Arc<Registry<SocketHandle>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GateState {
+    Waiting,
+    Open,
+    Shut,
+}
+
+impl Gate {
+    /// The verdict is yes: register the socket and read what it sent meanwhile.
+    fn let_in(&self) {
+        let mut state = lock(&self.state);
+        if *state != GateState::Waiting {
+            return;
+        }
+        self.registry.insert_shared(
+            self.id,
+            self.username.clone(),
+            self.namespace.clone(),
+            self.handle.clone(),
+        );
+        *state = GateState::Open;
+        drop(state);
+        self.handle.resume_reading();
+    }
+
+    /// The verdict is no, the wait is over, or the socket has ended: it will never be let in
+    /// (and leaves the registry if it was). Returns the state before.
+    fn shut(&self) -> GateState {
+        let mut state = lock(&self.state);
+        let before = *state;
+        if before == GateState::Open {
+            self.registry.remove(self.id);
+        }
+        *state = GateState::Shut;
+        before
     }
 }
 
 impl Gateway {
     fn publish(&self, msg: Message) {
         if let Err(e) = self.bus.publish(msg) {
-            GatewayStats::bump(&self.stats.publish_failures);
+            GatewayStats::bump(&self.observe.stats.publish_failures);
             tracing::warn!(error = %e, "publish failed");
             let topic = e.message.topic().to_string();
             e.message
                 .fail(json!({"message": "could not publish", "topic": topic}));
         }
     }
+
+    fn replies(&self, handle: &SocketHandle, answering: Answering) -> Arc<dyn ReplyTo> {
+        Arc::new(Replies {
+            handle: handle.clone(),
+            answering,
+            observe: self.observe.clone(),
+            published: Instant::now(),
+        })
+    }
+
+    fn stats(&self) -> &GatewayStats {
+        &self.observe.stats
+    }
+
+    /// The headers handlers see: the configured ones (at most
+    /// [`MAX_CONTEXT_HEADER_BYTES`] of them) and the verified claims at `jwt`, as JSON text.
+    fn context_headers(&self, headers: &HeaderMap, claims: &Map<String, Value>) -> Arc<str> {
+        let mut copied = Map::new();
+        let mut bytes = 0;
+        for name in &self.context_headers {
+            let mut values = headers.get_all(name).iter();
+            let Some(first) = values.next() else {
+                continue;
+            };
+            let mut value = String::from_utf8_lossy(first.as_bytes()).into_owned();
+            for more in values {
+                value.push_str(", ");
+                value.push_str(&String::from_utf8_lossy(more.as_bytes()));
+            }
+            bytes += name.as_str().len() + value.len();
+            if bytes > MAX_CONTEXT_HEADER_BYTES {
+                break;
+            }
+            copied.insert(name.as_str().to_string(), Value::String(value));
+        }
+        copied.insert("jwt".into(), Value::Object(claims.clone()));
+        serde_json::to_string(&copied).unwrap_or_default().into()
+    }
+
+    /// Answers `{"type":"$refresh","payload":{"token":...}}`: a fresh token for the same user,
+    /// verified exactly as at the upgrade, moves the socket's expiry and claims; a token for
+    /// another user (or one that does not allow the socket's namespace) closes the socket; an
+    /// invalid one gets an error frame and changes nothing.
+    fn refresh(&self, s: &Session, data: &Value) {
+        let stats = self.stats();
+        let token = data
+            .get("payload")
+            .and_then(|p| p.get("token"))
+            .and_then(Value::as_str);
+        let identity = match token.map(|t| self.verifier.verify_token(t)) {
+            Some(Ok(identity)) => identity,
+            Some(Err(e)) => return self.refuse_refresh(s, &e.to_string()),
+            None => return self.refuse_refresh(s, "send {\"payload\":{\"token\":\"...\"}}"),
+        };
+        if *identity.username != *s.username {
+            GatewayStats::bump(&stats.refresh_mismatches);
+            let _ = s.handle.send_text(error_frame(&json!({
+                "message": "refresh refused: the token is for another user",
+                "type": REFRESH_TYPE,
+            })));
+            return s
+                .handle
+                .close(REFRESH_MISMATCH_CODE, "refresh token is for another user");
+        }
+        if let Some(ns) = &s.namespace {
+            if !self.verifier.namespace_allowed(&identity, ns) {
+                GatewayStats::bump(&stats.refresh_mismatches);
+                return s.handle.close(
+                    REFRESH_MISMATCH_CODE,
+                    "refresh token does not allow this namespace",
+                );
+            }
+        }
+        // The claims handlers see become the new token's.
+        let mut headers: Map<String, Value> =
+            serde_json::from_str(&lock(&s.headers)).unwrap_or_default();
+        headers.insert("jwt".into(), Value::Object(identity.claims));
+        *lock(&s.headers) = serde_json::to_string(&headers).unwrap_or_default().into();
+        if let Some(expiries) = &self.expiries {
+            let mut exp = lock(&s.exp);
+            expiries.refile(*exp, identity.exp, s.id, &s.handle);
+            *exp = identity.exp;
+        }
+        GatewayStats::bump(&stats.refreshes);
+        let _ = s
+            .handle
+            .send_text(encode_frame(REFRESHED_TYPE, &json!({"exp": identity.exp})));
+    }
+
+    fn refuse_refresh(&self, s: &Session, why: &str) {
+        GatewayStats::bump(&self.stats().refreshes_refused);
+        let _ = s.handle.send_text(error_frame(&json!({
+            "message": format!("refresh refused: {why}"),
+            "type": REFRESH_TYPE,
+        })));
+    }
+
+    /// The rate limit's verdict on one message or ping; `false` drops it (the first of a run
+    /// of refusals gets an error frame, and a socket that goes on is closed).
+    fn within_rate(&self, s: &Session) -> bool {
+        let (Some(bucket), Some(limit)) = (&s.bucket, self.rate_limit) else {
+            return true;
+        };
+        let verdict = lock(bucket).take(limit, Instant::now());
+        let stats = self.stats();
+        match verdict {
+            Verdict::Accept => true,
+            Verdict::Refuse { first } => {
+                GatewayStats::bump(&stats.rate_limited);
+                if first {
+                    self.observe.metrics.errors.rate_limited.inc();
+                    let _ = s.handle.send_text(error_frame(&json!({
+                        "message": "rate limit exceeded; messages are dropped until you slow down",
+                    })));
+                }
+                false
+            }
+            Verdict::Close => {
+                GatewayStats::bump(&stats.rate_limited);
+                GatewayStats::bump(&stats.rate_limit_closes);
+                s.handle.close(RATE_LIMIT_CLOSE_CODE, "rate limit exceeded");
+                false
+            }
+        }
+    }
+}
+
+/// The query parameters as a JSON object's text (`{}` shared by every socket without any).
+fn params_text(query: Option<&str>) -> Arc<str> {
+    static EMPTY: OnceLock<Arc<str>> = OnceLock::new();
+    let params: Map<String, Value> = query
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    if params.is_empty() {
+        return EMPTY.get_or_init(|| Arc::from("{}")).clone();
+    }
+    serde_json::to_string(&params).unwrap_or_default().into()
 }
 
 impl Service for Gateway {
@@ -182,8 +439,8 @@ impl Service for Gateway {
     type Session = Session;
 
     fn admit(&self, request: &RequestParts) -> Result<Admitted, Response<Body>> {
-        let identity = self.verifier.verify(&request.headers).map_err(|e| {
-            GatewayStats::bump(&self.stats.refused_unauthorized);
+        let identity: Identity = self.verifier.verify(&request.headers).map_err(|e| {
+            GatewayStats::bump(&self.stats().refused_unauthorized);
             tracing::debug!(error = %e, "refused upgrade");
             let mut res = Response::new(Body::from(format!("{e}\n")));
             *res.status_mut() = StatusCode::UNAUTHORIZED;
@@ -191,23 +448,16 @@ impl Service for Gateway {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             res
         })?;
-        let params: Map<String, Value> = request
-            .uri
-            .query()
-            .map(|q| {
-                form_urlencoded::parse(q.as_bytes())
-                    .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let namespace = params
-            .get("namespace")
-            .and_then(Value::as_str)
-            .filter(|ns| !ns.is_empty())
-            .map(str::to_string);
+        let namespace = request.uri.query().and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "namespace")
+                .map(|(_, v)| v)
+                .filter(|ns| !ns.is_empty())
+                .map(|ns| Arc::<str>::from(ns.as_ref()))
+        });
         if let Some(ns) = &namespace {
             if !self.verifier.namespace_allowed(&identity, ns) {
-                GatewayStats::bump(&self.stats.refused_namespace);
+                GatewayStats::bump(&self.stats().refused_namespace);
                 return Err(plain_response(
                     StatusCode::FORBIDDEN,
                     "namespace not allowed for this token\n",
@@ -218,7 +468,7 @@ impl Service for Gateway {
             // Checked here, before the upgrade; concurrent handshakes of one user may
             // overshoot by the number in flight.
             if self.registry.count(Target::User(&identity.username)) >= max {
-                GatewayStats::bump(&self.stats.refused_user_limit);
+                GatewayStats::bump(&self.stats().refused_user_limit);
                 let mut res = plain_response(
                     StatusCode::TOO_MANY_REQUESTS,
                     "too many sockets for this user\n",
@@ -228,108 +478,95 @@ impl Service for Gateway {
                 return Err(res);
             }
         }
-        let mut headers = Map::new();
-        for (name, value) in &request.headers {
-            // Credentials stay out of messages: handlers get the verified claims instead.
-            if name == header::COOKIE || name == header::AUTHORIZATION {
-                continue;
-            }
-            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-            match headers.get_mut(name.as_str()) {
-                Some(Value::String(existing)) => {
-                    existing.push_str(", ");
-                    existing.push_str(&value);
-                }
-                _ => {
-                    headers.insert(name.as_str().to_string(), Value::String(value));
-                }
-            }
-        }
-        headers.insert("jwt".into(), Value::Object(identity.claims.clone()));
+        let context = SocketContext {
+            headers: self.context_headers(&request.headers, &identity.claims),
+            params: params_text(request.uri.query()),
+        };
         Ok(Admitted {
-            identity,
-            headers,
-            params,
+            username: identity.username.as_str().into(),
             namespace,
+            exp: identity.exp,
+            context,
         })
     }
 
     fn open(&self, a: Admitted, handle: SocketHandle) -> Session {
         let id = self.registry.next_id();
-        self.registry.insert_with_id(
-            id,
-            &a.identity.username,
-            a.namespace.as_deref(),
-            handle.clone(),
-        );
-        let context = Arc::new(Context::for_connection(
-            id.0,
-            a.identity.username,
-            a.namespace,
-            a.headers,
-            a.params,
-        ));
-        tracing::debug!(connection = %id, username = ?context.username, namespace = ?context.namespace, "socket open");
-        if let Some(topic) = &self.hooks.onconnect {
-            let replies = Arc::new(Timed {
-                replies: Arc::new(SocketReplies {
-                    handle: handle.clone(),
-                    on_connect: true,
-                    stats: self.stats.clone(),
-                    metrics: self.metrics.clone(),
-                }),
-                published: Instant::now(),
+        let gate = self.gate_timeout.map(|timeout| {
+            // Nothing is read until the verdict; the socket is registered by it.
+            handle.pause_reading();
+            let gate = Arc::new(Gate {
+                state: Mutex::new(GateState::Waiting),
+                id,
+                username: a.username.clone(),
+                namespace: a.namespace.clone(),
+                handle: handle.clone(),
+                registry: self.registry.clone(),
             });
+            let waiting = gate.clone();
+            let observe = self.observe.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                if waiting.shut() == GateState::Waiting {
+                    GatewayStats::bump(&observe.stats.gate_timeouts);
+                    waiting
+                        .handle
+                        .close(CONNECT_HANDLER_ERROR_CODE, "connect handler did not answer");
+                }
+            });
+            gate
+        });
+        if gate.is_none() {
+            self.registry.insert_shared(
+                id,
+                a.username.clone(),
+                a.namespace.clone(),
+                handle.clone(),
+            );
+        }
+        if let Some(expiries) = &self.expiries {
+            expiries.file(a.exp, id, &handle);
+        }
+        let session = Session {
+            id,
+            handle,
+            username: a.username,
+            namespace: a.namespace,
+            headers: Mutex::new(a.context.headers),
+            params: a.context.params,
+            exp: Mutex::new(a.exp),
+            bucket: self.rate_limit.map(|l| Mutex::new(Bucket::new(l))),
+            gate,
+        };
+        tracing::debug!(connection = %id, username = %session.username, namespace = ?session.namespace, "socket open");
+        if let Some(topic) = &self.hooks.onconnect {
+            let answering = match &session.gate {
+                Some(gate) => Answering::Gate(gate.clone()),
+                None => Answering::Connect,
+            };
             let data = json!({
                 "connection_id": id.0,
-                "username": context.username,
-                "namespace": context.namespace,
+                "username": &*session.username,
+                "namespace": session.namespace.as_deref(),
             });
             self.publish(
                 Message::new(topic.clone(), data)
-                    .with_context(context.clone())
-                    .with_reply_to(replies),
+                    .with_context(session.context())
+                    .with_reply_to(self.replies(&session.handle, answering)),
             );
+        } else if let Some(gate) = &session.gate {
+            gate.let_in(); // nobody to ask
         }
-        Session {
-            id,
-            replies: Arc::new(SocketReplies {
-                handle: handle.clone(),
-                on_connect: false,
-                stats: self.stats.clone(),
-                metrics: self.metrics.clone(),
-            }),
-            handle,
-            context,
-            bucket: self.rate_limit.map(|l| Mutex::new(Bucket::new(l))),
-        }
+        session
+    }
+
+    fn on_ping(&self, s: &Session) -> bool {
+        self.within_rate(s)
     }
 
     fn on_message(&self, s: &Session, message: Inbound) {
-        if let (Some(bucket), Some(limit)) = (&s.bucket, self.rate_limit) {
-            let verdict = bucket
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(limit, Instant::now());
-            match verdict {
-                Verdict::Accept => {}
-                Verdict::Refuse { first } => {
-                    GatewayStats::bump(&self.stats.rate_limited);
-                    if first {
-                        self.metrics.errors.rate_limited.inc();
-                        let _ = s.handle.send_text(error_frame(&json!({
-                            "message": "rate limit exceeded; messages are dropped until you slow down",
-                        })));
-                    }
-                    return;
-                }
-                Verdict::Close => {
-                    GatewayStats::bump(&self.stats.rate_limited);
-                    GatewayStats::bump(&self.stats.rate_limit_closes);
-                    s.handle.close(RATE_LIMIT_CLOSE_CODE, "rate limit exceeded");
-                    return;
-                }
-            }
+        if !self.within_rate(s) {
+            return;
         }
         let decoded = match &message {
             Inbound::Text(text) => decode_client_message(text),
@@ -338,32 +575,32 @@ impl Service for Gateway {
         let message = match decoded {
             Ok(m) => m,
             Err(bad) => {
-                GatewayStats::bump(&self.stats.bad_messages);
-                self.metrics.errors.bad_message.inc();
+                GatewayStats::bump(&self.stats().bad_messages);
+                self.observe.metrics.errors.bad_message.inc();
                 let _ = s
                     .handle
                     .send_text(error_frame(&json!({"message": bad.to_string()})));
                 return;
             }
         };
-        GatewayStats::bump(&self.stats.messages_in);
+        if message.message_type() == REFRESH_TYPE {
+            return self.refresh(s, &message.into_data());
+        }
+        GatewayStats::bump(&self.stats().messages_in);
         let typed_topic = self.hooks.types.get(message.message_type());
         if typed_topic.is_none() && self.hooks.onmessage.is_none() {
             return; // no topic for it
         }
-        let data = message.into_data();
-        let data = Arc::new(data);
+        let data = Arc::new(message.into_data());
+        let context = s.context();
         // One way back for both topics: it carries the publish time for the latency series.
-        let reply_to: Arc<dyn ReplyTo> = Arc::new(Timed {
-            replies: s.replies.clone(),
-            published: Instant::now(),
-        });
+        let reply_to = self.replies(&s.handle, Answering::Message);
         let publish = |route: &Route| {
             route.messages_in.inc();
             self.publish(
                 Message::new(route.topic.clone(), Value::Null)
                     .with_shared_data(data.clone())
-                    .with_context(s.context.clone())
+                    .with_context(context.clone())
                     .with_reply_to(reply_to.clone()),
             )
         };
@@ -376,16 +613,35 @@ impl Service for Gateway {
     }
 
     fn on_close(&self, s: Session, reason: CloseReason) {
-        self.registry.remove(s.id);
+        match &s.gate {
+            Some(gate) => {
+                gate.shut();
+            }
+            None => {
+                self.registry.remove(s.id);
+            }
+        }
+        if let Some(expiries) = &self.expiries {
+            expiries.unfile(*lock(&s.exp), s.id);
+        }
+        if matches!(
+            reason,
+            CloseReason::Server {
+                code: TOKEN_EXPIRED_CODE,
+                ..
+            }
+        ) {
+            GatewayStats::bump(&self.stats().token_expiry_closes);
+        }
         tracing::debug!(connection = %s.id, ?reason, "socket closed");
         if let Some(topic) = &self.hooks.onclose {
             let data = json!({
                 "connection_id": s.id.0,
-                "username": s.context.username,
-                "namespace": s.context.namespace,
+                "username": &*s.username,
+                "namespace": s.namespace.as_deref(),
                 "reason": describe_close(&reason),
             });
-            self.publish(Message::new(topic.clone(), data).with_context(s.context));
+            self.publish(Message::new(topic.clone(), data).with_context(s.context()));
         }
     }
 
@@ -408,12 +664,18 @@ fn describe_close(reason: &CloseReason) -> Value {
         CloseReason::Protocol { code, detail } => {
             json!({"by": "server", "kind": "protocol_error", "code": code, "reason": detail})
         }
+        CloseReason::Server { code, reason } if *code == TOKEN_EXPIRED_CODE => {
+            json!({"by": "server", "kind": "token_expired", "code": code, "reason": reason})
+        }
         CloseReason::Server { code, reason } => {
             json!({"by": "server", "kind": "closed", "code": code, "reason": reason})
         }
         CloseReason::Shutdown => json!({"by": "server", "kind": "shutdown", "code": 1001}),
         CloseReason::SlowConsumer => {
             json!({"by": "server", "kind": "slow_consumer", "code": switchboard_transport::SLOW_CONSUMER_CODE})
+        }
+        CloseReason::OverBudget => {
+            json!({"by": "server", "kind": "over_budget", "code": switchboard_transport::OVER_BUDGET_CODE})
         }
         CloseReason::Io(e) => json!({"by": "network", "kind": "io_error", "reason": e}),
         _ => json!({"kind": "unknown"}),

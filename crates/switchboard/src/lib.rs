@@ -62,6 +62,7 @@ use crate::stats::GatewayStats;
 mod admin;
 mod auth;
 mod delivery;
+mod expiry;
 mod gateway;
 mod inbound;
 mod metrics;
@@ -71,18 +72,20 @@ mod stats;
 pub use auth::AuthError;
 pub use gateway::{
     encode_frame, CONNECT_FAILED_CODE, CONNECT_HANDLER_ERROR_CODE, RATE_LIMIT_CLOSE_CODE,
+    REFRESHED_TYPE, REFRESH_MISMATCH_CODE, REFRESH_TYPE, TOKEN_EXPIRED_CODE,
 };
 pub use inbound::{decode_client_message, BadMessage, ClientMessage};
 pub use stats::Stats;
 pub use switchboard_bus::{
-    Bus, Context, Handler, HandlerError, InProcessBus, Message, Producer, PublishError, Reply,
-    ReplyTo, SubscribeError,
+    Bus, Context, Handler, HandlerError, InProcessBus, JsonObject, Message, Producer, PublishError,
+    Reply, ReplyTo, SubscribeError,
 };
 /// The config schema (`switchboard-config`), for its section types.
 pub use switchboard_config as config;
 pub use switchboard_config::{Config, ConfigError};
 pub use switchboard_transport::{
-    http, plain_response, Body, RequestParts, ShutdownReport, TransportCounters, SLOW_CONSUMER_CODE,
+    http, plain_response, Body, RequestParts, ShutdownReport, TransportCounters, OVER_BUDGET_CODE,
+    SLOW_CONSUMER_CODE,
 };
 
 /// The README's Rust examples, compiled (not run) as doctests.
@@ -225,9 +228,14 @@ impl Container {
         options.heartbeat_interval = socket.heartbeat;
         options.max_message_size = socket.max_message_size;
         options.send_queue = socket.send_queue;
+        options.send_queue_bytes = socket.send_queue_bytes;
         let limits = &self.config.gateway.limits;
         options.handshake_timeout = limits.handshake_timeout;
         options.max_connections = limits.max_sockets;
+        options.max_handshakes = limits.max_handshakes;
+        options.max_handshakes_per_address = limits.max_handshakes_per_address;
+        options.max_request_head = limits.max_request_head;
+        options.buffer_budget = limits.buffer_budget;
         options.origins = match &socket.allowed_origins {
             None => OriginPolicy::SameHost,
             Some(list) if list.iter().any(|o| o == "*") => OriginPolicy::Any,
@@ -238,6 +246,24 @@ impl Container {
             burst: f64::from(limits.message_burst.unwrap_or(rate.saturating_mul(2))),
         });
         let metrics = &self.metrics;
+        let context_headers = socket
+            .context_headers
+            .iter()
+            // The config crate checked that each is a header name.
+            .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        let auth = &self.config.gateway.auth;
+        let expiries = auth
+            .close_on_expiry
+            .then(|| Arc::new(expiry::Expiries::new(auth.leeway)));
+        if let Some(expiries) = &expiries {
+            tokio::spawn(expiries.clone().run());
+        }
+        let gate_timeout = socket
+            .onconnect
+            .as_ref()
+            .filter(|hook| hook.gate)
+            .map(|hook| hook.gate_timeout);
         let hooks = gateway::Hooks {
             onconnect: socket.onconnect.as_ref().map(|h| h.publish.as_str().into()),
             onmessage: socket
@@ -274,12 +300,25 @@ impl Container {
             registry: self.registry,
             verifier: self.verifier,
             routes: self.routes,
-            stats: stats.clone(),
-            metrics: self.metrics.clone(),
+            observe: Arc::new(gateway::Observe {
+                stats: stats.clone(),
+                metrics: self.metrics.clone(),
+            }),
             max_sockets_per_user: limits.max_sockets_per_user,
             rate_limit,
+            context_headers,
+            gate_timeout,
+            expiries: expiries.clone(),
         });
-        let server = Server::bind(addr, options, service).await?;
+        let server = match Server::bind(addr, options, service).await {
+            Ok(server) => server,
+            Err(e) => {
+                if let Some(expiries) = &expiries {
+                    expiries.stop();
+                }
+                return Err(e);
+            }
+        };
         let draining = Arc::new(AtomicBool::new(false));
         let prometheus = Arc::new(self.metrics.registry(metrics::Scraped {
             gateway: stats.clone(),
@@ -300,6 +339,9 @@ impl Container {
                     Ok(admin) => Some(admin),
                     Err(e) => {
                         server.shutdown(Duration::ZERO).await;
+                        if let Some(expiries) = &expiries {
+                            expiries.stop();
+                        }
                         return Err(e);
                     }
                 }
@@ -320,6 +362,7 @@ impl Container {
             admin,
             prometheus,
             draining,
+            expiries,
         })
     }
 
@@ -387,6 +430,7 @@ pub struct Running {
     admin: Option<AdminServer>,
     prometheus: Arc<prometheus_client::registry::Registry>,
     draining: Arc<AtomicBool>,
+    expiries: Option<Arc<expiry::Expiries>>,
 }
 
 impl fmt::Debug for Running {
@@ -446,6 +490,9 @@ impl Running {
     pub async fn shutdown(self, drain: Duration) -> ShutdownReport {
         self.draining.store(true, Relaxed);
         let report = self.server.shutdown(drain).await;
+        if let Some(expiries) = &self.expiries {
+            expiries.stop();
+        }
         if let Some(admin) = self.admin {
             admin.stop();
         }

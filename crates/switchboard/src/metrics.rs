@@ -281,10 +281,16 @@ impl Collector for Scraped {
                 ("dropped", t.dropped),
                 ("heartbeat_timeout", t.heartbeat_timeouts),
                 ("protocol_error", t.protocol_errors),
-                ("server", t.closed_by_server),
+                // Token expiry is a server close of its own kind, counted apart.
+                (
+                    "server",
+                    t.closed_by_server.saturating_sub(g.token_expiry_closes),
+                ),
                 ("shutdown", t.closed_by_shutdown),
                 ("slow_consumer", t.slow_consumers),
                 ("io_error", t.io_errors),
+                ("over_budget", t.over_budget),
+                ("token_expired", g.token_expiry_closes),
             ] {
                 ConstCounter::new(n).encode(m.encode_family(&[("reason", reason)])?)?;
             }
@@ -308,10 +314,49 @@ impl Collector for Scraped {
                 ("origin", "403", t.refused_origin),
                 ("user_limit", "429", g.refused_user_limit),
                 ("capacity", "503", t.refused_capacity),
+                ("head_size", "431", t.refused_head_size),
             ] {
                 let labels = [("reason", reason), ("status", status)];
                 ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
             }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "switchboard_connections_refused",
+                "Connections closed as soon as they were accepted, because too many handshakes were in progress: in total (total) or from that client address (per_address).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, n) in [
+                ("total", t.refused_handshakes),
+                ("per_address", t.refused_handshakes_per_address),
+            ] {
+                ConstCounter::new(n).encode(m.encode_family(&[("reason", reason)])?)?;
+            }
+        }
+        for (name, help, n) in [
+            (
+                "switchboard_handshakes_in_progress",
+                "Connections accepted that have not completed their upgrade yet.",
+                t.handshakes_in_progress,
+            ),
+            (
+                "switchboard_buffered_bytes",
+                "Bytes buffered now across all sockets: incomplete inbound messages and queued outbound frames.",
+                t.buffered_bytes,
+            ),
+            (
+                "switchboard_buffered_bytes_peak",
+                "The most bytes ever buffered at once across all sockets (never above the budget).",
+                t.buffered_bytes_peak,
+            ),
+            (
+                "switchboard_buffer_budget_bytes",
+                "The buffer budget (limits.buffer_budget).",
+                t.buffer_budget,
+            ),
+        ] {
+            gauge(&mut e, name, help, i64::try_from(n).unwrap_or(i64::MAX))?;
         }
         for (name, help, n) in [
             (
@@ -348,6 +393,36 @@ impl Collector for Scraped {
                 "switchboard_connect_failures",
                 "Sockets closed by their connect handler (fail, error or panic).",
                 g.connect_failures,
+            ),
+            (
+                "switchboard_connect_gate_timeouts",
+                "Sockets closed because, with the connect gate on, no connect handler answered in time.",
+                g.gate_timeouts,
+            ),
+            (
+                "switchboard_over_budget_closes",
+                "Sockets closed to keep the buffered bytes within the buffer budget (1013).",
+                t.over_budget,
+            ),
+            (
+                "switchboard_token_expiry_closes",
+                "Sockets closed because their token expired (4001).",
+                g.token_expiry_closes,
+            ),
+            (
+                "switchboard_token_refreshes",
+                "In-band token refreshes accepted.",
+                g.refreshes,
+            ),
+            (
+                "switchboard_token_refreshes_refused",
+                "In-band token refreshes refused (invalid or missing token); the socket stays open.",
+                g.refreshes_refused,
+            ),
+            (
+                "switchboard_token_refresh_mismatches",
+                "Sockets closed because a refresh brought a token for another user or namespace.",
+                g.refresh_mismatches,
             ),
         ] {
             counter(&mut e, name, help, n)?;

@@ -17,6 +17,11 @@ pub(crate) struct GatewayStats {
     pub(crate) publish_failures: AtomicU64,
     pub(crate) handler_failures: AtomicU64,
     pub(crate) connect_failures: AtomicU64,
+    pub(crate) gate_timeouts: AtomicU64,
+    pub(crate) token_expiry_closes: AtomicU64,
+    pub(crate) refreshes: AtomicU64,
+    pub(crate) refreshes_refused: AtomicU64,
+    pub(crate) refresh_mismatches: AtomicU64,
 }
 
 impl GatewayStats {
@@ -52,6 +57,16 @@ pub struct Stats {
     pub handler_failures: u64,
     /// Sockets closed by their connect handler (`fail`, error or panic).
     pub connect_failures: u64,
+    /// Sockets closed because, with the connect gate on, no connect handler answered in time.
+    pub gate_timeouts: u64,
+    /// Sockets closed because their token expired (4001).
+    pub token_expiry_closes: u64,
+    /// In-band token refreshes accepted.
+    pub refreshes: u64,
+    /// In-band token refreshes refused (invalid token, no token); the socket stays open.
+    pub refreshes_refused: u64,
+    /// Sockets closed because a refresh brought a token for another user or namespace.
+    pub refresh_mismatches: u64,
 }
 
 impl GatewayStats {
@@ -69,6 +84,11 @@ impl GatewayStats {
             publish_failures: l(&self.publish_failures),
             handler_failures: l(&self.handler_failures),
             connect_failures: l(&self.connect_failures),
+            gate_timeouts: l(&self.gate_timeouts),
+            token_expiry_closes: l(&self.token_expiry_closes),
+            refreshes: l(&self.refreshes),
+            refreshes_refused: l(&self.refreshes_refused),
+            refresh_mismatches: l(&self.refresh_mismatches),
         }
     }
 }

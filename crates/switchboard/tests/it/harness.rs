@@ -159,3 +159,27 @@ pub(crate) async fn next_published(rx: &mut Seen) -> (String, Value, Value) {
         .expect("a published message within 5 s")
         .unwrap()
 }
+
+/// Connects with `token` as the `ID_TOKEN` cookie.
+pub(crate) async fn connect_with_token(running: &Running, token: &str) -> Ws {
+    let url = format!("ws://{}/connect", running.local_addr());
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("cookie", format!("ID_TOKEN={token}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws
+}
+
+/// Reads until a close frame; returns its code (pings, pongs and text skipped).
+pub(crate) async fn close_code_of(ws: &mut Ws) -> u16 {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a close within 10 s")
+        {
+            Some(Ok(WsMessage::Close(Some(f)))) => return f.code.into(),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}

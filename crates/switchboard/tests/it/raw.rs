@@ -45,3 +45,84 @@ pub(crate) async fn read_text(stream: &mut TcpStream) -> Vec<u8> {
         }
     }
 }
+
+/// A masked client frame.
+pub(crate) fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![u8::from(fin) << 7 | opcode];
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+pub(crate) const TEXT: u8 = 0x1;
+pub(crate) const CLOSE: u8 = 0x8;
+pub(crate) const PING: u8 = 0x9;
+pub(crate) const PONG: u8 = 0xA;
+
+/// An upgrade request with `extra` header lines (each ending in `\r\n`) and the token cookie.
+pub(crate) fn upgrade_request(addr: SocketAddr, query: &str, token: &str, extra: &str) -> String {
+    format!(
+        "GET /connect{query} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Cookie: ID_TOKEN={token}\r\n{extra}\r\n"
+    )
+}
+
+/// Sends `request` (and `early` bytes in the same write); returns the stream and the response
+/// head, read byte by byte so that no frame is swallowed.
+pub(crate) async fn open(addr: SocketAddr, request: &str, early: &[u8]) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut bytes = request.as_bytes().to_vec();
+    bytes.extend_from_slice(early);
+    stream.write_all(&bytes).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if stream.read_exact(&mut b).await.is_err() {
+            break;
+        }
+        head.push(b[0]);
+    }
+    (stream, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// The next frame of any kind: (opcode, payload).
+pub(crate) async fn read_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+    let read = async {
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.unwrap();
+        let len = match head[1] & 0x7f {
+            126 => stream.read_u16().await.unwrap() as usize,
+            127 => stream.read_u64().await.unwrap() as usize,
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).await.unwrap();
+        (head[0] & 0x0f, payload)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("a frame within 10 s")
+}
+
+/// Reads until a close frame; returns its code.
+pub(crate) async fn read_close_code(stream: &mut TcpStream) -> u16 {
+    loop {
+        let (op, payload) = read_frame(stream).await;
+        if op == CLOSE {
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}

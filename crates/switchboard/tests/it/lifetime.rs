@@ -1,0 +1,132 @@
+//! Sockets do not outlive their token: they close when `exp` passes, unless the client sends a
+//! fresh token for the same user in-band.
+
+use std::time::Duration;
+
+use serde_json::json;
+use switchboard::{Config, Container, Message, TOKEN_EXPIRED_CODE};
+
+use crate::harness::*;
+
+fn token_for(user: &str, secs: u64, extra: serde_json::Value) -> String {
+    let mut claims = json!({"preferred_username": user, "exp": now() + secs});
+    claims
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    token_with(claims, SECRET)
+}
+
+#[tokio::test]
+async fn a_socket_is_closed_when_its_token_expires_and_onclose_is_published_once() {
+    let mut c = Container::new(spec_config("")).unwrap();
+    let mut closes = recorder(&mut c, &["socket:close"]);
+    let gw = start(c).await;
+    let mut short = connect_with_token(&gw, &token_for("alex", 2, json!({}))).await;
+    let _long = connect(&gw, "sam", None).await;
+    assert_eq!(close_code_of(&mut short).await, TOKEN_EXPIRED_CODE);
+    let (_, data, _) = next_published(&mut closes).await;
+    assert_eq!(data["username"], "alex");
+    assert_eq!(data["reason"]["kind"], "token_expired");
+    assert_eq!(data["reason"]["code"], TOKEN_EXPIRED_CODE);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(closes.try_recv().is_err(), "onclose once");
+    assert_eq!(gw.sockets().count(), 1, "the other socket stays");
+    assert_eq!(gw.stats().token_expiry_closes, 1);
+    let metrics = gw.metrics_text();
+    assert!(
+        metrics.contains("switchboard_sockets_closed_total{reason=\"token_expired\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("switchboard_sockets_closed_total{reason=\"server\"} 0"));
+}
+
+#[tokio::test]
+async fn a_refreshed_socket_outlives_its_first_token_and_handlers_see_the_new_claims() {
+    let mut c = Container::new(spec_config("")).unwrap();
+    let mut seen = recorder(&mut c, &["socket:generalMessage"]);
+    c.add_handler("socket:generalMessage", |m: Message| async move {
+        m.reply(m.context().headers["jwt"]["level"].clone());
+    })
+    .unwrap();
+    let gw = start(c).await;
+    let mut ws = connect_with_token(&gw, &token_for("alex", 2, json!({"level": 1}))).await;
+    let fresh = token_for("alex", 600, json!({"level": 2}));
+    send(
+        &mut ws,
+        json!({"type": "$refresh", "payload": {"token": fresh}}),
+    )
+    .await;
+    let answer = recv(&mut ws).await;
+    assert_eq!(answer["type"], "$refreshed");
+    assert!(answer["payload"]["exp"].as_u64().unwrap() >= now() + 590);
+    // Past the first token's expiry, the socket is still open...
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    send(&mut ws, json!({"type": "hello"})).await;
+    // ...and handlers see the new token's claims.
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type": "socket:generalMessage", "payload": 2})
+    );
+    let (_, data, _) = next_published(&mut seen).await;
+    assert_eq!(data["type"], "hello", "the refresh itself is not published");
+    assert_eq!(gw.stats().refreshes, 1);
+}
+
+#[tokio::test]
+async fn an_invalid_refresh_changes_nothing_and_another_users_token_closes_the_socket() {
+    let mut c = Container::new(spec_config("")).unwrap();
+    let mut seen = recorder(&mut c, &["socket:generalMessage", "socket:close"]);
+    let gw = start(c).await;
+    let mut ws = connect(&gw, "alex", None).await;
+    let forged = token_with(
+        json!({"preferred_username": "alex", "exp": now() + 600}),
+        "not-the-secret-0123456789",
+    );
+    for bad in [json!({"token": forged}), json!({}), json!("nope")] {
+        send(&mut ws, json!({"type": "$refresh", "payload": bad})).await;
+        let frame = recv(&mut ws).await;
+        assert_eq!(frame["type"], "error");
+        assert_eq!(frame["payload"]["type"], "$refresh");
+        assert!(
+            frame["payload"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("refresh refused"),
+            "{frame}"
+        );
+    }
+    send(&mut ws, json!({"type": "still-here"})).await;
+    assert_eq!(next_published(&mut seen).await.1["type"], "still-here");
+    // A valid token, for someone else.
+    let sams = token_for("sam", 600, json!({}));
+    send(
+        &mut ws,
+        json!({"type": "$refresh", "payload": {"token": sams}}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["type"], "error");
+    assert_eq!(close_code_of(&mut ws).await, 1008);
+    let (topic, data, _) = next_published(&mut seen).await;
+    assert_eq!(
+        (topic.as_str(), &data["username"]),
+        ("socket:close", &json!("alex"))
+    );
+    let stats = gw.stats();
+    assert_eq!((stats.refreshes_refused, stats.refresh_mismatches), (3, 1));
+}
+
+#[tokio::test]
+async fn with_close_on_expiry_off_sockets_outlive_their_token() {
+    let _ = spec_config("");
+    let yaml = format!(
+        "gateway:\n  socket:\n    onmessage: {{publish: m}}\n  auth:\n    secret_env: {SECRET_ENV}\n    close_on_expiry: false\n"
+    );
+    let mut c = Container::new(Config::from_yaml_str(&yaml).unwrap()).unwrap();
+    let mut seen = recorder(&mut c, &["m"]);
+    let gw = start(c).await;
+    let mut ws = connect_with_token(&gw, &token_for("alex", 1, json!({}))).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    send(&mut ws, json!({"type": "late"})).await;
+    assert_eq!(next_published(&mut seen).await.1["type"], "late");
+}
