@@ -220,3 +220,83 @@ test('shouldReconnect can refuse, e.g. after a policy close', () => {
   mock.timers.tick(60_000);
   assert.equal(FakeSocket.all.length, 1);
 });
+
+/** Lets the client's awaited promises (the token function) settle. */
+async function settle() {
+  for (let i = 0; i < 5; i++) await Promise.resolve();
+}
+
+test('with a token function, the token is refreshed on open and before each expiry', async () => {
+  let now = 1_000_000_000_000; // ms
+  let issued = 0;
+  const { c } = client({
+    token: async () => `token-${++issued}`,
+    refreshBeforeMs: 30_000,
+    now: () => now,
+  });
+  c.connect();
+  last().open();
+  await settle();
+  assert.deepEqual(last().sent, [{ type: '$refresh', payload: { token: 'token-1' } }]);
+  // The gateway says this token lasts 10 minutes: the next refresh comes 30 s before that.
+  last().receive({ type: '$refreshed', payload: { exp: now / 1000 + 600 } });
+  mock.timers.tick(569_000);
+  await settle();
+  assert.equal(last().sent.length, 1, 'not yet');
+  now += 570_000;
+  mock.timers.tick(1_000);
+  await settle();
+  assert.deepEqual(last().sent.at(-1), { type: '$refresh', payload: { token: 'token-2' } });
+  // A short-lived token is refreshed halfway through what is left of it.
+  last().receive({ type: '$refreshed', payload: { exp: now / 1000 + 20 } });
+  mock.timers.tick(10_000);
+  await settle();
+  assert.deepEqual(last().sent.at(-1), { type: '$refresh', payload: { token: 'token-3' } });
+});
+
+test('a refused refresh is retried while the socket is open, and never after close', async () => {
+  let fail = true;
+  const { c } = client({
+    token: async () => {
+      if (fail) throw new Error('idp down');
+      return 'fresh';
+    },
+    retryRefreshMs: 5_000,
+  });
+  c.connect();
+  last().open();
+  await settle();
+  assert.equal(last().sent.length, 0, 'the token function threw');
+  fail = false;
+  mock.timers.tick(5_000);
+  await settle();
+  assert.deepEqual(last().sent, [{ type: '$refresh', payload: { token: 'fresh' } }]);
+  // The gateway refuses it (say the IdP returned a stale token): retried.
+  last().receive({ type: 'error', payload: { message: 'refresh refused: invalid token: expired', type: '$refresh' } });
+  mock.timers.tick(5_000);
+  await settle();
+  assert.equal(last().sent.length, 2);
+  // Closed for an expired token: reconnects as after any close, and refreshes again there.
+  last().receive({ type: 'error', payload: { message: 'refresh refused', type: '$refresh' } });
+  const first = last();
+  first.drop(4001, 'token expired');
+  mock.timers.tick(5_000);
+  await settle();
+  assert.equal(first.sent.length, 2, 'no refresh on a closed socket');
+  mock.timers.tick(250);
+  assert.equal(FakeSocket.all.length, 2);
+  last().open();
+  await settle();
+  assert.deepEqual(last().sent, [{ type: '$refresh', payload: { token: 'fresh' } }]);
+  c.close();
+});
+
+test('without a token function nothing is sent on open', () => {
+  const { c } = client();
+  c.connect();
+  last().open();
+  last().receive({ type: '$refreshed', payload: { exp: 1 } });
+  mock.timers.tick(60_000);
+  assert.deepEqual(last().sent, []);
+  c.close();
+});

@@ -154,6 +154,12 @@ test('two users chat in one namespace, a third elsewhere sees nothing, pages rec
     await eventually(async () => assert.deepEqual(await online(sam), ['alex', 'sam']));
     assert.deepEqual(await online(kim), ['kim']);
     assert.equal(await alex.page.textContent('#online-count'), '2');
+    // the client helper refreshed each page's token in-band (`$refreshed` from the gateway)
+    for (const u of [alex, sam, kim]) {
+      await u.page.waitForSelector('body[data-token-exp]', { timeout: WAIT });
+      const exp = Number(await u.page.getAttribute('body', 'data-token-exp'));
+      assert.ok(exp > Date.now() / 1000 + 3000, `a fresh one-hour token: ${exp}`);
+    }
 
     // say: both in acme see it
     await type(alex, 'hello acme');

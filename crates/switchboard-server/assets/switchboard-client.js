@@ -4,7 +4,10 @@
 // `{type, payload}` frames by type, and sends `{type, payload}` frames. A message is handed to
 // a socket at most once: nothing is resent after a reconnect. While disconnected, `send`
 // drops the message, or keeps it in a small outbox (option `outbox`) that is sent once, on
-// the next connection.
+// the next connection. Given a `token` function, it keeps the socket's token fresh in-band
+// (`{"type":"$refresh","payload":{"token":...}}`), so the gateway does not close the socket
+// when its first token expires (close code 4001, after which it reconnects as after any
+// close).
 //
 //   import { SwitchboardClient } from '/switchboard-client.js';
 //   const client = new SwitchboardClient('wss://example.com/connect?namespace=acme');
@@ -34,6 +37,9 @@ export function backoffDelay(attempt, backoff = DEFAULT_BACKOFF, random = Math.r
 
 const OPEN = 1;
 
+/** The gateway closes a socket whose token expired with this code (`auth.close_on_expiry`). */
+export const TOKEN_EXPIRED_CODE = 4001;
+
 export class SwitchboardClient {
   /**
    * @param {string | (() => string)} url the gateway's socket URL, or a function giving it
@@ -48,8 +54,16 @@ export class SwitchboardClient {
    *   counts as failed and is retried with backoff.
    * @param {(ev: {code: number, reason: string}) => boolean} [options.shouldReconnect]
    *   whether to reconnect after a close; default: always (until `close()`).
+   * @param {() => (string | Promise<string>)} [options.token] returns a fresh token for the
+   *   same user. When given, the client sends it as soon as a socket opens and again
+   *   `refreshBeforeMs` before each token's expiry, which the gateway reports in its
+   *   `$refreshed` answer; a refused refresh (an `error` frame about `$refresh`) or a throwing
+   *   `token` is retried every `retryRefreshMs` while the socket stays open.
+   * @param {number} [options.refreshBeforeMs=30000] how long before expiry to refresh.
+   * @param {number} [options.retryRefreshMs=5000] delay before retrying a failed refresh.
    * @param {typeof WebSocket} [options.WebSocket] the WebSocket class to use.
    * @param {() => number} [options.random] a source of randomness in [0, 1), for tests.
+   * @param {() => number} [options.now] the clock in milliseconds (Date.now), for tests.
    */
   constructor(url, options = {}) {
     this._url = url;
@@ -60,6 +74,11 @@ export class SwitchboardClient {
     this._shouldReconnect = options.shouldReconnect || (() => true);
     this._WebSocket = options.WebSocket || globalThis.WebSocket;
     this._random = options.random || Math.random;
+    this._token = options.token;
+    this._refreshBeforeMs = options.refreshBeforeMs ?? 30000;
+    this._retryRefreshMs = options.retryRefreshMs ?? 5000;
+    this._now = options.now || Date.now;
+    this._refreshTimer = null;
     this._handlers = new Map();
     this._statusHandlers = new Set();
     this._outbox = [];
@@ -136,6 +155,7 @@ export class SwitchboardClient {
     this._generation += 1;
     clearTimeout(this._retryTimer);
     clearTimeout(this._stableTimer);
+    clearTimeout(this._refreshTimer);
     this._retryTimer = null;
     this._outbox = [];
     const ws = this._ws;
@@ -174,14 +194,16 @@ export class SwitchboardClient {
       const queued = this._outbox;
       this._outbox = [];
       for (const text of queued) ws.send(text);
+      if (this._token) this._refresh(ws);
     };
     ws.onmessage = (ev) => {
-      if (current()) this._dispatch(ev.data);
+      if (current()) this._dispatch(ev.data, ws);
     };
     ws.onclose = (ev) => {
       if (!current()) return;
       this._ws = null;
       clearTimeout(this._stableTimer);
+      clearTimeout(this._refreshTimer);
       const info = { code: ev.code, reason: ev.reason };
       if (this._stopped || !this._shouldReconnect(info)) {
         this._stopped = true;
@@ -206,11 +228,47 @@ export class SwitchboardClient {
     }, delayMs);
   }
 
-  _dispatch(data) {
+  /** Sends a fresh token on `ws`, if it is still this client's open socket. */
+  async _refresh(ws) {
+    clearTimeout(this._refreshTimer);
+    let token;
+    try {
+      token = await this._token();
+    } catch {
+      this._scheduleRefresh(ws, this._retryRefreshMs);
+      return;
+    }
+    if (this._ws !== ws || ws.readyState !== OPEN) return;
+    ws.send(JSON.stringify({ type: '$refresh', payload: { token } }));
+  }
+
+  _scheduleRefresh(ws, delayMs) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = setTimeout(() => {
+      this._refreshTimer = null;
+      if (this._ws === ws) this._refresh(ws);
+    }, Math.max(0, delayMs));
+  }
+
+  /** Plans the next refresh from the gateway's answers to this one. */
+  _onRefreshAnswer(frame, ws) {
+    if (!this._token) return;
+    if (frame.type === '$refreshed' && typeof frame.payload?.exp === 'number') {
+      const left = frame.payload.exp * 1000 - this._now();
+      // Refresh `refreshBeforeMs` ahead; for a short-lived token, halfway through what is left.
+      const delay = left > 2 * this._refreshBeforeMs ? left - this._refreshBeforeMs : left / 2;
+      this._scheduleRefresh(ws, delay);
+    } else if (frame.type === 'error' && frame.payload?.type === '$refresh') {
+      this._scheduleRefresh(ws, this._retryRefreshMs);
+    }
+  }
+
+  _dispatch(data, ws) {
     if (typeof data !== 'string') return;
     let frame;
     try { frame = JSON.parse(data); } catch { return; }
     if (!frame || typeof frame !== 'object' || typeof frame.type !== 'string') return;
+    this._onRefreshAnswer(frame, ws);
     for (const key of [frame.type, '*']) {
       for (const fn of this._handlers.get(key) || []) {
         try { fn(frame.payload, frame); } catch (err) { setTimeout(() => { throw err; }); }

@@ -134,8 +134,12 @@ pub(crate) fn install(container: &mut Container) -> Result<(), Box<dyn std::erro
         );
         res
     });
+    let (login_secret, login_cookie, login_claim) = (secret.clone(), cookie.clone(), claim.clone());
     container.route("/demo/login", move |req: &RequestParts| {
-        login(req, &secret, &cookie, &claim)
+        login(req, &login_secret, &login_cookie, &login_claim)
+    });
+    container.route("/demo/token", move |req: &RequestParts| {
+        fresh_token(req, &secret, &cookie, &claim)
     });
     Ok(())
 }
@@ -210,6 +214,64 @@ fn on_whisper(msg: Message, producer: &Producer, send: &str) {
     }
 }
 
+/// A one-hour demo token for `username`.
+fn mint(secret: &str, claim: &str, username: &str) -> Option<String> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut claims = serde_json::Map::new();
+    claims.insert(claim.to_string(), json!(username));
+    claims.insert("iat".into(), json!(now));
+    claims.insert("exp".into(), json!(now + 3600));
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .ok()
+}
+
+/// `GET /demo/token`: `{"token": ...}`, a fresh token for whoever holds a valid demo token
+/// cookie; the page hands it to the client helper, which refreshes its socket in-band. (A real
+/// application gets fresh tokens from its identity provider; the demo signs its own.)
+fn fresh_token(req: &RequestParts, secret: &str, cookie: &str, claim: &str) -> Response<Body> {
+    let current = cookie_value(req, cookie).and_then(|token| {
+        let key = jsonwebtoken::DecodingKey::from_secret(secret.as_bytes());
+        let validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &key, &validation)
+            .ok()
+    });
+    let Some(username) = current
+        .as_ref()
+        .and_then(|data| data.claims.get(claim))
+        .and_then(|v| v.as_str())
+    else {
+        return plain_response(StatusCode::UNAUTHORIZED, "log in first\n");
+    };
+    let Some(token) = mint(secret, claim, username) else {
+        return plain_response(StatusCode::INTERNAL_SERVER_ERROR, "cannot sign\n");
+    };
+    let mut res = Response::new(Body::from(json!({ "token": token }).to_string()));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+/// The value of cookie `name` in the request.
+fn cookie_value<'r>(req: &'r RequestParts, name: &str) -> Option<&'r str> {
+    req.headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+}
+
 /// `GET /demo/login?username=NAME`: a one-hour demo token in the auth cookie.
 fn login(req: &RequestParts, secret: &str, cookie: &str, claim: &str) -> Response<Body> {
     let username = req
@@ -227,21 +289,8 @@ fn login(req: &RequestParts, secret: &str, cookie: &str, claim: &str) -> Respons
             "username: 1 to 32 letters, digits, '_', '.' or '-'\n",
         );
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut claims = serde_json::Map::new();
-    claims.insert(claim.to_string(), json!(username));
-    claims.insert("iat".into(), json!(now));
-    claims.insert("exp".into(), json!(now + 3600));
-    let token = match jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    ) {
-        Ok(t) => t,
-        Err(_) => return plain_response(StatusCode::INTERNAL_SERVER_ERROR, "cannot sign\n"),
+    let Some(token) = mint(secret, claim, username) else {
+        return plain_response(StatusCode::INTERNAL_SERVER_ERROR, "cannot sign\n");
     };
     let mut res = Response::new(Body::from(json!({"username": username}).to_string()));
     let set_cookie = format!("{cookie}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age=3600");

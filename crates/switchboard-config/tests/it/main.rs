@@ -399,3 +399,72 @@ fn dollar_dollar_brace_is_a_literal_and_keys_and_comments_are_not_expanded() {
     let err = bad("gateway:\n  socket:\n    path: /${oops\n").to_string();
     assert!(err.contains("unterminated `${`"), "{err}");
 }
+
+#[test]
+fn byte_bounds_gate_and_expiry_parse_with_defaults() {
+    let d = Config::from_yaml_str("gateway:\n  socket:\n    onconnect: {publish: c}\n").unwrap();
+    let (s, l) = (&d.gateway.socket, &d.gateway.limits);
+    assert_eq!((s.send_queue_bytes, l.buffer_budget), (1 << 20, 256 << 20));
+    assert_eq!(
+        (l.max_handshakes, l.max_handshakes_per_address),
+        (1024, 256)
+    );
+    assert_eq!(l.max_request_head, 32 << 10);
+    assert_eq!(
+        s.context_headers,
+        ["user-agent", "origin", "x-forwarded-for", "x-request-id"]
+    );
+    let onconnect = s.onconnect.as_ref().unwrap();
+    assert!(!onconnect.gate);
+    assert!(d.gateway.auth.close_on_expiry);
+    let c = Config::from_yaml_str(
+        r#"
+gateway:
+  socket:
+    send_queue_bytes: 64KiB
+    context_headers: [X-Tenant, user-agent, x-tenant]
+    onconnect: {publish: c, gate: true, gate_timeout: 2s}
+  limits:
+    buffer_budget: 1GiB
+    max_request_head: 8KiB
+    max_handshakes: 10
+    max_handshakes_per_address: 2
+  auth:
+    close_on_expiry: false
+"#,
+    )
+    .unwrap();
+    let (s, l) = (&c.gateway.socket, &c.gateway.limits);
+    assert_eq!((s.send_queue_bytes, l.buffer_budget), (64 << 10, 1 << 30));
+    assert_eq!(
+        s.context_headers,
+        ["x-tenant", "user-agent"],
+        "lower case, once each"
+    );
+    let onconnect = s.onconnect.as_ref().unwrap();
+    assert!(onconnect.gate);
+    assert_eq!(onconnect.gate_timeout, Duration::from_secs(2));
+    assert_eq!((l.max_handshakes, l.max_handshakes_per_address), (10, 2));
+    assert!(!c.gateway.auth.close_on_expiry);
+}
+
+#[test]
+fn reserved_names_and_zero_bounds_are_refused_with_their_line() {
+    let e = bad("gateway:\n  socket:\n    onmessage:\n      types:\n        - {type: $refresh, publish: t}\n");
+    assert!(e.to_string().contains("`$refresh` is reserved"), "{e}");
+    let e = bad("gateway:\n  socket:\n    context_headers: [jwt]\n");
+    assert!(
+        e.to_string().contains("reserved for the verified claims"),
+        "{e}"
+    );
+    assert_eq!(e.line(), Some(3));
+    let e = bad("gateway:\n  socket:\n    context_headers: [\"bad header\"]\n");
+    assert!(e.to_string().contains("is not a header name"), "{e}");
+    let e = bad("gateway:\n  socket: {}\n  limits:\n    max_handshakes: 0\n");
+    assert!(e.to_string().contains("at least 1"), "{e}");
+    assert_eq!(e.line(), Some(4));
+    let e = bad("gateway:\n  socket: {}\n  limits:\n    buffer_budget: 0\n");
+    assert!(e.to_string().contains("at least 1 byte"), "{e}");
+    let e = bad("gateway:\n  socket:\n    onclose: {publish: c, gate: true}\n");
+    assert!(e.to_string().contains("unknown field `gate`"), "{e}");
+}

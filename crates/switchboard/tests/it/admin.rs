@@ -229,8 +229,16 @@ async fn metrics_health_and_readiness_over_http() {
     assert_eq!(get(admin, "/healthz").await.0, 200);
     drop((sam, kim));
     shutdown.await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(tokio::net::TcpStream::connect(admin).await.is_err());
+    // The admin listener stops at the end of the shutdown.
+    let mut stopped = false;
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(admin).await.is_err() {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stopped, "the admin listener still accepts after shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

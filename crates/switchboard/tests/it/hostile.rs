@@ -382,5 +382,19 @@ async fn slow_consumer_among_a_thousand_is_closed_and_the_rest_get_everything() 
     assert_eq!(data["reason"]["kind"], "slow_consumer");
     assert_eq!(gw.stats().transport.slow_consumers, 1);
     assert_eq!(gw.sockets().count(), FAST);
+    // What the gateway holds follows from its bounds, not from the length of the stream: the
+    // slow socket's queue is capped at `send_queue` frames and `send_queue_bytes` (1 MiB),
+    // and once it is closed and the others have read everything, nothing stays buffered.
+    let t = gw.stats().transport;
+    assert!(t.buffered_bytes_peak <= t.buffer_budget, "{t:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gw.stats().transport.buffered_bytes > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            gw.stats().transport
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     drop(fast);
 }
