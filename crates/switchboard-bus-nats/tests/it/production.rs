@@ -96,6 +96,12 @@ async fn a_node_fails_over_to_another_cluster_member_without_dropping_sockets() 
     let broadcast = json!({"type": "everyone", "payload": 2});
     until_delivered(&publisher, "socket:broadcast", broadcast, &mut ws).await;
     assert_eq!(gw.running.sockets().count(), 1, "the socket never dropped");
+
+    // a node whose first listed server is down starts on another member
+    let mut urls = vec![format!("nats://127.0.0.1:{port}")];
+    urls.extend(others);
+    let late = NatsBus::connect(NatsOptions::cluster(urls)).await.unwrap();
+    assert!(late.connected_server().is_some_and(|s| s != on));
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
