@@ -13,11 +13,25 @@
 //!   is handled once per group however many handler processes run;
 //! - [`Bus::subscribe_every_node`] subscribes plainly: every node gets every `send` and
 //!   `broadcast` message and delivers to its own sockets only;
-//! - a message that can be answered carries a NATS reply subject on the node that holds the
-//!   socket; a handler answers `{"reply": ...}`, `{"fail": ...}` or `{}` (handled, nothing to
-//!   say). No answer within the reply timeout: the socket gets an error frame;
+//! - a message that can be answered carries a reply subject of this process,
+//!   `_SB_REPLY.<node name>.<random token>.<id>`: the name is a label, the token keeps
+//!   replicas that share a name apart. A handler answers `{"reply": ...}`, `{"fail": ...}`
+//!   or `{}` (handled, nothing to say). No answer within the reply timeout: the socket gets
+//!   an error frame;
 //! - while NATS is unreachable, publishing fails at once (the sender gets an error frame),
-//!   [`Bus::is_ready`] is false, and the client reconnects by itself.
+//!   [`Bus::is_ready`] is false, and the client reconnects by itself, to any member of a
+//!   cluster ([`NatsOptions::cluster`]).
+//!
+//! What anyone on the broker can make a node hold is bounded: the events waiting to be
+//! written ([`NatsOptions::outbox_messages`], [`NatsOptions::outbox_bytes`]) and those
+//! waiting for an answer ([`NatsOptions::max_pending_answers`]; each keeps only the way back
+//! to its socket, and leaves at its first answer: [`NatsBus::pending_answers`]). An answer
+//! to an unknown or answered id is ignored, a malformed one becomes an error frame, and a
+//! handler that panics, even before its first await, is answered as failed while its
+//! subscription goes on. [`Bus::flush`] (awaited at shutdown) waits until the server has
+//! every event published so far. Credentials ([`NatsAuth`]) and TLS ([`NatsTls`]) come
+//! from the options; which subjects each NATS user needs is in `docs/PROTOCOL.md`,
+//! "Securing NATS".
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
