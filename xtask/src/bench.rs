@@ -10,7 +10,8 @@
 //!
 //! `cross-node` runs Switchboard alone (the peers have no NATS): its own nats-server on a free
 //! port (started and stopped by PID), `bench-server --nats`, and a plain NATS client in
-//! `bench-client` publishing to `socket:send`.
+//! `bench-client` publishing to `socket:send`. `cross-cluster` is the same across a NATS
+//! cluster: two nats-servers routed to each other, the node on one, the publisher on the other.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -42,13 +43,14 @@ const USAGE: &str = "usage: cargo xtask bench [options]
 
   --smoke                  CI: every scenario ~2 s, small N, Switchboard only; fails on errors
   --servers LIST           switchboard,ws-node,uws-node (default: all three)
-  --scenarios LIST         echo,broadcast,send,idle,handshake,cross-node (default: all;
-                           cross-node runs Switchboard only and needs nats-server)
+  --scenarios LIST         echo,broadcast,send,idle,handshake,cross-node,cross-cluster
+                           (default: all; cross-node and cross-cluster run Switchboard only
+                           and need nats-server)
   --secs S                 measured seconds per run (default 10)
   --warmup S               warm-up seconds per run (default 2)
   --sockets N              echo: sockets (default 100)
-  --inflight N             echo, send, cross-node: messages in flight per socket (default 1)
-  --send-sockets N         send and cross-node: sockets, one user each (default 100)
+  --inflight N             echo, send, cross-*: messages in flight per socket (default 1)
+  --send-sockets N         send and cross-*: sockets, one user each (default 100)
   --subscribers N          broadcast: subscribers (default 10000)
   --broadcast-inflight N   broadcast: broadcasts in flight (default 1)
   --idle LIST              idle: socket counts (default 10000,50000)
@@ -103,6 +105,7 @@ enum Scenario {
     Idle,
     Handshake,
     CrossNode,
+    CrossCluster,
 }
 
 impl Scenario {
@@ -114,6 +117,7 @@ impl Scenario {
             "idle" => Ok(Scenario::Idle),
             "handshake" => Ok(Scenario::Handshake),
             "cross-node" => Ok(Scenario::CrossNode),
+            "cross-cluster" => Ok(Scenario::CrossCluster),
             other => Err(format!("unknown scenario `{other}`")),
         }
     }
@@ -141,6 +145,8 @@ struct Options {
     build: bool,
     /// The NATS server of a cross-node run (set while one runs, never from the command line).
     nats: Option<String>,
+    /// Where the cross-cluster publisher connects, and that server's monitoring port.
+    publisher_nats: Option<(String, u16)>,
 }
 
 impl Options {
@@ -159,6 +165,7 @@ impl Options {
                 Scenario::Idle,
                 Scenario::Handshake,
                 Scenario::CrossNode,
+                Scenario::CrossCluster,
             ],
             secs: if smoke { 2.0 } else { 10.0 },
             warmup: if smoke { 0.5 } else { 2.0 },
@@ -184,6 +191,7 @@ impl Options {
             profile: "release".into(),
             build: true,
             nats: None,
+            publisher_nats: None,
         }
     }
 
@@ -270,6 +278,7 @@ pub(crate) fn run(args: &[String]) -> Result {
         match scenario {
             Scenario::Idle => idle(&o, &mut report)?,
             Scenario::CrossNode => cross_node(&o, &mut report)?,
+            Scenario::CrossCluster => cross_cluster(&o, &mut report)?,
             _ => measured(&o, scenario, &mut report)?,
         }
     }
@@ -498,10 +507,14 @@ fn scenario_args(o: &Options, scenario: Scenario) -> Vec<String> {
             &o.handshake_concurrency.to_string(),
         ]),
         Scenario::Idle => s(&["idle"]),
-        Scenario::CrossNode => s(&[
+        Scenario::CrossNode | Scenario::CrossCluster => s(&[
             "cross-node",
             "--nats",
-            o.nats.as_deref().unwrap_or("nats://127.0.0.1:4222"),
+            match (&o.publisher_nats, &o.nats) {
+                (Some((url, _)), _) => url,
+                (None, Some(url)) => url,
+                (None, None) => "nats://127.0.0.1:4222",
+            },
             "--sockets",
             &o.send_sockets.to_string(),
             "--inflight",
@@ -576,6 +589,9 @@ fn measured(o: &Options, scenario: Scenario, report: &mut Report) -> Result {
         let result = Running::start(o, server).and_then(|running| {
             // Let the server settle (JIT warm-up is part of the measured warm-up).
             std::thread::sleep(Duration::from_millis(300));
+            if let Some((_, monitor)) = &o.publisher_nats {
+                wait_for_route_interest(*monitor, "socket:send")?;
+            }
             run_client(o, &running, scenario)
         });
         match &result {
@@ -616,13 +632,18 @@ struct NatsServer {
 
 impl NatsServer {
     fn start() -> Result<NatsServer> {
-        let port = free_port()?;
+        Self::start_with(free_port()?, &[])
+    }
+
+    /// A server on `port` with `args` besides its address.
+    fn start_with(port: u16, args: &[&str]) -> Result<NatsServer> {
         let program = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .unwrap_or("nats-server");
         let child = Command::new(program)
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -667,6 +688,88 @@ fn cross_node(o: &Options, report: &mut Report) -> Result {
     let result = measured(&o, Scenario::CrossNode, report);
     drop(nats);
     result
+}
+
+/// Two nats-servers routed to each other: (the publisher's, its monitoring port), the node's.
+fn nats_pair() -> Result<((NatsServer, u16), NatsServer)> {
+    let (route, monitor) = (free_port()?, free_port()?);
+    let cluster = format!("nats://127.0.0.1:{route}");
+    let monitor_arg = monitor.to_string();
+    let first = NatsServer::start_with(
+        free_port()?,
+        &[
+            "--cluster_name",
+            "sb",
+            "--cluster",
+            &cluster,
+            "-m",
+            &monitor_arg,
+        ],
+    )?;
+    let second = NatsServer::start_with(
+        free_port()?,
+        &[
+            "--cluster_name",
+            "sb",
+            "--cluster",
+            &format!("nats://127.0.0.1:{}", free_port()?),
+            "--routes",
+            &cluster,
+        ],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !http_get(monitor, "/routez").is_some_and(|r| r.contains("\"num_routes\": 1")) {
+        if Instant::now() > deadline {
+            return Err("the two nats-servers did not form a cluster within 15 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(((first, monitor), second))
+}
+
+/// Scenario 7: `cross-node` across a NATS cluster: the node on one server, the publisher on
+/// the other, every message over the route between them.
+fn cross_cluster(o: &Options, report: &mut Report) -> Result {
+    let ((publisher_side, monitor), node_side) = match nats_pair() {
+        Ok(pair) => pair,
+        Err(e) => {
+            println!("bench: cross-cluster: {e}");
+            report.failures.push(format!("CrossCluster: {e}"));
+            return Ok(());
+        }
+    };
+    let mut o = o.clone();
+    o.servers = vec![Server::Switchboard];
+    o.nats = Some(node_side.url.clone());
+    o.publisher_nats = Some((publisher_side.url.clone(), monitor));
+    let result = measured(&o, Scenario::CrossCluster, report);
+    drop((publisher_side, node_side));
+    result
+}
+
+/// Waits until the server with monitoring port `monitor` knows, over a route, that someone
+/// subscribes to `subject`: until then a message published there is dropped.
+fn wait_for_route_interest(monitor: u16, subject: &str) -> Result {
+    let quoted = format!("\"{subject}\"");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !http_get(monitor, "/routez?subs=1").is_some_and(|r| r.contains(&quoted)) {
+        if Instant::now() > deadline {
+            return Err(format!("no route interest in {subject} within 15 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The body of `GET path` on 127.0.0.1:`port`.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text.split_once("\r\n\r\n")?.1.to_string())
 }
 
 fn fmt_figures(f: &Figures) -> String {
@@ -979,6 +1082,15 @@ impl Report {
                 ),
                 "messages/s",
             ),
+            Scenario::CrossCluster => (
+                format!(
+                    "cross-cluster send through NATS: as cross-node, with the publisher on one \
+                     nats-server and the node on another, routed to each other ({} sockets, {} \
+                     in flight each)",
+                    o.send_sockets, o.inflight
+                ),
+                "messages/s",
+            ),
             Scenario::Idle => unreachable!("idle has its own table"),
         };
         self.line(format!("\n## {title}\n"));
@@ -1207,6 +1319,8 @@ mod tests {
         let o = Options::parse(&["--scenarios", "send,cross-node"].map(String::from)).unwrap();
         assert_eq!(o.scenarios, [Scenario::Send, Scenario::CrossNode]);
         assert_eq!(scenario_args(&o, Scenario::CrossNode)[0], "cross-node");
+        let o = Options::parse(&["--scenarios", "cross-cluster"].map(String::from)).unwrap();
+        assert_eq!(o.scenarios, [Scenario::CrossCluster]);
         assert!(Options::parse(&["--secs"].map(String::from)).is_err());
     }
 

@@ -13,11 +13,25 @@
 //!   is handled once per group however many handler processes run;
 //! - [`Bus::subscribe_every_node`] subscribes plainly: every node gets every `send` and
 //!   `broadcast` message and delivers to its own sockets only;
-//! - a message that can be answered carries a NATS reply subject on the node that holds the
-//!   socket; a handler answers `{"reply": ...}`, `{"fail": ...}` or `{}` (handled, nothing to
-//!   say). No answer within the reply timeout: the socket gets an error frame;
+//! - a message that can be answered carries a reply subject of this process,
+//!   `_SB_REPLY.<node name>.<random token>.<id>`: the name is a label, the token keeps
+//!   replicas that share a name apart. A handler answers `{"reply": ...}`, `{"fail": ...}`
+//!   or `{}` (handled, nothing to say). No answer within the reply timeout: the socket gets
+//!   an error frame;
 //! - while NATS is unreachable, publishing fails at once (the sender gets an error frame),
-//!   [`Bus::is_ready`] is false, and the client reconnects by itself.
+//!   [`Bus::is_ready`] is false, and the client reconnects by itself, to any member of a
+//!   cluster ([`NatsOptions::cluster`]).
+//!
+//! What anyone on the broker can make a node hold is bounded: the events waiting to be
+//! written ([`NatsOptions::outbox_messages`], [`NatsOptions::outbox_bytes`]) and those
+//! waiting for an answer ([`NatsOptions::max_pending_answers`]; each keeps only the way back
+//! to its socket, and leaves at its first answer: [`NatsBus::pending_answers`]). An answer
+//! to an unknown or answered id is ignored, a malformed one becomes an error frame, and a
+//! handler that panics, even before its first await, is answered as failed while its
+//! subscription goes on. [`Bus::flush`] (awaited at shutdown) waits until the server has
+//! every event published so far. Credentials ([`NatsAuth`]) and TLS ([`NatsTls`]) come
+//! from the options; which subjects each NATS user needs is in `docs/PROTOCOL.md`,
+//! "Securing NATS".
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -32,14 +46,11 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, Weak};
 
 use async_nats::connection::State;
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -47,43 +58,25 @@ use serde_json::{json, Value};
 use switchboard_bus::{
     Bus, Context, Handler, Message, PublishError, PublishFailure, Reply, ReplyTo, SubscribeError,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
+
+mod answers;
+mod options;
+mod outbox;
+
+pub use answers::PendingAnswers;
+pub use options::{check_node_name, NatsAuth, NatsOptions, NatsTls, DEFAULT_GROUP};
+
+use answers::{lock, Answers};
+use outbox::{Outbox, Outgoing};
 
 /// Header that marks a Switchboard envelope. A body without it is taken as bare `data`
 /// (what a plain NATS client publishing to the `send` topic would send).
 pub const ENVELOPE_HEADER: &str = "Switchboard-Envelope";
-/// Prefix of the reply subjects: `_SB_REPLY.<node>.<id>`.
+/// First token of the reply subjects: `_SB_REPLY.<node name>.<process token>.<id>`.
 pub const REPLY_PREFIX: &str = "_SB_REPLY";
-/// Default queue group of handlers.
-pub const DEFAULT_GROUP: &str = "switchboard-handlers";
-/// Messages waiting to be written to NATS before publishing fails as backpressure.
-const OUTBOX: usize = 65_536;
-
-/// How to reach NATS and how to behave there.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct NatsOptions {
-    /// Server URL(s), e.g. `nats://127.0.0.1:4222`.
-    pub url: String,
-    /// This node's name (NATS connection name and reply subjects). Default: a fresh id.
-    pub node_name: Option<String>,
-    /// How long a message that can be answered waits for an answer. Default 10 s.
-    pub reply_timeout: Duration,
-    /// Queue group of [`Bus::subscribe`]rs. Default [`DEFAULT_GROUP`].
-    pub group: String,
-}
-
-impl NatsOptions {
-    /// Options with defaults for `url`.
-    pub fn new(url: impl Into<String>) -> Self {
-        NatsOptions {
-            url: url.into(),
-            node_name: None,
-            reply_timeout: Duration::from_secs(10),
-            group: DEFAULT_GROUP.into(),
-        }
-    }
-}
+/// The node name when none is configured.
+pub const DEFAULT_NODE_NAME: &str = "switchboard";
 
 /// Why the NATS bus could not start.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +85,7 @@ pub enum NatsError {
     /// The first connection failed.
     #[error("cannot connect to NATS at {url}: {reason}")]
     Connect {
-        /// The URL tried.
+        /// The URL(s) tried.
         url: String,
         /// What went wrong.
         reason: String,
@@ -103,6 +96,14 @@ pub enum NatsError {
         /// The topic.
         topic: String,
         /// What went wrong.
+        reason: String,
+    },
+    /// An option is unusable (a node name with wildcards, an unreadable file, a bad seed).
+    #[error("invalid NATS option `{option}`: {reason}")]
+    Option {
+        /// The option, as the config names it.
+        option: &'static str,
+        /// What is wrong with it.
         reason: String,
     },
 }
@@ -125,34 +126,15 @@ struct Answer {
     fail: Option<Value>,
 }
 
-struct Outgoing {
-    subject: String,
-    reply: Option<String>,
-    payload: Bytes,
-    envelope: bool,
-}
-
-/// A message published here that waits for its answer.
-struct Pending {
-    message: Message,
-    answered: AtomicBool,
-}
-
-#[derive(Default)]
-struct Waiting {
-    by_id: HashMap<u64, Arc<Pending>>,
-    /// Ids in publish order; all share one timeout, so deadlines are in order too.
-    deadlines: VecDeque<(tokio::time::Instant, u64)>,
-}
-
 /// The NATS bus. See the crate docs.
 pub struct NatsBus {
     client: async_nats::Client,
     node: String,
+    /// `_SB_REPLY.<node>.<process token>`: this process's reply subjects, whatever the name.
+    reply_prefix: String,
     options: NatsOptions,
-    outbox: mpsc::Sender<Outgoing>,
-    waiting: Arc<Mutex<Waiting>>,
-    next_id: AtomicU64,
+    outbox: Outbox,
+    answers: Arc<Answers>,
     subscribing: Mutex<Vec<oneshot::Receiver<Result<(), NatsError>>>>,
 }
 
@@ -160,7 +142,8 @@ impl fmt::Debug for NatsBus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsBus")
             .field("node", &self.node)
-            .field("url", &self.options.url)
+            .field("reply_prefix", &self.reply_prefix)
+            .field("servers", &self.options.servers)
             .field("ready", &self.is_ready())
             .finish()
     }
@@ -168,56 +151,76 @@ impl fmt::Debug for NatsBus {
 
 impl NatsBus {
     /// Connects (retrying until the first connection succeeds is *not* done: a gateway
-    /// should fail fast at start) and starts the reply listener and the publisher.
+    /// should fail fast at start) and starts the answer listener and the publisher.
     pub async fn connect(options: NatsOptions) -> Result<Self, NatsError> {
-        let node = options.node_name.clone().unwrap_or_else(|| {
-            format!(
-                "sb-{:x}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(0)
-                    ^ u64::from(std::process::id())
-            )
-        });
-        let client = async_nats::ConnectOptions::new()
-            .name(&node)
-            .max_reconnects(None)
-            .event_callback(|event| async move {
-                tracing::info!(%event, "nats");
-            })
-            .connect(options.url.as_str())
-            .await
-            .map_err(|e| NatsError::Connect {
-                url: options.url.clone(),
-                reason: e.to_string(),
-            })?;
-        let waiting = Arc::new(Mutex::new(Waiting::default()));
+        let node = options
+            .node_name
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NODE_NAME.into());
+        check_node_name(&node).map_err(|reason| NatsError::Option {
+            option: "node_name",
+            reason,
+        })?;
+        let client = connect_client(&options, &node).await?;
+        // The name is a label; this token makes the reply subjects this process's alone.
+        let token = process_token(&client);
+        let reply_prefix = format!("{REPLY_PREFIX}.{node}.{token}");
+        let answers = Arc::new(Answers::new(
+            options.reply_timeout,
+            options.max_pending_answers,
+        ));
         let replies = client
-            .subscribe(format!("{REPLY_PREFIX}.{node}.*"))
+            .subscribe(format!("{reply_prefix}.*"))
             .await
             .map_err(|e| NatsError::Subscribe {
-                topic: format!("{REPLY_PREFIX}.{node}.*"),
+                topic: format!("{reply_prefix}.*"),
                 reason: e.to_string(),
             })?;
-        tokio::spawn(listen_for_answers(replies, waiting.clone()));
-        tokio::spawn(expire_unanswered(waiting.clone(), options.reply_timeout));
-        let (outbox, outgoing) = mpsc::channel(OUTBOX);
-        tokio::spawn(publish_in_order(client.clone(), outgoing));
+        tokio::spawn(listen_for_answers(replies, answers.clone()));
+        tokio::spawn(expire_unanswered(Arc::downgrade(&answers)));
+        let outbox = Outbox::start(
+            client.clone(),
+            options.outbox_messages,
+            options.outbox_bytes,
+        );
         Ok(NatsBus {
             client,
             node,
+            reply_prefix,
             options,
             outbox,
-            waiting,
-            next_id: AtomicU64::new(1),
+            answers,
             subscribing: Mutex::new(Vec::new()),
         })
     }
 
-    /// This node's name.
+    /// This node's name (a label: the connection name and a token of its reply subjects).
     pub fn node_name(&self) -> &str {
         &self.node
+    }
+
+    /// This process's reply subjects are `<reply_prefix>.<id>`.
+    pub fn reply_prefix(&self) -> &str {
+        &self.reply_prefix
+    }
+
+    /// Events published here that still wait for an answer. An answered event leaves at once.
+    pub fn pending_answers(&self) -> PendingAnswers {
+        self.answers.counts()
+    }
+
+    /// Messages and bytes waiting to be handed to the NATS client.
+    pub fn outbox(&self) -> (usize, usize) {
+        self.outbox.queued()
+    }
+
+    /// `host:port` of the server this node is connected to, as that server announces it.
+    pub fn connected_server(&self) -> Option<String> {
+        if !self.is_ready() {
+            return None;
+        }
+        let info = self.client.server_info();
+        Some(format!("{}:{}", info.host, info.port))
     }
 
     /// Waits until every subscription made so far is active on the server. Call it after
@@ -233,6 +236,28 @@ impl NatsBus {
             topic: "(flush)".into(),
             reason: e.to_string(),
         })
+    }
+
+    /// Waits until every message published before the call has reached the NATS server: a
+    /// probe queued behind them comes back to this node. Unbounded while NATS is away; bound
+    /// it with a timeout.
+    pub async fn flush_published(&self) {
+        let probe = format!(
+            "{}.flush.{}",
+            self.reply_prefix,
+            process_token(&self.client)
+        );
+        let Ok(mut echo) = self.client.subscribe(probe.clone()).await else {
+            return;
+        };
+        let queued = self.outbox.send(Outgoing {
+            subject: probe,
+            reply: None,
+            payload: Bytes::new(),
+        });
+        if queued.await.is_ok() {
+            echo.next().await;
+        }
     }
 
     fn start_subscription(&self, topic: &str, group: Option<String>, handler: Arc<dyn Handler>) {
@@ -264,10 +289,53 @@ impl NatsBus {
             }
         });
     }
+
+    fn envelope(msg: &Message) -> Result<Bytes, PublishFailure> {
+        let envelope = Envelope {
+            topic: msg.topic().to_string(),
+            data: msg.data().clone(),
+            context: msg.context().clone(),
+        };
+        serde_json::to_vec(&envelope)
+            .map(Bytes::from)
+            .map_err(|e| PublishFailure::Serialize(e.to_string()))
+    }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+async fn connect_client(
+    options: &NatsOptions,
+    node: &str,
+) -> Result<async_nats::Client, NatsError> {
+    let servers = options.servers.join(", ");
+    let addrs = options
+        .servers
+        .iter()
+        .map(|s| s.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| NatsError::Option {
+            option: "url",
+            reason: format!("{servers}: {e}"),
+        })?;
+    if addrs.is_empty() {
+        return Err(NatsError::Option {
+            option: "url",
+            reason: "no server URL".into(),
+        });
+    }
+    options::connect_options(options, node)
+        .await?
+        .connect(addrs)
+        .await
+        .map_err(|e| NatsError::Connect {
+            url: servers,
+            reason: e.to_string(),
+        })
+}
+
+/// A random token (a NUID: 22 characters of `[0-9A-Za-z]`), fresh on every call.
+fn process_token(client: &async_nats::Client) -> String {
+    let inbox = client.new_inbox();
+    inbox.rsplit('.').next().unwrap_or(&inbox).to_string()
 }
 
 /// A NATS subject must be non-empty, without whitespace, and without empty tokens; topics
@@ -301,43 +369,31 @@ impl Bus for NatsBus {
                 PublishFailure::Unavailable("not connected to NATS".into()),
             );
         }
-        let envelope = Envelope {
-            topic: msg.topic().to_string(),
-            data: msg.data().clone(),
-            context: msg.context().clone(),
+        let payload = match Self::envelope(&msg) {
+            Ok(p) => p,
+            Err(e) => return fail(msg, e),
         };
-        let payload = match serde_json::to_vec(&envelope) {
-            Ok(p) => Bytes::from(p),
-            Err(e) => return fail(msg, PublishFailure::Serialize(e.to_string())),
+        let id = if msg.can_reply() {
+            match self.answers.register(&msg, payload.len()) {
+                Some(id) => Some(id),
+                None => {
+                    let reason = "too many events waiting for an answer".into();
+                    return fail(msg, PublishFailure::Unavailable(reason));
+                }
+            }
+        } else {
+            None
         };
-        let reply = msg.can_reply().then(|| {
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let mut waiting = lock(&self.waiting);
-            let deadline = tokio::time::Instant::now() + self.options.reply_timeout;
-            waiting.by_id.insert(
-                id,
-                Arc::new(Pending {
-                    message: msg.clone(),
-                    answered: AtomicBool::new(false),
-                }),
-            );
-            waiting.deadlines.push_back((deadline, id));
-            (id, format!("{REPLY_PREFIX}.{}.{id}", self.node))
-        });
         let outgoing = Outgoing {
             subject: msg.topic().to_string(),
-            reply: reply.as_ref().map(|(_, s)| s.clone()),
+            reply: id.map(|id| format!("{}.{id}", self.reply_prefix)),
             payload,
-            envelope: true,
         };
-        if self.outbox.try_send(outgoing).is_err() {
-            if let Some((id, _)) = reply {
-                lock(&self.waiting).by_id.remove(&id);
+        if let Err(refused) = self.outbox.try_send(outgoing) {
+            if let Some(id) = id {
+                self.answers.take(id);
             }
-            return fail(
-                msg,
-                PublishFailure::Unavailable("too many messages waiting for NATS".into()),
-            );
+            return fail(msg, PublishFailure::Unavailable(refused.reason().into()));
         }
         Ok(())
     }
@@ -367,40 +423,16 @@ impl Bus for NatsBus {
     fn is_ready(&self) -> bool {
         self.client.connection_state() == State::Connected
     }
-}
 
-/// Writes messages to NATS in the order they were published.
-async fn publish_in_order(client: async_nats::Client, mut outgoing: mpsc::Receiver<Outgoing>) {
-    while let Some(out) = outgoing.recv().await {
-        let mut headers = HeaderMap::new();
-        if out.envelope {
-            headers.insert(ENVELOPE_HEADER, "1");
-        }
-        let sent = match out.reply {
-            Some(reply) => {
-                client
-                    .publish_with_reply_and_headers(
-                        out.subject.clone(),
-                        reply,
-                        headers,
-                        out.payload,
-                    )
-                    .await
-            }
-            None => {
-                client
-                    .publish_with_headers(out.subject.clone(), headers, out.payload)
-                    .await
-            }
-        };
-        if let Err(e) = sent {
-            tracing::warn!(subject = %out.subject, error = %e, "nats publish failed");
-        }
+    fn flush(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.flush_published())
     }
 }
 
-/// Answers arriving for messages this node published.
-async fn listen_for_answers(mut replies: async_nats::Subscriber, waiting: Arc<Mutex<Waiting>>) {
+/// Answers arriving on this process's reply subjects. Whoever may publish there (any
+/// handler) can send anything: an unknown or already answered id is ignored, a body that is
+/// not an answer becomes an error frame, and each event is answered at most once.
+async fn listen_for_answers(mut replies: async_nats::Subscriber, answers: Arc<Answers>) {
     while let Some(answer) = replies.next().await {
         let Some(id) = answer
             .subject
@@ -410,60 +442,56 @@ async fn listen_for_answers(mut replies: async_nats::Subscriber, waiting: Arc<Mu
         else {
             continue;
         };
+        let Some(way_back) = answers.take(id) else {
+            continue; // unknown, answered already, or too late: the timeout answered
+        };
         if answer.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
             // Nobody subscribes to the topic: as on the in-process bus, nothing happens.
-            lock(&waiting).by_id.remove(&id);
             continue;
         }
-        let Some(pending) = lock(&waiting).by_id.get(&id).cloned() else {
-            continue; // too late: the timeout already answered
-        };
-        let parsed: Answer = match serde_json::from_slice(&answer.payload) {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "malformed answer on {}", answer.subject);
-                Answer {
-                    fail: Some(json!({"message": "malformed answer from a handler"})),
-                    ..Answer::default()
-                }
-            }
-        };
-        pending.answered.store(true, Ordering::Release);
-        if let Some(fail) = parsed.fail {
-            pending.message.deliver(Reply::Fail(fail));
-        } else if let Some(reply) = parsed.reply {
-            pending.message.deliver(Reply::Ok(reply));
-        }
+        deliver_answer(&way_back, &answer.subject, &answer.payload);
     }
 }
 
-/// Drops answered messages after the timeout, and fails the unanswered ones.
-async fn expire_unanswered(waiting: Arc<Mutex<Waiting>>, timeout: Duration) {
-    let tick = (timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
+fn deliver_answer(way_back: &Message, subject: &str, body: &[u8]) {
+    let parsed: Answer = match serde_json::from_slice(body) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "malformed answer on {subject}");
+            Answer {
+                fail: Some(json!({"message": "malformed answer from a handler"})),
+                ..Answer::default()
+            }
+        }
+    };
+    if let Some(fail) = parsed.fail {
+        way_back.deliver(Reply::Fail(fail));
+    } else if let Some(reply) = parsed.reply {
+        way_back.deliver(Reply::Ok(reply));
+    }
+}
+
+/// Fails the events nobody answered in time; stops when the bus is gone.
+async fn expire_unanswered(answers: Weak<Answers>) {
+    let Some(timeout) = answers.upgrade().map(|a| a.timeout()) else {
+        return;
+    };
+    let tick = (timeout / 10).clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_millis(250),
+    );
     let mut interval = tokio::time::interval(tick);
     loop {
         interval.tick().await;
-        let now = tokio::time::Instant::now();
-        let expired: Vec<Arc<Pending>> = {
-            let mut w = lock(&waiting);
-            let mut out = Vec::new();
-            while w.deadlines.front().is_some_and(|(d, _)| *d <= now) {
-                if let Some((_, id)) = w.deadlines.pop_front() {
-                    if let Some(p) = w.by_id.remove(&id) {
-                        out.push(p);
-                    }
-                }
-            }
-            out
+        let Some(answers) = answers.upgrade() else {
+            return;
         };
-        for p in expired {
-            if !p.answered.load(Ordering::Acquire) {
-                let topic = p.message.topic().to_string();
-                p.message.deliver(Reply::Fail(json!({
-                    "message": format!("no handler answered within {timeout:?}"),
-                    "topic": topic,
-                })));
-            }
+        for way_back in answers.expire(tokio::time::Instant::now()) {
+            let topic = way_back.topic().to_string();
+            way_back.deliver(Reply::Fail(json!({
+                "message": format!("no handler answered within {timeout:?}"),
+                "topic": topic,
+            })));
         }
     }
 }
@@ -472,12 +500,15 @@ async fn expire_unanswered(waiting: Arc<Mutex<Waiting>>, timeout: Duration) {
 struct NatsAnswer {
     client: async_nats::Client,
     subject: String,
-    answered: AtomicBool,
+    answered: std::sync::atomic::AtomicBool,
 }
 
 impl NatsAnswer {
     fn send(&self, answer: &Answer) {
-        self.answered.store(true, Ordering::Release);
+        use std::sync::atomic::Ordering;
+        if self.answered.swap(true, Ordering::AcqRel) {
+            return; // one answer per event, as the other side expects
+        }
         let client = self.client.clone();
         let subject = self.subject.clone();
         let body = Bytes::from(serde_json::to_vec(answer).unwrap_or_default());
@@ -486,6 +517,10 @@ impl NatsAnswer {
                 tracing::warn!(error = %e, "cannot send an answer");
             }
         });
+    }
+
+    fn answered(&self) -> bool {
+        self.answered.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -509,50 +544,65 @@ impl ReplyTo for NatsAnswer {
     }
 }
 
+/// The `data` and `context` of a NATS message: an envelope, or a bare JSON body.
+fn decode(topic: &str, incoming: &async_nats::Message) -> Option<(Value, Context)> {
+    let is_envelope = incoming
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(ENVELOPE_HEADER))
+        .is_some();
+    if is_envelope {
+        match serde_json::from_slice::<Envelope>(&incoming.payload) {
+            Ok(e) => Some((e.data, e.context)),
+            Err(e) => {
+                tracing::warn!(%topic, error = %e, "malformed envelope dropped");
+                None
+            }
+        }
+    } else {
+        match serde_json::from_slice::<Value>(&incoming.payload) {
+            Ok(v) => Some((v, Context::default())),
+            Err(e) => {
+                tracing::warn!(%topic, error = %e, "message is not JSON; dropped");
+                None
+            }
+        }
+    }
+}
+
 /// Turns a NATS message into a bus [`Message`] and runs the local handler on it. If the
-/// handler finishes without answering, an empty answer tells the sender it was handled.
+/// handler finishes without answering, an empty answer tells the sender it was handled. A
+/// panic, even in the handler's synchronous part, is answered as a failure and leaves the
+/// subscription running.
 fn handle_incoming(
     client: &async_nats::Client,
     topic: &str,
     handler: &dyn Handler,
     incoming: async_nats::Message,
 ) {
-    let is_envelope = incoming
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(ENVELOPE_HEADER))
-        .is_some();
-    let (data, context) = if is_envelope {
-        match serde_json::from_slice::<Envelope>(&incoming.payload) {
-            Ok(e) => (e.data, e.context),
-            Err(e) => {
-                tracing::warn!(%topic, error = %e, "malformed envelope dropped");
-                return;
-            }
-        }
-    } else {
-        match serde_json::from_slice::<Value>(&incoming.payload) {
-            Ok(v) => (v, Context::default()),
-            Err(e) => {
-                tracing::warn!(%topic, error = %e, "message is not JSON; dropped");
-                return;
-            }
-        }
+    let Some((data, context)) = decode(topic, &incoming) else {
+        return;
     };
     let mut message = Message::new(topic, data).with_context(Arc::new(context));
     let answer = incoming.reply.map(|subject| {
         Arc::new(NatsAnswer {
             client: client.clone(),
             subject: subject.to_string(),
-            answered: AtomicBool::new(false),
+            answered: false.into(),
         })
     });
     if let Some(a) = &answer {
         message = message.with_reply_to(a.clone());
     }
-    let fut = handler.call(message);
+    let Ok(fut) = std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(message))) else {
+        tracing::error!(%topic, "handler panicked");
+        if let Some(a) = answer {
+            a.deliver("", Reply::HandlerFailed);
+        }
+        return;
+    };
     tokio::spawn(async move {
-        let outcome = std::panic::AssertUnwindSafe(fut).catch_unwind().await;
+        let outcome = AssertUnwindSafe(fut).catch_unwind().await;
         let failed = !matches!(outcome, Ok(Ok(())));
         if failed {
             tracing::error!("handler failed");
@@ -560,7 +610,7 @@ fn handle_incoming(
         if let Some(a) = answer {
             if failed {
                 a.deliver("", Reply::HandlerFailed);
-            } else if !a.answered.load(Ordering::Acquire) {
+            } else if !a.answered() {
                 a.send(&Answer::default());
             }
         }

@@ -336,6 +336,14 @@ pub trait Bus: Send + Sync + 'static {
     fn is_ready(&self) -> bool {
         true
     }
+
+    /// Resolves once every message published before the call has left this process (a
+    /// broker bus: reached the broker). Shutdown awaits it, bounded by the drain time, so the
+    /// last events (`onclose`) are not lost with the process. The in-process bus has nothing
+    /// to flush.
+    fn flush(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Publishes messages from anywhere: the spec's `producer.send(topic, data)`.

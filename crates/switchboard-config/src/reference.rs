@@ -612,10 +612,12 @@ const SECTIONS: &[Section] = &[
             ),
             key(
                 "gateway.bus.nats.url",
-                "string",
+                "string or list",
                 "required in `nats`",
                 Ext,
-                "Server URL, e.g. `nats://127.0.0.1:4222`.",
+                "Server URL (`nats://host:4222`, `tls://host:4222`), or a list of the members of \
+                 a cluster: the node connects to one and, when it goes away, to another (also to \
+                 members the cluster announces), keeping its sockets open.",
                 Some("nats://127.0.0.1:4222"),
             ),
             key(
@@ -630,11 +632,118 @@ const SECTIONS: &[Section] = &[
             key(
                 "gateway.bus.nats.node_name",
                 "string",
-                "generated",
+                "`switchboard`",
                 Ext,
-                "This node's name in NATS (connection name, reply subjects). Must be unique \
-                 among the nodes.",
+                "A label for humans and permissions: the NATS connection name and a token of the \
+                 node's reply subjects (`_SB_REPLY.<node_name>.<token>.<id>`). Each process adds \
+                 a random token, so replicas started from one config never get each other's \
+                 answers. `.`-separated non-empty tokens without whitespace, `*` or `>`.",
                 Some("gw-1"),
+            ),
+            key(
+                "gateway.bus.nats.auth",
+                "map",
+                "absent",
+                Ext,
+                "How the node authenticates: exactly one of `user` with `password`, `token`, \
+                 `nkey_seed`, `creds_file`. Put secrets in the environment: \
+                 `password: \"${NATS_PASSWORD}\"`. Which subjects each NATS user needs: \
+                 [PROTOCOL.md](PROTOCOL.md#securing-nats).",
+                None,
+            ),
+            key(
+                "gateway.bus.nats.auth.user",
+                "string",
+                "absent",
+                Ext,
+                "User name (`authorization.users` of the server), with `password`.",
+                Some("gw-1"),
+            ),
+            key(
+                "gateway.bus.nats.auth.password",
+                "string",
+                "absent",
+                Ext,
+                "The user's password, with `user`.",
+                Some("\"s3cret\""),
+            ),
+            key(
+                "gateway.bus.nats.auth.token",
+                "string",
+                "absent",
+                Ext,
+                "A token (`authorization.token` of the server).",
+                Some("\"t0ken\""),
+            ),
+            key(
+                "gateway.bus.nats.auth.nkey_seed",
+                "string",
+                "absent",
+                Ext,
+                "An NKey user seed (`SU...`); the server lists its public key (`U...`).",
+                Some("SUAMLK2ZNL35WSMW37E7UD4VZ7ELPKW7DHC3BWBSD2GCZ7IUQQXZIORRBU"),
+            ),
+            key(
+                "gateway.bus.nats.auth.creds_file",
+                "path",
+                "absent",
+                Ext,
+                "A `.creds` file (user JWT and seed) for decentralized auth (operator mode).",
+                Some("/etc/switchboard/gw-1.creds"),
+            ),
+            key(
+                "gateway.bus.nats.tls",
+                "map",
+                "absent",
+                Ext,
+                "TLS to the servers. Present (even empty), TLS is required; `tls://` URLs ask for \
+                 it too. The system's CAs are trusted, and `ca_file`'s.",
+                None,
+            ),
+            key(
+                "gateway.bus.nats.tls.ca_file",
+                "path",
+                "absent",
+                Ext,
+                "PEM file of CA certificates to trust (a private CA).",
+                Some("/etc/switchboard/nats-ca.pem"),
+            ),
+            key(
+                "gateway.bus.nats.tls.cert_file",
+                "path",
+                "absent",
+                Ext,
+                "PEM client certificate, with `key_file`, for servers that verify clients \
+                 (`verify: true`).",
+                Some("/etc/switchboard/gw-1.pem"),
+            ),
+            key(
+                "gateway.bus.nats.tls.key_file",
+                "path",
+                "absent",
+                Ext,
+                "PEM private key of `cert_file`.",
+                Some("/etc/switchboard/gw-1-key.pem"),
+            ),
+            key(
+                "gateway.bus.nats.outbox_bytes",
+                "size",
+                "`64MiB`",
+                Ext,
+                "Most bytes of events waiting to be written to NATS (e.g. while it is slow); over \
+                 it, a socket's event is refused with an error frame instead of queued. At most \
+                 65,536 events wait either way.",
+                Some("16MiB"),
+            ),
+            key(
+                "gateway.bus.nats.max_pending_answers",
+                "integer",
+                "`262144`",
+                Ext,
+                "Most events waiting for a handler's answer at once (each keeps the way back to \
+                 its socket until the answer or `reply_timeout`); over it, answerable events are \
+                 refused with an error frame.",
+                Some("10000"),
             ),
         ],
     },
@@ -715,10 +824,11 @@ mod tests {
                 continue;
             };
             let mut doc = base();
-            // required siblings (and the list entry's fields) need values too
-            let parent = k.path.rsplit_once('.').unwrap().0;
+            // required siblings, and those of each enclosing section (and the list entry's
+            // fields), need values too
             for sibling in all_keys() {
-                if sibling.path.rsplit_once('.').unwrap().0 == parent
+                let sibling_parent = sibling.path.rsplit_once('.').unwrap().0;
+                if k.path.starts_with(&format!("{sibling_parent}."))
                     && sibling.default.contains("required")
                 {
                     if let Some(e) = sibling.example {
@@ -728,6 +838,33 @@ mod tests {
             }
             if k.path == "gateway.auth.public_key_file" {
                 nested("gateway.auth.algorithm", "RS256".into(), &mut doc);
+            }
+            // keys that only go in pairs
+            for (key, partner, value) in [
+                (
+                    "gateway.bus.nats.auth.password",
+                    "gateway.bus.nats.auth.user",
+                    "gw",
+                ),
+                (
+                    "gateway.bus.nats.auth.user",
+                    "gateway.bus.nats.auth.password",
+                    "pw",
+                ),
+                (
+                    "gateway.bus.nats.tls.cert_file",
+                    "gateway.bus.nats.tls.key_file",
+                    "/k",
+                ),
+                (
+                    "gateway.bus.nats.tls.key_file",
+                    "gateway.bus.nats.tls.cert_file",
+                    "/c",
+                ),
+            ] {
+                if k.path == key {
+                    nested(partner, value.into(), &mut doc);
+                }
             }
             nested(k.path, serde_yaml::from_str(example).unwrap(), &mut doc);
             if let Err(e) = parse(&doc) {

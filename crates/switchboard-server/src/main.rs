@@ -248,11 +248,33 @@ async fn serve(
 
 async fn connect_nats(
     config: &switchboard::config::NatsConfig,
-) -> Result<switchboard_bus_nats::NatsBus, switchboard_bus_nats::NatsError> {
-    let mut options = switchboard_bus_nats::NatsOptions::new(config.url.clone());
+) -> Result<switchboard_bus_nats::NatsBus, Box<dyn std::error::Error>> {
+    use switchboard::config::NatsCredentials;
+    use switchboard_bus_nats::{NatsAuth, NatsOptions, NatsTls};
+    let mut options = NatsOptions::cluster(config.url.as_slice().iter().cloned());
     options.reply_timeout = config.reply_timeout;
-    options.node_name = config.node_name.clone();
-    switchboard_bus_nats::NatsBus::connect(options).await
+    options.node_name = config.node_name.as_ref().map(|n| n.as_str().to_string());
+    options.outbox_bytes = config.outbox_bytes;
+    options.max_pending_answers = config.max_pending_answers;
+    options.auth = match &config.auth {
+        None => NatsAuth::None,
+        Some(NatsCredentials::UserPassword { user, password }) => NatsAuth::UserPassword {
+            user: user.clone(),
+            password: password.clone(),
+        },
+        Some(NatsCredentials::Token(token)) => NatsAuth::Token(token.clone()),
+        Some(NatsCredentials::NKeySeed(seed)) => NatsAuth::NKeySeed(seed.clone()),
+        Some(NatsCredentials::CredsFile(path)) => NatsAuth::CredsFile(path.clone()),
+        Some(other) => return Err(format!("unsupported gateway.bus.nats.auth: {other:?}").into()),
+    };
+    options.tls = config.tls.as_ref().map(|tls| {
+        let mut t = NatsTls::default();
+        t.ca_file.clone_from(&tls.ca_file);
+        t.cert_file.clone_from(&tls.cert_file);
+        t.key_file.clone_from(&tls.key_file);
+        t
+    });
+    Ok(switchboard_bus_nats::NatsBus::connect(options).await?)
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text or one JSON object a line.

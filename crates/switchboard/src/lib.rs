@@ -485,14 +485,19 @@ impl Running {
     }
 
     /// Stops accepting, closes every socket with 1001 (each publishes `onclose`), and waits
-    /// up to `drain` for them. `/readyz` answers 503 from the start; the admin listener stops
-    /// at the end.
+    /// up to `drain` for them, then for the bus to send on what they published (within the
+    /// same `drain`). `/readyz` answers 503 from the start; the admin listener stops at the end.
     pub async fn shutdown(self, drain: Duration) -> ShutdownReport {
         self.draining.store(true, Relaxed);
+        let started = std::time::Instant::now();
         let report = self.server.shutdown(drain).await;
         if let Some(expiries) = &self.expiries {
             expiries.stop();
         }
+        // The sockets' `onclose` events may still be queued for a broker: send them on
+        // within what is left of the drain time.
+        let left = drain.saturating_sub(started.elapsed());
+        let _ = tokio::time::timeout(left, self.bus.flush()).await;
         if let Some(admin) = self.admin {
             admin.stop();
         }

@@ -1,6 +1,9 @@
 //! The NATS bus against a real nats-server on a loopback port of its own: handlers over
 //! NATS, reply timeouts, queue groups, and NATS dying and coming back under open sockets.
 
+mod answers;
+mod production;
+mod security;
 mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,13 +17,21 @@ use switchboard::{Container, Message};
 use switchboard_bus::Bus;
 use switchboard_bus_nats::{NatsBus, NatsOptions};
 
-async fn gateway(
+pub(crate) async fn gateway(
     nats: &NatsServer,
     reply_timeout: Duration,
     setup: impl FnOnce(&mut Container),
 ) -> Gateway {
     let mut options = NatsOptions::new(nats.url());
     options.reply_timeout = reply_timeout;
+    gateway_on(options, setup).await
+}
+
+/// A gateway on a NATS bus with `options`, listening on a free loopback port.
+pub(crate) async fn gateway_on(
+    options: NatsOptions,
+    setup: impl FnOnce(&mut Container),
+) -> Gateway {
     let bus = Arc::new(NatsBus::connect(options).await.unwrap());
     let mut container = Container::with_bus(config(), bus.clone()).unwrap();
     setup(&mut container);

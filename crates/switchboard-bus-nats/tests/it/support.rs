@@ -27,40 +27,59 @@ pub(crate) struct Gateway {
 /// A nats-server process we started; killed (by its PID) when dropped.
 pub(crate) struct NatsServer {
     port: u16,
+    cluster_port: Option<u16>,
+    monitor_port: Option<u16>,
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl NatsServer {
     pub(crate) fn start() -> NatsServer {
-        // nats-server picks a free port itself (`-p -1`) and names it in a ports file: a port
-        // probed here and released could be taken by a parallel test's server in between,
-        // and the two tests would then share (and stop) one server.
+        Self::start_with(&[])
+    }
+
+    /// A server with `args` besides its address (`-c FILE`, `--cluster ...`, `-m -1`).
+    pub(crate) fn start_with(args: &[&str]) -> NatsServer {
+        // nats-server picks free ports itself (`-p -1`) and names them in a ports file: a
+        // port probed here and released could be taken by a parallel test's server in
+        // between, and the two tests would then share (and stop) one server.
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(nats_server_binary())
-            .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server must be installed (cargo xtask deps installs it)");
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = spawn_nats(
+            &[
+                "-p",
+                "-1",
+                "--ports_file_dir",
+                &dir.path().to_string_lossy(),
+            ],
+            &args,
+        );
         let ports_file = dir.path().join(format!("nats-server_{}.ports", child.id()));
         let mut server = NatsServer {
             port: 0,
+            cluster_port: None,
+            monitor_port: None,
+            args,
             child: Some(child),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        server.port = loop {
-            let port = std::fs::read_to_string(&ports_file).ok().and_then(|text| {
-                let ports: Value = serde_json::from_str(&text).ok()?;
-                let url = ports["nats"][0].as_str()?;
-                url.rsplit(':').next()?.parse::<u16>().ok()
-            });
-            if let Some(port) = port {
-                break port;
+        let ports = loop {
+            let ports = std::fs::read_to_string(&ports_file)
+                .ok()
+                .and_then(|text| serde_json::from_str::<Value>(&text).ok());
+            if let Some(ports) = ports {
+                break ports;
             }
             assert!(Instant::now() < deadline, "nats-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         };
+        let port_of = |kind: &str| -> Option<u16> {
+            let url = ports[kind][0].as_str()?;
+            url.rsplit(':').next()?.parse::<u16>().ok()
+        };
+        server.port = port_of("nats").expect("a client port");
+        server.cluster_port = port_of("cluster");
+        server.monitor_port = port_of("monitoring");
         server.wait_until_accepting();
         server
     }
@@ -69,15 +88,14 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Starts it (again) on the same port and waits until it accepts connections.
     pub(crate) fn restart(&mut self) {
-        let child = Command::new(nats_server_binary())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server must be installed (cargo xtask deps installs it)");
-        self.child = Some(child);
+        let port = self.port.to_string();
+        self.child = Some(spawn_nats(&["-p", &port], &self.args));
         self.wait_until_accepting();
     }
 
@@ -97,11 +115,88 @@ impl NatsServer {
             let _ = child.wait();
         }
     }
+
+    /// GET on its monitoring port (`-m -1`), as JSON.
+    fn monitor(&self, path: &str) -> Option<Value> {
+        use std::io::{Read, Write};
+        let port = self.monitor_port?;
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
+    }
 }
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+fn spawn_nats(ports: &[&str], args: &[String]) -> Child {
+    Command::new(nats_server_binary())
+        .args(["-a", "127.0.0.1"])
+        .args(ports)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server must be installed (cargo xtask deps installs it)")
+}
+
+/// A NATS cluster on loopback: servers routed to each other (a seed, the others routed to
+/// it, then a full mesh by gossip), each killed by PID when dropped.
+pub(crate) struct NatsCluster {
+    pub(crate) servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub(crate) fn start(size: usize) -> NatsCluster {
+        let member = [
+            "--cluster_name",
+            "sb",
+            "--cluster",
+            "nats://127.0.0.1:-1",
+            "-m",
+            "-1",
+        ];
+        let seed = NatsServer::start_with(&member);
+        let route = format!("nats://127.0.0.1:{}", seed.cluster_port.unwrap());
+        let mut servers = vec![seed];
+        for _ in 1..size {
+            let mut args = member.to_vec();
+            args.extend(["--routes", &route]);
+            servers.push(NatsServer::start_with(&args));
+        }
+        let cluster = NatsCluster { servers };
+        cluster.wait_until_meshed();
+        cluster
+    }
+
+    fn wait_until_meshed(&self) {
+        let want = self.servers.len() as u64 - 1;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.servers.iter().all(|s| {
+            s.monitor("/routez")
+                .is_some_and(|r| r["num_routes"].as_u64() == Some(want))
+        }) {
+            assert!(Instant::now() < deadline, "the cluster did not form");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(NatsServer::url).collect()
+    }
+
+    /// The member listening on `port`.
+    pub(crate) fn member(&mut self, port: u16) -> &mut NatsServer {
+        self.servers
+            .iter_mut()
+            .find(|s| s.port == port)
+            .expect("a member")
     }
 }
 
@@ -182,4 +277,11 @@ pub(crate) async fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("timed out waiting for {what}");
+}
+
+/// Asserts nothing more arrives on `ws` within `ms` (pings aside).
+pub(crate) async fn silent(ws: &mut Ws, ms: u64) {
+    if let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(ms), ws.next()).await {
+        assert!(!m.is_text(), "unexpected frame: {m:?}");
+    }
 }

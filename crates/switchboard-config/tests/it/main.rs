@@ -298,7 +298,7 @@ gateway:
     assert_eq!(c.gateway.admin.unwrap().listen.port(), 9090);
     assert_eq!(c.gateway.log.format, switchboard_config::LogFormat::Json);
     let nats = c.gateway.bus.unwrap().nats;
-    assert_eq!(nats.url, "nats://127.0.0.1:4222");
+    assert_eq!(nats.url.as_slice(), ["nats://127.0.0.1:4222"]);
     assert_eq!(nats.reply_timeout, Duration::from_secs(2));
     let d = Config::from_yaml_str("gateway:\n  socket: {}\n").unwrap();
     assert!(d.gateway.admin.is_none() && d.gateway.bus.is_none());
@@ -467,4 +467,125 @@ fn reserved_names_and_zero_bounds_are_refused_with_their_line() {
     assert!(e.to_string().contains("at least 1 byte"), "{e}");
     let e = bad("gateway:\n  socket:\n    onclose: {publish: c, gate: true}\n");
     assert!(e.to_string().contains("unknown field `gate`"), "{e}");
+}
+
+fn nats(section: &str) -> Result<switchboard_config::NatsConfig, switchboard_config::ConfigError> {
+    let env = |name: &str| match name {
+        "NATS_PASSWORD" => Some("pw-from-env".to_string()),
+        "NATS_SEED" => Some("SUAFAKESEEDFROMENV".to_string()),
+        _ => None,
+    };
+    let text = format!("gateway:\n  socket: {{}}\n  bus:\n    nats:\n{section}");
+    Config::from_yaml_str_with_env(&text, &env).map(|c| c.gateway.bus.unwrap().nats)
+}
+
+#[test]
+fn nats_production_options() {
+    use switchboard_config::NatsCredentials;
+    let n = nats(
+        "      url: [nats://a:4222, \"tls://b:4222\", c:4222]\n      node_name: eu.gw-1\n      \
+         auth: {user: gw, password: \"${NATS_PASSWORD}\"}\n      \
+         tls: {ca_file: /ca.pem, cert_file: /c.pem, key_file: /k.pem}\n      \
+         outbox_bytes: 8MiB\n      max_pending_answers: 1000\n",
+    )
+    .unwrap();
+    assert_eq!(
+        n.url.as_slice(),
+        ["nats://a:4222", "tls://b:4222", "c:4222"]
+    );
+    assert_eq!(n.node_name.as_ref().unwrap().as_str(), "eu.gw-1");
+    assert_eq!(
+        n.auth,
+        Some(NatsCredentials::UserPassword {
+            user: "gw".into(),
+            password: "pw-from-env".into()
+        })
+    );
+    assert!(
+        !format!("{n:?}").contains("pw-from-env"),
+        "Debug shows no secret"
+    );
+    let tls = n.tls.unwrap();
+    assert_eq!(tls.ca_file.unwrap().to_str(), Some("/ca.pem"));
+    assert_eq!(tls.key_file.unwrap().to_str(), Some("/k.pem"));
+    assert_eq!((n.outbox_bytes, n.max_pending_answers), (8 << 20, 1000));
+    let n = nats("      url: nats://a:4222\n      auth: {nkey_seed: \"${NATS_SEED}\"}\n").unwrap();
+    assert_eq!(
+        n.auth,
+        Some(NatsCredentials::NKeySeed("SUAFAKESEEDFROMENV".into()))
+    );
+    assert!(n.node_name.is_none() && n.tls.is_none());
+    assert_eq!(n.outbox_bytes, 64 << 20);
+    for (auth, kind) in [
+        ("{token: t0k}", NatsCredentials::Token("t0k".into())),
+        (
+            "{creds_file: /gw.creds}",
+            NatsCredentials::CredsFile("/gw.creds".into()),
+        ),
+    ] {
+        let n = nats(&format!("      url: nats://a:4222\n      auth: {auth}\n")).unwrap();
+        assert_eq!(n.auth, Some(kind));
+    }
+}
+
+#[test]
+fn nats_option_errors_name_the_key_and_line() {
+    for (name, line) in [
+        ("\"gw.*\"", "gw.*"),
+        ("\"gw 1\"", "gw 1"),
+        ("\"a..b\"", "a..b"),
+        ("\">\"", ">"),
+        ("\"\"", ""),
+    ] {
+        let e = nats(&format!(
+            "      url: nats://a:4222\n      node_name: {name}\n"
+        ))
+        .unwrap_err();
+        let text = e.to_string();
+        // serde_yaml places a custom error at its section: the message names the key
+        assert!(text.starts_with("gateway.bus.nats: "), "{text}");
+        assert!(
+            text.contains(&format!("node_name `{line}` must be")),
+            "{text}"
+        );
+        assert_eq!(e.line(), Some(5), "{text}");
+    }
+    let cases = [
+        ("      url: []\n", "at least one server"),
+        ("      url: \"http://a:80\"\n", "url `http://a:80` must be"),
+        ("      url: {a: 1}\n", "string or a list"),
+        (
+            "      url: a\n      auth: {user: gw}\n",
+            "auth.user needs auth.password",
+        ),
+        (
+            "      url: a\n      auth: {password: pw}\n",
+            "auth.password needs auth.user",
+        ),
+        (
+            "      url: a\n      auth: {token: t, nkey_seed: SUX}\n",
+            "exactly one of",
+        ),
+        ("      url: a\n      auth: {}\n", "exactly one of"),
+        ("      url: a\n      auth: {nkey_seed: UABC}\n", "user seed"),
+        (
+            "      url: a\n      auth: {passwd: x}\n",
+            "unknown field `passwd`",
+        ),
+        (
+            "      url: a\n      tls: {cert_file: /c.pem}\n",
+            "go together",
+        ),
+        ("      url: a\n      max_pending_answers: 0\n", "at least 1"),
+        (
+            "      url: a\n      auth: {token: \"${NOPE}\"}\n",
+            "`NOPE` is not set",
+        ),
+    ];
+    for (section, want) in cases {
+        let e = nats(section).unwrap_err().to_string();
+        assert!(e.contains(want), "{section}: {e}");
+        assert!(e.contains("gateway.bus.nats"), "{section}: {e}");
+        assert!(e.contains("line "), "{section}: {e}");
+    }
 }

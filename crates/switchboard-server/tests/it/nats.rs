@@ -5,14 +5,15 @@
 #[allow(dead_code)]
 mod support;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use support::{connect, recv, send, NatsServer, Ws, SECRET, SECRET_ENV};
+use support::{connect, recv, send, wait_until, NatsServer, Ws, SECRET, SECRET_ENV};
 
 /// A gateway node: the real binary with a NATS bus; killed by PID when dropped.
 struct Node {
@@ -29,6 +30,11 @@ impl Drop for Node {
 }
 
 fn node(nats: &NatsServer, name: &str) -> Node {
+    node_with(nats, name, "")
+}
+
+/// A node whose `gateway.bus.nats` section also has `extra` (lines indented by six spaces).
+fn node_with(nats: &NatsServer, name: &str, extra: &str) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("socket.yaml");
     std::fs::write(
@@ -49,7 +55,7 @@ gateway:
       url: "{}"
       node_name: "{name}"
       reply_timeout: 3s
-"#,
+{extra}"#,
             nats.url()
         ),
     )
@@ -233,4 +239,126 @@ async fn the_python_example_handles_events_from_both_nodes() {
             json!({"type": "python.poked", "payload": "hi"})
         );
     }
+}
+
+const NATS_PASSWORD_ENV: &str = "SB_IT_NATS_PASSWORD";
+
+/// A handler process on `nats` (as user `gw`): answers connects with `{}` and reports the
+/// usernames of connect and close events.
+async fn event_recorder(
+    nats: &NatsServer,
+    password: &str,
+) -> (
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let client = async_nats::ConnectOptions::with_user_and_password("gw".into(), password.into())
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let group = "switchboard-handlers".to_string();
+    let mut connects = client
+        .queue_subscribe("socket:connection", group.clone())
+        .await
+        .unwrap();
+    let mut closes = client.queue_subscribe("socket:close", group).await.unwrap();
+    client.flush().await.unwrap();
+    let username = |event: &async_nats::Message| {
+        let envelope: Value = serde_json::from_slice(&event.payload).unwrap();
+        envelope["data"]["username"].as_str().unwrap().to_string()
+    };
+    let (connected, connected_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (closed, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = connects.next().await {
+            let _ = connected.send(username(&event));
+            if let Some(reply) = event.reply {
+                client.publish(reply, "{}".into()).await.unwrap();
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(event) = closes.next().await {
+            let _ = closed.send(username(&event));
+        }
+    });
+    (connected_rx, closed_rx)
+}
+
+/// Takes `n` names from `rx` within `secs`; panics naming how many came.
+async fn take(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    n: usize,
+    secs: u64,
+) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut names = Vec::new();
+    while names.len() < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(name)) => names.push(name),
+            _ => panic!("{} of {n} events arrived", names.len()),
+        }
+    }
+    names
+}
+
+/// SIGTERM to a node we started, then its exit status (within 15 s).
+fn terminate(node: &mut Node) -> std::process::ExitStatus {
+    let pid = node.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = node.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the node did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every `onclose` a node publishes while it shuts down reaches a handler before the process
+/// exits, run after run. The node logs in with a password from `${VAR}` and shares its
+/// `node_name` with every other run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_onclose_reaches_a_handler_when_a_node_is_stopped() {
+    let password = "gw-password-0123";
+    std::env::set_var(NATS_PASSWORD_ENV, password);
+    let nats = NatsServer::start_with(&["--user", "gw", "--pass", password]);
+    let (mut connected, mut closed) = event_recorder(&nats, password).await;
+    let auth = format!("      auth: {{user: gw, password: \"${{{NATS_PASSWORD_ENV}}}\"}}\n");
+    let sockets = 120;
+    for run in 0..5 {
+        let mut node = node_with(&nats, "gw", &auth);
+        let mut readers = Vec::new();
+        for i in 0..sockets {
+            let mut ws = connect(node.addr, &format!("run{run}-user{i}"), None).await;
+            // a client that reads, so it answers the server's close at once
+            readers.push(tokio::spawn(
+                async move { while ws.next().await.is_some() {} },
+            ));
+        }
+        let opened = take(&mut connected, sockets, 15).await;
+        assert!(opened.iter().all(|u| u.starts_with(&format!("run{run}-"))));
+
+        let status = tokio::task::spawn_blocking(move || terminate(&mut node))
+            .await
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        // the process is gone: what NATS did not get by now is lost
+        let names: BTreeSet<String> = take(&mut closed, sockets, 10).await.into_iter().collect();
+        assert_eq!(
+            names.len(),
+            sockets,
+            "run {run}: each socket's onclose once"
+        );
+        assert!(names.iter().all(|u| u.starts_with(&format!("run{run}-"))));
+        for reader in readers {
+            reader.await.unwrap();
+        }
+    }
+    wait_until(|| closed.is_empty(), "no duplicate onclose").await;
 }

@@ -1,0 +1,271 @@
+//! [`NatsOptions`]: servers, credentials, TLS and bounds, and how they become the client's
+//! connect options.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::NatsError;
+
+/// Default queue group of handlers.
+pub const DEFAULT_GROUP: &str = "switchboard-handlers";
+
+/// How to reach NATS and how to behave there.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct NatsOptions {
+    /// Server URLs (`nats://host:4222`, `tls://host:4222`): one server, or several members of
+    /// a cluster; the client connects to one and fails over to the others.
+    pub servers: Vec<String>,
+    /// A label for humans: the NATS connection name, and a token of this node's reply
+    /// subjects (so permissions can name it). Replies stay per process whatever it is: each
+    /// process adds a random token of its own. Default `switchboard`. See [`check_node_name`].
+    pub node_name: Option<String>,
+    /// How long a message that can be answered waits for an answer. Default 10 s.
+    pub reply_timeout: Duration,
+    /// Queue group of [`switchboard_bus::Bus::subscribe`]rs. Default [`DEFAULT_GROUP`].
+    pub group: String,
+    /// How this node proves who it is. Default: no credentials.
+    pub auth: NatsAuth,
+    /// TLS beyond what `tls://` URLs ask for: a CA to trust, a client certificate. Present:
+    /// TLS is required.
+    pub tls: Option<NatsTls>,
+    /// Most messages waiting to be handed to the client; over it, publishing fails at once.
+    /// Default 65,536.
+    pub outbox_messages: usize,
+    /// Most bytes of messages waiting to be handed to the client. Default 64 MiB.
+    pub outbox_bytes: usize,
+    /// Most published events waiting for their answer (each keeps the way back to its
+    /// socket until answered or timed out); over it, publishing an answerable event fails.
+    /// Default 262,144.
+    pub max_pending_answers: usize,
+}
+
+impl NatsOptions {
+    /// Options with defaults for one server `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self::cluster([url.into()])
+    }
+
+    /// Options with defaults for several servers (members of one cluster).
+    pub fn cluster(urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        NatsOptions {
+            servers: urls.into_iter().map(Into::into).collect(),
+            node_name: None,
+            reply_timeout: Duration::from_secs(10),
+            group: DEFAULT_GROUP.into(),
+            auth: NatsAuth::None,
+            tls: None,
+            outbox_messages: 65_536,
+            outbox_bytes: 64 << 20,
+            max_pending_answers: 262_144,
+        }
+    }
+}
+
+impl fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsOptions")
+            .field("servers", &self.servers)
+            .field("node_name", &self.node_name)
+            .field("reply_timeout", &self.reply_timeout)
+            .field("group", &self.group)
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
+            .field("outbox_messages", &self.outbox_messages)
+            .field("outbox_bytes", &self.outbox_bytes)
+            .field("max_pending_answers", &self.max_pending_answers)
+            .finish()
+    }
+}
+
+/// How a node authenticates to NATS. `Debug` never shows a secret.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub enum NatsAuth {
+    /// No credentials.
+    #[default]
+    None,
+    /// A user and password from the server's `authorization.users`.
+    UserPassword {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// A token (`authorization.token`).
+    Token(String),
+    /// An NKey user seed (`SU...`); the server knows the public key.
+    NKeySeed(String),
+    /// A `.creds` file: a user JWT and its NKey seed (decentralized auth, operator mode).
+    CredsFile(PathBuf),
+}
+
+impl fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NatsAuth::None => f.write_str("None"),
+            NatsAuth::UserPassword { user, .. } => write!(f, "UserPassword({user}, ***)"),
+            NatsAuth::Token(_) => f.write_str("Token(***)"),
+            NatsAuth::NKeySeed(_) => f.write_str("NKeySeed(***)"),
+            NatsAuth::CredsFile(path) => write!(f, "CredsFile({})", path.display()),
+        }
+    }
+}
+
+/// TLS settings: what to trust and what to present.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct NatsTls {
+    /// PEM file of CA certificates to trust (besides the system's).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl NatsTls {
+    /// Trust `ca_file`, present no certificate.
+    pub fn with_ca(ca_file: impl Into<PathBuf>) -> Self {
+        NatsTls {
+            ca_file: Some(ca_file.into()),
+            ..NatsTls::default()
+        }
+    }
+}
+
+/// Checks a node name: one or more `.`-separated tokens, none empty, no whitespace or
+/// control characters, no `*` or `>` (it becomes part of reply subjects).
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    let bad_char = |c: char| c.is_whitespace() || c.is_control();
+    if name.is_empty()
+        || name.contains(bad_char)
+        || name
+            .split('.')
+            .any(|t| t.is_empty() || t.contains(['*', '>']))
+    {
+        return Err(format!(
+            "node name `{name}` must be `.`-separated non-empty tokens without whitespace, `*` or `>`"
+        ));
+    }
+    Ok(())
+}
+
+/// The client's connect options for `options`; `name` is the connection name.
+pub(crate) async fn connect_options(
+    options: &NatsOptions,
+    name: &str,
+) -> Result<async_nats::ConnectOptions, NatsError> {
+    let mut connect = async_nats::ConnectOptions::new()
+        .name(name)
+        .max_reconnects(None)
+        .event_callback(|event| async move {
+            tracing::info!(%event, "nats");
+        });
+    connect = with_auth(connect, &options.auth).await?;
+    if let Some(tls) = &options.tls {
+        connect = with_tls(connect, tls)?;
+    }
+    Ok(connect)
+}
+
+async fn with_auth(
+    connect: async_nats::ConnectOptions,
+    auth: &NatsAuth,
+) -> Result<async_nats::ConnectOptions, NatsError> {
+    Ok(match auth {
+        NatsAuth::None => connect,
+        NatsAuth::UserPassword { user, password } => {
+            connect.user_and_password(user.clone(), password.clone())
+        }
+        NatsAuth::Token(token) => connect.token(token.clone()),
+        NatsAuth::NKeySeed(seed) => {
+            // async-nats only finds a bad seed when it signs the server's nonce; say so now.
+            nkeys::KeyPair::from_seed(seed).map_err(|e| NatsError::Option {
+                option: "nkey_seed",
+                reason: e.to_string(),
+            })?;
+            connect.nkey(seed.clone())
+        }
+        NatsAuth::CredsFile(path) => {
+            connect
+                .credentials_file(path)
+                .await
+                .map_err(|e| NatsError::Option {
+                    option: "creds_file",
+                    reason: format!("{}: {e}", path.display()),
+                })?
+        }
+    })
+}
+
+fn with_tls(
+    mut connect: async_nats::ConnectOptions,
+    tls: &NatsTls,
+) -> Result<async_nats::ConnectOptions, NatsError> {
+    connect = connect.require_tls(true);
+    if let Some(ca) = &tls.ca_file {
+        readable("tls.ca_file", ca)?;
+        connect = connect.add_root_certificates(ca.clone());
+    }
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => {
+            readable("tls.cert_file", cert)?;
+            readable("tls.key_file", key)?;
+            connect = connect.add_client_certificate(cert.clone(), key.clone());
+        }
+        (None, None) => {}
+        _ => {
+            return Err(NatsError::Option {
+                option: "tls",
+                reason: "cert_file and key_file go together".into(),
+            })
+        }
+    }
+    Ok(connect)
+}
+
+/// The client reads these files while connecting and reports a missing one vaguely.
+fn readable(option: &'static str, path: &std::path::Path) -> Result<(), NatsError> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|e| NatsError::Option {
+            option,
+            reason: format!("{}: {e}", path.display()),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_are_checked() {
+        for good in ["gw", "gw-1", "eu.gw-1", "ü"] {
+            assert!(check_node_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "", "gw 1", "gw.*", "a>", ">", "a..b", ".a", "a.", "\tx", "a\nb",
+        ] {
+            assert!(check_node_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let mut o = NatsOptions::new("nats://127.0.0.1:4222");
+        o.auth = NatsAuth::UserPassword {
+            user: "gw".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{o:?}").contains("hunter2"));
+        for auth in [
+            NatsAuth::Token("t0k".into()),
+            NatsAuth::NKeySeed("SUAB".into()),
+        ] {
+            let text = format!("{auth:?}");
+            assert!(!text.contains("t0k") && !text.contains("SUAB"), "{text}");
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The way back from handlers: answered events leave the pending map at once, replicas that
+//! share a node name never get each other's answers, hostile answers do nothing, a panicking
+//! handler keeps its subscription, and the queues are bounded.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use switchboard::Message;
+use switchboard_bus::{Bus, PublishFailure, Reply, ReplyTo};
+use switchboard_bus_nats::{NatsBus, NatsOptions, PendingAnswers};
+
+use crate::support::*;
+use crate::{gateway, gateway_on};
+
+/// A socket stand-in that counts its answers.
+struct Counting(Arc<AtomicUsize>);
+
+impl ReplyTo for Counting {
+    fn deliver(&self, _topic: &str, reply: Reply) {
+        assert!(matches!(reply, Reply::Ok(_)), "{reply:?}");
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A handler process: answers every event on `topic` with `{"reply": "ok"}`.
+async fn echo_handler(nats: &NatsServer, topic: &str) -> NatsBus {
+    let bus = NatsBus::connect(NatsOptions::new(nats.url()))
+        .await
+        .unwrap();
+    bus.subscribe(topic, Arc::new(|m: Message| async move { m.reply("ok") }))
+        .unwrap();
+    bus.subscriptions_ready().await.unwrap();
+    bus
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_events_leave_the_pending_map_at_once() {
+    let nats = NatsServer::start();
+    let _handler = echo_handler(&nats, "big").await;
+    let mut options = NatsOptions::new(nats.url());
+    options.reply_timeout = Duration::from_secs(600); // only answers can empty the map
+    let node = NatsBus::connect(options).await.unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let payload = json!({"blob": "x".repeat(32 * 1024)});
+    let mut sockets: Vec<Weak<dyn ReplyTo>> = Vec::new();
+    let (batches, batch) = (12, 250);
+    for b in 0..batches {
+        for _ in 0..batch {
+            let socket: Arc<dyn ReplyTo> = Arc::new(Counting(answered.clone()));
+            sockets.push(Arc::downgrade(&socket));
+            node.publish(Message::new("big", payload.clone()).with_reply_to(socket))
+                .unwrap();
+        }
+        // in flight at most one batch (8 MB), under the outbox's byte bound
+        let want = (b + 1) * batch;
+        wait_until(|| answered.load(Ordering::SeqCst) == want, "answers").await;
+    }
+    assert_eq!(node.pending_answers(), PendingAnswers::default());
+    assert!(
+        sockets.iter().all(|s| s.upgrade().is_none()),
+        "nothing keeps an answered event's socket"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_one_node_name_never_get_each_others_answers() {
+    let nats = NatsServer::start();
+    // A handler process that answers with who asked and what they sent.
+    let handler = NatsBus::connect(NatsOptions::new(nats.url()))
+        .await
+        .unwrap();
+    handler
+        .subscribe(
+            "socket:generalMessage",
+            Arc::new(|m: Message| async move {
+                m.reply(json!({"user": m.context().username, "n": m.data()["payload"]}));
+            }),
+        )
+        .unwrap();
+    handler.subscriptions_ready().await.unwrap();
+    let replica = || async {
+        let mut options = NatsOptions::new(nats.url());
+        options.node_name = Some("gw".into());
+        gateway_on(options, |_| {}).await
+    };
+    let (a, b) = (replica().await, replica().await);
+    assert_eq!(a.bus.node_name(), b.bus.node_name());
+    assert_ne!(a.bus.reply_prefix(), b.bus.reply_prefix());
+    assert!(a.bus.reply_prefix().starts_with("_SB_REPLY.gw."));
+
+    let per_socket = 100;
+    let mut clients = Vec::new();
+    for (i, gw) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let user = format!("user{i}");
+        let mut ws = connect(gw.running.local_addr(), &user, None).await;
+        clients.push(tokio::spawn(async move {
+            for n in 0..per_socket {
+                send(&mut ws, json!({"type": "x", "payload": n})).await;
+            }
+            let mut seen = BTreeSet::new();
+            for _ in 0..per_socket {
+                let frame = recv(&mut ws).await;
+                assert_eq!(frame["payload"]["user"], user.as_str(), "{frame}");
+                seen.insert(frame["payload"]["n"].as_u64().unwrap());
+            }
+            assert_eq!(seen.len(), per_socket as usize, "each answer once");
+            silent(&mut ws, 300).await;
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_answers_do_nothing_harmful() {
+    let nats = NatsServer::start();
+    let outside = async_nats::connect(nats.url()).await.unwrap();
+    let mut events = outside
+        .queue_subscribe("socket:generalMessage", "switchboard-handlers".into())
+        .await
+        .unwrap();
+    outside.flush().await.unwrap();
+    let gw = gateway(&nats, Duration::from_secs(60), |_| {}).await;
+    let mut ws = connect(gw.running.local_addr(), "alex", None).await;
+    let publish = |subject: String, body: &'static str| {
+        let outside = outside.clone();
+        async move {
+            outside.publish(subject, body.into()).await.unwrap();
+            outside.flush().await.unwrap();
+        }
+    };
+
+    send(&mut ws, json!({"type": "x"})).await;
+    let event = events.next().await.unwrap();
+    let reply = event.reply.unwrap().to_string();
+    let prefix = reply.rsplit_once('.').unwrap().0.to_string();
+    // answers to ids that were never asked, on subjects that are not ids, elsewhere
+    publish(format!("{prefix}.999999"), r#"{"reply": "forged"}"#).await;
+    publish(format!("{prefix}.not-an-id"), r#"{"reply": "forged"}"#).await;
+    publish(format!("{prefix}.0"), r#"{"reply": "forged"}"#).await;
+    publish("_SB_REPLY.gw.other.1".into(), r#"{"reply": "forged"}"#).await;
+    // the real answer, then the same id again
+    publish(reply.clone(), r#"{"reply": "first"}"#).await;
+    publish(reply.clone(), r#"{"reply": "second"}"#).await;
+    publish(reply, r#"{"fail": "third"}"#).await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type": "socket:generalMessage", "payload": "first"})
+    );
+    silent(&mut ws, 300).await;
+
+    // a malformed answer is an error frame, once
+    send(&mut ws, json!({"type": "x"})).await;
+    let reply = events.next().await.unwrap().reply.unwrap().to_string();
+    publish(reply.clone(), "not json").await;
+    publish(reply, r#"{"reply": "late"}"#).await;
+    let frame = recv(&mut ws).await;
+    assert_eq!(frame["type"], "error");
+    assert_eq!(
+        frame["payload"]["message"],
+        "malformed answer from a handler"
+    );
+    silent(&mut ws, 300).await;
+    assert_eq!(gw.bus.pending_answers(), PendingAnswers::default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_before_a_handlers_first_await_keeps_the_subscription() {
+    let nats = NatsServer::start();
+    let handler = NatsBus::connect(NatsOptions::new(nats.url()))
+        .await
+        .unwrap();
+    handler
+        .subscribe(
+            "socket:generalMessage",
+            Arc::new(|m: Message| {
+                // synchronous part: runs inside `Handler::call`, before any future exists
+                assert_ne!(m.data()["type"], "boom", "a bad message");
+                async move { m.reply("ok") }
+            }),
+        )
+        .unwrap();
+    handler.subscriptions_ready().await.unwrap();
+    let gw = gateway(&nats, Duration::from_secs(60), |_| {}).await;
+    let mut ws = connect(gw.running.local_addr(), "alex", None).await;
+    for _ in 0..3 {
+        send(&mut ws, json!({"type": "boom"})).await;
+        assert_eq!(recv(&mut ws).await["type"], "error");
+        send(&mut ws, json!({"type": "fine"})).await;
+        assert_eq!(
+            recv(&mut ws).await,
+            json!({"type": "socket:generalMessage", "payload": "ok"})
+        );
+    }
+}
+
+/// Publishes from a single-threaded runtime without yielding, so the publisher task cannot
+/// drain the outbox in between: the bounds decide alone.
+#[tokio::test(flavor = "current_thread")]
+async fn the_outbox_is_bounded_in_bytes_and_pending_answers_in_count() {
+    let nats = NatsServer::start();
+    let mut options = NatsOptions::new(nats.url());
+    options.outbox_bytes = 256 * 1024;
+    options.max_pending_answers = 5;
+    let node = NatsBus::connect(options).await.unwrap();
+    let blob = json!({"blob": "x".repeat(32 * 1024)});
+    let mut accepted = 0;
+    let refused = loop {
+        match node.publish(Message::new("nobody", blob.clone())) {
+            Ok(()) => accepted += 1,
+            Err(e) => break e.reason,
+        }
+        assert!(accepted < 100, "the outbox takes anything");
+    };
+    assert_eq!(
+        refused,
+        PublishFailure::Unavailable("too many bytes waiting for NATS".into())
+    );
+    assert!((7..=8).contains(&accepted), "{accepted} messages of 32 KB");
+    let (_, bytes) = node.outbox();
+    assert!(bytes <= 256 * 1024, "{bytes}");
+    // once written, there is room again
+    wait_until(|| node.outbox() == (0, 0), "the outbox to drain").await;
+    node.publish(Message::new("nobody", blob)).unwrap();
+
+    let answers = Arc::new(AtomicUsize::new(0));
+    let answerable = || {
+        Message::new("nobody.answers", Value::Null)
+            .with_reply_to(Arc::new(Counting(answers.clone())))
+    };
+    for _ in 0..5 {
+        node.publish(answerable()).unwrap();
+    }
+    let err = node.publish(answerable()).unwrap_err();
+    assert_eq!(
+        err.reason,
+        PublishFailure::Unavailable("too many events waiting for an answer".into())
+    );
+    assert_eq!(node.pending_answers().events, 5);
+    // nobody subscribes: NATS says so, and each entry leaves
+    wait_until(|| node.pending_answers().events == 0, "no-responders").await;
+}
