@@ -474,7 +474,7 @@ pub struct Limits {
     /// as they are accepted. Default 1,024.
     #[serde(default = "default_max_handshakes", deserialize_with = "de_positive")]
     pub max_handshakes: usize,
-    /// The same, per client IP address. Default 256.
+    /// The same, per client (an IPv4 address, an IPv6 /64). Default 64.
     #[serde(
         default = "default_max_handshakes_per_address",
         deserialize_with = "de_positive"
@@ -524,7 +524,7 @@ fn default_max_handshakes() -> usize {
     1024
 }
 fn default_max_handshakes_per_address() -> usize {
-    256
+    64
 }
 fn default_max_request_head() -> usize {
     32 << 10

@@ -313,10 +313,11 @@ const SECTIONS: &[Section] = &[
             key(
                 "gateway.limits.max_handshakes_per_address",
                 "integer ≥ 1",
-                "`256`",
+                "`64`",
                 Ext,
-                "The same, per client IP address. Behind a proxy that hides client addresses, \
-                 raise it to about `max_handshakes`.",
+                "The same, per client: an IPv4 address, or an IPv6 /64. Behind a proxy that \
+                 hides client addresses (every connection comes from the proxy), raise it to \
+                 about `max_handshakes`.",
                 Some("64"),
             ),
             key(

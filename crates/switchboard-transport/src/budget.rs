@@ -71,12 +71,6 @@ impl Budget {
         }
     }
 
-    /// Adds `n` whatever the limit (a close frame: a few bytes, freed as soon as written).
-    pub(crate) fn force_add(&self, n: usize) {
-        let before = self.used.fetch_add(n, Ordering::AcqRel);
-        self.peak.fetch_max(before + n, Ordering::Relaxed);
-    }
-
     pub(crate) fn sub(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::AcqRel);
     }

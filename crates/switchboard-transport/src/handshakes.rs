@@ -4,7 +4,8 @@
 //! Each costs a file descriptor and a task before any check of who is asking has run, so a
 //! flood of them (connect and send nothing, or send the headers slowly) could exhaust the
 //! process's descriptors before `max_connections` ever applies. Capping them per address
-//! keeps one client from taking every place; the total cap bounds what many can take.
+//! keeps one client from taking every place; the total cap bounds what many can take. An IPv6
+//! client is counted by its /64 network, since one host is usually given a whole /64.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -50,6 +51,7 @@ impl Handshakes {
 
     /// Takes a place for a connection from `address`, if there is one.
     pub(crate) fn enter(this: &Arc<Handshakes>, address: IpAddr) -> Result<InProgress, Refused> {
+        let address = client_of(address);
         let mut per_address = this.per_address.lock().unwrap_or_else(|e| e.into_inner());
         let total = this.stats.handshakes_in_progress.load(Relaxed);
         if total >= this.max_total as u64 {
@@ -65,6 +67,18 @@ impl Handshakes {
             handshakes: this.clone(),
             address,
         })
+    }
+}
+
+/// The client an address stands for: an IPv4 address (also when mapped into IPv6), or an
+/// IPv6 /64.
+fn client_of(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
     }
 }
 
@@ -102,5 +116,23 @@ mod tests {
         drop(a1);
         assert!(Handshakes::enter(&h, b).is_ok());
         assert_eq!(h.stats.handshakes_in_progress.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64_and_a_mapped_ipv4_is_itself() {
+        let h = Arc::new(Handshakes::new(10, 1, Arc::default()));
+        let _one = Handshakes::enter(&h, "2001:db8:1:2::1".parse().unwrap()).unwrap();
+        let same_64 = "2001:db8:1:2:ffff:eeee:dddd:cccc".parse().unwrap();
+        assert_eq!(
+            Handshakes::enter(&h, same_64).err(),
+            Some(Refused::PerAddress)
+        );
+        assert!(Handshakes::enter(&h, "2001:db8:1:3::1".parse().unwrap()).is_ok());
+        let _v4 = Handshakes::enter(&h, "10.0.0.9".parse().unwrap()).unwrap();
+        let mapped = "::ffff:10.0.0.9".parse().unwrap();
+        assert_eq!(
+            Handshakes::enter(&h, mapped).err(),
+            Some(Refused::PerAddress)
+        );
     }
 }

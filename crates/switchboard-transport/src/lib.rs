@@ -145,7 +145,7 @@ pub struct TransportOptions {
     /// Connections that have not completed their upgrade, at most; more are closed as soon as
     /// they are accepted. Default 1,024.
     pub max_handshakes: usize,
-    /// The same, per client IP address. Default 256.
+    /// The same, per client (an IPv4 address, an IPv6 /64). Default 64.
     pub max_handshakes_per_address: usize,
     /// Largest upgrade request head in bytes (request line and headers); larger gets `431`.
     /// Default 32 KiB.
@@ -209,7 +209,7 @@ impl Default for TransportOptions {
             buffer_budget: 256 << 20,
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
-            max_handshakes_per_address: 256,
+            max_handshakes_per_address: 64,
             max_request_head: 32 << 10,
             close_timeout: Duration::from_secs(2),
             origins: OriginPolicy::SameHost,

@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::io::{self, Read};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -99,17 +99,14 @@ impl FrameReader {
         }
     }
 
-    /// The reader for a closing socket: it keeps what it has read (the client's close frame
-    /// may be in it) but no message in progress, and refuses every data frame with a payload,
-    /// so it holds nothing more while it waits for the close frame.
-    pub(crate) fn for_closing(self) -> FrameReader {
-        FrameReader {
-            pending: self.pending,
-            messages: Assembler {
-                max_message_size: 0,
-                partial: None,
-            },
+    /// The reader for a closing socket, which only looks for the client's close frame: the
+    /// message in progress is dropped, and what was read but not parsed yet goes through it.
+    pub(crate) fn for_closing(self) -> CloseReader {
+        let mut closing = CloseReader::default();
+        if closing.consume(&self.pending) {
+            closing.done = true;
         }
+        closing
     }
 
     /// Bytes this reader holds: an incomplete frame and a fragmented message so far.
@@ -182,15 +179,105 @@ impl FrameReader {
 
     fn parse_pending(&mut self, on: &mut dyn FnMut(Event<'_>)) -> Result<(), ReadEnd> {
         let used = parse(&mut self.messages, &mut self.pending[..], on)?;
-        self.pending.advance(used);
-        if self.pending.is_empty() {
+        if used == self.pending.len() {
             self.pending = BytesMut::new(); // give the memory back while idle
         } else if used > 0 {
-            let hint = frame_size_hint(&self.pending);
-            self.pending
-                .reserve(hint.saturating_sub(self.pending.len()));
+            // The rest moves to a buffer of its own size: after `advance` the old allocation
+            // would stay whole while `capacity` (what the budget counts) no longer shows it.
+            let rest = &self.pending[used..];
+            let mut fresh = BytesMut::with_capacity(frame_size_hint(rest).max(rest.len()));
+            fresh.extend_from_slice(rest);
+            self.pending = fresh;
         }
         Ok(())
+    }
+}
+
+/// Reads a closing socket until the client's close frame, the end of the connection or a
+/// protocol error. Data frames that cross the close are skipped as their bytes arrive,
+/// without being kept, so the reader holds at most one control frame and a header (about 140
+/// bytes) while it waits.
+#[derive(Debug, Default)]
+pub(crate) struct CloseReader {
+    /// An incomplete header or control frame.
+    pending: Vec<u8>,
+    /// Payload bytes of a data frame still to skip.
+    skip: u64,
+    /// The wait is over.
+    done: bool,
+}
+
+impl CloseReader {
+    /// Reads what the socket has; `Ok(true)` once the wait is over.
+    pub(crate) fn read(&mut self, stream: &TcpStream) -> io::Result<Option<Drained>> {
+        if self.done {
+            return Ok(None);
+        }
+        for _ in 0..READS_PER_WAKE {
+            let mut buf = [0u8; 4096];
+            let (n, drained) = match read_ready(stream, &mut buf) {
+                Ok((0, _)) => return Ok(None),
+                Ok(read) => read,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(Drained::Yes)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if self.consume(&buf[..n]) {
+                self.done = true;
+                return Ok(None);
+            }
+            if drained {
+                return Ok(Some(Drained::Yes));
+            }
+        }
+        Ok(Some(Drained::No))
+    }
+
+    /// Takes `bytes` in; true when a close frame or a protocol error ends the wait.
+    fn consume(&mut self, bytes: &[u8]) -> bool {
+        // A header or control frame may straddle reads: what is left of one waits in
+        // `pending` and goes first.
+        let joined;
+        let mut buf: &[u8] = if self.pending.is_empty() {
+            bytes
+        } else {
+            let mut pending = std::mem::take(&mut self.pending);
+            pending.extend_from_slice(bytes);
+            joined = pending;
+            &joined
+        };
+        loop {
+            if self.skip > 0 {
+                let n = self.skip.min(buf.len() as u64) as usize;
+                self.skip -= n as u64;
+                buf = &buf[n..];
+            }
+            if buf.is_empty() {
+                return false;
+            }
+            match frame::parse_head(buf) {
+                Err(_) => return true,
+                Ok(None) => {
+                    self.pending = buf.to_vec();
+                    return false;
+                }
+                Ok(Some(head)) if !head.is_control() => {
+                    self.skip = head.len;
+                    buf = &buf[head.size..];
+                }
+                Ok(Some(head)) => {
+                    let end = head.size + head.len as usize;
+                    if buf.len() < end {
+                        self.pending = buf.to_vec();
+                        return false;
+                    }
+                    if head.opcode == frame::CLOSE {
+                        return true;
+                    }
+                    buf = &buf[end..];
+                }
+            }
+        }
     }
 }
 
@@ -420,6 +507,33 @@ mod tests {
             proptest::prop_assert_eq!(whole, split);
             proptest::prop_assert_eq!(outcome(&whole_end), outcome(&split_end));
         }
+    }
+
+    #[test]
+    fn a_closing_reader_skips_data_keeps_nothing_and_stops_at_the_close_frame() {
+        let mut stream = masked(0x81, &[b'x'; 300]); // a message crossing our close
+        stream.extend(masked(0x89, b"ping"));
+        stream.extend(masked(0x01, &[b'y'; 60_000])); // a big fragment, skipped as it comes
+        stream.extend(masked(0x88, &[0x03, 0xe8]));
+        for chunk in [1, 7, 100, 4096, stream.len()] {
+            let mut r = CloseReader::default();
+            let mut done = false;
+            for piece in stream.chunks(chunk) {
+                assert!(!done, "chunk {chunk}: nothing after the close frame");
+                done = r.consume(piece);
+                assert!(
+                    r.pending.len() <= 14 + 125,
+                    "chunk {chunk}: holds {}",
+                    r.pending.len()
+                );
+            }
+            assert!(done, "chunk {chunk}");
+        }
+        // A protocol error ends the wait too.
+        assert!(
+            CloseReader::default().consume(&[0x81, 0x05, b'x']),
+            "unmasked"
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tokio::time::timeout;
 
 use crate::budget::Holding;
 use crate::frame::{self, MAX_SERVER_HEAD};
-use crate::reader::{Drained, Event, FrameReader, ReadEnd};
+use crate::reader::{CloseReader, Drained, Event, FrameReader, ReadEnd};
 use crate::sockets::Hub;
 use crate::{Inbound, Open, Service, Shared, SocketSlot};
 
@@ -118,10 +118,12 @@ impl Outbound {
         matches!(self, Outbound::Ping | Outbound::Pong(_))
     }
 
-    /// Bytes on the wire: header and payload (0 for the `Close` marker).
-    fn wire_len(&self) -> usize {
+    /// Bytes this frame counts for in the buffer budget: header and payload, as on the wire.
+    /// The close frame is not counted (a few bytes, the last a socket sends, queued when its
+    /// other buffers have just been given back); the `Close` marker is not a frame.
+    fn counted_len(&self) -> usize {
         match self {
-            Outbound::Close(..) => 0,
+            Outbound::Close(..) | Outbound::Farewell(_) => 0,
             other => frame::head_len(other.frame().1.len()) + other.frame().1.len(),
         }
     }
@@ -179,12 +181,15 @@ struct Outbox {
     queue: VecDeque<Outbound>,
     /// Encoded bytes the kernel has not taken yet; they go out before `queue`.
     unsent: BytesMut,
+    /// What `unsent` counts for in the budget: the whole batch until the last of it is
+    /// written (the allocation stays as long), the close frame not at all.
+    unsent_counted: usize,
     /// True while the socket's task does the writing: senders queue instead of writing.
     backlogged: bool,
     /// Some bytes were written since the heartbeat last looked (stall detection).
     progressed: bool,
-    /// Bytes in `queue` (as they will be on the wire) and `unsent`: this socket's outbound
-    /// share of the buffer budget.
+    /// This socket's outbound share of the buffer budget: the counted bytes of `queue` plus
+    /// `unsent_counted`.
     bytes: usize,
 }
 
@@ -252,23 +257,30 @@ impl SocketState {
     }
 
     /// Closes this socket to bring the server back within its buffer budget; returns the bytes
-    /// it held for the caller to take off the budget (`None` if it was shed already). Its
-    /// queue is freed here when no one else holds it at this moment, else by its own task,
-    /// which the close request wakes at once.
+    /// it held for the caller to take off the budget (`None` if it was shed already). What it
+    /// queued is freed here when no one else holds its queue at this moment (else by its own
+    /// task, which the close request wakes at once); a frame the kernel took in part is then
+    /// dropped too, and the connection with it (no close frame can follow half a frame).
     pub(crate) fn shed_for_budget(&self) -> Option<usize> {
-        let held = self.holding.write_off();
-        self.request_close(
-            Some(Farewell::Code(
-                OVER_BUDGET_CODE,
-                "buffer budget exceeded".into(),
-            )),
-            CloseReason::OverBudget,
-        );
-        if let Ok(mut outbox) = self.out.try_lock() {
-            outbox.queue = VecDeque::new();
-            outbox.bytes = outbox.unsent.len();
+        let held = self.holding.write_off()?;
+        let farewell = || Farewell::Code(OVER_BUDGET_CODE, "buffer budget exceeded".into());
+        match self.out.try_lock() {
+            Ok(mut outbox) => {
+                let mid_frame = !outbox.unsent.is_empty();
+                let won = self.request_close((!mid_frame).then(farewell), CloseReason::OverBudget);
+                if won {
+                    // A close frame already queued (another close began first) stays.
+                    outbox.queue.retain(|o| matches!(o, Outbound::Farewell(_)));
+                    outbox.unsent = BytesMut::new();
+                    outbox.unsent_counted = 0;
+                    outbox.bytes = 0;
+                }
+            }
+            Err(_) => {
+                self.request_close(Some(farewell()), CloseReason::OverBudget);
+            }
         }
-        held
+        Some(held)
     }
 
     /// Closes this socket because it asked for more than the budget lets it have.
@@ -383,13 +395,13 @@ impl SocketState {
                 // answers the heartbeat in time. A few at most: a client that pings without
                 // reading does not grow the queue.
                 let at = outbox.queue.iter().take_while(|o| o.is_control()).count();
-                if at >= MAX_QUEUED_CONTROL || !self.reserve_out(&mut outbox, out.wire_len()) {
+                if at >= MAX_QUEUED_CONTROL || !self.reserve_out(&mut outbox, out.counted_len()) {
                     return Err(SendError::Full);
                 }
                 outbox.queue.insert(at, out);
                 return Ok(());
             }
-            let size = out.wire_len();
+            let size = out.counted_len();
             let over_bytes = outbox.bytes > 0 && outbox.bytes + size > self.capacity_bytes;
             if outbox.queue.len() >= self.capacity || over_bytes {
                 drop(outbox);
@@ -429,6 +441,7 @@ impl SocketState {
         }
         let rest = head_len + payload.len() - written;
         if !self.reserve_out(&mut outbox, rest) {
+            // Nothing of it is counted yet (`reserve_out` failed): give back nothing.
             drop(outbox);
             // Half a frame on the wire cannot be followed by a close frame.
             self.refuse_for_budget(written > 0);
@@ -437,6 +450,7 @@ impl SocketState {
         if written == 0 {
             outbox.queue.push_back(out);
         } else {
+            outbox.unsent_counted += rest;
             // The kernel took part of the frame: the rest goes next, before anything else.
             if written < head_len {
                 outbox.unsent.extend_from_slice(&head[written..head_len]);
@@ -464,7 +478,6 @@ impl SocketState {
                 match outbox.queue.front() {
                     None => {
                         outbox.backlogged = false;
-                        outbox.unsent = BytesMut::new(); // no buffer kept while idle
                         return Ok(Flushed::Done);
                     }
                     Some(Outbound::Close(..)) => {
@@ -482,6 +495,7 @@ impl SocketState {
                     }
                     let (opcode, payload) = next.frame();
                     frame::encode_frame(opcode, payload, &mut outbox.unsent);
+                    outbox.unsent_counted += next.counted_len();
                     outbox.queue.pop_front();
                 }
             }
@@ -489,7 +503,12 @@ impl SocketState {
                 Ok(n) => {
                     outbox.unsent.advance(n);
                     outbox.progressed = true;
-                    self.release_out(outbox, n);
+                    if outbox.unsent.is_empty() {
+                        // The batch is out: its allocation and its count go together.
+                        outbox.unsent = BytesMut::new();
+                        let counted = std::mem::take(&mut outbox.unsent_counted);
+                        self.release_out(outbox, counted);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -513,7 +532,12 @@ impl SocketState {
         } else {
             0
         };
-        let dropped: usize = outbox.queue.iter().skip(keep).map(Outbound::wire_len).sum();
+        let dropped: usize = outbox
+            .queue
+            .iter()
+            .skip(keep)
+            .map(Outbound::counted_len)
+            .sum();
         outbox.queue.truncate(keep);
         self.release_out(&mut outbox, dropped);
     }
@@ -521,12 +545,7 @@ impl SocketState {
     /// Queues the close frame after everything else; only the closing task calls this.
     fn queue_farewell(&self, payload: Bytes) {
         let mut outbox = lock(&self.out);
-        let farewell = Outbound::Farewell(payload);
-        // A few bytes, freed once written: counted, but never refused.
-        let size = farewell.wire_len();
-        self.hub.force(self, size);
-        outbox.bytes += size;
-        outbox.queue.push_back(farewell);
+        outbox.queue.push_back(Outbound::Farewell(payload));
         outbox.backlogged = true;
     }
 
@@ -542,6 +561,7 @@ impl SocketState {
         let mut outbox = lock(&self.out);
         outbox.queue = VecDeque::new();
         outbox.unsent = BytesMut::new();
+        outbox.unsent_counted = 0;
         let held = outbox.bytes;
         self.release_out(&mut outbox, held);
     }
@@ -610,7 +630,7 @@ impl SocketHandle {
         if outbox.queue.len() >= state.capacity {
             // At once: what is queued is dropped (a frame the kernel took in part is still
             // finished before the close frame).
-            let dropped: usize = outbox.queue.iter().map(Outbound::wire_len).sum();
+            let dropped: usize = outbox.queue.iter().map(Outbound::counted_len).sum();
             outbox.queue.clear();
             state.release_out(&mut outbox, dropped);
             drop(outbox);
@@ -886,8 +906,8 @@ impl<S: Service> Future for SocketTask<S> {
             if this.poll_serve(cx).is_pending() {
                 return Poll::Pending;
             }
-            // While closing, the reader only looks for the client's close frame: data frames
-            // end the wait and nothing more is buffered, so its bytes leave the budget now.
+            // While closing, the reader only looks for the client's close frame and keeps no
+            // data, so its bytes leave the budget now.
             let reader = std::mem::replace(&mut this.reader, FrameReader::new(0, Bytes::new()));
             let reader = reader.for_closing();
             this.shared
@@ -980,7 +1000,7 @@ fn write_backlog(state: &SocketState) -> bool {
 /// out first (an echo of the message before a bad frame, say). After a slow-consumer or
 /// shutdown close they are dropped: the client is not reading, or we are leaving. When we
 /// started the close, the client gets `close_timeout` to answer it.
-async fn finish(state: Arc<SocketState>, mut reader: FrameReader, close_timeout: Duration) {
+async fn finish(state: Arc<SocketState>, mut reader: CloseReader, close_timeout: Duration) {
     let state = &*state;
     let reader = &mut reader;
     let reason = state.reason();
@@ -1012,16 +1032,16 @@ async fn finish(state: Arc<SocketState>, mut reader: FrameReader, close_timeout:
     }
 }
 
-/// Reads (and ignores) until the client's close frame, the end of the connection, or an error.
-async fn await_close_reply(state: &SocketState, reader: &mut FrameReader) {
+/// Reads (and skips) until the client's close frame, the end of the connection, or an error.
+async fn await_close_reply(state: &SocketState, reader: &mut CloseReader) {
     loop {
         if state.stream.readable().await.is_err() {
             return;
         }
-        match reader.read(&state.stream, &mut |_| {}, &mut |_| true) {
-            Ok(Drained::Yes) => {}
-            Ok(Drained::No) => tokio::task::yield_now().await,
-            Err(_) => return,
+        match reader.read(&state.stream) {
+            Ok(Some(Drained::Yes)) => {}
+            Ok(Some(Drained::No)) => tokio::task::yield_now().await,
+            Ok(None) | Err(_) => return,
         }
     }
 }

@@ -93,13 +93,6 @@ impl Hub {
         false
     }
 
-    /// Counts `n` bytes for `who` whatever the budget (a close frame).
-    pub(crate) fn force(&self, who: &SocketState, n: usize) {
-        if who.holding.add(n) {
-            self.stats.budget.force_add(n);
-        }
-    }
-
     /// Gives back `n` bytes `who` no longer holds.
     pub(crate) fn release(&self, who: &SocketState, n: usize) {
         if n > 0 && who.holding.sub(n) {

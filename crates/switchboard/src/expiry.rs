@@ -86,7 +86,7 @@ impl Expiries {
                     let now = SystemTime::now()
                         .duration_since(UNIX_EPOCH)
                         .unwrap_or_default();
-                    Duration::from_secs(at + 1).saturating_sub(now)
+                    Duration::from_secs(at.saturating_add(1)).saturating_sub(now)
                 }
                 None => Duration::from_secs(3600),
             };

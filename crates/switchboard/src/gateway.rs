@@ -2,7 +2,7 @@
 //! client sees of replies and failures.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -45,6 +45,12 @@ pub const REFRESHED_TYPE: &str = "$refreshed";
 
 /// At most this many bytes of request headers are copied into a socket's context.
 const MAX_CONTEXT_HEADER_BYTES: usize = 4096;
+/// At most this many bytes of query parameters are kept in a socket's context.
+const MAX_CONTEXT_PARAM_BYTES: usize = 4096;
+/// A socket may have one `$refresh` verified per this interval; more are refused unverified.
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest token a `$refresh` may bring.
+const MAX_REFRESH_TOKEN: usize = 16 * 1024;
 
 /// Topics the gateway publishes to, from the config.
 #[derive(Debug, Clone, Default)]
@@ -119,8 +125,9 @@ pub(crate) struct Session {
     /// Replaced when the client refreshes its token (the claims change).
     headers: Mutex<Arc<str>>,
     params: Arc<str>,
-    /// The current token's `exp` (seconds), where the expiry queue files this socket.
-    exp: Mutex<u64>,
+    /// The current token's `exp` (seconds), where the expiry queue files this socket, and when
+    /// the last `$refresh` was verified.
+    token: Mutex<TokenState>,
     bucket: Option<Mutex<Bucket>>,
     /// With the connect gate: whether the verdict has let the socket in.
     gate: Option<Arc<Gate>>,
@@ -138,6 +145,11 @@ impl Session {
             JsonObject::from_json_text(self.params.clone()),
         ))
     }
+}
+
+struct TokenState {
+    exp: u64,
+    last_refresh: Option<Instant>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -241,6 +253,9 @@ pub(crate) struct Gate {
     namespace: Option<Arc<str>>,
     handle: SocketHandle,
     registry: Arc<Registry<SocketHandle>>,
+    /// `limits.max_sockets_per_user`, checked again at the verdict: sockets that waited at
+    /// the gate were not counted at admission.
+    max_sockets_per_user: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,11 +266,21 @@ enum GateState {
 }
 
 impl Gate {
-    /// The verdict is yes: register the socket and read what it sent meanwhile.
+    /// The verdict is yes: register the socket and read what it sent meanwhile (unless its
+    /// user has reached `max_sockets_per_user` while it waited).
     fn let_in(&self) {
         let mut state = lock(&self.state);
         if *state != GateState::Waiting {
             return;
+        }
+        if let Some(max) = self.max_sockets_per_user {
+            if self.registry.count(Target::User(&self.username)) >= max {
+                *state = GateState::Shut;
+                drop(state);
+                return self
+                    .handle
+                    .close(CONNECT_FAILED_CODE, "too many sockets for this user");
+            }
         }
         self.registry.insert_shared(
             self.id,
@@ -268,16 +293,24 @@ impl Gate {
         self.handle.resume_reading();
     }
 
-    /// The verdict is no, the wait is over, or the socket has ended: it will never be let in
-    /// (and leaves the registry if it was). Returns the state before.
-    fn shut(&self) -> GateState {
+    /// The verdict is no, or the socket has ended: it will never be let in (and leaves the
+    /// registry if it was).
+    fn shut(&self) {
         let mut state = lock(&self.state);
-        let before = *state;
-        if before == GateState::Open {
+        if *state == GateState::Open {
             self.registry.remove(self.id);
         }
         *state = GateState::Shut;
-        before
+    }
+
+    /// The wait is over: shuts the gate if no verdict came; true if it did that.
+    fn expire(&self) -> bool {
+        let mut state = lock(&self.state);
+        let waiting = *state == GateState::Waiting;
+        if waiting {
+            *state = GateState::Shut;
+        }
+        waiting
     }
 }
 
@@ -339,11 +372,27 @@ impl Gateway {
         let token = data
             .get("payload")
             .and_then(|p| p.get("token"))
-            .and_then(Value::as_str);
-        let identity = match token.map(|t| self.verifier.verify_token(t)) {
-            Some(Ok(identity)) => identity,
-            Some(Err(e)) => return self.refuse_refresh(s, &e.to_string()),
-            None => return self.refuse_refresh(s, "send {\"payload\":{\"token\":\"...\"}}"),
+            .and_then(Value::as_str)
+            .filter(|t| t.len() <= MAX_REFRESH_TOKEN);
+        let Some(token) = token else {
+            return self.refuse_refresh(s, "send {\"payload\":{\"token\":\"...\"}}");
+        };
+        {
+            // Each verification costs a signature check: one per interval per socket.
+            let mut token = lock(&s.token);
+            let now = Instant::now();
+            if token
+                .last_refresh
+                .is_some_and(|at| now.duration_since(at) < MIN_REFRESH_INTERVAL)
+            {
+                drop(token);
+                return self.refuse_refresh(s, "too frequent: at most one per second");
+            }
+            token.last_refresh = Some(now);
+        }
+        let identity = match self.verifier.verify_token(token) {
+            Ok(identity) => identity,
+            Err(e) => return self.refuse_refresh(s, &e.to_string()),
         };
         if *identity.username != *s.username {
             GatewayStats::bump(&stats.refresh_mismatches);
@@ -370,9 +419,9 @@ impl Gateway {
         headers.insert("jwt".into(), Value::Object(identity.claims));
         *lock(&s.headers) = serde_json::to_string(&headers).unwrap_or_default().into();
         if let Some(expiries) = &self.expiries {
-            let mut exp = lock(&s.exp);
-            expiries.refile(*exp, identity.exp, s.id, &s.handle);
-            *exp = identity.exp;
+            let mut token = lock(&s.token);
+            expiries.refile(token.exp, identity.exp, s.id, &s.handle);
+            token.exp = identity.exp;
         }
         GatewayStats::bump(&stats.refreshes);
         let _ = s
@@ -418,16 +467,19 @@ impl Gateway {
     }
 }
 
-/// The query parameters as a JSON object's text (`{}` shared by every socket without any).
+/// The query parameters as a JSON object's text (`{}` shared by every socket without any), at
+/// most [`MAX_CONTEXT_PARAM_BYTES`] of them (in order; `namespace` is read apart from them).
 fn params_text(query: Option<&str>) -> Arc<str> {
     static EMPTY: OnceLock<Arc<str>> = OnceLock::new();
-    let params: Map<String, Value> = query
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut params = Map::new();
+    let mut bytes = 0;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        bytes += k.len() + v.len();
+        if bytes > MAX_CONTEXT_PARAM_BYTES {
+            break;
+        }
+        params.insert(k.into_owned(), Value::String(v.into_owned()));
+    }
     if params.is_empty() {
         return EMPTY.get_or_init(|| Arc::from("{}")).clone();
     }
@@ -502,15 +554,19 @@ impl Service for Gateway {
                 namespace: a.namespace.clone(),
                 handle: handle.clone(),
                 registry: self.registry.clone(),
+                max_sockets_per_user: self.max_sockets_per_user,
             });
-            let waiting = gate.clone();
+            // Weak: a socket that has ended is not kept (nor its file descriptor) by the timer.
+            let waiting: Weak<Gate> = Arc::downgrade(&gate);
             let observe = self.observe.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(timeout).await;
-                if waiting.shut() == GateState::Waiting {
+                let Some(gate) = waiting.upgrade() else {
+                    return;
+                };
+                if gate.expire() {
                     GatewayStats::bump(&observe.stats.gate_timeouts);
-                    waiting
-                        .handle
+                    gate.handle
                         .close(CONNECT_HANDLER_ERROR_CODE, "connect handler did not answer");
                 }
             });
@@ -534,7 +590,10 @@ impl Service for Gateway {
             namespace: a.namespace,
             headers: Mutex::new(a.context.headers),
             params: a.context.params,
-            exp: Mutex::new(a.exp),
+            token: Mutex::new(TokenState {
+                exp: a.exp,
+                last_refresh: None,
+            }),
             bucket: self.rate_limit.map(|l| Mutex::new(Bucket::new(l))),
             gate,
         };
@@ -614,15 +673,13 @@ impl Service for Gateway {
 
     fn on_close(&self, s: Session, reason: CloseReason) {
         match &s.gate {
-            Some(gate) => {
-                gate.shut();
-            }
+            Some(gate) => gate.shut(),
             None => {
                 self.registry.remove(s.id);
             }
         }
         if let Some(expiries) = &self.expiries {
-            expiries.unfile(*lock(&s.exp), s.id);
+            expiries.unfile(lock(&s.token).exp, s.id);
         }
         if matches!(
             reason,

@@ -405,10 +405,7 @@ fn byte_bounds_gate_and_expiry_parse_with_defaults() {
     let d = Config::from_yaml_str("gateway:\n  socket:\n    onconnect: {publish: c}\n").unwrap();
     let (s, l) = (&d.gateway.socket, &d.gateway.limits);
     assert_eq!((s.send_queue_bytes, l.buffer_budget), (1 << 20, 256 << 20));
-    assert_eq!(
-        (l.max_handshakes, l.max_handshakes_per_address),
-        (1024, 256)
-    );
+    assert_eq!((l.max_handshakes, l.max_handshakes_per_address), (1024, 64));
     assert_eq!(l.max_request_head, 32 << 10);
     assert_eq!(
         s.context_headers,

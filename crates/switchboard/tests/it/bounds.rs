@@ -169,12 +169,15 @@ async fn mute_client(addr: std::net::SocketAddr, user: &str) -> tokio::net::TcpS
 async fn the_buffer_budget_holds_and_well_behaved_sockets_see_every_message() {
     const BUDGET: u64 = 4 << 20;
     const HOARDERS: usize = 200; // each sends the first 60 KB of a message and stops
-    const MUTE: usize = 200; // never read; broadcasts pile up for them
-    const GOOD: usize = 20;
-    const BROADCASTS: usize = 200;
+    const MUTE: usize = 20; // never read; broadcasts pile up for them
+    const GOOD: usize = 10;
+    // 5.6 MB per socket: more than the kernel takes for a client that does not read
+    // (loopback send buffers grow to about 4 MB), so the rest waits in the server's queues.
+    const BROADCASTS: usize = 700;
     let mut c = Container::new(config(
         "    max_message_size: 64KiB",
-        "  limits:\n    buffer_budget: 4MiB",
+        // The mute clients upgrade without waiting for the answer: many are in progress at once.
+        "  limits:\n    buffer_budget: 4MiB\n    max_handshakes_per_address: 1024",
     ))
     .unwrap();
     c.add_handler("socket:generalMessage", |m: Message| async move {
@@ -215,7 +218,7 @@ async fn the_buffer_budget_holds_and_well_behaved_sockets_see_every_message() {
         let _ = h.write_all(&first_fragment).await; // a shed hoarder may be gone already
     }
     // Broadcasts, one at a time; the well-behaved read each before the next, and talk too.
-    let pad = "b".repeat(6 * 1024);
+    let pad = "b".repeat(8 * 1024);
     let producer = gw.producer();
     for seq in 0..BROADCASTS {
         producer
@@ -232,7 +235,7 @@ async fn the_buffer_budget_holds_and_well_behaved_sockets_see_every_message() {
                 format!("{seq:06}")
             );
         }
-        if seq % 50 == 0 {
+        if seq % 100 == 0 {
             for ws in &mut good {
                 send(ws, json!({"type": "talk", "payload": seq})).await;
                 assert_eq!(
@@ -248,15 +251,26 @@ async fn the_buffer_budget_holds_and_well_behaved_sockets_see_every_message() {
         "peak {} over the budget {BUDGET}",
         stats.buffered_bytes_peak
     );
-    assert!(stats.over_budget > 0, "{stats:?}");
-    // Whoever was closed held too much; no well-behaved socket was.
-    let mut shed = 0;
-    while let Ok((_, data, _)) = closes.try_recv() {
-        let user = data["username"].as_str().unwrap();
-        assert!(!user.starts_with("good-"), "{data}");
-        shed += usize::from(data["reason"]["kind"] == "over_budget");
+    // Sockets over their share were closed with 1013 (each ends after its close handshake,
+    // which a client that does not read never completes: up to `close_timeout` later).
+    let mut shed_users = std::collections::BTreeSet::new();
+    while shed_users
+        .iter()
+        .filter(|u: &&String| u.starts_with("hoarder-"))
+        .count()
+        == 0
+        || shed_users.iter().filter(|u| u.starts_with("mute-")).count() == 0
+    {
+        let (_, data, _) = next_published(&mut closes).await;
+        let user = data["username"].as_str().unwrap().to_string();
+        assert!(
+            !user.starts_with("good-"),
+            "a well-behaved socket was closed: {data}"
+        );
+        assert_eq!(data["reason"]["kind"], "over_budget", "{data}");
+        shed_users.insert(user);
     }
-    assert!(shed > 0);
+    assert!(gw.stats().transport.over_budget > 0);
     // Every byte held is given back once the others go.
     drop((mute, hoarders));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -161,3 +161,63 @@ async fn no_verdict_in_time_closes_the_socket() {
     assert_eq!(topic, "socket:close");
     assert_eq!(gw.stats().gate_timeouts, 1);
 }
+
+#[tokio::test]
+async fn a_socket_let_in_stays_registered_after_the_gate_timeout() {
+    let mut c = Container::new(gate_config("300ms")).unwrap();
+    c.add_handler("socket:connection", |m: Message| async move {
+        m.reply(json!({"welcome": true}));
+    })
+    .unwrap();
+    let gw = start(c).await;
+    let mut ws = connect(&gw, "alex", None).await;
+    assert_eq!(recv(&mut ws).await["type"], "onconnect");
+    // Well past the gate's timeout, the socket is still registered and reached.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(gw.sockets().count(), 1);
+    gw.producer()
+        .send("socket:broadcast", json!({"type": "news", "payload": 1}))
+        .unwrap();
+    assert_eq!(recv(&mut ws).await, json!({"type": "news", "payload": 1}));
+    assert_eq!(gw.stats().gate_timeouts, 0);
+}
+
+#[tokio::test]
+async fn the_per_user_limit_counts_sockets_that_waited_at_the_gate() {
+    let _ = spec_config("");
+    let yaml = format!(
+        "gateway:\n  socket:\n    onconnect: {{publish: \"socket:connection\", gate: true}}\n  limits:\n    max_sockets_per_user: 1\n  auth:\n    secret_env: {SECRET_ENV}\n"
+    );
+    let mut c = Container::new(Config::from_yaml_str(&yaml).unwrap()).unwrap();
+    let (verdict, mut called) = judge(&mut c);
+    let gw = start(c).await;
+    let addr = gw.local_addr();
+    // Two sockets of one user pass admission together: neither is registered yet.
+    let request = raw::upgrade_request(addr, "", &token("alex"), "");
+    let (mut first, _) = raw::open(addr, &request, &[]).await;
+    let (mut second, _) = raw::open(addr, &request, &[]).await;
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(5), called.recv())
+            .await
+            .unwrap();
+    }
+    verdict.send("ok").unwrap();
+    verdict.send("ok").unwrap();
+    // One is let in; the other finds the limit reached at its verdict and is closed.
+    let mut codes = Vec::new();
+    for stream in [&mut first, &mut second] {
+        let (op, payload) = raw::read_frame(stream).await;
+        if op == raw::CLOSE {
+            codes.push(u16::from_be_bytes([payload[0], payload[1]]));
+            continue;
+        }
+        let frame: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(frame["type"], "onconnect");
+        let next = tokio::time::timeout(Duration::from_millis(300), raw::read_frame(stream)).await;
+        if let Ok((raw::CLOSE, payload)) = next {
+            codes.push(u16::from_be_bytes([payload[0], payload[1]]));
+        }
+    }
+    assert_eq!(codes, [1008], "exactly one closed");
+    assert_eq!(gw.sockets().count(), 1);
+}

@@ -98,7 +98,8 @@ async fn an_invalid_refresh_changes_nothing_and_another_users_token_closes_the_s
     }
     send(&mut ws, json!({"type": "still-here"})).await;
     assert_eq!(next_published(&mut seen).await.1["type"], "still-here");
-    // A valid token, for someone else.
+    // A valid token, for someone else (a second verification: after the one-per-second limit).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let sams = token_for("sam", 600, json!({}));
     send(
         &mut ws,
@@ -129,4 +130,32 @@ async fn with_close_on_expiry_off_sockets_outlive_their_token() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     send(&mut ws, json!({"type": "late"})).await;
     assert_eq!(next_published(&mut seen).await.1["type"], "late");
+}
+
+#[tokio::test]
+async fn refreshes_are_verified_at_most_once_per_second_per_socket() {
+    let gw = start(Container::new(spec_config("")).unwrap()).await;
+    let mut ws = connect(&gw, "alex", None).await;
+    let fresh = token_for("alex", 600, json!({}));
+    send(
+        &mut ws,
+        json!({"type": "$refresh", "payload": {"token": fresh}}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["type"], "$refreshed");
+    send(
+        &mut ws,
+        json!({"type": "$refresh", "payload": {"token": fresh}}),
+    )
+    .await;
+    let frame = recv(&mut ws).await;
+    assert_eq!(frame["type"], "error");
+    assert!(
+        frame["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("too frequent"),
+        "{frame}"
+    );
+    assert_eq!((gw.stats().refreshes, gw.stats().refreshes_refused), (1, 1));
 }
