@@ -83,8 +83,9 @@ pub(crate) struct FrameReader {
 #[derive(Debug)]
 struct Assembler {
     max_message_size: usize,
-    /// A fragmented message in progress: text?, bytes so far, UTF-8 checked so far.
-    partial: Option<(bool, BytesMut, Utf8Progress)>,
+    /// A fragmented message in progress: text?, bytes so far, UTF-8 checked so far. Boxed:
+    /// most sockets never have one, and the reader lives in every socket's task.
+    partial: Option<Box<(bool, BytesMut, Utf8Progress)>>,
 }
 
 impl FrameReader {
@@ -114,7 +115,7 @@ impl FrameReader {
         let partial = self
             .messages
             .partial
-            .as_ref()
+            .as_deref()
             .map_or(0, |(_, data, _)| data.capacity());
         self.pending.capacity() + partial
     }
@@ -344,7 +345,7 @@ fn parse(
 
 impl Assembler {
     fn check_size(&self, head: &Head) -> Result<(), ReadEnd> {
-        let so_far = self.partial.as_ref().map_or(0, |(_, data, _)| data.len());
+        let so_far = self.partial.as_deref().map_or(0, |(_, data, _)| data.len());
         if (so_far as u64).saturating_add(head.len) > self.max_message_size as u64 {
             return Err(ReadEnd::Violation {
                 code: 1009,
@@ -374,12 +375,12 @@ impl Assembler {
                     let data = Bytes::copy_from_slice(payload);
                     on(Event::Message { text, data });
                 } else {
-                    self.partial = Some((text, BytesMut::from(payload), utf8));
+                    self.partial = Some(Box::new((text, BytesMut::from(payload), utf8)));
                 }
                 Ok(())
             }
             frame::CONTINUATION => {
-                let Some((text, data, utf8)) = self.partial.as_mut() else {
+                let Some((text, data, utf8)) = self.partial.as_deref_mut() else {
                     return Err((1002, "continuation frame without a message").into());
                 };
                 data.extend_from_slice(payload);
@@ -387,7 +388,7 @@ impl Assembler {
                     utf8.check(data, head.fin)?;
                 }
                 if head.fin {
-                    let (text, data, _) = self.partial.take().expect("checked above");
+                    let (text, data, _) = *self.partial.take().expect("checked above");
                     on(Event::Message {
                         text,
                         data: data.freeze(),

@@ -220,7 +220,8 @@ pub(crate) struct SocketState {
     /// Set by [`SocketHandle::close`] and every close request: sends fail from then on.
     closing: AtomicBool,
     close_requested: AtomicBool,
-    request: Mutex<Option<CloseRequest>>,
+    /// Boxed: only a closing socket has one.
+    request: Mutex<Option<Box<CloseRequest>>>,
     /// Heartbeat state, kept by the server's heartbeat sweep (see [`SocketState::heartbeat`]).
     pong_seen: AtomicBool,
     awaiting_pong: AtomicBool,
@@ -311,7 +312,7 @@ impl SocketState {
         let won = {
             let mut slot = lock(&self.request);
             if slot.is_none() {
-                *slot = Some(CloseRequest { farewell, reason });
+                *slot = Some(Box::new(CloseRequest { farewell, reason }));
                 true
             } else {
                 false

@@ -2,6 +2,7 @@
 //! client sees of replies and failures.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -125,10 +126,13 @@ pub(crate) struct Session {
     /// Replaced when the client refreshes its token (the claims change).
     headers: Mutex<Arc<str>>,
     params: Arc<str>,
-    /// The current token's `exp` (seconds), where the expiry queue files this socket, and when
-    /// the last `$refresh` was verified.
-    token: Mutex<TokenState>,
-    bucket: Option<Mutex<Bucket>>,
+    /// The current token's `exp` (seconds since the epoch), where the expiry queue files this
+    /// socket. Only the socket's own task changes it (a `$refresh`).
+    exp: AtomicU64,
+    /// When the last `$refresh` was verified, in milliseconds on the gateway's clock (0: never).
+    last_refresh: AtomicU64,
+    /// Boxed: only with `limits.messages_per_second`.
+    bucket: Option<Box<Mutex<Bucket>>>,
     /// With the connect gate: whether the verdict has let the socket in.
     gate: Option<Arc<Gate>>,
 }
@@ -147,9 +151,10 @@ impl Session {
     }
 }
 
-struct TokenState {
-    exp: u64,
-    last_refresh: Option<Instant>,
+/// Milliseconds since the first call, from a monotonic clock (never 0).
+fn clock_millis() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -377,19 +382,14 @@ impl Gateway {
         let Some(token) = token else {
             return self.refuse_refresh(s, "send {\"payload\":{\"token\":\"...\"}}");
         };
-        {
-            // Each verification costs a signature check: one per interval per socket.
-            let mut token = lock(&s.token);
-            let now = Instant::now();
-            if token
-                .last_refresh
-                .is_some_and(|at| now.duration_since(at) < MIN_REFRESH_INTERVAL)
-            {
-                drop(token);
-                return self.refuse_refresh(s, "too frequent: at most one per second");
-            }
-            token.last_refresh = Some(now);
+        // Each verification costs a signature check: one per second per socket. (Refreshes of
+        // one socket come from its task, one at a time.)
+        let now = clock_millis();
+        let last = s.last_refresh.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < MIN_REFRESH_INTERVAL.as_millis() as u64 {
+            return self.refuse_refresh(s, "too frequent: at most one per second");
         }
+        s.last_refresh.store(now, Ordering::Relaxed);
         let identity = match self.verifier.verify_token(token) {
             Ok(identity) => identity,
             Err(e) => return self.refuse_refresh(s, &e.to_string()),
@@ -419,9 +419,8 @@ impl Gateway {
         headers.insert("jwt".into(), Value::Object(identity.claims));
         *lock(&s.headers) = serde_json::to_string(&headers).unwrap_or_default().into();
         if let Some(expiries) = &self.expiries {
-            let mut token = lock(&s.token);
-            expiries.refile(token.exp, identity.exp, s.id, &s.handle);
-            token.exp = identity.exp;
+            let old = s.exp.swap(identity.exp, Ordering::AcqRel);
+            expiries.refile(old, identity.exp, s.id, &s.handle);
         }
         GatewayStats::bump(&stats.refreshes);
         let _ = s
@@ -590,11 +589,11 @@ impl Service for Gateway {
             namespace: a.namespace,
             headers: Mutex::new(a.context.headers),
             params: a.context.params,
-            token: Mutex::new(TokenState {
-                exp: a.exp,
-                last_refresh: None,
-            }),
-            bucket: self.rate_limit.map(|l| Mutex::new(Bucket::new(l))),
+            exp: AtomicU64::new(a.exp),
+            last_refresh: AtomicU64::new(0),
+            bucket: self
+                .rate_limit
+                .map(|l| Box::new(Mutex::new(Bucket::new(l)))),
             gate,
         };
         tracing::debug!(connection = %id, username = %session.username, namespace = ?session.namespace, "socket open");
@@ -679,7 +678,7 @@ impl Service for Gateway {
             }
         }
         if let Some(expiries) = &self.expiries {
-            expiries.unfile(lock(&s.token).exp, s.id);
+            expiries.unfile(s.exp.load(Ordering::Acquire), s.id);
         }
         if matches!(
             reason,
