@@ -92,13 +92,25 @@ async fn publish(client: &async_nats::Client, subject: &str, body: Value) {
 async fn send_and_broadcast_from_plain_nats_reach_each_socket_once_across_nodes() {
     let nats = NatsServer::start();
     let (a, b) = (node(&nats, "node-a"), node(&nats, "node-b"));
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    // A socket publishes `onconnect` once it is registered on its node: seeing all five
+    // (and answering them, as a handler would) means every one can be reached.
+    let mut connections = client.subscribe("socket:connection").await.unwrap();
+    client.flush().await.unwrap();
     let mut alex_a = connect(a.addr, "alex", Some("acme")).await;
     let mut alex_b = connect(b.addr, "alex", Some("acme")).await;
     let mut alex_other = connect(b.addr, "alex", Some("globex")).await;
     let mut kim_b = connect(b.addr, "kim", Some("globex")).await;
     let mut sam_a = connect(a.addr, "sam", Some("acme")).await;
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        let event = tokio::time::timeout(Duration::from_secs(10), connections.next())
+            .await
+            .expect("every socket's onconnect within 10 s")
+            .unwrap();
+        if let Some(reply) = event.reply {
+            client.publish(reply, "{}".into()).await.unwrap();
+        }
+    }
 
     // a plain NATS client sends to alex in acme: both of alex's acme sockets, once each
     publish(
