@@ -811,18 +811,8 @@ impl<S: Service> SocketTask<S> {
             }
             if state.reading_paused.load(Ordering::Acquire) {
                 // `resume_reading` wakes the task; until then only writing goes on.
-                if self.blocked {
-                    match state.stream.poll_write_ready(cx) {
-                        Poll::Ready(Ok(())) => {
-                            self.blocked = write_backlog(state);
-                            continue;
-                        }
-                        Poll::Ready(Err(e)) => {
-                            state.request_close(None, CloseReason::Io(e.to_string()));
-                            continue;
-                        }
-                        Poll::Pending => {}
-                    }
+                if write_when_ready(state, &mut self.blocked, cx) {
+                    continue;
                 }
                 return Poll::Pending;
             }
@@ -830,18 +820,8 @@ impl<S: Service> SocketTask<S> {
                 reading.read(service, session);
                 continue;
             }
-            if self.blocked {
-                match state.stream.poll_write_ready(cx) {
-                    Poll::Ready(Ok(())) => {
-                        self.blocked = write_backlog(state);
-                        continue;
-                    }
-                    Poll::Ready(Err(e)) => {
-                        state.request_close(None, CloseReason::Io(e.to_string()));
-                        continue;
-                    }
-                    Poll::Pending => {}
-                }
+            if write_when_ready(state, &mut self.blocked, cx) {
+                continue;
             }
             match state.stream.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => {
@@ -974,6 +954,29 @@ fn ping_allowed<S: Service>(service: &S, session: &S::Session, state: &SocketSta
     }
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| service.on_ping(session)))
         .unwrap_or(false)
+}
+
+/// While the kernel's buffer is full (`blocked`), writes the backlog as soon as the socket is
+/// writable again. True when something happened (the caller looks at the socket again).
+fn write_when_ready(
+    state: &SocketState,
+    blocked: &mut bool,
+    cx: &mut std::task::Context<'_>,
+) -> bool {
+    if !*blocked {
+        return false;
+    }
+    match state.stream.poll_write_ready(cx) {
+        Poll::Ready(Ok(())) => {
+            *blocked = write_backlog(state);
+            true
+        }
+        Poll::Ready(Err(e)) => {
+            state.request_close(None, CloseReason::Io(e.to_string()));
+            true
+        }
+        Poll::Pending => false,
+    }
 }
 
 /// Writes the backlog after a wake-up or writability; true while the kernel is full.
