@@ -57,11 +57,11 @@ impl Handshakes {
         if total >= this.max_total as u64 {
             return Err(Refused::Total);
         }
-        let count = per_address.entry(address).or_insert(0);
-        if *count >= this.max_per_address {
+        let count = per_address.get(&address).copied().unwrap_or(0);
+        if count >= this.max_per_address {
             return Err(Refused::PerAddress);
         }
-        *count += 1;
+        per_address.insert(address, count + 1);
         this.stats.handshakes_in_progress.fetch_add(1, Relaxed);
         Ok(InProgress {
             handshakes: this.clone(),

@@ -191,6 +191,9 @@ struct Outbox {
     /// This socket's outbound share of the buffer budget: the counted bytes of `queue` plus
     /// `unsent_counted`.
     bytes: usize,
+    /// The rest of a frame the kernel took in part was dropped: the stream ends inside a
+    /// frame, so no close frame may follow.
+    torn: bool,
 }
 
 /// What [`SocketState::flush`] got to.
@@ -269,13 +272,17 @@ impl SocketState {
             Ok(mut outbox) => {
                 let mid_frame = !outbox.unsent.is_empty();
                 let won = self.request_close((!mid_frame).then(farewell), CloseReason::OverBudget);
-                if won {
-                    // A close frame already queued (another close began first) stays.
-                    outbox.queue.retain(|o| matches!(o, Outbound::Farewell(_)));
+                // Queued data goes now, whoever closes; a close that began first keeps its
+                // marker, its close frame and the frame the kernel took in part.
+                outbox
+                    .queue
+                    .retain(|o| matches!(o, Outbound::Farewell(_) | Outbound::Close(..)));
+                if won && mid_frame {
                     outbox.unsent = BytesMut::new();
                     outbox.unsent_counted = 0;
-                    outbox.bytes = 0;
+                    outbox.torn = true;
                 }
+                outbox.bytes = outbox.unsent_counted;
             }
             Err(_) => {
                 self.request_close(Some(farewell()), CloseReason::OverBudget);
@@ -442,9 +449,10 @@ impl SocketState {
         }
         let rest = head_len + payload.len() - written;
         if !self.reserve_out(&mut outbox, rest) {
-            // Nothing of it is counted yet (`reserve_out` failed): give back nothing.
+            // Nothing of it is counted (`reserve_out` failed), so nothing is given back. Half
+            // a frame on the wire cannot be followed by a close frame, whoever closes.
+            outbox.torn |= written > 0;
             drop(outbox);
-            // Half a frame on the wire cannot be followed by a close frame.
             self.refuse_for_budget(written > 0);
             return Err(SendError::OverBudget);
         }
@@ -489,6 +497,16 @@ impl SocketState {
                     }
                     Some(_) => {}
                 }
+                // The batch's buffer is sized once, so its allocation is what it counts for.
+                let mut size = 0;
+                for next in outbox.queue.iter() {
+                    if matches!(next, Outbound::Close(..)) || size >= MAX_BATCH_BYTES {
+                        break;
+                    }
+                    let (_, payload) = next.frame();
+                    size += frame::head_len(payload.len()) + payload.len();
+                }
+                outbox.unsent = BytesMut::with_capacity(size);
                 while let Some(next) = outbox.queue.front() {
                     if matches!(next, Outbound::Close(..)) || outbox.unsent.len() >= MAX_BATCH_BYTES
                     {
@@ -860,6 +878,8 @@ impl<S: Service> Drop for SocketTask<S> {
     /// and gives its bytes back; `on_close` is not called from a drop.
     fn drop(&mut self) {
         if self.session.is_some() {
+            // Sends fail from here on, so nothing is queued (or counted) for it any more.
+            self.state.request_close(None, CloseReason::Dropped);
             self.state.shutdown_stream();
             self.state.release_buffers();
             self.shared
@@ -1016,6 +1036,9 @@ async fn finish(state: Arc<SocketState>, mut reader: CloseReader, close_timeout:
     let Some(farewell) = state.take_farewell() else {
         return;
     };
+    if lock(&state.out).torn {
+        return; // the stream ends inside a frame: no close frame can follow
+    }
     state.queue_farewell(farewell.payload());
     let written = timeout(close_timeout, async {
         loop {

@@ -215,11 +215,13 @@ impl ReplyTo for Replies {
         let errors = &metrics.errors;
         let closing = match reply {
             Reply::Ok(payload) => {
-                if self.handle.send_text(encode_frame(kind, &payload)).is_ok() {
+                // With the gate, the socket is let in (or turned away) before it hears yes.
+                let let_in = match &self.answering {
+                    Answering::Gate(gate) => gate.let_in(),
+                    _ => true,
+                };
+                if let_in && self.handle.send_text(encode_frame(kind, &payload)).is_ok() {
                     topic_metrics.messages_out().inc();
-                }
-                if let Answering::Gate(gate) = &self.answering {
-                    gate.let_in();
                 }
                 None
             }
@@ -271,20 +273,25 @@ enum GateState {
 }
 
 impl Gate {
-    /// The verdict is yes: register the socket and read what it sent meanwhile (unless its
-    /// user has reached `max_sockets_per_user` while it waited).
-    fn let_in(&self) {
+    /// The verdict is yes: register the socket and read what it sent meanwhile, unless its
+    /// user has reached `max_sockets_per_user` while it waited (then it is closed). True if
+    /// the socket is in (a later `reply` of an open gate too).
+    fn let_in(&self) -> bool {
         let mut state = lock(&self.state);
-        if *state != GateState::Waiting {
-            return;
+        match *state {
+            GateState::Open => return true,
+            GateState::Shut => return false,
+            GateState::Waiting => {}
         }
         if let Some(max) = self.max_sockets_per_user {
+            // Verdicts of one user's sockets at the same moment may overshoot by their number,
+            // as handshakes do at admission.
             if self.registry.count(Target::User(&self.username)) >= max {
                 *state = GateState::Shut;
                 drop(state);
-                return self
-                    .handle
+                self.handle
                     .close(CONNECT_FAILED_CODE, "too many sockets for this user");
+                return false;
             }
         }
         self.registry.insert_shared(
@@ -296,6 +303,7 @@ impl Gate {
         *state = GateState::Open;
         drop(state);
         self.handle.resume_reading();
+        true
     }
 
     /// The verdict is no, or the socket has ended: it will never be let in (and leaves the

@@ -281,16 +281,11 @@ impl Collector for Scraped {
                 ("dropped", t.dropped),
                 ("heartbeat_timeout", t.heartbeat_timeouts),
                 ("protocol_error", t.protocol_errors),
-                // Token expiry is a server close of its own kind, counted apart.
-                (
-                    "server",
-                    t.closed_by_server.saturating_sub(g.token_expiry_closes),
-                ),
+                ("server", t.closed_by_server),
                 ("shutdown", t.closed_by_shutdown),
                 ("slow_consumer", t.slow_consumers),
                 ("io_error", t.io_errors),
                 ("over_budget", t.over_budget),
-                ("token_expired", g.token_expiry_closes),
             ] {
                 ConstCounter::new(n).encode(m.encode_family(&[("reason", reason)])?)?;
             }
@@ -406,7 +401,7 @@ impl Collector for Scraped {
             ),
             (
                 "switchboard_token_expiry_closes",
-                "Sockets closed because their token expired (4001).",
+                "Sockets closed because their token expired (4001; also counted as reason=server in switchboard_sockets_closed_total).",
                 g.token_expiry_closes,
             ),
             (
