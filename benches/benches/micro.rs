@@ -4,7 +4,9 @@
 //! - `routing`: an inbound client message decoded and published on the in-process bus to a
 //!   handler that replies (the reply encoded and queued, as the gateway does);
 //! - `fanout`: one broadcast frame to 10k socket queues, encoded once and shared as `Bytes`
-//!   clones (the gateway's way), against encoding once per recipient.
+//!   clones (the gateway's way), against encoding once per recipient;
+//! - `codec`: the RFC 6455 codec without I/O: a frame header parsed, a payload unmasked, a
+//!   server frame encoded, and a stream of client frames decoded into messages.
 //!
 //! `cargo bench -p switchboard-bench` (add `-- registry` to run one group).
 
@@ -190,5 +192,57 @@ fn fanout(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, registry, routing, fanout);
+fn codec(c: &mut Criterion) {
+    use switchboard_transport::codec::{encode_client_frame, encode_frame, parse_head, unmask};
+    use switchboard_transport::codec::{Decoder, Event, TEXT};
+    let mut g = c.benchmark_group("codec");
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let small = encode_client_frame(
+        true,
+        TEXT,
+        br#"{"type":"echo","payload":"0123456789abcdef"}"#,
+        mask,
+    );
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("parse a frame header", |b| {
+        b.iter(|| black_box(parse_head(black_box(&small))))
+    });
+    for size in [64usize, 16 * 1024] {
+        let mut payload = vec![b'x'; size];
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_function(format!("unmask {size} B"), |b| {
+            b.iter(|| unmask(black_box(&mut payload), mask))
+        });
+        let body = vec![b'y'; size];
+        g.bench_function(format!("encode a {size} B server frame"), |b| {
+            b.iter_batched_ref(
+                || bytes::BytesMut::with_capacity(size + 10),
+                |buf| encode_frame(TEXT, black_box(&body), buf),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    // 100 small messages in one read, as a busy client sends them.
+    let stream: Vec<u8> = (0..100).flat_map(|_| small.clone()).collect();
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("decode 100 small messages from one read", |b| {
+        let mut decoder = Decoder::new(64 * 1024);
+        b.iter_batched_ref(
+            || stream.clone(),
+            |bytes| {
+                let mut n = 0;
+                decoder
+                    .feed(bytes, &mut |e| {
+                        n += usize::from(matches!(e, Event::Message { .. }))
+                    })
+                    .unwrap();
+                black_box(n)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, registry, routing, fanout, codec);
 criterion_main!(benches);

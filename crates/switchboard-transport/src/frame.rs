@@ -4,25 +4,33 @@
 
 use bytes::BytesMut;
 
-/// Opcodes (RFC 6455 5.2).
-pub(crate) const CONTINUATION: u8 = 0x0;
-pub(crate) const TEXT: u8 = 0x1;
-pub(crate) const BINARY: u8 = 0x2;
-pub(crate) const CLOSE: u8 = 0x8;
-pub(crate) const PING: u8 = 0x9;
-pub(crate) const PONG: u8 = 0xA;
+/// Opcodes (RFC 6455 5.2): continuation.
+pub const CONTINUATION: u8 = 0x0;
+/// Text frame.
+pub const TEXT: u8 = 0x1;
+/// Binary frame.
+pub const BINARY: u8 = 0x2;
+/// Close frame.
+pub const CLOSE: u8 = 0x8;
+/// Ping.
+pub const PING: u8 = 0x9;
+/// Pong.
+pub const PONG: u8 = 0xA;
 
 /// The longest header a server frame has (no mask): 2 bytes + a 64-bit length.
 pub(crate) const MAX_SERVER_HEAD: usize = 10;
 
 /// A protocol violation: the close code to send and what was wrong.
-pub(crate) type Violation = (u16, &'static str);
+pub type Violation = (u16, &'static str);
 
 /// The header of one client frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Head {
+pub struct Head {
+    /// The final frame of its message.
     pub fin: bool,
+    /// The opcode.
     pub opcode: u8,
+    /// The masking key.
     pub mask: [u8; 4],
     /// Payload length in bytes.
     pub len: u64,
@@ -31,7 +39,8 @@ pub(crate) struct Head {
 }
 
 impl Head {
-    pub(crate) fn is_control(&self) -> bool {
+    /// A control frame (close, ping, pong).
+    pub fn is_control(&self) -> bool {
         self.opcode & 0x8 != 0
     }
 }
@@ -41,7 +50,7 @@ impl Head {
 /// Rejects what RFC 6455 says a server must fail the connection for, with `1002`: reserved
 /// bits set (no extension is ever negotiated), reserved opcodes, unmasked client frames,
 /// fragmented or over-125-byte control frames, and lengths with the top bit set.
-pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, Violation> {
+pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, Violation> {
     let [b0, b1, ..] = *buf else {
         return Ok(None);
     };
@@ -116,8 +125,29 @@ pub(crate) fn head_len(len: usize) -> usize {
     }
 }
 
-/// Appends a whole server frame to `buf`.
-pub(crate) fn encode_frame(opcode: u8, payload: &[u8], buf: &mut BytesMut) {
+/// A whole client frame: masked with `mask`, as a client must send it (RFC 6455 5.3). For
+/// clients and tests; a server sends [`encode_frame`]'s unmasked frames.
+pub fn encode_client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    out.push(u8::from(fin) << 7 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// Appends a whole server frame (final, unmasked) to `buf`.
+pub fn encode_frame(opcode: u8, payload: &[u8], buf: &mut BytesMut) {
     let mut head = [0u8; MAX_SERVER_HEAD];
     let n = encode_head(opcode, payload.len(), &mut head);
     buf.reserve(n + payload.len());
@@ -187,29 +217,10 @@ impl Utf8Progress {
 mod tests {
     use super::*;
 
-    fn masked(opcode_byte: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [1, 2, 3, 4];
-        let mut out = vec![opcode_byte];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xFFFF => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
-    }
-
     #[test]
     fn parses_the_three_length_forms_and_waits_for_missing_bytes() {
         for len in [0, 125, 126, 65535, 65536] {
-            let frame = masked(0x81, &vec![b'a'; len]);
+            let frame = encode_client_frame(true, TEXT, &vec![b'a'; len], [1, 2, 3, 4]);
             let head = parse_head(&frame).unwrap().unwrap();
             assert_eq!((head.fin, head.opcode, head.len), (true, TEXT, len as u64));
             assert_eq!(head.size + len, frame.len());

@@ -99,6 +99,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 mod budget;
+pub mod codec;
 mod frame;
 mod handshakes;
 mod reader;

@@ -1,4 +1,5 @@
-//! The read side of a socket: bytes from the kernel to whole messages.
+//! The read side of a socket: bytes from the kernel to whole messages, through the
+//! sans-IO [`Decoder`](crate::codec::Decoder).
 //!
 //! Reads go into one scratch buffer per thread, not one per socket; a socket keeps bytes of
 //! its own only while a frame is incomplete (and frees them as soon as it completes). An
@@ -8,11 +9,12 @@
 use std::cell::RefCell;
 use std::io::{self, Read};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::frame::{self, Head, Utf8Progress, Violation};
+use crate::codec::{self, Decoder, End, Event};
+use crate::frame;
 
 /// Size of each thread's scratch buffer, and of one read.
 const SCRATCH_LEN: usize = 16 * 1024;
@@ -21,17 +23,6 @@ const READS_PER_WAKE: usize = 4;
 
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
-}
-
-/// What the reader hands on while the connection is open.
-#[derive(Debug)]
-pub(crate) enum Event<'a> {
-    /// A whole message; a text message's bytes are valid UTF-8.
-    Message { text: bool, data: Bytes },
-    /// A ping with its payload, to be answered with a pong.
-    Ping(&'a [u8]),
-    /// A pong.
-    Pong,
 }
 
 /// Why reading stopped for good.
@@ -53,11 +44,19 @@ pub(crate) enum ReadEnd {
     OverBudget,
 }
 
-impl From<Violation> for ReadEnd {
-    fn from((code, detail): Violation) -> Self {
-        ReadEnd::Violation {
-            code,
-            detail: detail.to_string(),
+impl From<End> for ReadEnd {
+    fn from(end: End) -> Self {
+        match end {
+            End::Close {
+                payload,
+                code,
+                reason,
+            } => ReadEnd::Close {
+                payload,
+                code,
+                reason,
+            },
+            End::Violation { code, detail } => ReadEnd::Violation { code, detail },
         }
     }
 }
@@ -71,40 +70,25 @@ pub(crate) enum Drained {
     No,
 }
 
-/// One socket's read state.
+/// One socket's read state: a [`Decoder`] fed from the socket.
 #[derive(Debug)]
 pub(crate) struct FrameReader {
-    /// Bytes of an incomplete frame; unallocated while there is none.
-    pending: BytesMut,
-    messages: Assembler,
-}
-
-/// Frames to messages: reassembly of fragments and the size and UTF-8 checks.
-#[derive(Debug)]
-struct Assembler {
-    max_message_size: usize,
-    /// A fragmented message in progress: text?, bytes so far, UTF-8 checked so far. Boxed:
-    /// most sockets never have one, and the reader lives in every socket's task.
-    partial: Option<Box<(bool, BytesMut, Utf8Progress)>>,
+    decoder: Decoder,
 }
 
 impl FrameReader {
     /// `early`: bytes the client sent right after its upgrade request, read with it.
     pub(crate) fn new(max_message_size: usize, early: Bytes) -> FrameReader {
         FrameReader {
-            pending: BytesMut::from(&early[..]),
-            messages: Assembler {
-                max_message_size,
-                partial: None,
-            },
+            decoder: Decoder::with_early(max_message_size, &early),
         }
     }
 
     /// The reader for a closing socket, which only looks for the client's close frame: the
-    /// message in progress is dropped, and what was read but not parsed yet goes through it.
+    /// message in progress is dropped, and what was read but not decoded yet goes through it.
     pub(crate) fn for_closing(self) -> CloseReader {
         let mut closing = CloseReader::default();
-        if closing.consume(&self.pending) {
+        if closing.consume(&self.decoder.into_undecoded()) {
             closing.done = true;
         }
         closing
@@ -112,12 +96,7 @@ impl FrameReader {
 
     /// Bytes this reader holds: an incomplete frame and a fragmented message so far.
     pub(crate) fn held(&self) -> usize {
-        let partial = self
-            .messages
-            .partial
-            .as_deref()
-            .map_or(0, |(_, data, _)| data.capacity());
-        self.pending.capacity() + partial
+        self.decoder.buffered()
     }
 
     /// Handles whatever the socket has: complete frames become events, an incomplete frame
@@ -129,8 +108,8 @@ impl FrameReader {
         on: &mut dyn FnMut(Event<'_>),
         settle: &mut dyn FnMut(usize) -> bool,
     ) -> Result<Drained, ReadEnd> {
-        if !self.pending.is_empty() {
-            self.parse_pending(on)?;
+        if self.decoder.has_undecoded() {
+            self.decoder.feed(&mut [], on)?;
         }
         for _ in 0..READS_PER_WAKE {
             // A nested call (a service that reads another socket from `on`, which nothing
@@ -163,34 +142,8 @@ impl FrameReader {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),
             Err(e) => return Err(ReadEnd::Io(e)),
         };
-        if self.pending.is_empty() {
-            // The common case: frames straight out of the scratch buffer.
-            let used = parse(&mut self.messages, &mut scratch[..n], on)?;
-            if used < n {
-                let rest = &scratch[used..n];
-                self.pending.reserve(frame_size_hint(rest).max(rest.len()));
-                self.pending.extend_from_slice(rest);
-            }
-        } else {
-            self.pending.extend_from_slice(&scratch[..n]);
-            self.parse_pending(on)?;
-        }
+        self.decoder.feed(&mut scratch[..n], on)?;
         Ok(drained)
-    }
-
-    fn parse_pending(&mut self, on: &mut dyn FnMut(Event<'_>)) -> Result<(), ReadEnd> {
-        let used = parse(&mut self.messages, &mut self.pending[..], on)?;
-        if used == self.pending.len() {
-            self.pending = BytesMut::new(); // give the memory back while idle
-        } else if used > 0 {
-            // The rest moves to a buffer of its own size: after `advance` the old allocation
-            // would stay whole while `capacity` (what the budget counts) no longer shows it.
-            let rest = &self.pending[used..];
-            let mut fresh = BytesMut::with_capacity(frame_size_hint(rest).max(rest.len()));
-            fresh.extend_from_slice(rest);
-            self.pending = fresh;
-        }
-        Ok(())
     }
 }
 
@@ -256,7 +209,7 @@ impl CloseReader {
             if buf.is_empty() {
                 return false;
             }
-            match frame::parse_head(buf) {
+            match codec::parse_head(buf) {
                 Err(_) => return true,
                 Ok(None) => {
                     self.pending = buf.to_vec();
@@ -306,208 +259,13 @@ fn read_ready(stream: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, bool)> {
     }
 }
 
-/// How many bytes to make room for, for the frame starting `buf`: its whole size when its
-/// header is complete, so the pending buffer grows once rather than read by read, but no more
-/// than one scratch buffer's worth: the size is what the client *says*, and a header alone
-/// must not make the server reserve a whole maximum-size message (beyond that the buffer
-/// grows as the bytes actually arrive).
-fn frame_size_hint(buf: &[u8]) -> usize {
-    match frame::parse_head(buf) {
-        Ok(Some(head)) => head.size.saturating_add(head.len as usize).min(SCRATCH_LEN),
-        _ => 0,
-    }
-}
-
-/// Handles every complete frame at the start of `buf` (unmasking in place); returns how many
-/// bytes they took. A data frame's declared size is checked against the message limit
-/// before its payload has arrived, so an oversized message is refused without buffering it.
-fn parse(
-    messages: &mut Assembler,
-    buf: &mut [u8],
-    on: &mut dyn FnMut(Event<'_>),
-) -> Result<usize, ReadEnd> {
-    let mut at = 0;
-    while let Some(head) = frame::parse_head(&buf[at..])? {
-        if !head.is_control() {
-            messages.check_size(&head)?;
-        }
-        let end = at + head.size + head.len as usize;
-        if end > buf.len() {
-            break;
-        }
-        let payload = &mut buf[at + head.size..end];
-        fastwebsockets::unmask(payload, head.mask);
-        messages.on_frame(&head, payload, on)?;
-        at = end;
-    }
-    Ok(at)
-}
-
-impl Assembler {
-    fn check_size(&self, head: &Head) -> Result<(), ReadEnd> {
-        let so_far = self.partial.as_deref().map_or(0, |(_, data, _)| data.len());
-        if (so_far as u64).saturating_add(head.len) > self.max_message_size as u64 {
-            return Err(ReadEnd::Violation {
-                code: 1009,
-                detail: format!("message too big (limit {} bytes)", self.max_message_size),
-            });
-        }
-        Ok(())
-    }
-
-    fn on_frame(
-        &mut self,
-        head: &Head,
-        payload: &[u8],
-        on: &mut dyn FnMut(Event<'_>),
-    ) -> Result<(), ReadEnd> {
-        match head.opcode {
-            frame::TEXT | frame::BINARY if self.partial.is_some() => {
-                Err((1002, "new message before the previous one finished").into())
-            }
-            frame::TEXT | frame::BINARY => {
-                let text = head.opcode == frame::TEXT;
-                let mut utf8 = Utf8Progress::default();
-                if text {
-                    utf8.check(payload, head.fin)?;
-                }
-                if head.fin {
-                    let data = Bytes::copy_from_slice(payload);
-                    on(Event::Message { text, data });
-                } else {
-                    self.partial = Some(Box::new((text, BytesMut::from(payload), utf8)));
-                }
-                Ok(())
-            }
-            frame::CONTINUATION => {
-                let Some((text, data, utf8)) = self.partial.as_deref_mut() else {
-                    return Err((1002, "continuation frame without a message").into());
-                };
-                data.extend_from_slice(payload);
-                if *text {
-                    utf8.check(data, head.fin)?;
-                }
-                if head.fin {
-                    let (text, data, _) = *self.partial.take().expect("checked above");
-                    on(Event::Message {
-                        text,
-                        data: data.freeze(),
-                    });
-                }
-                Ok(())
-            }
-            frame::PING => {
-                on(Event::Ping(payload));
-                Ok(())
-            }
-            frame::PONG => {
-                on(Event::Pong);
-                Ok(())
-            }
-            frame::CLOSE => {
-                let (code, reason) = frame::parse_close(payload)?;
-                Err(ReadEnd::Close {
-                    payload: Bytes::copy_from_slice(payload),
-                    code,
-                    reason,
-                })
-            }
-            _ => unreachable!("parse_head rejects reserved opcodes"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::encode_client_frame;
 
     fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [9, 8, 7, 6];
-        let mut out = vec![first];
-        if payload.len() < 126 {
-            out.push(0x80 | payload.len() as u8);
-        } else {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
-    }
-
-    /// Feeds `bytes` through `parse` in chunks of `chunk`, the way reads would split them.
-    fn feed(bytes: &[u8], chunk: usize, max: usize) -> (Vec<String>, Option<ReadEnd>) {
-        feed_cuts(bytes, &[chunk], max)
-    }
-
-    /// Feeds `bytes` in pieces of the given sizes (cycled), like reads of varying length.
-    fn feed_cuts(bytes: &[u8], cuts: &[usize], max: usize) -> (Vec<String>, Option<ReadEnd>) {
-        let mut reader = FrameReader::new(max, Bytes::new());
-        let mut seen = Vec::new();
-        let mut on = |e: Event<'_>| match e {
-            Event::Message { text, data } => {
-                seen.push(format!("{}:{}", text, String::from_utf8_lossy(&data)))
-            }
-            Event::Ping(p) => seen.push(format!("ping:{}", String::from_utf8_lossy(p))),
-            Event::Pong => seen.push("pong".into()),
-        };
-        let mut rest = bytes;
-        for &cut in cuts.iter().cycle() {
-            if rest.is_empty() {
-                break;
-            }
-            let (piece, after) = rest.split_at(cut.clamp(1, rest.len()));
-            rest = after;
-            reader.pending.extend_from_slice(piece);
-            if let Err(end) = reader.parse_pending(&mut on) {
-                return (seen, Some(end));
-            }
-        }
-        if reader.pending.is_empty() {
-            assert_eq!(
-                reader.pending.capacity(),
-                0,
-                "no memory kept between frames"
-            );
-        }
-        (seen, None)
-    }
-
-    fn outcome(end: &Option<ReadEnd>) -> String {
-        match end {
-            None => "open".into(),
-            Some(ReadEnd::Violation { code, .. }) => format!("violation {code}"),
-            Some(ReadEnd::Close { code, .. }) => format!("close {code}"),
-            Some(other) => format!("{other:?}"),
-        }
-    }
-
-    proptest::proptest! {
-        /// Any bytes, cut anywhere: no panic, and the same messages and the same ending as
-        /// when they arrive in one piece. The frames are built from random headers (any
-        /// opcode, RSV bits, mask bit and length form) and random payloads, so they cover
-        /// valid and invalid streams alike.
-        #[test]
-        fn any_stream_cut_anywhere_parses_as_a_whole(
-            frames in proptest::collection::vec(
-                (0u8..=255, proptest::bool::ANY, proptest::collection::vec(0u8..=255, 0..300)),
-                0..12,
-            ),
-            garbage in proptest::collection::vec(0u8..=255, 0..16),
-            cuts in proptest::collection::vec(1usize..64, 1..8),
-        ) {
-            let mut stream = Vec::new();
-            for (first, text, payload) in &frames {
-                // Mostly well-formed data/control frames, sometimes any first byte.
-                let first = if first % 4 == 0 { *first } else { (first & 0x80) | if *text { 1 } else { first & 0x0F } };
-                stream.extend(masked(first, payload));
-            }
-            stream.extend(&garbage);
-            let (whole, whole_end) = feed_cuts(&stream, &[stream.len().max(1)], 256);
-            let (split, split_end) = feed_cuts(&stream, &cuts, 256);
-            proptest::prop_assert_eq!(whole, split);
-            proptest::prop_assert_eq!(outcome(&whole_end), outcome(&split_end));
-        }
+        encode_client_frame(first & 0x80 != 0, first & 0x0F, payload, [9, 8, 7, 6])
     }
 
     #[test]
@@ -535,73 +293,5 @@ mod tests {
             CloseReader::default().consume(&[0x81, 0x05, b'x']),
             "unmasked"
         );
-    }
-
-    #[test]
-    fn messages_survive_any_split_of_the_byte_stream() {
-        let mut stream = masked(0x81, b"hello");
-        stream.extend(masked(0x89, b"p"));
-        stream.extend(masked(0x02, b"bi")); // binary, not final
-        stream.extend(masked(0x8A, b"")); // pong between fragments
-        stream.extend(masked(0x80, b"n")); // final continuation
-        stream.extend(masked(0x81, &[b'x'; 300]));
-        for chunk in [1, 2, 3, 7, 64, 1024] {
-            let (seen, end) = feed(&stream, chunk, 1000);
-            assert!(end.is_none(), "chunk {chunk}: {end:?}");
-            assert_eq!(
-                seen,
-                [
-                    "true:hello".to_string(),
-                    "ping:p".into(),
-                    "pong".into(),
-                    "false:bin".into(),
-                    format!("true:{}", "x".repeat(300)),
-                ],
-                "chunk {chunk}"
-            );
-        }
-    }
-
-    #[test]
-    fn an_oversized_message_fails_on_its_header() {
-        let stream = masked(0x81, &[b'x'; 300]);
-        // Only the header has arrived, and the limit is already known to be exceeded.
-        let (_, end) = feed(&stream[..8], 8, 299);
-        assert!(
-            matches!(end, Some(ReadEnd::Violation { code: 1009, .. })),
-            "{end:?}"
-        );
-        // Across fragments.
-        let mut stream = masked(0x01, &[b'x'; 200]);
-        stream.extend(masked(0x80, &[b'x'; 100]));
-        let (_, end) = feed(&stream, 1024, 299);
-        assert!(
-            matches!(end, Some(ReadEnd::Violation { code: 1009, .. })),
-            "{end:?}"
-        );
-        let (seen, end) = feed(&stream, 1024, 300);
-        assert!(
-            end.is_none() && seen.len() == 1,
-            "exactly the limit is allowed"
-        );
-    }
-
-    #[test]
-    fn sequencing_errors_and_close() {
-        let (_, end) = feed(&masked(0x80, b"x"), 64, 100);
-        assert!(matches!(end, Some(ReadEnd::Violation { code: 1002, .. })));
-        let mut stream = masked(0x01, b"a");
-        stream.extend(masked(0x81, b"b"));
-        let (_, end) = feed(&stream, 64, 100);
-        assert!(matches!(end, Some(ReadEnd::Violation { code: 1002, .. })));
-        let (_, end) = feed(&masked(0x81, &[0xC3]), 64, 100);
-        assert!(matches!(end, Some(ReadEnd::Violation { code: 1007, .. })));
-        let (_, end) = feed(&masked(0x88, &[0x03, 0xE8, b'b', b'y', b'e']), 2, 100);
-        match end {
-            Some(ReadEnd::Close { code, reason, .. }) => {
-                assert_eq!((code, &*reason), (1000, "bye"))
-            }
-            other => panic!("{other:?}"),
-        }
     }
 }

@@ -29,8 +29,9 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 use crate::budget::Holding;
+use crate::codec::Event;
 use crate::frame::{self, MAX_SERVER_HEAD};
-use crate::reader::{CloseReader, Drained, Event, FrameReader, ReadEnd};
+use crate::reader::{CloseReader, Drained, FrameReader, ReadEnd};
 use crate::sockets::Hub;
 use crate::{Inbound, Open, Service, Shared, SocketSlot};
 

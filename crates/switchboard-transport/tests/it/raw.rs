@@ -8,30 +8,16 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub(crate) const CONTINUATION: u8 = 0x0;
-pub(crate) const TEXT: u8 = 0x1;
-pub(crate) const CLOSE: u8 = 0x8;
-pub(crate) const PING: u8 = 0x9;
-pub(crate) const PONG: u8 = 0xA;
+pub(crate) use switchboard_transport::codec::{CLOSE, CONTINUATION, PING, PONG, TEXT};
 
-/// A masked client frame.
+/// A masked client frame (the codec's encoder).
 pub(crate) fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![(fin as u8) << 7 | opcode];
-    let mask = [0x11u8, 0x22, 0x33, 0x44];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n < 65536 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    switchboard_transport::codec::encode_client_frame(
+        fin,
+        opcode,
+        payload,
+        [0x11, 0x22, 0x33, 0x44],
+    )
 }
 
 pub(crate) struct Client {

@@ -30,30 +30,17 @@ pub(crate) async fn read_text(stream: &mut TcpStream) -> Vec<u8> {
     }
 }
 
-/// A masked client frame.
+/// A masked client frame (the transport codec's encoder).
 pub(crate) fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![u8::from(fin) << 7 | opcode];
-    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n < 65536 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    switchboard_transport::codec::encode_client_frame(
+        fin,
+        opcode,
+        payload,
+        [0x37, 0xfa, 0x21, 0x3d],
+    )
 }
 
-pub(crate) const TEXT: u8 = 0x1;
-pub(crate) const CLOSE: u8 = 0x8;
-pub(crate) const PING: u8 = 0x9;
-pub(crate) const PONG: u8 = 0xA;
+pub(crate) use switchboard_transport::codec::{CLOSE, PING, PONG, TEXT};
 
 /// An upgrade request with `extra` header lines (each ending in `\r\n`) and the token cookie.
 pub(crate) fn upgrade_request(addr: SocketAddr, query: &str, token: &str, extra: &str) -> String {
