@@ -185,12 +185,15 @@ pub(crate) fn token_from_headers<'h>(headers: &'h HeaderMap, cookie_name: &str) 
         .map(|(_, value)| value.trim().trim_matches('"'))
         .filter(|v| !v.is_empty());
     from_cookie.or_else(|| {
-        headers
+        let value = headers
             .get(switchboard_transport::http::header::AUTHORIZATION)?
             .to_str()
-            .ok()?
-            .strip_prefix("Bearer ")
-            .map(str::trim)
+            .ok()?;
+        // The scheme is case-insensitive (RFC 9110 11.1): `Bearer`, `bearer`, `BEARER`.
+        let (scheme, token) = value.trim_start().split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim())
             .filter(|v| !v.is_empty())
     })
 }
@@ -206,6 +209,14 @@ mod tests {
         assert_eq!(token_from_headers(&h, "ID_TOKEN"), None);
         h.insert("authorization", HeaderValue::from_static("Bearer abc"));
         assert_eq!(token_from_headers(&h, "ID_TOKEN"), Some("abc"));
+        for scheme in ["bearer", "BEARER", "bEaReR"] {
+            let value = HeaderValue::from_str(&format!("{scheme}  abc ")).unwrap();
+            h.insert("authorization", value);
+            assert_eq!(token_from_headers(&h, "ID_TOKEN"), Some("abc"), "{scheme}");
+        }
+        h.insert("authorization", HeaderValue::from_static("Basic abc"));
+        assert_eq!(token_from_headers(&h, "ID_TOKEN"), None);
+        h.insert("authorization", HeaderValue::from_static("Bearer abc"));
         h.insert("cookie", HeaderValue::from_static("a=1; ID_TOKEN=xyz; b=2"));
         assert_eq!(token_from_headers(&h, "ID_TOKEN"), Some("xyz"));
         assert_eq!(token_from_headers(&h, "OTHER"), Some("abc"));
