@@ -1,5 +1,7 @@
 //! Identity: find the socket's JWT (cookie or bearer header), verify it, take the username.
 
+use std::fmt;
+
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use switchboard_config::Auth;
@@ -22,6 +24,28 @@ pub enum AuthError {
     MissingClaim(String),
 }
 
+/// The key tokens are verified with, given directly (to [`crate::Container::with_key`])
+/// instead of read as the config says (`auth.secret_env`, `auth.public_key_file`): for a
+/// library user whose secrets come from elsewhere, and for tests.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VerificationKey {
+    /// For HS256/384/512: the shared secret, at least 16 bytes.
+    Secret(Vec<u8>),
+    /// For RS*/ES*: a public key in PEM (RSA for RS*, EC for ES*).
+    PublicKeyPem(Vec<u8>),
+}
+
+impl fmt::Debug for VerificationKey {
+    /// Never shows the secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VerificationKey::Secret(s) => write!(f, "Secret({} bytes)", s.len()),
+            VerificationKey::PublicKeyPem(p) => write!(f, "PublicKeyPem({} bytes)", p.len()),
+        }
+    }
+}
+
 /// A verified identity.
 #[derive(Debug, Clone)]
 pub(crate) struct Identity {
@@ -41,7 +65,12 @@ pub(crate) struct Verifier {
 }
 
 impl Verifier {
-    pub(crate) fn from_config(auth: &Auth) -> Result<Self, BuildError> {
+    /// A verifier as the config says; the key from `key` when given, else from the
+    /// environment variable or the file the config names.
+    pub(crate) fn from_config(
+        auth: &Auth,
+        key: Option<&VerificationKey>,
+    ) -> Result<Self, BuildError> {
         use switchboard_config::Algorithm as A;
         let algorithm = match auth.algorithm {
             A::HS256 => Algorithm::HS256,
@@ -59,37 +88,59 @@ impl Verifier {
             }
         };
         let key = if auth.algorithm.is_hmac() {
-            let secret = std::env::var(&auth.secret_env).map_err(|_| {
-                BuildError::Auth(format!(
-                    "environment variable {} (auth.secret_env) is not set",
-                    auth.secret_env
-                ))
-            })?;
+            let (secret, from) = match key {
+                Some(VerificationKey::Secret(secret)) => {
+                    (secret.clone(), "the given secret".into())
+                }
+                Some(VerificationKey::PublicKeyPem(_)) => {
+                    return Err(BuildError::Auth(format!(
+                        "{:?} verifies with a secret, not a public key",
+                        auth.algorithm
+                    )))
+                }
+                None => {
+                    let secret = std::env::var(&auth.secret_env).map_err(|_| {
+                        BuildError::Auth(format!(
+                            "environment variable {} (auth.secret_env) is not set",
+                            auth.secret_env
+                        ))
+                    })?;
+                    (
+                        secret.into_bytes(),
+                        format!("the secret in {}", auth.secret_env),
+                    )
+                }
+            };
             if secret.len() < 16 {
-                return Err(BuildError::Auth(format!(
-                    "the secret in {} is shorter than 16 bytes",
-                    auth.secret_env
-                )));
+                return Err(BuildError::Auth(format!("{from} is shorter than 16 bytes")));
             }
-            DecodingKey::from_secret(secret.as_bytes())
+            DecodingKey::from_secret(&secret)
         } else {
-            let path = auth
-                .public_key_file
-                .as_ref()
-                .ok_or_else(|| BuildError::Auth("auth.public_key_file is not set".into()))?;
-            let pem = std::fs::read(path)
-                .map_err(|e| BuildError::Auth(format!("cannot read {}: {e}", path.display())))?;
+            let (pem, from) = match key {
+                Some(VerificationKey::PublicKeyPem(pem)) => (pem.clone(), "the given key".into()),
+                Some(VerificationKey::Secret(_)) => {
+                    return Err(BuildError::Auth(format!(
+                        "{:?} verifies with a public key, not a secret",
+                        auth.algorithm
+                    )))
+                }
+                None => {
+                    let path = auth.public_key_file.as_ref().ok_or_else(|| {
+                        BuildError::Auth("auth.public_key_file is not set".into())
+                    })?;
+                    let pem = std::fs::read(path).map_err(|e| {
+                        BuildError::Auth(format!("cannot read {}: {e}", path.display()))
+                    })?;
+                    (pem, path.display().to_string())
+                }
+            };
             let parsed = if matches!(auth.algorithm, A::ES256 | A::ES384) {
                 DecodingKey::from_ec_pem(&pem)
             } else {
                 DecodingKey::from_rsa_pem(&pem)
             };
-            parsed.map_err(|e| {
-                BuildError::Auth(format!(
-                    "{} is not a usable public key: {e}",
-                    path.display()
-                ))
-            })?
+            parsed
+                .map_err(|e| BuildError::Auth(format!("{from} is not a usable public key: {e}")))?
         };
         let mut validation = Validation::new(algorithm);
         validation.leeway = auth.leeway.as_secs();

@@ -69,7 +69,7 @@ mod metrics;
 mod rate;
 mod stats;
 
-pub use auth::AuthError;
+pub use auth::{AuthError, VerificationKey};
 pub use gateway::{
     encode_frame, CONNECT_FAILED_CODE, CONNECT_HANDLER_ERROR_CODE, RATE_LIMIT_CLOSE_CODE,
     REFRESHED_TYPE, REFRESH_MISMATCH_CODE, REFRESH_TYPE, TOKEN_EXPIRED_CODE,
@@ -136,9 +136,38 @@ impl Container {
         Self::with_bus(config, Arc::new(InProcessBus::new()))
     }
 
-    /// A container on any [`Bus`].
+    /// A container on any [`Bus`]. The key that verifies tokens is read as the config says
+    /// (`auth.secret_env`, `auth.public_key_file`).
     pub fn with_bus(config: Config, bus: Arc<dyn Bus>) -> Result<Self, BuildError> {
-        let verifier = auth::Verifier::from_config(&config.gateway.auth)?;
+        Self::build(config, bus, None)
+    }
+
+    /// A container on any [`Bus`], verifying tokens with `key` rather than the environment
+    /// variable or file the config names (which are then not read).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use switchboard::{Config, Container, InProcessBus, VerificationKey};
+    ///
+    /// let config = Config::from_yaml_str("gateway:\n  socket: {}\n").unwrap();
+    /// let secret = VerificationKey::Secret(b"a secret from a vault, 32 bytes".to_vec());
+    /// let container = Container::with_key(config, Arc::new(InProcessBus::new()), secret).unwrap();
+    /// # drop(container);
+    /// ```
+    pub fn with_key(
+        config: Config,
+        bus: Arc<dyn Bus>,
+        key: VerificationKey,
+    ) -> Result<Self, BuildError> {
+        Self::build(config, bus, Some(&key))
+    }
+
+    fn build(
+        config: Config,
+        bus: Arc<dyn Bus>,
+        key: Option<&VerificationKey>,
+    ) -> Result<Self, BuildError> {
+        let verifier = auth::Verifier::from_config(&config.gateway.auth, key)?;
         let registry = Arc::new(Registry::new());
         let socket = &config.gateway.socket;
         let metrics = Arc::new(Metrics::new(config_topics(&config)));

@@ -33,7 +33,8 @@ pub(crate) async fn gateway_on(
     setup: impl FnOnce(&mut Container),
 ) -> Gateway {
     let bus = Arc::new(NatsBus::connect(options).await.unwrap());
-    let mut container = Container::with_bus(config(), bus.clone()).unwrap();
+    let key = switchboard::VerificationKey::Secret(SECRET.as_bytes().to_vec());
+    let mut container = Container::with_key(config(), bus.clone(), key).unwrap();
     setup(&mut container);
     bus.subscriptions_ready().await.unwrap();
     let running = container

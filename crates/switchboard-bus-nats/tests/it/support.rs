@@ -208,9 +208,8 @@ fn nats_server_binary() -> &'static str {
     }
 }
 
-/// The spec's hooks, the test secret, and nothing else.
+/// The spec's hooks and nothing else (the test secret is given to the container directly).
 pub(crate) fn config() -> Config {
-    std::env::set_var(SECRET_ENV, SECRET);
     Config::from_yaml_str(&format!(
         r#"
 gateway:

@@ -5,11 +5,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::json;
-use switchboard::{Config, Container, Message};
+use switchboard::{Config, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{
-    connect, next_published, recorder, recv, send, spec_config, start, SECRET, SECRET_ENV,
+    connect, container, next_published, recorder, recv, send, spec_config, start, SECRET_ENV,
 };
 
 /// One HTTP/1.1 request on a fresh connection: (status, headers, body).
@@ -62,7 +62,7 @@ async fn wait_for(addr: SocketAddr, series: &str, want: f64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_readiness_over_http() {
-    let mut container = Container::new(spec_config("")).unwrap();
+    let mut container = container(spec_config(""));
     container.admin_listen("127.0.0.1:0".parse().unwrap());
     let mut seen = recorder(&mut container, &["socket:close"]);
     container
@@ -243,12 +243,11 @@ async fn metrics_health_and_readiness_over_http() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_series_are_capped_at_top_namespaces() {
-    std::env::set_var(SECRET_ENV, SECRET);
     let config = Config::from_yaml_str(&format!(
         "gateway:\n  socket: {{}}\n  auth:\n    secret_env: {SECRET_ENV}\n  admin:\n    listen: 127.0.0.1:0\n    top_namespaces: 2\n"
     ))
     .unwrap();
-    let running = start(Container::new(config).unwrap()).await;
+    let running = start(container(config)).await;
     let admin = running.admin_addr().unwrap();
     let mut sockets = Vec::new();
     for (user, ns) in [

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use switchboard::{Config, Container, Message};
+use switchboard::{Config, Message};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -23,7 +23,7 @@ fn config(socket_extra: &str, gateway_extra: &str) -> Config {
 
 #[tokio::test]
 async fn handlers_see_only_the_configured_headers_and_a_message_stays_small() {
-    let mut c = Container::new(config("", "  limits:\n    max_request_head: 64KiB")).unwrap();
+    let mut c = container(config("", "  limits:\n    max_request_head: 64KiB"));
     let mut seen = recorder(&mut c, &["socket:connection", "socket:generalMessage"]);
     let gw = start(c).await;
     let addr = gw.local_addr();
@@ -75,7 +75,7 @@ async fn credential_headers_cannot_be_configured_into_the_context() {
 
 #[tokio::test]
 async fn an_upgrade_with_oversized_headers_gets_431_and_publishes_nothing() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let mut seen = recorder(&mut c, &["socket:connection"]);
     let gw = start(c).await;
     let addr = gw.local_addr();
@@ -111,11 +111,10 @@ async fn an_upgrade_with_oversized_headers_gets_431_and_publishes_nothing() {
 
 #[tokio::test]
 async fn pings_count_against_the_rate_limit() {
-    let mut c = Container::new(config(
+    let mut c = container(config(
         "",
         "  limits:\n    messages_per_second: 2\n    message_burst: 5",
-    ))
-    .unwrap();
+    ));
     let mut closes = recorder(&mut c, &["socket:close"]);
     let gw = start(c).await;
     let addr = gw.local_addr();
@@ -174,12 +173,11 @@ async fn the_buffer_budget_holds_and_well_behaved_sockets_see_every_message() {
     // 5.6 MB per socket: more than the kernel takes for a client that does not read
     // (loopback send buffers grow to about 4 MB), so the rest waits in the server's queues.
     const BROADCASTS: usize = 700;
-    let mut c = Container::new(config(
+    let mut c = container(config(
         "    max_message_size: 64KiB",
         // The mute clients upgrade without waiting for the answer: many are in progress at once.
         "  limits:\n    buffer_budget: 4MiB\n    max_handshakes_per_address: 1024",
-    ))
-    .unwrap();
+    ));
     c.add_handler("socket:generalMessage", |m: Message| async move {
         m.reply(m.data()["payload"].clone());
     })
@@ -291,7 +289,7 @@ async fn the_buffer_budget_holds_and_well_behaved_sockets_see_every_message() {
 
 #[tokio::test]
 async fn a_header_in_the_context_list_can_be_any_request_header() {
-    let mut c = Container::new(config("    context_headers: [x-tenant]", "")).unwrap();
+    let mut c = container(config("    context_headers: [x-tenant]", ""));
     let mut seen = recorder(&mut c, &["socket:connection"]);
     let gw = start(c).await;
     let mut req = format!("ws://{}/connect", gw.local_addr())

@@ -69,7 +69,7 @@ async fn text(stream: &mut tokio::net::TcpStream) -> serde_json::Value {
 
 #[tokio::test]
 async fn frames_sent_with_the_upgrade_wait_for_the_verdict_and_nothing_reaches_the_socket_before() {
-    let mut c = Container::new(gate_config("10s")).unwrap();
+    let mut c = container(gate_config("10s"));
     let (verdict, mut called) = judge(&mut c);
     let mut seen = recorder(&mut c, &["socket:generalMessage"]);
     let gw = start(c).await;
@@ -119,7 +119,7 @@ async fn frames_sent_with_the_upgrade_wait_for_the_verdict_and_nothing_reaches_t
 
 #[tokio::test]
 async fn a_failed_verdict_closes_the_socket_and_drops_what_it_sent() {
-    let mut c = Container::new(gate_config("10s")).unwrap();
+    let mut c = container(gate_config("10s"));
     let (verdict, mut called) = judge(&mut c);
     let mut seen = recorder(&mut c, &["socket:generalMessage", "socket:close"]);
     let gw = start(c).await;
@@ -149,7 +149,7 @@ async fn a_failed_verdict_closes_the_socket_and_drops_what_it_sent() {
 
 #[tokio::test]
 async fn no_verdict_in_time_closes_the_socket() {
-    let mut c = Container::new(gate_config("300ms")).unwrap();
+    let mut c = container(gate_config("300ms"));
     let (_verdict, _called) = judge(&mut c);
     let mut seen = recorder(&mut c, &["socket:generalMessage", "socket:close"]);
     let gw = start(c).await;
@@ -164,7 +164,7 @@ async fn no_verdict_in_time_closes_the_socket() {
 
 #[tokio::test]
 async fn a_socket_let_in_stays_registered_after_the_gate_timeout() {
-    let mut c = Container::new(gate_config("300ms")).unwrap();
+    let mut c = container(gate_config("300ms"));
     c.add_handler("socket:connection", |m: Message| async move {
         m.reply(json!({"welcome": true}));
     })
@@ -188,7 +188,7 @@ async fn the_per_user_limit_counts_sockets_that_waited_at_the_gate() {
     let yaml = format!(
         "gateway:\n  socket:\n    onconnect: {{publish: \"socket:connection\", gate: true}}\n  limits:\n    max_sockets_per_user: 1\n  auth:\n    secret_env: {SECRET_ENV}\n"
     );
-    let mut c = Container::new(Config::from_yaml_str(&yaml).unwrap()).unwrap();
+    let mut c = container(Config::from_yaml_str(&yaml).unwrap());
     let (verdict, mut called) = judge(&mut c);
     let gw = start(c).await;
     let addr = gw.local_addr();

@@ -1,12 +1,12 @@
 //! Test harness: a gateway on 127.0.0.1:0 and real WebSocket clients with signed tokens.
 
-use std::sync::Once;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{json, Value};
-use switchboard::{Config, Container, Message, Running};
+use switchboard::{Config, Container, InProcessBus, Message, Running, VerificationKey};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -18,10 +18,15 @@ pub(crate) const SECRET: &str = "integration-test-secret-0123456789";
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// The spec's example config, plus the test secret.
+/// A container on the in-process bus that verifies tokens with the test secret (given
+/// directly: the config's `secret_env` is not read).
+pub(crate) fn container(config: Config) -> Container {
+    let key = VerificationKey::Secret(SECRET.as_bytes().to_vec());
+    Container::with_key(config, Arc::new(InProcessBus::new()), key).unwrap()
+}
+
+/// The spec's example config (its `secret_env` names a variable the tests never set).
 pub(crate) fn spec_config(extra_socket: &str) -> Config {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| std::env::set_var(SECRET_ENV, SECRET));
     let yaml = format!(
         r#"
 gateway:

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use switchboard::{Config, Container, Message};
+use switchboard::{Config, Message};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -55,7 +55,7 @@ async fn raw_frame(ws: &mut Ws, opcode: Data, payload: &[u8], fin: bool) {
 
 #[tokio::test]
 async fn oversized_message_closes_1009_and_publishes_nothing() {
-    let mut c = Container::new(spec_config("    max_message_size: 100")).unwrap();
+    let mut c = container(spec_config("    max_message_size: 100"));
     let mut seen = recorder(&mut c, &["socket:generalMessage"]);
     let gw = start(c).await;
     let mut bystander = connect(&gw, "sam", Some("a")).await;
@@ -81,7 +81,7 @@ async fn oversized_message_closes_1009_and_publishes_nothing() {
 
 #[tokio::test]
 async fn fragmented_message_is_published_whole() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let mut seen = recorder(&mut c, &["socket:generalMessage"]);
     let gw = start(c).await;
     let mut ws = connect(&gw, "alex", None).await;
@@ -100,7 +100,7 @@ async fn fragmented_message_is_published_whole() {
 
 #[tokio::test]
 async fn invalid_utf8_closes_1007_and_binary_gets_an_error_frame() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let mut seen = recorder(&mut c, &["socket:generalMessage"]);
     let gw = start(c).await;
     let mut ws = connect(&gw, "alex", None).await;
@@ -120,7 +120,7 @@ async fn invalid_utf8_closes_1007_and_binary_gets_an_error_frame() {
 
 #[tokio::test]
 async fn foreign_origin_gets_403_same_origin_passes() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let mut seen = recorder(&mut c, &["socket:connection"]);
     let gw = start(c).await;
     let attempt = |origin: String| {
@@ -157,7 +157,7 @@ async fn socket_limits_refuse_before_the_upgrade() {
         "",
         "  limits:\n    max_sockets: 3\n    max_sockets_per_user: 2",
     );
-    let gw = start(Container::new(config).unwrap()).await;
+    let gw = start(container(config)).await;
     let status = |user: &'static str| {
         let url = format!("ws://{}/connect", gw.local_addr());
         async move {
@@ -191,7 +191,7 @@ async fn namespace_claim_limits_which_namespaces_a_token_may_join() {
     let yaml = format!(
         "gateway:\n  socket: {{}}\n  auth:\n    secret_env: {SECRET_ENV}\n    namespace_claim: tenants\n"
     );
-    let gw = start(Container::new(Config::from_yaml_str(&yaml).unwrap()).unwrap()).await;
+    let gw = start(container(Config::from_yaml_str(&yaml).unwrap())).await;
     let try_ns = |ns: &str, tenants: serde_json::Value| {
         let url = format!("ws://{}/connect?namespace={ns}", gw.local_addr());
         let t = token_with(
@@ -222,7 +222,7 @@ async fn rate_limit_refuses_with_an_error_frame_then_closes() {
         "",
         "  limits:\n    messages_per_second: 2\n    message_burst: 5",
     );
-    let mut c = Container::new(config).unwrap();
+    let mut c = container(config);
     let mut seen = recorder(&mut c, &["socket:generalMessage"]);
     let gw = start(c).await;
     let mut calm = connect(&gw, "sam", None).await;
@@ -268,7 +268,7 @@ async fn rate_limit_refuses_with_an_error_frame_then_closes() {
 
 #[tokio::test]
 async fn connect_handler_error_closes_1011() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     c.add_handler("socket:connection", |_m: Message| async {
         Err::<(), _>(std::io::Error::other("membership service down"))
     })
@@ -287,7 +287,7 @@ async fn connect_handler_error_closes_1011() {
 
 #[tokio::test]
 async fn a_handler_that_never_replies_costs_nothing_but_its_own_wait() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let waiting = Arc::new(AtomicUsize::new(0));
     let w = waiting.clone();
     c.add_handler("socket:type_one", move |_m: Message| {
@@ -324,7 +324,7 @@ async fn slow_consumer_among_a_thousand_is_closed_and_the_rest_get_everything() 
     // stream must be bigger than that plus the 64-frame queue to overflow it: 320 x 16 KiB.
     const BROADCASTS: usize = 320;
     const PAD: usize = 16 * 1024;
-    let mut c = Container::new(spec_config("    send_queue: 64")).unwrap();
+    let mut c = container(spec_config("    send_queue: 64"));
     let mut closes = recorder(&mut c, &["socket:close"]);
     let gw = start(c).await;
     let received = Arc::new(AtomicUsize::new(0));

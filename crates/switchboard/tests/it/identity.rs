@@ -31,7 +31,7 @@ fn cookie(token: &str) -> Vec<(&'static str, String)> {
 
 #[tokio::test]
 async fn every_bad_token_is_refused_with_401_and_publishes_nothing() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let mut seen = recorder(&mut c, &["socket:connection", "socket:close"]);
     let gw = start(c).await;
     let t = now();
@@ -195,6 +195,24 @@ async fn unusable_auth_settings_fail_at_build_time() {
     .unwrap();
     let e = Container::new(c).unwrap_err().to_string();
     assert!(e.contains("/nonexistent/key.pem"), "{e}");
+    // A key given directly must suit the algorithm, and a secret be long enough.
+    let bus = || std::sync::Arc::new(switchboard::InProcessBus::new());
+    let hs256 = || Config::from_yaml_str("gateway:\n  socket: {}\n").unwrap();
+    let pem = switchboard::VerificationKey::PublicKeyPem(b"-----BEGIN".to_vec());
+    let e = Container::with_key(hs256(), bus(), pem)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("verifies with a secret"), "{e}");
+    let short = switchboard::VerificationKey::Secret(b"short".to_vec());
+    let e = Container::with_key(hs256(), bus(), short)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("shorter than 16 bytes"), "{e}");
+    assert!(!format!(
+        "{:?}",
+        switchboard::VerificationKey::Secret(b"hunter2-hunter2-hunter2".to_vec())
+    )
+    .contains("hunter2"));
 }
 
 async fn http_first_line(addr: std::net::SocketAddr, request: &str) -> String {
@@ -212,7 +230,7 @@ async fn http_first_line(addr: std::net::SocketAddr, request: &str) -> String {
 
 #[tokio::test]
 async fn other_paths_404_and_plain_get_at_path_426() {
-    let gw = start(Container::new(spec_config("")).unwrap()).await;
+    let gw = start(container(spec_config(""))).await;
     let addr = gw.local_addr();
     let first = http_first_line(addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(first.contains(" 404"), "{first}");
@@ -229,7 +247,7 @@ async fn other_paths_404_and_plain_get_at_path_426() {
 
 #[tokio::test]
 async fn the_specs_curl_handshake_gets_101() {
-    let gw = start(Container::new(spec_config("")).unwrap()).await;
+    let gw = start(container(spec_config(""))).await;
     let port = gw.local_addr().port();
     // The spec's command, verbatim but for the port and a real token; --max-time ends it.
     let out = tokio::process::Command::new("curl")
@@ -272,7 +290,7 @@ async fn issuer_and_audience_are_required_when_configured() {
     let yaml = format!(
         "gateway:\n  socket: {{}}\n  auth:\n    secret_env: {SECRET_ENV}\n    issuer: https://id.example\n    audience: switchboard\n"
     );
-    let gw = start(Container::new(Config::from_yaml_str(&yaml).unwrap()).unwrap()).await;
+    let gw = start(container(Config::from_yaml_str(&yaml).unwrap())).await;
     let t = now() + 600;
     let cases = [
         (json!({"preferred_username": "a", "exp": t}), 401),

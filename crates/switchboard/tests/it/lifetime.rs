@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use switchboard::{Config, Container, Message, TOKEN_EXPIRED_CODE};
+use switchboard::{Config, Message, TOKEN_EXPIRED_CODE};
 
 use crate::harness::*;
 
@@ -19,7 +19,7 @@ fn token_for(user: &str, secs: u64, extra: serde_json::Value) -> String {
 
 #[tokio::test]
 async fn a_socket_is_closed_when_its_token_expires_and_onclose_is_published_once() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let mut closes = recorder(&mut c, &["socket:close"]);
     let gw = start(c).await;
     let mut short = connect_with_token(&gw, &token_for("alex", 2, json!({}))).await;
@@ -42,7 +42,7 @@ async fn a_socket_is_closed_when_its_token_expires_and_onclose_is_published_once
 
 #[tokio::test]
 async fn a_refreshed_socket_outlives_its_first_token_and_handlers_see_the_new_claims() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let mut seen = recorder(&mut c, &["socket:generalMessage"]);
     c.add_handler("socket:generalMessage", |m: Message| async move {
         m.reply(m.context().headers["jwt"]["level"].clone());
@@ -74,7 +74,7 @@ async fn a_refreshed_socket_outlives_its_first_token_and_handlers_see_the_new_cl
 
 #[tokio::test]
 async fn an_invalid_refresh_changes_nothing_and_another_users_token_closes_the_socket() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let mut seen = recorder(&mut c, &["socket:generalMessage", "socket:close"]);
     let gw = start(c).await;
     let mut ws = connect(&gw, "alex", None).await;
@@ -122,7 +122,7 @@ async fn with_close_on_expiry_off_sockets_outlive_their_token() {
     let yaml = format!(
         "gateway:\n  socket:\n    onmessage: {{publish: m}}\n  auth:\n    secret_env: {SECRET_ENV}\n    close_on_expiry: false\n"
     );
-    let mut c = Container::new(Config::from_yaml_str(&yaml).unwrap()).unwrap();
+    let mut c = container(Config::from_yaml_str(&yaml).unwrap());
     let mut seen = recorder(&mut c, &["m"]);
     let gw = start(c).await;
     let mut ws = connect_with_token(&gw, &token_for("alex", 1, json!({}))).await;
@@ -133,7 +133,7 @@ async fn with_close_on_expiry_off_sockets_outlive_their_token() {
 
 #[tokio::test]
 async fn refreshes_are_verified_at_most_once_per_second_per_socket() {
-    let gw = start(Container::new(spec_config("")).unwrap()).await;
+    let gw = start(container(spec_config(""))).await;
     let mut ws = connect(&gw, "alex", None).await;
     let fresh = token_for("alex", 600, json!({}));
     send(

@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 #[tokio::test]
 async fn connect_reply_reaches_the_client_with_full_context() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let mut seen = recorder(&mut c, &["socket:connection"]);
     c.add_handler("socket:connection", |m: Message| async move {
         m.reply(json!({"data": [1, 2, 3]}));
@@ -56,7 +56,7 @@ async fn connect_reply_reaches_the_client_with_full_context() {
 
 #[tokio::test]
 async fn connect_fail_sends_error_then_closes_and_still_publishes_onclose() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let mut closes = recorder(&mut c, &["socket:close"]);
     c.add_handler("socket:connection", |m: Message| async move {
         m.fail(json!({"message": "not today"}));
@@ -93,7 +93,7 @@ fn echo_handlers(c: &mut Container) {
 
 #[tokio::test]
 async fn messages_publish_general_and_typed_and_replies_carry_the_topic() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     echo_handlers(&mut c);
     let mut seen = recorder(
         &mut c,
@@ -139,7 +139,7 @@ async fn messages_publish_general_and_typed_and_replies_carry_the_topic() {
 
 #[tokio::test]
 async fn message_fail_sends_error_frame_and_keeps_the_socket() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     c.add_handler("socket:generalMessage", |m: Message| async move {
         if m.data()["payload"]["ok"] == json!(true) {
             m.reply("fine");
@@ -164,7 +164,7 @@ async fn message_fail_sends_error_frame_and_keeps_the_socket() {
 
 #[tokio::test]
 async fn bad_messages_get_error_frames_publish_nothing_and_keep_the_socket() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     echo_handlers(&mut c);
     let mut seen = recorder(&mut c, &["socket:generalMessage", "socket:type_one"]);
     let gw = start(c).await;
@@ -200,7 +200,7 @@ async fn bad_messages_get_error_frames_publish_nothing_and_keep_the_socket() {
 
 #[tokio::test]
 async fn send_reaches_the_user_in_that_namespace_only() {
-    let c = Container::new(spec_config("")).unwrap();
+    let c = container(spec_config(""));
     let gw = start(c).await;
     let mut alex_a1 = connect(&gw, "alex", Some("a")).await;
     let mut alex_a2 = connect(&gw, "alex", Some("a")).await;
@@ -225,7 +225,7 @@ async fn send_reaches_the_user_in_that_namespace_only() {
 
 #[tokio::test]
 async fn send_without_namespace_reaches_every_socket_of_the_user() {
-    let c = Container::new(spec_config("")).unwrap();
+    let c = container(spec_config(""));
     let gw = start(c).await;
     let mut alex = [
         connect(&gw, "alex", Some("a")).await,
@@ -248,7 +248,7 @@ async fn send_without_namespace_reaches_every_socket_of_the_user() {
 
 #[tokio::test]
 async fn broadcast_reaches_everyone_or_one_namespace() {
-    let c = Container::new(spec_config("")).unwrap();
+    let c = container(spec_config(""));
     let gw = start(c).await;
     let mut a = [
         connect(&gw, "alex", Some("a")).await,
@@ -278,7 +278,7 @@ async fn broadcast_reaches_everyone_or_one_namespace() {
 #[tokio::test]
 async fn handlers_can_send_through_the_producer() {
     // The spec's pattern: a handler publishes to the send topic for another user.
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let producer = c.producer();
     c.add_handler("socket:type_two", move |m: Message| {
         let p = producer.clone();
@@ -315,7 +315,7 @@ async fn handlers_can_send_through_the_producer() {
 
 #[tokio::test]
 async fn bad_send_data_is_refused_without_harm() {
-    let c = Container::new(spec_config("")).unwrap();
+    let c = container(spec_config(""));
     let gw = start(c).await;
     let mut alex = connect(&gw, "alex", Some("a")).await;
     wait_for_sockets(&gw, 1).await;
@@ -336,7 +336,7 @@ async fn bad_send_data_is_refused_without_harm() {
 
 #[tokio::test]
 async fn onclose_is_published_when_the_client_closes() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let mut closes = recorder(&mut c, &["socket:close"]);
     let gw = start(c).await;
     let mut ws = connect(&gw, "alex", Some("acme")).await;
@@ -353,7 +353,7 @@ async fn onclose_is_published_when_the_client_closes() {
 
 #[tokio::test]
 async fn onclose_is_published_when_a_client_misses_its_pong() {
-    let mut c = Container::new(spec_config("    heartbeat: 150ms")).unwrap();
+    let mut c = container(spec_config("    heartbeat: 150ms"));
     let mut closes = recorder(&mut c, &["socket:close"]);
     let gw = start(c).await;
     let _silent = raw::connect(gw.local_addr(), &token("ghost")).await;
@@ -365,7 +365,7 @@ async fn onclose_is_published_when_a_client_misses_its_pong() {
 
 #[tokio::test]
 async fn panicking_and_failing_handlers_leave_the_socket_open() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     c.add_handler("socket:type_one", |_m: Message| -> std::future::Ready<()> {
         panic!("handler bug")
     })
@@ -397,7 +397,7 @@ async fn panicking_and_failing_handlers_leave_the_socket_open() {
 
 #[tokio::test]
 async fn shutdown_closes_sockets_with_1001_and_publishes_onclose_for_each() {
-    let mut c = Container::new(spec_config("")).unwrap();
+    let mut c = container(spec_config(""));
     let mut closes = recorder(&mut c, &["socket:close"]);
     let gw = start(c).await;
     let mut clients = Vec::new();
@@ -424,12 +424,11 @@ async fn shutdown_closes_sockets_with_1001_and_publishes_onclose_for_each() {
 
 #[tokio::test]
 async fn config_without_hooks_still_serves_sockets() {
-    std::env::set_var("SWITCHBOARD_IT_SECRET_2", SECRET);
     let config = switchboard::Config::from_yaml_str(
         "gateway:\n  socket:\n    path: /connect\n  auth:\n    secret_env: SWITCHBOARD_IT_SECRET_2\n",
     )
     .unwrap();
-    let gw = start(Container::new(config).unwrap()).await;
+    let gw = start(container(config)).await;
     let mut ws = connect(&gw, "alex", None).await;
     send(&mut ws, json!({"type": "x"})).await;
     assert_silent(&mut ws, 200).await;

@@ -13,10 +13,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use switchboard::{Container, Running};
+use switchboard::Running;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::harness::{connect, spec_config, start, Ws};
+use crate::harness::{connect, container, spec_config, start, Ws};
 
 const USERS: &[&str] = &["alex", "sam", "kim"];
 const SEND: &str = "socket:send";
@@ -230,7 +230,7 @@ async fn run_case(
     population: Vec<(&'static str, Joined)>,
     ops: Vec<Op>,
 ) -> Result<(), TestCaseError> {
-    let gw = start(Container::new(spec_config("")).unwrap()).await;
+    let gw = start(container(spec_config(""))).await;
     let producer = gw.producer();
     let mut clients = Vec::new();
     for (user, joined) in population {
