@@ -119,13 +119,24 @@ impl Outbound {
         matches!(self, Outbound::Ping | Outbound::Pong(_))
     }
 
-    /// Bytes this frame counts for in the buffer budget: header and payload, as on the wire.
-    /// The close frame is not counted (a few bytes, the last a socket sends, queued when its
-    /// other buffers have just been given back); the `Close` marker is not a frame.
+    /// Bytes on the wire: header and payload (0 for the `Close` marker, which is no frame).
+    fn wire_len(&self) -> usize {
+        match self {
+            Outbound::Close(..) => 0,
+            other => {
+                let payload = other.frame().1.len();
+                frame::head_len(payload) + payload
+            }
+        }
+    }
+
+    /// Bytes this frame counts for in the buffer budget: its wire length, but for the close
+    /// frame (a few bytes, the last a socket sends, queued when its other buffers have just
+    /// been given back), which is not counted.
     fn counted_len(&self) -> usize {
         match self {
-            Outbound::Close(..) | Outbound::Farewell(_) => 0,
-            other => frame::head_len(other.frame().1.len()) + other.frame().1.len(),
+            Outbound::Farewell(_) => 0,
+            other => other.wire_len(),
         }
     }
 
@@ -149,6 +160,11 @@ enum Farewell {
 }
 
 impl Farewell {
+    /// The close frame of a socket shed (or refused) for the buffer budget.
+    fn over_budget() -> Farewell {
+        Farewell::Code(OVER_BUDGET_CODE, "buffer budget exceeded".into())
+    }
+
     fn payload(self) -> Bytes {
         match self {
             Farewell::Code(code, reason) => {
@@ -268,11 +284,13 @@ impl SocketState {
     /// dropped too, and the connection with it (no close frame can follow half a frame).
     pub(crate) fn shed_for_budget(&self) -> Option<usize> {
         let held = self.holding.write_off()?;
-        let farewell = || Farewell::Code(OVER_BUDGET_CODE, "buffer budget exceeded".into());
         match self.out.try_lock() {
             Ok(mut outbox) => {
                 let mid_frame = !outbox.unsent.is_empty();
-                let won = self.request_close((!mid_frame).then(farewell), CloseReason::OverBudget);
+                let won = self.request_close(
+                    (!mid_frame).then(Farewell::over_budget),
+                    CloseReason::OverBudget,
+                );
                 // Queued data goes now, whoever closes; a close that began first keeps its
                 // marker, its close frame and the frame the kernel took in part.
                 outbox
@@ -286,7 +304,7 @@ impl SocketState {
                 outbox.bytes = outbox.unsent_counted;
             }
             Err(_) => {
-                self.request_close(Some(farewell()), CloseReason::OverBudget);
+                self.request_close(Some(Farewell::over_budget()), CloseReason::OverBudget);
             }
         }
         Some(held)
@@ -294,9 +312,10 @@ impl SocketState {
 
     /// Closes this socket because it asked for more than the budget lets it have.
     fn refuse_for_budget(&self, mid_frame: bool) {
-        let farewell =
-            (!mid_frame).then(|| Farewell::Code(OVER_BUDGET_CODE, "buffer budget exceeded".into()));
-        self.request_close(farewell, CloseReason::OverBudget);
+        self.request_close(
+            (!mid_frame).then(Farewell::over_budget),
+            CloseReason::OverBudget,
+        );
     }
 
     /// Counts `n` more outbound bytes in `outbox`, within the budget.
@@ -504,8 +523,7 @@ impl SocketState {
                     if matches!(next, Outbound::Close(..)) || size >= MAX_BATCH_BYTES {
                         break;
                     }
-                    let (_, payload) = next.frame();
-                    size += frame::head_len(payload.len()) + payload.len();
+                    size += next.wire_len();
                 }
                 outbox.unsent = BytesMut::with_capacity(size);
                 while let Some(next) = outbox.queue.front() {
@@ -681,12 +699,6 @@ impl SocketHandle {
         lock(&self.state.out).queue.len()
     }
 
-    /// Bytes this socket buffers now (an incomplete inbound message and queued outbound
-    /// frames), as counted against the server's buffer budget.
-    pub fn buffered_bytes(&self) -> usize {
-        self.state.holding.get()
-    }
-
     /// Stops reading from this socket: what the client sends waits in the kernel (and in
     /// whatever was read with the upgrade request) until [`SocketHandle::resume_reading`].
     /// Sending still works. While paused, a missed heartbeat pong does not close the socket
@@ -858,14 +870,24 @@ impl<S: Service> SocketTask<S> {
         }
     }
 
-    /// The socket has ended: the connection is closed, the service hears of it.
-    fn end(&mut self) {
+    /// Gives the reader's bytes back to the budget.
+    fn release_inbound(&mut self) {
+        let held = std::mem::take(&mut self.inbound);
+        self.shared.hub.release(&self.state, held);
+    }
+
+    /// Closes the connection, frees the socket's buffers (and their share of the budget) and
+    /// takes it off the server's list.
+    fn leave(&mut self) {
         self.state.shutdown_stream();
         self.state.release_buffers();
-        self.shared
-            .hub
-            .release(&self.state, std::mem::take(&mut self.inbound));
+        self.release_inbound();
         self.shared.hub.sockets.remove(self.listed);
+    }
+
+    /// The socket has ended: the connection is closed, the service hears of it.
+    fn end(&mut self) {
+        self.leave();
         let reason = self.state.reason();
         self.shared.hub.stats.closed(&reason);
         if let Some(session) = self.session.take() {
@@ -881,12 +903,7 @@ impl<S: Service> Drop for SocketTask<S> {
         if self.session.is_some() {
             // Sends fail from here on, so nothing is queued (or counted) for it any more.
             self.state.request_close(None, CloseReason::Dropped);
-            self.state.shutdown_stream();
-            self.state.release_buffers();
-            self.shared
-                .hub
-                .release(&self.state, std::mem::take(&mut self.inbound));
-            self.shared.hub.sockets.remove(self.listed);
+            self.leave();
         }
     }
 }
@@ -912,9 +929,7 @@ impl<S: Service> Future for SocketTask<S> {
             // data, so its bytes leave the budget now.
             let reader = std::mem::replace(&mut this.reader, FrameReader::new(0, Bytes::new()));
             let reader = reader.for_closing();
-            this.shared
-                .hub
-                .release(&this.state, std::mem::take(&mut this.inbound));
+            this.release_inbound();
             let close_timeout = this.shared.options.close_timeout;
             this.closing = Some(Box::pin(finish(this.state.clone(), reader, close_timeout)));
         }
@@ -1123,13 +1138,7 @@ fn read_end(end: ReadEnd) -> (Option<Farewell>, CloseReason) {
             Some(Farewell::Code(code, detail.clone())),
             CloseReason::Protocol { code, detail },
         ),
-        ReadEnd::OverBudget => (
-            Some(Farewell::Code(
-                OVER_BUDGET_CODE,
-                "buffer budget exceeded".into(),
-            )),
-            CloseReason::OverBudget,
-        ),
+        ReadEnd::OverBudget => (Some(Farewell::over_budget()), CloseReason::OverBudget),
     }
 }
 

@@ -12,22 +12,28 @@ pub(crate) async fn connect(addr: SocketAddr, token: &str) -> TcpStream {
 }
 
 /// Reads frames until a text frame (opcode 1) and returns its payload. Server frames are
-/// unmasked; pings are ignored.
+/// unmasked; pings are ignored. No deadline: callers bound the whole stream.
 pub(crate) async fn read_text(stream: &mut TcpStream) -> Vec<u8> {
     loop {
-        let mut head = [0u8; 2];
-        stream.read_exact(&mut head).await.unwrap();
-        let len = match head[1] & 0x7f {
-            126 => stream.read_u16().await.unwrap() as usize,
-            127 => stream.read_u64().await.unwrap() as usize,
-            n => n as usize,
-        };
-        let mut payload = vec![0u8; len];
-        stream.read_exact(&mut payload).await.unwrap();
-        if head[0] & 0x0f == 1 {
+        let (opcode, payload) = read_any(stream).await;
+        if opcode == TEXT {
             return payload;
         }
     }
+}
+
+/// The next frame of any kind: (opcode, payload).
+async fn read_any(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await.unwrap();
+    let len = match head[1] & 0x7f {
+        126 => stream.read_u16().await.unwrap() as usize,
+        127 => stream.read_u64().await.unwrap() as usize,
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.unwrap();
+    (head[0] & 0x0f, payload)
 }
 
 /// A masked client frame (the transport codec's encoder).
@@ -69,21 +75,9 @@ pub(crate) async fn open(addr: SocketAddr, request: &str, early: &[u8]) -> (TcpS
     (stream, String::from_utf8_lossy(&head).into_owned())
 }
 
-/// The next frame of any kind: (opcode, payload).
+/// The next frame of any kind, within 10 s: (opcode, payload).
 pub(crate) async fn read_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
-    let read = async {
-        let mut head = [0u8; 2];
-        stream.read_exact(&mut head).await.unwrap();
-        let len = match head[1] & 0x7f {
-            126 => stream.read_u16().await.unwrap() as usize,
-            127 => stream.read_u64().await.unwrap() as usize,
-            n => n as usize,
-        };
-        let mut payload = vec![0u8; len];
-        stream.read_exact(&mut payload).await.unwrap();
-        (head[0] & 0x0f, payload)
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+    tokio::time::timeout(std::time::Duration::from_secs(10), read_any(stream))
         .await
         .expect("a frame within 10 s")
 }
