@@ -110,6 +110,7 @@ async fn serve(port: u16, nats: Option<String>) -> Result<(), Box<dyn std::error
         // Subscriptions must be live before the first socket (or NATS client) publishes.
         bus.subscriptions_ready().await?;
     }
+    let stop = switchboard::shutdown_signal();
     let running = container
         .start_on(SocketAddr::from(([127, 0, 0, 1], port)))
         .await?;
@@ -118,7 +119,7 @@ async fn serve(port: u16, nats: Option<String>) -> Result<(), Box<dyn std::error
         writeln!(out, "listening {}", running.local_addr().port())?;
         out.flush()?;
     }
-    switchboard::shutdown_signal().await;
+    stop.await;
     running.shutdown(Duration::from_secs(2)).await;
     Ok(())
 }

@@ -226,6 +226,8 @@ async fn serve(
         bus.subscriptions_ready().await?;
         println!("switchboard: bus nats, node {}", bus.node_name());
     }
+    // Caught from before the first socket: a SIGTERM during start-up still drains.
+    let stop = switchboard::shutdown_signal();
     let running = container.start_on(addr).await?;
     let local = running.local_addr();
     println!("switchboard: config {source}");
@@ -236,7 +238,7 @@ async fn serve(
     if demo {
         println!("switchboard: demo chat at http://{local}/ (open it in two browser windows)");
     }
-    switchboard::shutdown_signal().await;
+    stop.await;
     println!("switchboard: shutting down");
     let drain = drain.unwrap_or(running.drain());
     let report = running.shutdown(drain).await;

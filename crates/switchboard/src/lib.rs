@@ -398,8 +398,9 @@ impl Container {
     /// Starts, serves until Ctrl-C or SIGTERM, then closes every socket (1001) and waits up
     /// to `gateway.drain` for them to finish.
     pub async fn run(self) -> std::io::Result<()> {
+        let stop = shutdown_signal();
         let running = self.start().await?;
-        shutdown_signal().await;
+        stop.await;
         tracing::info!("shutting down");
         let drain = running.drain;
         running.shutdown(drain).await;
@@ -426,25 +427,34 @@ fn options_path(config: &Config) -> &str {
     config.gateway.socket.path.as_str()
 }
 
-/// Resolves on Ctrl-C, or SIGTERM on Unix.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on Ctrl-C, or SIGTERM on Unix. The signals are caught from the moment this is
+/// called, not from the first poll: call it before starting to serve and await it after, so
+/// a SIGTERM that arrives in between is not lost (nor does it end the process at once, with
+/// no drain, as an uncaught SIGTERM does). Call it within a tokio runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        let term = signal(SignalKind::terminate()).ok();
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        async fn received(signal: Option<Signal>) {
+            match signal {
+                Some(mut signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
             }
-            Err(_) => std::future::pending().await,
         }
-    };
+        async move {
+            tokio::select! {
+                _ = received(term) => {}
+                _ = received(interrupt) => {}
+            }
+        }
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

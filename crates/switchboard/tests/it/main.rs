@@ -444,3 +444,19 @@ async fn wait_for_sockets(gw: &switchboard::Running, n: usize) {
     }
     panic!("expected {n} sockets, have {}", gw.sockets().count());
 }
+
+/// `shutdown_signal` catches SIGTERM from the moment it is called: one that comes before the
+/// wait (while a gateway starts, say) ends the wait instead of killing the process.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_sigterm_before_the_wait_ends_it_instead_of_killing_the_process() {
+    let stop = switchboard::shutdown_signal();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    tokio::time::timeout(Duration::from_secs(5), stop)
+        .await
+        .expect("the SIGTERM sent before the wait ends it");
+}
