@@ -8,21 +8,37 @@ use std::process::Command;
 
 /// Every workspace crate, and the workspace crates it may depend on.
 const ALLOWED: &[(&str, &[&str])] = &[
-    // The leaves know nothing of each other.
+    // The seam between the gateway and its transports knows neither.
+    ("switchboard-core", &[]),
+    // The leaves know nothing of each other; transports know only the seam.
     ("switchboard-config", &[]),
     ("switchboard-bus", &[]),
     ("switchboard-registry", &[]),
-    ("switchboard-transport", &[]),
+    ("switchboard-transport", &["switchboard-core"]),
+    ("switchboard-transport-memory", &["switchboard-core"]),
+    ("switchboard-transport-sse", &["switchboard-core"]),
     // A broker bus implements the bus trait and nothing else.
     ("switchboard-bus-nats", &["switchboard-bus"]),
     // The facade puts the leaves together; it never links a broker client.
     (
         "switchboard",
         &[
+            "switchboard-core",
             "switchboard-config",
             "switchboard-bus",
             "switchboard-registry",
+            // Only to pick the default transports (src/transports.rs).
             "switchboard-transport",
+            "switchboard-transport-sse",
+        ],
+    ),
+    // What the test suites share; a dev-dependency only.
+    (
+        "switchboard-test-support",
+        &[
+            "switchboard",
+            "switchboard-core",
+            "switchboard-transport-memory",
         ],
     ),
     (

@@ -116,7 +116,8 @@ async fn serve(port: u16, nats: Option<String>) -> Result<(), Box<dyn std::error
         .await?;
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening {}", running.local_addr().port())?;
+        let port = running.local_addr().map_or(port, |a| a.port());
+        writeln!(out, "listening {port}")?;
         out.flush()?;
     }
     stop.await;

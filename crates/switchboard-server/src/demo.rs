@@ -13,7 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use switchboard::http::{header, HeaderValue, Response, StatusCode};
 use switchboard::{
-    plain_response, Body, Config, Container, Message, Producer, RequestParts, Sockets,
+    plain_response, Bytes, Config, Container, HttpResponse, Message, Producer, RequestParts,
+    Sockets,
 };
 
 /// The repo's `conf/socket.yaml`, for `serve --demo` outside the repo.
@@ -119,7 +120,7 @@ pub(crate) fn install(container: &mut Container) -> Result<(), Box<dyn std::erro
     })?;
 
     container.route("/", |_req: &RequestParts| {
-        let mut res = Response::new(Body::from(PAGE));
+        let mut res = Response::new(Bytes::from(PAGE));
         res.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/html; charset=utf-8"),
@@ -127,7 +128,7 @@ pub(crate) fn install(container: &mut Container) -> Result<(), Box<dyn std::erro
         res
     });
     container.route("/switchboard-client.js", |_req: &RequestParts| {
-        let mut res = Response::new(Body::from(CLIENT_JS));
+        let mut res = Response::new(Bytes::from(CLIENT_JS));
         res.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/javascript; charset=utf-8"),
@@ -235,7 +236,7 @@ fn mint(secret: &str, claim: &str, username: &str) -> Option<String> {
 /// `GET /demo/token`: `{"token": ...}`, a fresh token for whoever holds a valid demo token
 /// cookie; the page hands it to the client helper, which refreshes its socket in-band. (A real
 /// application gets fresh tokens from its identity provider; the demo signs its own.)
-fn fresh_token(req: &RequestParts, secret: &str, cookie: &str, claim: &str) -> Response<Body> {
+fn fresh_token(req: &RequestParts, secret: &str, cookie: &str, claim: &str) -> HttpResponse {
     let current = cookie_value(req, cookie).and_then(|token| {
         let key = jsonwebtoken::DecodingKey::from_secret(secret.as_bytes());
         let validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
@@ -252,7 +253,7 @@ fn fresh_token(req: &RequestParts, secret: &str, cookie: &str, claim: &str) -> R
     let Some(token) = mint(secret, claim, username) else {
         return plain_response(StatusCode::INTERNAL_SERVER_ERROR, "cannot sign\n");
     };
-    let mut res = Response::new(Body::from(json!({ "token": token }).to_string()));
+    let mut res = Response::new(Bytes::from(json!({ "token": token }).to_string()));
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -273,7 +274,7 @@ fn cookie_value<'r>(req: &'r RequestParts, name: &str) -> Option<&'r str> {
 }
 
 /// `GET /demo/login?username=NAME`: a one-hour demo token in the auth cookie.
-fn login(req: &RequestParts, secret: &str, cookie: &str, claim: &str) -> Response<Body> {
+fn login(req: &RequestParts, secret: &str, cookie: &str, claim: &str) -> HttpResponse {
     let username = req
         .uri
         .query()
@@ -292,7 +293,7 @@ fn login(req: &RequestParts, secret: &str, cookie: &str, claim: &str) -> Respons
     let Some(token) = mint(secret, claim, username) else {
         return plain_response(StatusCode::INTERNAL_SERVER_ERROR, "cannot sign\n");
     };
-    let mut res = Response::new(Body::from(json!({"username": username}).to_string()));
+    let mut res = Response::new(Bytes::from(json!({"username": username}).to_string()));
     let set_cookie = format!("{cookie}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age=3600");
     if let Ok(v) = HeaderValue::from_str(&set_cookie) {
         res.headers_mut().insert(header::SET_COOKIE, v);

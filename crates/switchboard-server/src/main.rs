@@ -229,7 +229,7 @@ async fn serve(
     // Caught from before the first socket: a SIGTERM during start-up still drains.
     let stop = switchboard::shutdown_signal();
     let running = container.start_on(addr).await?;
-    let local = running.local_addr();
+    let local = running.local_addr().unwrap_or(addr);
     println!("switchboard: config {source}");
     println!("switchboard: listening on ws://{local}{path}");
     if let Some(admin) = running.admin_addr() {

@@ -10,31 +10,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_transport::{
-    Body, CloseReason, Inbound, RequestParts, Server, Service, SocketHandle, TransportOptions,
+    CloseReason, HttpResponse, Inbound, RequestParts, Server, Service, SocketRef, TransportOptions,
 };
 
 struct Echo;
 
 impl Service for Echo {
     type Admission = ();
-    type Session = SocketHandle;
+    type Session = SocketRef;
 
-    fn admit(&self, _request: &RequestParts) -> Result<(), hyper::Response<Body>> {
+    fn admit(&self, _request: &RequestParts) -> Result<(), HttpResponse> {
         Ok(())
     }
 
-    fn open(&self, _admission: (), socket: SocketHandle) -> SocketHandle {
+    fn open(&self, _admission: (), socket: SocketRef) -> SocketRef {
         socket
     }
 
-    fn on_message(&self, socket: &SocketHandle, message: Inbound) {
+    fn on_message(&self, socket: &SocketRef, message: Inbound) {
         let _ = match message {
             Inbound::Text(text) => socket.send_text(text),
             Inbound::Binary(data) => socket.send_binary(data),
         };
     }
 
-    fn on_close(&self, _socket: SocketHandle, _reason: CloseReason) {}
+    fn on_close(&self, _socket: SocketRef, _reason: CloseReason) {}
 }
 
 #[tokio::main]

@@ -180,11 +180,6 @@ fn is_valid_received_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-/// Codes an endpoint may send in a close frame (RFC 6455 7.4.1, 7.4.2).
-pub(crate) fn is_sendable_close_code(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
-}
-
 /// Checks a text message's UTF-8 as its fragments arrive, so an invalid sequence fails the
 /// connection at the fragment that contains it rather than at the end of the message.
 #[derive(Debug, Default)]

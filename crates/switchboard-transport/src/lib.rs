@@ -4,7 +4,7 @@
 //! Depend on this crate when you want a fast, careful WebSocket server and will decide
 //! yourself what the bytes mean. It knows nothing of topics, JSON or users: you implement
 //! [`Service`] (admission before the upgrade, what to do with each message, what to do when a
-//! socket ends) and get a [`SocketHandle`] per socket to send frames through.
+//! socket ends) and get a [`SocketRef`] per socket to send frames through.
 //!
 //! What it guarantees:
 //! - upgrades only at [`TransportOptions::path`]; a plain `GET` there gets `426`, any other
@@ -35,7 +35,7 @@
 //! use std::sync::Arc;
 //! use std::time::Duration;
 //! use switchboard_transport::{
-//!     http::Response, Body, CloseReason, Inbound, RequestParts, Server, Service, SocketHandle,
+//!     CloseReason, HttpResponse, Inbound, RequestParts, Server, Service, SocketRef,
 //!     TransportOptions,
 //! };
 //!
@@ -43,19 +43,19 @@
 //!
 //! impl Service for Echo {
 //!     type Admission = ();
-//!     type Session = SocketHandle;
-//!     fn admit(&self, _request: &RequestParts) -> Result<(), Response<Body>> {
+//!     type Session = SocketRef;
+//!     fn admit(&self, _request: &RequestParts) -> Result<(), HttpResponse> {
 //!         Ok(()) // check a token here; an Err is sent as the HTTP response
 //!     }
-//!     fn open(&self, _: (), socket: SocketHandle) -> SocketHandle {
+//!     fn open(&self, _: (), socket: SocketRef) -> SocketRef {
 //!         socket
 //!     }
-//!     fn on_message(&self, socket: &SocketHandle, message: Inbound) {
+//!     fn on_message(&self, socket: &SocketRef, message: Inbound) {
 //!         if let Inbound::Text(text) = message {
 //!             let _ = socket.send_text(text); // Err: queue full, the socket is being closed
 //!         }
 //!     }
-//!     fn on_close(&self, _socket: SocketHandle, _reason: CloseReason) {}
+//!     fn on_close(&self, _socket: SocketRef, _reason: CloseReason) {}
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> std::io::Result<()> {
@@ -84,7 +84,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
     HeaderName, HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
@@ -108,15 +107,19 @@ mod sockets;
 mod stats;
 use handshakes::Handshakes;
 use socket::SocketTask;
-pub use socket::{CloseReason, SendError, SocketHandle, OVER_BUDGET_CODE, SLOW_CONSUMER_CODE};
 use sockets::Hub;
-pub use stats::{TransportCounters, TransportStats};
+pub use stats::TransportStats;
+pub use switchboard_core::{
+    http, plain_response, CloseReason, HttpEndpoint, HttpResponse, Inbound, OriginPolicy,
+    RequestParts, SendError, Service, ShutdownReport, Socket, SocketRef, TransportCounters,
+    OVER_BUDGET_CODE, SLOW_CONSUMER_CODE,
+};
 
-pub use http::request::Parts as RequestParts;
-pub use hyper::http;
+mod endpoints;
+mod transport;
+pub use transport::WebSocketTransport;
 
-/// The body type of every HTTP response the transport sends.
-pub type Body = Full<Bytes>;
+use endpoints::ReplyBody;
 
 /// Options of the transport. Plain data with defaults; the `switchboard` facade fills it from
 /// the config file.
@@ -158,44 +161,20 @@ pub struct TransportOptions {
     /// Most sockets open at once (upgrades in progress included); more get 503. Default:
     /// no limit.
     pub max_connections: Option<usize>,
+    /// Other transports made of plain HTTP requests (Server-Sent Events), served on the same
+    /// port at their own paths. Default: none.
+    pub endpoints: Endpoints,
 }
 
-/// Which `Origin`s may open a socket. A request without an `Origin` header (not from a
-/// browser) is allowed under every policy: the check exists to stop other sites' pages from
-/// using a visitor's cookies (cross-site WebSocket hijacking).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum OriginPolicy {
-    /// The `Origin`'s host and port must equal the `Host` header.
-    SameHost,
-    /// Any origin.
-    Any,
-    /// Exactly these origins (`https://app.example.com`), compared case-insensitively.
-    List(Vec<String>),
-}
+/// The [`HttpEndpoint`]s a server hosts beside its upgrade path.
+#[derive(Clone, Default)]
+pub struct Endpoints(pub Vec<Arc<dyn HttpEndpoint>>);
 
-impl OriginPolicy {
-    /// Whether a request with these headers passes.
-    pub fn allows(&self, headers: &http::HeaderMap) -> bool {
-        let Some(origin) = headers.get(hyper::header::ORIGIN) else {
-            return true;
-        };
-        let Ok(origin) = origin.to_str() else {
-            return false;
-        };
-        match self {
-            OriginPolicy::Any => true,
-            OriginPolicy::List(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
-            OriginPolicy::SameHost => {
-                let authority = origin
-                    .strip_prefix("https://")
-                    .or_else(|| origin.strip_prefix("http://"));
-                let host = headers
-                    .get(hyper::header::HOST)
-                    .and_then(|h| h.to_str().ok());
-                matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
-            }
-        }
+impl fmt::Debug for Endpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|e| e.path()))
+            .finish()
     }
 }
 
@@ -215,65 +194,9 @@ impl Default for TransportOptions {
             close_timeout: Duration::from_secs(2),
             origins: OriginPolicy::SameHost,
             max_connections: None,
+            endpoints: Endpoints::default(),
         }
     }
-}
-
-/// One complete inbound message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Inbound {
-    /// A text message; the bytes are valid UTF-8.
-    Text(Bytes),
-    /// A binary message.
-    Binary(Bytes),
-}
-
-/// What the transport asks of its user. One value serves every connection.
-pub trait Service: Send + Sync + 'static {
-    /// What [`Service::admit`] learns about a request (an identity, say), handed to
-    /// [`Service::open`].
-    type Admission: Send + 'static;
-    /// Per-socket state the service keeps, handed back on every message and at close.
-    type Session: Send + Sync + 'static;
-
-    /// Decides, before the upgrade, whether this request may open a socket. An `Err`
-    /// response is sent as is (e.g. `401`) and no socket is opened.
-    // A refusal is the cold path and is moved once; boxing it would only add an allocation.
-    #[allow(clippy::result_large_err)]
-    fn admit(&self, request: &RequestParts) -> Result<Self::Admission, Response<Body>>;
-
-    /// A socket was opened for an admitted request.
-    fn open(&self, admission: Self::Admission, socket: SocketHandle) -> Self::Session;
-
-    /// A whole message arrived. Called in arrival order, never concurrently for one socket.
-    fn on_message(&self, session: &Self::Session, message: Inbound);
-
-    /// The client sent a ping: answer it with a pong? Default yes. A service that rate-limits
-    /// its clients counts pings here too (each pong costs a write); false drops the ping.
-    fn on_ping(&self, session: &Self::Session) -> bool {
-        let _ = session;
-        true
-    }
-
-    /// The socket has ended. Called exactly once per opened socket.
-    fn on_close(&self, session: Self::Session, reason: CloseReason);
-
-    /// Answers a request to any path other than the upgrade path. Default: `404`.
-    fn http(&self, request: &RequestParts) -> Response<Body> {
-        let _ = request;
-        plain_response(StatusCode::NOT_FOUND, "not found\n")
-    }
-}
-
-/// A small text response, for refusals.
-pub fn plain_response(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut res = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
-    *res.status_mut() = status;
-    res.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    res
 }
 
 /// A running server. Dropping it does not stop it; call [`Server::shutdown`].
@@ -281,8 +204,14 @@ pub struct Server {
     local_addr: SocketAddr,
     stats: Arc<TransportStats>,
     shutdown: watch::Sender<bool>,
+    /// Taken by the first shutdown.
+    running: std::sync::Mutex<Option<Running>>,
+}
+
+/// What a shutdown stops and waits for.
+struct Running {
     accept_loop: JoinHandle<()>,
-    alive: Option<mpsc::Sender<Infallible>>,
+    alive: mpsc::Sender<Infallible>,
     sockets_done: mpsc::Receiver<Infallible>,
 }
 
@@ -292,14 +221,6 @@ impl fmt::Debug for Server {
             .field("local_addr", &self.local_addr)
             .finish_non_exhaustive()
     }
-}
-
-/// What happened during [`Server::shutdown`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ShutdownReport {
-    /// True when every socket finished its close before the deadline.
-    pub drained: bool,
 }
 
 impl Server {
@@ -332,8 +253,15 @@ impl Server {
             options.heartbeat_interval,
             shutdown_rx.clone(),
         ));
+        let endpoints = options
+            .endpoints
+            .0
+            .iter()
+            .map(|e| (e.path().to_string(), e.clone()))
+            .collect();
         let shared = Arc::new(Shared {
             hub,
+            endpoints,
             handshakes: Arc::new(Handshakes::new(
                 options.max_handshakes,
                 options.max_handshakes_per_address,
@@ -349,9 +277,11 @@ impl Server {
             local_addr,
             stats,
             shutdown,
-            accept_loop,
-            alive: Some(alive),
-            sockets_done,
+            running: std::sync::Mutex::new(Some(Running {
+                accept_loop,
+                alive,
+                sockets_done,
+            })),
         })
     }
 
@@ -367,20 +297,43 @@ impl Server {
 
     /// Stops accepting, closes every socket with `1001` (going away), and waits until each
     /// has ended and [`Service::on_close`] has run for it, or until `drain` has passed.
-    pub async fn shutdown(mut self, drain: Duration) -> ShutdownReport {
+    pub async fn shutdown(self, drain: Duration) -> ShutdownReport {
+        self.stop(drain).await
+    }
+
+    /// [`Server::shutdown`] through a shared reference; a second call reports at once.
+    fn stop(&self, drain: Duration) -> impl std::future::Future<Output = ShutdownReport> {
         let _ = self.shutdown.send(true);
-        self.accept_loop.abort();
-        let _ = (&mut self.accept_loop).await;
-        self.alive = None;
-        let drained = tokio::time::timeout(drain, self.sockets_done.recv())
-            .await
-            .is_ok();
-        ShutdownReport { drained }
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        async move {
+            let Some(Running {
+                accept_loop,
+                alive,
+                mut sockets_done,
+            }) = running
+            else {
+                return ShutdownReport::new(true);
+            };
+            accept_loop.abort();
+            let _ = accept_loop.await;
+            // Every socket task holds a clone: `recv` returns None once the last has ended.
+            drop(alive);
+            let drained = tokio::time::timeout(drain, sockets_done.recv())
+                .await
+                .is_ok();
+            ShutdownReport::new(drained)
+        }
     }
 }
 
 struct Shared<S> {
     hub: Arc<Hub>,
+    /// The options' endpoints, by path.
+    endpoints: std::collections::HashMap<String, Arc<dyn HttpEndpoint>>,
     handshakes: Arc<Handshakes>,
     options: TransportOptions,
     service: Arc<S>,
@@ -425,44 +378,83 @@ async fn accept_loop<S: Service>(
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let io = TokioIo::new(stream);
-            let svc_shared = shared.clone();
-            let svc = service_fn(move |req| {
-                let shared = svc_shared.clone();
-                async move {
-                    let mut response = handle_request(shared, req, peer);
-                    // One request per connection: after a refusal (or any plain HTTP answer)
-                    // the connection closes, so it cannot be kept to try again and again.
-                    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                        response
-                            .headers_mut()
-                            .insert(CONNECTION, HeaderValue::from_static("close"));
+        tokio::spawn(serve_connection(stream, peer, in_progress, shared));
+    }
+}
+
+/// One accepted connection: its one request (an upgrade, an endpoint's, a plain one), within
+/// `handshake_timeout`, unless an endpoint answers with a stream (which lives on, no longer
+/// counted as a handshake).
+async fn serve_connection<S: Service>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    in_progress: handshakes::InProgress,
+    shared: Arc<Shared<S>>,
+) {
+    let io = TokioIo::new(stream);
+    let in_progress = Arc::new(std::sync::Mutex::new(Some(in_progress)));
+    let svc_shared = shared.clone();
+    let svc_in_progress = in_progress.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let shared = svc_shared.clone();
+        let in_progress = svc_in_progress.clone();
+        async move {
+            let mut response = match shared.endpoints.get(req.uri().path()) {
+                Some(endpoint) => {
+                    let response =
+                        endpoints::serve(endpoint.as_ref(), req, peer, &shared.options).await;
+                    if response.body().is_stream() {
+                        // Long-lived from here: no longer a handshake in progress.
+                        let slot = in_progress.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        drop(slot);
                     }
-                    Ok::<_, Infallible>(response)
+                    response
                 }
-            });
-            let options = &shared.options;
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(options.handshake_timeout)
-                // hyper answers 431 itself for a head larger than its buffer (8 KiB at least);
-                // `handle_request` applies the exact limit.
-                .max_buf_size(options.max_request_head.saturating_add(1024).max(8192))
-                .serve_connection(io, svc)
-                .with_upgrades();
-            match tokio::time::timeout(options.handshake_timeout, conn).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) if e.is_parse_too_large() => {
-                    shared.hub.stats.refused_head_size.fetch_add(1, Relaxed);
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "http connection ended with an error")
-                }
-                Err(_) => tracing::debug!(%peer, "handshake timed out"),
+                None => handle_request(shared, req, peer).map(ReplyBody::full),
+            };
+            // One request per connection: after a refusal (or any plain HTTP answer) the
+            // connection closes, so it cannot be kept to try again and again.
+            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
             }
-            drop(in_progress);
-        });
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let options = &shared.options;
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.handshake_timeout)
+        // hyper answers 431 itself for a head larger than its buffer (8 KiB at least);
+        // `handle_request` applies the exact limit.
+        .max_buf_size(options.max_request_head.saturating_add(1024).max(8192))
+        .serve_connection(io, svc)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let ended = match tokio::time::timeout(options.handshake_timeout, conn.as_mut()).await {
+        Ok(ended) => Some(ended),
+        // A streamed answer has released its handshake slot: the connection lasts as long as
+        // its stream, which its endpoint bounds.
+        Err(_)
+            if in_progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none() =>
+        {
+            Some(conn.await)
+        }
+        Err(_) => None,
+    };
+    match ended {
+        Some(Ok(())) => {}
+        Some(Err(e)) if e.is_parse_too_large() => {
+            shared.hub.stats.refused_head_size.fetch_add(1, Relaxed);
+        }
+        Some(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "http connection ended with an error")
+        }
+        None => tracing::debug!(%peer, "handshake timed out"),
     }
 }
 
@@ -470,7 +462,7 @@ fn handle_request<S: Service>(
     shared: Arc<Shared<S>>,
     req: Request<Incoming>,
     peer: SocketAddr,
-) -> Response<Body> {
+) -> HttpResponse {
     if req.uri().path() != shared.options.path {
         let (parts, _body) = req.into_parts();
         return shared.service.http(&parts);
@@ -551,7 +543,7 @@ fn handle_request<S: Service>(
             Err(_) => tracing::error!(%peer, "upgraded connection is not a TcpStream"),
         }
     });
-    let mut res = Response::new(Full::default());
+    let mut res = Response::new(Bytes::new());
     *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = res.headers_mut();
     headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));

@@ -33,81 +33,23 @@ use crate::codec::Event;
 use crate::frame::{self, MAX_SERVER_HEAD};
 use crate::reader::{CloseReader, Drained, FrameReader, ReadEnd};
 use crate::sockets::Hub;
-use crate::{Inbound, Open, Service, Shared, SocketSlot};
+use crate::{Open, Shared, SocketSlot};
+use switchboard_core::{
+    is_sendable_close_code, truncate_close_reason, CloseReason, Inbound, SendError, Service,
+    Socket, SocketRef, OVER_BUDGET_CODE, SLOW_CONSUMER_CODE,
+};
 
 /// The socket's task encodes at most this many queued bytes per write.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// Pings and pongs that may wait ahead of queued data.
 const MAX_QUEUED_CONTROL: usize = 4;
 
-/// Why a socket ended, as reported to [`Service::on_close`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum CloseReason {
-    /// The client sent a close frame (`code` 1005 when it had none).
-    Client {
-        /// The client's close code.
-        code: u16,
-        /// The client's reason text.
-        reason: String,
-    },
-    /// The connection dropped without a close frame.
-    Dropped,
-    /// The client did not answer a heartbeat ping in time.
-    HeartbeatTimeout,
-    /// The client broke the protocol; we closed with `code` (1002, 1007 or 1009).
-    Protocol {
-        /// The close code sent.
-        code: u16,
-        /// What was wrong.
-        detail: String,
-    },
-    /// The server side closed it ([`SocketHandle::close`]).
-    Server {
-        /// The close code sent.
-        code: u16,
-        /// The reason sent.
-        reason: String,
-    },
-    /// The server is shutting down; closed with 1001.
-    Shutdown,
-    /// The send queue was full; closed with 1008.
-    SlowConsumer,
-    /// Reading or writing the connection failed.
-    Io(String),
-    /// Shed to keep the server's buffered bytes within its budget; closed with
-    /// [`OVER_BUDGET_CODE`] (or dropped, when a frame was half written).
-    OverBudget,
-}
-
-/// Why [`SocketHandle::send_text`] did not queue a frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum SendError {
-    /// The socket is closing or closed.
-    #[error("socket is closed")]
-    Closed,
-    /// The send queue was full; the socket is being closed as a slow consumer.
-    #[error("send queue full; socket closed as a slow consumer")]
-    Full,
-    /// The server's buffer budget is spent and this socket holds more than its share; it is
-    /// being closed.
-    #[error("buffer budget exceeded; socket closed")]
-    OverBudget,
-}
-
-/// Close code sent to a slow consumer.
-pub const SLOW_CONSUMER_CODE: u16 = 1008;
-/// Close code sent to a socket shed to keep the server within its buffer budget (1013, "try
-/// again later": the server is overloaded, not the client at fault).
-pub const OVER_BUDGET_CODE: u16 = 1013;
-
 enum Outbound {
     Text(Bytes),
     Binary(Bytes),
     Ping,
     Pong(Bytes),
-    /// [`SocketHandle::close`]: frames before it go out, then the close handshake starts.
+    /// [`Socket::close`]: frames before it go out, then the close handshake starts.
     Close(u16, String),
     /// The close frame itself, queued by the closing socket's task.
     Farewell(Bytes),
@@ -219,7 +161,7 @@ enum Flushed {
     Done,
     /// The kernel's buffer is full: wait until the socket is writable.
     Blocked,
-    /// A [`SocketHandle::close`] marker came next (everything before it is written).
+    /// A [`Socket::close`] marker came next (everything before it is written).
     CloseReached(u16, String),
 }
 
@@ -237,7 +179,7 @@ pub(crate) struct SocketState {
     /// The socket's task, woken when `work` is set (a backlog to write, or a close request).
     task: AtomicWaker,
     work: AtomicBool,
-    /// Set by [`SocketHandle::close`] and every close request: sends fail from then on.
+    /// Set by [`Socket::close`] and every close request: sends fail from then on.
     closing: AtomicBool,
     close_requested: AtomicBool,
     /// Boxed: only a closing socket has one.
@@ -246,7 +188,7 @@ pub(crate) struct SocketState {
     pong_seen: AtomicBool,
     awaiting_pong: AtomicBool,
     was_backlogged: AtomicBool,
-    /// [`SocketHandle::pause_reading`]: the socket's task reads nothing until resumed.
+    /// [`Socket::pause_reading`]: the socket's task reads nothing until resumed.
     reading_paused: AtomicBool,
 }
 
@@ -617,62 +559,38 @@ fn is_retry(e: &io::Error) -> bool {
     )
 }
 
-/// Sends to one socket. Cheap to clone; every clone refers to the same socket. Sending never
-/// waits: a frame is written at once when the connection takes it and queued otherwise, and a
+/// The WebSocket transport's [`Socket`]: what the service is given as a [`SocketRef`].
+/// Sending writes at once when the connection takes the frame and queues it otherwise; a
 /// full queue closes the socket as a slow consumer.
-///
-/// Drop handles once [`Service::on_close`] has run: the connection is closed by then, but
-/// the handle's memory is freed with the last clone.
-#[derive(Clone)]
-pub struct SocketHandle {
-    state: Arc<SocketState>,
-}
-
-impl std::fmt::Debug for SocketHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SocketHandle")
-            .field("peer", &self.state.peer)
-            .field("closing", &self.is_closing())
-            .finish()
-    }
-}
-
-impl SocketHandle {
-    /// Sends a text frame. `text` must be valid UTF-8 (it is sent as is); share one `Bytes`
-    /// across many sockets to encode once.
-    pub fn send_text(&self, text: Bytes) -> Result<(), SendError> {
-        self.state.push(Outbound::Text(text), WhenFull::CloseSocket)
+impl Socket for SocketState {
+    fn send_text(&self, text: Bytes) -> Result<(), SendError> {
+        self.push(Outbound::Text(text), WhenFull::CloseSocket)
     }
 
-    /// Sends a binary frame.
-    pub fn send_binary(&self, data: Bytes) -> Result<(), SendError> {
-        self.state
-            .push(Outbound::Binary(data), WhenFull::CloseSocket)
+    fn send_binary(&self, data: Bytes) -> Result<(), SendError> {
+        self.push(Outbound::Binary(data), WhenFull::CloseSocket)
     }
 
-    /// Closes the socket with `code` and `reason` after the frames already queued; later
-    /// sends fail. If the queue is full, closes at once. A code that may not be sent on the
-    /// wire (RFC 6455 7.4) becomes 1011.
-    pub fn close(&self, code: u16, reason: &str) {
-        let code = if frame::is_sendable_close_code(code) {
+    /// If the queue is full, closes at once (dropping what is queued).
+    fn close(&self, code: u16, reason: &str) {
+        let code = if is_sendable_close_code(code) {
             code
         } else {
             1011
         };
-        let reason = truncate_reason(reason);
-        let state = &self.state;
-        let mut outbox = lock(&state.out);
-        if state.closing.swap(true, Ordering::AcqRel) {
+        let reason = truncate_close_reason(reason).to_string();
+        let mut outbox = lock(&self.out);
+        if self.closing.swap(true, Ordering::AcqRel) {
             return;
         }
-        if outbox.queue.len() >= state.capacity {
+        if outbox.queue.len() >= self.capacity {
             // At once: what is queued is dropped (a frame the kernel took in part is still
             // finished before the close frame).
             let dropped: usize = outbox.queue.iter().map(Outbound::counted_len).sum();
             outbox.queue.clear();
-            state.release_out(&mut outbox, dropped);
+            self.release_out(&mut outbox, dropped);
             drop(outbox);
-            state.request_close(
+            self.request_close(
                 Some(Farewell::Code(code, reason.clone())),
                 CloseReason::Server { code, reason },
             );
@@ -681,37 +599,31 @@ impl SocketHandle {
         outbox.queue.push_back(Outbound::Close(code, reason));
         outbox.backlogged = true;
         drop(outbox);
-        state.wake();
+        self.wake();
     }
 
-    /// True once the socket is closing or closed: sends will fail.
-    pub fn is_closing(&self) -> bool {
-        self.state.closing.load(Ordering::Acquire)
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
-    /// The client's address.
-    pub fn peer_addr(&self) -> SocketAddr {
-        self.state.peer
+    /// While paused, a missed heartbeat pong does not close the socket (the pong is simply
+    /// not read yet).
+    fn pause_reading(&self) {
+        self.reading_paused.store(true, Ordering::Release);
     }
 
-    /// Frames waiting in the send queue (not yet taken by the kernel).
-    pub fn queued(&self) -> usize {
-        lock(&self.state.out).queue.len()
-    }
-
-    /// Stops reading from this socket: what the client sends waits in the kernel (and in
-    /// whatever was read with the upgrade request) until [`SocketHandle::resume_reading`].
-    /// Sending still works. While paused, a missed heartbeat pong does not close the socket
-    /// (the pong is simply not read yet), so whoever pauses must bound the pause.
-    pub fn pause_reading(&self) {
-        self.state.reading_paused.store(true, Ordering::Release);
-    }
-
-    /// Reads again after [`SocketHandle::pause_reading`], starting with what arrived meanwhile.
-    pub fn resume_reading(&self) {
-        if self.state.reading_paused.swap(false, Ordering::AcqRel) {
-            self.state.wake();
+    fn resume_reading(&self) {
+        if self.reading_paused.swap(false, Ordering::AcqRel) {
+            self.wake();
         }
+    }
+
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        Some(self.peer)
+    }
+
+    fn transport(&self) -> &'static str {
+        "websocket"
     }
 }
 
@@ -720,15 +632,6 @@ impl SocketHandle {
 pub(crate) struct QueueLimits {
     pub(crate) frames: usize,
     pub(crate) bytes: usize,
-}
-
-/// Close reasons are limited to 123 bytes by RFC 6455.
-fn truncate_reason(reason: &str) -> String {
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    reason[..end].to_string()
 }
 
 /// One open socket, from the completed upgrade to [`Service::on_close`]: the future its task
@@ -790,12 +693,8 @@ impl<S: Service> SocketTask<S> {
             .stats
             .sockets_opened
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let session = shared.service.open(
-            admission,
-            SocketHandle {
-                state: state.clone(),
-            },
-        );
+        let socket: SocketRef = state.clone();
+        let session = shared.service.open(admission, socket);
         // Listed only once `open` has returned: if it panics, nothing holds the stream and
         // the connection closes as the panic unwinds.
         let listed = shared.hub.sockets.insert(state.clone());
@@ -1214,16 +1113,13 @@ mod tests {
         assert_eq!(state.reason(), CloseReason::SlowConsumer);
 
         let (state, _peer) = backlogged_socket(3).await;
-        let handle = SocketHandle {
-            state: Arc::new(state),
-        };
-        while lock(&handle.state.out).queue.len() < 3 {
-            handle.send_text(Bytes::from_static(b"data")).unwrap();
+        while lock(&state.out).queue.len() < 3 {
+            state.send_text(Bytes::from_static(b"data")).unwrap();
         }
-        handle.close(4000, "bye");
-        assert!(lock(&handle.state.out).queue.is_empty(), "closes at once");
+        state.close(4000, "bye");
+        assert!(lock(&state.out).queue.is_empty(), "closes at once");
         assert!(matches!(
-            handle.state.reason(),
+            state.reason(),
             CloseReason::Server { code: 4000, .. }
         ));
     }

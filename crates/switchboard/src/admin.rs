@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ACCEPT, ALLOW, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -16,7 +17,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry as PromRegistry;
 use switchboard_bus::Bus;
-use switchboard_transport::{plain_response, Body};
+use switchboard_core::{plain_response, HttpResponse};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -87,7 +88,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, &req)) }
+                async move { Ok::<_, Infallible>(respond(&state, &req).map(Full::new)) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -108,7 +109,7 @@ async fn accept_loop(
     }
 }
 
-fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
+fn respond(state: &AdminState, req: &Request<Incoming>) -> HttpResponse {
     let path = req.uri().path();
     if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
         return plain_response(
@@ -131,7 +132,7 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
                 .filter_map(|v| v.to_str().ok())
                 .any(|v| v.contains("application/openmetrics-text"));
             let text = metrics::render(&state.registry, openmetrics);
-            let mut res = Response::new(Body::new(Bytes::from(text)));
+            let mut res = Response::new(Bytes::from(text));
             res.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(metrics::content_type(openmetrics)),

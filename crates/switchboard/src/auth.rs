@@ -5,7 +5,7 @@ use std::fmt;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use switchboard_config::Auth;
-use switchboard_transport::http::HeaderMap;
+use switchboard_core::http::HeaderMap;
 
 use crate::BuildError;
 
@@ -227,7 +227,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
 /// The token from the `cookie_name` cookie, else from `Authorization: Bearer`.
 pub(crate) fn token_from_headers<'h>(headers: &'h HeaderMap, cookie_name: &str) -> Option<&'h str> {
     let from_cookie = headers
-        .get_all(switchboard_transport::http::header::COOKIE)
+        .get_all(switchboard_core::http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
@@ -237,7 +237,7 @@ pub(crate) fn token_from_headers<'h>(headers: &'h HeaderMap, cookie_name: &str) 
         .filter(|v| !v.is_empty());
     from_cookie.or_else(|| {
         let value = headers
-            .get(switchboard_transport::http::header::AUTHORIZATION)?
+            .get(switchboard_core::http::header::AUTHORIZATION)?
             .to_str()
             .ok()?;
         // The scheme is case-insensitive (RFC 9110 11.1): `Bearer`, `bearer`, `BEARER`.
@@ -252,7 +252,7 @@ pub(crate) fn token_from_headers<'h>(headers: &'h HeaderMap, cookie_name: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchboard_transport::http::HeaderValue;
+    use switchboard_core::http::HeaderValue;
 
     #[test]
     fn token_is_found_in_cookie_or_bearer_header() {

@@ -7,12 +7,12 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use serde_json::{json, Value};
 use switchboard_bus::Message;
+use switchboard_core::SocketRef;
 use switchboard_registry::{Registry, Target};
-use switchboard_transport::SocketHandle;
 
 use crate::gateway::encode_frame;
 
-type Sockets = Arc<Registry<SocketHandle>>;
+type Sockets = Arc<Registry<SocketRef>>;
 
 /// `send` data: `{username, namespace?, type, payload}`. Reaches every socket of `username`
 /// in `namespace`, or every socket of `username` when `namespace` is absent. `out` counts the
@@ -87,7 +87,7 @@ fn fan_out_threads(recipients: usize) -> usize {
 /// thread is bound by one core (measured: 2 threads deliver a third more per second to 10k
 /// sockets on a 2-core machine). It returns only when every socket has the frame (or a queued
 /// copy), so a caller's later sends still reach each socket after it.
-fn fan_out(sockets: &[SocketHandle], frame: &Bytes, threads: usize) -> u64 {
+fn fan_out(sockets: &[SocketRef], frame: &Bytes, threads: usize) -> u64 {
     split_over_threads(sockets, threads, |socket| {
         socket.send_text(frame.clone()).is_ok()
     })

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use switchboard_core::SocketRef;
 use switchboard_registry::ConnId;
-use switchboard_transport::SocketHandle;
 use tokio::sync::Notify;
 
 use crate::gateway::TOKEN_EXPIRED_CODE;
@@ -20,7 +20,7 @@ use crate::gateway::TOKEN_EXPIRED_CODE;
 /// The sockets by the second they expire.
 pub(crate) struct Expiries {
     /// `(exp + leeway, id)`: the close comes once the clock has passed that second.
-    queue: Mutex<BTreeMap<(u64, ConnId), SocketHandle>>,
+    queue: Mutex<BTreeMap<(u64, ConnId), SocketRef>>,
     leeway: u64,
     /// A socket was filed ahead of the one the task waits for, or the gateway stops.
     changed: Notify,
@@ -43,12 +43,12 @@ impl Expiries {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(u64, ConnId), SocketHandle>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(u64, ConnId), SocketRef>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Files a socket whose token expires at `exp` (seconds since the epoch).
-    pub(crate) fn file(&self, exp: u64, id: ConnId, handle: &SocketHandle) {
+    pub(crate) fn file(&self, exp: u64, id: ConnId, handle: &SocketRef) {
         let key = (exp.saturating_add(self.leeway), id);
         let mut queue = self.lock();
         let first = queue.first_key_value().is_none_or(|(k, _)| key < *k);
@@ -65,7 +65,7 @@ impl Expiries {
     }
 
     /// Moves a socket from `old` to `new` (its client refreshed the token).
-    pub(crate) fn refile(&self, old: u64, new: u64, id: ConnId, handle: &SocketHandle) {
+    pub(crate) fn refile(&self, old: u64, new: u64, id: ConnId, handle: &SocketRef) {
         self.unfile(old, id);
         self.file(new, id, handle);
     }

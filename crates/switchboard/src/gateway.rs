@@ -11,13 +11,11 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use switchboard_bus::{Bus, Context, JsonObject, Message, Reply, ReplyTo};
+use switchboard_core::http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use switchboard_core::{
+    plain_response, CloseReason, HttpResponse, Inbound, RequestParts, Service, SocketRef,
+};
 use switchboard_registry::{ConnId, Registry, Target};
-use switchboard_transport::http::{
-    header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode,
-};
-use switchboard_transport::{
-    plain_response, Body, CloseReason, Inbound, RequestParts, Service, SocketHandle,
-};
 
 use crate::auth::{Identity, Verifier};
 use crate::expiry::Expiries;
@@ -87,7 +85,7 @@ pub(crate) struct Observe {
 pub(crate) struct Gateway {
     pub(crate) hooks: Hooks,
     pub(crate) bus: Arc<dyn Bus>,
-    pub(crate) registry: Arc<Registry<SocketHandle>>,
+    pub(crate) registry: Arc<Registry<SocketRef>>,
     pub(crate) verifier: Verifier,
     pub(crate) routes: Routes,
     pub(crate) observe: Arc<Observe>,
@@ -120,7 +118,7 @@ struct SocketContext {
 
 pub(crate) struct Session {
     id: ConnId,
-    handle: SocketHandle,
+    handle: SocketRef,
     username: Arc<str>,
     namespace: Option<Arc<str>>,
     /// Replaced when the client refreshes its token (the claims change).
@@ -197,7 +195,7 @@ enum Answering {
 /// The way back to a socket for one published message. Remembers when it was published, for
 /// the reply latency histogram. A socket that has gone makes every send fail quietly.
 struct Replies {
-    handle: SocketHandle,
+    handle: SocketRef,
     answering: Answering,
     observe: Arc<Observe>,
     published: Instant,
@@ -258,8 +256,8 @@ pub(crate) struct Gate {
     id: ConnId,
     username: Arc<str>,
     namespace: Option<Arc<str>>,
-    handle: SocketHandle,
-    registry: Arc<Registry<SocketHandle>>,
+    handle: SocketRef,
+    registry: Arc<Registry<SocketRef>>,
     /// `limits.max_sockets_per_user`, checked again at the verdict: sockets that waited at
     /// the gate were not counted at admission.
     max_sockets_per_user: Option<usize>,
@@ -338,7 +336,7 @@ impl Gateway {
         }
     }
 
-    fn replies(&self, handle: &SocketHandle, answering: Answering) -> Arc<dyn ReplyTo> {
+    fn replies(&self, handle: &SocketRef, answering: Answering) -> Arc<dyn ReplyTo> {
         Arc::new(Replies {
             handle: handle.clone(),
             answering,
@@ -497,11 +495,11 @@ impl Service for Gateway {
     type Admission = Admitted;
     type Session = Session;
 
-    fn admit(&self, request: &RequestParts) -> Result<Admitted, Response<Body>> {
+    fn admit(&self, request: &RequestParts) -> Result<Admitted, HttpResponse> {
         let identity: Identity = self.verifier.verify(&request.headers).map_err(|e| {
             GatewayStats::bump(&self.stats().refused_unauthorized);
             tracing::debug!(error = %e, "refused upgrade");
-            let mut res = Response::new(Body::from(format!("{e}\n")));
+            let mut res = Response::new(Bytes::from(format!("{e}\n")));
             *res.status_mut() = StatusCode::UNAUTHORIZED;
             res.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -549,7 +547,7 @@ impl Service for Gateway {
         })
     }
 
-    fn open(&self, a: Admitted, handle: SocketHandle) -> Session {
+    fn open(&self, a: Admitted, handle: SocketRef) -> Session {
         let id = self.registry.next_id();
         let gate = self.gate_timeout.map(|timeout| {
             // Nothing is read until the verdict; the socket is registered by it.
@@ -709,7 +707,7 @@ impl Service for Gateway {
         }
     }
 
-    fn http(&self, request: &RequestParts) -> Response<Body> {
+    fn http(&self, request: &RequestParts) -> HttpResponse {
         match self.routes.get(request.uri.path()) {
             Some(route) => route(request),
             None => plain_response(StatusCode::NOT_FOUND, "not found\n"),
@@ -736,10 +734,10 @@ fn describe_close(reason: &CloseReason) -> Value {
         }
         CloseReason::Shutdown => json!({"by": "server", "kind": "shutdown", "code": 1001}),
         CloseReason::SlowConsumer => {
-            json!({"by": "server", "kind": "slow_consumer", "code": switchboard_transport::SLOW_CONSUMER_CODE})
+            json!({"by": "server", "kind": "slow_consumer", "code": switchboard_core::SLOW_CONSUMER_CODE})
         }
         CloseReason::OverBudget => {
-            json!({"by": "server", "kind": "over_budget", "code": switchboard_transport::OVER_BUDGET_CODE})
+            json!({"by": "server", "kind": "over_budget", "code": switchboard_core::OVER_BUDGET_CODE})
         }
         CloseReason::Io(e) => json!({"by": "network", "kind": "io_error", "reason": e}),
         _ => json!({"kind": "unknown"}),

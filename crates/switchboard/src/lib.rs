@@ -51,13 +51,14 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchboard_core::SocketRef;
 use switchboard_registry::{Registry, Target};
-use switchboard_transport::{OriginPolicy, Server, SocketHandle, TransportOptions};
 
 use crate::admin::{AdminServer, AdminState};
 use crate::metrics::Metrics;
 use crate::rate::RateLimit;
 use crate::stats::GatewayStats;
+use crate::transports::{Starter, Transports};
 
 mod admin;
 mod auth;
@@ -68,6 +69,7 @@ mod inbound;
 mod metrics;
 mod rate;
 mod stats;
+mod transports;
 
 pub use auth::{AuthError, VerificationKey};
 pub use gateway::{
@@ -83,9 +85,12 @@ pub use switchboard_bus::{
 /// The config schema (`switchboard-config`), for its section types.
 pub use switchboard_config as config;
 pub use switchboard_config::{Config, ConfigError};
-pub use switchboard_transport::{
-    http, plain_response, Body, RequestParts, ShutdownReport, TransportCounters, OVER_BUDGET_CODE,
-    SLOW_CONSUMER_CODE,
+/// The seam between the gateway and its transports (`switchboard-core`), for writing a
+/// transport of your own.
+pub use switchboard_core as core;
+pub use switchboard_core::{
+    http, plain_response, Bytes, HttpResponse, RequestParts, ShutdownReport, Transport,
+    TransportCounters, OVER_BUDGET_CODE, SLOW_CONSUMER_CODE,
 };
 
 /// The README's Rust examples, compiled (not run) as doctests.
@@ -94,7 +99,7 @@ pub use switchboard_transport::{
 struct ReadmeDoctests;
 
 /// An extra HTTP endpoint served beside the socket path (the demo's page, a health check).
-pub type Route = Arc<dyn Fn(&RequestParts) -> http::Response<Body> + Send + Sync>;
+pub type Route = Arc<dyn Fn(&RequestParts) -> HttpResponse + Send + Sync>;
 pub(crate) type Routes = HashMap<String, Route>;
 
 /// Why a [`Container`] could not be built.
@@ -114,11 +119,13 @@ pub enum BuildError {
 pub struct Container {
     config: Config,
     bus: Arc<dyn Bus>,
-    registry: Arc<Registry<SocketHandle>>,
+    registry: Arc<Registry<SocketRef>>,
     routes: Routes,
     verifier: auth::Verifier,
     metrics: Arc<Metrics>,
     admin_listen: Option<SocketAddr>,
+    /// Transports given with [`Container::transport`], served beside the default one.
+    transports: Vec<Starter>,
 }
 
 impl fmt::Debug for Container {
@@ -196,6 +203,7 @@ impl Container {
             verifier,
             metrics,
             admin_listen,
+            transports: Vec::new(),
         })
     }
 
@@ -214,9 +222,18 @@ impl Container {
     pub fn route(
         &mut self,
         path: &str,
-        route: impl Fn(&RequestParts) -> http::Response<Body> + Send + Sync + 'static,
+        route: impl Fn(&RequestParts) -> HttpResponse + Send + Sync + 'static,
     ) -> &mut Self {
         self.routes.insert(path.to_string(), Arc::new(route));
+        self
+    }
+
+    /// Serves `transport` too: its sockets reach the same handlers and are sent to by the same
+    /// `send` and `broadcast` as every other socket. The WebSocket transport on the config's
+    /// address is served by default ([`Container::start`]); [`Container::start_transports`]
+    /// serves only the transports given here (an in-memory one in tests, say).
+    pub fn transport(&mut self, transport: impl Transport) -> &mut Self {
+        self.transports.push(transports::starter(transport));
         self
     }
 
@@ -248,28 +265,21 @@ impl Container {
         self.start_on(addr).await
     }
 
-    /// Binds `addr` (port 0 for any) and starts serving; also binds the admin listener when
-    /// the config has `gateway.admin` (or [`Container::admin_listen`] was called).
-    pub async fn start_on(self, addr: SocketAddr) -> std::io::Result<Running> {
+    /// Binds `addr` (port 0 for any) and starts serving WebSockets there, and the transports
+    /// given with [`Container::transport`]; also binds the admin listener when the config has
+    /// `gateway.admin` (or [`Container::admin_listen`] was called).
+    pub async fn start_on(mut self, addr: SocketAddr) -> std::io::Result<Running> {
+        let websocket = transports::websocket(&self.config, addr);
+        self.transports.insert(0, websocket);
+        self.start_transports().await
+    }
+
+    /// Starts serving only the transports given with [`Container::transport`] (no WebSocket
+    /// listener), and the admin listener as [`Container::start_on`] does.
+    pub async fn start_transports(mut self) -> std::io::Result<Running> {
+        let starters = std::mem::take(&mut self.transports);
         let socket = &self.config.gateway.socket;
-        let mut options = TransportOptions::default();
-        options.path = socket.path.as_str().to_string();
-        options.heartbeat_interval = socket.heartbeat;
-        options.max_message_size = socket.max_message_size;
-        options.send_queue = socket.send_queue;
-        options.send_queue_bytes = socket.send_queue_bytes;
         let limits = &self.config.gateway.limits;
-        options.handshake_timeout = limits.handshake_timeout;
-        options.max_connections = limits.max_sockets;
-        options.max_handshakes = limits.max_handshakes;
-        options.max_handshakes_per_address = limits.max_handshakes_per_address;
-        options.max_request_head = limits.max_request_head;
-        options.buffer_budget = limits.buffer_budget;
-        options.origins = match &socket.allowed_origins {
-            None => OriginPolicy::SameHost,
-            Some(list) if list.iter().any(|o| o == "*") => OriginPolicy::Any,
-            Some(list) => OriginPolicy::List(list.clone()),
-        };
         let rate_limit = limits.messages_per_second.map(|rate| RateLimit {
             per_second: f64::from(rate),
             burst: f64::from(limits.message_burst.unwrap_or(rate.saturating_mul(2))),
@@ -339,8 +349,8 @@ impl Container {
             gate_timeout,
             expiries: expiries.clone(),
         });
-        let server = match Server::bind(addr, options, service).await {
-            Ok(server) => server,
+        let transports = match Transports::start(starters, service).await {
+            Ok(transports) => Arc::new(transports),
             Err(e) => {
                 if let Some(expiries) = &expiries {
                     expiries.stop();
@@ -351,7 +361,7 @@ impl Container {
         let draining = Arc::new(AtomicBool::new(false));
         let prometheus = Arc::new(self.metrics.registry(metrics::Scraped {
             gateway: stats.clone(),
-            transport: server.stats(),
+            transports: transports.clone(),
             registry,
             bus: bus.clone(),
             draining: draining.clone(),
@@ -367,7 +377,7 @@ impl Container {
                 match AdminServer::bind(admin_addr, state).await {
                     Ok(admin) => Some(admin),
                     Err(e) => {
-                        server.shutdown(Duration::ZERO).await;
+                        transports.shutdown(Duration::ZERO).await;
                         if let Some(expiries) = &expiries {
                             expiries.stop();
                         }
@@ -377,12 +387,20 @@ impl Container {
             }
             None => None,
         };
-        tracing::info!(listen = %server.local_addr(), path = %options_path(&self.config), "gateway listening");
+        for (name, addr) in transports.describe() {
+            let path = options_path(&self.config);
+            match addr {
+                Some(addr) => {
+                    tracing::info!(transport = name, listen = %addr, path, "gateway listening")
+                }
+                None => tracing::info!(transport = name, "gateway serving"),
+            }
+        }
         if let Some(admin) = &admin {
             tracing::info!(listen = %admin.local_addr(), "admin listener: /metrics /healthz /readyz");
         }
         Ok(Running {
-            server,
+            transports,
             producer,
             sockets,
             stats,
@@ -460,7 +478,7 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'stat
 
 /// A started gateway.
 pub struct Running {
-    server: Server,
+    transports: Arc<Transports>,
     producer: Producer,
     sockets: Sockets,
     stats: Arc<GatewayStats>,
@@ -481,9 +499,10 @@ impl fmt::Debug for Running {
 }
 
 impl Running {
-    /// The address it listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.server.local_addr()
+    /// The address it listens on: the WebSocket transport's (the first transport's that
+    /// listens; `None` when none does, as with only an in-memory transport).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.transports.local_addr()
     }
 
     /// A producer on its bus.
@@ -498,7 +517,7 @@ impl Running {
 
     /// Every counter, now.
     pub fn stats(&self) -> Stats {
-        self.stats.snapshot(self.server.stats().snapshot())
+        self.stats.snapshot(self.transports.counters())
     }
 
     /// True while the gateway can do its job: listening, and its bus ready (a broker bus
@@ -529,7 +548,7 @@ impl Running {
     pub async fn shutdown(self, drain: Duration) -> ShutdownReport {
         self.draining.store(true, Relaxed);
         let started = std::time::Instant::now();
-        let report = self.server.shutdown(drain).await;
+        let report = self.transports.shutdown(drain).await;
         if let Some(expiries) = &self.expiries {
             expiries.stop();
         }
@@ -546,7 +565,7 @@ impl Running {
 
 /// A read-only view of who is connected.
 #[derive(Clone)]
-pub struct Sockets(Arc<Registry<SocketHandle>>);
+pub struct Sockets(Arc<Registry<SocketRef>>);
 
 impl fmt::Debug for Sockets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

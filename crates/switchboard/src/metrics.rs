@@ -21,8 +21,10 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry as PromRegistry;
 use switchboard_bus::Bus;
+use switchboard_core::SocketRef;
 use switchboard_registry::Registry;
-use switchboard_transport::{SocketHandle, TransportStats};
+
+use crate::transports::Transports;
 
 use crate::stats::GatewayStats;
 
@@ -174,8 +176,8 @@ impl Metrics {
 /// Series read at scrape time.
 pub(crate) struct Scraped {
     pub(crate) gateway: Arc<GatewayStats>,
-    pub(crate) transport: Arc<TransportStats>,
-    pub(crate) registry: Arc<Registry<SocketHandle>>,
+    pub(crate) transports: Arc<Transports>,
+    pub(crate) registry: Arc<Registry<SocketRef>>,
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) draining: Arc<AtomicBool>,
     pub(crate) top_namespaces: usize,
@@ -232,7 +234,7 @@ pub(crate) fn top_namespaces(
 
 impl Collector for Scraped {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let t = self.transport.snapshot();
+        let t = self.transports.counters();
         let g = self.gateway.snapshot(t);
         let open = self.registry.len();
         gauge(

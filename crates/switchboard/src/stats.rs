@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use switchboard_transport::TransportCounters;
+use switchboard_core::TransportCounters;
 
 #[derive(Debug, Default)]
 pub(crate) struct GatewayStats {

@@ -96,7 +96,7 @@ async fn replicas_with_one_node_name_never_get_each_others_answers() {
     let mut clients = Vec::new();
     for (i, gw) in [&a, &b, &a, &b].into_iter().enumerate() {
         let user = format!("user{i}");
-        let mut ws = connect(gw.running.local_addr(), &user, None).await;
+        let mut ws = connect(gw.running.local_addr().unwrap(), &user, None).await;
         clients.push(tokio::spawn(async move {
             for n in 0..per_socket {
                 send(&mut ws, json!({"type": "x", "payload": n})).await;
@@ -126,7 +126,7 @@ async fn hostile_answers_do_nothing_harmful() {
         .unwrap();
     outside.flush().await.unwrap();
     let gw = gateway(&nats, Duration::from_secs(60), |_| {}).await;
-    let mut ws = connect(gw.running.local_addr(), "alex", None).await;
+    let mut ws = connect(gw.running.local_addr().unwrap(), "alex", None).await;
     let publish = |subject: String, body: &'static str| {
         let outside = outside.clone();
         async move {
@@ -187,7 +187,7 @@ async fn a_panic_before_a_handlers_first_await_keeps_the_subscription() {
         .unwrap();
     handler.subscriptions_ready().await.unwrap();
     let gw = gateway(&nats, Duration::from_secs(60), |_| {}).await;
-    let mut ws = connect(gw.running.local_addr(), "alex", None).await;
+    let mut ws = connect(gw.running.local_addr().unwrap(), "alex", None).await;
     for _ in 0..3 {
         send(&mut ws, json!({"type": "boom"})).await;
         assert_eq!(recv(&mut ws).await["type"], "error");

@@ -62,7 +62,7 @@ async fn rust_handlers_answer_over_nats() {
         .unwrap();
     })
     .await;
-    let mut ws = connect(gw.running.local_addr(), "alex", Some("a")).await;
+    let mut ws = connect(gw.running.local_addr().unwrap(), "alex", Some("a")).await;
     assert_eq!(
         recv(&mut ws).await,
         json!({"type": "onconnect", "payload": {"hello": "alex"}})
@@ -99,7 +99,7 @@ async fn a_handler_that_never_answers_gets_an_error_frame_after_the_timeout() {
         .unwrap();
     outside.flush().await.unwrap();
     let gw = gateway(&nats, Duration::from_millis(500), |_| {}).await;
-    let mut ws = connect(gw.running.local_addr(), "alex", None).await;
+    let mut ws = connect(gw.running.local_addr().unwrap(), "alex", None).await;
     send(&mut ws, json!({"type": "x"})).await;
     let taken = tokio::time::timeout(Duration::from_secs(5), silent.next())
         .await
@@ -143,7 +143,7 @@ async fn each_event_is_handled_once_per_queue_group() {
         members.push(bus);
     }
     let gw = gateway(&nats, Duration::from_secs(5), |_| {}).await;
-    let mut ws = connect(gw.running.local_addr(), "alex", None).await;
+    let mut ws = connect(gw.running.local_addr().unwrap(), "alex", None).await;
     for i in 0..20 {
         send(&mut ws, json!({"type": "n", "payload": i})).await;
         assert_eq!(recv(&mut ws).await["payload"], "ok");
@@ -165,7 +165,7 @@ async fn nats_restart_keeps_sockets_open_and_traffic_resumes() {
         .unwrap();
     })
     .await;
-    let mut ws = connect(gw.running.local_addr(), "alex", Some("a")).await;
+    let mut ws = connect(gw.running.local_addr().unwrap(), "alex", Some("a")).await;
     send(&mut ws, json!({"type": "x", "payload": "before"})).await;
     assert_eq!(recv(&mut ws).await["payload"], "before");
     assert!(gw.running.is_ready());

@@ -81,7 +81,7 @@ async fn a_node_fails_over_to_another_cluster_member_without_dropping_sockets() 
         .collect();
     let _handler = echo_handler(NatsOptions::new(&others[0])).await;
     let publisher = async_nats::connect(&others[1]).await.unwrap();
-    let mut ws = connect(gw.running.local_addr(), "alex", Some("acme")).await;
+    let mut ws = connect(gw.running.local_addr().unwrap(), "alex", Some("acme")).await;
     until_answered(&mut ws, "before").await;
 
     cluster.member(port).stop();
@@ -179,7 +179,7 @@ async fn tls_with_a_private_ca_and_client_certificates() {
     };
     let _handler = echo_handler(options()).await;
     let gw: Gateway = gateway_on(options(), |_| {}).await;
-    let mut ws = connect(gw.running.local_addr(), "alex", None).await;
+    let mut ws = connect(gw.running.local_addr().unwrap(), "alex", None).await;
     until_answered(&mut ws, "over tls").await;
 
     // without the client certificate, or without trusting the CA, no connection

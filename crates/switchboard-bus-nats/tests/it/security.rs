@@ -104,7 +104,7 @@ async fn the_securing_nats_example_grants_each_part_what_it_needs_and_no_more() 
         password: PASSWORDS[0].1.into(),
     };
     let gw = gateway_on(options, |_| {}).await;
-    let mut ws = connect(gw.running.local_addr(), "alex", Some("acme")).await;
+    let mut ws = connect(gw.running.local_addr().unwrap(), "alex", Some("acme")).await;
     send(&mut ws, json!({"type": "x", "payload": "answered"})).await;
     assert_eq!(
         recv(&mut ws).await,

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper::StatusCode;
 use switchboard_transport::{
-    plain_response, Body, CloseReason, Inbound, OriginPolicy, RequestParts, Server, Service,
-    SocketHandle, TransportOptions,
+    plain_response, CloseReason, HttpResponse, Inbound, OriginPolicy, RequestParts, Server,
+    Service, SocketRef, TransportOptions,
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -25,21 +25,21 @@ struct TestService {
 impl Service for TestService {
     /// Whether `open` should panic (`?panic-open`).
     type Admission = bool;
-    type Session = SocketHandle;
+    type Session = SocketRef;
 
-    fn admit(&self, request: &RequestParts) -> Result<bool, hyper::Response<Body>> {
+    fn admit(&self, request: &RequestParts) -> Result<bool, HttpResponse> {
         if request.uri.query() == Some("deny") {
             return Err(plain_response(StatusCode::UNAUTHORIZED, "no\n"));
         }
         Ok(request.uri.query() == Some("panic-open"))
     }
 
-    fn open(&self, panic_on_open: bool, socket: SocketHandle) -> SocketHandle {
+    fn open(&self, panic_on_open: bool, socket: SocketRef) -> SocketRef {
         assert!(!panic_on_open, "open panics, as asked");
         socket
     }
 
-    fn on_message(&self, socket: &SocketHandle, message: Inbound) {
+    fn on_message(&self, socket: &SocketRef, message: Inbound) {
         match message {
             Inbound::Text(t) if &t[..] == b"close" => socket.close(4000, "bye"),
             Inbound::Text(t) if t.starts_with(b"flood ") => {
@@ -56,11 +56,11 @@ impl Service for TestService {
         }
     }
 
-    fn on_close(&self, _: SocketHandle, reason: CloseReason) {
+    fn on_close(&self, _: SocketRef, reason: CloseReason) {
         let _ = self.closes.send(reason);
     }
 
-    fn http(&self, request: &RequestParts) -> hyper::Response<Body> {
+    fn http(&self, request: &RequestParts) -> HttpResponse {
         if request.uri.path() == "/hello" {
             return plain_response(StatusCode::OK, "hello\n");
         }

@@ -86,14 +86,14 @@ async fn metrics_health_and_readiness_over_http() {
         .unwrap();
     let running = start(container).await;
     let admin = running.admin_addr().expect("an admin listener");
-    assert_ne!(admin, running.local_addr());
+    assert_ne!(admin, running.local_addr().unwrap());
 
     assert_eq!(get(admin, "/healthz").await, (200, "ok\n".into()));
     assert_eq!(get(admin, "/readyz").await, (200, "ready\n".into()));
     assert_eq!(get(admin, "/").await.0, 404);
     assert_eq!(http(admin, "POST", "/metrics", "*/*").await.0, 405);
     // the admin endpoints are not on the public port
-    assert_eq!(get(running.local_addr(), "/metrics").await.0, 404);
+    assert_eq!(get(running.local_addr().unwrap(), "/metrics").await.0, 404);
 
     let mut alex = connect(&running, "alex", Some("acme")).await;
     let mut sam = connect(&running, "sam", Some("acme")).await;
@@ -118,10 +118,10 @@ async fn metrics_health_and_readiness_over_http() {
         assert_eq!(recv(ws).await["type"], "news");
     }
     // refused: no token
-    let (status, _, _) = http(running.local_addr(), "GET", "/connect", "*/*").await;
+    let (status, _, _) = http(running.local_addr().unwrap(), "GET", "/connect", "*/*").await;
     assert_eq!(status, 426);
     let refused =
-        tokio_tungstenite::connect_async(format!("ws://{}/connect", running.local_addr()))
+        tokio_tungstenite::connect_async(format!("ws://{}/connect", running.local_addr().unwrap()))
             .await
             .unwrap_err();
     assert!(refused.to_string().contains("401"), "{refused}");

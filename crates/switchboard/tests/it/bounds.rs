@@ -26,7 +26,7 @@ async fn handlers_see_only_the_configured_headers_and_a_message_stays_small() {
     let mut c = container(config("", "  limits:\n    max_request_head: 64KiB"));
     let mut seen = recorder(&mut c, &["socket:connection", "socket:generalMessage"]);
     let gw = start(c).await;
-    let addr = gw.local_addr();
+    let addr = gw.local_addr().unwrap();
     // 30 KB of headers nobody asked for, next to the default ones.
     let junk: String = (0..30)
         .map(|i| format!("X-Junk-{i}: {}\r\n", "j".repeat(1000)))
@@ -78,7 +78,7 @@ async fn an_upgrade_with_oversized_headers_gets_431_and_publishes_nothing() {
     let mut c = container(spec_config(""));
     let mut seen = recorder(&mut c, &["socket:connection"]);
     let gw = start(c).await;
-    let addr = gw.local_addr();
+    let addr = gw.local_addr().unwrap();
     // 200 KB of extra headers, as in the issue; and 40 KB, over the default 32 KiB.
     for kb in [200, 40] {
         let extra: String = (0..kb)
@@ -117,7 +117,7 @@ async fn pings_count_against_the_rate_limit() {
     ));
     let mut closes = recorder(&mut c, &["socket:close"]);
     let gw = start(c).await;
-    let addr = gw.local_addr();
+    let addr = gw.local_addr().unwrap();
     let mut calm = connect(&gw, "sam", None).await;
     let (mut pinger, head) = raw::open(
         addr,
@@ -184,7 +184,7 @@ async fn the_buffer_budget_holds_and_well_behaved_sockets_see_every_message() {
     .unwrap();
     let mut closes = recorder(&mut c, &["socket:close"]);
     let gw = start(c).await;
-    let addr = gw.local_addr();
+    let addr = gw.local_addr().unwrap();
     let mut good = Vec::new();
     for i in 0..GOOD {
         good.push(connect(&gw, &format!("good-{i}"), None).await);
@@ -292,7 +292,7 @@ async fn a_header_in_the_context_list_can_be_any_request_header() {
     let mut c = container(config("    context_headers: [x-tenant]", ""));
     let mut seen = recorder(&mut c, &["socket:connection"]);
     let gw = start(c).await;
-    let mut req = format!("ws://{}/connect", gw.local_addr())
+    let mut req = format!("ws://{}/connect", gw.local_addr().unwrap())
         .into_client_request()
         .unwrap();
     let headers = req.headers_mut();

@@ -73,7 +73,7 @@ async fn frames_sent_with_the_upgrade_wait_for_the_verdict_and_nothing_reaches_t
     let (verdict, mut called) = judge(&mut c);
     let mut seen = recorder(&mut c, &["socket:generalMessage"]);
     let gw = start(c).await;
-    let addr = gw.local_addr();
+    let addr = gw.local_addr().unwrap();
     let request = raw::upgrade_request(addr, "", &token("alex"), "");
     let (mut stream, head) = raw::open(addr, &request, &early_frames()).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
@@ -123,7 +123,7 @@ async fn a_failed_verdict_closes_the_socket_and_drops_what_it_sent() {
     let (verdict, mut called) = judge(&mut c);
     let mut seen = recorder(&mut c, &["socket:generalMessage", "socket:close"]);
     let gw = start(c).await;
-    let addr = gw.local_addr();
+    let addr = gw.local_addr().unwrap();
     let request = raw::upgrade_request(addr, "", &token("mallory"), "");
     let (mut stream, _) = raw::open(addr, &request, &early_frames()).await;
     tokio::time::timeout(Duration::from_secs(5), called.recv())
@@ -153,7 +153,7 @@ async fn no_verdict_in_time_closes_the_socket() {
     let (_verdict, _called) = judge(&mut c);
     let mut seen = recorder(&mut c, &["socket:generalMessage", "socket:close"]);
     let gw = start(c).await;
-    let addr = gw.local_addr();
+    let addr = gw.local_addr().unwrap();
     let request = raw::upgrade_request(addr, "", &token("alex"), "");
     let (mut stream, _) = raw::open(addr, &request, &early_frames()).await;
     assert_eq!(raw::read_close_code(&mut stream).await, 1011);
@@ -191,7 +191,7 @@ async fn the_per_user_limit_counts_sockets_that_waited_at_the_gate() {
     let mut c = container(Config::from_yaml_str(&yaml).unwrap());
     let (verdict, mut called) = judge(&mut c);
     let gw = start(c).await;
-    let addr = gw.local_addr();
+    let addr = gw.local_addr().unwrap();
     // Two sockets of one user pass admission together: neither is registered yet.
     let request = raw::upgrade_request(addr, "", &token("alex"), "");
     let (mut first, _) = raw::open(addr, &request, &[]).await;

@@ -110,7 +110,7 @@ pub(crate) async fn connect(running: &Running, user: &str, namespace: Option<&st
     let query = namespace
         .map(|n| format!("?namespace={n}"))
         .unwrap_or_default();
-    let url = format!("ws://{}/connect{query}", running.local_addr());
+    let url = format!("ws://{}/connect{query}", running.local_addr().unwrap());
     let mut req = url.into_client_request().unwrap();
     req.headers_mut().insert(
         "cookie",
@@ -167,7 +167,7 @@ pub(crate) async fn next_published(rx: &mut Seen) -> (String, Value, Value) {
 
 /// Connects with `token` as the `ID_TOKEN` cookie.
 pub(crate) async fn connect_with_token(running: &Running, token: &str) -> Ws {
-    let url = format!("ws://{}/connect", running.local_addr());
+    let url = format!("ws://{}/connect", running.local_addr().unwrap());
     let mut req = url.into_client_request().unwrap();
     req.headers_mut()
         .insert("cookie", format!("ID_TOKEN={token}").parse().unwrap());

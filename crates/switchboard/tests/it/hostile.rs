@@ -124,7 +124,7 @@ async fn foreign_origin_gets_403_same_origin_passes() {
     let mut seen = recorder(&mut c, &["socket:connection"]);
     let gw = start(c).await;
     let attempt = |origin: String| {
-        let url = format!("ws://{}/connect", gw.local_addr());
+        let url = format!("ws://{}/connect", gw.local_addr().unwrap());
         let mut req = url.into_client_request().unwrap();
         req.headers_mut().insert(
             "cookie",
@@ -144,7 +144,7 @@ async fn foreign_origin_gets_403_same_origin_passes() {
         seen.try_recv().is_err(),
         "nothing published for a refused origin"
     );
-    attempt(format!("http://{}", gw.local_addr()))
+    attempt(format!("http://{}", gw.local_addr().unwrap()))
         .await
         .unwrap();
     next_published(&mut seen).await;
@@ -159,7 +159,7 @@ async fn socket_limits_refuse_before_the_upgrade() {
     );
     let gw = start(container(config)).await;
     let status = |user: &'static str| {
-        let url = format!("ws://{}/connect", gw.local_addr());
+        let url = format!("ws://{}/connect", gw.local_addr().unwrap());
         async move {
             let mut req = url.into_client_request().unwrap();
             req.headers_mut().insert(
@@ -193,7 +193,7 @@ async fn namespace_claim_limits_which_namespaces_a_token_may_join() {
     );
     let gw = start(container(Config::from_yaml_str(&yaml).unwrap())).await;
     let try_ns = |ns: &str, tenants: serde_json::Value| {
-        let url = format!("ws://{}/connect?namespace={ns}", gw.local_addr());
+        let url = format!("ws://{}/connect?namespace={ns}", gw.local_addr().unwrap());
         let t = token_with(
             json!({"preferred_username": "alex", "exp": now() + 60, "tenants": tenants}),
             SECRET,
@@ -331,7 +331,8 @@ async fn slow_consumer_among_a_thousand_is_closed_and_the_rest_get_everything() 
     let mut readers = Vec::new();
     for i in 0..FAST {
         // Plain frame readers: 5 GB through the loopback must stay cheap in a debug build.
-        let mut stream = crate::raw::connect(gw.local_addr(), &token(&format!("u{i}"))).await;
+        let mut stream =
+            crate::raw::connect(gw.local_addr().unwrap(), &token(&format!("u{i}"))).await;
         let received = received.clone();
         readers.push(tokio::spawn(async move {
             for expect in 0..BROADCASTS {
@@ -350,7 +351,7 @@ async fn slow_consumer_among_a_thousand_is_closed_and_the_rest_get_everything() 
         }));
     }
     // One client that never reads.
-    let _slow = crate::raw::connect(gw.local_addr(), &token("slowpoke")).await;
+    let _slow = crate::raw::connect(gw.local_addr().unwrap(), &token("slowpoke")).await;
     while gw.sockets().count() < FAST + 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

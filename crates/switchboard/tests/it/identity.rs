@@ -13,7 +13,7 @@ use crate::harness::*;
 
 /// Connects with exactly these extra headers; returns the HTTP status of a refusal, or 101.
 async fn status_with(gw: &switchboard::Running, headers: &[(&'static str, String)]) -> u16 {
-    let url = format!("ws://{}/connect?namespace=acme", gw.local_addr());
+    let url = format!("ws://{}/connect?namespace=acme", gw.local_addr().unwrap());
     let mut req = url.into_client_request().unwrap();
     for (k, v) in headers {
         req.headers_mut().insert(*k, v.parse().unwrap());
@@ -231,7 +231,7 @@ async fn http_first_line(addr: std::net::SocketAddr, request: &str) -> String {
 #[tokio::test]
 async fn other_paths_404_and_plain_get_at_path_426() {
     let gw = start(container(spec_config(""))).await;
-    let addr = gw.local_addr();
+    let addr = gw.local_addr().unwrap();
     let first = http_first_line(addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(first.contains(" 404"), "{first}");
     let first = http_first_line(addr, "GET /connect HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -248,7 +248,7 @@ async fn other_paths_404_and_plain_get_at_path_426() {
 #[tokio::test]
 async fn the_specs_curl_handshake_gets_101() {
     let gw = start(container(spec_config(""))).await;
-    let port = gw.local_addr().port();
+    let port = gw.local_addr().unwrap().port();
     // The spec's command, verbatim but for the port and a real token; --max-time ends it.
     let out = tokio::process::Command::new("curl")
         .args([

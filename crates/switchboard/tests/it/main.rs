@@ -356,7 +356,7 @@ async fn onclose_is_published_when_a_client_misses_its_pong() {
     let mut c = container(spec_config("    heartbeat: 150ms"));
     let mut closes = recorder(&mut c, &["socket:close"]);
     let gw = start(c).await;
-    let _silent = raw::connect(gw.local_addr(), &token("ghost")).await;
+    let _silent = raw::connect(gw.local_addr().unwrap(), &token("ghost")).await;
     let (_, data, _) = next_published(&mut closes).await;
     assert_eq!(data["username"], "ghost");
     assert_eq!(data["reason"]["kind"], "heartbeat_timeout");

@@ -1,0 +1,91 @@
+//! Serving [`HttpEndpoint`]s: a bounded body in, a whole or streamed answer out.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::{Request, Response, StatusCode};
+use switchboard_core::{plain_response, BodyChunks, HttpEndpoint, HttpReply, HttpRequest};
+
+use crate::TransportOptions;
+
+/// The body of every answer the server sends: whole, or a stream from an endpoint.
+pub(crate) enum ReplyBody {
+    Full(Option<Bytes>),
+    Stream(Pin<Box<dyn BodyChunks>>),
+}
+
+impl ReplyBody {
+    pub(crate) fn full(bytes: Bytes) -> ReplyBody {
+        ReplyBody::Full((!bytes.is_empty()).then_some(bytes))
+    }
+
+    pub(crate) fn is_stream(&self) -> bool {
+        matches!(self, ReplyBody::Stream(_))
+    }
+}
+
+impl Body for ReplyBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ReplyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ReplyBody::Stream(chunks) => chunks
+                .as_mut()
+                .poll_chunk(cx)
+                .map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, ReplyBody::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReplyBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            ReplyBody::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// Reads the body (refusing one larger than the endpoint takes, unread) and asks the endpoint.
+pub(crate) async fn serve(
+    endpoint: &dyn HttpEndpoint,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    options: &TransportOptions,
+) -> Response<ReplyBody> {
+    let refuse = |status, text| plain_response(status, text).map(ReplyBody::full);
+    let (parts, body) = req.into_parts();
+    if crate::request_head_len(&parts) > options.max_request_head {
+        return refuse(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request headers too large\n",
+        );
+    }
+    let max = endpoint.max_body();
+    if body.size_hint().lower() > max as u64 {
+        return refuse(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+    }
+    let body = match http_body_util::Limited::new(body, max).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
+    };
+    let request = HttpRequest { parts, body, peer };
+    match endpoint.call(request).await {
+        HttpReply::Full(res) => res.map(ReplyBody::full),
+        HttpReply::Stream(head, chunks) => head.map(|()| ReplyBody::Stream(chunks)),
+        _ => refuse(StatusCode::INTERNAL_SERVER_ERROR, "unknown answer\n"),
+    }
+}

@@ -1,0 +1,107 @@
+//! The transports a container serves. The only module that names a concrete transport: the
+//! WebSocket one, which `Container::start` serves by default on the config's address. Every
+//! other transport comes in through `switchboard_core::Transport`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_config::Config;
+use switchboard_core::{
+    BoxFuture, OriginPolicy, Serving, ShutdownReport, Transport, TransportCounters,
+};
+use switchboard_transport::{TransportOptions, WebSocketTransport};
+
+use crate::gateway::Gateway;
+
+/// A transport waiting for the gateway it will serve.
+pub(crate) type Starter =
+    Box<dyn FnOnce(Arc<Gateway>) -> BoxFuture<'static, io::Result<Box<dyn Serving>>> + Send>;
+
+pub(crate) fn starter<T: Transport>(transport: T) -> Starter {
+    Box::new(move |gateway| Box::pin(transport.start(gateway)))
+}
+
+/// The WebSocket transport on `addr`, as the config sets it up.
+pub(crate) fn websocket(config: &Config, addr: SocketAddr) -> Starter {
+    let socket = &config.gateway.socket;
+    let limits = &config.gateway.limits;
+    let mut options = TransportOptions::default();
+    options.path = socket.path.as_str().to_string();
+    options.heartbeat_interval = socket.heartbeat;
+    options.max_message_size = socket.max_message_size;
+    options.send_queue = socket.send_queue;
+    options.send_queue_bytes = socket.send_queue_bytes;
+    options.handshake_timeout = limits.handshake_timeout;
+    options.max_connections = limits.max_sockets;
+    options.max_handshakes = limits.max_handshakes;
+    options.max_handshakes_per_address = limits.max_handshakes_per_address;
+    options.max_request_head = limits.max_request_head;
+    options.buffer_budget = limits.buffer_budget;
+    options.origins = origin_policy(config);
+    starter(WebSocketTransport::bind(addr, options))
+}
+
+/// `socket.allowed_origins` as a policy.
+pub(crate) fn origin_policy(config: &Config) -> OriginPolicy {
+    match &config.gateway.socket.allowed_origins {
+        None => OriginPolicy::SameHost,
+        Some(list) if list.iter().any(|o| o == "*") => OriginPolicy::Any,
+        Some(list) => OriginPolicy::List(list.clone()),
+    }
+}
+
+/// The started transports of one gateway.
+pub(crate) struct Transports {
+    servings: Vec<Box<dyn Serving>>,
+}
+
+impl Transports {
+    /// Starts each, in order; if one fails, those started are stopped and the error returned.
+    pub(crate) async fn start(starters: Vec<Starter>, gateway: Arc<Gateway>) -> io::Result<Self> {
+        let mut servings: Vec<Box<dyn Serving>> = Vec::with_capacity(starters.len());
+        for start in starters {
+            match start(gateway.clone()).await {
+                Ok(serving) => servings.push(serving),
+                Err(e) => {
+                    Transports { servings }.shutdown(Duration::ZERO).await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Transports { servings })
+    }
+
+    /// The first listening address.
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
+        self.servings.iter().find_map(|s| s.local_addr())
+    }
+
+    /// Every transport's name and address.
+    pub(crate) fn describe(&self) -> Vec<(&'static str, Option<SocketAddr>)> {
+        self.servings
+            .iter()
+            .map(|s| (s.name(), s.local_addr()))
+            .collect()
+    }
+
+    /// The counters of all transports, summed.
+    pub(crate) fn counters(&self) -> TransportCounters {
+        self.servings
+            .iter()
+            .map(|s| s.counters())
+            .fold(TransportCounters::default(), |sum, c| sum + c)
+    }
+
+    /// Shuts every transport down at once and waits for all (within `drain`).
+    pub(crate) async fn shutdown(&self, drain: Duration) -> ShutdownReport {
+        // Each starts closing its sockets when asked, before its future is awaited.
+        let stopping: Vec<_> = self.servings.iter().map(|s| s.shutdown(drain)).collect();
+        let mut report = ShutdownReport::new(true);
+        for stop in stopping {
+            report = report.and(stop.await);
+        }
+        report
+    }
+}
