@@ -20,6 +20,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use clap::{ArgAction, Parser, ValueEnum};
+
 use crate::run as cmd;
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -39,31 +41,91 @@ fn bin(profile: &str, name: &str) -> PathBuf {
     PathBuf::from(target).join(dir).join(name)
 }
 
-const USAGE: &str = "usage: cargo xtask bench [options]
+/// `cargo xtask bench [options]`. The defaults in brackets are the full run's; `--smoke`
+/// lowers most of them (`Options::defaults`).
+#[derive(Debug, Parser)]
+#[command(name = "bench", args_override_self = true)]
+pub(crate) struct Args {
+    /// CI: every scenario ~2 s, small N, Switchboard only; fails on errors
+    #[arg(long)]
+    smoke: bool,
+    /// The servers [default: all three]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set)]
+    servers: Option<Vec<Server>>,
+    /// The scenarios [default: all; cross-node and cross-cluster run Switchboard only and
+    /// need nats-server]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set)]
+    scenarios: Option<Vec<Scenario>>,
+    /// Measured seconds per run [default: 10]
+    #[arg(long, value_name = "S", value_parser = seconds)]
+    secs: Option<f64>,
+    /// Warm-up seconds per run [default: 2]
+    #[arg(long, value_name = "S", value_parser = seconds)]
+    warmup: Option<f64>,
+    /// echo: sockets [default: 100]
+    #[arg(long, value_name = "N", value_parser = count)]
+    sockets: Option<usize>,
+    /// echo, send, cross-*: messages in flight per socket [default: 1]
+    #[arg(long, value_name = "N", value_parser = count)]
+    inflight: Option<usize>,
+    /// send and cross-*: sockets, one user each [default: 100]
+    #[arg(long, value_name = "N", value_parser = count)]
+    send_sockets: Option<usize>,
+    /// broadcast: subscribers [default: 10000]
+    #[arg(long, value_name = "N", value_parser = count)]
+    subscribers: Option<usize>,
+    /// broadcast: broadcasts in flight [default: 1]
+    #[arg(long, value_name = "N", value_parser = count)]
+    broadcast_inflight: Option<usize>,
+    /// idle: socket counts [default: 10000,50000]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set,
+          value_parser = count)]
+    idle: Option<Vec<usize>>,
+    /// idle: most sockets per server/client process [default: 15000; a process may hold at
+    /// most 20,000 open files here]
+    #[arg(long, value_name = "N", value_parser = count)]
+    per_process: Option<usize>,
+    /// handshake: workers connecting at once [default: 32]
+    #[arg(long, value_name = "N", value_parser = count)]
+    handshake_concurrency: Option<usize>,
+    /// Client runtime threads [default: 1]
+    #[arg(long, value_name = "N", value_parser = count)]
+    client_threads: Option<usize>,
+    /// Switchboard worker threads [default: one per core]
+    #[arg(long, value_name = "N", value_parser = count)]
+    server_threads: Option<usize>,
+    /// Also write the tables here [default: target/bench/report.md]
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
+    /// Cargo profile of the bench binaries [default: release]
+    #[arg(long, value_name = "NAME")]
+    profile: Option<String>,
+    /// Do not build the bench binaries first
+    #[arg(long)]
+    no_build: bool,
+}
 
-  --smoke                  CI: every scenario ~2 s, small N, Switchboard only; fails on errors
-  --servers LIST           switchboard,ws-node,uws-node (default: all three)
-  --scenarios LIST         echo,broadcast,send,idle,handshake,cross-node,cross-cluster
-                           (default: all; cross-node and cross-cluster run Switchboard only
-                           and need nats-server)
-  --secs S                 measured seconds per run (default 10)
-  --warmup S               warm-up seconds per run (default 2)
-  --sockets N              echo: sockets (default 100)
-  --inflight N             echo, send, cross-*: messages in flight per socket (default 1)
-  --send-sockets N         send and cross-*: sockets, one user each (default 100)
-  --subscribers N          broadcast: subscribers (default 10000)
-  --broadcast-inflight N   broadcast: broadcasts in flight (default 1)
-  --idle LIST              idle: socket counts (default 10000,50000)
-  --per-process N          idle: most sockets per server/client process (default 15000;
-                           a process may hold at most 20,000 open files here)
-  --handshake-concurrency N  handshake: workers connecting at once (default 32)
-  --client-threads N       client runtime threads (default 1)
-  --server-threads N       Switchboard worker threads (default: one per core)
-  --report PATH            also write the tables here (default target/bench/report.md)
-  --profile NAME           cargo profile of the bench binaries (default release)
-  --no-build               do not build the bench binaries first";
+/// A count: `10000` or `10_000`.
+fn count(v: &str) -> Result<usize> {
+    v.replace('_', "")
+        .parse()
+        .map_err(|_| format!("`{v}` is not a number"))
+}
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Seconds: `5` or `5s`.
+fn seconds(v: &str) -> Result<f64> {
+    v.trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("`{v}` is not a number of seconds"))
+}
+
+/// `Args` from the words after `bench`.
+fn parse_words(words: &[&str]) -> Result<Args> {
+    Args::try_parse_from(std::iter::once("bench").chain(words.iter().copied()))
+        .map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Server {
     Switchboard,
     WsNode,
@@ -79,15 +141,6 @@ impl Server {
         }
     }
 
-    fn parse(s: &str) -> Result<Server> {
-        match s {
-            "switchboard" => Ok(Server::Switchboard),
-            "ws-node" => Ok(Server::WsNode),
-            "uws-node" => Ok(Server::UwsNode),
-            other => Err(format!("unknown server `{other}`")),
-        }
-    }
-
     fn peer_dir(self) -> Option<&'static str> {
         match self {
             Server::Switchboard => None,
@@ -97,7 +150,7 @@ impl Server {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     Echo,
     Broadcast,
@@ -106,21 +159,6 @@ enum Scenario {
     Handshake,
     CrossNode,
     CrossCluster,
-}
-
-impl Scenario {
-    fn parse(s: &str) -> Result<Scenario> {
-        match s {
-            "echo" => Ok(Scenario::Echo),
-            "broadcast" => Ok(Scenario::Broadcast),
-            "send" => Ok(Scenario::Send),
-            "idle" => Ok(Scenario::Idle),
-            "handshake" => Ok(Scenario::Handshake),
-            "cross-node" => Ok(Scenario::CrossNode),
-            "cross-cluster" => Ok(Scenario::CrossCluster),
-            other => Err(format!("unknown scenario `{other}`")),
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -195,75 +233,44 @@ impl Options {
         }
     }
 
-    fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options::defaults(args.iter().any(|a| a == "--smoke"));
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            if flag == "--smoke" {
-                continue;
-            }
-            if flag == "--no-build" {
-                o.build = false;
-                continue;
-            }
-            if flag == "-h" || flag == "--help" {
-                return Err(USAGE.into());
-            }
-            let value = it
-                .next()
-                .ok_or_else(|| format!("{flag} needs a value\n\n{USAGE}"))?;
-            let num = |v: &str| -> Result<usize> {
-                v.replace('_', "")
-                    .parse()
-                    .map_err(|_| format!("{flag}: `{v}` is not a number"))
-            };
-            let secs = |v: &str| -> Result<f64> {
-                v.trim_end_matches('s')
-                    .parse()
-                    .map_err(|_| format!("{flag}: `{v}` is not a number of seconds"))
-            };
-            match flag.as_str() {
-                "--servers" => {
-                    o.servers = value.split(',').map(Server::parse).collect::<Result<_>>()?
-                }
-                "--scenarios" => {
-                    o.scenarios = value
-                        .split(',')
-                        .map(Scenario::parse)
-                        .collect::<Result<_>>()?
-                }
-                "--secs" => o.secs = secs(value)?,
-                "--warmup" => o.warmup = secs(value)?,
-                "--sockets" => o.sockets = num(value)?,
-                "--inflight" => o.inflight = num(value)?,
-                "--send-sockets" => o.send_sockets = num(value)?,
-                "--subscribers" => o.subscribers = num(value)?,
-                "--broadcast-inflight" => o.broadcast_inflight = num(value)?,
-                "--idle" => o.idle = value.split(',').map(num).collect::<Result<_>>()?,
-                "--per-process" => o.per_process = num(value)?.clamp(1, 19_000),
-                "--handshake-concurrency" => o.handshake_concurrency = num(value)?,
-                "--client-threads" => o.client_threads = num(value)?,
-                "--server-threads" => o.server_threads = Some(num(value)?),
-                "--report" => o.report = PathBuf::from(value),
-                "--profile" => o.profile = value.clone(),
-                other => return Err(format!("unknown option `{other}`\n\n{USAGE}")),
-            }
-        }
+    /// The defaults of the run `args` asks for, overridden by what it names.
+    fn new(args: &Args) -> Options {
+        let d = Options::defaults(args.smoke);
+        let mut o = Options {
+            servers: args.servers.clone().unwrap_or(d.servers),
+            scenarios: args.scenarios.clone().unwrap_or(d.scenarios),
+            secs: args.secs.unwrap_or(d.secs),
+            warmup: args.warmup.unwrap_or(d.warmup),
+            sockets: args.sockets.unwrap_or(d.sockets),
+            inflight: args.inflight.unwrap_or(d.inflight),
+            send_sockets: args.send_sockets.unwrap_or(d.send_sockets),
+            subscribers: args.subscribers.unwrap_or(d.subscribers),
+            broadcast_inflight: args.broadcast_inflight.unwrap_or(d.broadcast_inflight),
+            idle: args.idle.clone().unwrap_or(d.idle),
+            per_process: args
+                .per_process
+                .map_or(d.per_process, |n| n.clamp(1, 19_000)),
+            handshake_concurrency: args
+                .handshake_concurrency
+                .unwrap_or(d.handshake_concurrency),
+            client_threads: args.client_threads.unwrap_or(d.client_threads),
+            server_threads: args.server_threads.or(d.server_threads),
+            report: args.report.clone().unwrap_or(d.report),
+            profile: args.profile.clone().unwrap_or(d.profile),
+            build: !args.no_build,
+            ..d
+        };
         if o.servers.first() != Some(&Server::Switchboard) {
             o.servers.retain(|s| *s != Server::Switchboard);
             o.servers.insert(0, Server::Switchboard);
         }
-        Ok(o)
+        o
     }
 }
 
-/// `cargo xtask bench [options]`.
-pub(crate) fn run(args: &[String]) -> Result {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
-        return Ok(());
-    }
-    let o = Options::parse(args)?;
+/// `cargo xtask bench [options]`; `words` are the options as given, for the report.
+pub(crate) fn run(args: &Args, words: &[String]) -> Result {
+    let o = Options::new(args);
     if o.build {
         build(&o.profile)?;
     }
@@ -273,7 +280,7 @@ pub(crate) fn run(args: &[String]) -> Result {
         }
     }
     let started = Instant::now();
-    let mut report = Report::new(&o, args);
+    let mut report = Report::new(&o, words);
     for scenario in o.scenarios.clone() {
         match scenario {
             Scenario::Idle => idle(&o, &mut report)?,
@@ -331,7 +338,8 @@ pub(crate) fn ci() -> Result {
             "dev",
         ],
     )?;
-    run(&["--smoke", "--no-build", "--profile", "dev"].map(String::from))
+    let words = ["--smoke", "--no-build", "--profile", "dev"];
+    run(&parse_words(&words)?, &words.map(String::from))
 }
 
 fn build(profile: &str) -> Result {
@@ -1301,27 +1309,37 @@ impl Report {
 mod tests {
     use super::*;
 
+    fn parse(words: &[&str]) -> Result<Options> {
+        parse_words(words).map(|a| Options::new(&a))
+    }
+
     #[test]
     fn options_default_and_parse() {
-        let o = Options::parse(&[]).unwrap();
+        let o = parse(&[]).unwrap();
         assert_eq!(o.servers.len(), 3);
         assert_eq!(o.idle, [10_000, 50_000]);
-        let o =
-            Options::parse(&["--smoke", "--secs", "3s", "--idle", "1_000,2000"].map(String::from))
-                .unwrap();
+        let o = parse(&["--smoke", "--secs", "3s", "--idle", "1_000,2000"]).unwrap();
         assert!(o.smoke);
         assert_eq!(o.servers, [Server::Switchboard]);
         assert_eq!(o.secs, 3.0);
         assert_eq!(o.idle, [1000, 2000]);
-        let o = Options::parse(&["--servers", "ws-node"].map(String::from)).unwrap();
+        let o = parse(&["--servers", "ws-node"]).unwrap();
         assert_eq!(o.servers, [Server::Switchboard, Server::WsNode]);
-        assert!(Options::parse(&["--bogus", "1"].map(String::from)).is_err());
-        let o = Options::parse(&["--scenarios", "send,cross-node"].map(String::from)).unwrap();
+        assert!(parse(&["--bogus", "1"]).is_err());
+        let o = parse(&["--scenarios", "send,cross-node"]).unwrap();
         assert_eq!(o.scenarios, [Scenario::Send, Scenario::CrossNode]);
         assert_eq!(scenario_args(&o, Scenario::CrossNode)[0], "cross-node");
-        let o = Options::parse(&["--scenarios", "cross-cluster"].map(String::from)).unwrap();
+        let o = parse(&["--scenarios", "cross-cluster"]).unwrap();
         assert_eq!(o.scenarios, [Scenario::CrossCluster]);
-        assert!(Options::parse(&["--secs"].map(String::from)).is_err());
+        assert!(parse(&["--secs"]).is_err());
+        // as by hand: a repeated option's last value counts; --per-process is clamped
+        let o = parse(&["--idle", "1", "--idle", "2,3", "--per-process", "99999"]).unwrap();
+        assert_eq!(o.idle, [2, 3]);
+        assert_eq!(o.per_process, 19_000);
+        let o = parse(&["--smoke", "--no-build", "--profile", "dev"]).unwrap();
+        assert!(!o.build);
+        assert_eq!(o.profile, "dev");
+        assert_eq!(o.report, Path::new("target/bench/smoke.md"));
     }
 
     #[test]
