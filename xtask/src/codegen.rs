@@ -24,12 +24,16 @@ crates/switchboard-config/src/reference.rs: edit those, not this file. -->\n";
 
 type Result<T = ()> = std::result::Result<T, String>;
 
-pub(crate) fn run(args: &[String]) -> Result {
-    let check = match args {
-        [] => false,
-        [flag] if flag == "--check" => true,
-        _ => return Err("usage: cargo xtask codegen [--check]".into()),
-    };
+/// `cargo xtask codegen [--check]`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Write nothing; fail when docs/CONFIG.md is stale
+    #[arg(long)]
+    check: bool,
+}
+
+pub(crate) fn run(args: &Args) -> Result {
+    let check = args.check;
     let root = Path::new(".");
     let fresh = config_md(&read(&root.join(TEMPLATE))?)?;
     let current = std::fs::read_to_string(root.join(OUTPUT)).unwrap_or_default();

@@ -28,38 +28,40 @@ const FUZZ_DIR: &str = "fuzz";
 /// ASan builds go here, so switching sanitizers does not rebuild everything each time.
 const ASAN_TARGET_DIR: &str = "fuzz/target/asan";
 
-const USAGE: &str = "usage: cargo xtask fuzz [TARGET] [--seconds N] [--asan]";
+/// `cargo xtask fuzz [TARGET] [--seconds N] [--asan]`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// A target of fuzz/fuzz_targets/ (default: every target)
+    target: Option<String>,
+    /// Seconds per target
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_SECONDS, value_parser = positive)]
+    seconds: u64,
+    /// AddressSanitizer (RUSTC_BOOTSTRAP=1 and its own target dir; see the module docs)
+    #[arg(long)]
+    asan: bool,
+}
 
-/// Entry point; `args` are the words after `fuzz`.
-pub(crate) fn fuzz(args: &[String]) -> Result {
+fn positive(value: &str) -> std::result::Result<u64, String> {
+    value
+        .parse()
+        .ok()
+        .filter(|&s| s > 0)
+        .ok_or_else(|| "wants a positive whole number".into())
+}
+
+/// Entry point.
+pub(crate) fn fuzz(args: &Args) -> Result {
     let available = targets()?;
-    let mut chosen: Option<String> = None;
-    let mut seconds = DEFAULT_SECONDS;
-    let mut asan = false;
-    let mut words = args.iter();
-    while let Some(word) = words.next() {
-        let value = match word.as_str() {
-            "--seconds" => Some(words.next().ok_or(USAGE)?.as_str()),
-            w => w.strip_prefix("--seconds="),
-        };
-        if let Some(value) = value {
-            seconds =
-                value.parse().ok().filter(|&s| s > 0).ok_or_else(|| {
-                    format!("--seconds wants a positive whole number, not `{value}`")
-                })?;
-        } else if word == "--asan" {
-            asan = true;
-        } else if word.starts_with('-') || chosen.is_some() {
-            return Err(format!("unexpected `{word}`\n{USAGE}"));
-        } else if available.contains(word) {
-            chosen = Some(word.clone());
-        } else {
+    let (seconds, asan) = (args.seconds, args.asan);
+    let chosen = match &args.target {
+        Some(word) if !available.contains(word) => {
             return Err(format!(
                 "no fuzz target `{word}`; targets: {}",
                 available.join(", ")
-            ));
+            ))
         }
-    }
+        chosen => chosen.clone(),
+    };
     let targets = match chosen {
         Some(t) => vec![t],
         None => available,

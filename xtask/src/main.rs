@@ -12,11 +12,52 @@
 
 use std::process::{Command, ExitCode};
 
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
 mod bench;
 mod codegen;
 mod e2e;
 mod fuzz;
 mod layering;
+
+/// The project's maintenance tasks.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    args_override_self = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Option<Task>,
+}
+
+/// One task each.
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Everything CI runs (installs missing system tools first)
+    Ci,
+    /// cargo fmt --all
+    Fmt,
+    /// Format check and clippy -D warnings
+    Lint,
+    /// Every test of the workspace
+    Test,
+    /// Check which workspace crate depends on which (cargo metadata)
+    Layering,
+    /// Autobahn cases 1-11 against the echo example (installs kosoku)
+    Autobahn,
+    /// Regenerate docs/CONFIG.md from the schema (--check: fail if stale)
+    Codegen(codegen::Args),
+    /// The demo chat in headless Chromium + client unit tests (installs chromium)
+    E2e,
+    /// Fuzz targets: [TARGET] [--seconds N] [--asan] (default all, 60 s)
+    Fuzz(fuzz::Args),
+    /// Load benchmark vs ws-node and uws-node (--smoke: CI's; --help)
+    Bench(Box<bench::Args>),
+    /// Install missing system tools (curl)
+    Deps,
+}
 
 fn main() -> ExitCode {
     // Run from the workspace root whatever the caller's directory.
@@ -27,46 +68,31 @@ fn main() -> ExitCode {
         eprintln!("xtask: cannot enter {}: {e}", root.display());
         return ExitCode::FAILURE;
     }
-    let task = std::env::args().nth(1).unwrap_or_else(|| "help".into());
-    let result = match task.as_str() {
-        "ci" => ci(),
-        "fmt" => run("cargo", &["fmt", "--all"]),
-        "lint" => lint(),
-        "test" => test(),
-        "layering" => layering(),
-        "deps" => install_system_deps(),
-        "autobahn" => autobahn(),
-        "codegen" => codegen::run(&std::env::args().skip(2).collect::<Vec<_>>()),
-        "e2e" => e2e::run_e2e(),
-        "fuzz" => fuzz::fuzz(&std::env::args().skip(2).collect::<Vec<_>>()),
-        "bench" => bench::run(&std::env::args().skip(2).collect::<Vec<_>>()),
-        _ => {
-            eprintln!(
-                "usage: cargo xtask <task>\n\n\
-                 tasks:\n  \
-                 ci        everything CI runs (installs missing system tools first)\n  \
-                 fmt       cargo fmt --all\n  \
-                 lint      format check and clippy -D warnings\n  \
-                 test      every test of the workspace\n  \
-                 layering  check which workspace crate depends on which (cargo metadata)\n  \
-                 autobahn  Autobahn cases 1-11 against the echo example (installs kosoku)\n  \
-                 codegen   regenerate docs/CONFIG.md from the schema (--check: fail if stale)\n  \
-                 e2e       the demo chat in headless Chromium + client unit tests (installs chromium)\n  \
-                 fuzz      fuzz targets: [TARGET] [--seconds N] [--asan] (default all, 60 s)\n  \
-                 bench     load benchmark vs ws-node and uws-node (--smoke: CI's; --help)\n  \
-                 deps      install missing system tools (curl)"
-            );
-            return if task == "help" {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            };
-        }
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let Some(task) = cli.task else {
+        // `cargo xtask` alone: the help, as `cargo xtask help` prints it.
+        let _ = Cli::command().print_help();
+        return ExitCode::SUCCESS;
+    };
+    let result = match task {
+        Task::Ci => ci(),
+        Task::Fmt => run("cargo", &["fmt", "--all"]),
+        Task::Lint => lint(),
+        Task::Test => test(),
+        Task::Layering => layering(),
+        Task::Deps => install_system_deps(),
+        Task::Autobahn => autobahn(),
+        Task::Codegen(args) => codegen::run(&args),
+        Task::E2e => e2e::run_e2e(),
+        Task::Fuzz(args) => fuzz::fuzz(&args),
+        // The report quotes the command's words as given.
+        Task::Bench(args) => bench::run(&args, &std::env::args().skip(2).collect::<Vec<_>>()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xtask {task}: {e}");
+            eprintln!("xtask {}: {e}", matches.subcommand_name().unwrap_or("?"));
             ExitCode::FAILURE
         }
     }

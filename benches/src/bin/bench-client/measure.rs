@@ -1,0 +1,104 @@
+//! The measuring: a run's timeline, CPU sampling, and the tally of what round-trip workers saw.
+
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use switchboard_bench::procfs;
+
+/// The timeline of a measured run, fixed once every socket is connected.
+#[derive(Clone, Copy)]
+pub(crate) struct Clock {
+    pub(crate) base: Instant,
+    pub(crate) warm: Instant,
+    pub(crate) end: Instant,
+    /// No run goes on past this, whatever is still in flight.
+    pub(crate) hard: Instant,
+}
+
+impl Clock {
+    pub(crate) fn start(warmup: f64, secs: f64) -> Clock {
+        let base = Instant::now();
+        let warm = base + Duration::from_secs_f64(warmup.max(0.0));
+        let end = warm + Duration::from_secs_f64(secs.max(0.1));
+        Clock {
+            base,
+            warm,
+            end,
+            hard: end + Duration::from_secs(5),
+        }
+    }
+
+    pub(crate) fn ns(&self, t: Instant) -> u64 {
+        t.duration_since(self.base).as_nanos() as u64
+    }
+
+    pub(crate) fn measured(&self, t: Instant) -> bool {
+        t >= self.warm && t < self.end
+    }
+
+    pub(crate) fn window_secs(&self) -> f64 {
+        (self.end - self.warm).as_secs_f64()
+    }
+}
+
+/// CPU of client and server over the measured window, sampled by a task of its own.
+pub(crate) fn sample_cpu(
+    clock: Clock,
+    server_pid: Option<u32>,
+) -> JoinHandle<(Option<f64>, Option<f64>)> {
+    tokio::spawn(async move {
+        tokio::time::sleep_until(clock.warm.into()).await;
+        let (c0, s0, t0) = (
+            procfs::cpu_ticks(None),
+            server_pid.and_then(|p| procfs::cpu_ticks(Some(p))),
+            Instant::now(),
+        );
+        tokio::time::sleep_until(clock.end.into()).await;
+        let secs = t0.elapsed().as_secs_f64();
+        let c1 = procfs::cpu_ticks(None);
+        let s1 = server_pid.and_then(|p| procfs::cpu_ticks(Some(p)));
+        (procfs::cores(c0, c1, secs), procfs::cores(s0, s1, secs))
+    })
+}
+
+pub(crate) fn fmt_cores(c: Option<f64>) -> String {
+    c.map_or("na".into(), |c| format!("{c:.2}"))
+}
+
+/// What one round-trip worker saw.
+#[derive(Default)]
+pub(crate) struct Tally {
+    pub(crate) samples: Vec<u64>,
+    pub(crate) errors: u64,
+    pub(crate) first_error: Option<String>,
+}
+
+impl Tally {
+    pub(crate) fn error(&mut self, e: impl std::fmt::Display) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(e.to_string());
+        }
+    }
+
+    /// Waits for every worker and adds up what they saw (a worker that panicked counts as an
+    /// error); reports the first error on stderr.
+    pub(crate) async fn join_all(workers: Vec<tokio::task::JoinHandle<Tally>>) -> Tally {
+        let mut total = Tally::default();
+        for w in workers {
+            match w.await {
+                Ok(t) => {
+                    total.samples.extend(t.samples);
+                    total.errors += t.errors;
+                    total.first_error = total.first_error.or(t.first_error);
+                }
+                Err(e) => total.error(e),
+            }
+        }
+        if let Some(e) = &total.first_error {
+            eprintln!("bench-client: {} errors, first: {e}", total.errors);
+        }
+        total
+    }
+}

@@ -1,0 +1,161 @@
+//! The `gateway.socket` section: the spec's hooks plus our transport knobs, and the
+//! validation of its headers, origins, heartbeat and send queue.
+
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use crate::de::{de_byte_size, de_duration};
+use crate::values::UrlPath;
+use crate::{ConnectHook, OnMessage, PublishHook, SubscribeHook};
+
+/// The `gateway.socket` section: the spec's hooks plus our transport knobs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Socket {
+    /// The HTTP path that accepts WebSocket upgrades. Must start with `/`. Default `/connect`.
+    #[serde(default = "default_path")]
+    pub path: UrlPath,
+    /// Publish a message when a socket connects; optionally hold the socket until the
+    /// handler answers (`gate`).
+    #[serde(default)]
+    pub onconnect: Option<ConnectHook>,
+    /// Publish messages the sockets send: all of them, and by `type`.
+    #[serde(default)]
+    pub onmessage: Option<OnMessage>,
+    /// Publish a message when a socket closes, whatever the reason.
+    #[serde(default)]
+    pub onclose: Option<PublishHook>,
+    /// The topic whose messages are delivered to one user's sockets.
+    #[serde(default)]
+    pub send: Option<SubscribeHook>,
+    /// The topic whose messages are delivered to every socket (or one namespace's).
+    #[serde(default)]
+    pub broadcast: Option<SubscribeHook>,
+    /// Interval between server pings; a client that has not answered the previous ping by
+    /// the next one is closed (extension). Human duration, e.g. `30s`. Default 30 s.
+    #[serde(default = "default_heartbeat", deserialize_with = "de_heartbeat")]
+    pub heartbeat: Duration,
+    /// Largest inbound message, after reassembly of fragments, in bytes; accepts `64KiB`,
+    /// `1MiB`, `1000`. Default 64 KiB (extension).
+    #[serde(
+        default = "default_max_message_size",
+        deserialize_with = "de_byte_size"
+    )]
+    pub max_message_size: usize,
+    /// Frames that may wait in one socket's send queue before it counts as a slow consumer
+    /// and is closed (extension). Default 256.
+    #[serde(default = "default_send_queue", deserialize_with = "de_send_queue")]
+    pub send_queue: usize,
+    /// Bytes that may wait in one socket's send queue (a frame is always taken into an empty
+    /// queue) before it counts as a slow consumer (extension). Default 1 MiB.
+    #[serde(
+        default = "default_send_queue_bytes",
+        deserialize_with = "de_byte_size"
+    )]
+    pub send_queue_bytes: usize,
+    /// Request headers copied into the context handlers see (`context.headers`), by name
+    /// (extension). `cookie`, `authorization` and `proxy-authorization` are never copied;
+    /// the verified claims are always at `context.headers.jwt`. Default `user-agent`,
+    /// `origin`, `x-forwarded-for`, `x-request-id`.
+    #[serde(
+        default = "default_context_headers",
+        deserialize_with = "de_context_headers"
+    )]
+    pub context_headers: Vec<String>,
+    /// Origins (`https://app.example.com`, or `"*"` for any) whose pages may open sockets;
+    /// others get HTTP 403 (extension). Default, when absent: same host only, i.e. the
+    /// `Origin` header's host must equal the `Host` header; requests without `Origin`
+    /// (non-browser clients) are allowed either way.
+    #[serde(default, deserialize_with = "de_origins")]
+    pub allowed_origins: Option<Vec<String>>,
+}
+
+fn de_origins<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    for origin in &list {
+        let valid = origin == "*"
+            || ["http://", "https://"].iter().any(|scheme| {
+                origin
+                    .strip_prefix(scheme)
+                    .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+            });
+        if !valid {
+            return Err(de::Error::custom(format_args!(
+                "allowed_origins entry `{origin}` must be `*` or scheme://host[:port] without a path"
+            )));
+        }
+    }
+    Ok(Some(list))
+}
+
+fn default_path() -> UrlPath {
+    UrlPath("/connect".into())
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_message_size() -> usize {
+    64 * 1024
+}
+fn default_send_queue() -> usize {
+    256
+}
+fn default_send_queue_bytes() -> usize {
+    1 << 20
+}
+fn default_context_headers() -> Vec<String> {
+    ["user-agent", "origin", "x-forwarded-for", "x-request-id"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Headers that carry credentials: never copied into a message's context.
+pub const CREDENTIAL_HEADERS: [&str; 3] = ["cookie", "authorization", "proxy-authorization"];
+
+fn de_context_headers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        let lower = name.trim().to_ascii_lowercase();
+        let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if lower.is_empty() || !lower.chars().all(token) {
+            return Err(de::Error::custom(format_args!(
+                "context_headers entry `{name}` is not a header name"
+            )));
+        }
+        if CREDENTIAL_HEADERS.contains(&lower.as_str()) {
+            return Err(de::Error::custom(format_args!(
+                "context_headers entry `{name}` carries credentials and is never copied into \
+                 messages (handlers get the verified claims at `context.headers.jwt`)"
+            )));
+        }
+        if lower == "jwt" {
+            return Err(de::Error::custom(
+                "context_headers entry `jwt` is reserved for the verified claims",
+            ));
+        }
+        if !out.contains(&lower) {
+            out.push(lower);
+        }
+    }
+    Ok(out)
+}
+
+fn de_heartbeat<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let interval = de_duration(d)?;
+    if interval < Duration::from_millis(10) {
+        return Err(de::Error::custom("heartbeat must be at least 10ms"));
+    }
+    Ok(interval)
+}
+
+fn de_send_queue<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if n == 0 {
+        return Err(de::Error::custom("send_queue must be at least 1"));
+    }
+    Ok(n)
+}

@@ -1,0 +1,124 @@
+//! Runs `bench-client`: its command line per scenario and the `RESULT` line it prints.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::options::{Options, Scenario};
+use super::processes::{wait_bounded, Running};
+use super::{bin, Figures, Result, SECRET};
+
+/// The client's arguments shared by every scenario.
+pub(super) fn client_command(o: &Options, target: &Running) -> Command {
+    let mut c = Command::new(bin(&o.profile, "bench-client"));
+    c.env("SWITCHBOARD_JWT_SECRET", SECRET)
+        .arg("--addr")
+        .arg(format!("127.0.0.1:{}", target.port))
+        .arg("--server-pid")
+        .arg(target.pid().to_string())
+        .arg("--secs")
+        .arg(o.secs.to_string())
+        .arg("--warmup")
+        .arg(o.warmup.to_string())
+        .arg("--threads")
+        .arg(o.client_threads.to_string());
+    c
+}
+
+pub(super) fn scenario_args(o: &Options, scenario: Scenario) -> Vec<String> {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    match scenario {
+        Scenario::Echo => s(&[
+            "echo",
+            "--sockets",
+            &o.sockets.to_string(),
+            "--inflight",
+            &o.inflight.to_string(),
+        ]),
+        Scenario::Send => s(&[
+            "send",
+            "--sockets",
+            &o.send_sockets.to_string(),
+            "--inflight",
+            &o.inflight.to_string(),
+        ]),
+        Scenario::Broadcast => s(&[
+            "broadcast",
+            "--subscribers",
+            &o.subscribers.to_string(),
+            "--inflight",
+            &o.broadcast_inflight.to_string(),
+        ]),
+        Scenario::Handshake => s(&[
+            "handshake",
+            "--concurrency",
+            &o.handshake_concurrency.to_string(),
+        ]),
+        Scenario::Idle => s(&["idle"]),
+        Scenario::CrossNode | Scenario::CrossCluster => s(&[
+            "cross-node",
+            "--nats",
+            match (&o.publisher_nats, &o.nats) {
+                (Some((url, _)), _) => url,
+                (None, Some(url)) => url,
+                (None, None) => "nats://127.0.0.1:4222",
+            },
+            "--sockets",
+            &o.send_sockets.to_string(),
+            "--inflight",
+            &o.inflight.to_string(),
+        ]),
+    }
+}
+
+/// Parses `RESULT k=v ...`.
+pub(super) fn parse_result(line: &str) -> Option<Figures> {
+    let rest = line.strip_prefix("RESULT")?;
+    Some(
+        rest.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+/// Runs the client once against `target` and returns its figures.
+pub(super) fn run_client(o: &Options, target: &Running, scenario: Scenario) -> Result<Figures> {
+    let args = scenario_args(o, scenario);
+    let mut child = client_command(o, target)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the client: {e}"))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(|l| l.ok())
+            .collect::<Vec<_>>()
+    });
+    let limit = Duration::from_secs_f64(o.warmup + o.secs + 180.0);
+    let status = wait_bounded(&mut child, limit)?;
+    let lines = reader.join().unwrap_or_default();
+    let figures = lines.iter().rev().find_map(|l| parse_result(l));
+    match (status.success(), figures) {
+        (true, Some(f)) => Ok(f),
+        (_, _) => Err(format!("client {} exited with {status}", args[0])),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::options::parse_words;
+    use super::*;
+
+    #[test]
+    fn scenario_args_and_results_read() {
+        let o = Options::new(&parse_words(&["--scenarios", "send,cross-node"]).unwrap());
+        assert_eq!(scenario_args(&o, Scenario::CrossNode)[0], "cross-node");
+        let f = parse_result("RESULT rate=1234 p99_us=10.5 errors=0").unwrap();
+        assert_eq!(f["rate"], "1234");
+        assert_eq!(parse_result("READY sockets=3"), None);
+    }
+}

@@ -1,0 +1,166 @@
+//! `cargo xtask bench`: the load benchmark. One Rust client (`bench-client`), the same for
+//! every server, against Switchboard (`bench-server`), `ws-node` and `uws-node`
+//! (`benches/peers/`), in one run; one table per scenario with ratios to Switchboard.
+//!
+//! Every server runs as its own process on a free port of 127.0.0.1, started and stopped by
+//! PID; each scenario gets fresh server processes. The clients bind 127.x.y.z source
+//! addresses so that tens of thousands of sockets do not run out of ephemeral ports.
+//! `--smoke` is what CI runs: every scenario for about two seconds, small N, Switchboard
+//! only; it fails on errors, never on speed.
+//!
+//! `cross-node` runs Switchboard alone (the peers have no NATS): its own nats-server on a free
+//! port (started and stopped by PID), `bench-server --nats`, and a plain NATS client in
+//! `bench-client` publishing to `socket:send`. `cross-cluster` is the same across a NATS
+//! cluster: two nats-servers routed to each other, the node on one, the publisher on the other.
+
+mod client;
+mod options;
+mod processes;
+mod report;
+mod scenarios;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+pub(crate) use options::Args;
+
+use crate::run as cmd;
+use options::{parse_words, Options, Scenario};
+use report::Report;
+use scenarios::{cross_cluster, cross_node, idle, measured};
+
+type Result<T = ()> = std::result::Result<T, String>;
+type Figures = BTreeMap<String, String>;
+
+/// The secret every server verifies and the client signs with (loopback benchmark only).
+const SECRET: &str = "switchboard-bench-secret-not-for-production";
+
+/// A bench binary built with `profile`, in `CARGO_TARGET_DIR` or `target`.
+fn bin(profile: &str, name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
+    let dir = match profile {
+        "dev" | "test" => "debug",
+        "release" | "bench" => "release",
+        other => other,
+    };
+    PathBuf::from(target).join(dir).join(name)
+}
+
+/// `cargo xtask bench [options]`; `words` are the options as given, for the report.
+pub(crate) fn run(args: &Args, words: &[String]) -> Result {
+    let o = Options::new(args);
+    if o.build {
+        build(&o.profile)?;
+    }
+    for server in &o.servers {
+        if let Some(dir) = server.peer_dir() {
+            npm_ci(dir)?;
+        }
+    }
+    let started = Instant::now();
+    let mut report = Report::new(&o, words);
+    for scenario in o.scenarios.clone() {
+        match scenario {
+            Scenario::Idle => idle(&o, &mut report)?,
+            Scenario::CrossNode => cross_node(&o, &mut report)?,
+            Scenario::CrossCluster => cross_cluster(&o, &mut report)?,
+            _ => measured(&o, scenario, &mut report)?,
+        }
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    report.line(format!(
+        "\n_Whole run: {:.0} s; load average at the end: {}._",
+        started.elapsed().as_secs_f64(),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    let text = report.text();
+    if let Some(dir) = o.report.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(&o.report, &text).map_err(|e| format!("{}: {e}", o.report.display()))?;
+    println!("\n{text}");
+    println!("(written to {})", o.report.display());
+    if o.smoke && !report.failures.is_empty() {
+        return Err(format!(
+            "smoke run failed:\n  {}",
+            report.failures.join("\n  ")
+        ));
+    }
+    if !report.failures.is_empty() {
+        eprintln!(
+            "bench: some runs reported errors:\n  {}",
+            report.failures.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+/// What CI runs: the micro-benchmarks build, and every load scenario briefly against
+/// Switchboard alone. `cargo bench --no-run` also builds the bench binaries (benches may run
+/// them), in the same profile, so the smoke run needs no second build. CI builds them in
+/// the dev profile: it reuses what `cargo test --workspace` has built and adds about a
+/// minute, where the release profile would add about five on this machine; the smoke run
+/// never judges speed.
+pub(crate) fn ci() -> Result {
+    cmd(
+        "cargo",
+        &[
+            "bench",
+            "-p",
+            "switchboard-bench",
+            "--no-run",
+            "--profile",
+            "dev",
+        ],
+    )?;
+    let words = ["--smoke", "--no-build", "--profile", "dev"];
+    run(&parse_words(&words)?, &words.map(String::from))
+}
+
+fn build(profile: &str) -> Result {
+    cmd(
+        "cargo",
+        &[
+            "build",
+            "--profile",
+            profile,
+            "-p",
+            "switchboard-bench",
+            "--bin",
+            "bench-server",
+            "--bin",
+            "bench-client",
+        ],
+    )
+}
+
+/// Installs a peer's locked dependencies when they are missing.
+fn npm_ci(dir: &str) -> Result {
+    let version = Command::new("node")
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("the peers need Node.js 20 (node: {e})"))?;
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
+    if !version.starts_with("v20.") {
+        eprintln!("bench: the peers are pinned for Node 20; found {version}");
+    }
+    if Path::new(dir).join("node_modules").is_dir() {
+        return Ok(());
+    }
+    println!("$ (cd {dir} && npm ci)");
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .status()
+        .map_err(|e| format!("cannot run npm: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("npm ci in {dir} failed ({status})"))
+    }
+}

@@ -1,0 +1,274 @@
+//! The command line of `cargo xtask bench` (clap) and the options of a run, with the
+//! defaults that `--smoke` lowers.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Parser, ValueEnum};
+
+use super::Result;
+
+/// `cargo xtask bench [options]`. The defaults in brackets are the full run's; `--smoke`
+/// lowers most of them (`Options::defaults`).
+#[derive(Debug, Parser)]
+#[command(name = "bench", args_override_self = true)]
+pub(crate) struct Args {
+    /// CI: every scenario ~2 s, small N, Switchboard only; fails on errors
+    #[arg(long)]
+    smoke: bool,
+    /// The servers [default: all three]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set)]
+    servers: Option<Vec<Server>>,
+    /// The scenarios [default: all; cross-node and cross-cluster run Switchboard only and
+    /// need nats-server]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set)]
+    scenarios: Option<Vec<Scenario>>,
+    /// Measured seconds per run [default: 10]
+    #[arg(long, value_name = "S", value_parser = seconds)]
+    secs: Option<f64>,
+    /// Warm-up seconds per run [default: 2]
+    #[arg(long, value_name = "S", value_parser = seconds)]
+    warmup: Option<f64>,
+    /// echo: sockets [default: 100]
+    #[arg(long, value_name = "N", value_parser = count)]
+    sockets: Option<usize>,
+    /// echo, send, cross-*: messages in flight per socket [default: 1]
+    #[arg(long, value_name = "N", value_parser = count)]
+    inflight: Option<usize>,
+    /// send and cross-*: sockets, one user each [default: 100]
+    #[arg(long, value_name = "N", value_parser = count)]
+    send_sockets: Option<usize>,
+    /// broadcast: subscribers [default: 10000]
+    #[arg(long, value_name = "N", value_parser = count)]
+    subscribers: Option<usize>,
+    /// broadcast: broadcasts in flight [default: 1]
+    #[arg(long, value_name = "N", value_parser = count)]
+    broadcast_inflight: Option<usize>,
+    /// idle: socket counts [default: 10000,50000]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set,
+          value_parser = count)]
+    idle: Option<Vec<usize>>,
+    /// idle: most sockets per server/client process [default: 15000; a process may hold at
+    /// most 20,000 open files here]
+    #[arg(long, value_name = "N", value_parser = count)]
+    per_process: Option<usize>,
+    /// handshake: workers connecting at once [default: 32]
+    #[arg(long, value_name = "N", value_parser = count)]
+    handshake_concurrency: Option<usize>,
+    /// Client runtime threads [default: 1]
+    #[arg(long, value_name = "N", value_parser = count)]
+    client_threads: Option<usize>,
+    /// Switchboard worker threads [default: one per core]
+    #[arg(long, value_name = "N", value_parser = count)]
+    server_threads: Option<usize>,
+    /// Also write the tables here [default: target/bench/report.md]
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
+    /// Cargo profile of the bench binaries [default: release]
+    #[arg(long, value_name = "NAME")]
+    profile: Option<String>,
+    /// Do not build the bench binaries first
+    #[arg(long)]
+    no_build: bool,
+}
+
+/// A count: `10000` or `10_000`.
+fn count(v: &str) -> Result<usize> {
+    v.replace('_', "")
+        .parse()
+        .map_err(|_| format!("`{v}` is not a number"))
+}
+
+/// Seconds: `5` or `5s`.
+fn seconds(v: &str) -> Result<f64> {
+    v.trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("`{v}` is not a number of seconds"))
+}
+
+/// `Args` from the words after `bench`.
+pub(super) fn parse_words(words: &[&str]) -> Result<Args> {
+    Args::try_parse_from(std::iter::once("bench").chain(words.iter().copied()))
+        .map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum Server {
+    Switchboard,
+    WsNode,
+    UwsNode,
+}
+
+impl Server {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Server::Switchboard => "switchboard",
+            Server::WsNode => "ws-node",
+            Server::UwsNode => "uws-node",
+        }
+    }
+
+    pub(super) fn peer_dir(self) -> Option<&'static str> {
+        match self {
+            Server::Switchboard => None,
+            Server::WsNode => Some("benches/peers/ws-node"),
+            Server::UwsNode => Some("benches/peers/uws-node"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum Scenario {
+    Echo,
+    Broadcast,
+    Send,
+    Idle,
+    Handshake,
+    CrossNode,
+    CrossCluster,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Options {
+    pub(super) smoke: bool,
+    pub(super) servers: Vec<Server>,
+    pub(super) scenarios: Vec<Scenario>,
+    pub(super) secs: f64,
+    pub(super) warmup: f64,
+    pub(super) sockets: usize,
+    pub(super) inflight: usize,
+    pub(super) send_sockets: usize,
+    pub(super) subscribers: usize,
+    pub(super) broadcast_inflight: usize,
+    pub(super) idle: Vec<usize>,
+    pub(super) per_process: usize,
+    pub(super) handshake_concurrency: usize,
+    pub(super) client_threads: usize,
+    pub(super) server_threads: Option<usize>,
+    pub(super) report: PathBuf,
+    pub(super) profile: String,
+    pub(super) build: bool,
+    /// The NATS server of a cross-node run (set while one runs, never from the command line).
+    pub(super) nats: Option<String>,
+    /// Where the cross-cluster publisher connects, and that server's monitoring port.
+    pub(super) publisher_nats: Option<(String, u16)>,
+}
+
+impl Options {
+    fn defaults(smoke: bool) -> Options {
+        Options {
+            smoke,
+            servers: if smoke {
+                vec![Server::Switchboard]
+            } else {
+                vec![Server::Switchboard, Server::WsNode, Server::UwsNode]
+            },
+            scenarios: vec![
+                Scenario::Echo,
+                Scenario::Broadcast,
+                Scenario::Send,
+                Scenario::Idle,
+                Scenario::Handshake,
+                Scenario::CrossNode,
+                Scenario::CrossCluster,
+            ],
+            secs: if smoke { 2.0 } else { 10.0 },
+            warmup: if smoke { 0.5 } else { 2.0 },
+            sockets: if smoke { 10 } else { 100 },
+            inflight: 1,
+            send_sockets: if smoke { 10 } else { 100 },
+            subscribers: if smoke { 200 } else { 10_000 },
+            broadcast_inflight: 1,
+            idle: if smoke {
+                vec![300]
+            } else {
+                vec![10_000, 50_000]
+            },
+            per_process: 15_000,
+            handshake_concurrency: if smoke { 4 } else { 32 },
+            client_threads: 1,
+            server_threads: None,
+            report: PathBuf::from(if smoke {
+                "target/bench/smoke.md"
+            } else {
+                "target/bench/report.md"
+            }),
+            profile: "release".into(),
+            build: true,
+            nats: None,
+            publisher_nats: None,
+        }
+    }
+
+    /// The defaults of the run `args` asks for, overridden by what it names.
+    pub(super) fn new(args: &Args) -> Options {
+        let d = Options::defaults(args.smoke);
+        let mut o = Options {
+            servers: args.servers.clone().unwrap_or(d.servers),
+            scenarios: args.scenarios.clone().unwrap_or(d.scenarios),
+            secs: args.secs.unwrap_or(d.secs),
+            warmup: args.warmup.unwrap_or(d.warmup),
+            sockets: args.sockets.unwrap_or(d.sockets),
+            inflight: args.inflight.unwrap_or(d.inflight),
+            send_sockets: args.send_sockets.unwrap_or(d.send_sockets),
+            subscribers: args.subscribers.unwrap_or(d.subscribers),
+            broadcast_inflight: args.broadcast_inflight.unwrap_or(d.broadcast_inflight),
+            idle: args.idle.clone().unwrap_or(d.idle),
+            per_process: args
+                .per_process
+                .map_or(d.per_process, |n| n.clamp(1, 19_000)),
+            handshake_concurrency: args
+                .handshake_concurrency
+                .unwrap_or(d.handshake_concurrency),
+            client_threads: args.client_threads.unwrap_or(d.client_threads),
+            server_threads: args.server_threads.or(d.server_threads),
+            report: args.report.clone().unwrap_or(d.report),
+            profile: args.profile.clone().unwrap_or(d.profile),
+            build: !args.no_build,
+            ..d
+        };
+        if o.servers.first() != Some(&Server::Switchboard) {
+            o.servers.retain(|s| *s != Server::Switchboard);
+            o.servers.insert(0, Server::Switchboard);
+        }
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn parse(words: &[&str]) -> Result<Options> {
+        parse_words(words).map(|a| Options::new(&a))
+    }
+
+    #[test]
+    fn options_default_and_parse() {
+        let o = parse(&[]).unwrap();
+        assert_eq!(o.servers.len(), 3);
+        assert_eq!(o.idle, [10_000, 50_000]);
+        let o = parse(&["--smoke", "--secs", "3s", "--idle", "1_000,2000"]).unwrap();
+        assert!(o.smoke);
+        assert_eq!(o.servers, [Server::Switchboard]);
+        assert_eq!(o.secs, 3.0);
+        assert_eq!(o.idle, [1000, 2000]);
+        let o = parse(&["--servers", "ws-node"]).unwrap();
+        assert_eq!(o.servers, [Server::Switchboard, Server::WsNode]);
+        assert!(parse(&["--bogus", "1"]).is_err());
+        let o = parse(&["--scenarios", "send,cross-node"]).unwrap();
+        assert_eq!(o.scenarios, [Scenario::Send, Scenario::CrossNode]);
+        let o = parse(&["--scenarios", "cross-cluster"]).unwrap();
+        assert_eq!(o.scenarios, [Scenario::CrossCluster]);
+        assert!(parse(&["--secs"]).is_err());
+        // as by hand: a repeated option's last value counts; --per-process is clamped
+        let o = parse(&["--idle", "1", "--idle", "2,3", "--per-process", "99999"]).unwrap();
+        assert_eq!(o.idle, [2, 3]);
+        assert_eq!(o.per_process, 19_000);
+        let o = parse(&["--smoke", "--no-build", "--profile", "dev"]).unwrap();
+        assert!(!o.build);
+        assert_eq!(o.profile, "dev");
+        assert_eq!(o.report, Path::new("target/bench/smoke.md"));
+    }
+}

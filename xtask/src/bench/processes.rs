@@ -1,0 +1,215 @@
+//! The processes a run starts and stops by PID: the servers under test, nats-servers and
+//! their cluster, with bounded waits.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::options::{Options, Server};
+use super::{bin, Result, SECRET};
+use crate::free_port;
+
+/// A server process, killed by PID when dropped.
+pub(super) struct Running {
+    child: Child,
+    pub(super) port: u16,
+}
+
+impl Running {
+    pub(super) fn start(o: &Options, server: Server) -> Result<Running> {
+        let port = free_port()?;
+        let mut command = match server.peer_dir() {
+            None => {
+                let mut c = Command::new(bin(&o.profile, "bench-server"));
+                c.arg(port.to_string());
+                if let Some(url) = &o.nats {
+                    c.args(["--nats", url]);
+                }
+                if let Some(n) = o.server_threads {
+                    c.args(["--threads", &n.to_string()]);
+                }
+                c
+            }
+            Some(dir) => {
+                let mut c = Command::new("node");
+                c.arg(Path::new(dir).join("server.js"))
+                    .arg(port.to_string());
+                c
+            }
+        };
+        let mut child = command
+            .env("SWITCHBOARD_JWT_SECRET", SECRET)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", server.name()))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let running = Running { child, port };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                let _ = tx.send(line);
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) if line.starts_with("listening") => Ok(running),
+            Ok(line) => Err(format!(
+                "{} said `{line}` instead of listening",
+                server.name()
+            )),
+            Err(_) => Err(format!("{} did not start listening", server.name())),
+        }
+    }
+
+    pub(super) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(super) fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // `Child::kill` signals this child's PID only.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for `child` at most `limit`, killing it (by PID) past that.
+pub(super) fn wait_bounded(child: &mut Child, limit: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("still running after {} s; killed", limit.as_secs()));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// A nats-server of our own on a free loopback port, killed by PID when dropped.
+pub(super) struct NatsServer {
+    child: Child,
+    pub(super) url: String,
+}
+
+impl NatsServer {
+    pub(super) fn start() -> Result<NatsServer> {
+        Self::start_with(free_port()?, &[])
+    }
+
+    /// A server on `port` with `args` besides its address.
+    fn start_with(port: u16, args: &[&str]) -> Result<NatsServer> {
+        let program = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let child = Command::new(program)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start nats-server ({program}): {e}"))?;
+        let nats = NatsServer {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err("nats-server did not start listening within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(nats)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        // `Child::kill` signals this child's PID only.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two nats-servers routed to each other: (the publisher's, its monitoring port), the node's.
+pub(super) fn nats_pair() -> Result<((NatsServer, u16), NatsServer)> {
+    let (route, monitor) = (free_port()?, free_port()?);
+    let cluster = format!("nats://127.0.0.1:{route}");
+    let monitor_arg = monitor.to_string();
+    let first = NatsServer::start_with(
+        free_port()?,
+        &[
+            "--cluster_name",
+            "sb",
+            "--cluster",
+            &cluster,
+            "-m",
+            &monitor_arg,
+        ],
+    )?;
+    let second = NatsServer::start_with(
+        free_port()?,
+        &[
+            "--cluster_name",
+            "sb",
+            "--cluster",
+            &format!("nats://127.0.0.1:{}", free_port()?),
+            "--routes",
+            &cluster,
+        ],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !http_get(monitor, "/routez").is_some_and(|r| r.contains("\"num_routes\": 1")) {
+        if Instant::now() > deadline {
+            return Err("the two nats-servers did not form a cluster within 15 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(((first, monitor), second))
+}
+
+/// Waits until the server with monitoring port `monitor` knows, over a route, that someone
+/// subscribes to `subject`: until then a message published there is dropped.
+pub(super) fn wait_for_route_interest(monitor: u16, subject: &str) -> Result {
+    let quoted = format!("\"{subject}\"");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !http_get(monitor, "/routez?subs=1").is_some_and(|r| r.contains(&quoted)) {
+        if Instant::now() > deadline {
+            return Err(format!("no route interest in {subject} within 15 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The body of `GET path` on 127.0.0.1:`port`.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text.split_once("\r\n\r\n")?.1.to_string())
+}
