@@ -56,7 +56,7 @@ pub use hooks::{
 };
 pub use limits::Limits;
 pub use reference::{reference, KeyDoc, Origin, Section};
-pub use socket::{Socket, CREDENTIAL_HEADERS};
+pub use socket::{Socket, Sse, CREDENTIAL_HEADERS};
 pub use values::{Topic, UrlPath};
 
 /// A whole config file.

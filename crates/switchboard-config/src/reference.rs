@@ -254,6 +254,28 @@ const SECTIONS: &[Section] = &[
                 Some("256KiB"),
             ),
             key(
+                "gateway.socket.sse",
+                "section",
+                "absent",
+                Ext,
+                "The Server-Sent Events fallback, for clients whose proxies break WebSockets. \
+                 Present (`sse: {}` for the defaults), the same gateway is also reachable as an \
+                 event stream (`GET`) plus one `POST` per client message, on the same port, with \
+                 the same admission, origin policy, limits, heartbeat, rate limit and hooks; \
+                 `send` and `broadcast` reach SSE and WebSocket sockets alike. The JS client \
+                 falls back to it by itself. See docs/PROTOCOL.md.",
+                Some("{}"),
+            ),
+            key(
+                "gateway.socket.sse.path",
+                "path",
+                "socket path + `/sse`",
+                Ext,
+                "Path of the event stream and of the posts (`POST {path}?session={id}`). Must \
+                 differ from `socket.path`.",
+                Some("/events"),
+            ),
+            key(
                 "gateway.socket.context_headers",
                 "list of strings",
                 "`[user-agent, origin, x-forwarded-for, x-request-id]`",

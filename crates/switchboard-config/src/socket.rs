@@ -71,6 +71,33 @@ pub struct Socket {
     /// (non-browser clients) are allowed either way.
     #[serde(default, deserialize_with = "de_origins")]
     pub allowed_origins: Option<Vec<String>>,
+    /// The Server-Sent Events fallback (extension): present (`sse: {}` for the defaults), the
+    /// same sockets are also served as an event stream plus posts, for clients whose proxies
+    /// break WebSockets. Absent: WebSocket only.
+    #[serde(default)]
+    pub sse: Option<Sse>,
+}
+
+/// The `gateway.socket.sse` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Sse {
+    /// The path of the event stream (`GET`) and of the client's messages (`POST`). Default:
+    /// the socket path followed by `/sse` (`/connect/sse`). Must differ from the socket path.
+    #[serde(default)]
+    pub path: Option<UrlPath>,
+}
+
+impl Socket {
+    /// The SSE path, if the fallback is on: `sse.path`, or the socket path + `/sse`.
+    pub fn sse_path(&self) -> Option<String> {
+        let sse = self.sse.as_ref()?;
+        Some(match &sse.path {
+            Some(path) => path.as_str().to_string(),
+            None => format!("{}/sse", self.path.as_str().trim_end_matches('/')),
+        })
+    }
 }
 
 fn de_origins<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {

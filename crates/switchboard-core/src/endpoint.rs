@@ -3,7 +3,9 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
@@ -21,22 +23,68 @@ pub struct HttpRequest {
 }
 
 /// An endpoint's answer: whole, or a head followed by a body that streams.
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum HttpReply {
     /// A response with its whole body.
     Full(HttpResponse),
-    /// A long-lived response: the head now, then each chunk as the stream yields it, until
-    /// it ends. The server stops polling the stream while the client does not read (so a
-    /// stream must bound what it holds), and drops it when the client goes.
-    Stream(http::Response<()>, Pin<Box<dyn BodyChunks>>),
+    /// A long-lived response.
+    Stream(StreamReply),
 }
 
-impl std::fmt::Debug for HttpReply {
+/// A long-lived response: the head now, then each chunk as the stream yields it, until it
+/// ends. The server stops polling the stream while the client does not read (so a stream
+/// must bound what it holds), drops it when the client goes, and drops the connection when
+/// `abort` fires (a client that stopped reading cannot hold it).
+pub struct StreamReply {
+    /// Status and headers.
+    pub head: http::Response<()>,
+    /// The body.
+    pub chunks: Pin<Box<dyn BodyChunks>>,
+    /// Fired by the endpoint to drop the connection at once.
+    pub abort: Arc<AbortSignal>,
+}
+
+impl std::fmt::Debug for StreamReply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HttpReply::Full(res) => f.debug_tuple("Full").field(&res.status()).finish(),
-            HttpReply::Stream(res, _) => f.debug_tuple("Stream").field(&res.status()).finish(),
+        f.debug_struct("StreamReply")
+            .field("status", &self.head.status())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A one-way signal from an endpoint to the server hosting it: drop this connection.
+#[derive(Debug, Default)]
+pub struct AbortSignal {
+    aborted: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl AbortSignal {
+    /// Fires the signal (again is harmless).
+    pub fn abort(&self) {
+        self.aborted.store(true, Ordering::Release);
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(waker) = waker {
+            waker.wake();
         }
+    }
+
+    /// True once fired.
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
+
+    /// Ready once fired; wakes the last task that polled.
+    pub fn poll_aborted(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.is_aborted() {
+            return Poll::Ready(());
+        }
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+        if self.is_aborted() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 }
 

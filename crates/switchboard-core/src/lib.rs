@@ -33,7 +33,7 @@ mod socket;
 mod transport;
 
 pub use counters::TransportCounters;
-pub use endpoint::{BodyChunks, HttpEndpoint, HttpReply, HttpRequest};
+pub use endpoint::{AbortSignal, BodyChunks, HttpEndpoint, HttpReply, HttpRequest, StreamReply};
 pub use origin::OriginPolicy;
 pub use service::Service;
 pub use socket::{

@@ -8,7 +8,11 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, StatusCode};
-use switchboard_core::{plain_response, BodyChunks, HttpEndpoint, HttpReply, HttpRequest};
+use std::sync::Arc;
+
+use switchboard_core::{
+    plain_response, AbortSignal, BodyChunks, HttpEndpoint, HttpReply, HttpRequest,
+};
 
 use crate::TransportOptions;
 
@@ -21,10 +25,6 @@ pub(crate) enum ReplyBody {
 impl ReplyBody {
     pub(crate) fn full(bytes: Bytes) -> ReplyBody {
         ReplyBody::Full((!bytes.is_empty()).then_some(bytes))
-    }
-
-    pub(crate) fn is_stream(&self) -> bool {
-        matches!(self, ReplyBody::Stream(_))
     }
 }
 
@@ -59,12 +59,14 @@ impl Body for ReplyBody {
     }
 }
 
-/// Reads the body (refusing one larger than the endpoint takes, unread) and asks the endpoint.
+/// Reads the body (refusing one larger than the endpoint takes, unread) and asks the endpoint;
+/// a streamed answer leaves its abort signal in `abort`.
 pub(crate) async fn serve(
     endpoint: &dyn HttpEndpoint,
     req: Request<Incoming>,
     peer: SocketAddr,
     options: &TransportOptions,
+    abort: &mut Option<Arc<AbortSignal>>,
 ) -> Response<ReplyBody> {
     let refuse = |status, text| plain_response(status, text).map(ReplyBody::full);
     let (parts, body) = req.into_parts();
@@ -85,7 +87,10 @@ pub(crate) async fn serve(
     let request = HttpRequest { parts, body, peer };
     match endpoint.call(request).await {
         HttpReply::Full(res) => res.map(ReplyBody::full),
-        HttpReply::Stream(head, chunks) => head.map(|()| ReplyBody::Stream(chunks)),
+        HttpReply::Stream(stream) => {
+            *abort = Some(stream.abort);
+            stream.head.map(|()| ReplyBody::Stream(stream.chunks))
+        }
         _ => refuse(StatusCode::INTERNAL_SERVER_ERROR, "unknown answer\n"),
     }
 }

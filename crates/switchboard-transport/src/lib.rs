@@ -382,6 +382,22 @@ async fn accept_loop<S: Service>(
     }
 }
 
+/// What one connection's task shares with its request's handler.
+struct Connection {
+    in_progress: Option<handshakes::InProgress>,
+    abort: Option<Arc<switchboard_core::AbortSignal>>,
+}
+
+fn stream_abort(
+    state: &std::sync::Mutex<Connection>,
+) -> Option<Arc<switchboard_core::AbortSignal>> {
+    lock(state).abort.clone()
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// One accepted connection: its one request (an upgrade, an endpoint's, a plain one), within
 /// `handshake_timeout`, unless an endpoint answers with a stream (which lives on, no longer
 /// counted as a handshake).
@@ -392,21 +408,29 @@ async fn serve_connection<S: Service>(
     shared: Arc<Shared<S>>,
 ) {
     let io = TokioIo::new(stream);
-    let in_progress = Arc::new(std::sync::Mutex::new(Some(in_progress)));
+    // While the request is served: its handshake slot, then (for a streamed answer) the
+    // stream's abort signal in its place.
+    let state = Arc::new(std::sync::Mutex::new(Connection {
+        in_progress: Some(in_progress),
+        abort: None,
+    }));
     let svc_shared = shared.clone();
-    let svc_in_progress = in_progress.clone();
+    let svc_state = state.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let shared = svc_shared.clone();
-        let in_progress = svc_in_progress.clone();
+        let state = svc_state.clone();
         async move {
             let mut response = match shared.endpoints.get(req.uri().path()) {
                 Some(endpoint) => {
+                    let mut abort = None;
                     let response =
-                        endpoints::serve(endpoint.as_ref(), req, peer, &shared.options).await;
-                    if response.body().is_stream() {
+                        endpoints::serve(endpoint.as_ref(), req, peer, &shared.options, &mut abort)
+                            .await;
+                    if let Some(abort) = abort {
                         // Long-lived from here: no longer a handshake in progress.
-                        let slot = in_progress.lock().unwrap_or_else(|e| e.into_inner()).take();
-                        drop(slot);
+                        let mut state = lock(&state);
+                        state.in_progress = None;
+                        state.abort = Some(abort);
                     }
                     response
                 }
@@ -434,17 +458,18 @@ async fn serve_connection<S: Service>(
     let mut conn = std::pin::pin!(conn);
     let ended = match tokio::time::timeout(options.handshake_timeout, conn.as_mut()).await {
         Ok(ended) => Some(ended),
-        // A streamed answer has released its handshake slot: the connection lasts as long as
-        // its stream, which its endpoint bounds.
-        Err(_)
-            if in_progress
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_none() =>
-        {
-            Some(conn.await)
-        }
-        Err(_) => None,
+        Err(_) => match stream_abort(&state) {
+            // A streamed answer: the connection lasts as long as its stream, or until its
+            // endpoint aborts it (a client that stopped reading).
+            Some(abort) => {
+                let aborted = std::future::poll_fn(|cx| abort.poll_aborted(cx));
+                tokio::select! {
+                    ended = conn.as_mut() => Some(ended),
+                    () = aborted => Some(Ok(())),
+                }
+            }
+            None => None,
+        },
     };
     match ended {
         Some(Ok(())) => {}

@@ -112,6 +112,9 @@ pub enum BuildError {
     /// A built-in subscriber could not subscribe.
     #[error(transparent)]
     Subscribe(#[from] SubscribeError),
+    /// The config's sections contradict each other (a key path and why).
+    #[error("config: {0}")]
+    Config(String),
 }
 
 /// The gateway: config, bus, sockets and handlers. Build it, add handlers, then
@@ -174,6 +177,12 @@ impl Container {
         bus: Arc<dyn Bus>,
         key: Option<&VerificationKey>,
     ) -> Result<Self, BuildError> {
+        let socket = &config.gateway.socket;
+        if socket.sse_path().as_deref() == Some(socket.path.as_str()) {
+            return Err(BuildError::Config(
+                "gateway.socket.sse.path must differ from gateway.socket.path".into(),
+            ));
+        }
         let verifier = auth::Verifier::from_config(&config.gateway.auth, key)?;
         let registry = Arc::new(Registry::new());
         let socket = &config.gateway.socket;
@@ -269,8 +278,8 @@ impl Container {
     /// given with [`Container::transport`]; also binds the admin listener when the config has
     /// `gateway.admin` (or [`Container::admin_listen`] was called).
     pub async fn start_on(mut self, addr: SocketAddr) -> std::io::Result<Running> {
-        let websocket = transports::websocket(&self.config, addr);
-        self.transports.insert(0, websocket);
+        let defaults = transports::defaults(&self.config, addr);
+        self.transports.splice(0..0, defaults);
         self.start_transports().await
     }
 

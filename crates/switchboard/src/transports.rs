@@ -1,6 +1,7 @@
-//! The transports a container serves. The only module that names a concrete transport: the
-//! WebSocket one, which `Container::start` serves by default on the config's address. Every
-//! other transport comes in through `switchboard_core::Transport`.
+//! The transports a container serves. The only module that names concrete transports: the
+//! WebSocket one, which `Container::start` serves by default on the config's address, and the
+//! Server-Sent Events fallback it hosts when the config asks. Every other transport comes in
+//! through `switchboard_core::Transport`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use switchboard_core::{
     BoxFuture, OriginPolicy, Serving, ShutdownReport, Transport, TransportCounters,
 };
 use switchboard_transport::{TransportOptions, WebSocketTransport};
+use switchboard_transport_sse::{SseOptions, SseTransport};
 
 use crate::gateway::Gateway;
 
@@ -23,8 +25,36 @@ pub(crate) fn starter<T: Transport>(transport: T) -> Starter {
     Box::new(move |gateway| Box::pin(transport.start(gateway)))
 }
 
-/// The WebSocket transport on `addr`, as the config sets it up.
-pub(crate) fn websocket(config: &Config, addr: SocketAddr) -> Starter {
+/// The default transports as the config sets them up: WebSocket upgrades on `addr`, and the
+/// Server-Sent Events fallback on the same port when `socket.sse` is present.
+pub(crate) fn defaults(config: &Config, addr: SocketAddr) -> Vec<Starter> {
+    let mut options = websocket_options(config);
+    let mut starters = Vec::new();
+    if let Some(sse) = sse(config) {
+        // Hosted by the WebSocket transport's HTTP server; started first, so that it is ready
+        // before the port takes connections.
+        options.endpoints.0.push(sse.endpoint());
+        starters.push(starter(sse));
+    }
+    starters.insert(0, starter(WebSocketTransport::bind(addr, options)));
+    starters
+}
+
+fn sse(config: &Config) -> Option<SseTransport> {
+    let socket = &config.gateway.socket;
+    let limits = &config.gateway.limits;
+    let mut options = SseOptions::default();
+    options.path = socket.sse_path()?;
+    options.heartbeat_interval = socket.heartbeat;
+    options.max_message_size = socket.max_message_size;
+    options.send_queue = socket.send_queue;
+    options.send_queue_bytes = socket.send_queue_bytes;
+    options.max_sessions = limits.max_sockets;
+    options.origins = origin_policy(config);
+    Some(SseTransport::new(options))
+}
+
+fn websocket_options(config: &Config) -> TransportOptions {
     let socket = &config.gateway.socket;
     let limits = &config.gateway.limits;
     let mut options = TransportOptions::default();
@@ -40,7 +70,7 @@ pub(crate) fn websocket(config: &Config, addr: SocketAddr) -> Starter {
     options.max_request_head = limits.max_request_head;
     options.buffer_budget = limits.buffer_budget;
     options.origins = origin_policy(config);
-    starter(WebSocketTransport::bind(addr, options))
+    options
 }
 
 /// `socket.allowed_origins` as a policy.

@@ -9,6 +9,8 @@ mod hostile;
 mod identity;
 mod lifetime;
 mod raw;
+mod sse;
+mod sse_client;
 mod tenancy;
 
 use std::time::Duration;

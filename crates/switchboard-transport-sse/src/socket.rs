@@ -1,0 +1,356 @@
+//! One session's socket: the queue of event-stream chunks the client has yet to read, and
+//! the body that streams them.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use switchboard_core::{
+    is_sendable_close_code, truncate_close_reason, AbortSignal, BodyChunks, CloseReason, SendError,
+    Socket, SLOW_CONSUMER_CODE,
+};
+use tokio::sync::Notify;
+
+use crate::stats::SseStats;
+
+/// How much one session's queue may hold.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueLimits {
+    pub(crate) frames: usize,
+    pub(crate) bytes: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    chunks: VecDeque<Bytes>,
+    bytes: usize,
+    /// The body's task, waiting for a chunk.
+    waker: Option<Waker>,
+    /// No more chunks after those queued: the stream ends once they are read.
+    finished: bool,
+    /// A chunk was taken since the last heartbeat sweep.
+    taken: bool,
+}
+
+/// The [`Socket`] of one Server-Sent Events session.
+pub(crate) struct SseSocket {
+    queue: Mutex<Queue>,
+    limits: QueueLimits,
+    peer: SocketAddr,
+    closing: AtomicBool,
+    /// Why it ended: the first reason wins. Set once, read by the session's task.
+    reason: Mutex<Option<CloseReason>>,
+    /// Wakes the session's task: the session has ended (the stream is done or dropped, or
+    /// it was cut off).
+    pub(crate) ended: Notify,
+    ended_flag: AtomicBool,
+    paused: AtomicBool,
+    /// Wakes posts waiting for [`Socket::resume_reading`] or for the end.
+    pub(crate) resumed: Notify,
+    /// Drops the connection of a client that stopped reading.
+    pub(crate) abort: Arc<AbortSignal>,
+    stats: Arc<SseStats>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `data:` lines for a message (one per line of it), then the blank line that ends an event.
+pub(crate) fn data_event(text: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(text.len() + 8);
+    // A message of many lines is sent as many `data:` lines; EventSource joins them with
+    // `\n`. CR and CRLF end lines too.
+    let mut rest = text;
+    loop {
+        out.put_slice(b"data: ");
+        match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            Some(i) => {
+                out.put_slice(&rest[..i]);
+                out.put_u8(b'\n');
+                let skip = if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                rest = &rest[i + skip..];
+            }
+            None => {
+                out.put_slice(rest);
+                out.put_slice(b"\n\n");
+                return out.freeze();
+            }
+        }
+    }
+}
+
+/// The `close` event: `{"code":…,"reason":…}`.
+pub(crate) fn close_event(code: u16, reason: &str) -> Bytes {
+    let data = serde_json::json!({ "code": code, "reason": reason }).to_string();
+    Bytes::from(format!("event: close\ndata: {data}\n\n"))
+}
+
+impl SseSocket {
+    pub(crate) fn new(peer: SocketAddr, limits: QueueLimits, stats: Arc<SseStats>) -> Self {
+        SseSocket {
+            queue: Mutex::default(),
+            limits,
+            peer,
+            closing: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            ended: Notify::new(),
+            ended_flag: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            resumed: Notify::new(),
+            abort: Arc::default(),
+            stats,
+        }
+    }
+
+    /// Queues a chunk, within the limits unless `always` (the first event, heartbeats'
+    /// absence of harm, the close event).
+    fn push(&self, chunk: Bytes, always: bool) -> Result<(), SendError> {
+        let mut q = lock(&self.queue);
+        if q.finished {
+            return Err(SendError::Closed);
+        }
+        let over = !q.chunks.is_empty()
+            && (q.chunks.len() >= self.limits.frames || q.bytes + chunk.len() > self.limits.bytes);
+        if over && !always {
+            drop(q);
+            self.end_slow_consumer();
+            return Err(SendError::Full);
+        }
+        q.bytes += chunk.len();
+        self.stats.buffered(chunk.len() as isize);
+        q.chunks.push_back(chunk);
+        let waker = q.waker.take();
+        drop(q);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Ends the stream after what is queued (and `last`, if any).
+    fn finish(&self, last: Option<Bytes>) {
+        let mut q = lock(&self.queue);
+        if q.finished {
+            return;
+        }
+        if let Some(last) = last {
+            q.bytes += last.len();
+            self.stats.buffered(last.len() as isize);
+            q.chunks.push_back(last);
+        }
+        q.finished = true;
+        let waker = q.waker.take();
+        drop(q);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Records why the session ends, if nothing did before; true if this was first.
+    pub(crate) fn set_reason(&self, reason: CloseReason) -> bool {
+        let mut slot = lock(&self.reason);
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(reason);
+        self.closing.store(true, Ordering::Release);
+        true
+    }
+
+    pub(crate) fn reason(&self) -> CloseReason {
+        lock(&self.reason).clone().unwrap_or(CloseReason::Dropped)
+    }
+
+    /// The session is over: wake its task (and any waiting post).
+    pub(crate) fn mark_ended(&self) {
+        if !self.ended_flag.swap(true, Ordering::AcqRel) {
+            self.ended.notify_one();
+            self.resumed.notify_waiters();
+        }
+    }
+
+    pub(crate) fn has_ended(&self) -> bool {
+        self.ended_flag.load(Ordering::Acquire)
+    }
+
+    /// A queue that is full or stalled: drop what it holds, tell the client (if it ever
+    /// reads again) and cut the connection.
+    pub(crate) fn end_slow_consumer(&self) {
+        if self.set_reason(CloseReason::SlowConsumer) {
+            self.drop_queue();
+            self.finish(Some(close_event(SLOW_CONSUMER_CODE, "send queue full")));
+            self.cut();
+        }
+    }
+
+    /// Drops the connection now (the body will not be polled again).
+    pub(crate) fn cut(&self) {
+        self.abort.abort();
+        self.drop_queue();
+        self.mark_ended();
+    }
+
+    fn drop_queue(&self) {
+        let mut q = lock(&self.queue);
+        let held = q.bytes;
+        q.chunks.clear();
+        q.bytes = 0;
+        drop(q);
+        self.stats.buffered(-(held as isize));
+    }
+
+    /// Server shutdown: a close event with 1001, then the end.
+    pub(crate) fn shut_down(&self) {
+        if self.set_reason(CloseReason::Shutdown) {
+            self.finish(Some(close_event(1001, "server shutting down")));
+        }
+    }
+
+    /// The heartbeat sweep: a comment line keeps proxies from timing the stream out; a
+    /// client that took nothing of its backlog since the last sweep is cut off.
+    pub(crate) fn heartbeat(&self) {
+        let mut q = lock(&self.queue);
+        let stalled = !q.chunks.is_empty() && !q.taken;
+        q.taken = false;
+        let finished = q.finished;
+        drop(q);
+        if stalled {
+            if finished {
+                // Closing, and not reading its close event: cut it off.
+                self.cut();
+            } else {
+                self.end_slow_consumer();
+            }
+        } else if !finished {
+            let _ = self.push(Bytes::from_static(b":\n\n"), false);
+        }
+    }
+
+    /// True while reading is paused.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// The first event, queued before the service hears of the socket.
+    pub(crate) fn open_event(&self, session: &str, post_path: &str) {
+        let data = serde_json::json!({ "session": session, "post": post_path }).to_string();
+        let _ = self.push(Bytes::from(format!("event: open\ndata: {data}\n\n")), true);
+    }
+}
+
+impl Socket for SseSocket {
+    fn send_text(&self, text: Bytes) -> Result<(), SendError> {
+        if self.is_closing() {
+            return Err(SendError::Closed);
+        }
+        self.push(data_event(&text), false)
+    }
+
+    fn send_binary(&self, _data: Bytes) -> Result<(), SendError> {
+        Err(SendError::Unsupported)
+    }
+
+    fn close(&self, code: u16, reason: &str) {
+        let code = if is_sendable_close_code(code) {
+            code
+        } else {
+            1011
+        };
+        let reason = truncate_close_reason(reason);
+        if self.set_reason(CloseReason::Server {
+            code,
+            reason: reason.to_string(),
+        }) {
+            self.finish(Some(close_event(code, reason)));
+        }
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    fn pause_reading(&self) {
+        self.paused.store(true, Ordering::Release);
+    }
+
+    fn resume_reading(&self) {
+        if self.paused.swap(false, Ordering::AcqRel) {
+            self.resumed.notify_waiters();
+        }
+    }
+
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        Some(self.peer)
+    }
+
+    fn transport(&self) -> &'static str {
+        "sse"
+    }
+}
+
+/// The event stream's body: the session's queue, chunk by chunk. When it ends (every chunk
+/// of a finished queue read) or is dropped (the client went), the session ends.
+pub(crate) struct EventStream(pub(crate) Arc<SseSocket>);
+
+impl BodyChunks for EventStream {
+    fn poll_chunk(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let socket = &self.0;
+        let mut q = lock(&socket.queue);
+        if let Some(chunk) = q.chunks.pop_front() {
+            q.bytes -= chunk.len();
+            q.taken = true;
+            drop(q);
+            socket.stats.buffered(-(chunk.len() as isize));
+            return Poll::Ready(Some(chunk));
+        }
+        if q.finished {
+            drop(q);
+            socket.mark_ended();
+            return Poll::Ready(None);
+        }
+        q.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        // The client went (or the stream ended): whatever was queued is dropped with it.
+        self.0.set_reason(CloseReason::Dropped);
+        self.0.finish(None);
+        self.0.drop_queue();
+        self.0.mark_ended();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_of_many_lines_becomes_many_data_lines() {
+        assert_eq!(&data_event(b"{\"a\":1}")[..], b"data: {\"a\":1}\n\n");
+        assert_eq!(
+            &data_event(b"a\nb\r\nc\rd")[..],
+            b"data: a\ndata: b\ndata: c\ndata: d\n\n"
+        );
+        assert_eq!(&data_event(b"")[..], b"data: \n\n");
+    }
+
+    #[test]
+    fn the_close_event_carries_code_and_reason_as_json() {
+        assert_eq!(
+            &close_event(1008, "a \"quoted\" reason")[..],
+            &b"event: close\ndata: {\"code\":1008,\"reason\":\"a \\\"quoted\\\" reason\"}\n\n"[..]
+        );
+    }
+}

@@ -1,0 +1,228 @@
+//! The Server-Sent Events fallback: the same gateway over an event stream and posts, on the
+//! WebSocket port, with the same admission, hooks and delivery.
+
+use std::time::Duration;
+
+use serde_json::json;
+use switchboard::{Message, Running};
+
+use crate::harness::*;
+use crate::sse_client::{self, SseClient};
+use crate::wait_for_sockets;
+
+fn sse_config() -> switchboard::Config {
+    spec_config("    sse: {}")
+}
+
+fn cookie(user: &str) -> String {
+    format!("Cookie: ID_TOKEN={}\r\n", token(user))
+}
+
+async fn open_sse(gw: &Running, user: &str, namespace: Option<&str>) -> SseClient {
+    let query = namespace
+        .map(|n| format!("?namespace={n}"))
+        .unwrap_or_default();
+    sse_client::open(
+        gw.local_addr().unwrap(),
+        &format!("/connect/sse{query}"),
+        &cookie(user),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_sse_socket_gets_its_connect_reply_and_its_messages_are_published_and_answered() {
+    let mut c = container(sse_config());
+    let mut seen = recorder(&mut c, &["socket:generalMessage", "socket:type_one"]);
+    c.add_handler("socket:connection", |m: Message| async move {
+        m.reply(json!({"welcome": m.context().username}));
+    })
+    .unwrap();
+    c.add_handler("socket:type_one", |m: Message| async move {
+        m.reply(json!({"echo": m.data()["payload"]}));
+    })
+    .unwrap();
+    let gw = start(c).await;
+    let mut sse = open_sse(&gw, "alex", Some("acme")).await;
+    assert_eq!(
+        sse.recv().await,
+        json!({"type": "onconnect", "payload": {"welcome": "alex"}})
+    );
+    let message = json!({"type": "message_type_one", "payload": "hi"}).to_string();
+    assert_eq!(sse.post(message.as_bytes()).await, 202);
+    let (topic, data, ctx) = next_published(&mut seen).await;
+    assert_eq!(topic, "socket:generalMessage");
+    assert_eq!(data["payload"], "hi");
+    assert_eq!(ctx["namespace"], "acme");
+    assert_eq!(ctx["headers"]["jwt"]["preferred_username"], "alex");
+    assert_eq!(next_published(&mut seen).await.0, "socket:type_one");
+    assert_eq!(
+        sse.recv().await,
+        json!({"type": "socket:type_one", "payload": {"echo": "hi"}})
+    );
+    // Not JSON: an error frame, as on a WebSocket, and the session stays.
+    assert_eq!(sse.post(b"not json").await, 202);
+    assert_eq!(sse.recv().await["type"], "error");
+    assert_eq!(gw.sockets().count(), 1);
+}
+
+#[tokio::test]
+async fn send_and_broadcast_reach_sse_and_websocket_sockets_alike() {
+    let c = container(sse_config());
+    let gw = start(c).await;
+    let mut sse = open_sse(&gw, "alex", Some("acme")).await;
+    let mut ws = connect(&gw, "blair", Some("acme")).await;
+    wait_for_sockets(&gw, 2).await;
+    let producer = gw.producer();
+    producer
+        .send(
+            "socket:broadcast",
+            json!({"type": "news", "payload": 1, "namespace": "acme"}),
+        )
+        .unwrap();
+    assert_eq!(sse.recv().await, json!({"type": "news", "payload": 1}));
+    assert_eq!(recv(&mut ws).await, json!({"type": "news", "payload": 1}));
+    producer
+        .send(
+            "socket:send",
+            json!({"username": "alex", "type": "whisper", "payload": "psst"}),
+        )
+        .unwrap();
+    assert_eq!(
+        sse.recv().await,
+        json!({"type": "whisper", "payload": "psst"})
+    );
+    assert_silent(&mut ws, 200).await;
+    assert_eq!(gw.sockets().count_of_user("alex", Some("acme")), 1);
+}
+
+#[tokio::test]
+async fn a_failed_connect_sends_the_error_then_close_1008_and_publishes_onclose_once() {
+    let mut c = container(sse_config());
+    let mut closes = recorder(&mut c, &["socket:close"]);
+    c.add_handler("socket:connection", |m: Message| async move {
+        m.fail(json!({"message": "not today"}));
+    })
+    .unwrap();
+    let gw = start(c).await;
+    let mut sse = open_sse(&gw, "alex", None).await;
+    assert_eq!(
+        sse.recv().await,
+        json!({"type": "error", "payload": {"message": "not today"}})
+    );
+    assert_eq!(sse.close_code().await, 1008);
+    assert_eq!(
+        sse.next_event().await,
+        None,
+        "the stream ends after the close event"
+    );
+    let (_, data, _) = next_published(&mut closes).await;
+    assert_eq!(data["reason"]["code"], 1008);
+    wait_for_sockets(&gw, 0).await;
+    assert_eq!(
+        sse.post(b"{\"type\":\"x\"}").await,
+        404,
+        "the session is gone"
+    );
+    assert!(closes.try_recv().is_err(), "exactly once");
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_publishes_onclose_once_and_its_session_is_gone() {
+    let mut c = container(sse_config());
+    let mut closes = recorder(&mut c, &["socket:close"]);
+    let gw = start(c).await;
+    let sse = open_sse(&gw, "alex", None).await;
+    wait_for_sockets(&gw, 1).await;
+    let addr = gw.local_addr().unwrap();
+    let post = sse.post.clone();
+    drop(sse);
+    let (_, data, _) = next_published(&mut closes).await;
+    assert_eq!(data["username"], "alex");
+    assert_eq!(data["reason"]["kind"], "dropped");
+    wait_for_sockets(&gw, 0).await;
+    assert_eq!(
+        sse_client::post(addr, &post, &cookie("alex"), b"{}").await,
+        404
+    );
+    assert!(closes.try_recv().is_err(), "exactly once");
+    assert_eq!(gw.stats().transport.sockets_open, 0);
+}
+
+#[tokio::test]
+async fn streams_and_posts_are_refused_as_upgrades_are() {
+    let c = container(sse_config());
+    let gw = start(c).await;
+    let addr = gw.local_addr().unwrap();
+    let refused = sse_client::open(addr, "/connect/sse", "")
+        .await
+        .err()
+        .unwrap();
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let other_site = format!("{}Origin: https://evil.example\r\n", cookie("alex"));
+    let refused = sse_client::open(addr, "/connect/sse", &other_site)
+        .await
+        .err()
+        .unwrap();
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+
+    let mut sse = open_sse(&gw, "alex", None).await;
+    let unknown = "/connect/sse?session=0123456789abcdef0123456789abcdef";
+    assert_eq!(sse_client::post(addr, unknown, "", b"{}").await, 404);
+    assert_eq!(
+        sse_client::post(addr, &sse.post, &other_site, b"{}").await,
+        403
+    );
+    let too_big = vec![b' '; 64 * 1024 + 1];
+    assert_eq!(sse.post(&too_big).await, 413);
+    // Invalid UTF-8 ends the session as it would a WebSocket (1007).
+    assert_eq!(sse.post(b"{\"type\":\"\xff\"}").await, 400);
+    assert_eq!(sse.next_event().await, None);
+    wait_for_sockets(&gw, 0).await;
+    assert!(gw.stats().refused_unauthorized >= 1);
+    assert_eq!(gw.stats().transport.refused_origin, 1 + 1);
+}
+
+#[tokio::test]
+async fn shutdown_closes_sse_sessions_with_1001_and_publishes_onclose_for_each() {
+    let mut c = container(sse_config());
+    let mut closes = recorder(&mut c, &["socket:close"]);
+    let gw = start(c).await;
+    let mut a = open_sse(&gw, "alex", None).await;
+    let mut b = open_sse(&gw, "blair", None).await;
+    wait_for_sockets(&gw, 2).await;
+    let report = gw.shutdown(Duration::from_secs(5)).await;
+    assert!(report.drained);
+    assert_eq!(a.close_code().await, 1001);
+    assert_eq!(b.close_code().await, 1001);
+    for _ in 0..2 {
+        let (_, data, _) = next_published(&mut closes).await;
+        assert_eq!(data["reason"]["kind"], "shutdown");
+    }
+    assert!(closes.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_holds_nothing() {
+    let c = container(spec_config(
+        "    sse: {}\n    heartbeat: 100ms\n    send_queue: 4",
+    ));
+    let gw = start(c).await;
+    let sse = open_sse(&gw, "alex", None).await;
+    wait_for_sockets(&gw, 1).await;
+    // The client reads nothing more: the broadcasts fill its queue, and it is closed as a slow
+    // consumer rather than holding them.
+    let producer = gw.producer();
+    // 25 MB: more than the kernel's and hyper's buffers take.
+    for i in 0..400 {
+        let _ = producer.send(
+            "socket:broadcast",
+            json!({"type": "bulk", "payload": "x".repeat(64 * 1024) + &i.to_string()}),
+        );
+    }
+    wait_for_sockets(&gw, 0).await;
+    assert!(gw.stats().transport.slow_consumers >= 1);
+    assert_eq!(gw.stats().transport.buffered_bytes, 0);
+    drop(sse);
+}
