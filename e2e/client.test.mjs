@@ -1,5 +1,6 @@
-// Unit tests of crates/switchboard-server/assets/switchboard-client.js with a fake WebSocket
-// and mocked timers: the backoff schedule, at-most-once sending, dispatch, and stopping.
+// Unit tests of crates/switchboard-server/assets/switchboard-client.js with a fake WebSocket,
+// a fake EventSource and mocked timers: the backoff schedule, at-most-once sending, dispatch,
+// stopping, and the fallback to Server-Sent Events.
 
 import { test, mock, beforeEach, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
@@ -10,7 +11,7 @@ const source = await readFile(
   new URL('../crates/switchboard-server/assets/switchboard-client.js', import.meta.url),
   'utf8',
 );
-const { SwitchboardClient, backoffDelay, DEFAULT_BACKOFF } = await import(
+const { SwitchboardClient, backoffDelay, DEFAULT_BACKOFF, sseUrlFor } = await import(
   'data:text/javascript;base64,' + Buffer.from(source).toString('base64')
 );
 
@@ -82,7 +83,9 @@ test('reconnects after each drop with growing delays, and resets after a stable 
   c.connect();
   assert.equal(FakeSocket.all.length, 1);
   last().drop(); // refused before opening
-  assert.deepEqual(statuses.at(-1), { state: 'reconnecting', attempt: 1, delayMs: 250, code: 1006, reason: '' });
+  assert.deepEqual(statuses.at(-1), {
+    state: 'reconnecting', attempt: 1, delayMs: 250, code: 1006, reason: '', transport: 'websocket',
+  });
   mock.timers.tick(249);
   assert.equal(FakeSocket.all.length, 1, 'not before the delay');
   mock.timers.tick(1);
@@ -216,6 +219,7 @@ test('shouldReconnect can refuse, e.g. after a policy close', () => {
   last().drop(1008, 'connection refused by handler');
   assert.deepEqual(statuses.at(-1), {
     state: 'closed', attempt: 0, code: 1008, reason: 'connection refused by handler',
+    transport: 'websocket',
   });
   mock.timers.tick(60_000);
   assert.equal(FakeSocket.all.length, 1);
@@ -299,4 +303,128 @@ test('without a token function nothing is sent on open', () => {
   mock.timers.tick(60_000);
   assert.deepEqual(last().sent, []);
   c.close();
+});
+
+/** An EventSource stand-in the test drives by hand. */
+class FakeEventSource {
+  static all = [];
+  constructor(url, init) {
+    this.url = url;
+    this.init = init;
+    this.listeners = {};
+    this.closed = false;
+    FakeEventSource.all.push(this);
+  }
+  addEventListener(type, fn) {
+    (this.listeners[type] ||= []).push(fn);
+  }
+  close() {
+    this.closed = true;
+  }
+  // test controls
+  emit(type, data) {
+    for (const fn of this.listeners[type] || []) fn({ data: JSON.stringify(data) });
+  }
+  session(id = 'abc') {
+    this.emit('session', { session: id, post: `/connect/sse?session=${id}` });
+  }
+  message(frame) {
+    this.onmessage?.({ data: JSON.stringify(frame) });
+  }
+  fail() {
+    this.onerror?.({});
+  }
+}
+
+function sseClient(options = {}) {
+  FakeEventSource.all = [];
+  const requests = [];
+  const fetch = async (url, init) => {
+    requests.push({ url: String(url), method: init.method, body: init.body });
+    return { status: init.method === 'DELETE' ? 204 : 202 };
+  };
+  const made = client({ EventSource: FakeEventSource, fetch, ...options });
+  return { ...made, requests };
+}
+
+const lastEs = () => FakeEventSource.all.at(-1);
+
+test('the SSE URL is derived from the socket URL', () => {
+  assert.equal(sseUrlFor('ws://gateway/connect?namespace=acme'), 'http://gateway/connect/sse?namespace=acme');
+  assert.equal(sseUrlFor('wss://gateway/connect/'), 'https://gateway/connect/sse');
+});
+
+test('a WebSocket that never opens falls back to SSE in the same attempt; posts go out in order', async () => {
+  const { c, statuses, requests } = sseClient();
+  const frames = [];
+  c.on('*', (p, f) => frames.push(f));
+  c.connect();
+  last().drop(); // the upgrade failed before opening
+  assert.equal(FakeEventSource.all.length, 1, 'SSE at once, no backoff');
+  assert.equal(lastEs().url, 'http://gateway/connect/sse');
+  assert.equal(c.connected, false);
+  lastEs().session('s1');
+  assert.equal(c.transport, 'sse');
+  assert.deepEqual(statuses.at(-1), { state: 'open', attempt: 0, transport: 'sse' });
+  lastEs().message({ type: 'onconnect', payload: { hi: 1 } });
+  assert.deepEqual(frames, [{ type: 'onconnect', payload: { hi: 1 } }]);
+  assert.equal(c.send('a', 1), 'sent');
+  assert.equal(c.send('b', 2), 'sent');
+  await settle();
+  assert.deepEqual(
+    requests.map((r) => [r.method, r.url, JSON.parse(r.body)]),
+    [
+      ['POST', 'http://gateway/connect/sse?session=s1', { type: 'a', payload: 1 }],
+      ['POST', 'http://gateway/connect/sse?session=s1', { type: 'b', payload: 2 }],
+    ],
+  );
+  c.close(4000, 'bye');
+  assert.ok(lastEs().closed);
+  assert.equal(requests.at(-1).method, 'DELETE');
+  assert.equal(requests.at(-1).url, 'http://gateway/connect/sse?session=s1&code=4000&reason=bye');
+});
+
+test('without a WebSocket class the client uses SSE; a close event reconnects, trying WebSocket first', () => {
+  // No WebSocket anywhere (Node 22 has a global one).
+  const saved = globalThis.WebSocket;
+  globalThis.WebSocket = undefined;
+  let made;
+  try {
+    made = sseClient({ WebSocket: undefined });
+  } finally {
+    globalThis.WebSocket = saved;
+  }
+  const { c, statuses } = made;
+  c.connect();
+  assert.equal(FakeSocket.all.length, 0);
+  lastEs().session();
+  assert.equal(c.transport, 'sse');
+  lastEs().emit('close', { code: 1008, reason: 'send queue full' });
+  assert.ok(lastEs().closed, 'EventSource does not reconnect by itself');
+  assert.deepEqual(statuses.at(-1), {
+    state: 'reconnecting', attempt: 1, delayMs: 250, code: 1008, reason: 'send queue full', transport: 'sse',
+  });
+  assert.equal(c.transport, null);
+});
+
+test('a lost SSE stream reconnects with backoff; sse: false never falls back', () => {
+  const { c, statuses } = sseClient();
+  c.connect();
+  last().drop();
+  lastEs().fail(); // the fallback failed too (the server is down)
+  assert.deepEqual(statuses.at(-1), {
+    state: 'reconnecting', attempt: 1, delayMs: 250, code: 1006, reason: '', transport: 'sse',
+  });
+  mock.timers.tick(250);
+  assert.equal(FakeSocket.all.length, 2, 'the next attempt tries WebSocket first');
+  last().open();
+  assert.equal(c.transport, 'websocket');
+  c.close();
+
+  const off = sseClient({ sse: false });
+  off.c.connect();
+  last().drop();
+  assert.equal(FakeEventSource.all.length, 0);
+  assert.equal(off.statuses.at(-1).state, 'reconnecting');
+  off.c.close();
 });

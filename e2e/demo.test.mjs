@@ -109,8 +109,9 @@ after(async () => {
   if (server) await stopServer(server);
 });
 
-async function join(name, namespace) {
+async function join(name, namespace, initScript) {
   const context = await browser.newContext({ viewport: { width: 900, height: 640 } });
+  if (initScript) await context.addInitScript(initScript);
   const page = await context.newPage();
   page.on('pageerror', (e) => pageErrors.push(`${name}: ${e.message}`));
   await page.goto(`http://${server.addr}/`);
@@ -208,6 +209,54 @@ test('two users chat in one namespace, a third elsewhere sees nothing, pages rec
     await shoot('');
   } catch (err) {
     await shoot('failure-');
+    throw err;
+  }
+});
+
+test('a page without WebSockets, and one whose WebSocket never opens, chat over SSE with a WebSocket page', { timeout: 60_000 }, async () => {
+  try {
+    const lee = await join('lee', 'fallback', () => { delete window.WebSocket; });
+    const max = await join('max', 'fallback', () => {
+      // As behind a proxy that breaks the upgrade: every WebSocket fails before it opens.
+      window.WebSocket = class {
+        constructor() {
+          this.readyState = 0;
+          setTimeout(() => { this.readyState = 3; this.onerror?.({}); this.onclose?.({ code: 1006, reason: '' }); }, 20);
+        }
+        send() { throw new Error('not open'); }
+        close() {}
+      };
+    });
+    const ada = await join('ada', 'fallback');
+    assert.equal(await lee.page.getAttribute('body', 'data-transport'), 'sse');
+    assert.equal(await max.page.getAttribute('body', 'data-transport'), 'sse');
+    assert.equal(await ada.page.getAttribute('body', 'data-transport'), 'websocket');
+    assert.match(await lee.page.textContent('#status'), /\(sse\)/);
+    await eventually(async () => assert.deepEqual(await online(ada), ['ada', 'lee', 'max']));
+    await eventually(async () => assert.deepEqual(await online(lee), ['ada', 'lee', 'max']));
+
+    await type(lee, 'hello from sse');
+    await sees(ada, 'lee: hello from sse');
+    await sees(max, 'lee: hello from sse');
+    await type(ada, 'hello from websocket');
+    await sees(lee, 'ada: hello from websocket');
+    await type(ada, 'psst, lee', 'lee');
+    await sees(lee, '(whisper) ada: psst, lee');
+    await type(lee, 'psst, ada', 'ada');
+    await sees(ada, '(whisper) lee: psst, ada');
+    await sees(lee, '(whisper) lee: psst, ada');
+    // messages sent in a burst arrive once each, in order
+    for (const n of [1, 2, 3]) await type(max, `burst ${n}`);
+    await sees(ada, 'max: burst 3');
+    const burst = (await log(ada)).filter((l) => l.startsWith('max: burst'));
+    assert.deepEqual(burst, ['max: burst 1', 'max: burst 2', 'max: burst 3']);
+    assert.ok(!(await log(max)).some((l) => l.includes('psst')), 'whispers reach only their users');
+    // the in-band token refresh works over SSE too
+    await lee.page.waitForSelector('body[data-token-exp]', { timeout: WAIT });
+    assert.deepEqual(pageErrors, [], 'no uncaught errors in the pages');
+    await shoot('sse-');
+  } catch (err) {
+    await shoot('failure-sse-');
     throw err;
   }
 });

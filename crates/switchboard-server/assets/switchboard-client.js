@@ -18,6 +18,11 @@
 //   client.send('chat.say', { text: 'hi' });       // 'sent', 'queued' or 'dropped'
 //   client.close();                                // no more reconnects
 //
+// When a WebSocket cannot be opened (no WebSocket class, or a proxy that breaks the upgrade)
+// it falls back by itself to the gateway's Server-Sent Events transport (`socket.sse` in the
+// config): an EventSource stream down, one POST per message up, the same frames both ways.
+// `client.transport` says which one it is on ('websocket' or 'sse'), and so does every status.
+//
 // Served by `switchboard serve --demo` at /switchboard-client.js; works in browsers and in
 // Node.js 22+ (or pass `WebSocket` in the options).
 
@@ -35,7 +40,82 @@ export function backoffDelay(attempt, backoff = DEFAULT_BACKOFF, random = Math.r
   return Math.round(base * (1 - jitter * random()));
 }
 
+const CONNECTING = 0;
 const OPEN = 1;
+const CLOSED = 3;
+
+/**
+ * The SSE URL for a socket URL: `ws://host/connect?q` → `http://host/connect/sse?q` (the
+ * gateway's default `socket.sse.path`).
+ */
+export function sseUrlFor(url) {
+  const u = new URL(url, globalThis.location?.href);
+  u.protocol = u.protocol === 'wss:' ? 'https:' : u.protocol === 'ws:' ? 'http:' : u.protocol;
+  u.pathname = u.pathname.replace(/\/$/, '') + '/sse';
+  return u.toString();
+}
+
+/**
+ * The gateway's Server-Sent Events transport behind a WebSocket's face (readyState, onopen,
+ * onmessage, onclose, send, close), so the client drives either the same way. Messages are
+ * POSTed one at a time, in order; the gateway's `close` event (and a lost stream, 1006) close it.
+ */
+export class SseSocket {
+  constructor(url, { EventSource = globalThis.EventSource, fetch = globalThis.fetch } = {}) {
+    this.url = url;
+    this.readyState = CONNECTING;
+    this._fetch = fetch;
+    this._post = null;
+    this._chain = Promise.resolve();
+    this._es = new EventSource(url, { withCredentials: true });
+    this._es.addEventListener('session', (ev) => {
+      if (this.readyState !== CONNECTING) return;
+      let session;
+      try { session = JSON.parse(ev.data); } catch { return this._end(1002, 'bad session event'); }
+      this._post = new URL(session.post, url).toString();
+      this.readyState = OPEN;
+      this.onopen?.({});
+    });
+    this._es.addEventListener('close', (ev) => {
+      let info = {};
+      try { info = JSON.parse(ev.data); } catch { /* no details */ }
+      this._end(info.code ?? 1005, info.reason ?? '');
+    });
+    this._es.onmessage = (ev) => {
+      if (this.readyState === OPEN) this.onmessage?.({ data: ev.data });
+    };
+    // EventSource would reconnect by itself, as a new session; the client decides instead.
+    this._es.onerror = () => this._end(1006, '');
+  }
+
+  send(text) {
+    if (this.readyState !== OPEN) throw new Error('SseSocket is not open');
+    const post = this._post;
+    this._chain = this._chain
+      .then(() => this._fetch(post, {
+        method: 'POST', body: text, credentials: 'same-origin',
+        headers: { 'content-type': 'text/plain;charset=utf-8' },
+      }))
+      .then((res) => { if (res.status === 404 || res.status === 410) this._end(1006, ''); })
+      .catch(() => this._end(1006, ''));
+  }
+
+  close(code = 1000, reason = '') {
+    if (this.readyState >= 2) return;
+    if (this._post) {
+      const target = `${this._post}&code=${code}&reason=${encodeURIComponent(reason)}`;
+      this._fetch(target, { method: 'DELETE', credentials: 'same-origin', keepalive: true }).catch(() => {});
+    }
+    this._end(code, reason);
+  }
+
+  _end(code, reason) {
+    if (this.readyState === CLOSED) return;
+    this.readyState = CLOSED;
+    this._es.close();
+    this.onclose?.({ code, reason });
+  }
+}
 
 /** The gateway closes a socket whose token expired with this code (`auth.close_on_expiry`). */
 export const TOKEN_EXPIRED_CODE = 4001;
@@ -62,6 +142,11 @@ export class SwitchboardClient {
    * @param {number} [options.refreshBeforeMs=30000] how long before expiry to refresh.
    * @param {number} [options.retryRefreshMs=5000] delay before retrying a failed refresh.
    * @param {typeof WebSocket} [options.WebSocket] the WebSocket class to use.
+   * @param {string | false | (() => string)} [options.sse] the Server-Sent Events URL to fall
+   *   back to when a WebSocket cannot be opened; default: derived from the socket URL
+   *   (`sseUrlFor`); false: never fall back.
+   * @param {typeof EventSource} [options.EventSource] the EventSource class to use.
+   * @param {typeof fetch} [options.fetch] the fetch function to use (SSE posts).
    * @param {() => number} [options.random] a source of randomness in [0, 1), for tests.
    * @param {() => number} [options.now] the clock in milliseconds (Date.now), for tests.
    */
@@ -73,6 +158,10 @@ export class SwitchboardClient {
     this._beforeConnect = options.beforeConnect;
     this._shouldReconnect = options.shouldReconnect || (() => true);
     this._WebSocket = options.WebSocket || globalThis.WebSocket;
+    this._sse = options.sse === undefined ? 'auto' : options.sse;
+    this._EventSource = options.EventSource || globalThis.EventSource;
+    this._fetch = options.fetch || globalThis.fetch?.bind(globalThis);
+    this._transport = null;
     this._random = options.random || Math.random;
     this._token = options.token;
     this._refreshBeforeMs = options.refreshBeforeMs ?? 30000;
@@ -110,6 +199,11 @@ export class SwitchboardClient {
   onStatus(fn) {
     this._statusHandlers.add(fn);
     return () => this._statusHandlers.delete(fn);
+  }
+
+  /** The transport of the open socket: 'websocket', 'sse', or null while disconnected. */
+  get transport() {
+    return this.connected ? this._transport : null;
   }
 
   /** True while a socket is open. */
@@ -176,20 +270,52 @@ export class SwitchboardClient {
       return;
     }
     if (generation !== this._generation) return;
+    // WebSocket first at every attempt (a restart does not leave the client on SSE for good);
+    // SSE when there is no WebSocket, or when this attempt's WebSocket never opens.
+    const kind = this._canUse('websocket') ? 'websocket' : 'sse';
+    if (!this._canUse(kind)) {
+      this._retry({ error: new Error('neither WebSocket nor EventSource is available') });
+      return;
+    }
+    this._attach(kind, generation);
+  }
+
+  /** Whether `kind` can be tried: its class exists (and, for SSE, it is not turned off). */
+  _canUse(kind) {
+    if (kind === 'websocket') return typeof this._WebSocket === 'function';
+    return this._sse !== false && typeof this._EventSource === 'function' && typeof this._fetch === 'function';
+  }
+
+  _sseUrl() {
+    if (typeof this._sse === 'function') return this._sse();
+    if (typeof this._sse === 'string' && this._sse !== 'auto') return this._sse;
+    return sseUrlFor(typeof this._url === 'function' ? this._url() : this._url);
+  }
+
+  /** Opens a socket of `kind` and wires it; a WebSocket that closes before it ever opened
+   *  falls back to SSE at once (once per attempt). */
+  _attach(kind, generation) {
     let ws;
     try {
-      const url = typeof this._url === 'function' ? this._url() : this._url;
-      ws = new this._WebSocket(url);
+      if (kind === 'websocket') {
+        ws = new this._WebSocket(typeof this._url === 'function' ? this._url() : this._url);
+      } else {
+        ws = new SseSocket(this._sseUrl(), { EventSource: this._EventSource, fetch: this._fetch });
+      }
     } catch (error) {
+      if (kind === 'websocket' && this._canUse('sse')) return this._attach('sse', generation);
       this._retry({ error });
       return;
     }
     this._ws = ws;
+    let opened = false;
     const current = () => this._ws === ws && generation === this._generation;
     ws.onopen = () => {
       if (!current()) return;
+      opened = true;
+      this._transport = kind;
       this._stableTimer = setTimeout(() => { this._attempt = 0; }, this._stableMs);
-      this._status({ state: 'open', attempt: this._attempt });
+      this._status({ state: 'open', attempt: this._attempt, transport: kind });
       // Taken out before sending: a message is never handed to two sockets.
       const queued = this._outbox;
       this._outbox = [];
@@ -204,7 +330,12 @@ export class SwitchboardClient {
       this._ws = null;
       clearTimeout(this._stableTimer);
       clearTimeout(this._refreshTimer);
-      const info = { code: ev.code, reason: ev.reason };
+      const info = { code: ev.code, reason: ev.reason, transport: kind };
+      if (!opened && kind === 'websocket' && !this._stopped && this._canUse('sse')) {
+        // The upgrade never completed (a proxy that breaks WebSockets, say): try SSE now.
+        this._attach('sse', generation);
+        return;
+      }
       if (this._stopped || !this._shouldReconnect(info)) {
         this._stopped = true;
         this._status({ state: 'closed', attempt: this._attempt, ...info });

@@ -207,6 +207,7 @@ async fn serve(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let addr = listen.unwrap_or(config.gateway.listen);
     let path = config.gateway.socket.path.as_str().to_string();
+    let sse_path = config.gateway.socket.sse_path();
     let nats = match &config.gateway.bus {
         Some(bus) => Some(Arc::new(connect_nats(&bus.nats).await?)),
         None => None,
@@ -232,6 +233,9 @@ async fn serve(
     let local = running.local_addr().unwrap_or(addr);
     println!("switchboard: config {source}");
     println!("switchboard: listening on ws://{local}{path}");
+    if let Some(sse) = sse_path {
+        println!("switchboard: sse fallback on http://{local}{sse}");
+    }
     if let Some(admin) = running.admin_addr() {
         println!("switchboard: admin on http://{admin} (/metrics, /healthz, /readyz)");
     }

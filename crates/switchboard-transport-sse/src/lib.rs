@@ -11,7 +11,8 @@
 //! The wire:
 //! - `GET {path}?…` (the same query, cookie or `Authorization` a WebSocket upgrade would
 //!   carry; the service admits it exactly as an upgrade) → `200 text/event-stream`:
-//!   - first `event: open` with `{"session": id, "post": "{path}?session={id}"}`;
+//!   - first `event: session` with `{"session": id, "post": "{path}?session={id}"}` (not
+//!     `open`, which is `EventSource`'s own event);
 //!   - then every message as `data:` lines (a message with line breaks takes several);
 //!   - `:` comment lines every heartbeat interval;
 //!   - last `event: close` with `{"code", "reason"}` (as a WebSocket close), and the end.
@@ -19,6 +20,9 @@
 //!   unknown session, `410` once it is closing, `413` over the size limit, `403` for an
 //!   origin the policy refuses, `400` (and the session closed, 1007) for invalid UTF-8.
 //!   Posts of one session reach the service in the order they are taken, one at a time.
+//! - `DELETE {path}?session={id}&code={code}&reason={reason}` → `204`: the client closes the
+//!   session, as a WebSocket close frame would (`code` 1005 when absent). A stream that just
+//!   goes away ends the session too (`CloseReason::Dropped`).
 //!
 //! Bounds: each session's queue in events and bytes (full: the session ends as a slow
 //! consumer); a client that takes nothing of its queue between two heartbeats is cut off

@@ -227,12 +227,14 @@ fn open_stream<S: Service>(bound: &Arc<Bound<S>>, request: HttpRequest) -> HttpR
 }
 
 impl<S: Service> Bound<S> {
-    /// `POST ?session=…`: one message from the client, handed to the service in order.
+    /// `POST ?session=…`: one message from the client, handed to the service in order;
+    /// `DELETE ?session=…`: the client's close.
     async fn take_post(&self, request: HttpRequest) -> HttpReply {
-        if request.parts.method != Method::POST {
+        let closing = request.parts.method == Method::DELETE;
+        if request.parts.method != Method::POST && !closing {
             return refuse(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "use GET for the stream, POST to send\n",
+                "GET opens the stream, POST sends, DELETE closes\n",
             );
         }
         if !self.options.origins.allows(&request.parts.headers) {
@@ -243,6 +245,13 @@ impl<S: Service> Bound<S> {
             return refuse(StatusCode::NOT_FOUND, "no such session\n");
         };
         let socket = &session.socket;
+        if closing {
+            // The client's close, as a WebSocket close frame would say it.
+            let (code, reason) = client_close(&request);
+            socket.set_reason(CloseReason::Client { code, reason });
+            socket.cut();
+            return HttpReply::Full(empty(StatusCode::NO_CONTENT));
+        }
         if std::str::from_utf8(&request.body).is_err() {
             socket.set_reason(CloseReason::Protocol {
                 code: 1007,
@@ -269,10 +278,36 @@ impl<S: Service> Bound<S> {
         };
         self.service
             .on_message(state, Inbound::Text(Bytes::clone(&request.body)));
-        let mut res = http::Response::new(Bytes::new());
-        *res.status_mut() = StatusCode::ACCEPTED;
-        HttpReply::Full(res)
+        HttpReply::Full(empty(StatusCode::ACCEPTED))
     }
+}
+
+fn empty(status: StatusCode) -> switchboard_core::HttpResponse {
+    let mut res = http::Response::new(Bytes::new());
+    *res.status_mut() = status;
+    res
+}
+
+/// A `DELETE`'s `code` (1005, "none given", when absent or not a code a client may send) and
+/// `reason` (at most 123 bytes).
+fn client_close(request: &HttpRequest) -> (u16, String) {
+    let query = request.parts.uri.query().unwrap_or_default();
+    let mut code = 1005;
+    let mut reason = String::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "code" => {
+                code = v
+                    .parse()
+                    .ok()
+                    .filter(|c| switchboard_core::is_sendable_close_code(*c))
+                    .unwrap_or(1005)
+            }
+            "reason" => reason = switchboard_core::truncate_close_reason(&v).to_string(),
+            _ => {}
+        }
+    }
+    (code, reason)
 }
 
 /// How long the heartbeat sweep waits between rounds.

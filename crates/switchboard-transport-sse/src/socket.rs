@@ -243,7 +243,10 @@ impl SseSocket {
     /// The first event, queued before the service hears of the socket.
     pub(crate) fn open_event(&self, session: &str, post_path: &str) {
         let data = serde_json::json!({ "session": session, "post": post_path }).to_string();
-        let _ = self.push(Bytes::from(format!("event: open\ndata: {data}\n\n")), true);
+        let _ = self.push(
+            Bytes::from(format!("event: session\ndata: {data}\n\n")),
+            true,
+        );
     }
 }
 

@@ -151,6 +151,24 @@ async fn a_client_that_goes_away_publishes_onclose_once_and_its_session_is_gone(
 }
 
 #[tokio::test]
+async fn a_client_close_is_published_with_its_code_once() {
+    let mut c = container(sse_config());
+    let mut closes = recorder(&mut c, &["socket:close"]);
+    let gw = start(c).await;
+    let mut sse = open_sse(&gw, "alex", None).await;
+    wait_for_sockets(&gw, 1).await;
+    assert_eq!(sse.close(4000, "bye").await, 204);
+    let (_, data, _) = next_published(&mut closes).await;
+    assert_eq!(
+        data["reason"],
+        json!({"by": "client", "code": 4000, "reason": "bye"})
+    );
+    assert_eq!(sse.next_event().await, None, "the stream ends");
+    wait_for_sockets(&gw, 0).await;
+    assert!(closes.try_recv().is_err(), "exactly once");
+}
+
+#[tokio::test]
 async fn streams_and_posts_are_refused_as_upgrades_are() {
     let c = container(sse_config());
     let gw = start(c).await;
@@ -223,6 +241,28 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_holds_noth
     }
     wait_for_sockets(&gw, 0).await;
     assert!(gw.stats().transport.slow_consumers >= 1);
+    assert_eq!(gw.stats().transport.buffered_bytes, 0);
+    drop(sse);
+}
+
+#[tokio::test]
+async fn a_client_that_takes_nothing_between_two_heartbeats_is_cut_off() {
+    // Queues large enough never to fill: only the heartbeat sweep can find the stall.
+    let c = container(spec_config(
+        "    sse: {}\n    heartbeat: 100ms\n    send_queue: 100000\n    send_queue_bytes: 64MiB",
+    ));
+    let gw = start(c).await;
+    let sse = open_sse(&gw, "alex", None).await;
+    wait_for_sockets(&gw, 1).await;
+    let producer = gw.producer();
+    for i in 0..100 {
+        let _ = producer.send(
+            "socket:broadcast",
+            json!({"type": "bulk", "payload": "x".repeat(256 * 1024) + &i.to_string()}),
+        );
+    }
+    wait_for_sockets(&gw, 0).await;
+    assert_eq!(gw.stats().transport.slow_consumers, 1);
     assert_eq!(gw.stats().transport.buffered_bytes, 0);
     drop(sse);
 }

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Event {
     /// The first event: the session's post path.
-    Open { post: String },
+    Session { post: String },
     /// A message (`data:` lines).
     Message(String),
     /// `event: close`.
@@ -71,7 +71,7 @@ pub(crate) async fn open(
         headers: headers.to_string(),
     };
     match client.next_event().await {
-        Some(Event::Open { post }) => client.post = post,
+        Some(Event::Session { post }) => client.post = post,
         other => panic!("expected the open event first, got {other:?}"),
     }
     Ok(client)
@@ -149,9 +149,9 @@ impl SseClient {
                 }
                 let data = data.join("\n");
                 return Some(match kind.as_str() {
-                    "open" => {
+                    "session" => {
                         let v: Value = serde_json::from_str(&data).unwrap();
-                        Event::Open {
+                        Event::Session {
                             post: v["post"].as_str().unwrap().to_string(),
                         }
                     }
@@ -195,6 +195,12 @@ impl SseClient {
         }
     }
 
+    /// Closes the session as the client (`DELETE`); the status code.
+    pub(crate) async fn close(&self, code: u16, reason: &str) -> u16 {
+        let target = format!("{}&code={code}&reason={reason}", self.post);
+        request(self.addr, "DELETE", &target, &self.headers, b"").await
+    }
+
     /// Posts one message; the status code.
     pub(crate) async fn post(&self, body: &[u8]) -> u16 {
         post(self.addr, &self.post, &self.headers, body).await
@@ -203,9 +209,20 @@ impl SseClient {
 
 /// One `POST` of `body` to `target`; the status code.
 pub(crate) async fn post(addr: SocketAddr, target: &str, headers: &str, body: &[u8]) -> u16 {
+    request(addr, "POST", target, headers, body).await
+}
+
+/// One request; the status code.
+pub(crate) async fn request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &str,
+    body: &[u8],
+) -> u16 {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "POST {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{headers}\r\n",
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{headers}\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
