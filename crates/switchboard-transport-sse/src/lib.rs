@@ -25,7 +25,8 @@
 //!   goes away ends the session too (`CloseReason::Dropped`).
 //!
 //! Bounds: each session's queue in events and bytes (full: the session ends as a slow
-//! consumer); a client that takes nothing of its queue between two heartbeats is cut off
+//! consumer); all queues together in bytes ([`SseOptions::buffer_budget`], as the WebSocket
+//! transport's: the largest holders above their share are shed with `1013`); a client that takes nothing of its queue between two heartbeats is cut off
 //! (its connection dropped); sessions at most [`SseOptions::max_sessions`]; a post's body at
 //! most [`SseOptions::max_message_size`]. Session ids are 128 random bits from the OS: the id
 //! is what ties a post to its stream, so it travels only in the stream and in the posts.
@@ -59,6 +60,9 @@ pub struct SseOptions {
     pub send_queue: usize,
     /// Bytes that may wait in one session's queue. Default 1 MiB.
     pub send_queue_bytes: usize,
+    /// Bytes queued across all sessions, at most; at the budget, the sessions holding the
+    /// most above their share are closed (`1013`, their connection dropped). Default 256 MiB.
+    pub buffer_budget: usize,
     /// Most sessions open at once; more get `503`. Default: no limit.
     pub max_sessions: Option<usize>,
     /// Which pages may open streams and post. Default: same host.
@@ -73,6 +77,7 @@ impl Default for SseOptions {
             max_message_size: 64 * 1024,
             send_queue: 256,
             send_queue_bytes: 1 << 20,
+            buffer_budget: 256 << 20,
             max_sessions: None,
             origins: OriginPolicy::SameHost,
         }

@@ -13,7 +13,7 @@ use switchboard_core::{
     StreamReply, TransportCounters,
 };
 
-use crate::socket::{EventStream, QueueLimits, SseSocket};
+use crate::socket::{EventStream, QueueLimits, Shedder, SseSocket};
 use crate::stats::SseStats;
 use crate::SseOptions;
 
@@ -78,11 +78,13 @@ fn new_session_id() -> SessionId {
 
 impl<S: Service> Bound<S> {
     pub(crate) fn new(service: Arc<S>, options: SseOptions) -> Self {
+        let stats = Arc::new(SseStats::default());
+        stats.set_budget(options.buffer_budget);
         Bound {
             service,
             options,
             sessions: Mutex::default(),
-            stats: Arc::default(),
+            stats,
             tasks: tokio::sync::watch::Sender::new(0),
             stopping: std::sync::atomic::AtomicBool::new(false),
         }
@@ -187,7 +189,8 @@ fn open_stream<S: Service>(bound: &Arc<Bound<S>>, request: HttpRequest) -> HttpR
         frames: options.send_queue,
         bytes: options.send_queue_bytes,
     };
-    let socket = Arc::new(SseSocket::new(request.peer, limits, stats.clone()));
+    let shedder: std::sync::Weak<Bound<S>> = Arc::downgrade(bound);
+    let socket = Arc::new(SseSocket::new(request.peer, limits, stats.clone(), shedder));
     let id = new_session_id();
     let hex = format!("{id:032x}");
     socket.open_event(&hex, &format!("{}?session={hex}", options.path));
@@ -308,6 +311,33 @@ fn client_close(request: &HttpRequest) -> (u16, String) {
         }
     }
     (code, reason)
+}
+
+impl<S: Service> Shedder for Bound<S> {
+    fn make_room(&self, asking: &SseSocket, n: usize) -> bool {
+        let sockets: Vec<Arc<SseSocket>> = lock(&self.sessions)
+            .values()
+            .map(|s| s.socket.clone())
+            .collect();
+        let fair = self.stats.budget() / sockets.len().max(1);
+        if asking.held() + n > fair {
+            return false;
+        }
+        let mut holders: Vec<(usize, Arc<SseSocket>)> = sockets
+            .into_iter()
+            .filter(|s| !std::ptr::eq(&**s, asking))
+            .map(|s| (s.held(), s))
+            .filter(|(held, _)| *held > fair)
+            .collect();
+        holders.sort_by_key(|(held, _)| std::cmp::Reverse(*held));
+        for (_, holder) in holders {
+            holder.end_over_budget();
+            if self.stats.try_reserve(n) {
+                return true;
+            }
+        }
+        self.stats.try_reserve(n)
+    }
 }
 
 /// How long the heartbeat sweep waits between rounds.

@@ -5,13 +5,13 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use switchboard_core::{
     is_sendable_close_code, truncate_close_reason, AbortSignal, BodyChunks, CloseReason, SendError,
-    Socket, SLOW_CONSUMER_CODE,
+    Socket, OVER_BUDGET_CODE, SLOW_CONSUMER_CODE,
 };
 use tokio::sync::Notify;
 
@@ -54,6 +54,16 @@ pub(crate) struct SseSocket {
     /// Drops the connection of a client that stopped reading.
     pub(crate) abort: Arc<AbortSignal>,
     stats: Arc<SseStats>,
+    /// Frees room in the budget by closing the largest holders (the session table).
+    shedder: Weak<dyn Shedder>,
+}
+
+/// Sheds sessions to make room in the transport's buffer budget.
+pub(crate) trait Shedder: Send + Sync {
+    /// Makes room for `n` more bytes for `asking` and reserves them: closes the sessions
+    /// holding the most above their fair share (budget ÷ sessions). False (nothing reserved)
+    /// when `asking` is itself above its share, or no room could be made.
+    fn make_room(&self, asking: &SseSocket, n: usize) -> bool;
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -95,7 +105,12 @@ pub(crate) fn close_event(code: u16, reason: &str) -> Bytes {
 }
 
 impl SseSocket {
-    pub(crate) fn new(peer: SocketAddr, limits: QueueLimits, stats: Arc<SseStats>) -> Self {
+    pub(crate) fn new(
+        peer: SocketAddr,
+        limits: QueueLimits,
+        stats: Arc<SseStats>,
+        shedder: Weak<dyn Shedder>,
+    ) -> Self {
         SseSocket {
             queue: Mutex::default(),
             limits,
@@ -108,25 +123,48 @@ impl SseSocket {
             resumed: Notify::new(),
             abort: Arc::default(),
             stats,
+            shedder,
         }
     }
 
-    /// Queues a chunk, within the limits unless `always` (the first event, heartbeats'
-    /// absence of harm, the close event).
+    /// Queues a chunk, within the session's limits and the transport's budget unless `always`
+    /// (the first event, which the session is opened with).
     fn push(&self, chunk: Bytes, always: bool) -> Result<(), SendError> {
+        let len = chunk.len();
+        {
+            let q = lock(&self.queue);
+            if q.finished {
+                return Err(SendError::Closed);
+            }
+            let over = !q.chunks.is_empty()
+                && (q.chunks.len() >= self.limits.frames || q.bytes + len > self.limits.bytes);
+            if over && !always {
+                drop(q);
+                self.end_slow_consumer();
+                return Err(SendError::Full);
+            }
+        }
+        // Reserved before it is held; at the budget, the largest holders make room (or this
+        // session goes, if it is one of them).
+        if !always && !self.stats.try_reserve(len) {
+            let made = self
+                .shedder
+                .upgrade()
+                .is_some_and(|s| s.make_room(self, len));
+            if !made {
+                self.end_over_budget();
+                return Err(SendError::OverBudget);
+            }
+        } else if always {
+            self.stats.reserve_always(len);
+        }
         let mut q = lock(&self.queue);
         if q.finished {
+            drop(q);
+            self.stats.release(len);
             return Err(SendError::Closed);
         }
-        let over = !q.chunks.is_empty()
-            && (q.chunks.len() >= self.limits.frames || q.bytes + chunk.len() > self.limits.bytes);
-        if over && !always {
-            drop(q);
-            self.end_slow_consumer();
-            return Err(SendError::Full);
-        }
-        q.bytes += chunk.len();
-        self.stats.buffered(chunk.len() as isize);
+        q.bytes += len;
         q.chunks.push_back(chunk);
         let waker = q.waker.take();
         drop(q);
@@ -136,6 +174,23 @@ impl SseSocket {
         Ok(())
     }
 
+    /// Bytes queued now.
+    pub(crate) fn held(&self) -> usize {
+        lock(&self.queue).bytes
+    }
+
+    /// Shed to keep the transport within its budget: its queue is dropped and so is its
+    /// connection (a client that holds the most is not reading).
+    pub(crate) fn end_over_budget(&self) {
+        if self.set_reason(CloseReason::OverBudget) {
+            self.finish(Some(close_event(
+                OVER_BUDGET_CODE,
+                "buffer budget exceeded",
+            )));
+            self.cut();
+        }
+    }
+
     /// Ends the stream after what is queued (and `last`, if any).
     fn finish(&self, last: Option<Bytes>) {
         let mut q = lock(&self.queue);
@@ -143,8 +198,9 @@ impl SseSocket {
             return;
         }
         if let Some(last) = last {
+            // A close event: small, the last a session sends; counted, never refused.
+            self.stats.reserve_always(last.len());
             q.bytes += last.len();
-            self.stats.buffered(last.len() as isize);
             q.chunks.push_back(last);
         }
         q.finished = true;
@@ -205,7 +261,7 @@ impl SseSocket {
         q.chunks.clear();
         q.bytes = 0;
         drop(q);
-        self.stats.buffered(-(held as isize));
+        self.stats.release(held);
     }
 
     /// Server shutdown: a close event with 1001, then the end.
@@ -312,7 +368,7 @@ impl BodyChunks for EventStream {
             q.bytes -= chunk.len();
             q.taken = true;
             drop(q);
-            socket.stats.buffered(-(chunk.len() as isize));
+            socket.stats.release(chunk.len());
             return Poll::Ready(Some(chunk));
         }
         if q.finished {

@@ -1,6 +1,6 @@
 //! What the SSE transport counts, in the shape every transport reports.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use switchboard_core::{CloseReason, TransportCounters};
 
@@ -11,15 +11,45 @@ pub(crate) struct SseStats {
     pub(crate) refused_origin: AtomicU64,
     pub(crate) refused_capacity: AtomicU64,
     pub(crate) refused_by_service: AtomicU64,
-    buffered: AtomicI64,
-    buffered_peak: AtomicI64,
-    closed: [AtomicU64; 6],
+    /// Bytes queued across all sessions, never above `budget`.
+    buffered: AtomicUsize,
+    buffered_peak: AtomicUsize,
+    budget: AtomicUsize,
+    closed: [AtomicU64; 7],
 }
 
 impl SseStats {
-    pub(crate) fn buffered(&self, delta: isize) {
-        let now = self.buffered.fetch_add(delta as i64, Relaxed) + delta as i64;
-        self.buffered_peak.fetch_max(now, Relaxed);
+    pub(crate) fn set_budget(&self, budget: usize) {
+        self.budget.store(budget, Relaxed);
+    }
+
+    pub(crate) fn budget(&self) -> usize {
+        self.budget.load(Relaxed)
+    }
+
+    /// Counts `n` more bytes if the budget has room for them.
+    pub(crate) fn try_reserve(&self, n: usize) -> bool {
+        let budget = self.budget();
+        let reserved = self.buffered.fetch_update(Relaxed, Relaxed, |used| {
+            used.checked_add(n).filter(|total| *total <= budget)
+        });
+        match reserved {
+            Ok(before) => {
+                self.buffered_peak.fetch_max(before + n, Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Counts `n` bytes whatever the budget (a close event, the first event: a few bytes).
+    pub(crate) fn reserve_always(&self, n: usize) {
+        let before = self.buffered.fetch_add(n, Relaxed);
+        self.buffered_peak.fetch_max(before + n, Relaxed);
+    }
+
+    pub(crate) fn release(&self, n: usize) {
+        self.buffered.fetch_sub(n, Relaxed);
     }
 
     pub(crate) fn closed(&self, reason: &CloseReason) {
@@ -29,6 +59,7 @@ impl SseStats {
             CloseReason::Server { .. } => 2,
             CloseReason::Shutdown => 3,
             CloseReason::SlowConsumer => 4,
+            CloseReason::OverBudget => 6,
             _ => 5,
         };
         self.closed[i].fetch_add(1, Relaxed);
@@ -42,14 +73,16 @@ impl SseStats {
         counters.refused_origin = self.refused_origin.load(Relaxed);
         counters.refused_capacity = self.refused_capacity.load(Relaxed);
         counters.refused_by_service = self.refused_by_service.load(Relaxed);
-        counters.buffered_bytes = self.buffered.load(Relaxed).max(0) as u64;
-        counters.buffered_bytes_peak = self.buffered_peak.load(Relaxed).max(0) as u64;
+        counters.buffered_bytes = self.buffered.load(Relaxed) as u64;
+        counters.buffered_bytes_peak = self.buffered_peak.load(Relaxed) as u64;
+        counters.buffer_budget = self.budget() as u64;
         counters.dropped = c(0);
         counters.protocol_errors = c(1);
         counters.closed_by_server = c(2);
         counters.closed_by_shutdown = c(3);
         counters.slow_consumers = c(4);
         counters.io_errors = c(5);
+        counters.over_budget = c(6);
         counters
     }
 }

@@ -78,9 +78,11 @@
 
 use std::convert::Infallible;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -456,21 +458,19 @@ async fn serve_connection<S: Service>(
         .serve_connection(io, svc)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
-    let ended = match tokio::time::timeout(options.handshake_timeout, conn.as_mut()).await {
-        Ok(ended) => Some(ended),
-        Err(_) => match stream_abort(&state) {
-            // A streamed answer: the connection lasts as long as its stream, or until its
-            // endpoint aborts it (a client that stopped reading).
-            Some(abort) => {
-                let aborted = std::future::poll_fn(|cx| abort.poll_aborted(cx));
-                tokio::select! {
-                    ended = conn.as_mut() => Some(ended),
-                    () = aborted => Some(Ok(())),
-                }
-            }
-            None => None,
-        },
-    };
+    let mut deadline = std::pin::pin!(tokio::time::sleep(options.handshake_timeout));
+    // The request must be served within the deadline, unless its answer is a stream: that
+    // lasts until it ends, or until its endpoint aborts it (a client that stopped reading).
+    let ended = std::future::poll_fn(|cx| {
+        if let Poll::Ready(ended) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Some(ended));
+        }
+        match stream_abort(&state) {
+            Some(abort) => abort.poll_aborted(cx).map(|()| Some(Ok(()))),
+            None => deadline.as_mut().poll(cx).map(|()| None),
+        }
+    })
+    .await;
     match ended {
         Some(Ok(())) => {}
         Some(Err(e)) if e.is_parse_too_large() => {

@@ -50,6 +50,7 @@ fn sse(config: &Config) -> Option<SseTransport> {
     options.send_queue = socket.send_queue;
     options.send_queue_bytes = socket.send_queue_bytes;
     options.max_sessions = limits.max_sockets;
+    options.buffer_budget = limits.buffer_budget;
     options.origins = origin_policy(config);
     Some(SseTransport::new(options))
 }

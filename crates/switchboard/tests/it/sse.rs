@@ -266,3 +266,53 @@ async fn a_client_that_takes_nothing_between_two_heartbeats_is_cut_off() {
     assert_eq!(gw.stats().transport.buffered_bytes, 0);
     drop(sse);
 }
+
+#[tokio::test]
+async fn sse_queues_stay_within_the_buffer_budget_and_a_reading_session_sees_everything() {
+    // Per-session queues too large to matter: only the budget bounds what is held.
+    let yaml = "    sse: {}\n    send_queue: 100000\n    send_queue_bytes: 64MiB";
+    let mut config = spec_config(yaml);
+    config.gateway.limits.buffer_budget = 1 << 20;
+    let c = container(config);
+    let gw = start(c).await;
+    let mut hoarders = Vec::new();
+    for user in ["h1", "h2", "h3"] {
+        hoarders.push(open_sse(&gw, user, None).await);
+    }
+    let mut reader = open_sse(&gw, "reader", None).await;
+    wait_for_sockets(&gw, 4).await;
+    let producer = gw.producer();
+    // The reader tells how far it got: the broadcasts keep within its pace (it is a reader,
+    // not a slow consumer), while the hoarders read nothing.
+    let (progress, mut read) = tokio::sync::watch::channel(0u64);
+    let reading = tokio::spawn(async move {
+        for i in 0..800 {
+            let frame = reader.recv().await;
+            assert_eq!(frame["payload"]["n"], i, "in order, none missing");
+            let _ = progress.send(i + 1);
+        }
+        reader
+    });
+    // 13 MB each: more than the kernel's and hyper's buffers take for a client that does not
+    // read, in frames small beside a fair share (1 MiB / 4).
+    for i in 0..800u64 {
+        read.wait_for(|n| i < n + 8).await.unwrap();
+        let _ = producer.send(
+            "socket:broadcast",
+            json!({"type": "bulk", "payload": {"n": i, "fill": "x".repeat(16 * 1024)}}),
+        );
+    }
+    let reader = tokio::time::timeout(Duration::from_secs(60), reading)
+        .await
+        .expect("the reader got every message")
+        .unwrap();
+    wait_for_sockets(&gw, 1).await;
+    let t = gw.stats().transport;
+    assert_eq!(t.over_budget, 3, "the three hoarders were shed");
+    // Every session's first event counts too, unrefused (a hundred bytes each).
+    assert!(t.buffered_bytes_peak <= (1 << 20) + 4 * 200, "{t:?}");
+    drop(hoarders);
+    drop(reader);
+    wait_for_sockets(&gw, 0).await;
+    assert_eq!(gw.stats().transport.buffered_bytes, 0);
+}
