@@ -103,12 +103,14 @@ mod budget;
 pub mod codec;
 mod frame;
 mod handshakes;
+mod outbox;
 mod reader;
 mod socket;
+mod socket_task;
 mod sockets;
 mod stats;
 use handshakes::Handshakes;
-use socket::SocketTask;
+use socket_task::SocketTask;
 use sockets::Hub;
 pub use stats::TransportStats;
 pub use switchboard_core::{
