@@ -263,7 +263,7 @@ const SECTIONS: &[Section] = &[
                  event stream (`GET`) plus one `POST` per client message, on the same port, with \
                  the same admission, origin policy, limits, heartbeat, rate limit and hooks; \
                  `send` and `broadcast` reach SSE and WebSocket sockets alike. The JS client \
-                 falls back to it by itself. See docs/PROTOCOL.md.",
+                 falls back to it by itself. The wire is in docs/TRANSPORTS.md.",
                 Some("{}"),
             ),
             key(

@@ -506,7 +506,7 @@ mod tests {
     use super::*;
 
     /// A socket whose peer never reads, with the kernel's buffers full: every send queues.
-    pub(crate) async fn backlogged_socket(capacity: usize) -> (SocketState, tokio::net::TcpStream) {
+    async fn backlogged_socket(capacity: usize) -> (SocketState, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -526,7 +526,7 @@ mod tests {
         (state, peer)
     }
 
-    pub(crate) fn kinds(state: &SocketState) -> Vec<&'static str> {
+    fn kinds(state: &SocketState) -> Vec<&'static str> {
         lock(&state.out)
             .queue
             .iter()
@@ -540,7 +540,7 @@ mod tests {
     }
 
     #[tokio::test]
-    pub(crate) async fn pings_and_pongs_overtake_queued_data_in_their_own_order() {
+    async fn pings_and_pongs_overtake_queued_data_in_their_own_order() {
         let (state, _peer) = backlogged_socket(100).await;
         let data = || Outbound::Text(Bytes::from_static(b"data"));
         state.push(data(), WhenFull::CloseSocket).unwrap();
@@ -566,7 +566,7 @@ mod tests {
     }
 
     #[tokio::test]
-    pub(crate) async fn a_full_queue_closes_as_a_slow_consumer_and_a_later_close_drops_the_queue() {
+    async fn a_full_queue_closes_as_a_slow_consumer_and_a_later_close_drops_the_queue() {
         let (state, _peer) = backlogged_socket(3).await;
         let data = || Outbound::Text(Bytes::from_static(b"data"));
         while state.push(data(), WhenFull::CloseSocket).is_ok() {}
