@@ -36,7 +36,14 @@ pub use crate::frame::{
     encode_client_frame, encode_frame, parse_head, Head, Violation, BINARY, CLOSE, CONTINUATION,
     PING, PONG, TEXT,
 };
-pub use fastwebsockets::unmask;
+
+/// XORs `payload` with the 4-byte `mask` in place (RFC 6455 5.3): masks a client frame's
+/// payload, or unmasks it. Word at a time (fastwebsockets' routine, behind our own name so
+/// that no 0.x crate shows in this API).
+#[inline]
+pub fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    fastwebsockets::unmask(payload, mask);
+}
 
 /// The most bytes a [`Decoder`] reserves ahead for one frame on the strength of its header
 /// alone (a header may claim anything; beyond this the buffer grows as bytes arrive).
