@@ -3,9 +3,7 @@
 //! configs, recorders) is `switchboard-test-support`'s, re-exported here.
 
 use switchboard::{Container, Running};
-pub(crate) use switchboard_test_support::websocket::{
-    assert_silent, close_code as close_code_of, recv, send, Ws,
-};
+pub(crate) use switchboard_test_support::websocket::{close_code as close_code_of, recv, send, Ws};
 pub(crate) use switchboard_test_support::{
     container, next_published, now, recorder, spec_config, token, token_with, SECRET, SECRET_ENV,
 };
