@@ -249,10 +249,10 @@ impl<S: Service> Bound<S> {
         };
         let socket = &session.socket;
         if closing {
-            // The client's close, as a WebSocket close frame would say it.
+            // The client's close, as a WebSocket close frame would say it; echoed as the
+            // stream's last event, as a WebSocket close is.
             let (code, reason) = client_close(&request);
-            socket.set_reason(CloseReason::Client { code, reason });
-            socket.cut();
+            socket.close_by_client(code, reason);
             return HttpReply::Full(empty(StatusCode::NO_CONTENT));
         }
         if std::str::from_utf8(&request.body).is_err() {

@@ -264,6 +264,14 @@ impl SseSocket {
         self.stats.release(held);
     }
 
+    /// The client's close (`DELETE`): echoed as the last event, then the end.
+    pub(crate) fn close_by_client(&self, code: u16, reason: String) {
+        let echo = close_event(code, &reason);
+        if self.set_reason(CloseReason::Client { code, reason }) {
+            self.finish(Some(echo));
+        }
+    }
+
     /// Server shutdown: a close event with 1001, then the end.
     pub(crate) fn shut_down(&self) {
         if self.set_reason(CloseReason::Shutdown) {

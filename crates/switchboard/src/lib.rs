@@ -129,6 +129,8 @@ pub struct Container {
     admin_listen: Option<SocketAddr>,
     /// Transports given with [`Container::transport`], served beside the default one.
     transports: Vec<Starter>,
+    /// [`Container::sse_fallback`]: serve SSE even without `socket.sse` in the config.
+    sse_fallback: bool,
 }
 
 impl fmt::Debug for Container {
@@ -213,6 +215,7 @@ impl Container {
             metrics,
             admin_listen,
             transports: Vec::new(),
+            sse_fallback: false,
         })
     }
 
@@ -243,6 +246,14 @@ impl Container {
     /// serves only the transports given here (an in-memory one in tests, say).
     pub fn transport(&mut self, transport: impl Transport) -> &mut Self {
         self.transports.push(transports::starter(transport));
+        self
+    }
+
+    /// Serves the Server-Sent Events fallback beside the WebSocket transport, as
+    /// `socket.sse` in the config does (at `socket.sse.path`, or the socket path + `/sse`),
+    /// even when the config does not have that section.
+    pub fn sse_fallback(&mut self) -> &mut Self {
+        self.sse_fallback = true;
         self
     }
 
@@ -278,7 +289,7 @@ impl Container {
     /// given with [`Container::transport`]; also binds the admin listener when the config has
     /// `gateway.admin` (or [`Container::admin_listen`] was called).
     pub async fn start_on(mut self, addr: SocketAddr) -> std::io::Result<Running> {
-        let defaults = transports::defaults(&self.config, addr);
+        let defaults = transports::defaults(&self.config, addr, self.sse_fallback);
         self.transports.splice(0..0, defaults);
         self.start_transports().await
     }

@@ -26,11 +26,11 @@ pub(crate) fn starter<T: Transport>(transport: T) -> Starter {
 }
 
 /// The default transports as the config sets them up: WebSocket upgrades on `addr`, and the
-/// Server-Sent Events fallback on the same port when `socket.sse` is present.
-pub(crate) fn defaults(config: &Config, addr: SocketAddr) -> Vec<Starter> {
+/// Server-Sent Events fallback on the same port when `socket.sse` is present (or `sse_anyway`).
+pub(crate) fn defaults(config: &Config, addr: SocketAddr, sse_anyway: bool) -> Vec<Starter> {
     let mut options = websocket_options(config);
     let mut starters = Vec::new();
-    if let Some(sse) = sse(config) {
+    if let Some(sse) = sse(config, sse_anyway) {
         // Hosted by the WebSocket transport's HTTP server; started first, so that it is ready
         // before the port takes connections.
         options.endpoints.0.push(sse.endpoint());
@@ -40,11 +40,15 @@ pub(crate) fn defaults(config: &Config, addr: SocketAddr) -> Vec<Starter> {
     starters
 }
 
-fn sse(config: &Config) -> Option<SseTransport> {
+fn sse(config: &Config, anyway: bool) -> Option<SseTransport> {
     let socket = &config.gateway.socket;
     let limits = &config.gateway.limits;
     let mut options = SseOptions::default();
-    options.path = socket.sse_path()?;
+    options.path = match socket.sse_path() {
+        Some(path) => path,
+        None if anyway => format!("{}/sse", socket.path.as_str().trim_end_matches('/')),
+        None => return None,
+    };
     options.heartbeat_interval = socket.heartbeat;
     options.max_message_size = socket.max_message_size;
     options.send_queue = socket.send_queue;

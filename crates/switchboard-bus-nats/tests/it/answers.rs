@@ -108,7 +108,7 @@ async fn replicas_with_one_node_name_never_get_each_others_answers() {
                 seen.insert(frame["payload"]["n"].as_u64().unwrap());
             }
             assert_eq!(seen.len(), per_socket as usize, "each answer once");
-            silent(&mut ws, 300).await;
+            assert_silent(&mut ws, 300).await;
         }));
     }
     for client in clients {
@@ -152,7 +152,7 @@ async fn hostile_answers_do_nothing_harmful() {
         recv(&mut ws).await,
         json!({"type": "socket:generalMessage", "payload": "first"})
     );
-    silent(&mut ws, 300).await;
+    assert_silent(&mut ws, 300).await;
 
     // a malformed answer is an error frame, once
     send(&mut ws, json!({"type": "x"})).await;
@@ -165,7 +165,7 @@ async fn hostile_answers_do_nothing_harmful() {
         frame["payload"]["message"],
         "malformed answer from a handler"
     );
-    silent(&mut ws, 300).await;
+    assert_silent(&mut ws, 300).await;
     assert_eq!(gw.bus.pending_answers(), PendingAnswers::default());
 }
 

@@ -33,7 +33,7 @@ pub(crate) async fn gateway_on(
     setup: impl FnOnce(&mut Container),
 ) -> Gateway {
     let bus = Arc::new(NatsBus::connect(options).await.unwrap());
-    let key = switchboard::VerificationKey::Secret(SECRET.as_bytes().to_vec());
+    let key = switchboard_test_support::key();
     let mut container = Container::with_key(config(), bus.clone(), key).unwrap();
     setup(&mut container);
     bus.subscriptions_ready().await.unwrap();

@@ -160,5 +160,5 @@ async fn the_securing_nats_example_grants_each_part_what_it_needs_and_no_more() 
         .await
         .unwrap();
     violation(&mut node_errors, "Publish to \"socket:send\"").await;
-    silent(&mut ws, 300).await; // the forged sends never arrived
+    assert_silent(&mut ws, 300).await; // the forged sends never arrived
 }

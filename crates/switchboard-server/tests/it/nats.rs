@@ -1,10 +1,6 @@
 //! Scale-out end to end: two `switchboard serve` processes on one nats-server, handlers in
 //! other processes (a plain NATS client, and the Python example).
 
-#[path = "../../../switchboard-bus-nats/tests/it/support.rs"]
-#[allow(dead_code)]
-mod support;
-
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -13,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use support::{connect, recv, send, wait_until, NatsServer, Ws, SECRET, SECRET_ENV};
+use switchboard_test_support::nats::NatsServer;
+use switchboard_test_support::websocket::{assert_silent, connect, recv_within, send, Ws};
+use switchboard_test_support::{hooks_yaml, wait_until, SECRET, SECRET_ENV};
 
 /// A gateway node: the real binary with a NATS bus; killed by PID when dropped.
 struct Node {
@@ -40,22 +38,13 @@ fn node_with(nats: &NatsServer, name: &str, extra: &str) -> Node {
     std::fs::write(
         &config,
         format!(
-            r#"
-gateway:
-  socket:
-    onconnect: {{publish: "socket:connection"}}
-    onmessage: {{publish: "socket:generalMessage"}}
-    onclose: {{publish: "socket:close"}}
-    send: {{subscribe: "socket:send"}}
-    broadcast: {{subscribe: "socket:broadcast"}}
-  auth:
-    secret_env: {SECRET_ENV}
-  bus:
+            r#"{}  bus:
     nats:
       url: "{}"
       node_name: "{name}"
       reply_timeout: 3s
 {extra}"#,
+            hooks_yaml(),
             nats.url()
         ),
     )
@@ -73,11 +62,9 @@ gateway:
     }
 }
 
-/// Asserts nothing more arrives on `ws` within `ms` (pings aside).
-async fn silent(ws: &mut Ws, ms: u64) {
-    if let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(ms), ws.next()).await {
-        assert!(!m.is_text(), "unexpected frame: {m:?}");
-    }
+/// The next text frame as JSON: a node's round trips over NATS may take a while.
+async fn recv(ws: &mut Ws) -> Value {
+    recv_within(ws, Duration::from_secs(10)).await
 }
 
 async fn publish(client: &async_nats::Client, subject: &str, body: Value) {
@@ -139,7 +126,7 @@ async fn send_and_broadcast_from_plain_nats_reach_each_socket_once_across_nodes(
         &mut alex_other,
         &mut kim_b,
     ] {
-        silent(ws, 300).await;
+        assert_silent(ws, 300).await;
     }
     // a broadcast to everyone
     publish(
@@ -156,7 +143,7 @@ async fn send_and_broadcast_from_plain_nats_reach_each_socket_once_across_nodes(
         &mut kim_b,
     ] {
         assert_eq!(recv(ws).await, json!({"type": "all", "payload": 3}));
-        silent(ws, 100).await;
+        assert_silent(ws, 100).await;
     }
 }
 
@@ -372,5 +359,11 @@ async fn every_onclose_reaches_a_handler_when_a_node_is_stopped() {
             reader.await.unwrap();
         }
     }
-    wait_until(|| closed.is_empty(), "no duplicate onclose").await;
+    let no_duplicates = || closed.is_empty();
+    wait_until(
+        "no duplicate onclose",
+        Duration::from_secs(15),
+        no_duplicates,
+    )
+    .await;
 }

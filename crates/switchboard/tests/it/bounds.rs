@@ -8,6 +8,8 @@ use switchboard::{Config, Message};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+use switchboard_test_support::{on_transports, start as start_on, Event, Kind, WAIT};
+
 use crate::harness::*;
 use crate::raw;
 
@@ -109,37 +111,27 @@ async fn an_upgrade_with_oversized_headers_gets_431_and_publishes_nothing() {
     );
 }
 
-#[tokio::test]
-async fn pings_count_against_the_rate_limit() {
+async fn pings_count_against_the_rate_limit(kind: Kind) {
     let mut c = container(config(
         "",
         "  limits:\n    messages_per_second: 2\n    message_burst: 5",
     ));
     let mut closes = recorder(&mut c, &["socket:close"]);
-    let gw = start(c).await;
-    let addr = gw.local_addr().unwrap();
-    let mut calm = connect(&gw, "sam", None).await;
-    let (mut pinger, head) = raw::open(
-        addr,
-        &raw::upgrade_request(addr, "", &token("alex"), ""),
-        &[],
-    )
-    .await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let gw = start_on(kind, c).await;
+    let mut calm = gw.connect("sam", None).await;
+    let mut pinger = gw.connect("alex", None).await;
     // 40 pings at once: 5 are answered (the burst), the rest are dropped, and going on for a
     // whole burst while limited closes the socket, as it would for messages.
-    let mut pings = Vec::new();
-    for i in 0..40u8 {
-        pings.extend(raw::frame(true, raw::PING, &[i]));
+    for _ in 0..40 {
+        pinger.ping().await;
     }
-    pinger.write_all(&pings).await.unwrap();
     let mut pongs = 0;
     let code = loop {
-        let (op, payload) = raw::read_frame(&mut pinger).await;
-        match op {
-            raw::PONG => pongs += 1,
-            raw::CLOSE => break u16::from_be_bytes([payload[0], payload[1]]),
-            _ => {}
+        match pinger.next(WAIT).await {
+            Some(Event::Pong) => pongs += 1,
+            Some(Event::Close(code)) => break code,
+            Some(Event::Json(_)) => {} // the rate limit's error frame
+            other => panic!("expected pongs and a close, got {other:?}"),
         }
     };
     assert_eq!((pongs, code), (5, 1008));
@@ -149,9 +141,14 @@ async fn pings_count_against_the_rate_limit() {
     assert_eq!(stats.rate_limit_closes, 1);
     assert!(stats.rate_limited >= 5, "{stats:?}");
     // Another socket is untouched.
-    send(&mut calm, json!({"type": "still", "payload": 1})).await;
-    calm.close(None).await.unwrap();
+    calm.send(json!({"type": "still", "payload": 1})).await;
+    calm.close(1000).await;
 }
+
+// SSE has no pings.
+on_transports!(
+    pings_count_against_the_rate_limit: websocket => WebSocket, memory => Memory
+);
 
 /// A raw client that stops reading at once, with a small receive buffer so that what the
 /// server sends it soon waits in the server's queue.

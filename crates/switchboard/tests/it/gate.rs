@@ -1,5 +1,6 @@
 //! The connect gate (`onconnect.gate`): a socket waits for its connect handler's verdict
-//! before anything it sends is read or anything is delivered to it.
+//! before anything it sends is read or anything is delivered to it. What frames sent with the
+//! upgrade itself become is WebSocket's alone; the rest runs on each transport.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +8,8 @@ use std::time::Duration;
 use serde_json::json;
 use switchboard::{Config, Container, Message};
 use tokio::sync::{mpsc, Mutex};
+
+use switchboard_test_support::{each_transport, start as start_on, Event, Kind, WAIT};
 
 use crate::harness::*;
 use crate::raw;
@@ -147,77 +150,79 @@ async fn a_failed_verdict_closes_the_socket_and_drops_what_it_sent() {
     assert_eq!(gw.stats().connect_failures, 1);
 }
 
-#[tokio::test]
-async fn no_verdict_in_time_closes_the_socket() {
+async fn no_verdict_in_time_closes_the_socket(kind: Kind) {
     let mut c = container(gate_config("300ms"));
     let (_verdict, _called) = judge(&mut c);
     let mut seen = recorder(&mut c, &["socket:generalMessage", "socket:close"]);
-    let gw = start(c).await;
-    let addr = gw.local_addr().unwrap();
-    let request = raw::upgrade_request(addr, "", &token("alex"), "");
-    let (mut stream, _) = raw::open(addr, &request, &early_frames()).await;
-    assert_eq!(raw::read_close_code(&mut stream).await, 1011);
+    let gw = start_on(kind, c).await;
+    let mut alex = gw.connect("alex", None).await;
+    // Over SSE the post waits for the verdict and is refused (410) when none comes; over a
+    // WebSocket the frame waits in the kernel. Either way it is never published.
+    let _ = alex
+        .try_send_text(&json!({"type": "early", "payload": 1}).to_string())
+        .await;
+    assert_eq!(alex.close_code().await, 1011);
     let (topic, _, _) = next_published(&mut seen).await;
-    assert_eq!(topic, "socket:close");
+    assert_eq!(topic, "socket:close", "what it sent was never published");
     assert_eq!(gw.stats().gate_timeouts, 1);
 }
 
-#[tokio::test]
-async fn a_socket_let_in_stays_registered_after_the_gate_timeout() {
+async fn a_socket_let_in_stays_registered_after_the_gate_timeout(kind: Kind) {
     let mut c = container(gate_config("300ms"));
     c.add_handler("socket:connection", |m: Message| async move {
         m.reply(json!({"welcome": true}));
     })
     .unwrap();
-    let gw = start(c).await;
-    let mut ws = connect(&gw, "alex", None).await;
-    assert_eq!(recv(&mut ws).await["type"], "onconnect");
+    let gw = start_on(kind, c).await;
+    let mut alex = gw.connect("alex", None).await;
+    assert_eq!(alex.recv().await["type"], "onconnect");
     // Well past the gate's timeout, the socket is still registered and reached.
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(gw.sockets().count(), 1);
     gw.producer()
         .send("socket:broadcast", json!({"type": "news", "payload": 1}))
         .unwrap();
-    assert_eq!(recv(&mut ws).await, json!({"type": "news", "payload": 1}));
+    assert_eq!(alex.recv().await, json!({"type": "news", "payload": 1}));
     assert_eq!(gw.stats().gate_timeouts, 0);
 }
 
-#[tokio::test]
-async fn the_per_user_limit_counts_sockets_that_waited_at_the_gate() {
+async fn the_per_user_limit_counts_sockets_that_waited_at_the_gate(kind: Kind) {
     let _ = spec_config("");
     let yaml = format!(
         "gateway:\n  socket:\n    onconnect: {{publish: \"socket:connection\", gate: true}}\n  limits:\n    max_sockets_per_user: 1\n  auth:\n    secret_env: {SECRET_ENV}\n"
     );
     let mut c = container(Config::from_yaml_str(&yaml).unwrap());
     let (verdict, mut called) = judge(&mut c);
-    let gw = start(c).await;
-    let addr = gw.local_addr().unwrap();
+    let gw = start_on(kind, c).await;
     // Two sockets of one user pass admission together: neither is registered yet.
-    let request = raw::upgrade_request(addr, "", &token("alex"), "");
-    let (mut first, _) = raw::open(addr, &request, &[]).await;
-    let (mut second, _) = raw::open(addr, &request, &[]).await;
+    let mut first = gw.connect("alex", None).await;
+    let mut second = gw.connect("alex", None).await;
     for _ in 0..2 {
-        tokio::time::timeout(Duration::from_secs(5), called.recv())
-            .await
-            .unwrap();
+        tokio::time::timeout(WAIT, called.recv()).await.unwrap();
     }
     verdict.send("ok").unwrap();
     verdict.send("ok").unwrap();
     // One is let in; the other finds the limit reached at its verdict and is closed.
     let mut codes = Vec::new();
-    for stream in [&mut first, &mut second] {
-        let (op, payload) = raw::read_frame(stream).await;
-        if op == raw::CLOSE {
-            codes.push(u16::from_be_bytes([payload[0], payload[1]]));
-            continue;
+    for client in [&mut first, &mut second] {
+        match client.next(WAIT).await {
+            Some(Event::Close(code)) => {
+                codes.push(code);
+                continue;
+            }
+            Some(Event::Json(frame)) => assert_eq!(frame["type"], "onconnect"),
+            other => panic!("expected onconnect or a close, got {other:?}"),
         }
-        let frame: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-        assert_eq!(frame["type"], "onconnect");
-        let next = tokio::time::timeout(Duration::from_millis(300), raw::read_frame(stream)).await;
-        if let Ok((raw::CLOSE, payload)) = next {
-            codes.push(u16::from_be_bytes([payload[0], payload[1]]));
+        if let Some(Event::Close(code)) = client.next(Duration::from_millis(300)).await {
+            codes.push(code);
         }
     }
     assert_eq!(codes, [1008], "exactly one closed");
     assert_eq!(gw.sockets().count(), 1);
 }
+
+each_transport!(
+    no_verdict_in_time_closes_the_socket,
+    a_socket_let_in_stays_registered_after_the_gate_timeout,
+    the_per_user_limit_counts_sockets_that_waited_at_the_gate,
+);

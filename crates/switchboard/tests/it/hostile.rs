@@ -14,6 +14,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, O
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use switchboard_test_support::{each_transport, start as start_on, Kind};
+
 use crate::harness::*;
 
 /// The spec config plus `extra` lines under `gateway:` (already indented by two spaces).
@@ -216,26 +218,25 @@ async fn namespace_claim_limits_which_namespaces_a_token_may_join() {
     assert_eq!(gw.stats().refused_namespace, 2);
 }
 
-#[tokio::test]
-async fn rate_limit_refuses_with_an_error_frame_then_closes() {
+async fn rate_limit_refuses_with_an_error_frame_then_closes(kind: Kind) {
     let config = config_with(
         "",
         "  limits:\n    messages_per_second: 2\n    message_burst: 5",
     );
     let mut c = container(config);
     let mut seen = recorder(&mut c, &["socket:generalMessage"]);
-    let gw = start(c).await;
-    let mut calm = connect(&gw, "sam", None).await;
-    let mut noisy = connect(&gw, "alex", None).await;
+    let gw = start_on(kind, c).await;
+    let mut calm = gw.connect("sam", None).await;
+    let mut noisy = gw.connect("alex", None).await;
     for i in 0..5 {
-        send(&mut noisy, json!({"type": "m", "payload": i})).await;
+        noisy.send(json!({"type": "m", "payload": i})).await;
     }
     for _ in 0..5 {
         next_published(&mut seen).await;
     }
     // the sixth is refused with one error frame
-    send(&mut noisy, json!({"type": "m", "payload": 5})).await;
-    let frame = recv(&mut noisy).await;
+    noisy.send(json!({"type": "m", "payload": 5})).await;
+    let frame = noisy.recv().await;
     assert_eq!(frame["type"], "error");
     assert!(frame["payload"]["message"]
         .as_str()
@@ -243,19 +244,14 @@ async fn rate_limit_refuses_with_an_error_frame_then_closes() {
         .contains("rate limit"));
     // going on for a whole burst gets the socket closed
     for i in 0..10 {
-        if noisy
-            .send(WsMessage::text(
-                json!({"type": "m", "payload": i}).to_string(),
-            ))
-            .await
-            .is_err()
-        {
+        let message = json!({"type": "m", "payload": i}).to_string();
+        if !noisy.try_send_text(&message).await {
             break;
         }
     }
-    assert_eq!(close_code(&mut noisy).await, CloseCode::Policy);
+    assert_eq!(noisy.close_code().await, 1008);
     // the calm socket is unaffected
-    send(&mut calm, json!({"type": "calm"})).await;
+    calm.send(json!({"type": "calm"})).await;
     loop {
         if next_published(&mut seen).await.1 == json!({"type": "calm"}) {
             break;
@@ -265,6 +261,8 @@ async fn rate_limit_refuses_with_an_error_frame_then_closes() {
     assert!(stats.rate_limited >= 5, "{stats:?}");
     assert_eq!(stats.rate_limit_closes, 1);
 }
+
+each_transport!(rate_limit_refuses_with_an_error_frame_then_closes);
 
 #[tokio::test]
 async fn connect_handler_error_closes_1011() {

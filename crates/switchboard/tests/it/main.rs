@@ -1,5 +1,9 @@
-//! End to end: the spec's behaviour over real sockets on 127.0.0.1, with real WebSocket
-//! clients and signed tokens.
+//! End to end: the spec's behaviour through the gateway's transports. The semantic tests are
+//! written once, over `switchboard_test_support::Client`, and run on each transport
+//! (`each_transport!`: `NAME::websocket` with real WebSocket clients on 127.0.0.1,
+//! `NAME::memory` on the in-memory transport, `NAME::sse` with a raw Server-Sent Events client
+//! on 127.0.0.1); what is about WebSocket itself (frames,
+//! hostile input, bounds, heartbeats, the admin listener) runs on WebSocket only.
 
 mod admin;
 mod bounds;
@@ -10,30 +14,28 @@ mod identity;
 mod lifetime;
 mod raw;
 mod sse;
-mod sse_client;
 mod tenancy;
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use harness::*;
 use serde_json::json;
 use switchboard::{Container, Message};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
+use switchboard_test_support::{
+    container, each_transport, next_published, recorder, spec_config, start, token, wait_until,
+    Client, Event, Gateway, Kind, WAIT,
+};
 
-#[tokio::test]
-async fn connect_reply_reaches_the_client_with_full_context() {
+async fn connect_reply_reaches_the_client_with_full_context(kind: Kind) {
     let mut c = container(spec_config(""));
     let mut seen = recorder(&mut c, &["socket:connection"]);
     c.add_handler("socket:connection", |m: Message| async move {
         m.reply(json!({"data": [1, 2, 3]}));
     })
     .unwrap();
-    let gw = start(c).await;
-    let mut ws = connect(&gw, "alex", Some("acme")).await;
+    let gw = start(kind, c).await;
+    let mut alex = gw.connect("alex", Some("acme")).await;
     assert_eq!(
-        recv(&mut ws).await,
+        alex.recv().await,
         json!({"type": "onconnect", "payload": {"data": [1, 2, 3]}})
     );
     let (topic, data, ctx) = next_published(&mut seen).await;
@@ -56,24 +58,20 @@ async fn connect_reply_reaches_the_client_with_full_context() {
     );
 }
 
-#[tokio::test]
-async fn connect_fail_sends_error_then_closes_and_still_publishes_onclose() {
+async fn connect_fail_sends_error_then_closes_and_still_publishes_onclose(kind: Kind) {
     let mut c = container(spec_config(""));
     let mut closes = recorder(&mut c, &["socket:close"]);
     c.add_handler("socket:connection", |m: Message| async move {
         m.fail(json!({"message": "not today"}));
     })
     .unwrap();
-    let gw = start(c).await;
-    let mut ws = connect(&gw, "alex", Some("acme")).await;
+    let gw = start(kind, c).await;
+    let mut alex = gw.connect("alex", Some("acme")).await;
     assert_eq!(
-        recv(&mut ws).await,
+        alex.recv().await,
         json!({"type": "error", "payload": {"message": "not today"}})
     );
-    match ws.next().await {
-        Some(Ok(WsMessage::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Policy),
-        other => panic!("expected close 1008, got {other:?}"),
-    }
+    assert_eq!(alex.next(WAIT).await, Some(Event::Close(1008)));
     let (_, data, _) = next_published(&mut closes).await;
     assert_eq!(data["username"], "alex");
     assert_eq!(data["reason"]["code"], 1008);
@@ -93,8 +91,7 @@ fn echo_handlers(c: &mut Container) {
     }
 }
 
-#[tokio::test]
-async fn messages_publish_general_and_typed_and_replies_carry_the_topic() {
+async fn messages_publish_general_and_typed_and_replies_carry_the_topic(kind: Kind) {
     let mut c = container(spec_config(""));
     echo_handlers(&mut c);
     let mut seen = recorder(
@@ -105,12 +102,12 @@ async fn messages_publish_general_and_typed_and_replies_carry_the_topic() {
             "socket:type_two",
         ],
     );
-    let gw = start(c).await;
-    let mut ws = connect(&gw, "alex", Some("acme")).await;
+    let gw = start(kind, c).await;
+    let mut alex = gw.connect("alex", Some("acme")).await;
 
     let m1 = json!({"type": "message_type_one", "payload": {"n": 1}});
-    send(&mut ws, m1.clone()).await;
-    let mut replies = vec![recv(&mut ws).await, recv(&mut ws).await];
+    alex.send(m1.clone()).await;
+    let mut replies = vec![alex.recv().await, alex.recv().await];
     replies.sort_by_key(|v| v["type"].as_str().unwrap().to_string());
     assert_eq!(
         replies,
@@ -128,19 +125,18 @@ async fn messages_publish_general_and_typed_and_replies_carry_the_topic() {
 
     // an unlisted type goes to the general topic only
     let m2 = json!({"type": "something_else", "payload": null});
-    send(&mut ws, m2.clone()).await;
+    alex.send(m2.clone()).await;
     assert_eq!(
-        recv(&mut ws).await,
+        alex.recv().await,
         json!({"type": "socket:generalMessage", "payload": {"got": m2}})
     );
     let (topic, data, ctx) = next_published(&mut seen).await;
     assert_eq!((topic.as_str(), &data), ("socket:generalMessage", &m2));
     assert_eq!(ctx["username"], "alex");
-    assert_silent(&mut ws, 200).await;
+    alex.assert_silent(200).await;
 }
 
-#[tokio::test]
-async fn message_fail_sends_error_frame_and_keeps_the_socket() {
+async fn message_fail_sends_error_frame_and_keeps_the_socket(kind: Kind) {
     let mut c = container(spec_config(""));
     c.add_handler("socket:generalMessage", |m: Message| async move {
         if m.data()["payload"]["ok"] == json!(true) {
@@ -150,27 +146,28 @@ async fn message_fail_sends_error_frame_and_keeps_the_socket() {
         }
     })
     .unwrap();
-    let gw = start(c).await;
-    let mut ws = connect(&gw, "alex", None).await;
-    send(&mut ws, json!({"type": "x", "payload": {"ok": false}})).await;
+    let gw = start(kind, c).await;
+    let mut alex = gw.connect("alex", None).await;
+    alex.send(json!({"type": "x", "payload": {"ok": false}}))
+        .await;
     assert_eq!(
-        recv(&mut ws).await,
+        alex.recv().await,
         json!({"type": "error", "payload": {"code": "E_NOPE"}})
     );
-    send(&mut ws, json!({"type": "x", "payload": {"ok": true}})).await;
+    alex.send(json!({"type": "x", "payload": {"ok": true}}))
+        .await;
     assert_eq!(
-        recv(&mut ws).await,
+        alex.recv().await,
         json!({"type": "socket:generalMessage", "payload": "fine"})
     );
 }
 
-#[tokio::test]
-async fn bad_messages_get_error_frames_publish_nothing_and_keep_the_socket() {
+async fn bad_messages_get_error_frames_publish_nothing_and_keep_the_socket(kind: Kind) {
     let mut c = container(spec_config(""));
     echo_handlers(&mut c);
     let mut seen = recorder(&mut c, &["socket:generalMessage", "socket:type_one"]);
-    let gw = start(c).await;
-    let mut ws = connect(&gw, "alex", Some("acme")).await;
+    let gw = start(kind, c).await;
+    let mut alex = gw.connect("alex", Some("acme")).await;
     for bad in [
         "not json",
         "[1,2,3]",
@@ -179,37 +176,51 @@ async fn bad_messages_get_error_frames_publish_nothing_and_keep_the_socket() {
         "\"message_type_one\"",
         "{\"type\": \"message_type_one\"",
     ] {
-        ws.send(WsMessage::text(bad)).await.unwrap();
-        let frame = recv(&mut ws).await;
+        alex.send_text(bad).await;
+        let frame = alex.recv().await;
         assert_eq!(frame["type"], "error", "{bad} -> {frame}");
         assert!(frame["payload"]["message"].is_string(), "{frame}");
     }
-    ws.send(WsMessage::binary(vec![1u8, 2, 3])).await.unwrap();
-    let frame = recv(&mut ws).await;
-    assert_eq!(frame["type"], "error");
-    assert!(frame["payload"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("binary"));
+    if kind != Kind::Sse {
+        // (SSE carries text only.)
+        alex.send_binary(vec![1u8, 2, 3]).await;
+        let frame = alex.recv().await;
+        assert_eq!(frame["type"], "error");
+        assert!(frame["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("binary"));
+    }
     assert!(seen.try_recv().is_err(), "nothing was published");
     // still open and working
-    send(&mut ws, json!({"type": "message_type_one"})).await;
+    alex.send(json!({"type": "message_type_one"})).await;
     assert_eq!(
-        recv(&mut ws).await["payload"]["got"]["type"],
+        alex.recv().await["payload"]["got"]["type"],
         "message_type_one"
     );
 }
 
-#[tokio::test]
-async fn send_reaches_the_user_in_that_namespace_only() {
-    let c = container(spec_config(""));
-    let gw = start(c).await;
-    let mut alex_a1 = connect(&gw, "alex", Some("a")).await;
-    let mut alex_a2 = connect(&gw, "alex", Some("a")).await;
-    let mut alex_b = connect(&gw, "alex", Some("b")).await;
-    let mut alex_none = connect(&gw, "alex", None).await;
-    let mut sam_a = connect(&gw, "sam", Some("a")).await;
-    wait_for_sockets(&gw, 5).await;
+/// Nothing was delivered to `clients` but what they have read: a marker broadcast now is the
+/// next frame each gets (deliveries to one socket keep their order, and `send` and
+/// `broadcast` queue at once).
+async fn assert_nothing_else_delivered(gw: &Gateway, clients: &mut [&mut Client]) {
+    let marker = json!({"type": "marker", "payload": null});
+    gw.producer()
+        .send("socket:broadcast", marker.clone())
+        .unwrap();
+    for client in clients {
+        assert_eq!(client.recv().await, marker, "nothing before the marker");
+    }
+}
+
+async fn send_reaches_the_user_in_that_namespace_only(kind: Kind) {
+    let gw = start(kind, container(spec_config(""))).await;
+    let mut alex_a1 = gw.connect("alex", Some("a")).await;
+    let mut alex_a2 = gw.connect("alex", Some("a")).await;
+    let mut alex_b = gw.connect("alex", Some("b")).await;
+    let mut alex_none = gw.connect("alex", None).await;
+    let mut sam_a = gw.connect("sam", Some("a")).await;
+    gw.wait_for_sockets(5).await;
     gw.producer()
         .send(
             "socket:send",
@@ -217,68 +228,61 @@ async fn send_reaches_the_user_in_that_namespace_only() {
         )
         .unwrap();
     let expected = json!({"type": "note", "payload": {"n": 1}});
-    assert_eq!(recv(&mut alex_a1).await, expected);
-    assert_eq!(recv(&mut alex_a2).await, expected);
+    assert_eq!(alex_a1.recv().await, expected);
+    assert_eq!(alex_a2.recv().await, expected);
     // the second tenant, and alex's other namespaces, get nothing
-    assert_silent(&mut alex_b, 300).await;
-    assert_silent(&mut alex_none, 10).await;
-    assert_silent(&mut sam_a, 10).await;
+    let others = &mut [&mut alex_b, &mut alex_none, &mut sam_a];
+    assert_nothing_else_delivered(&gw, others).await;
 }
 
-#[tokio::test]
-async fn send_without_namespace_reaches_every_socket_of_the_user() {
-    let c = container(spec_config(""));
-    let gw = start(c).await;
+async fn send_without_namespace_reaches_every_socket_of_the_user(kind: Kind) {
+    let gw = start(kind, container(spec_config(""))).await;
     let mut alex = [
-        connect(&gw, "alex", Some("a")).await,
-        connect(&gw, "alex", Some("b")).await,
-        connect(&gw, "alex", None).await,
+        gw.connect("alex", Some("a")).await,
+        gw.connect("alex", Some("b")).await,
+        gw.connect("alex", None).await,
     ];
-    let mut sam = connect(&gw, "sam", Some("a")).await;
-    wait_for_sockets(&gw, 4).await;
+    let mut sam = gw.connect("sam", Some("a")).await;
+    gw.wait_for_sockets(4).await;
     gw.producer()
         .send(
             "socket:send",
             json!({"username": "alex", "type": "t", "payload": 5}),
         )
         .unwrap();
-    for ws in alex.iter_mut() {
-        assert_eq!(recv(ws).await, json!({"type": "t", "payload": 5}));
+    for client in alex.iter_mut() {
+        assert_eq!(client.recv().await, json!({"type": "t", "payload": 5}));
     }
-    assert_silent(&mut sam, 300).await;
+    assert_nothing_else_delivered(&gw, &mut [&mut sam]).await;
 }
 
-#[tokio::test]
-async fn broadcast_reaches_everyone_or_one_namespace() {
-    let c = container(spec_config(""));
-    let gw = start(c).await;
+async fn broadcast_reaches_everyone_or_one_namespace(kind: Kind) {
+    let gw = start(kind, container(spec_config(""))).await;
     let mut a = [
-        connect(&gw, "alex", Some("a")).await,
-        connect(&gw, "sam", Some("a")).await,
+        gw.connect("alex", Some("a")).await,
+        gw.connect("sam", Some("a")).await,
     ];
-    let mut b = connect(&gw, "kim", Some("b")).await;
-    let mut none = connect(&gw, "lee", None).await;
-    wait_for_sockets(&gw, 4).await;
+    let mut b = gw.connect("kim", Some("b")).await;
+    let mut none = gw.connect("lee", None).await;
+    gw.wait_for_sockets(4).await;
     let p = gw.producer();
     p.send("socket:broadcast", json!({"type": "all", "payload": 1}))
         .unwrap();
-    for ws in a.iter_mut().chain([&mut b, &mut none]) {
-        assert_eq!(recv(ws).await, json!({"type": "all", "payload": 1}));
+    for client in a.iter_mut().chain([&mut b, &mut none]) {
+        assert_eq!(client.recv().await, json!({"type": "all", "payload": 1}));
     }
     p.send(
         "socket:broadcast",
         json!({"namespace": "a", "type": "only-a", "payload": 2}),
     )
     .unwrap();
-    for ws in a.iter_mut() {
-        assert_eq!(recv(ws).await, json!({"type": "only-a", "payload": 2}));
+    for client in a.iter_mut() {
+        assert_eq!(client.recv().await, json!({"type": "only-a", "payload": 2}));
     }
-    assert_silent(&mut b, 300).await;
-    assert_silent(&mut none, 10).await;
+    assert_nothing_else_delivered(&gw, &mut [&mut b, &mut none]).await;
 }
 
-#[tokio::test]
-async fn handlers_can_send_through_the_producer() {
+async fn handlers_can_send_through_the_producer(kind: Kind) {
     // The spec's pattern: a handler publishes to the send topic for another user.
     let mut c = container(spec_config(""));
     let producer = c.producer();
@@ -298,29 +302,24 @@ async fn handlers_can_send_through_the_producer() {
         }
     })
     .unwrap();
-    let gw = start(c).await;
-    let mut alex = connect(&gw, "alex", Some("a")).await;
-    let mut sam = connect(&gw, "sam", Some("a")).await;
-    let mut sam_elsewhere = connect(&gw, "sam", Some("b")).await;
-    wait_for_sockets(&gw, 3).await;
-    send(
-        &mut alex,
-        json!({"type": "message_type_two", "payload": {"to": "sam"}}),
-    )
-    .await;
+    let gw = start(kind, c).await;
+    let mut alex = gw.connect("alex", Some("a")).await;
+    let mut sam = gw.connect("sam", Some("a")).await;
+    let mut sam_elsewhere = gw.connect("sam", Some("b")).await;
+    gw.wait_for_sockets(3).await;
+    alex.send(json!({"type": "message_type_two", "payload": {"to": "sam"}}))
+        .await;
     assert_eq!(
-        recv(&mut sam).await,
+        sam.recv().await,
         json!({"type": "poke", "payload": {"from": "alex"}})
     );
-    assert_silent(&mut sam_elsewhere, 300).await;
+    assert_nothing_else_delivered(&gw, &mut [&mut sam_elsewhere]).await;
 }
 
-#[tokio::test]
-async fn bad_send_data_is_refused_without_harm() {
-    let c = container(spec_config(""));
-    let gw = start(c).await;
-    let mut alex = connect(&gw, "alex", Some("a")).await;
-    wait_for_sockets(&gw, 1).await;
+async fn bad_send_data_is_refused_without_harm(kind: Kind) {
+    let gw = start(kind, container(spec_config(""))).await;
+    let mut alex = gw.connect("alex", Some("a")).await;
+    gw.wait_for_sockets(1).await;
     let p = gw.producer();
     p.send("socket:send", json!({"type": "t"})).unwrap(); // no username
     p.send("socket:send", json!({"username": "alex", "payload": 1}))
@@ -330,43 +329,31 @@ async fn bad_send_data_is_refused_without_harm() {
         json!({"username": "alex", "namespace": 5, "type": "t"}),
     )
     .unwrap();
-    assert_silent(&mut alex, 200).await;
+    // The next frame is the good one: the bad ones delivered nothing.
     p.send("socket:send", json!({"username": "alex", "type": "t"}))
         .unwrap();
-    assert_eq!(recv(&mut alex).await, json!({"type": "t", "payload": null}));
+    assert_eq!(alex.recv().await, json!({"type": "t", "payload": null}));
 }
 
-#[tokio::test]
-async fn onclose_is_published_when_the_client_closes() {
+async fn onclose_is_published_when_the_client_closes(kind: Kind) {
     let mut c = container(spec_config(""));
     let mut closes = recorder(&mut c, &["socket:close"]);
-    let gw = start(c).await;
-    let mut ws = connect(&gw, "alex", Some("acme")).await;
-    wait_for_sockets(&gw, 1).await;
-    ws.close(None).await.unwrap();
+    let gw = start(kind, c).await;
+    let mut alex = gw.connect("alex", Some("acme")).await;
+    gw.wait_for_sockets(1).await;
+    alex.close(1000).await;
     let (_, data, ctx) = next_published(&mut closes).await;
     assert_eq!(data["username"], "alex");
     assert_eq!(data["namespace"], "acme");
     assert_eq!(data["reason"]["by"], "client");
+    assert_eq!(data["reason"]["code"], 1000);
     assert_eq!(ctx["headers"]["jwt"]["preferred_username"], "alex");
-    wait_for_sockets(&gw, 0).await;
+    assert_eq!(alex.next(WAIT).await, Some(Event::Close(1000)));
+    gw.wait_for_sockets(0).await;
     assert!(closes.try_recv().is_err(), "exactly once");
 }
 
-#[tokio::test]
-async fn onclose_is_published_when_a_client_misses_its_pong() {
-    let mut c = container(spec_config("    heartbeat: 150ms"));
-    let mut closes = recorder(&mut c, &["socket:close"]);
-    let gw = start(c).await;
-    let _silent = raw::connect(gw.local_addr().unwrap(), &token("ghost")).await;
-    let (_, data, _) = next_published(&mut closes).await;
-    assert_eq!(data["username"], "ghost");
-    assert_eq!(data["reason"]["kind"], "heartbeat_timeout");
-    wait_for_sockets(&gw, 0).await;
-}
-
-#[tokio::test]
-async fn panicking_and_failing_handlers_leave_the_socket_open() {
+async fn panicking_and_failing_handlers_leave_the_socket_open(kind: Kind) {
     let mut c = container(spec_config(""));
     c.add_handler("socket:type_one", |_m: Message| -> std::future::Ready<()> {
         panic!("handler bug")
@@ -382,31 +369,30 @@ async fn panicking_and_failing_handlers_leave_the_socket_open() {
         }
     })
     .unwrap();
-    let gw = start(c).await;
-    let mut ws = connect(&gw, "alex", None).await;
+    let gw = start(kind, c).await;
+    let mut alex = gw.connect("alex", None).await;
     for t in ["message_type_one", "message_type_two"] {
-        send(&mut ws, json!({"type": t})).await;
-        let frame = recv(&mut ws).await;
+        alex.send(json!({"type": t})).await;
+        let frame = alex.recv().await;
         assert_eq!(frame["type"], "error", "{frame}");
         assert!(!frame["payload"]["message"]
             .as_str()
             .unwrap()
             .contains("db down"));
     }
-    send(&mut ws, json!({"type": "ping"})).await;
-    assert_eq!(recv(&mut ws).await["payload"], "pong");
+    alex.send(json!({"type": "ping"})).await;
+    assert_eq!(alex.recv().await["payload"], "pong");
 }
 
-#[tokio::test]
-async fn shutdown_closes_sockets_with_1001_and_publishes_onclose_for_each() {
+async fn shutdown_closes_sockets_with_1001_and_publishes_onclose_for_each(kind: Kind) {
     let mut c = container(spec_config(""));
     let mut closes = recorder(&mut c, &["socket:close"]);
-    let gw = start(c).await;
+    let gw = start(kind, c).await;
     let mut clients = Vec::new();
     for user in ["a", "b", "c"] {
-        clients.push(connect(&gw, user, Some("n")).await);
+        clients.push(gw.connect(user, Some("n")).await);
     }
-    wait_for_sockets(&gw, 3).await;
+    gw.wait_for_sockets(3).await;
     assert!(gw.shutdown(Duration::from_secs(5)).await.drained);
     let mut users = Vec::new();
     for _ in 0..3 {
@@ -416,35 +402,51 @@ async fn shutdown_closes_sockets_with_1001_and_publishes_onclose_for_each() {
     }
     users.sort();
     assert_eq!(users, ["a", "b", "c"]);
-    for mut ws in clients {
-        match ws.next().await {
-            Some(Ok(WsMessage::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Away),
-            other => panic!("expected 1001, got {other:?}"),
-        }
+    for mut client in clients {
+        assert_eq!(client.next(WAIT).await, Some(Event::Close(1001)));
     }
 }
 
-#[tokio::test]
-async fn config_without_hooks_still_serves_sockets() {
+async fn config_without_hooks_still_serves_sockets(kind: Kind) {
     let config = switchboard::Config::from_yaml_str(
         "gateway:\n  socket:\n    path: /connect\n  auth:\n    secret_env: SWITCHBOARD_IT_SECRET_2\n",
     )
     .unwrap();
-    let gw = start(container(config)).await;
-    let mut ws = connect(&gw, "alex", None).await;
-    send(&mut ws, json!({"type": "x"})).await;
-    assert_silent(&mut ws, 200).await;
+    let gw = start(kind, container(config)).await;
+    let mut alex = gw.connect("alex", None).await;
+    alex.send(json!({"type": "x"})).await;
+    alex.assert_silent(200).await;
     assert_eq!(gw.sockets().count(), 1);
 }
 
-async fn wait_for_sockets(gw: &switchboard::Running, n: usize) {
-    for _ in 0..500 {
-        if gw.sockets().count() == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("expected {n} sockets, have {}", gw.sockets().count());
+each_transport!(
+    connect_reply_reaches_the_client_with_full_context,
+    connect_fail_sends_error_then_closes_and_still_publishes_onclose,
+    messages_publish_general_and_typed_and_replies_carry_the_topic,
+    message_fail_sends_error_frame_and_keeps_the_socket,
+    bad_messages_get_error_frames_publish_nothing_and_keep_the_socket,
+    send_reaches_the_user_in_that_namespace_only,
+    send_without_namespace_reaches_every_socket_of_the_user,
+    broadcast_reaches_everyone_or_one_namespace,
+    handlers_can_send_through_the_producer,
+    bad_send_data_is_refused_without_harm,
+    onclose_is_published_when_the_client_closes,
+    panicking_and_failing_handlers_leave_the_socket_open,
+    shutdown_closes_sockets_with_1001_and_publishes_onclose_for_each,
+    config_without_hooks_still_serves_sockets,
+);
+
+/// WebSocket only: the server's heartbeat pings, which a raw client does not answer.
+#[tokio::test]
+async fn onclose_is_published_when_a_client_misses_its_pong() {
+    let mut c = container(spec_config("    heartbeat: 150ms"));
+    let mut closes = recorder(&mut c, &["socket:close"]);
+    let gw = harness::start(c).await;
+    let _silent = raw::connect(gw.local_addr().unwrap(), &token("ghost")).await;
+    let (_, data, _) = next_published(&mut closes).await;
+    assert_eq!(data["username"], "ghost");
+    assert_eq!(data["reason"]["kind"], "heartbeat_timeout");
+    wait_until("no sockets", WAIT, || gw.sockets().count() == 0).await;
 }
 
 /// `shutdown_signal` catches SIGTERM from the moment it is called: one that comes before the

@@ -46,7 +46,7 @@ pub(crate) fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     )
 }
 
-pub(crate) use switchboard_transport::codec::{CLOSE, PING, PONG, TEXT};
+pub(crate) use switchboard_transport::codec::{CLOSE, TEXT};
 
 /// An upgrade request with `extra` header lines (each ending in `\r\n`) and the token cookie.
 pub(crate) fn upgrade_request(addr: SocketAddr, query: &str, token: &str, extra: &str) -> String {

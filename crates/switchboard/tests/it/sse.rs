@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use serde_json::json;
-use switchboard::{Message, Running};
-
-use crate::harness::*;
-use crate::sse_client::{self, SseClient};
-use crate::wait_for_sockets;
+use switchboard::Message;
+use switchboard_test_support::sse::{self as sse_client, SseClient, SseEvent};
+use switchboard_test_support::{
+    container, next_published, recorder, spec_config, start, token, websocket, Gateway, Kind,
+};
 
 fn sse_config() -> switchboard::Config {
     spec_config("    sse: {}")
@@ -18,7 +18,7 @@ fn cookie(user: &str) -> String {
     format!("Cookie: ID_TOKEN={}\r\n", token(user))
 }
 
-async fn open_sse(gw: &Running, user: &str, namespace: Option<&str>) -> SseClient {
+async fn open_sse(gw: &Gateway, user: &str, namespace: Option<&str>) -> SseClient {
     let query = namespace
         .map(|n| format!("?namespace={n}"))
         .unwrap_or_default();
@@ -32,48 +32,12 @@ async fn open_sse(gw: &Running, user: &str, namespace: Option<&str>) -> SseClien
 }
 
 #[tokio::test]
-async fn an_sse_socket_gets_its_connect_reply_and_its_messages_are_published_and_answered() {
-    let mut c = container(sse_config());
-    let mut seen = recorder(&mut c, &["socket:generalMessage", "socket:type_one"]);
-    c.add_handler("socket:connection", |m: Message| async move {
-        m.reply(json!({"welcome": m.context().username}));
-    })
-    .unwrap();
-    c.add_handler("socket:type_one", |m: Message| async move {
-        m.reply(json!({"echo": m.data()["payload"]}));
-    })
-    .unwrap();
-    let gw = start(c).await;
-    let mut sse = open_sse(&gw, "alex", Some("acme")).await;
-    assert_eq!(
-        sse.recv().await,
-        json!({"type": "onconnect", "payload": {"welcome": "alex"}})
-    );
-    let message = json!({"type": "message_type_one", "payload": "hi"}).to_string();
-    assert_eq!(sse.post(message.as_bytes()).await, 202);
-    let (topic, data, ctx) = next_published(&mut seen).await;
-    assert_eq!(topic, "socket:generalMessage");
-    assert_eq!(data["payload"], "hi");
-    assert_eq!(ctx["namespace"], "acme");
-    assert_eq!(ctx["headers"]["jwt"]["preferred_username"], "alex");
-    assert_eq!(next_published(&mut seen).await.0, "socket:type_one");
-    assert_eq!(
-        sse.recv().await,
-        json!({"type": "socket:type_one", "payload": {"echo": "hi"}})
-    );
-    // Not JSON: an error frame, as on a WebSocket, and the session stays.
-    assert_eq!(sse.post(b"not json").await, 202);
-    assert_eq!(sse.recv().await["type"], "error");
-    assert_eq!(gw.sockets().count(), 1);
-}
-
-#[tokio::test]
 async fn send_and_broadcast_reach_sse_and_websocket_sockets_alike() {
     let c = container(sse_config());
-    let gw = start(c).await;
+    let gw = start(Kind::Sse, c).await;
     let mut sse = open_sse(&gw, "alex", Some("acme")).await;
-    let mut ws = connect(&gw, "blair", Some("acme")).await;
-    wait_for_sockets(&gw, 2).await;
+    let mut ws = websocket::connect(gw.local_addr().unwrap(), "blair", Some("acme")).await;
+    gw.wait_for_sockets(2).await;
     let producer = gw.producer();
     producer
         .send(
@@ -82,7 +46,10 @@ async fn send_and_broadcast_reach_sse_and_websocket_sockets_alike() {
         )
         .unwrap();
     assert_eq!(sse.recv().await, json!({"type": "news", "payload": 1}));
-    assert_eq!(recv(&mut ws).await, json!({"type": "news", "payload": 1}));
+    assert_eq!(
+        websocket::recv(&mut ws).await,
+        json!({"type": "news", "payload": 1})
+    );
     producer
         .send(
             "socket:send",
@@ -93,7 +60,7 @@ async fn send_and_broadcast_reach_sse_and_websocket_sockets_alike() {
         sse.recv().await,
         json!({"type": "whisper", "payload": "psst"})
     );
-    assert_silent(&mut ws, 200).await;
+    websocket::assert_silent(&mut ws, 200).await;
     assert_eq!(gw.sockets().count_of_user("alex", Some("acme")), 1);
 }
 
@@ -105,7 +72,7 @@ async fn a_failed_connect_sends_the_error_then_close_1008_and_publishes_onclose_
         m.fail(json!({"message": "not today"}));
     })
     .unwrap();
-    let gw = start(c).await;
+    let gw = start(Kind::Sse, c).await;
     let mut sse = open_sse(&gw, "alex", None).await;
     assert_eq!(
         sse.recv().await,
@@ -113,13 +80,13 @@ async fn a_failed_connect_sends_the_error_then_close_1008_and_publishes_onclose_
     );
     assert_eq!(sse.close_code().await, 1008);
     assert_eq!(
-        sse.next_event().await,
+        sse.next_sse_event().await,
         None,
         "the stream ends after the close event"
     );
     let (_, data, _) = next_published(&mut closes).await;
     assert_eq!(data["reason"]["code"], 1008);
-    wait_for_sockets(&gw, 0).await;
+    gw.wait_for_sockets(0).await;
     assert_eq!(
         sse.post(b"{\"type\":\"x\"}").await,
         404,
@@ -132,16 +99,16 @@ async fn a_failed_connect_sends_the_error_then_close_1008_and_publishes_onclose_
 async fn a_client_that_goes_away_publishes_onclose_once_and_its_session_is_gone() {
     let mut c = container(sse_config());
     let mut closes = recorder(&mut c, &["socket:close"]);
-    let gw = start(c).await;
+    let gw = start(Kind::Sse, c).await;
     let sse = open_sse(&gw, "alex", None).await;
-    wait_for_sockets(&gw, 1).await;
+    gw.wait_for_sockets(1).await;
     let addr = gw.local_addr().unwrap();
     let post = sse.post.clone();
     drop(sse);
     let (_, data, _) = next_published(&mut closes).await;
     assert_eq!(data["username"], "alex");
     assert_eq!(data["reason"]["kind"], "dropped");
-    wait_for_sockets(&gw, 0).await;
+    gw.wait_for_sockets(0).await;
     assert_eq!(
         sse_client::post(addr, &post, &cookie("alex"), b"{}").await,
         404
@@ -154,24 +121,33 @@ async fn a_client_that_goes_away_publishes_onclose_once_and_its_session_is_gone(
 async fn a_client_close_is_published_with_its_code_once() {
     let mut c = container(sse_config());
     let mut closes = recorder(&mut c, &["socket:close"]);
-    let gw = start(c).await;
+    let gw = start(Kind::Sse, c).await;
     let mut sse = open_sse(&gw, "alex", None).await;
-    wait_for_sockets(&gw, 1).await;
+    gw.wait_for_sockets(1).await;
     assert_eq!(sse.close(4000, "bye").await, 204);
     let (_, data, _) = next_published(&mut closes).await;
     assert_eq!(
         data["reason"],
         json!({"by": "client", "code": 4000, "reason": "bye"})
     );
-    assert_eq!(sse.next_event().await, None, "the stream ends");
-    wait_for_sockets(&gw, 0).await;
+    let echo = SseEvent::Close {
+        code: 4000,
+        reason: "bye".into(),
+    };
+    assert_eq!(
+        sse.next_sse_event().await,
+        Some(echo),
+        "echoed, as a close frame is"
+    );
+    assert_eq!(sse.next_sse_event().await, None, "then the stream ends");
+    gw.wait_for_sockets(0).await;
     assert!(closes.try_recv().is_err(), "exactly once");
 }
 
 #[tokio::test]
 async fn streams_and_posts_are_refused_as_upgrades_are() {
     let c = container(sse_config());
-    let gw = start(c).await;
+    let gw = start(Kind::Sse, c).await;
     let addr = gw.local_addr().unwrap();
     let refused = sse_client::open(addr, "/connect/sse", "")
         .await
@@ -196,29 +172,10 @@ async fn streams_and_posts_are_refused_as_upgrades_are() {
     assert_eq!(sse.post(&too_big).await, 413);
     // Invalid UTF-8 ends the session as it would a WebSocket (1007).
     assert_eq!(sse.post(b"{\"type\":\"\xff\"}").await, 400);
-    assert_eq!(sse.next_event().await, None);
-    wait_for_sockets(&gw, 0).await;
+    assert_eq!(sse.next_sse_event().await, None);
+    gw.wait_for_sockets(0).await;
     assert!(gw.stats().refused_unauthorized >= 1);
     assert_eq!(gw.stats().transport.refused_origin, 1 + 1);
-}
-
-#[tokio::test]
-async fn shutdown_closes_sse_sessions_with_1001_and_publishes_onclose_for_each() {
-    let mut c = container(sse_config());
-    let mut closes = recorder(&mut c, &["socket:close"]);
-    let gw = start(c).await;
-    let mut a = open_sse(&gw, "alex", None).await;
-    let mut b = open_sse(&gw, "blair", None).await;
-    wait_for_sockets(&gw, 2).await;
-    let report = gw.shutdown(Duration::from_secs(5)).await;
-    assert!(report.drained);
-    assert_eq!(a.close_code().await, 1001);
-    assert_eq!(b.close_code().await, 1001);
-    for _ in 0..2 {
-        let (_, data, _) = next_published(&mut closes).await;
-        assert_eq!(data["reason"]["kind"], "shutdown");
-    }
-    assert!(closes.try_recv().is_err());
 }
 
 #[tokio::test]
@@ -226,9 +183,9 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_holds_noth
     let c = container(spec_config(
         "    sse: {}\n    heartbeat: 100ms\n    send_queue: 4",
     ));
-    let gw = start(c).await;
+    let gw = start(Kind::Sse, c).await;
     let sse = open_sse(&gw, "alex", None).await;
-    wait_for_sockets(&gw, 1).await;
+    gw.wait_for_sockets(1).await;
     // The client reads nothing more: the broadcasts fill its queue, and it is closed as a slow
     // consumer rather than holding them.
     let producer = gw.producer();
@@ -239,7 +196,7 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_holds_noth
             json!({"type": "bulk", "payload": "x".repeat(64 * 1024) + &i.to_string()}),
         );
     }
-    wait_for_sockets(&gw, 0).await;
+    gw.wait_for_sockets(0).await;
     assert!(gw.stats().transport.slow_consumers >= 1);
     assert_eq!(gw.stats().transport.buffered_bytes, 0);
     drop(sse);
@@ -251,9 +208,9 @@ async fn a_client_that_takes_nothing_between_two_heartbeats_is_cut_off() {
     let c = container(spec_config(
         "    sse: {}\n    heartbeat: 100ms\n    send_queue: 100000\n    send_queue_bytes: 64MiB",
     ));
-    let gw = start(c).await;
+    let gw = start(Kind::Sse, c).await;
     let sse = open_sse(&gw, "alex", None).await;
-    wait_for_sockets(&gw, 1).await;
+    gw.wait_for_sockets(1).await;
     let producer = gw.producer();
     for i in 0..100 {
         let _ = producer.send(
@@ -261,7 +218,7 @@ async fn a_client_that_takes_nothing_between_two_heartbeats_is_cut_off() {
             json!({"type": "bulk", "payload": "x".repeat(256 * 1024) + &i.to_string()}),
         );
     }
-    wait_for_sockets(&gw, 0).await;
+    gw.wait_for_sockets(0).await;
     assert_eq!(gw.stats().transport.slow_consumers, 1);
     assert_eq!(gw.stats().transport.buffered_bytes, 0);
     drop(sse);
@@ -274,13 +231,13 @@ async fn sse_queues_stay_within_the_buffer_budget_and_a_reading_session_sees_eve
     let mut config = spec_config(yaml);
     config.gateway.limits.buffer_budget = 1 << 20;
     let c = container(config);
-    let gw = start(c).await;
+    let gw = start(Kind::Sse, c).await;
     let mut hoarders = Vec::new();
     for user in ["h1", "h2", "h3"] {
         hoarders.push(open_sse(&gw, user, None).await);
     }
     let mut reader = open_sse(&gw, "reader", None).await;
-    wait_for_sockets(&gw, 4).await;
+    gw.wait_for_sockets(4).await;
     let producer = gw.producer();
     // The reader tells how far it got: the broadcasts keep within its pace (it is a reader,
     // not a slow consumer), while the hoarders read nothing.
@@ -306,13 +263,13 @@ async fn sse_queues_stay_within_the_buffer_budget_and_a_reading_session_sees_eve
         .await
         .expect("the reader got every message")
         .unwrap();
-    wait_for_sockets(&gw, 1).await;
+    gw.wait_for_sockets(1).await;
     let t = gw.stats().transport;
     assert_eq!(t.over_budget, 3, "the three hoarders were shed");
     // Every session's first event counts too, unrefused (a hundred bytes each).
     assert!(t.buffered_bytes_peak <= (1 << 20) + 4 * 200, "{t:?}");
     drop(hoarders);
     drop(reader);
-    wait_for_sockets(&gw, 0).await;
+    gw.wait_for_sockets(0).await;
     assert_eq!(gw.stats().transport.buffered_bytes, 0);
 }

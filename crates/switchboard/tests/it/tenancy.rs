@@ -1,6 +1,6 @@
 //! Tenancy, randomized: random populations of sockets (users × namespaces) and random
-//! sequences of send / broadcast / disconnect over real sockets on 127.0.0.1. Every delivery
-//! must reach exactly the sockets docs/CONFIG.md says, and no other.
+//! sequences of send / broadcast / disconnect, on each transport. Every delivery must reach
+//! exactly the sockets docs/CONFIG.md says, and no other.
 //!
 //! Each delivery carries a unique id. After each operation a marker is broadcast, and every
 //! live socket is read up to that marker: what it got before the marker must be exactly the
@@ -10,13 +10,13 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
 use serde_json::{json, Value};
 use switchboard::Running;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
-
-use crate::harness::{connect, container, spec_config, start, Ws};
+use switchboard_test_support::{
+    container, each_transport, spec_config, start, Client, Event, Kind,
+};
 
 const USERS: &[&str] = &["alex", "sam", "kim"];
 const SEND: &str = "socket:send";
@@ -79,8 +79,8 @@ enum Op {
     Broadcast {
         ns: NsField,
     },
-    /// Disconnect the n-th live socket (modulo the number live): with a close frame, or by
-    /// dropping the TCP connection.
+    /// Disconnect the n-th live socket (modulo the number live): with a close, or by
+    /// dropping the connection.
     Disconnect {
         nth: usize,
         graceful: bool,
@@ -119,16 +119,16 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// One client socket and what the model knows about it.
-struct Client {
+struct Member {
     user: &'static str,
     joined: Joined,
     /// None once disconnected.
-    ws: Option<Ws>,
+    client: Option<Client>,
 }
 
-impl Client {
+impl Member {
     fn live(&self) -> bool {
-        self.ws.is_some()
+        self.client.is_some()
     }
 
     fn namespace(&self) -> Option<&'static str> {
@@ -159,22 +159,17 @@ fn fail(msg: impl Into<String>) -> TestCaseError {
     TestCaseError::fail(msg.into())
 }
 
-/// Reads `ws` up to the marker `marker`, returning the ids of the delivery frames before it.
-async fn read_to_marker(ws: &mut Ws, marker: u64) -> Result<Vec<u64>, String> {
+/// Reads `client` up to the marker `marker`, returning the ids of the delivery frames before
+/// it.
+async fn read_to_marker(client: &mut Client, marker: u64) -> Result<Vec<u64>, String> {
     let mut ids = Vec::new();
     loop {
-        let msg = match tokio::time::timeout(FRAME_WAIT, ws.next()).await {
-            Err(_) => return Err(format!("marker {marker} not seen after {ids:?}")),
-            Ok(None) => return Err(format!("socket ended before marker {marker}")),
-            Ok(Some(Err(e))) => return Err(format!("socket error before marker {marker}: {e}")),
-            Ok(Some(Ok(m))) => m,
+        let frame = match client.next(FRAME_WAIT).await {
+            None => return Err(format!("marker {marker} not seen after {ids:?}")),
+            Some(Event::Json(frame)) => frame,
+            Some(Event::Pong) => continue,
+            Some(end) => return Err(format!("socket ended before marker {marker}: {end:?}")),
         };
-        let text = match msg {
-            WsMessage::Text(t) => t,
-            WsMessage::Close(f) => return Err(format!("closed before marker {marker}: {f:?}")),
-            _ => continue,
-        };
-        let frame: Value = serde_json::from_str(&text).map_err(|e| format!("{text}: {e}"))?;
         let id = frame["payload"]["id"].as_u64();
         match (frame["type"].as_str(), id) {
             (Some("marker"), Some(m)) if m == marker => return Ok(ids),
@@ -203,12 +198,12 @@ async fn wait_for_count(gw: &Running, n: usize) -> Result<(), TestCaseError> {
 }
 
 /// The gateway's own view of who is connected must match the model.
-fn check_registry(gw: &Running, clients: &[Client]) -> Result<(), TestCaseError> {
-    let live: Vec<&Client> = clients.iter().filter(|c| c.live()).collect();
+fn check_registry(gw: &Running, clients: &[Member]) -> Result<(), TestCaseError> {
+    let live: Vec<&Member> = clients.iter().filter(|c| c.live()).collect();
     let s = gw.sockets();
     prop_assert_eq!(s.count(), live.len());
     for ns in ["a", "b"] {
-        let here: Vec<&&Client> = live.iter().filter(|c| c.namespace() == Some(ns)).collect();
+        let here: Vec<&&Member> = live.iter().filter(|c| c.namespace() == Some(ns)).collect();
         prop_assert_eq!(s.count_in_namespace(ns), here.len(), "namespace {}", ns);
         let mut users: Vec<String> = here.iter().map(|c| c.user.to_string()).collect();
         users.sort();
@@ -227,22 +222,23 @@ fn check_registry(gw: &Running, clients: &[Client]) -> Result<(), TestCaseError>
 }
 
 async fn run_case(
+    kind: Kind,
     population: Vec<(&'static str, Joined)>,
     ops: Vec<Op>,
 ) -> Result<(), TestCaseError> {
-    let gw = start(container(spec_config(""))).await;
+    let gw = start(kind, container(spec_config(""))).await;
     let producer = gw.producer();
     let mut clients = Vec::new();
     for (user, joined) in population {
-        let ws = match joined {
-            Joined::In(ns) => connect(&gw, user, Some(ns)).await,
-            Joined::Absent => connect(&gw, user, None).await,
-            Joined::Empty => connect(&gw, user, Some("")).await,
+        let client = match joined {
+            Joined::In(ns) => gw.connect(user, Some(ns)).await,
+            Joined::Absent => gw.connect(user, None).await,
+            Joined::Empty => gw.connect(user, Some("")).await,
         };
-        clients.push(Client {
+        clients.push(Member {
             user,
             joined,
-            ws: Some(ws),
+            client: Some(client),
         });
     }
     wait_for_count(&gw, clients.len()).await?;
@@ -275,25 +271,25 @@ async fn run_case(
             Op::Disconnect { nth, graceful } => {
                 let live: Vec<usize> = (0..clients.len()).filter(|&i| clients[i].live()).collect();
                 if let Some(&i) = live.get(nth % live.len().max(1)) {
-                    let mut ws = clients[i].ws.take().expect("live");
+                    let mut client = clients[i].client.take().expect("live");
                     if *graceful {
-                        ws.close(None)
-                            .await
-                            .map_err(|e| fail(format!("close: {e}")))?;
+                        client.close(1000).await;
                         // Keep reading so the close handshake completes. Every frame meant
-                        // for it was read up to the last marker, so any text frame now is a
+                        // for it was read up to the last marker, so any message now is a
                         // delivery to a disconnected socket.
                         closing.push(tokio::spawn(async move {
                             let mut late = Vec::new();
-                            while let Some(Ok(m)) = ws.next().await {
-                                if let WsMessage::Text(t) = m {
-                                    late.push(t.to_string());
+                            while let Some(event) = client.next(FRAME_WAIT).await {
+                                match event {
+                                    Event::Json(frame) => late.push(frame),
+                                    Event::Pong => {}
+                                    _ => break,
                                 }
                             }
                             late
                         }));
                     } else {
-                        drop(ws);
+                        drop(client);
                     }
                     wait_for_count(&gw, live.len() - 1).await?;
                 }
@@ -316,8 +312,10 @@ async fn run_case(
                 vec![]
             };
             let (user, joined) = (c.user, c.joined);
-            let Some(ws) = c.ws.as_mut() else { continue };
-            let got = read_to_marker(ws, marker).await.map_err(|e| {
+            let Some(client) = c.client.as_mut() else {
+                continue;
+            };
+            let got = read_to_marker(client, marker).await.map_err(|e| {
                 fail(format!(
                     "step {step} {op:?}: socket {i} ({user}, {joined:?}): {e}"
                 ))
@@ -346,23 +344,27 @@ async fn run_case(
     Ok(())
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 32,
-        max_shrink_iters: 64,
-        ..ProptestConfig::default()
-    })]
-
-    #[test]
-    fn deliveries_reach_exactly_the_sockets_the_spec_says(
-        population in proptest::collection::vec((user(), joined()), 2..=8),
-        ops in proptest::collection::vec(op(), 1..=8),
-    ) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(run_case(population, ops))?;
+/// Runs the cases on the test's runtime, from a blocking thread (proptest's runner is not
+/// async).
+async fn deliveries_reach_exactly_the_sockets_the_spec_says(kind: Kind) {
+    let runtime = tokio::runtime::Handle::current();
+    let run = move || {
+        let config = ProptestConfig {
+            cases: 32,
+            max_shrink_iters: 64,
+            ..ProptestConfig::default()
+        };
+        let population = proptest::collection::vec((user(), joined()), 2..=8);
+        let ops = proptest::collection::vec(op(), 1..=8);
+        TestRunner::new(config)
+            .run(&(population, ops), |(population, ops)| {
+                runtime.block_on(run_case(kind, population, ops))
+            })
+            .map_err(|e| e.to_string())
+    };
+    if let Err(e) = tokio::task::spawn_blocking(run).await.unwrap() {
+        panic!("{e}");
     }
 }
+
+each_transport!(deliveries_reach_exactly_the_sockets_the_spec_says);

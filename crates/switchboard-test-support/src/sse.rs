@@ -1,26 +1,38 @@
 //! A Server-Sent Events client over a raw TCP connection, as a browser's `EventSource` plus
-//! `fetch` would use the SSE transport: a `GET` whose chunked body is parsed into events, and
-//! one `POST` per message.
+//! `fetch` would use the SSE transport: a `GET` whose chunked body is parsed into events, one
+//! `POST` per message, a `DELETE` to close.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
+
+use crate::client::{close_code, next_json, Event, Events};
+use crate::WAIT;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 /// One event of the stream.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Event {
-    /// The first event: the session's post path.
-    Session { post: String },
+pub enum SseEvent {
+    /// The first event: where the session's messages are posted.
+    Session {
+        /// The post path (and query).
+        post: String,
+    },
     /// A message (`data:` lines).
     Message(String),
     /// `event: close`.
-    Close { code: u16, reason: String },
+    Close {
+        /// The close code.
+        code: u16,
+        /// The reason.
+        reason: String,
+    },
 }
 
-pub(crate) struct SseClient {
+/// One SSE session, from the client's side.
+pub struct SseClient {
     addr: SocketAddr,
     body: BufReader<TcpStream>,
     /// Undecoded bytes left of the current chunk.
@@ -28,17 +40,14 @@ pub(crate) struct SseClient {
     /// Decoded bytes not yet split into lines.
     pending: Vec<u8>,
     ended: bool,
-    pub(crate) post: String,
+    /// Where this session's messages are posted (path and query).
+    pub post: String,
     headers: String,
 }
 
 /// Opens a stream at `target` (path and query) with extra request header lines; `Err` is the
 /// status line and body of a refusal.
-pub(crate) async fn open(
-    addr: SocketAddr,
-    target: &str,
-    headers: &str,
-) -> Result<SseClient, String> {
+pub async fn open(addr: SocketAddr, target: &str, headers: &str) -> Result<SseClient, String> {
     let stream = TcpStream::connect(addr).await.unwrap();
     let mut body = BufReader::new(stream);
     let request = format!(
@@ -70,8 +79,8 @@ pub(crate) async fn open(
         post: String::new(),
         headers: headers.to_string(),
     };
-    match client.next_event().await {
-        Some(Event::Session { post }) => client.post = post,
+    match client.next_sse_event().await {
+        Some(SseEvent::Session { post }) => client.post = post,
         other => panic!("expected the open event first, got {other:?}"),
     }
     Ok(client)
@@ -136,7 +145,7 @@ impl SseClient {
     }
 
     /// The next event (comments skipped), or None once the stream has ended.
-    pub(crate) async fn next_event(&mut self) -> Option<Event> {
+    pub async fn next_sse_event(&mut self) -> Option<SseEvent> {
         let mut kind = String::from("message");
         let mut data: Vec<String> = Vec::new();
         loop {
@@ -151,18 +160,18 @@ impl SseClient {
                 return Some(match kind.as_str() {
                     "session" => {
                         let v: Value = serde_json::from_str(&data).unwrap();
-                        Event::Session {
+                        SseEvent::Session {
                             post: v["post"].as_str().unwrap().to_string(),
                         }
                     }
                     "close" => {
                         let v: Value = serde_json::from_str(&data).unwrap();
-                        Event::Close {
+                        SseEvent::Close {
                             code: v["code"].as_u64().unwrap() as u16,
                             reason: v["reason"].as_str().unwrap_or_default().to_string(),
                         }
                     }
-                    _ => Event::Message(data),
+                    _ => SseEvent::Message(data),
                 });
             }
             if line.starts_with(':') {
@@ -176,44 +185,35 @@ impl SseClient {
         }
     }
 
-    /// The next message as JSON (panics on a close or the end).
-    pub(crate) async fn recv(&mut self) -> Value {
-        match self.next_event().await {
-            Some(Event::Message(text)) => serde_json::from_str(&text).unwrap(),
-            other => panic!("expected a message, got {other:?}"),
-        }
+    /// The next message as JSON, within 5 s (panics on a close or the end).
+    pub async fn recv(&mut self) -> Value {
+        next_json(self, WAIT).await
     }
 
-    /// Reads until the close event; its code.
-    pub(crate) async fn close_code(&mut self) -> u16 {
-        loop {
-            match self.next_event().await {
-                Some(Event::Close { code, .. }) => return code,
-                Some(_) => continue,
-                None => panic!("the stream ended without a close event"),
-            }
-        }
+    /// Reads until the close event (within 10 s); its code.
+    pub async fn close_code(&mut self) -> u16 {
+        close_code(self).await
     }
 
     /// Closes the session as the client (`DELETE`); the status code.
-    pub(crate) async fn close(&self, code: u16, reason: &str) -> u16 {
+    pub async fn close(&self, code: u16, reason: &str) -> u16 {
         let target = format!("{}&code={code}&reason={reason}", self.post);
         request(self.addr, "DELETE", &target, &self.headers, b"").await
     }
 
     /// Posts one message; the status code.
-    pub(crate) async fn post(&self, body: &[u8]) -> u16 {
+    pub async fn post(&self, body: &[u8]) -> u16 {
         post(self.addr, &self.post, &self.headers, body).await
     }
 }
 
 /// One `POST` of `body` to `target`; the status code.
-pub(crate) async fn post(addr: SocketAddr, target: &str, headers: &str, body: &[u8]) -> u16 {
+pub async fn post(addr: SocketAddr, target: &str, headers: &str, body: &[u8]) -> u16 {
     request(addr, "POST", target, headers, body).await
 }
 
 /// One request; the status code.
-pub(crate) async fn request(
+pub async fn request(
     addr: SocketAddr,
     method: &str,
     target: &str,
@@ -234,4 +234,40 @@ pub(crate) async fn request(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0)
+}
+
+impl Events for SseClient {
+    async fn next_event(&mut self) -> Event {
+        match self.next_sse_event().await {
+            Some(SseEvent::Message(text)) => Event::Json(serde_json::from_str(&text).unwrap()),
+            Some(SseEvent::Close { code, .. }) => Event::Close(code),
+            Some(SseEvent::Session { .. }) => panic!("a second session event"),
+            None => Event::Ended,
+        }
+    }
+}
+
+/// Opens a session for `request` (the WebSocket request a test would make: its `/connect`
+/// path becomes the default SSE path `/connect/sse`, its query and headers are kept); a
+/// refusal's HTTP status as the error.
+pub async fn connect_request(
+    addr: SocketAddr,
+    request: http::Request<()>,
+) -> Result<SseClient, u16> {
+    let path = format!("{}/sse", request.uri().path().trim_end_matches('/'));
+    let target = match request.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut headers = String::new();
+    for (name, value) in request.headers() {
+        headers.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+    }
+    open(addr, &target, &headers).await.map_err(|refusal| {
+        refusal
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0)
+    })
 }
