@@ -336,12 +336,12 @@ class FakeEventSource {
   }
 }
 
-function sseClient(options = {}) {
+function sseClient(options = {}, answer = () => 202) {
   FakeEventSource.all = [];
   const requests = [];
   const fetch = async (url, init) => {
     requests.push({ url: String(url), method: init.method, body: init.body });
-    return { status: init.method === 'DELETE' ? 204 : 202 };
+    return { status: init.method === 'DELETE' ? 204 : answer(init.body) };
   };
   const made = client({ EventSource: FakeEventSource, fetch, ...options });
   return { ...made, requests };
@@ -380,6 +380,7 @@ test('a WebSocket that never opens falls back to SSE in the same attempt; posts 
   );
   c.close(4000, 'bye');
   assert.ok(lastEs().closed);
+  await settle(); // after the posts before it
   assert.equal(requests.at(-1).method, 'DELETE');
   assert.equal(requests.at(-1).url, 'http://gateway/connect/sse?session=s1&code=4000&reason=bye');
 });
@@ -427,4 +428,20 @@ test('a lost SSE stream reconnects with backoff; sse: false never falls back', (
   assert.equal(FakeEventSource.all.length, 0);
   assert.equal(off.statuses.at(-1).state, 'reconnecting');
   off.c.close();
+});
+
+test('a refused post closes the SSE socket with the code a WebSocket would get', async () => {
+  const { c, statuses } = sseClient({}, (body) => (body.length > 20 ? 413 : 202));
+  c.connect();
+  last().drop();
+  lastEs().session();
+  c.send('small');
+  c.send('big', 'x'.repeat(100));
+  c.send('never', 1);
+  await settle();
+  assert.equal(c.connected, false);
+  assert.deepEqual(statuses.at(-1), {
+    state: 'reconnecting', attempt: 1, delayMs: 250, code: 1009, reason: '', transport: 'sse',
+  });
+  c.close();
 });

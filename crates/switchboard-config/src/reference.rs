@@ -299,8 +299,9 @@ const SECTIONS: &[Section] = &[
                 "no limit",
                 Ext,
                 "Sockets open at once (upgrades in progress included). More get `503` with \
-                 `Retry-After` before the upgrade. The process's open-file limit applies \
-                 regardless.",
+                 `Retry-After` before the upgrade. With `socket.sse`, SSE sessions are counted \
+                 apart against the same number (so both together may reach twice it): leave \
+                 room for both under the process's open-file limit, which applies regardless.",
                 Some("19000"),
             ),
             key(

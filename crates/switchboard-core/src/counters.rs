@@ -25,7 +25,7 @@ pub struct TransportCounters {
     pub handshakes_in_progress: u64,
     /// Bytes buffered now across all sockets (incomplete inbound messages, queued frames).
     pub buffered_bytes: u64,
-    /// The most bytes ever buffered at once; never above the budget.
+    /// The most bytes ever buffered at once; at most the budget (but for a few bytes of close frames or events per socket).
     pub buffered_bytes_peak: u64,
     /// The buffer budget (`buffer_budget`).
     pub buffer_budget: u64,

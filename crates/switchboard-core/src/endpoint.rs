@@ -13,6 +13,7 @@ use crate::{BoxFuture, HttpResponse, RequestParts};
 
 /// An HTTP request whose body has been read whole (at most [`HttpEndpoint::max_body`]).
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct HttpRequest {
     /// Method, URI and headers.
     pub parts: RequestParts,
@@ -32,10 +33,18 @@ pub enum HttpReply {
     Stream(StreamReply),
 }
 
+impl HttpRequest {
+    /// A request, as a hosting server hands it to an endpoint.
+    pub fn new(parts: RequestParts, body: Bytes, peer: SocketAddr) -> Self {
+        HttpRequest { parts, body, peer }
+    }
+}
+
 /// A long-lived response: the head now, then each chunk as the stream yields it, until it
 /// ends. The server stops polling the stream while the client does not read (so a stream
 /// must bound what it holds), drops it when the client goes, and drops the connection when
 /// `abort` fires (a client that stopped reading cannot hold it).
+#[non_exhaustive]
 pub struct StreamReply {
     /// Status and headers.
     pub head: http::Response<()>,
@@ -50,6 +59,21 @@ impl std::fmt::Debug for StreamReply {
         f.debug_struct("StreamReply")
             .field("status", &self.head.status())
             .finish_non_exhaustive()
+    }
+}
+
+impl StreamReply {
+    /// A streamed answer: its head, its body, and the signal that drops its connection.
+    pub fn new(
+        head: http::Response<()>,
+        chunks: Pin<Box<dyn BodyChunks>>,
+        abort: Arc<AbortSignal>,
+    ) -> Self {
+        StreamReply {
+            head,
+            chunks,
+            abort,
+        }
     }
 }
 

@@ -40,7 +40,7 @@ pub use socket::{
     is_sendable_close_code, truncate_close_reason, CloseReason, Inbound, SendError, Socket,
     GOING_AWAY_CODE, OVER_BUDGET_CODE, SLOW_CONSUMER_CODE,
 };
-pub use transport::{BoxFuture, Serving, ShutdownReport, Transport};
+pub use transport::{BoxFuture, RunningTransport, ShutdownReport, Transport};
 
 /// A request's method, URI and headers (the body, if any, is given apart).
 pub type RequestParts = http::request::Parts;

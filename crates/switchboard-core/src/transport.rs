@@ -19,11 +19,11 @@ pub trait Transport: Send + 'static {
     fn start<S: Service>(
         self,
         service: Arc<S>,
-    ) -> impl Future<Output = std::io::Result<Box<dyn Serving>>> + Send;
+    ) -> impl Future<Output = std::io::Result<Box<dyn RunningTransport>>> + Send;
 }
 
 /// A started transport.
-pub trait Serving: Send + Sync + 'static {
+pub trait RunningTransport: Send + Sync + 'static {
     /// The transport's name: `"websocket"`, `"sse"`, `"memory"`.
     fn name(&self) -> &'static str;
 
@@ -39,7 +39,7 @@ pub trait Serving: Send + Sync + 'static {
     fn shutdown(&self, drain: Duration) -> BoxFuture<'static, ShutdownReport>;
 }
 
-/// What happened during [`Serving::shutdown`].
+/// What happened during [`RunningTransport::shutdown`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ShutdownReport {

@@ -58,21 +58,22 @@ export function sseUrlFor(url) {
 /**
  * The gateway's Server-Sent Events transport behind a WebSocket's face (readyState, onopen,
  * onmessage, onclose, send, close), so the client drives either the same way. Messages are
- * POSTed one at a time, in order; the gateway's `close` event (and a lost stream, 1006) close it.
+ * POSTed one at a time, in order (a refused post closes it: 413 as 1009, 400 as 1007, 403 as
+ * 1008, others 1006); the gateway's `close` event, or a lost stream (1006), close it too.
  */
 export class SseSocket {
   constructor(url, { EventSource = globalThis.EventSource, fetch = globalThis.fetch } = {}) {
     this.url = url;
     this.readyState = CONNECTING;
     this._fetch = fetch;
-    this._post = null;
+    this._postUrl = null;
     this._chain = Promise.resolve();
     this._es = new EventSource(url, { withCredentials: true });
     this._es.addEventListener('session', (ev) => {
       if (this.readyState !== CONNECTING) return;
       let session;
       try { session = JSON.parse(ev.data); } catch { return this._end(1002, 'bad session event'); }
-      this._post = new URL(session.post, url).toString();
+      this._postUrl = new URL(session.post, url).toString();
       this.readyState = OPEN;
       this.onopen?.({});
     });
@@ -90,23 +91,47 @@ export class SseSocket {
 
   send(text) {
     if (this.readyState !== OPEN) throw new Error('SseSocket is not open');
-    const post = this._post;
-    this._chain = this._chain
-      .then(() => this._fetch(post, {
-        method: 'POST', body: text, credentials: 'same-origin',
-        headers: { 'content-type': 'text/plain;charset=utf-8' },
-      }))
-      .then((res) => { if (res.status === 404 || res.status === 410) this._end(1006, ''); })
-      .catch(() => this._end(1006, ''));
+    this._enqueue(() => this._post(this._postUrl, { method: 'POST', body: text }));
   }
 
   close(code = 1000, reason = '') {
     if (this.readyState >= 2) return;
-    if (this._post) {
-      const target = `${this._post}&code=${code}&reason=${encodeURIComponent(reason)}`;
-      this._fetch(target, { method: 'DELETE', credentials: 'same-origin', keepalive: true }).catch(() => {});
-    }
+    const url = this._postUrl;
     this._end(code, reason);
+    // After what was sent before it, as a close frame follows a socket's frames.
+    if (url) {
+      const target = `${url}&code=${code}&reason=${encodeURIComponent(reason)}`;
+      this._chain = this._chain
+        .then(() => this._fetch(target, { method: 'DELETE', credentials: 'same-origin', keepalive: true }))
+        .catch(() => {});
+    }
+  }
+
+  /** Runs `post` after every earlier one (messages keep their order). */
+  _enqueue(post) {
+    this._chain = this._chain.then(() => (this.readyState === OPEN ? post() : undefined));
+  }
+
+  /** One message; a refusal ends the socket with the code a WebSocket would get. While the
+   *  gateway holds the session at its connect gate it answers 503: wait and post again. */
+  async _post(url, init) {
+    for (let attempt = 0; ; attempt++) {
+      let res;
+      try {
+        res = await this._fetch(url, {
+          ...init, credentials: 'same-origin', headers: { 'content-type': 'text/plain;charset=utf-8' },
+        });
+      } catch {
+        return this._end(1006, '');
+      }
+      if (res.status >= 200 && res.status < 300) return;
+      if (res.status === 503 && attempt < 30 && this.readyState === OPEN) {
+        await new Promise((r) => setTimeout(r, 1000));
+        continue;
+      }
+      const codes = { 413: 1009, 400: 1007, 403: 1008 };
+      return this._end(codes[res.status] ?? 1006, '');
+    }
   }
 
   _end(code, reason) {

@@ -220,6 +220,17 @@ pub async fn request(
     headers: &str,
     body: &[u8],
 ) -> u16 {
+    exchange(addr, method, target, headers, body).await.0
+}
+
+/// One request; the status code and the response's header lines (the body is not read).
+pub async fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let head = format!(
         "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{headers}\r\n",
@@ -228,12 +239,13 @@ pub async fn request(
     stream.write_all(head.as_bytes()).await.unwrap();
     let _ = stream.write_all(body).await;
     let mut reader = BufReader::new(stream);
-    let (status, _) = read_head(&mut reader).await;
-    status
+    let (status, head) = read_head(&mut reader).await;
+    let code = status
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    (code, head)
 }
 
 impl Events for SseClient {

@@ -62,8 +62,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use switchboard_core::{
-    http, plain_response, BoxFuture, CloseReason, HttpResponse, RequestParts, Service, Serving,
-    ShutdownReport, SocketRef, Transport, TransportCounters,
+    http, plain_response, BoxFuture, CloseReason, HttpResponse, RequestParts, RunningTransport,
+    Service, ShutdownReport, SocketRef, Transport, TransportCounters,
 };
 use tokio::sync::watch;
 
@@ -131,7 +131,7 @@ struct State {
 enum Phase {
     /// Not started: connecting is refused.
     Idle,
-    Serving(Arc<dyn Connector>),
+    RunningTransport(Arc<dyn Connector>),
     /// Shut down: connecting is refused.
     Stopped,
 }
@@ -201,7 +201,7 @@ impl Registered {
     #[allow(clippy::result_large_err)]
     fn enter(shared: &Arc<Shared>, socket: Arc<MemorySocket>) -> Result<Registered, HttpResponse> {
         let mut state = lock(&shared.state);
-        if !matches!(state.phase, Phase::Serving(_)) {
+        if !matches!(state.phase, Phase::RunningTransport(_)) {
             return Err(unavailable());
         }
         let id = state.next_id;
@@ -279,14 +279,14 @@ impl MemoryTransport {
     /// shutdown, the answer is `503`.
     pub async fn connect(&self, request: http::Request<()>) -> Result<MemoryClient, HttpResponse> {
         let connector = match &lock(&self.shared.state).phase {
-            Phase::Serving(connector) => connector.clone(),
+            Phase::RunningTransport(connector) => connector.clone(),
             Phase::Idle | Phase::Stopped => return Err(unavailable()),
         };
         let (parts, ()) = request.into_parts();
         connector.connect(&self.shared, parts)
     }
 
-    /// Its counters now (the same as its [`Serving::counters`]).
+    /// Its counters now (the same as its [`RunningTransport::counters`]).
     pub fn counters(&self) -> TransportCounters {
         self.shared.counters()
     }
@@ -294,14 +294,17 @@ impl MemoryTransport {
 
 impl Transport for MemoryTransport {
     /// Serves `service`; fails if this transport (or a clone) was started before.
-    async fn start<S: Service>(self, service: Arc<S>) -> std::io::Result<Box<dyn Serving>> {
+    async fn start<S: Service>(
+        self,
+        service: Arc<S>,
+    ) -> std::io::Result<Box<dyn RunningTransport>> {
         let mut state = lock(&self.shared.state);
         if !matches!(state.phase, Phase::Idle) {
             return Err(std::io::Error::other(
                 "this memory transport was started before",
             ));
         }
-        state.phase = Phase::Serving(Arc::new(Bound { service }));
+        state.phase = Phase::RunningTransport(Arc::new(Bound { service }));
         drop(state);
         Ok(Box::new(MemoryServing {
             shared: self.shared,
@@ -314,7 +317,7 @@ struct MemoryServing {
     shared: Arc<Shared>,
 }
 
-impl Serving for MemoryServing {
+impl RunningTransport for MemoryServing {
     fn name(&self) -> &'static str {
         "memory"
     }

@@ -35,8 +35,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use switchboard_core::{
-    http, plain_response, BoxFuture, HttpEndpoint, HttpReply, HttpRequest, OriginPolicy, Service,
-    Serving, ShutdownReport, Transport, TransportCounters,
+    http, plain_response, BoxFuture, HttpEndpoint, HttpReply, HttpRequest, OriginPolicy,
+    RunningTransport, Service, ShutdownReport, Transport, TransportCounters,
 };
 
 mod sessions;
@@ -65,6 +65,13 @@ pub struct SseOptions {
     pub buffer_budget: usize,
     /// Most sessions open at once; more get `503`. Default: no limit.
     pub max_sessions: Option<usize>,
+    /// How long a post waits while the session's reading is paused (the gateway's connect
+    /// gate) before it is answered `503` with `Retry-After: 1`. Keep it below the hosting
+    /// server's request deadline. Default 5 s.
+    pub post_wait: Duration,
+    /// How long an ended session's connection may take to deliver its last events before it
+    /// is dropped. Default 2 s.
+    pub close_timeout: Duration,
     /// Which pages may open streams and post. Default: same host.
     pub origins: OriginPolicy,
 }
@@ -79,6 +86,8 @@ impl Default for SseOptions {
             send_queue_bytes: 1 << 20,
             buffer_budget: 256 << 20,
             max_sessions: None,
+            post_wait: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(2),
             origins: OriginPolicy::SameHost,
         }
     }
@@ -140,16 +149,22 @@ impl HttpEndpoint for Endpoint {
             let refusal = plain_response(http::StatusCode::SERVICE_UNAVAILABLE, "not started\n");
             return Box::pin(std::future::ready(HttpReply::Full(refusal)));
         };
-        if request.parts.method == http::Method::GET {
-            Box::pin(std::future::ready(sessions.stream(request)))
-        } else {
-            sessions.post(request)
+        match request.parts.method {
+            http::Method::GET => Box::pin(std::future::ready(sessions.stream(request))),
+            http::Method::OPTIONS => {
+                let reply = sessions::preflight(&request, &self.0.options.origins);
+                Box::pin(std::future::ready(reply))
+            }
+            _ => sessions.post(request),
         }
     }
 }
 
 impl Transport for SseTransport {
-    async fn start<S: Service>(self, service: Arc<S>) -> std::io::Result<Box<dyn Serving>> {
+    async fn start<S: Service>(
+        self,
+        service: Arc<S>,
+    ) -> std::io::Result<Box<dyn RunningTransport>> {
         let bound = Arc::new(Bound::new(service, self.inner.options.clone()));
         let sessions: Arc<dyn Sessions> = bound.clone();
         if self.inner.sessions.set(sessions.clone()).is_err() {
@@ -174,7 +189,7 @@ impl Transport for SseTransport {
         Ok(Box::new(Started {
             sessions,
             tasks,
-            stop,
+            stop: Arc::new(stop),
         }))
     }
 }
@@ -183,10 +198,10 @@ struct Started {
     sessions: Arc<dyn Sessions>,
     /// How many sessions' tasks are running.
     tasks: tokio::sync::watch::Receiver<usize>,
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-impl Serving for Started {
+impl RunningTransport for Started {
     fn name(&self) -> &'static str {
         "sse"
     }
@@ -200,13 +215,21 @@ impl Serving for Started {
     }
 
     fn shutdown(&self, drain: Duration) -> BoxFuture<'static, ShutdownReport> {
-        let _ = self.stop.send(true);
         self.sessions.shut_down();
         let mut tasks = self.tasks.clone();
+        let sessions = self.sessions.clone();
+        let stop = self.stop.clone();
         Box::pin(async move {
             let drained = tokio::time::timeout(drain, tasks.wait_for(|n| *n == 0))
                 .await
                 .is_ok_and(|r| r.is_ok());
+            if !drained {
+                // Clients that did not take their close event in time: cut them off, so that
+                // every session still ends (and the service hears of it).
+                sessions.cut_all();
+            }
+            // The heartbeat sweep ran until now, cutting stalled streams during the drain.
+            let _ = stop.send(true);
             ShutdownReport::new(drained)
         })
     }

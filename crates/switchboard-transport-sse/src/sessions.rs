@@ -2,15 +2,15 @@
 //! sweep and shutdown, for one [`Service`].
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, StatusCode};
 use switchboard_core::{
-    plain_response, CloseReason, HttpReply, HttpRequest, Inbound, Service, Socket, SocketRef,
-    StreamReply, TransportCounters,
+    plain_response, HttpReply, HttpRequest, Inbound, Service, Socket, SocketRef, StreamReply,
+    TransportCounters,
 };
 
 use crate::socket::{EventStream, QueueLimits, Shedder, SseSocket};
@@ -30,7 +30,8 @@ pub(crate) trait Sessions: Send + Sync + 'static {
     ) -> switchboard_core::BoxFuture<'static, HttpReply>;
     fn heartbeat(&self);
     fn shut_down(&self);
-    fn open_count(&self) -> usize;
+    /// Ends every session now, dropping its connection (after the drain time).
+    fn cut_all(&self);
     fn counters(&self) -> TransportCounters;
 }
 
@@ -60,10 +61,12 @@ fn refuse(status: StatusCode, text: &'static str) -> HttpReply {
     HttpReply::Full(plain_response(status, text))
 }
 
+/// The `session` parameter: exactly 32 lowercase hex digits, as the stream gave it.
 fn session_id(request: &HttpRequest) -> Option<SessionId> {
     let query = request.parts.uri.query()?;
     let (_, id) = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "session")?;
-    if id.len() != 32 {
+    let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    if id.len() != 32 || !id.bytes().all(hex) {
         return None;
     }
     u128::from_str_radix(&id, 16).ok()
@@ -90,6 +93,14 @@ impl<S: Service> Bound<S> {
         }
     }
 
+    /// The open sessions' sockets, copied out of the table (no lock held while they are used).
+    fn sockets(&self) -> Vec<Arc<SseSocket>> {
+        lock(&self.sessions)
+            .values()
+            .map(|s| s.socket.clone())
+            .collect()
+    }
+
     fn get(&self, id: SessionId) -> Option<Arc<Session<S>>> {
         lock(&self.sessions).get(&id).cloned()
     }
@@ -110,6 +121,11 @@ impl<S: Service> Bound<S> {
             self.service.on_close(state, reason);
         }
         self.tasks.send_modify(|n| *n -= 1);
+        // The session is over, but its connection may not be: a client that does not read
+        // the last events would hold it (and hyper's buffer) for ever. Give it the close
+        // timeout to take them, then drop it (a no-op if it is gone already).
+        tokio::time::sleep(self.options.close_timeout).await;
+        socket.abort.abort();
     }
 }
 
@@ -126,29 +142,22 @@ impl<S: Service> Sessions for Bound<S> {
     }
 
     fn heartbeat(&self) {
-        let sockets: Vec<Arc<SseSocket>> = lock(&self.sessions)
-            .values()
-            .map(|s| s.socket.clone())
-            .collect();
-        for socket in sockets {
+        for socket in self.sockets() {
             socket.heartbeat();
         }
     }
 
-    fn shut_down(&self) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let sockets: Vec<Arc<SseSocket>> = lock(&self.sessions)
-            .values()
-            .map(|s| s.socket.clone())
-            .collect();
-        for socket in sockets {
-            socket.shut_down();
+    fn cut_all(&self) {
+        for socket in self.sockets() {
+            socket.cut();
         }
     }
 
-    fn open_count(&self) -> usize {
-        lock(&self.sessions).len()
+    fn shut_down(&self) {
+        self.stopping.store(true, SeqCst);
+        for socket in self.sockets() {
+            socket.shut_down();
+        }
     }
 
     fn counters(&self) -> TransportCounters {
@@ -161,17 +170,30 @@ impl<S: Service> Sessions for Bound<S> {
 fn open_stream<S: Service>(bound: &Arc<Bound<S>>, request: HttpRequest) -> HttpReply {
     let options = &bound.options;
     let stats = &bound.stats;
-    if !options.origins.allows(&request.parts.headers) {
+    let headers = &request.parts.headers;
+    if !options.origins.allows(headers) || cross_site_without_origin(headers) {
         stats.refused_origin.fetch_add(1, Relaxed);
         return refuse(StatusCode::FORBIDDEN, "origin not allowed\n");
     }
-    if bound.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+    // An `<img>` or `<script>` of another site asks for something else: only an event
+    // source's request opens a session.
+    let accepts_events = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("text/event-stream")));
+    if !accepts_events {
+        return refuse(
+            StatusCode::NOT_ACCEPTABLE,
+            "this endpoint answers `Accept: text/event-stream`\n",
+        );
+    }
+    if bound.stopping.load(SeqCst) {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
-    if options
-        .max_sessions
-        .is_some_and(|max| bound.open_count() >= max)
-    {
+    // Reserved before the (costlier) admission, given back if nothing opens.
+    let before = stats.sessions_open.fetch_add(1, SeqCst);
+    if options.max_sessions.is_some_and(|max| before >= max as u64) {
+        stats.sessions_open.fetch_sub(1, SeqCst);
         stats.refused_capacity.fetch_add(1, Relaxed);
         let mut res = plain_response(StatusCode::SERVICE_UNAVAILABLE, "too many sockets\n");
         res.headers_mut()
@@ -181,6 +203,7 @@ fn open_stream<S: Service>(bound: &Arc<Bound<S>>, request: HttpRequest) -> HttpR
     let admission = match bound.service.admit(&request.parts) {
         Ok(admission) => admission,
         Err(refusal) => {
+            stats.sessions_open.fetch_sub(1, SeqCst);
             stats.refused_by_service.fetch_add(1, Relaxed);
             return HttpReply::Full(refusal);
         }
@@ -194,45 +217,113 @@ fn open_stream<S: Service>(bound: &Arc<Bound<S>>, request: HttpRequest) -> HttpR
     let id = new_session_id();
     let hex = format!("{id:032x}");
     socket.open_event(&hex, &format!("{}?session={hex}", options.path));
+    // The body holds the session's end: were `open` to panic, dropping it ends the session
+    // (and nothing is listed yet).
+    let stream = EventStream(socket.clone());
+    let state = bound.service.open(admission, socket.clone() as SocketRef);
     let session = Arc::new(Session {
         socket: socket.clone(),
-        session: tokio::sync::Mutex::new(None),
+        session: tokio::sync::Mutex::new(Some(state)),
     });
     lock(&bound.sessions).insert(id, session.clone());
-    stats.sessions_open.fetch_add(1, Relaxed);
     stats.sessions_opened.fetch_add(1, Relaxed);
     bound.tasks.send_modify(|n| *n += 1);
-    let shared: SocketRef = socket.clone();
-    let state = bound.service.open(admission, shared);
-    // Not yet shared with any post: the session is unknown to clients until its first event.
-    if let Ok(mut slot) = session.session.try_lock() {
-        *slot = Some(state);
-    }
     tokio::spawn(bound.clone().run(id, session));
     // Listed before this check: a shutdown that started meanwhile has swept the table already.
-    if bound.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+    if bound.stopping.load(SeqCst) {
         socket.shut_down();
     }
     let mut head = http::Response::new(());
-    let headers = head.headers_mut();
-    headers.insert(
+    let out = head.headers_mut();
+    out.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),
     );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     // Tells nginx-like proxies not to buffer the stream.
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    HttpReply::Stream(StreamReply {
+    out.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    allow_origin(headers, out, &options.origins);
+    HttpReply::Stream(StreamReply::new(
         head,
-        abort: socket.abort.clone(),
-        chunks: Box::pin(EventStream(socket)),
-    })
+        Box::pin(stream),
+        socket.abort.clone(),
+    ))
+}
+
+/// A browser's request from another site that carries no `Origin` (an `<img>`, a link): it
+/// would bring the visitor's cookies, so it opens nothing. (`Sec-Fetch-Site` is sent by
+/// browsers only; other clients are not affected.)
+fn cross_site_without_origin(headers: &http::HeaderMap) -> bool {
+    headers.get(header::ORIGIN).is_none()
+        && headers
+            .get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes() == b"cross-site")
+}
+
+/// CORS for a page of another origin that the policy allows: it may read the answer, with
+/// credentials. (A same-origin page needs none of it; a refused origin gets none.)
+pub(crate) fn allow_origin(
+    request: &http::HeaderMap,
+    response: &mut http::HeaderMap,
+    policy: &switchboard_core::OriginPolicy,
+) {
+    let Some(origin) = request.get(header::ORIGIN) else {
+        return;
+    };
+    if !policy.allows(request) {
+        return;
+    }
+    response.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    response.insert(
+        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        HeaderValue::from_static("true"),
+    );
+    response.append(header::VARY, HeaderValue::from_static("origin"));
+}
+
+/// `OPTIONS`: the preflight a browser sends before a cross-origin `DELETE` (or a post with
+/// another content type).
+pub(crate) fn preflight(
+    request: &HttpRequest,
+    policy: &switchboard_core::OriginPolicy,
+) -> HttpReply {
+    let headers = &request.parts.headers;
+    if headers.get(header::ORIGIN).is_none() || !policy.allows(headers) {
+        return refuse(StatusCode::FORBIDDEN, "origin not allowed\n");
+    }
+    let mut res = empty(StatusCode::NO_CONTENT);
+    let out = res.headers_mut();
+    allow_origin(headers, out, policy);
+    out.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, DELETE"),
+    );
+    out.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("content-type, authorization"),
+    );
+    out.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    HttpReply::Full(res)
 }
 
 impl<S: Service> Bound<S> {
-    /// `POST ?session=…`: one message from the client, handed to the service in order;
-    /// `DELETE ?session=…`: the client's close.
+    /// `POST ?session=…` (one message) or `DELETE ?session=…` (the client's close), with
+    /// CORS headers for an allowed page of another origin.
     async fn take_post(&self, request: HttpRequest) -> HttpReply {
+        let origin = request.parts.headers.clone();
+        match self.post_or_delete(request).await {
+            HttpReply::Full(mut res) => {
+                allow_origin(&origin, res.headers_mut(), &self.options.origins);
+                HttpReply::Full(res)
+            }
+            other => other,
+        }
+    }
+
+    async fn post_or_delete(&self, request: HttpRequest) -> HttpReply {
         let closing = request.parts.method == Method::DELETE;
         if request.parts.method != Method::POST && !closing {
             return refuse(
@@ -256,24 +347,29 @@ impl<S: Service> Bound<S> {
             return HttpReply::Full(empty(StatusCode::NO_CONTENT));
         }
         if std::str::from_utf8(&request.body).is_err() {
-            socket.set_reason(CloseReason::Protocol {
-                code: 1007,
-                detail: "message is not valid UTF-8".into(),
-            });
-            socket.cut();
+            socket.end_for_protocol(1007, "message is not valid UTF-8");
             return refuse(StatusCode::BAD_REQUEST, "message is not valid UTF-8\n");
         }
         // The connect gate: wait (as a WebSocket's bytes wait in the kernel) until reading
-        // resumes or the session ends.
-        loop {
-            let resumed = socket.resumed.notified();
-            if socket.has_ended() || socket.is_closing() {
-                return refuse(StatusCode::GONE, "session closed\n");
+        // resumes or the session ends, for at most `post_wait` (then `503`: try again).
+        let waited = tokio::time::timeout(self.options.post_wait, async {
+            loop {
+                let resumed = socket.resumed.notified();
+                if socket.has_ended() || socket.is_closing() || !socket.is_paused() {
+                    return;
+                }
+                resumed.await;
             }
-            if !socket.is_paused() {
-                break;
-            }
-            resumed.await;
+        })
+        .await;
+        if socket.has_ended() || socket.is_closing() {
+            return refuse(StatusCode::GONE, "session closed\n");
+        }
+        if waited.is_err() {
+            let mut res = plain_response(StatusCode::SERVICE_UNAVAILABLE, "not let in yet\n");
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return HttpReply::Full(res);
         }
         let state = session.session.lock().await;
         let Some(state) = state.as_ref() else {
@@ -315,10 +411,7 @@ fn client_close(request: &HttpRequest) -> (u16, String) {
 
 impl<S: Service> Shedder for Bound<S> {
     fn make_room(&self, asking: &SseSocket, n: usize) -> bool {
-        let sockets: Vec<Arc<SseSocket>> = lock(&self.sessions)
-            .values()
-            .map(|s| s.socket.clone())
-            .collect();
+        let sockets = self.sockets();
         let fair = self.stats.budget() / sockets.len().max(1);
         if asking.held() + n > fair {
             return false;

@@ -179,15 +179,32 @@ impl SseSocket {
         lock(&self.queue).bytes
     }
 
-    /// Shed to keep the transport within its budget: its queue is dropped and so is its
-    /// connection (a client that holds the most is not reading).
+    /// Shed to keep the transport within its budget: see [`SseSocket::end_now`].
     pub(crate) fn end_over_budget(&self) {
-        if self.set_reason(CloseReason::OverBudget) {
-            self.finish(Some(close_event(
-                OVER_BUDGET_CODE,
-                "buffer budget exceeded",
-            )));
-            self.cut();
+        self.end_now(
+            CloseReason::OverBudget,
+            OVER_BUDGET_CODE,
+            "buffer budget exceeded",
+        );
+    }
+
+    /// A protocol error (a post that is not UTF-8): see [`SseSocket::end_now`].
+    pub(crate) fn end_for_protocol(&self, code: u16, detail: &str) {
+        let reason = CloseReason::Protocol {
+            code,
+            detail: detail.to_string(),
+        };
+        self.end_now(reason, code, detail);
+    }
+
+    /// Ends the session at once: what it queued is dropped (its bytes given back), its close
+    /// event is the last thing on the stream, and the service hears of the end now. The
+    /// connection is given the close timeout to deliver that event, then dropped.
+    fn end_now(&self, reason: CloseReason, code: u16, text: &str) {
+        if self.set_reason(reason) {
+            self.drop_queue();
+            self.finish(Some(close_event(code, text)));
+            self.mark_ended();
         }
     }
 
@@ -219,6 +236,9 @@ impl SseSocket {
         }
         *slot = Some(reason);
         self.closing.store(true, Ordering::Release);
+        drop(slot);
+        // Posts waiting for the connect gate learn of the close now.
+        self.resumed.notify_waiters();
         true
     }
 
@@ -238,14 +258,13 @@ impl SseSocket {
         self.ended_flag.load(Ordering::Acquire)
     }
 
-    /// A queue that is full or stalled: drop what it holds, tell the client (if it ever
-    /// reads again) and cut the connection.
+    /// A queue that is full or stalled: see [`SseSocket::end_now`].
     pub(crate) fn end_slow_consumer(&self) {
-        if self.set_reason(CloseReason::SlowConsumer) {
-            self.drop_queue();
-            self.finish(Some(close_event(SLOW_CONSUMER_CODE, "send queue full")));
-            self.cut();
-        }
+        self.end_now(
+            CloseReason::SlowConsumer,
+            SLOW_CONSUMER_CODE,
+            "send queue full",
+        );
     }
 
     /// Drops the connection now (the body will not be polled again).

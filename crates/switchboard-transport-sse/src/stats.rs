@@ -15,7 +15,7 @@ pub(crate) struct SseStats {
     buffered: AtomicUsize,
     buffered_peak: AtomicUsize,
     budget: AtomicUsize,
-    closed: [AtomicU64; 7],
+    closed: [AtomicU64; 8],
 }
 
 impl SseStats {
@@ -54,7 +54,8 @@ impl SseStats {
 
     pub(crate) fn closed(&self, reason: &CloseReason) {
         let i = match reason {
-            CloseReason::Client { .. } | CloseReason::Dropped => 0,
+            CloseReason::Dropped => 0,
+            CloseReason::Client { .. } => 7,
             CloseReason::Protocol { .. } => 1,
             CloseReason::Server { .. } => 2,
             CloseReason::Shutdown => 3,
@@ -83,6 +84,7 @@ impl SseStats {
         counters.slow_consumers = c(4);
         counters.io_errors = c(5);
         counters.over_budget = c(6);
+        counters.closed_by_client = c(7);
         counters
     }
 }

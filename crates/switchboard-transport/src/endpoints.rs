@@ -84,7 +84,7 @@ pub(crate) async fn serve(
         Ok(collected) => collected.to_bytes(),
         Err(_) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
     };
-    let request = HttpRequest { parts, body, peer };
+    let request = HttpRequest::new(parts, body, peer);
     match endpoint.call(request).await {
         HttpReply::Full(res) => res.map(ReplyBody::full),
         HttpReply::Stream(stream) => {

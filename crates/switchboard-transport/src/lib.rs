@@ -245,6 +245,17 @@ impl Server {
         service: Arc<S>,
     ) -> std::io::Result<Server> {
         let local_addr = listener.local_addr()?;
+        if let Some(clash) = options
+            .endpoints
+            .0
+            .iter()
+            .find(|e| e.path() == options.path)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("endpoint path {} is the upgrade path", clash.path()),
+            ));
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         // The server and every socket task hold a strong `alive` sender; once the server drops
         // its own at shutdown, `recv` returns None when the last socket task has ended.

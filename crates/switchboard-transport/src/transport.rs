@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_core::{BoxFuture, Service, Serving, ShutdownReport, Transport, TransportCounters};
+use switchboard_core::{
+    BoxFuture, RunningTransport, Service, ShutdownReport, Transport, TransportCounters,
+};
 use tokio::net::TcpListener;
 
 use crate::{Server, TransportOptions};
@@ -41,7 +43,10 @@ impl WebSocketTransport {
 }
 
 impl Transport for WebSocketTransport {
-    async fn start<S: Service>(self, service: Arc<S>) -> std::io::Result<Box<dyn Serving>> {
+    async fn start<S: Service>(
+        self,
+        service: Arc<S>,
+    ) -> std::io::Result<Box<dyn RunningTransport>> {
         let listener = match self.listen {
             Listen::Addr(addr) => TcpListener::bind(addr).await?,
             Listen::Listener(listener) => listener,
@@ -51,7 +56,7 @@ impl Transport for WebSocketTransport {
     }
 }
 
-impl Serving for Server {
+impl RunningTransport for Server {
     fn name(&self) -> &'static str {
         "websocket"
     }

@@ -87,7 +87,7 @@ pub use switchboard_config as config;
 pub use switchboard_config::{Config, ConfigError};
 /// The seam between the gateway and its transports (`switchboard-core`), for writing a
 /// transport of your own.
-pub use switchboard_core as core;
+pub use switchboard_core as seam;
 pub use switchboard_core::{
     http, plain_response, Bytes, HttpResponse, RequestParts, ShutdownReport, Transport,
     TransportCounters, OVER_BUDGET_CODE, SLOW_CONSUMER_CODE,
@@ -300,6 +300,15 @@ impl Container {
         let starters = std::mem::take(&mut self.transports);
         let socket = &self.config.gateway.socket;
         let limits = &self.config.gateway.limits;
+        let sse_path = socket.sse_path();
+        for taken in [Some(socket.path.as_str()), sse_path.as_deref()]
+            .into_iter()
+            .flatten()
+        {
+            if self.routes.contains_key(taken) {
+                tracing::warn!(path = taken, "a route is shadowed by a transport's path");
+            }
+        }
         let rate_limit = limits.messages_per_second.map(|rate| RateLimit {
             per_second: f64::from(rate),
             burst: f64::from(limits.message_burst.unwrap_or(rate.saturating_mul(2))),

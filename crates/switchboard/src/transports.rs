@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use switchboard_config::Config;
 use switchboard_core::{
-    BoxFuture, OriginPolicy, Serving, ShutdownReport, Transport, TransportCounters,
+    BoxFuture, OriginPolicy, RunningTransport, ShutdownReport, Transport, TransportCounters,
 };
 use switchboard_transport::{TransportOptions, WebSocketTransport};
 use switchboard_transport_sse::{SseOptions, SseTransport};
@@ -18,8 +18,9 @@ use switchboard_transport_sse::{SseOptions, SseTransport};
 use crate::gateway::Gateway;
 
 /// A transport waiting for the gateway it will serve.
-pub(crate) type Starter =
-    Box<dyn FnOnce(Arc<Gateway>) -> BoxFuture<'static, io::Result<Box<dyn Serving>>> + Send>;
+pub(crate) type Starter = Box<
+    dyn FnOnce(Arc<Gateway>) -> BoxFuture<'static, io::Result<Box<dyn RunningTransport>>> + Send,
+>;
 
 pub(crate) fn starter<T: Transport>(transport: T) -> Starter {
     Box::new(move |gateway| Box::pin(transport.start(gateway)))
@@ -36,7 +37,7 @@ pub(crate) fn defaults(config: &Config, addr: SocketAddr, sse_anyway: bool) -> V
         options.endpoints.0.push(sse.endpoint());
         starters.push(starter(sse));
     }
-    starters.insert(0, starter(WebSocketTransport::bind(addr, options)));
+    starters.push(starter(WebSocketTransport::bind(addr, options)));
     starters
 }
 
@@ -56,6 +57,12 @@ fn sse(config: &Config, anyway: bool) -> Option<SseTransport> {
     options.max_sessions = limits.max_sockets;
     options.buffer_budget = limits.buffer_budget;
     options.origins = origin_policy(config);
+    // A post waiting for the connect gate is answered (`503`, try again) before the hosting
+    // server's request deadline would cut it off unanswered.
+    options.post_wait = limits
+        .handshake_timeout
+        .saturating_sub(Duration::from_secs(1))
+        .max(Duration::from_millis(500));
     Some(SseTransport::new(options))
 }
 
@@ -89,13 +96,13 @@ pub(crate) fn origin_policy(config: &Config) -> OriginPolicy {
 
 /// The started transports of one gateway.
 pub(crate) struct Transports {
-    servings: Vec<Box<dyn Serving>>,
+    servings: Vec<Box<dyn RunningTransport>>,
 }
 
 impl Transports {
     /// Starts each, in order; if one fails, those started are stopped and the error returned.
     pub(crate) async fn start(starters: Vec<Starter>, gateway: Arc<Gateway>) -> io::Result<Self> {
-        let mut servings: Vec<Box<dyn Serving>> = Vec::with_capacity(starters.len());
+        let mut servings: Vec<Box<dyn RunningTransport>> = Vec::with_capacity(starters.len());
         for start in starters {
             match start(gateway.clone()).await {
                 Ok(serving) => servings.push(serving),

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_core::{
-    http, plain_response, CloseReason, HttpResponse, Inbound, RequestParts, SendError, Service,
-    Serving, SocketRef, Transport,
+    http, plain_response, CloseReason, HttpResponse, Inbound, RequestParts, RunningTransport,
+    SendError, Service, SocketRef, Transport,
 };
 use switchboard_transport_memory::{ClientEvent, MemoryClient, MemoryOptions, MemoryTransport};
 use tokio::sync::mpsc;
@@ -100,7 +100,7 @@ impl Service for Recording {
 
 struct Setup {
     transport: MemoryTransport,
-    serving: Box<dyn Serving>,
+    serving: Box<dyn RunningTransport>,
     service: Arc<Recording>,
     seen: mpsc::UnboundedReceiver<Seen>,
 }

@@ -172,6 +172,7 @@ async fn streams_and_posts_are_refused_as_upgrades_are() {
     assert_eq!(sse.post(&too_big).await, 413);
     // Invalid UTF-8 ends the session as it would a WebSocket (1007).
     assert_eq!(sse.post(b"{\"type\":\"\xff\"}").await, 400);
+    assert_eq!(sse.close_code().await, 1007);
     assert_eq!(sse.next_sse_event().await, None);
     gw.wait_for_sockets(0).await;
     assert!(gw.stats().refused_unauthorized >= 1);
@@ -272,4 +273,81 @@ async fn sse_queues_stay_within_the_buffer_budget_and_a_reading_session_sees_eve
     drop(reader);
     gw.wait_for_sockets(0).await;
     assert_eq!(gw.stats().transport.buffered_bytes, 0);
+}
+
+#[tokio::test]
+async fn only_an_event_source_request_opens_a_session_and_never_a_cross_site_one_without_origin() {
+    let gw = start(Kind::Sse, container(sse_config())).await;
+    let addr = gw.local_addr().unwrap();
+    let alex = cookie("alex");
+    // What an `<img>` or a `<script>` of another site would send: the cookie, no `Origin`.
+    let img = format!("{alex}Accept: image/*\r\nSec-Fetch-Site: cross-site\r\n");
+    assert_eq!(
+        sse_client::request(addr, "GET", "/connect/sse", &img, b"").await,
+        403
+    );
+    let no_accept = alex.clone();
+    assert_eq!(
+        sse_client::request(addr, "GET", "/connect/sse", &no_accept, b"").await,
+        406
+    );
+    let cross_site_stream = format!("{alex}Sec-Fetch-Site: cross-site\r\n");
+    let refused = sse_client::open(addr, "/connect/sse", &cross_site_stream)
+        .await
+        .err()
+        .unwrap();
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert_eq!(gw.sockets().count(), 0);
+    assert_eq!(gw.stats().transport.sockets_opened, 0, "nothing was opened");
+}
+
+#[tokio::test]
+async fn a_page_of_an_allowed_origin_may_read_the_stream_and_post_with_credentials() {
+    let config = spec_config("    sse: {}\n    allowed_origins: [\"https://app.example\"]");
+    let gw = start(Kind::Sse, container(config)).await;
+    let addr = gw.local_addr().unwrap();
+    let from_app = format!("{}Origin: https://app.example\r\n", cookie("alex"));
+    let sse = sse_client::open(addr, "/connect/sse", &from_app)
+        .await
+        .unwrap();
+    let (status, head) = sse_client::exchange(
+        addr,
+        "OPTIONS",
+        &sse.post,
+        "Origin: https://app.example\r\nAccess-Control-Request-Method: DELETE\r\n",
+        b"",
+    )
+    .await;
+    assert_eq!(status, 204);
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-credentials: true"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-methods: get, post, delete"),
+        "{head}"
+    );
+    let (status, head) = sse_client::exchange(addr, "POST", &sse.post, &from_app, b"{}").await;
+    assert_eq!(status, 202);
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("access-control-allow-origin: https://app.example"));
+    // Another site gets no CORS headers, and its preflight is refused.
+    let (status, head) = sse_client::exchange(
+        addr,
+        "OPTIONS",
+        &sse.post,
+        "Origin: https://evil.example\r\n",
+        b"",
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(!head
+        .to_ascii_lowercase()
+        .contains("access-control-allow-origin"));
 }
