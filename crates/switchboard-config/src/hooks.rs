@@ -41,7 +41,7 @@ fn default_gate_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-/// A built-in subscriber's topic (`send`, `broadcast`).
+/// A built-in subscriber's topic (`send`, `broadcast`, `disconnect`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]

@@ -205,6 +205,14 @@ const SECTIONS: &[Section] = &[
                 None,
             ),
             key(
+                "gateway.socket.disconnect",
+                "map",
+                "absent",
+                Ext,
+                "See hooks.",
+                None,
+            ),
+            key(
                 "gateway.socket.heartbeat",
                 "duration",
                 "`30s`",
@@ -456,6 +464,18 @@ const SECTIONS: &[Section] = &[
                 Spec,
                 "Built-in subscriber that delivers to all sockets, or to one namespace's sockets.",
                 Some("\"socket:broadcast\""),
+            ),
+            key(
+                "gateway.socket.disconnect.subscribe",
+                "topic",
+                "required in `disconnect`",
+                Ext,
+                "Built-in subscriber that closes one user's sockets on every node: data \
+                 `{username, namespace?, code?, reason?}` closes that user's sockets (in that \
+                 namespace) with `code` (default 4002, or any code a server may send: 1000, \
+                 1001, 1008, 1011, 3000-4999) and `reason`; each publishes `onclose` once. For \
+                 logout, bans, revoked tokens.",
+                Some("\"socket:disconnect\""),
             ),
         ],
     },

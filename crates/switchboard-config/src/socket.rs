@@ -34,6 +34,10 @@ pub struct Socket {
     /// The topic whose messages are delivered to every socket (or one namespace's).
     #[serde(default)]
     pub broadcast: Option<SubscribeHook>,
+    /// The topic whose messages close one user's sockets on every node (logout, ban, a
+    /// revoked token): `{username, namespace?, code?, reason?}` (extension).
+    #[serde(default)]
+    pub disconnect: Option<SubscribeHook>,
     /// Interval between server pings; a client that has not answered the previous ping by
     /// the next one is closed (extension). Human duration, e.g. `30s`. Default 30 s.
     #[serde(default = "default_heartbeat", deserialize_with = "de_heartbeat")]

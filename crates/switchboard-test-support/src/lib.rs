@@ -127,7 +127,7 @@ gateway:
 }
 
 /// The `gateway:` section of a config with the spec's hooks, one topic each (no typed
-/// messages), and the test `auth` section; more sections (`bus:`, indented by two spaces) may
+/// messages), `disconnect`, and the test `auth` section; more sections (`bus:`, indented by two spaces) may
 /// follow it.
 pub fn hooks_yaml() -> String {
     format!(
@@ -138,6 +138,7 @@ pub fn hooks_yaml() -> String {
     onclose: {{publish: "socket:close"}}
     send: {{subscribe: "socket:send"}}
     broadcast: {{subscribe: "socket:broadcast"}}
+    disconnect: {{subscribe: "socket:disconnect"}}
   auth:
     secret_env: {SECRET_ENV}
 "#

@@ -1,4 +1,5 @@
-//! The built-in `send` and `broadcast` subscribers: deliver bus messages to sockets.
+//! The built-in `send`, `broadcast` and `disconnect` subscribers: deliver bus messages to
+//! sockets, or close them.
 
 use std::future::{ready, Ready};
 use std::sync::Arc;
@@ -21,17 +22,9 @@ pub(crate) fn send_handler(
     registry: Sockets,
     out: Counter,
 ) -> impl Fn(Message) -> Ready<()> + Send + Sync {
-    move |msg: Message| {
-        let data = msg.data();
-        let Some(username) = data.get("username").and_then(Value::as_str) else {
-            return refuse(&msg, "send needs a string `username`");
-        };
-        let target = match optional_str(data, "namespace") {
-            Ok(Some(ns)) => Target::UserInNamespace(username, ns),
-            Ok(None) => Target::User(username),
-            Err(e) => return refuse(&msg, e),
-        };
-        deliver(&registry, &msg, target, &out)
+    move |msg: Message| match user_target(msg.data(), "send needs a string `username`") {
+        Ok(target) => deliver(&registry, &msg, target, &out),
+        Err(e) => refuse(&msg, e),
     }
 }
 
@@ -49,6 +42,67 @@ pub(crate) fn broadcast_handler(
         };
         deliver(&registry, &msg, target, &out)
     }
+}
+
+/// `{username, namespace?}`: that user's sockets, in that namespace if given.
+fn user_target<'v>(data: &'v Value, no_user: &'static str) -> Result<Target<'v>, &'static str> {
+    let username = data
+        .get("username")
+        .and_then(Value::as_str)
+        .ok_or(no_user)?;
+    Ok(match optional_str(data, "namespace")? {
+        Some(ns) => Target::UserInNamespace(username, ns),
+        None => Target::User(username),
+    })
+}
+
+/// Close code of a `disconnect` that names none.
+pub const DISCONNECT_CODE: u16 = 4002;
+
+/// `disconnect` data: `{username, namespace?, code?, reason?}`. Closes every socket of
+/// `username` (in `namespace`) with `code` ([`DISCONNECT_CODE`] when absent) and `reason`;
+/// each socket then ends as any closed socket does, publishing `onclose` once. `closed` counts
+/// the sockets closed.
+pub(crate) fn disconnect_handler(
+    registry: Sockets,
+    closed: Counter,
+) -> impl Fn(Message) -> Ready<()> + Send + Sync {
+    move |msg: Message| {
+        let data = msg.data();
+        let target = match user_target(data, "disconnect needs a string `username`") {
+            Ok(target) => target,
+            Err(e) => return refuse(&msg, e),
+        };
+        let code = match data.get("code") {
+            None | Some(Value::Null) => DISCONNECT_CODE,
+            Some(code) => match code.as_u64().and_then(|c| u16::try_from(c).ok()) {
+                Some(code) if server_may_send(code) => code,
+                _ => {
+                    return refuse(
+                        &msg,
+                        "disconnect `code` must be 1000, 1001, 1008, 1011 or 3000-4999",
+                    )
+                }
+            },
+        };
+        let reason = match optional_str(data, "reason") {
+            Ok(reason) => reason.unwrap_or("disconnected by the server"),
+            Err(e) => return refuse(&msg, e),
+        };
+        let mut sockets = Vec::with_capacity(registry.count(target));
+        registry.for_each(target, |_, socket| sockets.push(socket.clone()));
+        for socket in &sockets {
+            socket.close(code, reason);
+        }
+        closed.inc_by(sockets.len() as u64);
+        ready(())
+    }
+}
+
+/// Close codes a server may choose for a disconnect (RFC 6455 7.4: not the ones that report
+/// the client's errors or that may not be sent).
+fn server_may_send(code: u16) -> bool {
+    matches!(code, 1000 | 1001 | 1008 | 1011 | 3000..=4999)
 }
 
 fn deliver(registry: &Sockets, msg: &Message, target: Target<'_>, out: &Counter) -> Ready<()> {

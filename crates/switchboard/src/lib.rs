@@ -16,6 +16,9 @@
 //! - data `{username, namespace?, type, payload}` on the `send` topic reaches that user's
 //!   sockets in that namespace (or all of the user's sockets without `namespace`);
 //!   `{type, payload, namespace?}` on `broadcast` reaches every socket (or one namespace's);
+//! - data `{username, namespace?, code?, reason?}` on `disconnect` (our extension) closes that
+//!   user's sockets (in that namespace) on every node with `code` ([`DISCONNECT_CODE`] by
+//!   default);
 //! - a socket ends, however it ends → `onclose.publish`, once.
 //!
 //! ```no_run
@@ -72,6 +75,7 @@ mod stats;
 mod transports;
 
 pub use auth::{AuthError, VerificationKey};
+pub use delivery::DISCONNECT_CODE;
 pub use gateway::{
     encode_frame, CONNECT_FAILED_CODE, CONNECT_HANDLER_ERROR_CODE, RATE_LIMIT_CLOSE_CODE,
     REFRESHED_TYPE, REFRESH_MISMATCH_CODE, REFRESH_TYPE, TOKEN_EXPIRED_CODE,
@@ -97,6 +101,10 @@ pub use switchboard_core::{
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 struct ReadmeDoctests;
+
+/// Makes a built-in subscriber from the registry and its topic's `messages_out` counter.
+type MakeHandler =
+    fn(Arc<Registry<SocketRef>>, prometheus_client::metrics::counter::Counter) -> Arc<dyn Handler>;
 
 /// An extra HTTP endpoint served beside the socket path (the demo's page, a health check).
 pub type Route = Arc<dyn Fn(&RequestParts) -> HttpResponse + Send + Sync>;
@@ -187,23 +195,26 @@ impl Container {
         }
         let verifier = auth::Verifier::from_config(&config.gateway.auth, key)?;
         let registry = Arc::new(Registry::new());
-        let socket = &config.gateway.socket;
         let metrics = Arc::new(Metrics::new(config_topics(&config)));
-        if let Some(send) = &socket.send {
-            let topic = send.subscribe.as_str();
-            let out = metrics.topic(topic).messages_out().clone();
-            bus.subscribe_every_node(
-                topic,
-                Arc::new(delivery::send_handler(registry.clone(), out)),
-            )?;
-        }
-        if let Some(broadcast) = &socket.broadcast {
-            let topic = broadcast.subscribe.as_str();
-            let out = metrics.topic(topic).messages_out().clone();
-            bus.subscribe_every_node(
-                topic,
-                Arc::new(delivery::broadcast_handler(registry.clone(), out)),
-            )?;
+        // The built-in subscribers, on every node: each delivers to (or closes) its own
+        // sockets; `messages_out` counts the frames queued (the sockets closed).
+        let builtins: [(&Option<config::SubscribeHook>, MakeHandler); 3] = [
+            (&socket.send, |r, out| {
+                Arc::new(delivery::send_handler(r, out))
+            }),
+            (&socket.broadcast, |r, out| {
+                Arc::new(delivery::broadcast_handler(r, out))
+            }),
+            (&socket.disconnect, |r, out| {
+                Arc::new(delivery::disconnect_handler(r, out))
+            }),
+        ];
+        for (hook, handler) in builtins {
+            if let Some(hook) = hook {
+                let topic = hook.subscribe.as_str();
+                let out = metrics.topic(topic).messages_out().clone();
+                bus.subscribe_every_node(topic, handler(registry.clone(), out))?;
+            }
         }
         let admin_listen = config.gateway.admin.as_ref().map(|a| a.listen);
         Ok(Container {
@@ -467,6 +478,7 @@ fn config_topics(config: &Config) -> Vec<&str> {
     topics.extend(s.onclose.iter().map(|h| h.publish.as_str()));
     topics.extend(s.send.iter().map(|h| h.subscribe.as_str()));
     topics.extend(s.broadcast.iter().map(|h| h.subscribe.as_str()));
+    topics.extend(s.disconnect.iter().map(|h| h.subscribe.as_str()));
     topics
 }
 

@@ -148,6 +148,74 @@ async fn send_and_broadcast_from_plain_nats_reach_each_socket_once_across_nodes(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_published_on_nats_closes_the_users_sockets_on_every_node_once() {
+    let nats = NatsServer::start();
+    let a = node(&nats, "a");
+    let b = node(&nats, "b");
+    let outside = async_nats::connect(nats.url()).await.unwrap();
+    let mut closes = outside.subscribe("socket:close").await.unwrap();
+    outside.flush().await.unwrap();
+    let mut alex_a = connect(a.addr, "alex", Some("acme")).await;
+    let mut alex_b = connect(b.addr, "alex", Some("acme")).await;
+    let mut sam_b = connect(b.addr, "sam", Some("acme")).await;
+    // Every node's registry has its sockets before the disconnect goes out.
+    publish(&outside, "socket:broadcast", json!({"type": "ready"})).await;
+    for ws in [&mut alex_a, &mut alex_b, &mut sam_b] {
+        assert_eq!(recv(ws).await["type"], "ready");
+    }
+    publish(
+        &outside,
+        "socket:disconnect",
+        json!({"username": "alex", "code": 4003, "reason": "banned"}),
+    )
+    .await;
+    for ws in [&mut alex_a, &mut alex_b] {
+        assert_eq!(close_of(ws).await, (4003, "banned".to_string()));
+    }
+    for _ in 0..2 {
+        let event = tokio::time::timeout(Duration::from_secs(10), closes.next())
+            .await
+            .expect("an onclose within 10 s")
+            .unwrap();
+        let event: Value = serde_json::from_slice(&event.payload).unwrap();
+        let data = &event["data"];
+        assert_eq!(data["username"], "alex", "{event}");
+        assert_eq!(data["reason"]["code"], 4003, "{event}");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), closes.next())
+            .await
+            .is_err(),
+        "one onclose per socket"
+    );
+    // sam, on the same node as one of them, is untouched.
+    publish(
+        &outside,
+        "socket:send",
+        json!({"username": "sam", "type": "t"}),
+    )
+    .await;
+    assert_eq!(recv(&mut sam_b).await["type"], "t");
+}
+
+/// Reads until the close frame: its code and reason.
+async fn close_of(ws: &mut Ws) -> (u16, String) {
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a close within 10 s")
+        {
+            Some(Ok(WsMessage::Close(Some(frame)))) => {
+                return (frame.code.into(), frame.reason.to_string())
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_on_node_b_is_answered_by_an_outside_handler() {
     let nats = NatsServer::start();
     let handler = async_nats::connect(nats.url()).await.unwrap();

@@ -419,7 +419,56 @@ async fn config_without_hooks_still_serves_sockets(kind: Kind) {
     assert_eq!(gw.sockets().count(), 1);
 }
 
+async fn disconnect_closes_the_users_matching_sockets_with_its_code_and_onclose_once(kind: Kind) {
+    let extra = "    disconnect:\n      subscribe: \"socket:disconnect\"";
+    let mut c = container(spec_config(extra));
+    let mut closes = recorder(&mut c, &["socket:close"]);
+    let gw = start(kind, c).await;
+    let mut alex_acme = gw.connect("alex", Some("acme")).await;
+    let mut alex_globex = gw.connect("alex", Some("globex")).await;
+    let mut sam = gw.connect("sam", Some("acme")).await;
+    gw.wait_for_sockets(3).await;
+    let p = gw.producer();
+    // Bad data closes nothing.
+    for bad in [
+        json!({"namespace": "acme"}),
+        json!({"username": "alex", "code": 1005}),
+        json!({"username": "alex", "code": 70000}),
+        json!({"username": "alex", "namespace": 7}),
+    ] {
+        p.send("socket:disconnect", bad).unwrap();
+    }
+    p.send(
+        "socket:disconnect",
+        json!({"username": "alex", "namespace": "acme", "code": 4003, "reason": "banned"}),
+    )
+    .unwrap();
+    assert_eq!(alex_acme.close_code().await, 4003);
+    let (_, data, _) = next_published(&mut closes).await;
+    assert_eq!(data["username"], "alex");
+    assert_eq!(data["namespace"], "acme");
+    assert_eq!(data["reason"]["code"], 4003);
+    assert_eq!(data["reason"]["reason"], "banned");
+    gw.wait_for_sockets(2).await;
+    // Without a namespace: every socket of the user, with the default code.
+    p.send("socket:disconnect", json!({"username": "alex"}))
+        .unwrap();
+    assert_eq!(alex_globex.close_code().await, switchboard::DISCONNECT_CODE);
+    let (_, data, _) = next_published(&mut closes).await;
+    assert_eq!(data["namespace"], "globex");
+    gw.wait_for_sockets(1).await;
+    assert!(closes.try_recv().is_err(), "one onclose per socket");
+    // sam is untouched.
+    p.send(
+        "socket:send",
+        json!({"username": "sam", "type": "still here"}),
+    )
+    .unwrap();
+    assert_eq!(sam.recv().await["type"], "still here");
+}
+
 each_transport!(
+    disconnect_closes_the_users_matching_sockets_with_its_code_and_onclose_once,
     connect_reply_reaches_the_client_with_full_context,
     connect_fail_sends_error_then_closes_and_still_publishes_onclose,
     messages_publish_general_and_typed_and_replies_carry_the_topic,
