@@ -56,7 +56,8 @@ use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use switchboard_bus::{
-    Bus, Context, Handler, Message, PublishError, PublishFailure, Reply, ReplyTo, SubscribeError,
+    Bus, Context, Gathering, Handler, Message, PublishError, PublishFailure, Reply, ReplyTo,
+    SubscribeError,
 };
 use tokio::sync::oneshot;
 
@@ -427,7 +428,65 @@ impl Bus for NatsBus {
     fn flush(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(self.flush_published())
     }
+
+    /// Publishes `data` on `topic` with a fresh reply subject of this process
+    /// (`_SB_REPLY.<node>.<token>.gather.<unique>`) and collects the
+    /// `{"reply": …}` answers there: until none has come for [`GATHER_QUIET`] after the first
+    /// (nodes on one NATS answer within a few milliseconds of each other), and for at most
+    /// `within`. A node slower than that is missing from the answers: callers say how many
+    /// nodes answered.
+    fn gather(&self, topic: &str, data: Value, within: std::time::Duration) -> Gathering<'_> {
+        let topic = topic.to_string();
+        Box::pin(async move {
+            let fail = |reason: String| PublishError {
+                message: Message::new(topic.as_str(), data.clone()),
+                reason: PublishFailure::Unavailable(reason),
+            };
+            if !self.is_ready() {
+                return Err(fail("not connected".into()));
+            }
+            // Under this process's reply prefix (which its NATS user may read anyway), not in
+            // `_INBOX.>`, so a locked-down node needs no right to read other clients' inboxes.
+            let unique = self.client.new_inbox();
+            let unique = unique.rsplit('.').next().unwrap_or_default();
+            let inbox = format!("{}.gather.{unique}", self.reply_prefix);
+            let mut answers = self
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let body = Bytes::from(serde_json::to_vec(&data).unwrap_or_default());
+            self.client
+                .publish_with_reply(topic.clone(), inbox, body)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let deadline = tokio::time::Instant::now() + within;
+            let mut gathered = Vec::new();
+            loop {
+                let until = if gathered.is_empty() {
+                    deadline
+                } else {
+                    deadline.min(tokio::time::Instant::now() + GATHER_QUIET)
+                };
+                match tokio::time::timeout_at(until, answers.next()).await {
+                    Ok(Some(answer)) => {
+                        if let Ok(Answer { reply: Some(v), .. }) =
+                            serde_json::from_slice(&answer.payload)
+                        {
+                            gathered.push(v);
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            let _ = answers.unsubscribe().await;
+            Ok(gathered)
+        })
+    }
 }
+
+/// [`NatsBus::gather`] stops this long after the last answer.
+pub const GATHER_QUIET: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Answers arriving on this process's reply subjects. Whoever may publish there (any
 /// handler) can send anything: an unknown or already answered id is ignored, a body that is

@@ -30,6 +30,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -343,6 +344,43 @@ pub trait Bus: Send + Sync + 'static {
     /// to flush.
     fn flush(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(std::future::ready(()))
+    }
+
+    /// Asks every node: publishes `data` on `topic` with a way back, and gathers what the
+    /// handlers each node subscribed there with [`Bus::subscribe_every_node`] answer
+    /// ([`Message::reply`]; failures are left out). A broker bus waits at most `within`, and
+    /// less once the answers have stopped coming (see its documentation); in one process the
+    /// answers are those its handlers give without waiting, at once.
+    fn gather(&self, topic: &str, data: Value, within: Duration) -> Gathering<'_> {
+        let _ = within;
+        let answers = Arc::new(Gathered::default());
+        let published = self.publish(Message::new(topic, data).with_reply_to(answers.clone()));
+        Box::pin(async move {
+            published?;
+            Ok(answers.take())
+        })
+    }
+}
+
+/// The answers of [`Bus::gather`], to come.
+pub type Gathering<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<Value>, PublishError>> + Send + 'a>>;
+
+/// Collects the answers to a gathered message.
+#[derive(Default)]
+struct Gathered(std::sync::Mutex<Vec<Value>>);
+
+impl Gathered {
+    fn take(&self) -> Vec<Value> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl ReplyTo for Gathered {
+    fn deliver(&self, _topic: &str, reply: Reply) {
+        if let Reply::Ok(v) = reply {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+        }
     }
 }
 

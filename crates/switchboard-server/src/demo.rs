@@ -3,7 +3,7 @@
 //! `/demo/login` to get a token.
 //!
 //! - connect: needs `?namespace=`; replies `{username, namespace, online, users}` and tells
-//!   the namespace who is online (`chat.presence`);
+//!   the namespace who is online (`chat.presence`), on every node (`Container::presence`);
 //! - `chat.say {text}` → `chat.said {from, text}` to the sender's namespace (broadcast topic);
 //! - `chat.whisper {to, text}` → `chat.whispered {from, text}` to user `to` in the sender's
 //!   namespace (send topic), with a copy to the sender; without `to` or `text`: `fail`.
@@ -13,8 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use switchboard::http::{header, HeaderValue, Response, StatusCode};
 use switchboard::{
-    plain_response, Bytes, Config, Container, HttpResponse, Message, Producer, RequestParts,
-    Sockets,
+    plain_response, Bytes, Config, Container, HttpResponse, Message, Presence, Producer,
+    RequestParts, Sockets,
 };
 
 /// The repo's `conf/socket.yaml`, for `serve --demo` outside the repo.
@@ -92,20 +92,36 @@ pub(crate) fn install(container: &mut Container) -> Result<(), Box<dyn std::erro
     let cookie = container.config().gateway.auth.cookie.clone();
     let claim = container.config().gateway.auth.username_claim.clone();
     let producer = container.producer();
+    // Who is online on every node, not only this one (the demo runs on NATS too).
+    let presence = container.presence();
     let sockets = container.sockets();
 
-    let (p, s, broadcast) = (producer.clone(), sockets.clone(), topics.broadcast.clone());
+    let (p, online, s, broadcast) = (
+        producer.clone(),
+        presence.clone(),
+        sockets.clone(),
+        topics.broadcast.clone(),
+    );
     container.add_handler(&topics.connect, move |msg: Message| {
-        on_connect(msg, &p, &s, &broadcast);
-        async {}
+        let (p, online, s, broadcast) = (p.clone(), online.clone(), s.clone(), broadcast.clone());
+        async move { on_connect(msg, &p, &online, &s, &broadcast).await }
     })?;
     if let Some(close) = &topics.close {
-        let (p, s, broadcast) = (producer.clone(), sockets.clone(), topics.broadcast.clone());
+        let (p, online, s, broadcast) = (
+            producer.clone(),
+            presence.clone(),
+            sockets.clone(),
+            topics.broadcast.clone(),
+        );
         container.add_handler(close, move |msg: Message| {
-            if let Some(ns) = &msg.context().namespace {
-                let _ = p.send(&broadcast, presence(&s, ns));
+            let (p, online, s, broadcast) =
+                (p.clone(), online.clone(), s.clone(), broadcast.clone());
+            async move {
+                if let Some(ns) = &msg.context().namespace {
+                    let (count, users) = who_is_online(&online, &s, ns).await;
+                    let _ = p.send(&broadcast, presence_frame(ns, count, &users));
+                }
             }
-            async {}
         })?;
     }
     let (p, broadcast) = (producer.clone(), topics.broadcast.clone());
@@ -145,30 +161,50 @@ pub(crate) fn install(container: &mut Container) -> Result<(), Box<dyn std::erro
     Ok(())
 }
 
-fn presence(sockets: &Sockets, namespace: &str) -> Value {
+/// Sockets and users online in `namespace` on every node; this node's own view if the bus
+/// cannot ask the others.
+async fn who_is_online(
+    presence: &Presence,
+    sockets: &Sockets,
+    namespace: &str,
+) -> (usize, Vec<String>) {
+    match presence.namespace(namespace).await {
+        Ok(p) => (p.sockets, p.users.into_keys().collect()),
+        Err(_) => (
+            sockets.count_in_namespace(namespace),
+            sockets.users_in_namespace(namespace),
+        ),
+    }
+}
+
+fn presence_frame(namespace: &str, online: usize, users: &[String]) -> Value {
     json!({
         "namespace": namespace,
         "type": "chat.presence",
-        "payload": {
-            "online": sockets.count_in_namespace(namespace),
-            "users": sockets.users_in_namespace(namespace),
-        },
+        "payload": {"online": online, "users": users},
     })
 }
 
-fn on_connect(msg: Message, producer: &Producer, sockets: &Sockets, broadcast: &str) {
+async fn on_connect(
+    msg: Message,
+    producer: &Producer,
+    presence: &Presence,
+    sockets: &Sockets,
+    broadcast: &str,
+) {
     let ctx = msg.context();
     let Some(namespace) = &ctx.namespace else {
         msg.fail(json!({"message": "pick a namespace: connect with ?namespace=NAME"}));
         return;
     };
+    let (online, users) = who_is_online(presence, sockets, namespace).await;
     msg.reply(json!({
         "username": ctx.username,
         "namespace": namespace,
-        "online": sockets.count_in_namespace(namespace),
-        "users": sockets.users_in_namespace(namespace),
+        "online": online,
+        "users": users,
     }));
-    let _ = producer.send(broadcast, presence(sockets, namespace));
+    let _ = producer.send(broadcast, presence_frame(namespace, online, &users));
 }
 
 /// The sender's name and namespace, and the payload's `text`, if all are there.

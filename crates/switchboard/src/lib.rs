@@ -70,6 +70,7 @@ mod expiry;
 mod gateway;
 mod inbound;
 mod metrics;
+mod presence;
 mod rate;
 mod stats;
 mod transports;
@@ -81,6 +82,7 @@ pub use gateway::{
     REFRESHED_TYPE, REFRESH_MISMATCH_CODE, REFRESH_TYPE, TOKEN_EXPIRED_CODE,
 };
 pub use inbound::{decode_client_message, BadMessage, ClientMessage};
+pub use presence::{NamespacePresence, Presence, UserPresence, PRESENCE_TIMEOUT, PRESENCE_TOPIC};
 pub use stats::Stats;
 pub use switchboard_bus::{
     Bus, Context, Handler, HandlerError, InProcessBus, JsonObject, Message, Producer, PublishError,
@@ -216,6 +218,11 @@ impl Container {
                 bus.subscribe_every_node(topic, handler(registry.clone(), out))?;
             }
         }
+        // Every node answers who is online on it.
+        bus.subscribe_every_node(
+            PRESENCE_TOPIC,
+            Arc::new(presence::responder(registry.clone())),
+        )?;
         let admin_listen = config.gateway.admin.as_ref().map(|a| a.listen);
         Ok(Container {
             config,
@@ -280,7 +287,13 @@ impl Container {
         Producer::new(self.bus.clone())
     }
 
-    /// A read-only view of the connected sockets.
+    /// Asks every node who is online (on NATS: every gateway node on the bus). Usable in
+    /// handlers.
+    pub fn presence(&self) -> Presence {
+        Presence::new(self.bus.clone())
+    }
+
+    /// A read-only view of the connected sockets (of this node).
     pub fn sockets(&self) -> Sockets {
         Sockets(self.registry.clone())
     }
@@ -551,7 +564,12 @@ impl Running {
         self.producer.clone()
     }
 
-    /// The connected sockets.
+    /// Asks every node who is online.
+    pub fn presence(&self) -> Presence {
+        Presence::new(self.bus.clone())
+    }
+
+    /// The connected sockets (of this node).
     pub fn sockets(&self) -> &Sockets {
         &self.sockets
     }

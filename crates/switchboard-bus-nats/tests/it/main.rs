@@ -209,3 +209,54 @@ async fn nats_restart_keeps_sockets_open_and_traffic_resumes() {
     }
     assert_eq!(gw.running.sockets().count(), 1, "the socket never dropped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_asked_on_one_node_counts_the_sockets_of_every_node() {
+    let nats = NatsServer::start();
+    let a = gateway(&nats, Duration::from_secs(5), |_| {}).await;
+    let b = gateway(&nats, Duration::from_secs(5), |_| {}).await;
+    let _alex = connect(a.running.local_addr().unwrap(), "alex", Some("acme")).await;
+    let _sam = connect(b.running.local_addr().unwrap(), "sam", Some("acme")).await;
+    let _sam2 = connect(b.running.local_addr().unwrap(), "sam", Some("globex")).await;
+    wait_until(
+        || a.running.sockets().count() == 1 && b.running.sockets().count() == 2,
+        "the sockets registered",
+    )
+    .await;
+    for node in [&a, &b] {
+        let acme = node.running.presence().namespace("acme").await.unwrap();
+        assert_eq!(acme.nodes, 2, "both nodes answered");
+        assert_eq!(acme.sockets, 2);
+        assert_eq!(
+            acme.users.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["alex", "sam"]
+        );
+        let sam = node.running.presence().user("sam").await.unwrap();
+        assert_eq!((sam.sockets, sam.nodes), (2, 2));
+    }
+    // A plain NATS client can ask too: every node answers on the asker's inbox.
+    let outside = async_nats::connect(nats.url()).await.unwrap();
+    let inbox = outside.new_inbox();
+    let mut answers = outside.subscribe(inbox.clone()).await.unwrap();
+    outside
+        .publish_with_reply("_SB_PRESENCE", inbox, r#"{"namespace":"acme"}"#.into())
+        .await
+        .unwrap();
+    let mut users = Vec::new();
+    for _ in 0..2 {
+        let answer = tokio::time::timeout(NATS_WAIT, answers.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let answer: Value = serde_json::from_slice(&answer.payload).unwrap();
+        users.extend(
+            answer["reply"]["users"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned(),
+        );
+    }
+    users.sort();
+    assert_eq!(users, ["alex", "sam"]);
+}

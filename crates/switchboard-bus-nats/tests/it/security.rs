@@ -122,6 +122,9 @@ async fn the_securing_nats_example_grants_each_part_what_it_needs_and_no_more() 
         publisher.flush().await.unwrap();
         assert_eq!(recv(&mut ws).await["type"], kind);
     }
+    // the node answers presence questions, and asks them, with its rights
+    let acme = gw.running.presence().namespace("acme").await.unwrap();
+    assert_eq!((acme.nodes, acme.sockets), (1, 1), "{acme:?}");
     // the node's shutdown flush works with its rights
     tokio::time::timeout(Duration::from_secs(10), gw.bus.flush_published())
         .await

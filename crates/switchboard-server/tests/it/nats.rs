@@ -435,3 +435,68 @@ async fn every_onclose_reaches_a_handler_when_a_node_is_stopped() {
     )
     .await;
 }
+
+/// A `serve --demo` node on NATS: the repo's `conf/socket.yaml` with a bus section.
+fn demo_node(nats: &NatsServer, name: &str) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("socket.yaml");
+    let ours = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../conf/socket.yaml"
+    ))
+    .unwrap();
+    let bus = format!(
+        "  bus:\n    nats:\n      url: \"{}\"\n      node_name: \"{name}\"\n",
+        nats.url()
+    );
+    std::fs::write(&config, format!("{ours}{bus}")).unwrap();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    serve
+        .args(["serve", "--demo", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env("SWITCHBOARD_JWT_SECRET", SECRET);
+    let (child, addr) = crate::spawn_serve(serve);
+    Node {
+        child,
+        addr,
+        _dir: dir,
+    }
+}
+
+/// The next frame of `kind`, skipping others.
+async fn next_of(ws: &mut Ws, kind: &str) -> Value {
+    loop {
+        let frame = recv(ws).await;
+        if frame["type"] == kind {
+            return frame;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demos_online_list_counts_both_nodes() {
+    let nats = NatsServer::start();
+    let a = demo_node(&nats, "a");
+    let b = demo_node(&nats, "b");
+    let mut alex = connect(a.addr, "alex", Some("acme")).await;
+    let hello = next_of(&mut alex, "onconnect").await;
+    assert_eq!(hello["payload"]["users"], json!(["alex"]));
+    let mut sam = connect(b.addr, "sam", Some("acme")).await;
+    let hello = next_of(&mut sam, "onconnect").await;
+    assert_eq!(hello["payload"]["users"], json!(["alex", "sam"]), "{hello}");
+    assert_eq!(hello["payload"]["online"], 2);
+    // alex, on the other node, hears of sam through the broadcast, with both listed.
+    loop {
+        let presence = next_of(&mut alex, "chat.presence").await;
+        if presence["payload"]["users"] == json!(["alex", "sam"]) {
+            break;
+        }
+    }
+    drop(sam);
+    loop {
+        let presence = next_of(&mut alex, "chat.presence").await;
+        if presence["payload"]["users"] == json!(["alex"]) {
+            break;
+        }
+    }
+}

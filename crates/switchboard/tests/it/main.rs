@@ -467,7 +467,36 @@ async fn disconnect_closes_the_users_matching_sockets_with_its_code_and_onclose_
     assert_eq!(sam.recv().await["type"], "still here");
 }
 
+async fn presence_counts_the_users_and_sockets_of_a_namespace_and_of_a_user(kind: Kind) {
+    let gw = start(kind, container(spec_config(""))).await;
+    let _a1 = gw.connect("alex", Some("acme")).await;
+    let _a2 = gw.connect("alex", Some("acme")).await;
+    let _a3 = gw.connect("alex", Some("globex")).await;
+    let _a4 = gw.connect("alex", None).await;
+    let mut sam = gw.connect("sam", Some("acme")).await;
+    gw.wait_for_sockets(5).await;
+    let presence = gw.presence();
+    let acme = presence.namespace("acme").await.unwrap();
+    assert_eq!(acme.nodes, 1);
+    assert_eq!(acme.sockets, 3);
+    assert_eq!(
+        acme.users.into_iter().collect::<Vec<_>>(),
+        [("alex".to_string(), 2), ("sam".to_string(), 1)]
+    );
+    let alex = presence.user("alex").await.unwrap();
+    assert_eq!(alex.sockets, 4);
+    assert_eq!(alex.namespaces["acme"], 2);
+    assert_eq!(alex.namespaces["globex"], 1);
+    assert_eq!(alex.namespaces[""], 1);
+    assert_eq!(presence.namespace("nobody").await.unwrap().sockets, 0);
+    sam.close(1000).await;
+    gw.wait_for_sockets(4).await;
+    let acme = presence.namespace("acme").await.unwrap();
+    assert_eq!(acme.users.keys().collect::<Vec<_>>(), ["alex"]);
+}
+
 each_transport!(
+    presence_counts_the_users_and_sockets_of_a_namespace_and_of_a_user,
     disconnect_closes_the_users_matching_sockets_with_its_code_and_onclose_once,
     connect_reply_reaches_the_client_with_full_context,
     connect_fail_sends_error_then_closes_and_still_publishes_onclose,
