@@ -425,6 +425,10 @@ impl Bus for NatsBus {
         self.client.connection_state() == State::Connected
     }
 
+    fn node_name(&self) -> Option<&str> {
+        Some(&self.node)
+    }
+
     fn flush(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(self.flush_published())
     }

@@ -332,6 +332,12 @@ pub trait Bus: Send + Sync + 'static {
         self.subscribe(topic, handler)
     }
 
+    /// This node's name on a bus shared by several nodes (a broker bus); `None` in one
+    /// process, where there is only this node.
+    fn node_name(&self) -> Option<&str> {
+        None
+    }
+
     /// True while the bus can publish (a broker bus: while connected). Readiness checks use
     /// it. The in-process bus is always ready.
     fn is_ready(&self) -> bool {

@@ -1,11 +1,11 @@
-//! The `gateway` section and its small subsections: `admin` and `log`.
+//! The `gateway` section and its small subsections: `admin`, `api` and `log`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::de::de_duration;
+use crate::de::{de_byte_size, de_duration};
 use crate::{Auth, BusConfig, Limits, Socket};
 
 /// The `gateway` section.
@@ -31,6 +31,10 @@ pub struct Gateway {
     /// Absent: no admin listener.
     #[serde(default)]
     pub admin: Option<Admin>,
+    /// The server API: send, broadcast, disconnect and presence over HTTP, for backends that
+    /// do not join the bus, on its own address (extension). Absent: no API listener.
+    #[serde(default)]
+    pub api: Option<Api>,
     /// Logging (extension).
     #[serde(default)]
     pub log: Log,
@@ -55,6 +59,30 @@ pub struct Admin {
 
 fn default_top_namespaces() -> usize {
     20
+}
+
+/// The `gateway.api` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Api {
+    /// Address of the API listener. Keep it off the public network.
+    pub listen: SocketAddr,
+    /// The environment variable that holds the API key (at least 16 bytes), which callers
+    /// send as `Authorization: Bearer <key>`. Default `SWITCHBOARD_API_KEY`.
+    #[serde(default = "default_api_key_env")]
+    pub key_env: String,
+    /// Largest request body, in bytes; larger gets `413`. Default 64 KiB.
+    #[serde(default = "default_api_max_body", deserialize_with = "de_byte_size")]
+    pub max_body: usize,
+}
+
+fn default_api_key_env() -> String {
+    "SWITCHBOARD_API_KEY".into()
+}
+
+fn default_api_max_body() -> usize {
+    64 * 1024
 }
 
 /// The `gateway.log` section.

@@ -133,6 +133,17 @@ const SECTIONS: &[Section] = &[
                 None,
             ),
             key(
+                "gateway.api",
+                "map",
+                "absent",
+                Ext,
+                "The server API: `POST /api/send`, `/api/broadcast`, `/api/disconnect`, `GET \
+                 /api/presence`, `/api/connections` on their own address, for backends that do \
+                 not join the bus; authenticated with an API key. Absent: no API listener. See \
+                 [the API](API.md).",
+                None,
+            ),
+            key(
                 "gateway.log",
                 "map",
                 "all defaults",
@@ -624,6 +635,39 @@ const SECTIONS: &[Section] = &[
                  `namespace=\"(other)\"`, which caps the label's cardinality. `0`: all under \
                  `(other)`.",
                 Some("50"),
+            ),
+        ],
+    },
+    Section {
+        title: "`gateway.api`",
+        prefix: "gateway.api.",
+        keys: &[
+            key(
+                "gateway.api.listen",
+                "`ip:port`",
+                "required in `api`",
+                Ext,
+                "Address of the API listener. It is never the public socket port unless you \
+                 make it so; keep it off the public network.",
+                Some("127.0.0.1:4002"),
+            ),
+            key(
+                "gateway.api.key_env",
+                "string",
+                "`SWITCHBOARD_API_KEY`",
+                Ext,
+                "The environment variable that holds the API key (at least 16 bytes; the gateway \
+                 refuses to start without it). Callers send `Authorization: Bearer <key>`; it is \
+                 compared in constant time, and a request without it gets `401`.",
+                Some("MY_API_KEY"),
+            ),
+            key(
+                "gateway.api.max_body",
+                "size",
+                "`64KiB`",
+                Ext,
+                "Largest request body; larger gets `413`.",
+                Some("16KiB"),
             ),
         ],
     },

@@ -71,6 +71,8 @@ pub struct Entry<H> {
     pub namespace: Option<Arc<str>>,
     /// The caller's handle.
     pub handle: H,
+    /// When it was registered, in milliseconds since the Unix epoch.
+    pub since_ms: u64,
 }
 
 /// Hashes connection ids: they are handed out in sequence by the registry, never chosen by a
@@ -221,12 +223,16 @@ impl<H: Clone> Registry<H> {
         if let Some(ns) = &namespace {
             add(&self.by_namespace, ns.clone(), id, handle.clone());
         }
+        let since_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         self.conns.insert(
             id,
             Entry {
                 username,
                 namespace,
                 handle,
+                since_ms,
             },
         );
     }

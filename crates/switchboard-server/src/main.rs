@@ -239,6 +239,9 @@ async fn serve(
     if let Some(admin) = running.admin_addr() {
         println!("switchboard: admin on http://{admin} (/metrics, /healthz, /readyz)");
     }
+    if let Some(api) = running.api_addr() {
+        println!("switchboard: api on http://{api} (docs/API.md)");
+    }
     if demo {
         println!("switchboard: demo chat at http://{local}/ (open it in two browser windows)");
     }

@@ -101,7 +101,7 @@ pub(crate) fn disconnect_handler(
 
 /// Close codes a server may choose for a disconnect (RFC 6455 7.4: not the ones that report
 /// the client's errors or that may not be sent).
-fn server_may_send(code: u16) -> bool {
+pub(crate) fn server_may_send(code: u16) -> bool {
     matches!(code, 1000 | 1001 | 1008 | 1011 | 3000..=4999)
 }
 

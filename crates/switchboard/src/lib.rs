@@ -57,24 +57,28 @@ use std::time::Duration;
 use switchboard_core::SocketRef;
 use switchboard_registry::{Registry, Target};
 
-use crate::admin::{AdminServer, AdminState};
+use crate::admin::AdminState;
+use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::rate::RateLimit;
 use crate::stats::GatewayStats;
 use crate::transports::{Starter, Transports};
 
 mod admin;
+mod api;
 mod auth;
 mod delivery;
 mod expiry;
 mod gateway;
 mod inbound;
+mod listener;
 mod metrics;
 mod presence;
 mod rate;
 mod stats;
 mod transports;
 
+pub use api::API_ROUTES;
 pub use auth::{AuthError, VerificationKey};
 pub use delivery::DISCONNECT_CODE;
 pub use gateway::{
@@ -82,7 +86,10 @@ pub use gateway::{
     REFRESHED_TYPE, REFRESH_MISMATCH_CODE, REFRESH_TYPE, TOKEN_EXPIRED_CODE,
 };
 pub use inbound::{decode_client_message, BadMessage, ClientMessage};
-pub use presence::{NamespacePresence, Presence, UserPresence, PRESENCE_TIMEOUT, PRESENCE_TOPIC};
+pub use presence::{
+    Connection, NamespacePresence, Presence, UserConnections, UserPresence, PRESENCE_TIMEOUT,
+    PRESENCE_TOPIC,
+};
 pub use stats::Stats;
 pub use switchboard_bus::{
     Bus, Context, Handler, HandlerError, InProcessBus, JsonObject, Message, Producer, PublishError,
@@ -125,6 +132,9 @@ pub enum BuildError {
     /// The config's sections contradict each other (a key path and why).
     #[error("config: {0}")]
     Config(String),
+    /// The server API cannot be served (its key is unset or too short).
+    #[error("api: {0}")]
+    Api(String),
 }
 
 /// The gateway: config, bus, sockets and handlers. Build it, add handlers, then
@@ -137,6 +147,8 @@ pub struct Container {
     verifier: auth::Verifier,
     metrics: Arc<Metrics>,
     admin_listen: Option<SocketAddr>,
+    /// The server API's key (`gateway.api.key_env`, or [`Container::api_key`]).
+    api_key: Option<Vec<u8>>,
     /// Transports given with [`Container::transport`], served beside the default one.
     transports: Vec<Starter>,
     /// [`Container::sse_fallback`]: serve SSE even without `socket.sse` in the config.
@@ -221,7 +233,10 @@ impl Container {
         // Every node answers who is online on it.
         bus.subscribe_every_node(
             PRESENCE_TOPIC,
-            Arc::new(presence::responder(registry.clone())),
+            Arc::new(presence::responder(
+                registry.clone(),
+                bus.node_name().map(String::from),
+            )),
         )?;
         let admin_listen = config.gateway.admin.as_ref().map(|a| a.listen);
         Ok(Container {
@@ -232,6 +247,7 @@ impl Container {
             verifier,
             metrics,
             admin_listen,
+            api_key: None,
             transports: Vec::new(),
             sse_fallback: false,
         })
@@ -265,6 +281,20 @@ impl Container {
     pub fn transport(&mut self, transport: impl Transport) -> &mut Self {
         self.transports.push(transports::starter(transport));
         self
+    }
+
+    /// The server API's key, instead of the environment variable `gateway.api.key_env` names
+    /// (which is then not read): at least 16 bytes. Without either, starting fails.
+    pub fn api_key(&mut self, key: impl Into<Vec<u8>>) -> Result<&mut Self, BuildError> {
+        let key = key.into();
+        if key.len() < api::MIN_KEY_LEN {
+            return Err(BuildError::Api(format!(
+                "the API key must be at least {} bytes",
+                api::MIN_KEY_LEN
+            )));
+        }
+        self.api_key = Some(key);
+        Ok(self)
     }
 
     /// Serves the Server-Sent Events fallback beside the WebSocket transport, as
@@ -321,6 +351,16 @@ impl Container {
     /// Starts serving only the transports given with [`Container::transport`] (no WebSocket
     /// listener), and the admin listener as [`Container::start_on`] does.
     pub async fn start_transports(mut self) -> std::io::Result<Running> {
+        // The API key first: without it nothing starts.
+        let api_key = match &self.config.gateway.api {
+            Some(api) => match self.api_key.take() {
+                Some(key) => Some(key),
+                None => Some(api_key_from_env(&api.key_env).map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+                })?),
+            },
+            None => None,
+        };
         let starters = std::mem::take(&mut self.transports);
         let socket = &self.config.gateway.socket;
         let limits = &self.config.gateway.limits;
@@ -386,6 +426,7 @@ impl Container {
             .as_ref()
             .map_or(20, |a| a.top_namespaces);
         let registry = self.registry.clone();
+        let registry_for_api = self.registry.clone();
         let service = Arc::new(gateway::Gateway {
             hooks,
             bus: self.bus,
@@ -427,7 +468,7 @@ impl Container {
                     bus: bus.clone(),
                     draining: draining.clone(),
                 };
-                match AdminServer::bind(admin_addr, state).await {
+                match admin::bind(admin_addr, state).await {
                     Ok(admin) => Some(admin),
                     Err(e) => {
                         transports.shutdown(Duration::ZERO).await;
@@ -439,6 +480,39 @@ impl Container {
                 }
             }
             None => None,
+        };
+        let api = match (&self.config.gateway.api, api_key) {
+            (Some(config), Some(key)) => {
+                let socket = &self.config.gateway.socket;
+                let topic = |hook: &Option<config::SubscribeHook>| {
+                    hook.as_ref()
+                        .map(|h| Arc::<str>::from(h.subscribe.as_str()))
+                };
+                let state = api::ApiState {
+                    bus: bus.clone(),
+                    registry: registry_for_api.clone(),
+                    presence: Presence::new(bus.clone()),
+                    send: topic(&socket.send),
+                    broadcast: topic(&socket.broadcast),
+                    disconnect: topic(&socket.disconnect),
+                    key,
+                    max_body: config.max_body,
+                };
+                match Listener::bind(config.listen, "api", api::respond(state)).await {
+                    Ok(api) => Some(api),
+                    Err(e) => {
+                        transports.shutdown(Duration::ZERO).await;
+                        if let Some(expiries) = &expiries {
+                            expiries.stop();
+                        }
+                        if let Some(admin) = admin {
+                            admin.stop();
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            _ => None,
         };
         for (name, addr) in transports.describe() {
             let path = options_path(&self.config);
@@ -452,6 +526,9 @@ impl Container {
         if let Some(admin) = &admin {
             tracing::info!(listen = %admin.local_addr(), "admin listener: /metrics /healthz /readyz");
         }
+        if let Some(api) = &api {
+            tracing::info!(listen = %api.local_addr(), "api listener: /api/...");
+        }
         Ok(Running {
             transports,
             producer,
@@ -460,6 +537,7 @@ impl Container {
             drain,
             bus,
             admin,
+            api,
             prometheus,
             draining,
             expiries,
@@ -477,6 +555,19 @@ impl Container {
         running.shutdown(drain).await;
         Ok(())
     }
+}
+
+/// The server API's key from the environment variable `name`.
+fn api_key_from_env(name: &str) -> Result<Vec<u8>, BuildError> {
+    let key = std::env::var(name).unwrap_or_default();
+    if key.len() < api::MIN_KEY_LEN {
+        return Err(BuildError::Api(format!(
+            "gateway.api.key_env: the environment variable `{name}` must hold the API key, at \
+             least {} bytes",
+            api::MIN_KEY_LEN
+        )));
+    }
+    Ok(key.into_bytes())
 }
 
 /// Every topic the config names: the handles of their metrics are made up front.
@@ -538,7 +629,8 @@ pub struct Running {
     stats: Arc<GatewayStats>,
     drain: Duration,
     bus: Arc<dyn Bus>,
-    admin: Option<AdminServer>,
+    admin: Option<Listener>,
+    api: Option<Listener>,
     prometheus: Arc<prometheus_client::registry::Registry>,
     draining: Arc<AtomicBool>,
     expiries: Option<Arc<expiry::Expiries>>,
@@ -587,7 +679,12 @@ impl Running {
 
     /// The admin listener's address (`/metrics`, `/healthz`, `/readyz`), if it has one.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(AdminServer::local_addr)
+        self.admin.as_ref().map(Listener::local_addr)
+    }
+
+    /// The server API listener's address, if it has one (`gateway.api`).
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().map(Listener::local_addr)
     }
 
     /// Every metric now, in the Prometheus text format: what the admin listener's `/metrics`
@@ -617,6 +714,9 @@ impl Running {
         let _ = tokio::time::timeout(left, self.bus.flush()).await;
         if let Some(admin) = self.admin {
             admin.stop();
+        }
+        if let Some(api) = self.api {
+            api.stop();
         }
         report
     }

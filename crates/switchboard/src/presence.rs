@@ -22,6 +22,8 @@ pub const PRESENCE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A node lists at most this many users of a namespace in one answer (and says so).
 const MAX_USERS_PER_ANSWER: usize = 10_000;
+/// A node lists at most this many connections of one user in one answer.
+const MAX_CONNECTIONS_PER_ANSWER: usize = 1_000;
 
 /// Asks every node who is online. Cheap to clone; from [`crate::Container::presence`] or
 /// [`crate::Running::presence`], usable in handlers.
@@ -48,6 +50,28 @@ pub struct NamespacePresence {
     pub nodes: usize,
     /// True if a node had more users than it lists in one answer (10,000).
     pub truncated: bool,
+}
+
+/// One user's connections, listed, on every node that answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UserConnections {
+    /// Each connection (at most 1,000 per node), by node then time.
+    pub connections: Vec<Connection>,
+    /// How many nodes answered.
+    pub nodes: usize,
+}
+
+/// One connection of a user.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub struct Connection {
+    /// The node it is on (`"local"` on the in-process bus).
+    pub node: String,
+    /// Its namespace, if any.
+    pub namespace: Option<String>,
+    /// When it was opened, in milliseconds since the Unix epoch.
+    pub since_ms: u64,
 }
 
 /// One user's sockets, on every node that answered.
@@ -93,6 +117,28 @@ impl Presence {
         Ok(out)
     }
 
+    /// `username`'s connections, listed, across nodes (see [`Presence::namespace`] for nodes
+    /// that do not answer).
+    pub async fn connections(&self, username: &str) -> Result<UserConnections, PublishError> {
+        let answers = self.ask(json!({"connections": username})).await?;
+        let mut out = UserConnections {
+            nodes: answers.len(),
+            ..Default::default()
+        };
+        for answer in &answers {
+            let node = answer["node"].as_str().unwrap_or("local");
+            for c in answer["connections"].as_array().into_iter().flatten() {
+                out.connections.push(Connection {
+                    node: node.to_string(),
+                    namespace: c["namespace"].as_str().map(String::from),
+                    since_ms: c["since_ms"].as_u64().unwrap_or(0),
+                });
+            }
+        }
+        out.connections.sort();
+        Ok(out)
+    }
+
     async fn ask(&self, question: Value) -> Result<Vec<Value>, PublishError> {
         self.bus
             .gather(PRESENCE_TOPIC, question, PRESENCE_TIMEOUT)
@@ -115,12 +161,27 @@ fn sum_counts(answers: &[Value], field: &str, into: &mut BTreeMap<String, usize>
 
 /// The node's answer to a presence question about its own sockets: `{"namespace": N}` →
 /// `{"users": {user: sockets}, "truncated": bool}`; `{"username": U}` → `{"namespaces": {ns:
-/// sockets}}`. Anything else is answered with a failure (which `gather` leaves out).
+/// sockets}}`; `{"connections": U}` → `{"node": name, "connections": [{namespace, since_ms}]}`.
+/// Anything else is answered with a failure (which `gather` leaves out).
 pub(crate) fn responder(
     registry: Arc<Registry<SocketRef>>,
+    node: Option<String>,
 ) -> impl Fn(Message) -> Ready<()> + Send + Sync {
     move |msg: Message| {
         let data = msg.data();
+        if let Some(user) = data.get("connections").and_then(Value::as_str) {
+            let mut ids = Vec::new();
+            registry.for_each(Target::User(user), |id, _| ids.push(id));
+            let connections: Vec<Value> = ids
+                .into_iter()
+                .take(MAX_CONNECTIONS_PER_ANSWER)
+                .filter_map(|id| registry.get(id))
+                .map(|e| json!({"namespace": e.namespace.as_deref(), "since_ms": e.since_ms}))
+                .collect();
+            let node = node.as_deref().unwrap_or("local");
+            msg.reply(json!({"node": node, "connections": connections}));
+            return ready(());
+        }
         if let Some(ns) = data.get("namespace").and_then(Value::as_str) {
             let users = registry.users_in_namespace(ns);
             let truncated = users.len() > MAX_USERS_PER_ANSWER;

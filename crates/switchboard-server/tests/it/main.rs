@@ -86,7 +86,17 @@ fn start_demo() -> Demo {
 }
 
 /// Spawns a prepared `switchboard serve` command and returns it with the address it printed.
-pub(crate) fn spawn_serve(mut serve: Command) -> (Child, SocketAddr) {
+pub(crate) fn spawn_serve(serve: Command) -> (Child, SocketAddr) {
+    let (child, addr, _) = spawn_serve_printing(serve, None);
+    (child, addr)
+}
+
+/// [`spawn_serve`], also reading the address of the line that starts with `also` (the API
+/// listener's, say), printed after the listening line.
+pub(crate) fn spawn_serve_printing(
+    mut serve: Command,
+    also: Option<&str>,
+) -> (Child, SocketAddr, Option<SocketAddr>) {
     let mut child = serve
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -100,9 +110,16 @@ pub(crate) fn spawn_serve(mut serve: Command) -> (Child, SocketAddr) {
             break rest.trim_end_matches("/connect").parse().unwrap();
         }
     };
+    let other = also.map(|prefix| loop {
+        let line = lines.next().expect("server printed the address").unwrap();
+        if let Some(rest) = line.strip_prefix(prefix) {
+            let addr = rest.split_whitespace().next().unwrap_or_default();
+            break addr.parse().unwrap();
+        }
+    });
     // keep draining stdout so the server never blocks on a full pipe
     std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    (child, addr, other)
 }
 
 /// A plain HTTP GET; returns (status, headers, body).

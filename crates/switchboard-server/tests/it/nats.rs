@@ -500,3 +500,109 @@ async fn the_demos_online_list_counts_both_nodes() {
         }
     }
 }
+
+const API_KEY: &str = "node-api-key-0123456789";
+
+/// A node with the server API on a port of its own: (node, its API address).
+fn api_node(nats: &NatsServer, name: &str) -> (Node, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("socket.yaml");
+    let yaml = format!(
+        "{}  bus:\n    nats:\n      url: \"{}\"\n      node_name: \"{name}\"\n  api:\n    listen: 127.0.0.1:0\n",
+        hooks_yaml(),
+        nats.url()
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env(SECRET_ENV, SECRET)
+        .env("SWITCHBOARD_API_KEY", API_KEY);
+    let (child, addr, api) =
+        crate::spawn_serve_printing(serve, Some("switchboard: api on http://"));
+    let node = Node {
+        child,
+        addr,
+        _dir: dir,
+    };
+    (node, api.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_api_of_one_node_reaches_and_counts_the_sockets_of_both() {
+    let nats = NatsServer::start();
+    let (a, api_a) = api_node(&nats, "a");
+    let (b, _api_b) = api_node(&nats, "b");
+    let mut alex = connect(b.addr, "alex", Some("acme")).await;
+    let mut sam = connect(a.addr, "sam", Some("acme")).await;
+    let call = |method: &'static str, target: &'static str, body: Option<Value>| async move {
+        switchboard_test_support::http_json(api_a, method, target, Some(API_KEY), body.as_ref())
+            .await
+    };
+    // Both nodes have their socket once presence counts two.
+    wait_for_presence(api_a, 2).await;
+    let (status, body) = call(
+        "POST",
+        "/api/send",
+        Some(json!({"username": "alex", "type": "note", "payload": 1})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"sockets_on_this_node": 0, "published_to_every_node": true})
+    );
+    assert_eq!(recv(&mut alex).await, json!({"type": "note", "payload": 1}));
+    let (status, body) = call("GET", "/api/presence?namespace=acme", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["users"], json!({"alex": 1, "sam": 1}), "{body}");
+    assert_eq!(body["nodes"], 2);
+    let (_, body) = call("GET", "/api/connections?username=alex", None).await;
+    assert_eq!(body["connections"][0]["node"], "b", "{body}");
+    let (status, _) = call(
+        "POST",
+        "/api/disconnect",
+        Some(json!({"username": "alex", "code": 4003, "reason": "banned"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(close_of(&mut alex).await, (4003, "banned".to_string()));
+    publish_via_api_broadcast(api_a).await;
+    assert_eq!(recv(&mut sam).await["type"], "news");
+}
+
+async fn wait_for_presence(api: SocketAddr, sockets: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = switchboard_test_support::http_json(
+            api,
+            "GET",
+            "/api/presence?namespace=acme",
+            Some(API_KEY),
+            None,
+        )
+        .await;
+        if body["sockets"] == sockets {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence never reached {sockets}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn publish_via_api_broadcast(api: SocketAddr) {
+    let body = json!({"namespace": "acme", "type": "news"});
+    let (status, _) = switchboard_test_support::http_json(
+        api,
+        "POST",
+        "/api/broadcast",
+        Some(API_KEY),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, 200);
+}

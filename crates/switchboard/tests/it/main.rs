@@ -6,6 +6,7 @@
 //! hostile input, bounds, heartbeats, the admin listener) runs on WebSocket only.
 
 mod admin;
+mod api;
 mod bounds;
 mod gate;
 mod harness;

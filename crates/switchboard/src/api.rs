@@ -1,0 +1,330 @@
+//! The server API: `send`, `broadcast`, `disconnect` and presence over HTTP, for backends that
+//! do not join the bus, on a listener of its own (`gateway.api`), behind an API key.
+//! docs/API.md and docs/openapi.json describe it; a test checks them against [`API_ROUTES`].
+
+// The `Err` of these functions is the HTTP answer itself, moved once to the caller.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body as _, Incoming};
+use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Map, Value};
+use switchboard_bus::{Bus, Message};
+use switchboard_core::{HttpResponse, SocketRef};
+use switchboard_registry::{Registry, Target};
+
+use crate::delivery::server_may_send;
+use crate::listener::Respond;
+use crate::presence::Presence;
+
+/// Every route the API serves: (method, path).
+pub const API_ROUTES: &[(&str, &str)] = &[
+    ("POST", "/api/send"),
+    ("POST", "/api/broadcast"),
+    ("POST", "/api/disconnect"),
+    ("GET", "/api/presence"),
+    ("GET", "/api/connections"),
+];
+
+/// The shortest API key accepted.
+pub(crate) const MIN_KEY_LEN: usize = 16;
+
+/// What the API needs of the gateway.
+pub(crate) struct ApiState {
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) registry: Arc<Registry<SocketRef>>,
+    pub(crate) presence: Presence,
+    pub(crate) send: Option<Arc<str>>,
+    pub(crate) broadcast: Option<Arc<str>>,
+    pub(crate) disconnect: Option<Arc<str>>,
+    pub(crate) key: Vec<u8>,
+    pub(crate) max_body: usize,
+}
+
+/// The listener's answer to every request.
+pub(crate) fn respond(state: ApiState) -> Respond {
+    let state = Arc::new(state);
+    Arc::new(move |req| {
+        let state = state.clone();
+        Box::pin(async move { answer(&state, req).await.unwrap_or_else(|e| e) })
+    })
+}
+
+type Answer = Result<HttpResponse, HttpResponse>;
+
+fn json_response(status: StatusCode, body: &Value) -> HttpResponse {
+    let mut res = Response::new(Bytes::from(body.to_string()));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+fn error(status: StatusCode, message: &str) -> HttpResponse {
+    json_response(status, &json!({ "error": message }))
+}
+
+/// A `400` naming the field that is wrong.
+fn bad_field(field: &str, message: &str) -> HttpResponse {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        &json!({ "error": message, "field": field }),
+    )
+}
+
+/// `Authorization: Bearer <key>`, the key compared in constant time (its length is not
+/// secret).
+fn authorized(key: &[u8], req: &Request<Incoming>) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim().as_bytes())
+    else {
+        return false;
+    };
+    given.len() == key.len() && given.iter().zip(key).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+}
+
+async fn answer(state: &ApiState, req: Request<Incoming>) -> Answer {
+    if !authorized(&state.key, &req) {
+        let mut res = error(StatusCode::UNAUTHORIZED, "missing or wrong API key");
+        res.headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return Ok(res);
+    }
+    let path = req.uri().path().to_string();
+    let Some(&(method, _)) = API_ROUTES.iter().find(|(_, p)| *p == path) else {
+        return Ok(error(
+            StatusCode::NOT_FOUND,
+            "no such route: see docs/API.md",
+        ));
+    };
+    if req.method().as_str() != method {
+        let mut res = error(StatusCode::METHOD_NOT_ALLOWED, &format!("use {method}"));
+        res.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(method));
+        return Ok(res);
+    }
+    if req.method() == Method::GET {
+        let query = query(&req);
+        return match path.as_str() {
+            "/api/presence" => presence(state, &query).await,
+            _ => connections(state, &query).await,
+        };
+    }
+    let body = read_json(req, state.max_body).await?;
+    match path.as_str() {
+        "/api/send" => send(state, &body),
+        "/api/broadcast" => broadcast(state, &body),
+        _ => disconnect(state, &body),
+    }
+}
+
+fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect()
+}
+
+/// The body as a JSON object, at most `max` bytes (`413` beyond, unread).
+async fn read_json(req: Request<Incoming>, max: usize) -> Result<Map<String, Value>, HttpResponse> {
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("body over {max} bytes"),
+        )
+    };
+    let body = req.into_body();
+    if body.size_hint().lower() > max as u64 {
+        return Err(too_large());
+    }
+    let bytes = Limited::new(body, max)
+        .collect()
+        .await
+        .map_err(|_| too_large())?
+        .to_bytes();
+    match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object",
+        )),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("the body is not JSON: {e}"),
+        )),
+    }
+}
+
+/// A string field: `Ok(None)` when absent (or null) and not `required`.
+fn string<'a>(
+    body: &'a Map<String, Value>,
+    field: &str,
+    required: bool,
+) -> Result<Option<&'a str>, HttpResponse> {
+    match body.get(field) {
+        None | Some(Value::Null) if !required => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        None | Some(Value::Null) => Err(bad_field(field, &format!("`{field}` is required"))),
+        Some(_) => Err(bad_field(field, &format!("`{field}` must be a string"))),
+    }
+}
+
+/// The topic a route publishes to, if the config has it.
+fn topic<'a>(topic: &'a Option<Arc<str>>, key: &str) -> Result<&'a str, HttpResponse> {
+    topic.as_deref().ok_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            &format!("the config has no `gateway.socket.{key}` topic"),
+        )
+    })
+}
+
+/// Publishes `data` on `topic`; the answer says how many of this node's sockets `target`
+/// matched, and whether every node got it (a shared bus).
+fn publish(state: &ApiState, topic: &str, data: Value, target: Target<'_>) -> Answer {
+    let here = state.registry.count(target);
+    if let Err(e) = state.bus.publish(Message::new(topic, data)) {
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()));
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "sockets_on_this_node": here,
+            "published_to_every_node": state.bus.node_name().is_some(),
+        }),
+    ))
+}
+
+/// `{username, namespace?}` as a target, and those fields for the topic's data.
+fn user_target<'a>(
+    body: &'a Map<String, Value>,
+) -> Result<(Target<'a>, Map<String, Value>), HttpResponse> {
+    let username = string(body, "username", true)?.unwrap_or_default();
+    let namespace = string(body, "namespace", false)?;
+    let mut data = Map::new();
+    data.insert("username".into(), json!(username));
+    if let Some(ns) = namespace {
+        data.insert("namespace".into(), json!(ns));
+    }
+    let target = match namespace {
+        Some(ns) => Target::UserInNamespace(username, ns),
+        None => Target::User(username),
+    };
+    Ok((target, data))
+}
+
+/// `type` and `payload`, into `data`.
+fn frame_fields(
+    body: &Map<String, Value>,
+    data: &mut Map<String, Value>,
+) -> Result<(), HttpResponse> {
+    let kind = string(body, "type", true)?.unwrap_or_default();
+    data.insert("type".into(), json!(kind));
+    data.insert(
+        "payload".into(),
+        body.get("payload").cloned().unwrap_or(Value::Null),
+    );
+    Ok(())
+}
+
+fn send(state: &ApiState, body: &Map<String, Value>) -> Answer {
+    let topic = topic(&state.send, "send")?;
+    let (target, mut data) = user_target(body)?;
+    frame_fields(body, &mut data)?;
+    publish(state, topic, Value::Object(data), target)
+}
+
+fn broadcast(state: &ApiState, body: &Map<String, Value>) -> Answer {
+    let topic = topic(&state.broadcast, "broadcast")?;
+    let namespace = string(body, "namespace", false)?;
+    let mut data = Map::new();
+    if let Some(ns) = namespace {
+        data.insert("namespace".into(), json!(ns));
+    }
+    frame_fields(body, &mut data)?;
+    let target = namespace.map_or(Target::All, Target::Namespace);
+    publish(state, topic, Value::Object(data), target)
+}
+
+fn disconnect(state: &ApiState, body: &Map<String, Value>) -> Answer {
+    let topic = topic(&state.disconnect, "disconnect")?;
+    let (target, mut data) = user_target(body)?;
+    match body.get("code") {
+        None | Some(Value::Null) => {}
+        Some(code) => match code.as_u64().and_then(|c| u16::try_from(c).ok()) {
+            Some(code) if server_may_send(code) => {
+                data.insert("code".into(), json!(code));
+            }
+            _ => {
+                return Err(bad_field(
+                    "code",
+                    "`code` must be 1000, 1001, 1008, 1011 or 3000-4999",
+                ))
+            }
+        },
+    }
+    if let Some(reason) = string(body, "reason", false)? {
+        if reason.len() > 123 {
+            return Err(bad_field("reason", "`reason` must be at most 123 bytes"));
+        }
+        data.insert("reason".into(), json!(reason));
+    }
+    publish(state, topic, Value::Object(data), target)
+}
+
+fn required_param<'a>(
+    query: &'a BTreeMap<String, String>,
+    name: &str,
+) -> Result<&'a str, HttpResponse> {
+    query
+        .get(name)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| bad_field(name, &format!("`?{name}=` is required")))
+}
+
+async fn presence(state: &ApiState, query: &BTreeMap<String, String>) -> Answer {
+    let namespace = required_param(query, "namespace")?;
+    let p = state
+        .presence
+        .namespace(namespace)
+        .await
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "namespace": namespace,
+            "users": p.users,
+            "sockets": p.sockets,
+            "nodes": p.nodes,
+            "truncated": p.truncated,
+        }),
+    ))
+}
+
+async fn connections(state: &ApiState, query: &BTreeMap<String, String>) -> Answer {
+    let username = required_param(query, "username")?;
+    let c = state
+        .presence
+        .connections(username)
+        .await
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()))?;
+    let list: Vec<Value> = c
+        .connections
+        .iter()
+        .map(|c| json!({"node": c.node, "namespace": c.namespace, "since_ms": c.since_ms}))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"username": username, "connections": list, "nodes": c.nodes}),
+    ))
+}

@@ -1,0 +1,105 @@
+//! A small HTTP/1.1 server on an address of its own, for the admin and API listeners: off the
+//! public port, one async answer per request, stopped with its connections.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::Request;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use switchboard_core::{BoxFuture, HttpResponse};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Answers one request.
+pub(crate) type Respond =
+    Arc<dyn Fn(Request<Incoming>) -> BoxFuture<'static, HttpResponse> + Send + Sync>;
+
+/// A running listener; [`Listener::stop`] ends it and its connections.
+pub(crate) struct Listener {
+    local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    accept_loop: JoinHandle<()>,
+}
+
+impl Listener {
+    /// Binds `addr` and answers every request with `respond`; `what` names it in errors.
+    pub(crate) async fn bind(
+        addr: SocketAddr,
+        what: &'static str,
+        respond: Respond,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{what} listener {addr}: {e}")))?;
+        let local_addr = listener.local_addr()?;
+        let (stop, stopped) = watch::channel(false);
+        let accept_loop = tokio::spawn(accept_loop(listener, what, respond, stopped));
+        Ok(Listener {
+            local_addr,
+            stop,
+            accept_loop,
+        })
+    }
+
+    /// The address it listens on.
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting and closes open connections after their current request.
+    pub(crate) fn stop(self) {
+        let _ = self.stop.send(true);
+        self.accept_loop.abort();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    what: &'static str,
+    respond: Respond,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stopped.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what} listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let respond = respond.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let answer = respond(req);
+                async move { Ok::<_, Infallible>(answer.await.map(Full::new)) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stopped.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "{what} connection ended with an error");
+            }
+        });
+    }
+}

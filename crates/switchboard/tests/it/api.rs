@@ -1,0 +1,204 @@
+//! The server API (`gateway.api`): a real HTTP client against a started gateway, and the
+//! OpenAPI document checked against the routes the server serves.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use serde_json::{json, Value};
+use switchboard::API_ROUTES;
+use switchboard_test_support::{
+    container, http_json, next_published, recorder, spec_config, start, Gateway, Kind,
+};
+
+const KEY: &str = "test-api-key-0123456789";
+
+fn api_config() -> switchboard::Config {
+    let mut yaml = String::from("    disconnect:\n      subscribe: \"socket:disconnect\"");
+    yaml.push_str("\n    sse: {}");
+    let mut config = spec_config(&yaml);
+    let api: switchboard::config::Api = serde_json::from_value(json!({
+        "listen": "127.0.0.1:0",
+        "max_body": 1024,
+    }))
+    .unwrap();
+    config.gateway.api = Some(api);
+    config
+}
+
+async fn api_gateway(kind: Kind) -> (Gateway, SocketAddr) {
+    let gw = start(kind, container_with_key()).await;
+    let addr = gw.api_addr().expect("an API listener");
+    (gw, addr)
+}
+
+/// A container with the API section, its key given directly (no environment variable).
+fn container_with_key() -> switchboard::Container {
+    let mut c = container(api_config());
+    c.api_key(KEY).unwrap();
+    c
+}
+
+async fn call(addr: SocketAddr, method: &str, target: &str, body: Option<Value>) -> (u16, Value) {
+    http_json(addr, method, target, Some(KEY), body.as_ref()).await
+}
+
+#[tokio::test]
+async fn every_call_needs_the_key_and_bad_input_names_the_field() {
+    let (_gw, addr) = api_gateway(Kind::WebSocket).await;
+    let send = json!({"username": "alex", "type": "t"});
+    for key in [None, Some("wrong-key-0123456789abc"), Some("")] {
+        let (status, body) = http_json(addr, "POST", "/api/send", key, Some(&send)).await;
+        assert_eq!(status, 401, "{key:?} {body}");
+    }
+    let (status, _) = http_json(addr, "GET", "/api/nope", None, None).await;
+    assert_eq!(status, 401, "no route is shown without the key");
+    assert_eq!(call(addr, "GET", "/api/nope", None).await.0, 404);
+    assert_eq!(call(addr, "GET", "/api/send", None).await.0, 405);
+    let (status, body) = call(addr, "POST", "/api/send", Some(json!({"type": "t"}))).await;
+    assert_eq!(
+        (status, body["field"].clone()),
+        (400, json!("username")),
+        "{body}"
+    );
+    let (status, body) = call(
+        addr,
+        "POST",
+        "/api/send",
+        Some(json!({"username": 7, "type": "t"})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["field"].clone()),
+        (400, json!("username")),
+        "{body}"
+    );
+    let (status, body) = call(addr, "POST", "/api/broadcast", Some(json!({"payload": 1}))).await;
+    assert_eq!(
+        (status, body["field"].clone()),
+        (400, json!("type")),
+        "{body}"
+    );
+    let bad_code = json!({"username": "alex", "code": 1005});
+    let (status, body) = call(addr, "POST", "/api/disconnect", Some(bad_code)).await;
+    assert_eq!(
+        (status, body["field"].clone()),
+        (400, json!("code")),
+        "{body}"
+    );
+    let (status, body) = call(addr, "GET", "/api/presence", None).await;
+    assert_eq!(
+        (status, body["field"].clone()),
+        (400, json!("namespace")),
+        "{body}"
+    );
+    let (status, _) = call(addr, "POST", "/api/send", Some(json!([1, 2]))).await;
+    assert_eq!(status, 400);
+    let big = json!({"username": "alex", "type": "t", "payload": "x".repeat(2000)});
+    assert_eq!(call(addr, "POST", "/api/send", Some(big)).await.0, 413);
+}
+
+async fn send_broadcast_disconnect_and_presence_over_http(kind: Kind) {
+    let mut c = container_with_key();
+    let mut closes = recorder(&mut c, &["socket:close"]);
+    let gw = start(kind, c).await;
+    let addr = gw.api_addr().unwrap();
+    let mut alex = gw.connect("alex", Some("acme")).await;
+    let mut sam = gw.connect("sam", Some("acme")).await;
+    gw.wait_for_sockets(2).await;
+
+    let send = json!({"username": "alex", "namespace": "acme", "type": "note", "payload": 1});
+    let (status, body) = call(addr, "POST", "/api/send", Some(send)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"sockets_on_this_node": 1, "published_to_every_node": false})
+    );
+    assert_eq!(alex.recv().await, json!({"type": "note", "payload": 1}));
+
+    let news = json!({"namespace": "acme", "type": "news", "payload": "hi"});
+    let (status, body) = call(addr, "POST", "/api/broadcast", Some(news)).await;
+    assert_eq!(
+        (status, body["sockets_on_this_node"].clone()),
+        (200, json!(2))
+    );
+    assert_eq!(alex.recv().await["type"], "news");
+    assert_eq!(sam.recv().await["type"], "news");
+
+    let (status, body) = call(addr, "GET", "/api/presence?namespace=acme", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["users"], json!({"alex": 1, "sam": 1}));
+    assert_eq!(
+        (body["sockets"].clone(), body["nodes"].clone()),
+        (json!(2), json!(1))
+    );
+
+    let (status, body) = call(addr, "GET", "/api/connections?username=alex", None).await;
+    assert_eq!(status, 200);
+    let connections = body["connections"].as_array().unwrap();
+    assert_eq!(connections.len(), 1, "{body}");
+    assert_eq!(connections[0]["namespace"], "acme");
+    assert_eq!(connections[0]["node"], "local");
+    assert!(connections[0]["since_ms"].as_u64().unwrap() > 1_700_000_000_000);
+
+    let out = json!({"username": "alex", "code": 4003, "reason": "banned"});
+    let (status, body) = call(addr, "POST", "/api/disconnect", Some(out)).await;
+    assert_eq!(
+        (status, body["sockets_on_this_node"].clone()),
+        (200, json!(1))
+    );
+    assert_eq!(alex.close_code().await, 4003);
+    let (_, data, _) = next_published(&mut closes).await;
+    assert_eq!(data["reason"]["reason"], "banned");
+    gw.wait_for_sockets(1).await;
+}
+
+switchboard_test_support::each_transport!(send_broadcast_disconnect_and_presence_over_http);
+
+/// docs/openapi.json lists exactly the routes the server serves, and each answers (with the
+/// key, and bad input: never 404 or 405).
+#[tokio::test]
+async fn the_openapi_document_matches_the_routes_served() {
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/openapi.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let documented: BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(|m| (m.to_uppercase(), path.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let served: BTreeSet<(String, String)> = API_ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, served);
+    let (_gw, addr) = api_gateway(Kind::WebSocket).await;
+    for (method, path) in &served {
+        let body = (method == "POST").then(|| json!({}));
+        let (status, _) = call(addr, method, path, body).await;
+        assert_eq!(status, 400, "{method} {path} answers (bad input: 400)");
+    }
+}
+
+#[tokio::test]
+async fn without_a_key_the_gateway_does_not_start_and_says_which_variable() {
+    let c = container(api_config());
+    let err = c
+        .start_on("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect_err("no API key");
+    assert!(err.to_string().contains("SWITCHBOARD_API_KEY"), "{err}");
+    let mut c = container(api_config());
+    assert!(c.api_key("too-short").is_err());
+}
