@@ -449,45 +449,65 @@ impl Bus for NatsBus {
             if !self.is_ready() {
                 return Err(fail("not connected".into()));
             }
-            // Under this process's reply prefix (which its NATS user may read anyway), not in
-            // `_INBOX.>`, so a locked-down node needs no right to read other clients' inboxes.
-            let unique = self.client.new_inbox();
-            let unique = unique.rsplit('.').next().unwrap_or_default();
-            let inbox = format!("{}.gather.{unique}", self.reply_prefix);
-            let mut answers = self
-                .client
-                .subscribe(inbox.clone())
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            let body = Bytes::from(serde_json::to_vec(&data).unwrap_or_default());
-            self.client
-                .publish_with_reply(topic.clone(), inbox, body)
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            let deadline = tokio::time::Instant::now() + within;
-            let mut gathered = Vec::new();
-            loop {
-                let until = if gathered.is_empty() {
-                    deadline
-                } else {
-                    deadline.min(tokio::time::Instant::now() + GATHER_QUIET)
-                };
-                match tokio::time::timeout_at(until, answers.next()).await {
-                    Ok(Some(answer)) => {
-                        if let Ok(Answer { reply: Some(v), .. }) =
-                            serde_json::from_slice(&answer.payload)
-                        {
-                            gathered.push(v);
-                        }
-                    }
-                    _ => break,
-                }
+            if let Err(reason) = check_subject(&topic) {
+                return Err(fail(reason));
             }
-            let _ = answers.unsubscribe().await;
-            Ok(gathered)
+            // Everything, the subscription and the publish included, within `within`: a
+            // connection lost after the check above must not hold the asker.
+            let deadline = tokio::time::Instant::now() + within;
+            // A little later than the answers' deadline, so that answers gathered by then
+            // are kept.
+            let give_up = deadline + std::time::Duration::from_millis(100);
+            let gathered = tokio::time::timeout_at(give_up, async {
+                // Under this process's reply prefix (which its NATS user may read anyway), not
+                // in `_INBOX.>`, so a locked-down node needs no right to read other clients'
+                // inboxes.
+                let unique = self.client.new_inbox();
+                let unique = unique.rsplit('.').next().unwrap_or_default().to_string();
+                let inbox = format!("{}.gather.{unique}", self.reply_prefix);
+                let mut answers = self
+                    .client
+                    .subscribe(inbox.clone())
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                let body = Bytes::from(serde_json::to_vec(&data).unwrap_or_default());
+                self.client
+                    .publish_with_reply(topic.clone(), inbox, body)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                let mut gathered = Vec::new();
+                // Bounded in count: anyone on the broker may answer.
+                while gathered.len() < MAX_GATHERED {
+                    let quiet = tokio::time::Instant::now() + GATHER_QUIET;
+                    let until = if gathered.is_empty() {
+                        deadline
+                    } else {
+                        deadline.min(quiet)
+                    };
+                    match tokio::time::timeout_at(until, answers.next()).await {
+                        Ok(Some(answer)) => {
+                            if let Ok(Answer { reply: Some(v), .. }) =
+                                serde_json::from_slice(&answer.payload)
+                            {
+                                gathered.push(v);
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+                let _ = answers.unsubscribe().await;
+                Ok(gathered)
+            })
+            .await;
+            // Past the deadline: whatever the wait was for, there are no answers.
+            gathered.unwrap_or_else(|_| Ok(Vec::new()))
         })
     }
 }
+
+/// [`NatsBus::gather`] keeps at most this many answers (one per node; anyone on the broker
+/// may answer).
+pub const MAX_GATHERED: usize = 256;
 
 /// [`NatsBus::gather`] stops this long after the last answer.
 pub const GATHER_QUIET: std::time::Duration = std::time::Duration::from_millis(50);

@@ -485,7 +485,9 @@ const SECTIONS: &[Section] = &[
                  `{username, namespace?, code?, reason?}` closes that user's sockets (in that \
                  namespace) with `code` (default 4002, or any code a server may send: 1000, \
                  1001, 1008, 1011, 3000-4999) and `reason`; each publishes `onclose` once. For \
-                 logout, bans, revoked tokens.",
+                 logout, bans, revoked tokens: it closes sockets, it does not refuse the user's \
+                 next connection (the JS client reconnects, so refuse it at admission or in the \
+                 connect handler too). A socket still waiting at the connect gate is not reached.",
                 Some("\"socket:disconnect\""),
             ),
         ],

@@ -34,6 +34,21 @@ pub const API_ROUTES: &[(&str, &str)] = &[
 /// The shortest API key accepted.
 pub(crate) const MIN_KEY_LEN: usize = 16;
 
+/// How long a request's body may take to arrive.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why `key` cannot be an API key (a header carries it: visible ASCII, at least
+/// [`MIN_KEY_LEN`] bytes), if it cannot.
+pub(crate) fn key_problem(key: &[u8]) -> Option<String> {
+    if key.len() < MIN_KEY_LEN {
+        return Some(format!("the API key must be at least {MIN_KEY_LEN} bytes"));
+    }
+    if !key.iter().all(u8::is_ascii_graphic) {
+        return Some("the API key must be visible ASCII, without spaces or line ends".into());
+    }
+    None
+}
+
 /// What the API needs of the gateway.
 pub(crate) struct ApiState {
     pub(crate) bus: Arc<dyn Bus>,
@@ -146,11 +161,15 @@ async fn read_json(req: Request<Incoming>, max: usize) -> Result<Map<String, Val
     if body.size_hint().lower() > max as u64 {
         return Err(too_large());
     }
-    let bytes = Limited::new(body, max)
-        .collect()
+    // A body sent slowly does not hold the connection for ever.
+    let collected = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, max).collect())
         .await
-        .map_err(|_| too_large())?
-        .to_bytes();
+        .map_err(|_| error(StatusCode::REQUEST_TIMEOUT, "the body took too long"))?;
+    let bytes = match collected {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(e) => return Err(error(StatusCode::BAD_REQUEST, &format!("bad body: {e}"))),
+    };
     match serde_json::from_slice(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(error(
@@ -172,6 +191,9 @@ fn string<'a>(
 ) -> Result<Option<&'a str>, HttpResponse> {
     match body.get(field) {
         None | Some(Value::Null) if !required => Ok(None),
+        Some(Value::String(s)) if required && s.is_empty() => {
+            Err(bad_field(field, &format!("`{field}` must not be empty")))
+        }
         Some(Value::String(s)) => Ok(Some(s)),
         None | Some(Value::Null) => Err(bad_field(field, &format!("`{field}` is required"))),
         Some(_) => Err(bad_field(field, &format!("`{field}` must be a string"))),
@@ -191,7 +213,7 @@ fn topic<'a>(topic: &'a Option<Arc<str>>, key: &str) -> Result<&'a str, HttpResp
 /// Publishes `data` on `topic`; the answer says how many of this node's sockets `target`
 /// matched, and whether every node got it (a shared bus).
 fn publish(state: &ApiState, topic: &str, data: Value, target: Target<'_>) -> Answer {
-    let here = state.registry.count(target);
+    let here = crate::presence::live(&state.registry, target);
     if let Err(e) = state.bus.publish(Message::new(topic, data)) {
         return Err(error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()));
     }

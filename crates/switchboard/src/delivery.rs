@@ -89,8 +89,14 @@ pub(crate) fn disconnect_handler(
             Ok(reason) => reason.unwrap_or("disconnected by the server"),
             Err(e) => return refuse(&msg, e),
         };
+        // Sockets closing already (a second disconnect, say) are neither closed nor counted
+        // again.
         let mut sockets = Vec::with_capacity(registry.count(target));
-        registry.for_each(target, |_, socket| sockets.push(socket.clone()));
+        registry.for_each(target, |_, socket| {
+            if !socket.is_closing() {
+                sockets.push(socket.clone());
+            }
+        });
         for socket in &sockets {
             socket.close(code, reason);
         }

@@ -284,14 +284,12 @@ impl Container {
     }
 
     /// The server API's key, instead of the environment variable `gateway.api.key_env` names
-    /// (which is then not read): at least 16 bytes. Without either, starting fails.
+    /// (which is then not read): at least 16 bytes of visible ASCII. Without either, starting
+    /// fails.
     pub fn api_key(&mut self, key: impl Into<Vec<u8>>) -> Result<&mut Self, BuildError> {
         let key = key.into();
-        if key.len() < api::MIN_KEY_LEN {
-            return Err(BuildError::Api(format!(
-                "the API key must be at least {} bytes",
-                api::MIN_KEY_LEN
-            )));
+        if let Some(problem) = api::key_problem(&key) {
+            return Err(BuildError::Api(problem));
         }
         self.api_key = Some(key);
         Ok(self)
@@ -560,14 +558,13 @@ impl Container {
 /// The server API's key from the environment variable `name`.
 fn api_key_from_env(name: &str) -> Result<Vec<u8>, BuildError> {
     let key = std::env::var(name).unwrap_or_default();
-    if key.len() < api::MIN_KEY_LEN {
-        return Err(BuildError::Api(format!(
-            "gateway.api.key_env: the environment variable `{name}` must hold the API key, at \
-             least {} bytes",
-            api::MIN_KEY_LEN
-        )));
+    match api::key_problem(key.as_bytes()) {
+        Some(problem) => Err(BuildError::Api(format!(
+            "gateway.api.key_env: the environment variable `{name}` must hold the API key: \
+             {problem}"
+        ))),
+        None => Ok(key.into_bytes()),
     }
-    Ok(key.into_bytes())
 }
 
 /// Every topic the config names: the handles of their metrics are made up front.

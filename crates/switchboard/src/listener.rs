@@ -17,6 +17,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// Connections one listener serves at once; more are closed as they are accepted.
+const MAX_CONNECTIONS: usize = 128;
+
 /// Answers one request.
 pub(crate) type Respond =
     Arc<dyn Fn(Request<Incoming>) -> BoxFuture<'static, HttpResponse> + Send + Sync>;
@@ -66,6 +69,7 @@ async fn accept_loop(
     respond: Respond,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             _ = stopped.changed() => return,
@@ -78,9 +82,16 @@ async fn accept_loop(
                 }
             },
         };
+        // At most MAX_CONNECTIONS at once: these listeners share the process's file
+        // descriptors with the public one, and anyone who can reach them can connect.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "{what} listener: too many connections; closed");
+            continue;
+        };
         let respond = respond.clone();
         let mut stopped = stopped.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let answer = respond(req);
                 async move { Ok::<_, Infallible>(answer.await.map(Full::new)) }

@@ -56,7 +56,7 @@ pub struct NamespacePresence {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct UserConnections {
-    /// Each connection (at most 1,000 per node), by node then time.
+    /// Each connection (at most 1,000 per node), sorted by node, namespace, then time.
     pub connections: Vec<Connection>,
     /// How many nodes answered.
     pub nodes: usize,
@@ -70,7 +70,8 @@ pub struct Connection {
     pub node: String,
     /// Its namespace, if any.
     pub namespace: Option<String>,
-    /// When it was opened, in milliseconds since the Unix epoch.
+    /// When it was registered (opened; with the connect gate, let in), in milliseconds since
+    /// the Unix epoch.
     pub since_ms: u64,
 }
 
@@ -101,7 +102,14 @@ impl Presence {
             truncated: answers.iter().any(|a| a["truncated"] == true),
             ..Default::default()
         };
-        out.sockets = sum_counts(&answers, "users", &mut out.users);
+        let listed = sum_counts(&answers, "users", &mut out.users);
+        // Each node says how many sockets it has, listed or not (a truncated answer lists
+        // fewer).
+        let counted = answers
+            .iter()
+            .filter_map(|a| a["sockets"].as_u64())
+            .fold(0usize, |sum, n| sum.saturating_add(n as usize));
+        out.sockets = counted.max(listed);
         Ok(out)
     }
 
@@ -128,6 +136,9 @@ impl Presence {
         for answer in &answers {
             let node = answer["node"].as_str().unwrap_or("local");
             for c in answer["connections"].as_array().into_iter().flatten() {
+                if out.connections.len() >= MAX_MERGED {
+                    break;
+                }
                 out.connections.push(Connection {
                     node: node.to_string(),
                     namespace: c["namespace"].as_str().map(String::from),
@@ -146,21 +157,37 @@ impl Presence {
     }
 }
 
-/// Adds up the `{name: count}` maps at `field` of every answer into `into`; the total.
+/// Adds up the `{name: count}` maps at `field` of every answer into `into` (at most
+/// [`MAX_MERGED`] names: answers come from anyone on the bus); the total.
 fn sum_counts(answers: &[Value], field: &str, into: &mut BTreeMap<String, usize>) -> usize {
-    let mut total = 0;
+    let mut total: usize = 0;
     for answer in answers {
         for (name, count) in answer[field].as_object().into_iter().flatten() {
-            let count = count.as_u64().unwrap_or(0) as usize;
-            *into.entry(name.clone()).or_default() += count;
-            total += count;
+            let count = count.as_u64().unwrap_or(0).min(usize::MAX as u64) as usize;
+            if into.len() < MAX_MERGED || into.contains_key(name) {
+                let entry = into.entry(name.clone()).or_default();
+                *entry = entry.saturating_add(count);
+            }
+            total = total.saturating_add(count);
         }
     }
     total
 }
 
+/// The most names (users, namespaces) or connections a merged answer keeps.
+const MAX_MERGED: usize = 100_000;
+
+/// Sockets of `target` that are not closing (a closed socket stays registered until its end
+/// is handled).
+pub(crate) fn live(registry: &Registry<SocketRef>, target: Target<'_>) -> usize {
+    let mut n = 0;
+    registry.for_each(target, |_, socket| n += usize::from(!socket.is_closing()));
+    n
+}
+
 /// The node's answer to a presence question about its own sockets: `{"namespace": N}` →
-/// `{"users": {user: sockets}, "truncated": bool}`; `{"username": U}` → `{"namespaces": {ns:
+/// `{"users": {user: sockets}, "sockets": n, "truncated": bool}` (sockets that are closing left
+/// out); `{"username": U}` → `{"namespaces": {ns:
 /// sockets}}`; `{"connections": U}` → `{"node": name, "connections": [{namespace, since_ms}]}`.
 /// Anything else is answered with a failure (which `gather` leaves out).
 pub(crate) fn responder(
@@ -171,7 +198,11 @@ pub(crate) fn responder(
         let data = msg.data();
         if let Some(user) = data.get("connections").and_then(Value::as_str) {
             let mut ids = Vec::new();
-            registry.for_each(Target::User(user), |id, _| ids.push(id));
+            registry.for_each(Target::User(user), |id, socket| {
+                if !socket.is_closing() {
+                    ids.push(id);
+                }
+            });
             let connections: Vec<Value> = ids
                 .into_iter()
                 .take(MAX_CONNECTIONS_PER_ANSWER)
@@ -189,14 +220,23 @@ pub(crate) fn responder(
                 .iter()
                 .take(MAX_USERS_PER_ANSWER)
                 .map(|u| {
-                    let n = registry.count(Target::UserInNamespace(u, ns));
-                    (u.to_string(), json!(n))
+                    (
+                        u.to_string(),
+                        live(&registry, Target::UserInNamespace(u, ns)),
+                    )
                 })
+                .filter(|(_, n)| *n > 0)
+                .map(|(u, n)| (u, json!(n)))
                 .collect();
-            msg.reply(json!({"users": counts, "truncated": truncated}));
+            let sockets = live(&registry, Target::Namespace(ns));
+            msg.reply(json!({"users": counts, "sockets": sockets, "truncated": truncated}));
         } else if let Some(user) = data.get("username").and_then(Value::as_str) {
             let mut ids = Vec::new();
-            registry.for_each(Target::User(user), |id, _| ids.push(id));
+            registry.for_each(Target::User(user), |id, socket| {
+                if !socket.is_closing() {
+                    ids.push(id);
+                }
+            });
             let mut namespaces: BTreeMap<String, usize> = BTreeMap::new();
             for id in ids {
                 if let Some(entry) = registry.get(id) {

@@ -122,6 +122,31 @@ async fn the_securing_nats_example_grants_each_part_what_it_needs_and_no_more() 
         publisher.flush().await.unwrap();
         assert_eq!(recv(&mut ws).await["type"], kind);
     }
+    // the node publishes to `send` itself (its server API does), and the publisher
+    // disconnects a user
+    let producer = gw.running.producer();
+    producer
+        .send(
+            "socket:send",
+            json!({"username": "alex", "type": "from-node"}),
+        )
+        .unwrap();
+    assert_eq!(recv(&mut ws).await["type"], "from-node");
+    let mut bob = connect(gw.running.local_addr().unwrap(), "bob", Some("acme")).await;
+    wait_until(|| gw.running.sockets().count() == 2, "bob registered").await;
+    publisher
+        .publish(
+            "socket:disconnect",
+            json!({"username": "bob", "code": 4003}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    publisher.flush().await.unwrap();
+    assert_eq!(
+        switchboard_test_support::websocket::close_code(&mut bob).await,
+        4003
+    );
+    wait_until(|| gw.running.sockets().count() == 1, "bob gone").await;
     // the node answers presence questions, and asks them, with its rights
     let acme = gw.running.presence().namespace("acme").await.unwrap();
     assert_eq!((acme.nodes, acme.sockets), (1, 1), "{acme:?}");
@@ -152,16 +177,17 @@ async fn the_securing_nats_example_grants_each_part_what_it_needs_and_no_more() 
         "Subscription to \"socket:generalMessage\"",
     )
     .await;
-    // the node user cannot read events, nor another node's answers, nor publish to `send`
+    // the node user cannot read events, nor another node's answers, nor answer for another
+    // node (only presence questions' gather subjects are open to every node)
     let (node_user, mut node_errors) = client(&nats, "gw-1", PASSWORDS[0].1).await;
     for subject in ["socket:generalMessage", "_SB_REPLY.gw-2.>"] {
         let _sub = node_user.subscribe(subject).await.unwrap();
         violation(&mut node_errors, &format!("Subscription to \"{subject}\"")).await;
     }
     node_user
-        .publish("socket:send", forged.to_string().into())
+        .publish("_SB_REPLY.gw-2.token.1", "{}".into())
         .await
         .unwrap();
-    violation(&mut node_errors, "Publish to \"socket:send\"").await;
-    assert_silent(&mut ws, 300).await; // the forged sends never arrived
+    violation(&mut node_errors, "Publish to \"_SB_REPLY.gw-2.token.1\"").await;
+    assert_silent(&mut ws, 300).await; // the handler's forged send never arrived
 }

@@ -72,6 +72,18 @@ async fn every_call_needs_the_key_and_bad_input_names_the_field() {
         (400, json!("username")),
         "{body}"
     );
+    let (status, body) = call(
+        addr,
+        "POST",
+        "/api/send",
+        Some(json!({"username": "", "type": "t"})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["field"].clone()),
+        (400, json!("username")),
+        "{body}"
+    );
     let (status, body) = call(addr, "POST", "/api/broadcast", Some(json!({"payload": 1}))).await;
     assert_eq!(
         (status, body["field"].clone()),
@@ -201,4 +213,34 @@ async fn without_a_key_the_gateway_does_not_start_and_says_which_variable() {
     assert!(err.to_string().contains("SWITCHBOARD_API_KEY"), "{err}");
     let mut c = container(api_config());
     assert!(c.api_key("too-short").is_err());
+}
+
+#[tokio::test]
+async fn the_api_listener_holds_at_most_128_connections() {
+    use tokio::io::AsyncReadExt;
+    let (_gw, addr) = api_gateway(Kind::WebSocket).await;
+    let mut held = Vec::new();
+    for _ in 0..128 {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // The 129th is closed as it is accepted (nothing is read from it).
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .expect("closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // A freed place serves again.
+    drop(held.pop());
+    let answered = async {
+        loop {
+            let (status, _) = call(addr, "GET", "/api/presence?namespace=x", None).await;
+            if status == 200 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), answered)
+        .await
+        .expect("served once a place is free");
 }
