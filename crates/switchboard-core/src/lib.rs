@@ -37,8 +37,8 @@ pub use endpoint::{AbortSignal, BodyChunks, HttpEndpoint, HttpReply, HttpRequest
 pub use origin::OriginPolicy;
 pub use service::Service;
 pub use socket::{
-    is_sendable_close_code, truncate_close_reason, CloseReason, Inbound, SendError, Socket,
-    GOING_AWAY_CODE, OVER_BUDGET_CODE, SLOW_CONSUMER_CODE,
+    is_sendable_close_code, server_close, truncate_close_reason, CloseReason, Inbound, SendError,
+    Socket, GOING_AWAY_CODE, OVER_BUDGET_CODE, SLOW_CONSUMER_CODE,
 };
 pub use transport::{BoxFuture, RunningTransport, ShutdownReport, Transport};
 

@@ -125,6 +125,17 @@ pub fn is_sendable_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
 }
 
+/// What a server sends for [`Socket::close`]`(code, reason)`: `code`, or 1011 when it may
+/// not be sent; `reason` cut to 123 bytes. Every transport's `close` starts here.
+pub fn server_close(code: u16, reason: &str) -> (u16, &str) {
+    let code = if is_sendable_close_code(code) {
+        code
+    } else {
+        1011
+    };
+    (code, truncate_close_reason(reason))
+}
+
 /// `reason` cut to the 123 bytes a close frame has room for, on a character boundary.
 pub fn truncate_close_reason(reason: &str) -> &str {
     let mut end = reason.len().min(123);

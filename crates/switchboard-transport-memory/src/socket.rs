@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use switchboard_core::{
-    is_sendable_close_code, truncate_close_reason, CloseReason, Inbound, SendError, Service,
-    Socket, GOING_AWAY_CODE, SLOW_CONSUMER_CODE,
+    server_close, truncate_close_reason, CloseReason, Inbound, SendError, Service, Socket,
+    GOING_AWAY_CODE, SLOW_CONSUMER_CODE,
 };
 use tokio::sync::Notify;
 
@@ -188,11 +188,8 @@ impl Socket for MemorySocket {
     }
 
     fn close(&self, code: u16, reason: &str) {
-        // A code that may not be sent becomes 1011 (internal error).
-        let code = Some(code)
-            .filter(|&c| is_sendable_close_code(c))
-            .unwrap_or(1011);
-        let reason = truncate_close_reason(reason).to_string();
+        let (code, reason) = server_close(code, reason);
+        let reason = reason.to_string();
         self.close_with(
             Some((code, reason.clone())),
             CloseReason::Server { code, reason },

@@ -10,8 +10,8 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use switchboard_core::{
-    is_sendable_close_code, truncate_close_reason, AbortSignal, BodyChunks, CloseReason, SendError,
-    Socket, OVER_BUDGET_CODE, SLOW_CONSUMER_CODE,
+    server_close, AbortSignal, BodyChunks, CloseReason, SendError, Socket, OVER_BUDGET_CODE,
+    SLOW_CONSUMER_CODE,
 };
 use tokio::sync::Notify;
 
@@ -346,12 +346,7 @@ impl Socket for SseSocket {
     }
 
     fn close(&self, code: u16, reason: &str) {
-        let code = if is_sendable_close_code(code) {
-            code
-        } else {
-            1011
-        };
-        let reason = truncate_close_reason(reason);
+        let (code, reason) = server_close(code, reason);
         if self.set_reason(CloseReason::Server {
             code,
             reason: reason.to_string(),

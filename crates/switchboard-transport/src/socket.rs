@@ -24,10 +24,7 @@ use crate::budget::Holding;
 use crate::frame::{self, MAX_SERVER_HEAD};
 use crate::outbox::{CloseRequest, Farewell, Flushed, Outbound, Outbox, QueueLimits, WhenFull};
 use crate::sockets::Hub;
-use switchboard_core::{
-    is_sendable_close_code, truncate_close_reason, CloseReason, SendError, Socket,
-    SLOW_CONSUMER_CODE,
-};
+use switchboard_core::{server_close, CloseReason, SendError, Socket, SLOW_CONSUMER_CODE};
 
 /// The socket's task encodes at most this many queued bytes per write.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
@@ -447,12 +444,8 @@ impl Socket for SocketState {
 
     /// If the queue is full, closes at once (dropping what is queued).
     fn close(&self, code: u16, reason: &str) {
-        let code = if is_sendable_close_code(code) {
-            code
-        } else {
-            1011
-        };
-        let reason = truncate_close_reason(reason).to_string();
+        let (code, reason) = server_close(code, reason);
+        let reason = reason.to_string();
         let mut outbox = lock(&self.out);
         if self.closing.swap(true, Ordering::AcqRel) {
             return;
