@@ -7,11 +7,9 @@ use std::time::{Duration, Instant};
 use fastwebsockets::{Frame, OpCode};
 use tokio::time::timeout_at;
 
-use switchboard_bench::result_line;
-use switchboard_bench::stats::Samples;
 use switchboard_bench::wire::{self, Kind, Stamp, Template};
 
-use crate::measure::{fmt_cores, sample_cpu, Clock, Tally};
+use crate::measure::{latency_result, sample_cpu, Clock, Tally};
 use crate::sockets::{open_sockets, probe, Run, Ws};
 
 /// Scenario 6: each socket's messages come from a plain NATS client (this process) publishing
@@ -67,29 +65,17 @@ pub(crate) async fn cross_node(
             ))
         })
         .collect();
-    let Tally {
-        samples: all,
-        errors,
-        ..
-    } = Tally::join_all(workers).await;
-    let (client_cpu, server_cpu) = cpu.await.unwrap_or((None, None));
-    let samples = Samples::new(all);
-    Ok(result_line(&[
-        ("scenario", "cross-node".into()),
-        ("sockets", n.to_string()),
-        ("inflight", inflight.to_string()),
-        ("count", samples.len().to_string()),
-        (
-            "rate",
-            format!("{:.0}", samples.len() as f64 / clock.window_secs()),
-        ),
-        ("p50_us", format!("{:.1}", samples.percentile_us(50.0))),
-        ("p99_us", format!("{:.1}", samples.percentile_us(99.0))),
-        ("p999_us", format!("{:.1}", samples.percentile_us(99.9))),
-        ("client_cpu", fmt_cores(client_cpu)),
-        ("server_cpu", fmt_cores(server_cpu)),
-        ("errors", errors.to_string()),
-    ]))
+    Ok(latency_result(
+        vec![
+            ("scenario", "cross-node".into()),
+            ("sockets", n.to_string()),
+            ("inflight", inflight.to_string()),
+        ],
+        workers,
+        cpu,
+        &clock,
+    )
+    .await)
 }
 
 /// One socket of the cross-node run: keeps `inflight` NATS publishes for its user

@@ -6,10 +6,8 @@ use std::time::{Duration, Instant};
 use tokio::time::timeout_at;
 
 use switchboard_bench::client;
-use switchboard_bench::result_line;
-use switchboard_bench::stats::Samples;
 
-use crate::measure::{fmt_cores, sample_cpu, Clock, Tally};
+use crate::measure::{latency_result, sample_cpu, Clock, Tally};
 use crate::sockets::Run;
 
 /// Scenario 5: handshakes per second. Each worker connects, upgrades with a JWT, and resets
@@ -67,26 +65,14 @@ pub(crate) async fn handshakes(
             })
         })
         .collect();
-    let Tally {
-        samples: all,
-        errors,
-        ..
-    } = Tally::join_all(workers).await;
-    let (client_cpu, server_cpu) = cpu.await.unwrap_or((None, None));
-    let samples = Samples::new(all);
-    Ok(result_line(&[
-        ("scenario", "handshake".into()),
-        ("concurrency", concurrency.to_string()),
-        ("count", samples.len().to_string()),
-        (
-            "rate",
-            format!("{:.0}", samples.len() as f64 / clock.window_secs()),
-        ),
-        ("p50_us", format!("{:.1}", samples.percentile_us(50.0))),
-        ("p99_us", format!("{:.1}", samples.percentile_us(99.0))),
-        ("p999_us", format!("{:.1}", samples.percentile_us(99.9))),
-        ("client_cpu", fmt_cores(client_cpu)),
-        ("server_cpu", fmt_cores(server_cpu)),
-        ("errors", errors.to_string()),
-    ]))
+    Ok(latency_result(
+        vec![
+            ("scenario", "handshake".into()),
+            ("concurrency", concurrency.to_string()),
+        ],
+        workers,
+        cpu,
+        &clock,
+    )
+    .await)
 }

@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use switchboard_bench::procfs;
+use switchboard_bench::result_line;
+use switchboard_bench::stats::Samples;
 
 /// The timeline of a measured run, fixed once every socket is connected.
 #[derive(Clone, Copy)]
@@ -60,6 +62,37 @@ pub(crate) fn sample_cpu(
         let s1 = server_pid.and_then(|p| procfs::cpu_ticks(Some(p)));
         (procfs::cores(c0, c1, secs), procfs::cores(s0, s1, secs))
     })
+}
+
+/// The `RESULT` line of a latency scenario (echo, send, cross-node, handshake): `head` (the
+/// scenario and its parameters), then what the workers measured and the CPU over the window.
+pub(crate) async fn latency_result(
+    mut head: Vec<(&'static str, String)>,
+    workers: Vec<JoinHandle<Tally>>,
+    cpu: JoinHandle<(Option<f64>, Option<f64>)>,
+    clock: &Clock,
+) -> String {
+    let Tally {
+        samples: all,
+        errors,
+        ..
+    } = Tally::join_all(workers).await;
+    let (client_cpu, server_cpu) = cpu.await.unwrap_or((None, None));
+    let samples = Samples::new(all);
+    head.extend([
+        ("count", samples.len().to_string()),
+        (
+            "rate",
+            format!("{:.0}", samples.len() as f64 / clock.window_secs()),
+        ),
+        ("p50_us", format!("{:.1}", samples.percentile_us(50.0))),
+        ("p99_us", format!("{:.1}", samples.percentile_us(99.0))),
+        ("p999_us", format!("{:.1}", samples.percentile_us(99.9))),
+        ("client_cpu", fmt_cores(client_cpu)),
+        ("server_cpu", fmt_cores(server_cpu)),
+        ("errors", errors.to_string()),
+    ]);
+    result_line(&head)
 }
 
 pub(crate) fn fmt_cores(c: Option<f64>) -> String {
