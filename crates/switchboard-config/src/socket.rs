@@ -94,13 +94,18 @@ pub struct Sse {
 }
 
 impl Socket {
-    /// The SSE path, if the fallback is on: `sse.path`, or the socket path + `/sse`.
+    /// The SSE path, if the fallback is on: `sse.path`, or [`Socket::default_sse_path`].
     pub fn sse_path(&self) -> Option<String> {
         let sse = self.sse.as_ref()?;
         Some(match &sse.path {
             Some(path) => path.as_str().to_string(),
-            None => format!("{}/sse", self.path.as_str().trim_end_matches('/')),
+            None => self.default_sse_path(),
         })
+    }
+
+    /// The SSE path when `sse.path` does not say: the socket path + `/sse`.
+    pub fn default_sse_path(&self) -> String {
+        format!("{}/sse", self.path.as_str().trim_end_matches('/'))
     }
 }
 

@@ -45,11 +45,9 @@ fn sse(config: &Config, anyway: bool) -> Option<SseTransport> {
     let socket = &config.gateway.socket;
     let limits = &config.gateway.limits;
     let mut options = SseOptions::default();
-    options.path = match socket.sse_path() {
-        Some(path) => path,
-        None if anyway => format!("{}/sse", socket.path.as_str().trim_end_matches('/')),
-        None => return None,
-    };
+    options.path = socket
+        .sse_path()
+        .or_else(|| anyway.then(|| socket.default_sse_path()))?;
     options.heartbeat_interval = socket.heartbeat;
     options.max_message_size = socket.max_message_size;
     options.send_queue = socket.send_queue;
@@ -96,33 +94,33 @@ pub(crate) fn origin_policy(config: &Config) -> OriginPolicy {
 
 /// The started transports of one gateway.
 pub(crate) struct Transports {
-    servings: Vec<Box<dyn RunningTransport>>,
+    running: Vec<Box<dyn RunningTransport>>,
 }
 
 impl Transports {
     /// Starts each, in order; if one fails, those started are stopped and the error returned.
     pub(crate) async fn start(starters: Vec<Starter>, gateway: Arc<Gateway>) -> io::Result<Self> {
-        let mut servings: Vec<Box<dyn RunningTransport>> = Vec::with_capacity(starters.len());
+        let mut running: Vec<Box<dyn RunningTransport>> = Vec::with_capacity(starters.len());
         for start in starters {
             match start(gateway.clone()).await {
-                Ok(serving) => servings.push(serving),
+                Ok(started) => running.push(started),
                 Err(e) => {
-                    Transports { servings }.shutdown(Duration::ZERO).await;
+                    Transports { running }.shutdown(Duration::ZERO).await;
                     return Err(e);
                 }
             }
         }
-        Ok(Transports { servings })
+        Ok(Transports { running })
     }
 
     /// The first listening address.
     pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
-        self.servings.iter().find_map(|s| s.local_addr())
+        self.running.iter().find_map(|s| s.local_addr())
     }
 
     /// Every transport's name and address.
     pub(crate) fn describe(&self) -> Vec<(&'static str, Option<SocketAddr>)> {
-        self.servings
+        self.running
             .iter()
             .map(|s| (s.name(), s.local_addr()))
             .collect()
@@ -130,7 +128,7 @@ impl Transports {
 
     /// The counters of all transports, summed.
     pub(crate) fn counters(&self) -> TransportCounters {
-        self.servings
+        self.running
             .iter()
             .map(|s| s.counters())
             .fold(TransportCounters::default(), |sum, c| sum + c)
@@ -139,7 +137,7 @@ impl Transports {
     /// Shuts every transport down at once and waits for all (within `drain`).
     pub(crate) async fn shutdown(&self, drain: Duration) -> ShutdownReport {
         // Each starts closing its sockets when asked, before its future is awaited.
-        let stopping: Vec<_> = self.servings.iter().map(|s| s.shutdown(drain)).collect();
+        let stopping: Vec<_> = self.running.iter().map(|s| s.shutdown(drain)).collect();
         let mut report = ShutdownReport::new(true);
         for stop in stopping {
             report = report.and(stop.await);

@@ -54,55 +54,42 @@ async fn every_call_needs_the_key_and_bad_input_names_the_field() {
     assert_eq!(status, 401, "no route is shown without the key");
     assert_eq!(call(addr, "GET", "/api/nope", None).await.0, 404);
     assert_eq!(call(addr, "GET", "/api/send", None).await.0, 405);
-    let (status, body) = call(addr, "POST", "/api/send", Some(json!({"type": "t"}))).await;
-    assert_eq!(
-        (status, body["field"].clone()),
-        (400, json!("username")),
-        "{body}"
-    );
-    let (status, body) = call(
-        addr,
-        "POST",
-        "/api/send",
-        Some(json!({"username": 7, "type": "t"})),
-    )
-    .await;
-    assert_eq!(
-        (status, body["field"].clone()),
-        (400, json!("username")),
-        "{body}"
-    );
-    let (status, body) = call(
-        addr,
-        "POST",
-        "/api/send",
-        Some(json!({"username": "", "type": "t"})),
-    )
-    .await;
-    assert_eq!(
-        (status, body["field"].clone()),
-        (400, json!("username")),
-        "{body}"
-    );
-    let (status, body) = call(addr, "POST", "/api/broadcast", Some(json!({"payload": 1}))).await;
-    assert_eq!(
-        (status, body["field"].clone()),
-        (400, json!("type")),
-        "{body}"
-    );
-    let bad_code = json!({"username": "alex", "code": 1005});
-    let (status, body) = call(addr, "POST", "/api/disconnect", Some(bad_code)).await;
-    assert_eq!(
-        (status, body["field"].clone()),
-        (400, json!("code")),
-        "{body}"
-    );
-    let (status, body) = call(addr, "GET", "/api/presence", None).await;
-    assert_eq!(
-        (status, body["field"].clone()),
-        (400, json!("namespace")),
-        "{body}"
-    );
+    let bad = [
+        ("POST", "/api/send", Some(json!({"type": "t"})), "username"),
+        (
+            "POST",
+            "/api/send",
+            Some(json!({"username": 7, "type": "t"})),
+            "username",
+        ),
+        (
+            "POST",
+            "/api/send",
+            Some(json!({"username": "", "type": "t"})),
+            "username",
+        ),
+        (
+            "POST",
+            "/api/broadcast",
+            Some(json!({"payload": 1})),
+            "type",
+        ),
+        (
+            "POST",
+            "/api/disconnect",
+            Some(json!({"username": "alex", "code": 1005})),
+            "code",
+        ),
+        ("GET", "/api/presence", None, "namespace"),
+    ];
+    for (method, path, body, field) in bad {
+        let (status, answer) = call(addr, method, path, body.clone()).await;
+        assert_eq!(
+            (status, answer["field"].clone()),
+            (400, json!(field)),
+            "{method} {path} {body:?}: {answer}"
+        );
+    }
     let (status, _) = call(addr, "POST", "/api/send", Some(json!([1, 2]))).await;
     assert_eq!(status, 400);
     let big = json!({"username": "alex", "type": "t", "payload": "x".repeat(2000)});
