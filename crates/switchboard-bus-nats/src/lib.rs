@@ -476,7 +476,8 @@ impl Bus for NatsBus {
                     .await
                     .map_err(|e| fail(e.to_string()))?;
                 let mut gathered = Vec::new();
-                // Bounded in count: anyone on the broker may answer.
+                let mut bytes = 0usize;
+                // Bounded in count and bytes: anyone on the broker may answer.
                 while gathered.len() < MAX_GATHERED {
                     let quiet = tokio::time::Instant::now() + GATHER_QUIET;
                     let until = if gathered.is_empty() {
@@ -486,6 +487,10 @@ impl Bus for NatsBus {
                     };
                     match tokio::time::timeout_at(until, answers.next()).await {
                         Ok(Some(answer)) => {
+                            bytes = bytes.saturating_add(answer.payload.len());
+                            if bytes > MAX_GATHERED_BYTES {
+                                break;
+                            }
                             if let Ok(Answer { reply: Some(v), .. }) =
                                 serde_json::from_slice(&answer.payload)
                             {
@@ -508,6 +513,10 @@ impl Bus for NatsBus {
 /// [`NatsBus::gather`] keeps at most this many answers (one per node; anyone on the broker
 /// may answer).
 pub const MAX_GATHERED: usize = 256;
+
+/// [`NatsBus::gather`] reads at most this many bytes of answers (a node's presence answer is a
+/// few hundred KiB at most).
+pub const MAX_GATHERED_BYTES: usize = 16 << 20;
 
 /// [`NatsBus::gather`] stops this long after the last answer.
 pub const GATHER_QUIET: std::time::Duration = std::time::Duration::from_millis(50);

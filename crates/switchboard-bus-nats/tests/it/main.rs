@@ -260,3 +260,45 @@ async fn presence_asked_on_one_node_counts_the_sockets_of_every_node() {
     users.sort();
     assert_eq!(users, ["alex", "sam"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gather_keeps_at_most_its_bytes_of_answers_whoever_answers() {
+    use switchboard_bus_nats::MAX_GATHERED_BYTES;
+    let nats = NatsServer::start();
+    // Someone on the broker answers every question forty times, 512 KiB each (20 MiB).
+    let hostile = async_nats::connect(nats.url()).await.unwrap();
+    let mut questions = hostile.subscribe("_SB_PRESENCE").await.unwrap();
+    hostile.flush().await.unwrap();
+    let answering = hostile.clone();
+    tokio::spawn(async move {
+        let big = json!({"reply": {"users": {}, "fill": "x".repeat(512 * 1024)}}).to_string();
+        while let Some(question) = questions.next().await {
+            let reply = question.reply.unwrap();
+            for _ in 0..40 {
+                answering
+                    .publish(reply.clone(), big.clone().into())
+                    .await
+                    .unwrap();
+            }
+            answering.flush().await.unwrap();
+        }
+    });
+    let bus = NatsBus::connect(NatsOptions::new(nats.url()))
+        .await
+        .unwrap();
+    let answers = bus
+        .gather(
+            "_SB_PRESENCE",
+            json!({"namespace": "x"}),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let kept: usize = answers.iter().map(|a| a.to_string().len()).sum();
+    assert!(
+        !answers.is_empty() && answers.len() < 40,
+        "{}",
+        answers.len()
+    );
+    assert!(kept <= MAX_GATHERED_BYTES, "{kept}");
+}
