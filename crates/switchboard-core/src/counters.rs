@@ -1,5 +1,9 @@
 //! Counters every transport keeps, in one shape, so that a gateway can export and sum them.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::CloseReason;
+
 /// A copy of the counters at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -79,5 +83,42 @@ impl std::ops::Add for TransportCounters {
             io_errors: self.io_errors + other.io_errors,
             over_budget: self.over_budget + other.over_budget,
         }
+    }
+}
+
+/// Sockets ended, one counter per kind of [`CloseReason`]: what every transport counts the same
+/// way, and reports in its [`TransportCounters`].
+#[derive(Debug, Default)]
+pub struct CloseCounts([AtomicU64; 9]);
+
+impl CloseCounts {
+    /// One more socket ended for `reason`.
+    pub fn record(&self, reason: &CloseReason) {
+        let slot = match reason {
+            CloseReason::Client { .. } => 0,
+            CloseReason::Dropped => 1,
+            CloseReason::HeartbeatTimeout => 2,
+            CloseReason::Protocol { .. } => 3,
+            CloseReason::Server { .. } => 4,
+            CloseReason::Shutdown => 5,
+            CloseReason::SlowConsumer => 6,
+            CloseReason::Io(_) => 7,
+            CloseReason::OverBudget => 8,
+        };
+        self.0[slot].fetch_add(1, Relaxed);
+    }
+
+    /// Writes the counts into their fields of `counters`.
+    pub fn fill(&self, counters: &mut TransportCounters) {
+        let c = |slot: usize| self.0[slot].load(Relaxed);
+        counters.closed_by_client = c(0);
+        counters.dropped = c(1);
+        counters.heartbeat_timeouts = c(2);
+        counters.protocol_errors = c(3);
+        counters.closed_by_server = c(4);
+        counters.closed_by_shutdown = c(5);
+        counters.slow_consumers = c(6);
+        counters.io_errors = c(7);
+        counters.over_budget = c(8);
     }
 }

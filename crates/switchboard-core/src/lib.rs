@@ -32,7 +32,7 @@ mod service;
 mod socket;
 mod transport;
 
-pub use counters::TransportCounters;
+pub use counters::{CloseCounts, TransportCounters};
 pub use endpoint::{AbortSignal, BodyChunks, HttpEndpoint, HttpReply, HttpRequest, StreamReply};
 pub use origin::OriginPolicy;
 pub use service::Service;

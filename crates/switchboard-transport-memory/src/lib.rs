@@ -62,8 +62,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use switchboard_core::{
-    http, plain_response, BoxFuture, CloseReason, HttpResponse, RequestParts, RunningTransport,
-    Service, ShutdownReport, SocketRef, Transport, TransportCounters,
+    http, plain_response, BoxFuture, CloseCounts, CloseReason, HttpResponse, RequestParts,
+    RunningTransport, Service, ShutdownReport, SocketRef, Transport, TransportCounters,
 };
 use tokio::sync::watch;
 
@@ -120,6 +120,8 @@ pub(crate) struct Shared {
     /// Sockets registered; shutdown waits for 0.
     open: watch::Sender<usize>,
     counters: Mutex<TransportCounters>,
+    /// Sockets ended, by why.
+    closes: CloseCounts,
 }
 
 struct State {
@@ -234,23 +236,13 @@ impl Shared {
 
     /// A socket ended for `reason`.
     fn closed(&self, reason: &CloseReason) {
-        let mut counters = lock(&self.counters);
-        let c = &mut *counters;
-        let count = match reason {
-            CloseReason::Client { .. } => &mut c.closed_by_client,
-            CloseReason::Dropped => &mut c.dropped,
-            CloseReason::Protocol { .. } => &mut c.protocol_errors,
-            CloseReason::Shutdown => &mut c.closed_by_shutdown,
-            CloseReason::SlowConsumer => &mut c.slow_consumers,
-            // `Server`, and kinds this transport does not produce.
-            _ => &mut c.closed_by_server,
-        };
-        *count += 1;
+        self.closes.record(reason);
     }
 
     fn counters(&self) -> TransportCounters {
         let mut counters = *lock(&self.counters);
         counters.sockets_open = *self.open.borrow() as u64;
+        self.closes.fill(&mut counters);
         counters
     }
 }
@@ -269,6 +261,7 @@ impl MemoryTransport {
                 }),
                 open: watch::Sender::new(0),
                 counters: Mutex::new(TransportCounters::default()),
+                closes: CloseCounts::default(),
             }),
         }
     }

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
-use switchboard_core::{CloseReason, TransportCounters};
+use switchboard_core::{CloseCounts, CloseReason, TransportCounters};
 
 #[derive(Debug, Default)]
 pub(crate) struct SseStats {
@@ -15,7 +15,7 @@ pub(crate) struct SseStats {
     buffered: AtomicUsize,
     buffered_peak: AtomicUsize,
     budget: AtomicUsize,
-    closed: [AtomicU64; 8],
+    closed: CloseCounts,
 }
 
 impl SseStats {
@@ -53,21 +53,10 @@ impl SseStats {
     }
 
     pub(crate) fn closed(&self, reason: &CloseReason) {
-        let i = match reason {
-            CloseReason::Dropped => 0,
-            CloseReason::Client { .. } => 7,
-            CloseReason::Protocol { .. } => 1,
-            CloseReason::Server { .. } => 2,
-            CloseReason::Shutdown => 3,
-            CloseReason::SlowConsumer => 4,
-            CloseReason::OverBudget => 6,
-            _ => 5,
-        };
-        self.closed[i].fetch_add(1, Relaxed);
+        self.closed.record(reason);
     }
 
     pub(crate) fn snapshot(&self) -> TransportCounters {
-        let c = |i: usize| self.closed[i].load(Relaxed);
         let mut counters = TransportCounters::default();
         counters.sockets_open = self.sessions_open.load(Relaxed);
         counters.sockets_opened = self.sessions_opened.load(Relaxed);
@@ -77,14 +66,7 @@ impl SseStats {
         counters.buffered_bytes = self.buffered.load(Relaxed) as u64;
         counters.buffered_bytes_peak = self.buffered_peak.load(Relaxed) as u64;
         counters.buffer_budget = self.budget() as u64;
-        counters.dropped = c(0);
-        counters.protocol_errors = c(1);
-        counters.closed_by_server = c(2);
-        counters.closed_by_shutdown = c(3);
-        counters.slow_consumers = c(4);
-        counters.io_errors = c(5);
-        counters.over_budget = c(6);
-        counters.closed_by_client = c(7);
+        self.closed.fill(&mut counters);
         counters
     }
 }

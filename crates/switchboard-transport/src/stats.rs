@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::budget::Budget;
-use switchboard_core::{CloseReason, TransportCounters};
+use switchboard_core::{CloseCounts, CloseReason, TransportCounters};
 
 /// Live counters of one [`crate::Server`]. Read them with [`TransportStats::snapshot`].
 #[derive(Debug, Default)]
@@ -19,32 +19,16 @@ pub struct TransportStats {
     pub(crate) handshakes_in_progress: AtomicU64,
     /// Buffered bytes across all sockets, against `buffer_budget`.
     pub(crate) budget: Budget,
-    closed: [AtomicU64; CLOSE_KINDS],
+    closed: CloseCounts,
 }
-
-const CLOSE_KINDS: usize = 9;
 
 impl TransportStats {
     pub(crate) fn closed(&self, reason: &CloseReason) {
-        let i = match reason {
-            CloseReason::Client { .. } => 0,
-            CloseReason::Dropped => 1,
-            CloseReason::HeartbeatTimeout => 2,
-            CloseReason::Protocol { .. } => 3,
-            CloseReason::Server { .. } => 4,
-            CloseReason::Shutdown => 5,
-            CloseReason::SlowConsumer => 6,
-            CloseReason::Io(_) => 7,
-            CloseReason::OverBudget => 8,
-            // A kind this transport does not produce.
-            _ => 4,
-        };
-        self.closed[i].fetch_add(1, Relaxed);
+        self.closed.record(reason);
     }
 
     /// The counters now.
     pub fn snapshot(&self) -> TransportCounters {
-        let c = |i: usize| self.closed[i].load(Relaxed);
         let mut counters = TransportCounters::default();
         counters.sockets_open = self.sockets_open.load(Relaxed);
         counters.sockets_opened = self.sockets_opened.load(Relaxed);
@@ -58,15 +42,7 @@ impl TransportStats {
         counters.buffered_bytes = self.budget.used() as u64;
         counters.buffered_bytes_peak = self.budget.peak() as u64;
         counters.buffer_budget = self.budget.limit() as u64;
-        counters.closed_by_client = c(0);
-        counters.dropped = c(1);
-        counters.heartbeat_timeouts = c(2);
-        counters.protocol_errors = c(3);
-        counters.closed_by_server = c(4);
-        counters.closed_by_shutdown = c(5);
-        counters.slow_consumers = c(6);
-        counters.io_errors = c(7);
-        counters.over_budget = c(8);
+        self.closed.fill(&mut counters);
         counters
     }
 }
