@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use switchboard_core::{
@@ -17,7 +17,7 @@ use switchboard_core::{
 };
 use tokio::sync::Notify;
 
-use crate::{ClientEvent, Registered, Shared};
+use crate::{lock, ClientEvent, Registered, Shared};
 
 /// Close code for a client message larger than `max_message_size`.
 const MESSAGE_TOO_BIG_CODE: u16 = 1009;
@@ -60,10 +60,6 @@ impl std::fmt::Debug for MemorySocket {
             .field("closing", &self.is_closing())
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl MemorySocket {

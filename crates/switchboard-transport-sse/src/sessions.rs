@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,7 +13,7 @@ use switchboard_core::{
     TransportCounters,
 };
 
-use crate::socket::{EventStream, QueueLimits, Shedder, SseSocket};
+use crate::socket::{lock, EventStream, QueueLimits, Shedder, SseSocket};
 use crate::stats::SseStats;
 use crate::SseOptions;
 
@@ -51,10 +51,6 @@ pub(crate) struct Bound<S: Service> {
     pub(crate) tasks: tokio::sync::watch::Sender<usize>,
     /// Set by shutdown: no session opens from then on.
     stopping: std::sync::atomic::AtomicBool,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn refuse(status: StatusCode, text: &'static str) -> HttpReply {

@@ -66,7 +66,7 @@ pub(crate) trait Shedder: Send + Sync {
     fn make_room(&self, asking: &SseSocket, n: usize) -> bool;
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -110,6 +110,7 @@ mod socket_task;
 mod sockets;
 mod stats;
 use handshakes::Handshakes;
+use socket::lock;
 use socket_task::SocketTask;
 use sockets::Hub;
 pub use stats::TransportStats;
@@ -407,10 +408,6 @@ fn stream_abort(
     state: &std::sync::Mutex<Connection>,
 ) -> Option<Arc<switchboard_core::AbortSignal>> {
     lock(state).abort.clone()
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One accepted connection: its one request (an upgrade, an endpoint's, a plain one), within
