@@ -14,7 +14,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("switchboard-config", &[]),
     ("switchboard-bus", &[]),
     ("switchboard-registry", &[]),
-    ("switchboard-transport", &["switchboard-core"]),
+    ("switchboard-tls", &[]),
+    // Outbound calls (JWKS, HTTP handlers) trust what the TLS crate says.
+    ("switchboard-http-client", &["switchboard-tls"]),
+    (
+        "switchboard-transport",
+        &["switchboard-core", "switchboard-tls"],
+    ),
     ("switchboard-transport-memory", &["switchboard-core"]),
     ("switchboard-transport-sse", &["switchboard-core"]),
     // A broker bus implements the bus trait and nothing else.
@@ -27,6 +33,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "switchboard-config",
             "switchboard-bus",
             "switchboard-registry",
+            "switchboard-tls",
+            "switchboard-http-client",
             // Only to pick the default transports (src/transports.rs).
             "switchboard-transport",
             "switchboard-transport-sse",

@@ -1,0 +1,189 @@
+//! Switchboard's outbound HTTP client: the one the gateway uses to fetch an identity
+//! provider's keys (JWKS) and to call handlers bound to HTTP endpoints.
+//!
+//! Depend on it when you need what those callers need and no more: connections kept alive and
+//! reused (HTTP/1.1, or HTTP/2 when a TLS endpoint offers it by ALPN), TLS that trusts the
+//! system's roots plus an optional CA file, a deadline on the whole exchange and a byte bound
+//! on the response body. It is hyper-util's pooled client with hyper-rustls underneath;
+//! this crate only fixes those choices and turns every failure into one [`ClientError`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+/// How a client connects.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientOptions {
+    /// A CA (PEM) trusted beside the system's roots, for endpoints with a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// Longest wait for a TCP connection. Default 5 s.
+    pub connect_timeout: Duration,
+    /// How long an idle connection stays in the pool. Default 60 s.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per host. Default 32.
+    pub max_idle_per_host: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            ca_file: None,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            max_idle_per_host: 32,
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The CA file could not be used.
+    #[error("TLS: {0}")]
+    Tls(#[from] switchboard_tls::TlsError),
+    /// The exchange did not finish within its deadline.
+    #[error("no complete answer within {0:?}")]
+    Timeout(Duration),
+    /// Connecting, sending or receiving failed.
+    #[error("{0}")]
+    Transport(String),
+    /// The response body was larger than the bound.
+    #[error("response body over {0} bytes")]
+    TooLarge(usize),
+}
+
+/// A pooled client. Cheap to clone; clones share the pool.
+#[derive(Clone, Debug)]
+pub struct HttpClient {
+    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl HttpClient {
+    /// A client with these options; fails only on a CA file it cannot use.
+    pub fn new(options: &ClientOptions) -> Result<Self, ClientError> {
+        let tls = switchboard_tls::client_config(options.ca_file.as_deref())?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(options.connect_timeout));
+        http.set_nodelay(true);
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let inner = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(options.idle_timeout)
+            .pool_max_idle_per_host(options.max_idle_per_host)
+            .build(connector);
+        Ok(HttpClient { inner })
+    }
+
+    /// Sends `request` and reads the whole answer, within `deadline` for the whole exchange
+    /// and `max_body` bytes of body (more is [`ClientError::TooLarge`], and the connection is
+    /// not reused).
+    pub async fn send(
+        &self,
+        request: Request<Bytes>,
+        deadline: Duration,
+        max_body: usize,
+    ) -> Result<Response<Bytes>, ClientError> {
+        let exchange = async {
+            let response = self
+                .inner
+                .request(request.map(Full::new))
+                .await
+                .map_err(|e| ClientError::Transport(error_chain(&e)))?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, max_body)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        ClientError::TooLarge(max_body)
+                    } else {
+                        ClientError::Transport(error_chain(e.as_ref()))
+                    }
+                })?
+                .to_bytes();
+            Ok(Response::from_parts(parts, body))
+        };
+        tokio::time::timeout(deadline, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout(deadline))?
+    }
+}
+
+/// An error and its causes on one line: hyper's outer errors alone say little
+/// ("client error (Connect)").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-shot HTTP server on loopback that answers with `body` after `delay`.
+    async fn serve_once(body: Vec<u8>, delay: Duration) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            tokio::time::sleep(delay).await;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(&body).await;
+        });
+        addr
+    }
+
+    fn get(addr: std::net::SocketAddr) -> Request<Bytes> {
+        Request::get(format!("http://{addr}/"))
+            .body(Bytes::new())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn bodies_and_deadlines_are_bounded() {
+        let client = HttpClient::new(&ClientOptions::default()).unwrap();
+        let addr = serve_once(b"hello".to_vec(), Duration::ZERO).await;
+        let ok = client.send(get(addr), Duration::from_secs(5), 64).await;
+        assert_eq!(ok.unwrap().body().as_ref(), b"hello");
+
+        let addr = serve_once(vec![b'x'; 1000], Duration::ZERO).await;
+        let big = client.send(get(addr), Duration::from_secs(5), 100).await;
+        assert!(matches!(big, Err(ClientError::TooLarge(100))), "{big:?}");
+
+        let addr = serve_once(b"late".to_vec(), Duration::from_secs(3)).await;
+        let late = client.send(get(addr), Duration::from_millis(200), 64).await;
+        assert!(matches!(late, Err(ClientError::Timeout(_))), "{late:?}");
+
+        // Nothing listens there any more: the error says why.
+        let gone = client.send(get(addr), Duration::from_secs(5), 64).await;
+        let Err(ClientError::Transport(why)) = gone else {
+            panic!("{gone:?}")
+        };
+        assert!(why.to_lowercase().contains("connect"), "{why}");
+    }
+}
