@@ -46,6 +46,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "switchboard",
             "switchboard-core",
+            "switchboard-tls",
             "switchboard-transport-memory",
         ],
     ),

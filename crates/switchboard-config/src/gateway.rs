@@ -1,8 +1,10 @@
-//! The `gateway` section and its small subsections: `admin`, `api` and `log`.
+//! The `gateway` section and its small subsections: `tls`, `admin`, `api` and `log`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::de::{de_byte_size, de_duration};
@@ -18,6 +20,10 @@ pub struct Gateway {
     pub listen: SocketAddr,
     /// The spec's socket section.
     pub socket: Socket,
+    /// TLS on the public listener (`wss://`), and on the admin and API listeners unless they
+    /// opt out (extension). Absent: plain TCP.
+    #[serde(default)]
+    pub tls: Option<Tls>,
     /// How sockets are mapped to usernames (extension). Defaults: see [`Auth`].
     #[serde(default)]
     pub auth: Auth,
@@ -55,6 +61,77 @@ pub struct Admin {
     /// Default 20; 0 turns the per-namespace series off.
     #[serde(default = "default_top_namespaces")]
     pub top_namespaces: usize,
+    /// Serve it with `gateway.tls` when that section is present; `false` keeps it plain
+    /// HTTP (a scraper on the same host, say). Default true.
+    #[serde(default = "default_true")]
+    pub tls: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The `gateway.tls` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Tls {
+    /// The certificate chain (PEM, leaf first).
+    pub cert_file: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// The oldest protocol version accepted. Default TLS 1.2.
+    #[serde(default, deserialize_with = "de_tls_version")]
+    pub min_version: TlsVersion,
+    /// How often the files are looked at; a change reloads them for new connections. `0s`
+    /// turns the look off (SIGHUP still reloads). Default 10 s.
+    #[serde(default = "default_reload_interval", deserialize_with = "de_duration")]
+    pub reload_interval: Duration,
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A TLS protocol version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsVersion {
+    /// TLS 1.2.
+    #[default]
+    Tls12,
+    /// TLS 1.3.
+    Tls13,
+}
+
+/// `"1.2"` or `"1.3"`, quoted or not (YAML reads an unquoted `1.2` as a number).
+fn de_tls_version<'de, D: Deserializer<'de>>(d: D) -> Result<TlsVersion, D::Error> {
+    struct Version;
+    impl de::Visitor<'_> for Version {
+        type Value = TlsVersion;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("\"1.2\" or \"1.3\"")
+        }
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<TlsVersion, E> {
+            match text.trim() {
+                "1.2" => Ok(TlsVersion::Tls12),
+                "1.3" => Ok(TlsVersion::Tls13),
+                other => Err(E::custom(format_args!(
+                    "min_version must be \"1.2\" or \"1.3\", not `{other}`"
+                ))),
+            }
+        }
+        fn visit_f64<E: de::Error>(self, n: f64) -> Result<TlsVersion, E> {
+            self.visit_str(&n.to_string())
+        }
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<TlsVersion, E> {
+            self.visit_str(&n.to_string())
+        }
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<TlsVersion, E> {
+            self.visit_str(&n.to_string())
+        }
+    }
+    d.deserialize_any(Version)
 }
 
 fn default_top_namespaces() -> usize {
@@ -75,6 +152,10 @@ pub struct Api {
     /// Largest request body, in bytes; larger gets `413`. Default 64 KiB.
     #[serde(default = "default_api_max_body", deserialize_with = "de_byte_size")]
     pub max_body: usize,
+    /// Serve it with `gateway.tls` when that section is present; `false` keeps it plain
+    /// HTTP. Default true (the API key crosses this connection).
+    #[serde(default = "default_true")]
+    pub tls: bool,
 }
 
 fn default_api_key_env() -> String {

@@ -50,7 +50,7 @@ pub use auth::{Algorithm, Auth};
 pub use bus::{BusConfig, NatsConfig, NatsCredentials, NatsTls, NatsUrls, NodeName};
 pub use de::parse_byte_size;
 pub use error::ConfigError;
-pub use gateway::{Admin, Api, Gateway, Log, LogFormat};
+pub use gateway::{Admin, Api, Gateway, Log, LogFormat, Tls, TlsVersion};
 pub use hooks::{
     ConnectHook, OnMessage, PublishHook, SubscribeHook, TypeRoute, TypeRoutes, REFRESH_TYPE,
 };

@@ -114,6 +114,16 @@ const SECTIONS: &[Section] = &[
                 None,
             ),
             key(
+                "gateway.tls",
+                "map",
+                "absent",
+                Ext,
+                "TLS with rustls: the public listener serves `wss://` (and `https://` for the SSE \
+                 fallback and routes), and the admin and API listeners serve HTTPS unless their \
+                 `tls` is `false`. Absent: plain TCP. See [TLS](../README.md#tls-wss).",
+                None,
+            ),
+            key(
                 "gateway.drain",
                 "duration",
                 "`10s`",
@@ -638,6 +648,16 @@ const SECTIONS: &[Section] = &[
                  `(other)`.",
                 Some("50"),
             ),
+            key(
+                "gateway.admin.tls",
+                "bool",
+                "`true`",
+                Ext,
+                "With `gateway.tls` present, serve the admin listener over HTTPS with that \
+                 certificate; `false` keeps it plain HTTP (a Prometheus on the same host, say). \
+                 Without `gateway.tls` it is plain HTTP either way.",
+                Some("false"),
+            ),
         ],
     },
     Section {
@@ -670,6 +690,60 @@ const SECTIONS: &[Section] = &[
                 Ext,
                 "Largest request body; larger gets `413`.",
                 Some("16KiB"),
+            ),
+            key(
+                "gateway.api.tls",
+                "bool",
+                "`true`",
+                Ext,
+                "With `gateway.tls` present, serve the API over HTTPS with that certificate (the \
+                 API key crosses this connection); `false` keeps it plain HTTP. Without \
+                 `gateway.tls` it is plain HTTP either way.",
+                Some("false"),
+            ),
+        ],
+    },
+    Section {
+        title: "`gateway.tls`",
+        prefix: "gateway.tls.",
+        keys: &[
+            key(
+                "gateway.tls.cert_file",
+                "path",
+                "required in `tls`",
+                Ext,
+                "The certificate chain in PEM, leaf first. Read at start (an unreadable or \
+                 invalid file stops the start with an error naming it) and again on reload.",
+                Some("/etc/switchboard/tls.crt"),
+            ),
+            key(
+                "gateway.tls.key_file",
+                "path",
+                "required in `tls`",
+                Ext,
+                "Its private key in PEM (PKCS#8, PKCS#1 or SEC1); it must match the certificate.",
+                Some("/etc/switchboard/tls.key"),
+            ),
+            key(
+                "gateway.tls.min_version",
+                "`\"1.2\"` or `\"1.3\"`",
+                "`\"1.2\"`",
+                Ext,
+                "The oldest TLS version accepted; older clients fail the handshake (counted in \
+                 `switchboard_connections_refused{reason=\"tls\"}`). Cipher suites are \
+                 rustls's defaults: AEAD only, forward secrecy only.",
+                Some("\"1.3\""),
+            ),
+            key(
+                "gateway.tls.reload_interval",
+                "duration",
+                "`10s`",
+                Ext,
+                "How often the two files are looked at (modification time and size); a change \
+                 reloads them. New connections get the new certificate, open sockets keep \
+                 theirs. A file that does not load is logged and the old certificate stays. \
+                 `0s` turns the look off; `SIGHUP` reloads at any time.",
+                Some("1m"),
             ),
         ],
     },

@@ -20,6 +20,9 @@ pub struct TransportCounters {
     pub refused_by_service: u64,
     /// Upgrade requests refused with 431: head larger than `max_request_head`.
     pub refused_head_size: u64,
+    /// Connections whose TLS handshake failed or timed out (an untrusted certificate, a
+    /// protocol version below the minimum, plain HTTP on a TLS port).
+    pub refused_tls: u64,
     /// Connections closed on accept: `max_handshakes` were in progress.
     pub refused_handshakes: u64,
     /// Connections closed on accept: `max_handshakes_per_address` were in progress from that
@@ -66,6 +69,7 @@ impl std::ops::Add for TransportCounters {
             refused_capacity: self.refused_capacity + other.refused_capacity,
             refused_by_service: self.refused_by_service + other.refused_by_service,
             refused_head_size: self.refused_head_size + other.refused_head_size,
+            refused_tls: self.refused_tls + other.refused_tls,
             refused_handshakes: self.refused_handshakes + other.refused_handshakes,
             refused_handshakes_per_address: self.refused_handshakes_per_address
                 + other.refused_handshakes_per_address,

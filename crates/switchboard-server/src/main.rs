@@ -208,6 +208,9 @@ async fn serve(
     let addr = listen.unwrap_or(config.gateway.listen);
     let path = config.gateway.socket.path.as_str().to_string();
     let sse_path = config.gateway.socket.sse_path();
+    let tls = config.gateway.tls.is_some();
+    let admin_tls = tls && config.gateway.admin.as_ref().is_none_or(|a| a.tls);
+    let api_tls = tls && config.gateway.api.as_ref().is_some_and(|a| a.tls);
     let nats = match &config.gateway.bus {
         Some(bus) => Some(Arc::new(connect_nats(&bus.nats).await?)),
         None => None,
@@ -231,21 +234,36 @@ async fn serve(
     let stop = switchboard::shutdown_signal();
     let running = container.start_on(addr).await?;
     let local = running.local_addr().unwrap_or(addr);
+    let (ws, http) = if running.tls().is_some() {
+        ("wss", "https")
+    } else {
+        ("ws", "http")
+    };
+    let scheme = |tls: bool| if tls { "https" } else { "http" };
     println!("switchboard: config {source}");
-    println!("switchboard: listening on ws://{local}{path}");
+    println!("switchboard: listening on {ws}://{local}{path}");
     if let Some(sse) = sse_path {
-        println!("switchboard: sse fallback on http://{local}{sse}");
+        println!("switchboard: sse fallback on {http}://{local}{sse}");
     }
     if let Some(admin) = running.admin_addr() {
-        println!("switchboard: admin on http://{admin} (/metrics, /healthz, /readyz)");
+        let http = scheme(admin_tls);
+        println!("switchboard: admin on {http}://{admin} (/metrics, /healthz, /readyz)");
     }
     if let Some(api) = running.api_addr() {
-        println!("switchboard: api on http://{api} (docs/API.md)");
+        let http = scheme(api_tls);
+        println!("switchboard: api on {http}://{api} (docs/API.md)");
     }
     if demo {
-        println!("switchboard: demo chat at http://{local}/ (open it in two browser windows)");
+        println!("switchboard: demo chat at {http}://{local}/ (open it in two browser windows)");
     }
+    let reloads = running
+        .tls()
+        .cloned()
+        .map(|tls| tokio::spawn(reload_on_sighup(tls)));
     stop.await;
+    if let Some(reloads) = reloads {
+        reloads.abort();
+    }
     println!("switchboard: shutting down");
     let drain = drain.unwrap_or(running.drain());
     let report = running.shutdown(drain).await;
@@ -253,6 +271,25 @@ async fn serve(
         eprintln!("switchboard: some sockets did not close within {drain:?}");
     }
     Ok(())
+}
+
+/// Reloads the listeners' certificate and key on every SIGHUP (the old ones stay in use when
+/// the files do not load; the log says why).
+async fn reload_on_sighup(tls: switchboard::ServerTls) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            return eprintln!(
+                "switchboard: cannot listen for SIGHUP; TLS reloads on file change only"
+            );
+        };
+        while hangups.recv().await.is_some() {
+            tls.reload_logged("SIGHUP", true);
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tls);
 }
 
 async fn connect_nats(

@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 mod client;
 pub mod nats;
 pub mod sse;
+pub mod tls;
 pub mod websocket;
 
 pub use client::{start, Client, Event, Gateway, Kind};
@@ -185,23 +186,42 @@ pub async fn http_json(
     key: Option<&str>,
     body: Option<&Value>,
 ) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = json_request(&addr.to_string(), method, target, key, body);
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    json_exchange(stream, &request).await
+}
+
+/// An HTTP/1.1 request with a JSON body, as one string.
+pub(crate) fn json_request(
+    host: &str,
+    method: &str,
+    target: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+) -> String {
     let body = body.map(Value::to_string).unwrap_or_default();
     let auth = key
         .map(|k| format!("Authorization: Bearer {k}\r\n"))
         .unwrap_or_default();
-    let request = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
+    format!(
+        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{auth}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    );
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    )
+}
+
+/// Writes `request` on `stream` and reads the answer to the end: its status and JSON body.
+pub(crate) async fn json_exchange(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    request: &str,
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
+    // A TLS peer may end without close_notify once it has answered: what came is the answer.
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
         .await
-        .expect("an answer within 5 s")
-        .unwrap();
+        .expect("an answer within 5 s");
     let answer = String::from_utf8_lossy(&answer);
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
     let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);

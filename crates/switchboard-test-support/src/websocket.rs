@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -18,6 +19,10 @@ use crate::{request, token, WAIT};
 
 /// A WebSocket client connection.
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What a WebSocket client runs on: plain TCP ([`Ws`]) or TLS ([`crate::tls::Wss`]).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
 
 /// Connects to `addr` as `user` (the token as the `ID_TOKEN` cookie), in `namespace`.
 pub async fn connect(addr: SocketAddr, user: &str, namespace: Option<&str>) -> Ws {
@@ -44,32 +49,32 @@ pub async fn connect_request(addr: SocketAddr, request: http::Request<()>) -> Re
 }
 
 /// The next text frame as JSON, within 5 s (pings and pongs skipped); panics on a close.
-pub async fn recv(ws: &mut Ws) -> Value {
+pub async fn recv<S: Stream>(ws: &mut WebSocketStream<S>) -> Value {
     next_json(ws, WAIT).await
 }
 
 /// [`recv`] with another deadline.
-pub async fn recv_within(ws: &mut Ws, within: Duration) -> Value {
+pub async fn recv_within<S: Stream>(ws: &mut WebSocketStream<S>, within: Duration) -> Value {
     next_json(ws, within).await
 }
 
 /// Sends `v` as a text frame.
-pub async fn send(ws: &mut Ws, v: Value) {
+pub async fn send<S: Stream>(ws: &mut WebSocketStream<S>, v: Value) {
     ws.send(WsMessage::text(v.to_string())).await.unwrap();
 }
 
 /// Asserts that no text frame arrives within `ms` and that the socket stays open.
-pub async fn assert_silent(ws: &mut Ws, ms: u64) {
+pub async fn assert_silent<S: Stream>(ws: &mut WebSocketStream<S>, ms: u64) {
     crate::client::assert_silent(ws, ms).await
 }
 
 /// Reads until a close frame (within 10 s); returns its code.
-pub async fn close_code(ws: &mut Ws) -> u16 {
+pub async fn close_code<S: Stream>(ws: &mut WebSocketStream<S>) -> u16 {
     crate::client::close_code(ws).await
 }
 
 /// Starts the close handshake with `code`.
-pub(crate) async fn close(ws: &mut Ws, code: u16) {
+pub(crate) async fn close<S: Stream>(ws: &mut WebSocketStream<S>, code: u16) {
     let frame = CloseFrame {
         code: CloseCode::from(code),
         reason: "".into(),
@@ -77,7 +82,7 @@ pub(crate) async fn close(ws: &mut Ws, code: u16) {
     ws.close(Some(frame)).await.unwrap();
 }
 
-impl Events for Ws {
+impl<S: Stream> Events for WebSocketStream<S> {
     async fn next_event(&mut self) -> Event {
         loop {
             return match self.next().await {

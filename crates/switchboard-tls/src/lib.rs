@@ -25,6 +25,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 pub use tokio_rustls;
 
+#[cfg(feature = "test-ca")]
+mod test_ca;
+#[cfg(feature = "test-ca")]
+pub use test_ca::TestCa;
+
 /// The oldest TLS version a listener accepts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]

@@ -109,6 +109,7 @@ mod socket;
 mod socket_task;
 mod sockets;
 mod stats;
+mod wire;
 use handshakes::Handshakes;
 use socket::lock;
 use socket_task::SocketTask;
@@ -119,6 +120,8 @@ pub use switchboard_core::{
     RequestParts, SendError, Service, ShutdownReport, Socket, SocketRef, TransportCounters,
     OVER_BUDGET_CODE, SLOW_CONSUMER_CODE,
 };
+pub use switchboard_tls::ServerTls;
+use wire::Wire;
 
 mod endpoints;
 mod transport;
@@ -169,6 +172,10 @@ pub struct TransportOptions {
     /// Other transports made of plain HTTP requests (Server-Sent Events), served on the same
     /// port at their own paths. Default: none.
     pub endpoints: Endpoints,
+    /// Serve TLS (`wss://`, and `https://` for the endpoints) with this certificate; a
+    /// reload serves the new one to new connections. The TLS handshake is part of the
+    /// handshake that `handshake_timeout` bounds. Default: plain TCP.
+    pub tls: Option<ServerTls>,
 }
 
 /// The [`HttpEndpoint`]s a server hosts beside its upgrade path.
@@ -200,6 +207,7 @@ impl Default for TransportOptions {
             origins: OriginPolicy::SameHost,
             max_connections: None,
             endpoints: Endpoints::default(),
+            tls: None,
         }
     }
 }
@@ -419,7 +427,38 @@ async fn serve_connection<S: Service>(
     in_progress: handshakes::InProgress,
     shared: Arc<Shared<S>>,
 ) {
-    let io = TokioIo::new(stream);
+    let deadline = tokio::time::Instant::now() + shared.options.handshake_timeout;
+    match &shared.options.tls {
+        None => serve_http(TokioIo::new(stream), peer, in_progress, shared, deadline).await,
+        Some(tls) => {
+            let accepted = tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await;
+            match accepted {
+                Ok(Ok(stream)) => {
+                    serve_http(TokioIo::new(stream), peer, in_progress, shared, deadline).await
+                }
+                Ok(Err(e)) => {
+                    shared.hub.stats.refused_tls.fetch_add(1, Relaxed);
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    shared.hub.stats.refused_tls.fetch_add(1, Relaxed);
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                }
+            }
+        }
+    }
+}
+
+/// The connection's one request, over plain TCP or TLS, within `deadline`.
+async fn serve_http<S: Service, I>(
+    io: TokioIo<I>,
+    peer: SocketAddr,
+    in_progress: handshakes::InProgress,
+    shared: Arc<Shared<S>>,
+    deadline: tokio::time::Instant,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     // While the request is served: its handshake slot, then (for a streamed answer) the
     // stream's abort signal in its place.
     let state = Arc::new(std::sync::Mutex::new(Connection {
@@ -468,7 +507,7 @@ async fn serve_connection<S: Service>(
         .serve_connection(io, svc)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
-    let mut deadline = std::pin::pin!(tokio::time::sleep(options.handshake_timeout));
+    let mut deadline = std::pin::pin!(tokio::time::sleep_until(deadline));
     // The request must be served within the deadline, unless its answer is a stream: that
     // lasts until it ends, or until its endpoint aborts it (a client that stopped reading).
     let ended = std::future::poll_fn(|cx| {
@@ -560,11 +599,23 @@ fn handle_request<S: Service>(
             Ok(upgraded) => upgraded,
             Err(e) => return tracing::debug!(%peer, error = %e, "upgrade did not complete"),
         };
-        // The connection was served over `TokioIo<TcpStream>` (see `accept_loop`); taking the
-        // stream back lets the socket read and write it without hyper's buffers in between.
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                let stream = parts.io.into_inner();
+        // The connection was served over `TokioIo<TcpStream>`, or its TLS stream (see
+        // `serve_connection`); taking the stream back lets the socket read and write it
+        // without hyper's buffers in between.
+        let (wire, read_buf) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (Wire::plain(parts.io.into_inner()), parts.read_buf),
+            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream>>() {
+                Ok(parts) => {
+                    let (tcp, session) = parts.io.into_inner().into_inner();
+                    (Wire::tls(tcp, session), parts.read_buf)
+                }
+                Err(_) => {
+                    return tracing::error!(%peer, "upgraded connection is neither TCP nor TLS")
+                }
+            },
+        };
+        {
+            {
                 let open = Open {
                     admission: *admission,
                     peer,
@@ -573,9 +624,8 @@ fn handle_request<S: Service>(
                 };
                 // A task of its own, holding just the socket: this one (and what it held while
                 // waiting for the upgrade) ends here.
-                tokio::spawn(SocketTask::open(stream, parts.read_buf, open, shared));
+                tokio::spawn(SocketTask::open(wire, read_buf, open, shared));
             }
-            Err(_) => tracing::error!(%peer, "upgraded connection is not a TcpStream"),
         }
     });
     let mut res = Response::new(Bytes::new());
@@ -613,6 +663,9 @@ fn accept_key(headers: &http::HeaderMap) -> Option<HeaderValue> {
     let accept = base64::engine::general_purpose::STANDARD.encode(sha1.finalize());
     HeaderValue::from_str(&accept).ok()
 }
+
+/// A TLS connection as the server accepts it.
+type TlsStream = switchboard_tls::tokio_rustls::server::TlsStream<TcpStream>;
 
 /// What an admitted, upgraded connection brings to its socket.
 pub(crate) struct Open<A> {

@@ -7,11 +7,10 @@
 //! connection costs in libraries that keep a fixed 8 KiB buffer per socket.
 
 use std::cell::RefCell;
-use std::io::{self, Read};
+use std::io;
 
+use crate::wire::Wire;
 use bytes::Bytes;
-use tokio::io::Interest;
-use tokio::net::TcpStream;
 
 use crate::codec::{self, Decoder, End, Event};
 use crate::frame;
@@ -104,7 +103,7 @@ impl FrameReader {
     /// holds; when it answers false (over the buffer budget), reading ends the socket.
     pub(crate) fn read(
         &mut self,
-        stream: &TcpStream,
+        stream: &Wire,
         on: &mut dyn FnMut(Event<'_>),
         settle: &mut dyn FnMut(usize) -> bool,
     ) -> Result<Drained, ReadEnd> {
@@ -131,11 +130,11 @@ impl FrameReader {
     /// One `read` into `scratch`; true when the kernel had nothing.
     fn read_once(
         &mut self,
-        stream: &TcpStream,
+        stream: &Wire,
         scratch: &mut [u8],
         on: &mut dyn FnMut(Event<'_>),
     ) -> Result<bool, ReadEnd> {
-        let (n, drained) = match read_ready(stream, scratch) {
+        let (n, drained) = match stream.read(scratch) {
             Ok((0, _)) => return Err(ReadEnd::Eof),
             Ok(read) => read,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
@@ -163,13 +162,13 @@ pub(crate) struct CloseReader {
 
 impl CloseReader {
     /// Reads what the socket has; `Ok(true)` once the wait is over.
-    pub(crate) fn read(&mut self, stream: &TcpStream) -> io::Result<Option<Drained>> {
+    pub(crate) fn read(&mut self, stream: &Wire) -> io::Result<Option<Drained>> {
         if self.done {
             return Ok(None);
         }
         for _ in 0..READS_PER_WAKE {
             let mut buf = [0u8; 4096];
-            let (n, drained) = match read_ready(stream, &mut buf) {
+            let (n, drained) = match stream.read(&mut buf) {
                 Ok((0, _)) => return Ok(None),
                 Ok(read) => read,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(Drained::Yes)),
@@ -232,30 +231,6 @@ impl CloseReader {
                 }
             }
         }
-    }
-}
-
-/// Reads once; returns the bytes read and whether that emptied the kernel's buffer.
-///
-/// A read shorter than `buf` got everything the kernel had, so the socket's readiness is
-/// cleared there and then (tokio's own `poll_read` does the same), instead of learning it
-/// from one more `read` that fails with `WouldBlock`: that saves a system call per wake-up,
-/// which for small request/response traffic is a third of them. The readiness cleared is the
-/// one seen before the read, so data arriving after it still wakes the socket.
-fn read_ready(stream: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, bool)> {
-    let mut short = 0;
-    let read = stream.try_io(Interest::READABLE, || {
-        let n = (&*socket2::SockRef::from(stream)).read(buf)?;
-        if n > 0 && n < buf.len() {
-            short = n;
-            return Err(io::ErrorKind::WouldBlock.into()); // makes try_io clear the readiness
-        }
-        Ok(n)
-    });
-    match read {
-        Ok(n) => Ok((n, false)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok((short, true)),
-        Err(e) => Err(e),
     }
 }
 

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::net::TcpStream;
 
 use futures_util::task::AtomicWaker;
 
@@ -24,6 +23,7 @@ use crate::budget::Holding;
 use crate::frame::{self, MAX_SERVER_HEAD};
 use crate::outbox::{CloseRequest, Farewell, Flushed, Outbound, Outbox, QueueLimits, WhenFull};
 use crate::sockets::Hub;
+use crate::wire::Wire;
 use switchboard_core::{server_close, CloseReason, SendError, Socket, SLOW_CONSUMER_CODE};
 
 /// The socket's task encodes at most this many queued bytes per write.
@@ -33,7 +33,8 @@ const MAX_QUEUED_CONTROL: usize = 4;
 
 pub(crate) struct SocketState {
     pub(crate) peer: SocketAddr,
-    pub(crate) stream: TcpStream,
+    /// The connection: plain TCP, or TCP with a TLS session.
+    pub(crate) wire: Wire,
     pub(crate) out: Mutex<Outbox>,
     pub(crate) capacity: usize,
     /// Most bytes the outbox may hold (a frame is always taken into an empty one).
@@ -65,14 +66,14 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl SocketState {
     /// A just-opened socket: nothing queued, no close requested, no ping outstanding.
     pub(crate) fn new(
-        stream: TcpStream,
+        wire: Wire,
         peer: SocketAddr,
         limits: QueueLimits,
         hub: Arc<Hub>,
     ) -> SocketState {
         SocketState {
             peer,
-            stream,
+            wire,
             out: Mutex::default(),
             capacity: limits.frames,
             capacity_bytes: limits.bytes,
@@ -268,7 +269,7 @@ impl SocketState {
         let mut head = [0u8; MAX_SERVER_HEAD];
         let head_len = frame::encode_head(opcode, payload.len(), &mut head);
         let bufs = [IoSlice::new(&head[..head_len]), IoSlice::new(payload)];
-        let written = match self.stream.try_write_vectored(&bufs) {
+        let written = match self.wire.write_vectored(&bufs) {
             Ok(n) => n,
             Err(e) if is_retry(&e) => 0,
             Err(e) => {
@@ -277,23 +278,33 @@ impl SocketState {
                 return Err(SendError::Closed);
             }
         };
-        if written == head_len + payload.len() {
+        let total = head_len + payload.len();
+        // With TLS, records rustls encrypted but the kernel has not taken yet.
+        let encrypted_waiting = self.wire.is_tls() && self.wire.has_pending_output();
+        if written == total && !encrypted_waiting {
             return Ok(());
         }
-        let rest = head_len + payload.len() - written;
-        if !self.reserve_out(&mut outbox, rest) {
+        // Counted until it is all out: the rest of the frame, or with TLS the whole frame
+        // (its records wait in rustls, at most one chunk of them).
+        let counted = if encrypted_waiting {
+            total
+        } else {
+            total - written
+        };
+        if !self.reserve_out(&mut outbox, counted) {
             // Nothing of it is counted (`reserve_out` failed), so nothing is given back. Half
             // a frame on the wire cannot be followed by a close frame, whoever closes.
-            outbox.torn |= written > 0;
+            let mid_frame = written > 0 && written < total;
+            outbox.torn |= mid_frame;
             drop(outbox);
-            self.refuse_for_budget(written > 0);
+            self.refuse_for_budget(mid_frame);
             return Err(SendError::OverBudget);
         }
         if written == 0 {
             outbox.queue.push_back(out);
         } else {
-            outbox.unsent_counted += rest;
-            // The kernel took part of the frame: the rest goes next, before anything else.
+            outbox.unsent_counted += counted;
+            // The connection took part of the frame: the rest goes next, before anything else.
             if written < head_len {
                 outbox.unsent.extend_from_slice(&head[written..head_len]);
                 outbox.unsent.extend_from_slice(payload);
@@ -316,6 +327,21 @@ impl SocketState {
         let mut guard = lock(&self.out);
         let outbox = &mut *guard;
         loop {
+            if self.wire.is_tls() && self.wire.has_pending_output() {
+                // Records encrypted earlier go first.
+                match self.wire.flush_output() {
+                    Ok(()) => outbox.progressed = true,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            if outbox.unsent.is_empty() && outbox.unsent_counted > 0 {
+                // The batch is out: its allocation and its count go together.
+                outbox.unsent = BytesMut::new();
+                let counted = std::mem::take(&mut outbox.unsent_counted);
+                self.release_out(outbox, counted);
+            }
             if outbox.unsent.is_empty() {
                 match outbox.queue.front() {
                     None => {
@@ -350,16 +376,11 @@ impl SocketState {
                     outbox.queue.pop_front();
                 }
             }
-            match self.stream.try_write(&outbox.unsent) {
+            // With TLS, a batch counts until its records are out too (see the loop's top).
+            match self.wire.write(&outbox.unsent) {
                 Ok(n) => {
                     outbox.unsent.advance(n);
                     outbox.progressed = true;
-                    if outbox.unsent.is_empty() {
-                        // The batch is out: its allocation and its count go together.
-                        outbox.unsent = BytesMut::new();
-                        let counted = std::mem::take(&mut outbox.unsent_counted);
-                        self.release_out(outbox, counted);
-                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -419,7 +440,17 @@ impl SocketState {
 
     /// Ends the TCP connection now, even while handles to the socket live on.
     pub(crate) fn shutdown_stream(&self) {
-        let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Both);
+        self.wire.shutdown();
+    }
+
+    /// With TLS, reading may leave records for the peer (a key update's answer) that the
+    /// kernel did not take: the socket's task writes them as the connection drains, and a
+    /// client that never takes them is dropped like any other that stops reading.
+    pub(crate) fn after_read(&self) {
+        if self.wire.is_tls() && self.wire.has_pending_output() {
+            lock(&self.out).backlogged = true;
+            self.wake();
+        }
     }
 }
 
@@ -509,7 +540,7 @@ mod tests {
             frames: capacity,
             bytes: usize::MAX,
         };
-        let state = SocketState::new(stream, addr, limits, Arc::default());
+        let state = SocketState::new(Wire::plain(stream), addr, limits, Arc::default());
         let big = Bytes::from(vec![b'x'; 64 * 1024]);
         while !lock(&state.out).backlogged {
             state
@@ -517,6 +548,82 @@ mod tests {
                 .unwrap();
         }
         (state, peer)
+    }
+
+    /// A TLS socket whose peer has not read yet, and the peer's side of the session.
+    async fn tls_pair() -> (
+        SocketState,
+        switchboard_tls::tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    ) {
+        use switchboard_tls::{rustls::pki_types::ServerName, tokio_rustls, ServerTls, TestCa};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new();
+        let tls = ServerTls::load(ca.write_server_files(dir.path(), "s")).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(connect, listener.accept());
+        let (server, addr) = accepted.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(
+            tokio_rustls::TlsConnector::from(ca.client_config()).connect(name, client.unwrap()),
+            tls.acceptor().accept(server)
+        );
+        let (tcp, session) = server.unwrap().into_inner();
+        let limits = QueueLimits {
+            frames: 10_000,
+            bytes: usize::MAX,
+        };
+        let state = SocketState::new(Wire::tls(tcp, session), addr, limits, Arc::default());
+        (state, client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn tls_records_stay_counted_until_the_kernel_has_taken_them() {
+        use tokio::io::AsyncReadExt;
+        let (state, mut client) = tls_pair().await;
+        let frame = Bytes::from(vec![b'x'; 40_000]);
+        // Frames until the kernel's buffers are full and the backlog waits.
+        let mut sent = 0;
+        loop {
+            for _ in 0..20 {
+                state
+                    .push(Outbound::Text(frame.clone()), WhenFull::CloseSocket)
+                    .unwrap();
+                sent += 1;
+            }
+            if matches!(state.flush().unwrap(), Flushed::Blocked) {
+                break;
+            }
+        }
+        let expected = sent * (frame.len() + 4); // a 4-byte head per frame
+        let mut received = 0;
+        let mut buf = vec![0u8; 4096]; // small reads: the kernel frees room in small steps
+        let mut done = false;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while received < expected {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{received} of {expected}"
+            );
+            match state.flush().unwrap() {
+                Flushed::Done => {
+                    // Done means every record is out, and nothing is counted any more.
+                    assert!(!state.wire.has_pending_output(), "records left in rustls");
+                    assert_eq!(state.hub.stats.budget.used(), 0);
+                    done = true;
+                }
+                Flushed::Blocked => assert!(state.hub.stats.budget.used() > 0),
+                Flushed::CloseReached(..) => unreachable!(),
+            }
+            let read =
+                tokio::time::timeout(std::time::Duration::from_millis(100), client.read(&mut buf));
+            if let Ok(n) = read.await {
+                received += n.unwrap();
+            }
+        }
+        assert_eq!(received, expected);
+        assert!(done || matches!(state.flush().unwrap(), Flushed::Done));
+        assert_eq!(state.hub.stats.budget.used(), 0);
     }
 
     fn kinds(state: &SocketState) -> Vec<&'static str> {

@@ -11,7 +11,6 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
@@ -19,6 +18,7 @@ use crate::codec::Event;
 use crate::outbox::{Farewell, Flushed, Outbound, QueueLimits, WhenFull};
 use crate::reader::{CloseReader, Drained, FrameReader, ReadEnd};
 use crate::socket::{lock, SocketState};
+use crate::wire::Wire;
 use crate::{Open, Shared, SocketSlot};
 use switchboard_core::{CloseReason, Inbound, Service, SocketRef};
 
@@ -59,7 +59,7 @@ impl<S: Service> SocketTask<S> {
     /// Opens the socket for the service. `early`: bytes the client sent right behind its
     /// upgrade request.
     pub(crate) fn open(
-        stream: TcpStream,
+        wire: Wire,
         early: Bytes,
         open: Open<S::Admission>,
         shared: Arc<Shared<S>>,
@@ -75,7 +75,9 @@ impl<S: Service> SocketTask<S> {
             frames: opts.send_queue,
             bytes: opts.send_queue_bytes,
         };
-        let state = Arc::new(SocketState::new(stream, peer, limits, shared.hub.clone()));
+        let state = Arc::new(SocketState::new(wire, peer, limits, shared.hub.clone()));
+        // With TLS, records the handshake left unwritten go first.
+        state.after_read();
         shared
             .hub
             .stats
@@ -141,7 +143,7 @@ impl<S: Service> SocketTask<S> {
             if write_when_ready(state, &mut self.blocked, cx) {
                 continue;
             }
-            match state.stream.poll_read_ready(cx) {
+            match state.wire.tcp().poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => {
                     if reading.read(service, session) == Some(Drained::No) {
                         // More is waiting; let other sockets run first.
@@ -262,7 +264,9 @@ impl Reading<'_> {
             *inbound = held;
             true
         };
-        match self.reader.read(&state.stream, &mut on_event, &mut settle) {
+        let read = self.reader.read(&state.wire, &mut on_event, &mut settle);
+        state.after_read();
+        match read {
             Ok(drained) => Some(drained),
             Err(end) => {
                 let (farewell, reason) = read_end(end);
@@ -297,7 +301,7 @@ pub(crate) fn write_when_ready(
     if !*blocked {
         return false;
     }
-    match state.stream.poll_write_ready(cx) {
+    match state.wire.tcp().poll_write_ready(cx) {
         Poll::Ready(Ok(())) => {
             *blocked = write_backlog(state);
             true
@@ -355,7 +359,7 @@ async fn finish(state: Arc<SocketState>, mut reader: CloseReader, close_timeout:
         loop {
             match state.flush()? {
                 Flushed::Done => return Ok::<(), io::Error>(()),
-                Flushed::Blocked => state.stream.writable().await?,
+                Flushed::Blocked => state.wire.tcp().writable().await?,
                 Flushed::CloseReached(..) => unreachable!("begin_closing removed the markers"),
             }
         }
@@ -373,10 +377,10 @@ async fn finish(state: Arc<SocketState>, mut reader: CloseReader, close_timeout:
 /// Reads (and skips) until the client's close frame, the end of the connection, or an error.
 async fn await_close_reply(state: &SocketState, reader: &mut CloseReader) {
     loop {
-        if state.stream.readable().await.is_err() {
+        if state.wire.tcp().readable().await.is_err() {
             return;
         }
-        match reader.read(&state.stream) {
+        match reader.read(&state.wire) {
             Ok(Some(Drained::Yes)) => {}
             Ok(Some(Drained::No)) => tokio::task::yield_now().await,
             Ok(None) | Err(_) => return,

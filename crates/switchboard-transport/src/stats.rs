@@ -14,6 +14,7 @@ pub struct TransportStats {
     pub(crate) refused_capacity: AtomicU64,
     pub(crate) refused_by_service: AtomicU64,
     pub(crate) refused_head_size: AtomicU64,
+    pub(crate) refused_tls: AtomicU64,
     pub(crate) refused_handshakes: AtomicU64,
     pub(crate) refused_handshakes_per_address: AtomicU64,
     pub(crate) handshakes_in_progress: AtomicU64,
@@ -36,6 +37,7 @@ impl TransportStats {
         counters.refused_capacity = self.refused_capacity.load(Relaxed);
         counters.refused_by_service = self.refused_by_service.load(Relaxed);
         counters.refused_head_size = self.refused_head_size.load(Relaxed);
+        counters.refused_tls = self.refused_tls.load(Relaxed);
         counters.refused_handshakes = self.refused_handshakes.load(Relaxed);
         counters.refused_handshakes_per_address = self.refused_handshakes_per_address.load(Relaxed);
         counters.handshakes_in_progress = self.handshakes_in_progress.load(Relaxed);

@@ -24,13 +24,17 @@ pub(crate) struct AdminState {
 }
 
 /// Binds `addr` and serves the admin endpoints there.
-pub(crate) async fn bind(addr: SocketAddr, state: AdminState) -> std::io::Result<Listener> {
+pub(crate) async fn bind(
+    addr: SocketAddr,
+    state: AdminState,
+    tls: Option<switchboard_tls::ServerTls>,
+) -> std::io::Result<Listener> {
     let state = Arc::new(state);
     let respond: Respond = Arc::new(move |req| {
         let answer = respond(&state, &req);
         Box::pin(std::future::ready(answer))
     });
-    Listener::bind(addr, "admin", respond).await
+    Listener::bind(addr, "admin", respond, tls).await
 }
 
 fn respond(state: &AdminState, req: &Request<Incoming>) -> HttpResponse {

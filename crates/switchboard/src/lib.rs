@@ -105,6 +105,8 @@ pub use switchboard_core::{
     http, plain_response, Bytes, HttpResponse, RequestParts, ShutdownReport, Transport,
     TransportCounters, OVER_BUDGET_CODE, SLOW_CONSUMER_CODE,
 };
+/// TLS for the listeners (`switchboard-tls`): a certificate reloadable in place.
+pub use switchboard_tls::{MinVersion, ServerTls, ServerTlsFiles, TlsError};
 
 /// The README's Rust examples, compiled (not run) as doctests.
 #[cfg(doctest)]
@@ -135,6 +137,9 @@ pub enum BuildError {
     /// The server API cannot be served (its key is unset or too short).
     #[error("api: {0}")]
     Api(String),
+    /// `gateway.tls`'s certificate or key cannot be used (unreadable, not PEM, not a pair).
+    #[error("gateway.tls: {0}")]
+    Tls(#[from] switchboard_tls::TlsError),
 }
 
 /// The gateway: config, bus, sockets and handlers. Build it, add handlers, then
@@ -153,6 +158,8 @@ pub struct Container {
     transports: Vec<Starter>,
     /// [`Container::sse_fallback`]: serve SSE even without `socket.sse` in the config.
     sse_fallback: bool,
+    /// The listeners' certificate (`gateway.tls`, or [`Container::tls`]).
+    tls: Option<ServerTls>,
 }
 
 impl fmt::Debug for Container {
@@ -239,6 +246,10 @@ impl Container {
             )),
         )?;
         let admin_listen = config.gateway.admin.as_ref().map(|a| a.listen);
+        let tls = match &config.gateway.tls {
+            Some(tls) => Some(ServerTls::load(tls_files(tls))?),
+            None => None,
+        };
         Ok(Container {
             config,
             bus,
@@ -250,7 +261,16 @@ impl Container {
             api_key: None,
             transports: Vec::new(),
             sse_fallback: false,
+            tls,
         })
+    }
+
+    /// Serves TLS with `tls` on the public, admin and API listeners (as `gateway.tls` does,
+    /// whose files are then not used; the listeners' own `tls: false` still opts out). Reload
+    /// it with [`ServerTls::reload`] or [`Running::reload_tls`].
+    pub fn tls(&mut self, tls: ServerTls) -> &mut Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Subscribes `handler` to `topic` (the spec's `addHandler`). Several handlers may share
@@ -341,7 +361,8 @@ impl Container {
     /// given with [`Container::transport`]; also binds the admin listener when the config has
     /// `gateway.admin` (or [`Container::admin_listen`] was called).
     pub async fn start_on(mut self, addr: SocketAddr) -> std::io::Result<Running> {
-        let defaults = transports::defaults(&self.config, addr, self.sse_fallback);
+        let defaults =
+            transports::defaults(&self.config, addr, self.sse_fallback, self.tls.clone());
         self.transports.splice(0..0, defaults);
         self.start_transports().await
     }
@@ -466,7 +487,9 @@ impl Container {
                     bus: bus.clone(),
                     draining: draining.clone(),
                 };
-                match admin::bind(admin_addr, state).await {
+                let tls = self.config.gateway.admin.as_ref().is_none_or(|a| a.tls);
+                let tls = self.tls.clone().filter(|_| tls);
+                match admin::bind(admin_addr, state, tls).await {
                     Ok(admin) => Some(admin),
                     Err(e) => {
                         transports.shutdown(Duration::ZERO).await;
@@ -496,7 +519,8 @@ impl Container {
                     key,
                     max_body: config.max_body,
                 };
-                match Listener::bind(config.listen, "api", api::respond(state)).await {
+                let tls = self.tls.clone().filter(|_| config.tls);
+                match Listener::bind(config.listen, "api", api::respond(state), tls).await {
                     Ok(api) => Some(api),
                     Err(e) => {
                         transports.shutdown(Duration::ZERO).await;
@@ -527,6 +551,10 @@ impl Container {
         if let Some(api) = &api {
             tracing::info!(listen = %api.local_addr(), "api listener: /api/...");
         }
+        let tls_watch = self.tls.as_ref().and_then(|tls| {
+            let every = self.config.gateway.tls.as_ref()?.reload_interval;
+            (!every.is_zero()).then(|| tls.watch(every))
+        });
         Ok(Running {
             transports,
             producer,
@@ -539,6 +567,8 @@ impl Container {
             prometheus,
             draining,
             expiries,
+            tls: self.tls,
+            tls_watch,
         })
     }
 
@@ -553,6 +583,16 @@ impl Container {
         running.shutdown(drain).await;
         Ok(())
     }
+}
+
+/// `gateway.tls` as the TLS crate takes it.
+fn tls_files(tls: &config::Tls) -> ServerTlsFiles {
+    let mut files = ServerTlsFiles::new(&tls.cert_file, &tls.key_file);
+    files.min_version = match tls.min_version {
+        config::TlsVersion::Tls13 => MinVersion::Tls13,
+        _ => MinVersion::Tls12,
+    };
+    files
 }
 
 /// The server API's key from the environment variable `name`.
@@ -631,6 +671,9 @@ pub struct Running {
     prometheus: Arc<prometheus_client::registry::Registry>,
     draining: Arc<AtomicBool>,
     expiries: Option<Arc<expiry::Expiries>>,
+    tls: Option<ServerTls>,
+    /// Looks at `gateway.tls`'s files every `reload_interval`.
+    tls_watch: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl fmt::Debug for Running {
@@ -690,6 +733,21 @@ impl Running {
         metrics::render(&self.prometheus, false)
     }
 
+    /// Reads `gateway.tls`'s certificate and key again (what SIGHUP does in `switchboard
+    /// serve`): new connections get them, open sockets keep theirs. On error the old
+    /// certificate stays in use. Without TLS, does nothing.
+    pub fn reload_tls(&self) -> Result<(), switchboard_tls::TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
+    }
+
+    /// The listeners' TLS config, if they serve TLS.
+    pub fn tls(&self) -> Option<&ServerTls> {
+        self.tls.as_ref()
+    }
+
     /// The configured shutdown drain deadline (`gateway.drain`).
     pub fn drain(&self) -> Duration {
         self.drain
@@ -700,6 +758,9 @@ impl Running {
     /// same `drain`). `/readyz` answers 503 from the start; the admin listener stops at the end.
     pub async fn shutdown(self, drain: Duration) -> ShutdownReport {
         self.draining.store(true, Relaxed);
+        if let Some(watch) = &self.tls_watch {
+            watch.abort();
+        }
         let started = std::time::Instant::now();
         let report = self.transports.shutdown(drain).await;
         if let Some(expiries) = &self.expiries {

@@ -1,5 +1,6 @@
 //! A small HTTP/1.1 server on an address of its own, for the admin and API listeners: off the
-//! public port, one async answer per request, stopped with its connections.
+//! public port, one async answer per request, over TLS when given a certificate, stopped with
+//! its connections.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,12 +14,17 @@ use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use switchboard_core::{BoxFuture, HttpResponse};
+use switchboard_tls::ServerTls;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// Connections one listener serves at once; more are closed as they are accepted.
 const MAX_CONNECTIONS: usize = 128;
+
+/// How long a connection may take to send its request head (and, with TLS, to finish the
+/// TLS handshake before that).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Answers one request.
 pub(crate) type Respond =
@@ -32,18 +38,20 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
-    /// Binds `addr` and answers every request with `respond`; `what` names it in errors.
+    /// Binds `addr` and answers every request with `respond`, over TLS with `tls`; `what`
+    /// names it in errors.
     pub(crate) async fn bind(
         addr: SocketAddr,
         what: &'static str,
         respond: Respond,
+        tls: Option<ServerTls>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("{what} listener {addr}: {e}")))?;
         let local_addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
-        let accept_loop = tokio::spawn(accept_loop(listener, what, respond, stopped));
+        let accept_loop = tokio::spawn(accept_loop(listener, what, respond, tls, stopped));
         Ok(Listener {
             local_addr,
             stop,
@@ -67,6 +75,7 @@ async fn accept_loop(
     listener: TcpListener,
     what: &'static str,
     respond: Respond,
+    tls: Option<ServerTls>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -89,28 +98,49 @@ async fn accept_loop(
             continue;
         };
         let respond = respond.clone();
-        let mut stopped = stopped.clone();
+        let stopped = stopped.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let svc = service_fn(move |req| {
-                let answer = respond(req);
-                async move { Ok::<_, Infallible>(answer.await.map(Full::new)) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            let mut conn = std::pin::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stopped.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            let Some(tls) = tls else {
+                return serve(TokioIo::new(stream), peer, what, respond, stopped).await;
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "{what} connection ended with an error");
+            match tokio::time::timeout(HEAD_TIMEOUT, tls.acceptor().accept(stream)).await {
+                Ok(Ok(stream)) => serve(TokioIo::new(stream), peer, what, respond, stopped).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "{what}: TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "{what}: TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// One connection's requests, until it ends or the listener stops.
+async fn serve<I>(
+    io: TokioIo<I>,
+    peer: SocketAddr,
+    what: &'static str,
+    respond: Respond,
+    mut stopped: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let answer = respond(req);
+        async move { Ok::<_, Infallible>(answer.await.map(Full::new)) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .serve_connection(io, svc);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stopped.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "{what} connection ended with an error");
     }
 }

@@ -320,13 +320,14 @@ impl Collector for Scraped {
         {
             let mut m = e.encode_descriptor(
                 "switchboard_connections_refused",
-                "Connections closed as soon as they were accepted, because too many handshakes were in progress: in total (total) or from that client address (per_address).",
+                "Connections closed before their request: too many handshakes were in progress, in total (total) or from that client address (per_address), or their TLS handshake failed or timed out (tls).",
                 None,
                 MetricType::Counter,
             )?;
             for (reason, n) in [
                 ("total", t.refused_handshakes),
                 ("per_address", t.refused_handshakes_per_address),
+                ("tls", t.refused_tls),
             ] {
                 ConstCounter::new(n).encode(m.encode_family(&[("reason", reason)])?)?;
             }

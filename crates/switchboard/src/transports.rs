@@ -12,7 +12,7 @@ use switchboard_config::Config;
 use switchboard_core::{
     BoxFuture, OriginPolicy, RunningTransport, ShutdownReport, Transport, TransportCounters,
 };
-use switchboard_transport::{TransportOptions, WebSocketTransport};
+use switchboard_transport::{ServerTls, TransportOptions, WebSocketTransport};
 use switchboard_transport_sse::{SseOptions, SseTransport};
 
 use crate::gateway::Gateway;
@@ -27,9 +27,16 @@ pub(crate) fn starter<T: Transport>(transport: T) -> Starter {
 }
 
 /// The default transports as the config sets them up: WebSocket upgrades on `addr`, and the
-/// Server-Sent Events fallback on the same port when `socket.sse` is present (or `sse_anyway`).
-pub(crate) fn defaults(config: &Config, addr: SocketAddr, sse_anyway: bool) -> Vec<Starter> {
+/// Server-Sent Events fallback on the same port when `socket.sse` is present (or `sse_anyway`),
+/// both over TLS with `tls`.
+pub(crate) fn defaults(
+    config: &Config,
+    addr: SocketAddr,
+    sse_anyway: bool,
+    tls: Option<ServerTls>,
+) -> Vec<Starter> {
     let mut options = websocket_options(config);
+    options.tls = tls;
     let mut starters = Vec::new();
     if let Some(sse) = sse(config, sse_anyway) {
         // Hosted by the WebSocket transport's HTTP server; started first, so that it is ready

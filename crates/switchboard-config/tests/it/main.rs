@@ -586,3 +586,33 @@ fn nats_option_errors_name_the_key_and_line() {
         assert!(e.contains("line "), "{section}: {e}");
     }
 }
+
+#[test]
+fn the_tls_section_parses_and_its_errors_name_the_key_and_line() {
+    let c = Config::from_yaml_str(
+        "gateway:\n  socket: {}\n  tls:\n    cert_file: /c.pem\n    key_file: /k.pem\n    min_version: 1.3\n  api:\n    listen: 127.0.0.1:4002\n    tls: false\n",
+    )
+    .unwrap();
+    let tls = c.gateway.tls.unwrap();
+    assert_eq!(tls.cert_file.to_str(), Some("/c.pem"));
+    assert_eq!(tls.min_version, switchboard_config::TlsVersion::Tls13);
+    assert_eq!(tls.reload_interval, Duration::from_secs(10));
+    assert!(!c.gateway.api.unwrap().tls);
+    let quoted = Config::from_yaml_str(
+        "gateway:\n  socket: {}\n  tls:\n    cert_file: a\n    key_file: b\n    min_version: \"1.2\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        quoted.gateway.tls.unwrap().min_version,
+        switchboard_config::TlsVersion::Tls12
+    );
+
+    let e = bad(
+        "gateway:\n  socket: {}\n  tls:\n    cert_file: a\n    key_file: b\n    min_version: 1.1\n",
+    );
+    assert!(e.to_string().contains("min_version must be"), "{e}");
+    assert_eq!(e.line(), Some(6));
+    let e = bad("gateway:\n  socket: {}\n  tls:\n    cert_file: a\n");
+    assert!(e.to_string().contains("missing field `key_file`"), "{e}");
+    assert_eq!(e.line(), Some(4));
+}

@@ -3,6 +3,7 @@
 
 mod nats;
 mod ops;
+mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -85,6 +86,21 @@ fn start_demo() -> Demo {
     Demo { child, addr }
 }
 
+/// `switchboard serve --listen 127.0.0.1:0 --config <config>` with the test secret and
+/// `api_key` as `SWITCHBOARD_API_KEY`.
+pub(crate) fn serve_config(config: &std::path::Path, api_key: &str) -> Command {
+    let mut serve = bin();
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env(
+            switchboard_test_support::SECRET_ENV,
+            switchboard_test_support::SECRET,
+        )
+        .env("SWITCHBOARD_API_KEY", api_key);
+    serve
+}
+
 /// Spawns a prepared `switchboard serve` command and returns it with the address it printed.
 pub(crate) fn spawn_serve(serve: Command) -> (Child, SocketAddr) {
     let (child, addr, _) = spawn_serve_printing(serve, None);
@@ -106,7 +122,10 @@ pub(crate) fn spawn_serve_printing(
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let addr = loop {
         let line = lines.next().expect("server printed its address").unwrap();
-        if let Some(rest) = line.strip_prefix("switchboard: listening on ws://") {
+        let rest = line
+            .strip_prefix("switchboard: listening on ws://")
+            .or_else(|| line.strip_prefix("switchboard: listening on wss://"));
+        if let Some(rest) = rest {
             break rest.trim_end_matches("/connect").parse().unwrap();
         }
     };

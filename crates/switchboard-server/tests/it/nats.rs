@@ -67,6 +67,24 @@ async fn recv(ws: &mut Ws) -> Value {
     recv_within(ws, Duration::from_secs(10)).await
 }
 
+/// Waits for `n` sockets' `onconnect` on `connections` (answering each, as a handler would): a
+/// socket publishes it once its node has registered it, so from then on it can be reached.
+async fn registered(
+    client: &async_nats::Client,
+    connections: &mut async_nats::Subscriber,
+    n: usize,
+) {
+    for _ in 0..n {
+        let event = tokio::time::timeout(Duration::from_secs(10), connections.next())
+            .await
+            .expect("every socket's onconnect within 10 s")
+            .unwrap();
+        if let Some(reply) = event.reply {
+            client.publish(reply, "{}".into()).await.unwrap();
+        }
+    }
+}
+
 async fn publish(client: &async_nats::Client, subject: &str, body: Value) {
     client
         .publish(subject.to_string(), body.to_string().into())
@@ -89,15 +107,7 @@ async fn send_and_broadcast_from_plain_nats_reach_each_socket_once_across_nodes(
     let mut alex_other = connect(b.addr, "alex", Some("globex")).await;
     let mut kim_b = connect(b.addr, "kim", Some("globex")).await;
     let mut sam_a = connect(a.addr, "sam", Some("acme")).await;
-    for _ in 0..5 {
-        let event = tokio::time::timeout(Duration::from_secs(10), connections.next())
-            .await
-            .expect("every socket's onconnect within 10 s")
-            .unwrap();
-        if let Some(reply) = event.reply {
-            client.publish(reply, "{}".into()).await.unwrap();
-        }
-    }
+    registered(&client, &mut connections, 5).await;
 
     // a plain NATS client sends to alex in acme: both of alex's acme sockets, once each
     publish(
@@ -154,15 +164,14 @@ async fn a_disconnect_published_on_nats_closes_the_users_sockets_on_every_node_o
     let b = node(&nats, "b");
     let outside = async_nats::connect(nats.url()).await.unwrap();
     let mut closes = outside.subscribe("socket:close").await.unwrap();
+    let mut connections = outside.subscribe("socket:connection").await.unwrap();
     outside.flush().await.unwrap();
     let mut alex_a = connect(a.addr, "alex", Some("acme")).await;
     let mut alex_b = connect(b.addr, "alex", Some("acme")).await;
     let mut sam_b = connect(b.addr, "sam", Some("acme")).await;
-    // Every node's registry has its sockets before the disconnect goes out.
-    publish(&outside, "socket:broadcast", json!({"type": "ready"})).await;
-    for ws in [&mut alex_a, &mut alex_b, &mut sam_b] {
-        assert_eq!(recv(ws).await["type"], "ready");
-    }
+    // Every node's registry has its sockets before the disconnect goes out: a socket
+    // publishes `onconnect` once it is registered.
+    registered(&outside, &mut connections, 3).await;
     publish(
         &outside,
         "socket:disconnect",
@@ -513,12 +522,7 @@ fn api_node(nats: &NatsServer, name: &str) -> (Node, SocketAddr) {
         nats.url()
     );
     std::fs::write(&config, yaml).unwrap();
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-    serve
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .env(SECRET_ENV, SECRET)
-        .env("SWITCHBOARD_API_KEY", API_KEY);
+    let serve = crate::serve_config(&config, API_KEY);
     let (child, addr, api) =
         crate::spawn_serve_printing(serve, Some("switchboard: api on http://"));
     let node = Node {

@@ -2,6 +2,7 @@
 //! codes, heartbeats, slow consumers and shutdown.
 
 mod raw;
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -274,3 +274,87 @@ async fn namespace_series_are_capped_at_top_namespaces() {
     );
     running.shutdown(Duration::from_secs(2)).await;
 }
+
+/// With `gateway.tls`, the admin listener serves HTTPS unless its `tls` is false; the
+/// refused TLS handshakes on the public port are counted in `/metrics`.
+#[tokio::test]
+async fn the_admin_listener_follows_gateway_tls_unless_it_opts_out() {
+    use switchboard_test_support::tls::{tls_stream, TestCa};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let files = ca.write_server_files(dir.path(), "server");
+    let yaml = |admin_tls: &str| {
+        format!(
+            "  tls:\n    cert_file: {:?}\n    key_file: {:?}\n  admin:\n    listen: 127.0.0.1:0\n{admin_tls}",
+            files.cert, files.key
+        )
+    };
+    let config = |extra: String| {
+        let text = format!(
+            "gateway:\n  socket:\n    onclose: {{publish: \"socket:close\"}}\n  auth:\n    secret_env: {SECRET_ENV}\n{extra}"
+        );
+        Config::from_yaml_str(&text).unwrap()
+    };
+
+    let gw = start(container(config(yaml("")))).await;
+    let admin = gw.admin_addr().unwrap();
+    let (stream, _) = tls_stream(admin, ca.client_config()).await.expect("HTTPS");
+    let request = "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let mut stream = stream;
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // A plain client on the public port fails its TLS handshake, and that is counted.
+    let _ = tokio::net::TcpStream::connect(gw.local_addr().unwrap())
+        .await
+        .unwrap()
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let metrics = tls_get_metrics(admin, &ca).await;
+    assert!(
+        metrics.contains("switchboard_connections_refused_total{reason=\"tls\"}"),
+        "{metrics}"
+    );
+    gw.shutdown(Duration::from_secs(1)).await;
+
+    let gw = start(container(config(yaml("    tls: false\n")))).await;
+    assert_eq!(
+        get(gw.admin_addr().unwrap(), "/healthz").await.0,
+        200,
+        "plain HTTP"
+    );
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+/// `/metrics` over HTTPS, once the TLS refusal shows in it (within 5 s).
+async fn tls_get_metrics(admin: SocketAddr, ca: &switchboard_test_support::tls::TestCa) -> String {
+    let mut last = String::new();
+    for _ in 0..100 {
+        let (mut stream, _) = switchboard_test_support::tls::tls_stream(admin, ca.client_config())
+            .await
+            .unwrap();
+        let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        last = String::from_utf8_lossy(&answer).into_owned();
+        if sample_tls_refusals(&last) >= 1.0 {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no TLS refusal counted:\n{last}");
+}
+
+fn sample_tls_refusals(metrics: &str) -> f64 {
+    sample(
+        metrics,
+        "switchboard_connections_refused_total{reason=\"tls\"}",
+    )
+    .unwrap_or(0.0)
+}

@@ -1,0 +1,219 @@
+//! The bytes under a socket: a TCP stream, or a TCP stream with a TLS session on it.
+//!
+//! The socket's code reads and writes plaintext through [`Wire`] without waiting, as it does
+//! on plain TCP: a read that finds nothing and a write the kernel does not take end in
+//! `WouldBlock`, which comes from the TCP stream itself and so clears its readiness (the
+//! socket's task then waits on the stream's readiness as before).
+//!
+//! With TLS, rustls holds what it decrypted but the socket has not read, and what it
+//! encrypted but the kernel has not taken. Both are bounded per socket:
+//! - a read takes decrypted bytes first and reads more from the kernel only when none are
+//!   left, so rustls holds at most one record (16 KiB) of plaintext;
+//! - a write is taken only when nothing encrypted is still waiting, and at most
+//!   [`TLS_WRITE_CHUNK`] bytes of it, so rustls holds at most one chunk of ciphertext. The
+//!   socket counts those bytes in the buffer budget until they are out
+//!   ([`Wire::has_pending_output`]; see `SocketState::flush`).
+
+use std::io::{self, IoSlice, Read, Write};
+use std::sync::{Mutex, MutexGuard};
+
+use switchboard_tls::rustls::ServerConnection;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// The most plaintext one write hands to rustls: one TLS record.
+pub(crate) const TLS_WRITE_CHUNK: usize = 16 * 1024;
+
+pub(crate) struct Wire {
+    tcp: TcpStream,
+    tls: Option<Mutex<ServerConnection>>,
+}
+
+fn lock(tls: &Mutex<ServerConnection>) -> MutexGuard<'_, ServerConnection> {
+    tls.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `io::Read` and `io::Write` on the TCP stream for rustls, without waiting.
+struct Raw<'a>(&'a TcpStream);
+
+impl Read for Raw<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*socket2::SockRef::from(self.0)).read(buf)
+    }
+}
+
+impl Write for Raw<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*socket2::SockRef::from(self.0)).write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        (&*socket2::SockRef::from(self.0)).write_vectored(bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Wire {
+    /// Plain TCP.
+    pub(crate) fn plain(tcp: TcpStream) -> Wire {
+        Wire { tcp, tls: None }
+    }
+
+    /// A TCP stream whose TLS handshake is done.
+    pub(crate) fn tls(tcp: TcpStream, mut session: ServerConnection) -> Wire {
+        // Belt and braces: `write` hands over one chunk at a time anyway.
+        session.set_buffer_limit(Some(2 * TLS_WRITE_CHUNK));
+        Wire {
+            tcp,
+            tls: Some(Mutex::new(session)),
+        }
+    }
+
+    /// The TCP stream, for its readiness.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    pub(crate) fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Reads once into `buf`: the bytes read (0 at the end of the stream) and whether that
+    /// emptied everything there was to read (the stream's readiness is then cleared). Plain
+    /// TCP reads straight from the kernel (`read_plain`); TLS decrypts first.
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+        let Some(tls) = &self.tls else {
+            return read_plain(&self.tcp, buf);
+        };
+        let mut session = lock(tls);
+        loop {
+            match session.reader().read(buf) {
+                // The client's close_notify: the end of the stream.
+                Ok(n) => return Ok((n, false)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok((0, false)),
+                Err(e) => return Err(e),
+            }
+            // Nothing decrypted is left: read more records from the kernel. `WouldBlock`
+            // here clears the stream's readiness.
+            let n = self
+                .tcp
+                .try_io(Interest::READABLE, || session.read_tls(&mut Raw(&self.tcp)))?;
+            if n == 0 {
+                return Ok((0, false));
+            }
+            if let Err(e) = session.process_new_packets() {
+                // rustls has queued an alert for the peer: send it if the kernel takes it.
+                let _ = session.write_tls(&mut Raw(&self.tcp));
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            // A key update's answer, say: written now if the kernel takes it, else it waits
+            // for the socket's task (the caller sees `has_pending_output`).
+            match flush_session(&self.tcp, &mut session) {
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                _ => {}
+            }
+        }
+    }
+
+    /// Writes plaintext without waiting: how many bytes of `bufs` were taken (written, or with
+    /// TLS encrypted and at least begun). `WouldBlock` when the kernel takes nothing.
+    pub(crate) fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let Some(tls) = &self.tls else {
+            return self.tcp.try_write_vectored(bufs);
+        };
+        let mut session = lock(tls);
+        // What was encrypted before goes first; nothing more is taken until it is out.
+        flush_session(&self.tcp, &mut session)?;
+        let mut taken = 0;
+        for buf in bufs {
+            let part = &buf[..buf.len().min(TLS_WRITE_CHUNK - taken)];
+            let n = session.writer().write(part)?;
+            taken += n;
+            if n < buf.len() || taken == TLS_WRITE_CHUNK {
+                break;
+            }
+        }
+        if taken == 0 && bufs.iter().any(|b| !b.is_empty()) {
+            // Nothing waits in rustls, so it has room: this does not happen.
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // The records go out as far as the kernel takes them; the rest waits in rustls.
+        match flush_session(&self.tcp, &mut session) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        Ok(taken)
+    }
+
+    /// [`Wire::write_vectored`] of one buffer.
+    pub(crate) fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        match &self.tls {
+            None => self.tcp.try_write(buf),
+            Some(_) => self.write_vectored(&[IoSlice::new(buf)]),
+        }
+    }
+
+    /// Whether TLS records wait for the kernel to take them.
+    pub(crate) fn has_pending_output(&self) -> bool {
+        self.tls.as_ref().is_some_and(|tls| lock(tls).wants_write())
+    }
+
+    /// Writes the TLS records that wait; `WouldBlock` while some are left.
+    pub(crate) fn flush_output(&self) -> io::Result<()> {
+        match &self.tls {
+            None => Ok(()),
+            Some(tls) => flush_session(&self.tcp, &mut lock(tls)),
+        }
+    }
+
+    /// Ends the connection now: with TLS, a close_notify first if the kernel takes it.
+    pub(crate) fn shutdown(&self) {
+        if let Some(tls) = &self.tls {
+            let mut session = lock(tls);
+            session.send_close_notify();
+            let _ = flush_session(&self.tcp, &mut session);
+        }
+        let _ = socket2::SockRef::from(&self.tcp).shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Writes what rustls holds until it is all out (`Ok`) or the kernel is full (`WouldBlock`,
+/// which clears the stream's write readiness).
+fn flush_session(tcp: &TcpStream, session: &mut ServerConnection) -> io::Result<()> {
+    while session.wants_write() {
+        match tcp.try_io(Interest::WRITABLE, || session.write_tls(&mut Raw(tcp))) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads once; returns the bytes read and whether that emptied the kernel's buffer.
+///
+/// A read shorter than `buf` got everything the kernel had, so the socket's readiness is
+/// cleared there and then (tokio's own `poll_read` does the same), instead of learning it
+/// from one more `read` that fails with `WouldBlock`: that saves a system call per wake-up,
+/// which for small request/response traffic is a third of them. The readiness cleared is the
+/// one seen before the read, so data arriving after it still wakes the socket.
+fn read_plain(stream: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+    let mut short = 0;
+    let read = stream.try_io(Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(stream)).read(buf)?;
+        if n > 0 && n < buf.len() {
+            short = n;
+            return Err(io::ErrorKind::WouldBlock.into()); // makes try_io clear the readiness
+        }
+        Ok(n)
+    });
+    match read {
+        Ok(n) => Ok((n, false)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && short > 0 => Ok((short, true)),
+        Err(e) => Err(e),
+    }
+}
