@@ -57,7 +57,7 @@ use std::time::Duration;
 use switchboard_core::SocketRef;
 use switchboard_registry::{Registry, Target};
 
-use crate::admin::AdminState;
+use crate::admin::{AdminState, Readiness};
 use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::rate::RateLimit;
@@ -71,6 +71,7 @@ mod delivery;
 mod expiry;
 mod gateway;
 mod inbound;
+mod jwks;
 mod listener;
 mod metrics;
 mod presence;
@@ -425,6 +426,23 @@ impl Container {
             .map_or(20, |a| a.top_namespaces);
         let registry = self.registry.clone();
         let registry_for_api = self.registry.clone();
+        // With a key set: fetch it before serving, waiting for that first fetch at most
+        // `startup_wait`; until one succeeds, upgrades get 503 and `/readyz` says why.
+        let jwks = self.verifier.jwks().cloned();
+        let jwks_task = match (&jwks, &self.config.gateway.auth.jwks) {
+            (Some(jwks), Some(config)) => {
+                let task = AbortOnDrop(jwks.spawn());
+                jwks.first_attempt(config.startup_wait).await;
+                if !jwks.has_keys() {
+                    tracing::warn!(
+                        url = %config.url,
+                        "serving without signing keys: upgrades get 503 and /readyz is not ready until the key set is fetched"
+                    );
+                }
+                Some(task)
+            }
+            _ => None,
+        };
         let service = Arc::new(gateway::Gateway {
             hooks,
             bus: self.bus,
@@ -451,20 +469,23 @@ impl Container {
             }
         };
         let draining = Arc::new(AtomicBool::new(false));
+        let readiness = Readiness {
+            draining: draining.clone(),
+            bus: bus.clone(),
+            jwks,
+        };
         let prometheus = Arc::new(self.metrics.registry(metrics::Scraped {
             gateway: stats.clone(),
             transports: transports.clone(),
             registry,
-            bus: bus.clone(),
-            draining: draining.clone(),
+            readiness: readiness.clone(),
             top_namespaces,
         }));
         let admin = match self.admin_listen {
             Some(admin_addr) => {
                 let state = AdminState {
                     registry: prometheus.clone(),
-                    bus: bus.clone(),
-                    draining: draining.clone(),
+                    readiness: readiness.clone(),
                 };
                 match admin::bind(admin_addr, state).await {
                     Ok(admin) => Some(admin),
@@ -538,7 +559,9 @@ impl Container {
             api,
             prometheus,
             draining,
+            readiness,
             expiries,
+            _jwks_task: jwks_task,
         })
     }
 
@@ -630,7 +653,20 @@ pub struct Running {
     api: Option<Listener>,
     prometheus: Arc<prometheus_client::registry::Registry>,
     draining: Arc<AtomicBool>,
+    readiness: Readiness,
     expiries: Option<Arc<expiry::Expiries>>,
+    /// The key set's refresher (`auth.jwks_url`), stopped with the gateway.
+    _jwks_task: Option<AbortOnDrop>,
+}
+
+/// A task that ends when its owner is dropped: the key set's refresher ends with the
+/// [`Running`] gateway, or with a start that failed half-way.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl fmt::Debug for Running {
@@ -668,10 +704,11 @@ impl Running {
         self.stats.snapshot(self.transports.counters())
     }
 
-    /// True while the gateway can do its job: listening, and its bus ready (a broker bus
-    /// connected). For readiness probes; the admin listener's `/readyz` answers with it.
+    /// True while the gateway can do its job: listening, its bus ready (a broker bus
+    /// connected) and, with `auth.jwks_url`, the key set fetched. For readiness probes; the
+    /// admin listener's `/readyz` answers with it.
     pub fn is_ready(&self) -> bool {
-        !self.draining.load(Relaxed) && self.bus.is_ready()
+        self.readiness.why_not().is_none()
     }
 
     /// The admin listener's address (`/metrics`, `/healthz`, `/readyz`), if it has one.
