@@ -226,10 +226,21 @@ impl Verifier {
         &self,
         headers: &HeaderMap,
     ) -> Option<switchboard_core::BoxFuture<'static, ()>> {
+        // Without a key set, nothing to do (and no token to look at).
+        self.jwks()?;
+        let token = token_from_headers(headers, &self.cookie)?;
+        self.prepare_token(token)
+    }
+
+    /// [`Verifier::prepare`] for a token on its own (an in-band refresh, which does not wait:
+    /// the fetch it may start serves the client's next try).
+    pub(crate) fn prepare_token(
+        &self,
+        token: &str,
+    ) -> Option<switchboard_core::BoxFuture<'static, ()>> {
         let Keys::Set { jwks, .. } = &self.keys else {
             return None;
         };
-        let token = token_from_headers(headers, &self.cookie)?;
         let header = jsonwebtoken::decode_header(token).ok()?;
         jwks.refetch_for(header.kid.as_deref())
     }

@@ -396,6 +396,9 @@ impl Gateway {
             return self.refuse_refresh(s, "too frequent: at most one per second");
         }
         s.last_refresh.store(now, Ordering::Relaxed);
+        // A token of a key rotated in starts the (rate-limited) refetch; this refresh is
+        // refused, the client's next try finds the key.
+        drop(self.verifier.prepare_token(token));
         let identity = match self.verifier.verify_token(token) {
             Ok(identity) => identity,
             Err(e) => return self.refuse_refresh(s, &e.to_string()),
