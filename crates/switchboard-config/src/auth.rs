@@ -1,8 +1,10 @@
-//! The `gateway.auth` section: how a socket's JWT is found and verified.
+//! The `gateway.auth` section: how a socket's JWT is found and verified, with one key from
+//! the environment or a file, or with the identity provider's key set (`jwks_url`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::de::de_duration;
@@ -27,6 +29,8 @@ pub enum Algorithm {
     ES256,
     /// ECDSA P-384 with SHA-384.
     ES384,
+    /// Ed25519 (EdDSA); the key comes from `auth.public_key_file` or the key set.
+    EdDSA,
 }
 
 impl Algorithm {
@@ -66,6 +70,141 @@ pub struct Auth {
     /// Close a socket when its token's `exp` (plus `leeway`) passes, unless the client has
     /// refreshed it in-band. Default true.
     pub close_on_expiry: bool,
+    /// Present when keys come from the identity provider's key set (`auth.jwks_url`) instead
+    /// of `secret_env` / `public_key_file`; `algorithm` then does not apply.
+    pub jwks: Option<Jwks>,
+}
+
+/// Where the identity provider's keys are and how they are cached (`auth.jwks_url` and the
+/// `auth.jwks` section).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Jwks {
+    /// The key set's URL (`http://` or `https://`); nothing in a token can change it.
+    pub url: String,
+    /// The key set is kept at least this long, whatever its `Cache-Control` says. Default 1 min.
+    pub min_refresh: Duration,
+    /// ... and at most this long (also the lifetime when the answer has no `max-age`).
+    /// Default 1 h.
+    pub max_refresh: Duration,
+    /// A token naming an unknown `kid` refetches the set at most once per this interval.
+    /// Default 30 s.
+    pub refetch_interval: Duration,
+    /// The whole fetch (connect, TLS, answer, body) must finish within it. Default 5 s.
+    pub timeout: Duration,
+    /// How long starting waits for the first fetch before serving anyway. Default 5 s.
+    pub startup_wait: Duration,
+    /// A CA (PEM) trusted beside the system's roots, for a provider with a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// The algorithms a key of the set may be used with. Default `[RS256, ES256, EdDSA]`.
+    pub algorithms: Vec<Algorithm>,
+}
+
+/// `auth.jwks_url`: an absolute `http://` or `https://` URL with a host.
+struct JwksUrl(String);
+
+impl<'de> Deserialize<'de> for JwksUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let url = String::deserialize(d)?;
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"));
+        let host = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or_default());
+        let ok = host.is_some_and(|h| !h.is_empty() && !h.contains('@'))
+            && !url.contains(|c: char| c.is_whitespace() || c.is_control());
+        if !ok {
+            return Err(de::Error::custom(format_args!(
+                "jwks_url `{url}` must be an http:// or https:// URL with a host (and no \
+                 user:password@)"
+            )));
+        }
+        Ok(JwksUrl(url))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwks {
+    #[serde(default = "default_min_refresh", deserialize_with = "de_duration")]
+    min_refresh: Duration,
+    #[serde(default = "default_max_refresh", deserialize_with = "de_duration")]
+    max_refresh: Duration,
+    #[serde(default = "default_refetch_interval", deserialize_with = "de_duration")]
+    refetch_interval: Duration,
+    #[serde(default = "default_jwks_timeout", deserialize_with = "de_duration")]
+    timeout: Duration,
+    #[serde(default = "default_jwks_timeout", deserialize_with = "de_duration")]
+    startup_wait: Duration,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default = "default_jwks_algorithms")]
+    algorithms: Vec<Algorithm>,
+}
+
+impl Default for RawJwks {
+    fn default() -> Self {
+        RawJwks {
+            min_refresh: default_min_refresh(),
+            max_refresh: default_max_refresh(),
+            refetch_interval: default_refetch_interval(),
+            timeout: default_jwks_timeout(),
+            startup_wait: default_jwks_timeout(),
+            ca_file: None,
+            algorithms: default_jwks_algorithms(),
+        }
+    }
+}
+
+fn default_min_refresh() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_refresh() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_refetch_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_jwks_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_jwks_algorithms() -> Vec<Algorithm> {
+    vec![Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA]
+}
+
+impl Jwks {
+    fn new(url: String, raw: RawJwks) -> Result<Self, String> {
+        if raw.min_refresh < Duration::from_secs(1) {
+            return Err("auth.jwks.min_refresh must be at least 1s".into());
+        }
+        if raw.max_refresh < raw.min_refresh {
+            return Err("auth.jwks.max_refresh must be at least auth.jwks.min_refresh".into());
+        }
+        if raw.refetch_interval < Duration::from_secs(1) {
+            return Err("auth.jwks.refetch_interval must be at least 1s".into());
+        }
+        if raw.timeout.is_zero() {
+            return Err("auth.jwks.timeout must be more than 0s".into());
+        }
+        if raw.algorithms.is_empty() {
+            return Err("auth.jwks.algorithms must list at least one algorithm".into());
+        }
+        if let Some(hmac) = raw.algorithms.iter().find(|a| a.is_hmac()) {
+            return Err(format!(
+                "auth.jwks.algorithms: {hmac:?} is a shared-secret algorithm; a key set only \
+                 gives public keys (RS*, ES*, EdDSA)"
+            ));
+        }
+        Ok(Jwks {
+            url,
+            min_refresh: raw.min_refresh,
+            max_refresh: raw.max_refresh,
+            refetch_interval: raw.refetch_interval,
+            timeout: raw.timeout,
+            startup_wait: raw.startup_wait,
+            ca_file: raw.ca_file,
+            algorithms: raw.algorithms,
+        })
+    }
 }
 
 impl Default for Auth {
@@ -81,8 +220,8 @@ struct RawAuth {
     cookie: String,
     #[serde(default = "default_username_claim")]
     username_claim: String,
-    #[serde(default = "default_algorithm")]
-    algorithm: Algorithm,
+    #[serde(default)]
+    algorithm: Option<Algorithm>,
     #[serde(default)]
     secret_env: Option<String>,
     #[serde(default)]
@@ -97,6 +236,10 @@ struct RawAuth {
     namespace_claim: Option<String>,
     #[serde(default = "default_true")]
     close_on_expiry: bool,
+    #[serde(default)]
+    jwks_url: Option<JwksUrl>,
+    #[serde(default)]
+    jwks: Option<RawJwks>,
 }
 
 fn default_true() -> bool {
@@ -108,7 +251,7 @@ impl Default for RawAuth {
         RawAuth {
             cookie: default_cookie(),
             username_claim: default_username_claim(),
-            algorithm: default_algorithm(),
+            algorithm: None,
             secret_env: None,
             public_key_file: None,
             leeway: Duration::ZERO,
@@ -116,6 +259,8 @@ impl Default for RawAuth {
             audience: None,
             namespace_claim: None,
             close_on_expiry: true,
+            jwks_url: None,
+            jwks: None,
         }
     }
 }
@@ -125,9 +270,6 @@ fn default_cookie() -> String {
 }
 fn default_username_claim() -> String {
     "preferred_username".into()
-}
-fn default_algorithm() -> Algorithm {
-    Algorithm::HS256
 }
 
 impl TryFrom<RawAuth> for Auth {
@@ -139,31 +281,55 @@ impl TryFrom<RawAuth> for Auth {
         if raw.username_claim.is_empty() {
             return Err("auth.username_claim must not be empty".into());
         }
-        if raw.algorithm.is_hmac() {
-            if raw.public_key_file.is_some() {
-                return Err(format!(
-                    "auth.public_key_file is for RS*/ES* algorithms; {:?} uses auth.secret_env",
-                    raw.algorithm
-                ));
+        let jwks = match (raw.jwks_url, raw.jwks) {
+            (Some(url), jwks) => {
+                // One source of keys: a key set rules out a secret or a key file, and its
+                // keys say their own algorithm (`auth.jwks.algorithms` bounds them).
+                for (set, key) in [
+                    (raw.secret_env.is_some(), "auth.secret_env"),
+                    (raw.public_key_file.is_some(), "auth.public_key_file"),
+                    (raw.algorithm.is_some(), "auth.algorithm"),
+                ] {
+                    if set {
+                        return Err(format!(
+                            "auth.jwks_url conflicts with {key}: keys come from the key set \
+                             (list accepted algorithms in auth.jwks.algorithms)"
+                        ));
+                    }
+                }
+                Some(Jwks::new(url.0, jwks.unwrap_or_default())?)
             }
-        } else {
-            if raw.public_key_file.is_none() {
-                return Err(format!(
-                    "auth.public_key_file is required for algorithm {:?}",
-                    raw.algorithm
-                ));
-            }
-            if raw.secret_env.is_some() {
-                return Err(format!(
-                    "auth.secret_env is for HS* algorithms; {:?} uses auth.public_key_file",
-                    raw.algorithm
-                ));
+            (None, Some(_)) => return Err("auth.jwks is set without auth.jwks_url".into()),
+            (None, None) => None,
+        };
+        let algorithm = raw.algorithm.unwrap_or(Algorithm::HS256);
+        if jwks.is_none() {
+            if algorithm.is_hmac() {
+                if raw.public_key_file.is_some() {
+                    return Err(format!(
+                        "auth.public_key_file is for RS*/ES*/EdDSA algorithms; {algorithm:?} uses \
+                         auth.secret_env"
+                    ));
+                }
+            } else {
+                if raw.public_key_file.is_none() {
+                    return Err(format!(
+                        "auth.public_key_file is required for algorithm {algorithm:?} (or \
+                         auth.jwks_url, without algorithm)"
+                    ));
+                }
+                if raw.secret_env.is_some() {
+                    return Err(format!(
+                        "auth.secret_env is for HS* algorithms; {algorithm:?} uses \
+                         auth.public_key_file"
+                    ));
+                }
             }
         }
         Ok(Auth {
             cookie: raw.cookie,
             username_claim: raw.username_claim,
-            algorithm: raw.algorithm,
+            algorithm,
             secret_env: raw
                 .secret_env
                 .unwrap_or_else(|| "SWITCHBOARD_JWT_SECRET".into()),
@@ -173,6 +339,7 @@ impl TryFrom<RawAuth> for Auth {
             audience: raw.audience,
             namespace_claim: raw.namespace_claim,
             close_on_expiry: raw.close_on_expiry,
+            jwks,
         })
     }
 }

@@ -46,7 +46,7 @@ mod reference;
 mod socket;
 mod values;
 
-pub use auth::{Algorithm, Auth};
+pub use auth::{Algorithm, Auth, Jwks};
 pub use bus::{BusConfig, NatsConfig, NatsCredentials, NatsTls, NatsUrls, NodeName};
 pub use de::parse_byte_size;
 pub use error::ConfigError;

@@ -550,8 +550,9 @@ const SECTIONS: &[Section] = &[
                 "enum",
                 "`HS256`",
                 Ext,
-                "One of `HS256`, `HS384`, `HS512`, `RS256`, `RS384`, `RS512`, `ES256`, `ES384`. \
-                 The token's `alg` must match it.",
+                "One of `HS256`, `HS384`, `HS512`, `RS256`, `RS384`, `RS512`, `ES256`, `ES384`, \
+                 `EdDSA`. The token's `alg` must match it. Not with `jwks_url` (each key of the \
+                 set has its own; see `jwks.algorithms`).",
                 Some("HS512"),
             ),
             key(
@@ -568,10 +569,104 @@ const SECTIONS: &[Section] = &[
                 "path",
                 "absent",
                 Ext,
-                "RS\\*/ES\\* only, and required for them. PEM public key (RSA for RS\\*, EC for \
-                 ES\\*). A relative path is resolved from the working directory. Setting it with \
-                 HS\\* is an error.",
+                "RS\\*/ES\\*/EdDSA only, and required for them unless `jwks_url` is set. PEM \
+                 public key (RSA for RS\\*, EC for ES\\*, Ed25519 for EdDSA). A relative path is \
+                 resolved from the working directory. Setting it with HS\\* is an error.",
                 Some("/etc/switchboard/jwt.pem"),
+            ),
+            key(
+                "gateway.auth.jwks_url",
+                "`http(s)://` URL",
+                "absent",
+                Ext,
+                "Verify tokens with the identity provider's key set (JWKS) at this URL instead of \
+                 `secret_env` / `public_key_file` (setting either, or `algorithm`, with it is an \
+                 error). A token must name a `kid` of the set (a token without `kid` is accepted \
+                 only while the set has exactly one key); the key's own `alg` (or its type: RSA \
+                 → RS256, P-256 → ES256, Ed25519 → EdDSA) must be in `jwks.algorithms`, and the \
+                 token's `alg` must equal it. A token's `jku`/`x5u` headers are ignored: nothing \
+                 a client sends changes what is fetched. **Start-up**: the gateway serves at once \
+                 (after at most `jwks.startup_wait`); until the first successful fetch `/readyz` \
+                 answers `503` and upgrades get `503` with `Retry-After: 5`, not `401`. While the \
+                 provider is unreachable the cached keys keep working.",
+                Some("\"https://id.example.com/.well-known/jwks.json\""),
+            ),
+            key(
+                "gateway.auth.jwks",
+                "map",
+                "all defaults",
+                Ext,
+                "How the key set is cached and fetched (with `jwks_url` only). The answer is read \
+                 up to 1 MiB and 100 usable keys (RSA moduli up to 4096 bits); more is a failed \
+                 fetch or left out.",
+                None,
+            ),
+            key(
+                "gateway.auth.jwks.min_refresh",
+                "duration",
+                "`1m`",
+                Ext,
+                "The set is kept at least this long, whatever the answer's `Cache-Control: \
+                 max-age` says (`no-cache` / `no-store` count as 0). At least `1s`. A failed fetch \
+                 is retried after 0.5 s, doubling up to this.",
+                Some("5m"),
+            ),
+            key(
+                "gateway.auth.jwks.max_refresh",
+                "duration",
+                "`1h`",
+                Ext,
+                "... and at most this long; also the lifetime of an answer without `max-age`. At \
+                 least `min_refresh`.",
+                Some("6h"),
+            ),
+            key(
+                "gateway.auth.jwks.refetch_interval",
+                "duration",
+                "`30s`",
+                Ext,
+                "A token naming a `kid` the set does not have (a key rotated in) fetches the set \
+                 again at once, at most once per this interval: its upgrade waits for that fetch \
+                 (tokens arriving meanwhile wait for the same one), then is verified. Within the \
+                 interval an unknown `kid` is refused (`401`) without a fetch, so forged `kid`s \
+                 cannot make the gateway hammer the provider. At least `1s`.",
+                Some("1m"),
+            ),
+            key(
+                "gateway.auth.jwks.timeout",
+                "duration",
+                "`5s`",
+                Ext,
+                "The whole fetch (connect, TLS, answer, body) must finish within it, else it fails.",
+                Some("2s"),
+            ),
+            key(
+                "gateway.auth.jwks.startup_wait",
+                "duration",
+                "`5s`",
+                Ext,
+                "How long start-up waits for the first fetch to succeed or fail before serving \
+                 anyway. `0s`: not at all.",
+                Some("0s"),
+            ),
+            key(
+                "gateway.auth.jwks.ca_file",
+                "path",
+                "absent",
+                Ext,
+                "PEM file of CA certificates trusted beside the system's, for a provider with a \
+                 private CA (`https://` URLs).",
+                Some("/etc/switchboard/idp-ca.pem"),
+            ),
+            key(
+                "gateway.auth.jwks.algorithms",
+                "list",
+                "`[RS256, ES256, EdDSA]`",
+                Ext,
+                "The algorithms a key of the set may verify with; keys for others are left out. \
+                 Any of `RS256`, `RS384`, `RS512`, `ES256`, `ES384`, `EdDSA`; HS\\* is refused \
+                 (a key set gives public keys only, and a symmetric `oct` key in it is ignored).",
+                Some("[RS256]"),
             ),
             key(
                 "gateway.auth.leeway",
@@ -1002,6 +1097,13 @@ mod tests {
             }
             if k.path == "gateway.auth.public_key_file" {
                 nested("gateway.auth.algorithm", "RS256".into(), &mut doc);
+            }
+            if k.path.starts_with("gateway.auth.jwks.") {
+                nested(
+                    "gateway.auth.jwks_url",
+                    "https://id.example.com/".into(),
+                    &mut doc,
+                );
             }
             // keys that only go in pairs
             for (key, partner, value) in [

@@ -1,6 +1,8 @@
 //! What a transport asks of the code that gives its sockets meaning.
 
-use crate::{plain_response, CloseReason, HttpResponse, Inbound, RequestParts, SocketRef};
+use crate::{
+    plain_response, BoxFuture, CloseReason, HttpResponse, Inbound, RequestParts, SocketRef,
+};
 
 /// What a transport calls as sockets open, speak and end. One value serves every socket of
 /// every transport it is given to.
@@ -10,6 +12,15 @@ pub trait Service: Send + Sync + 'static {
     type Admission: Send + 'static;
     /// Per-socket state the service keeps, handed back on every message and at close.
     type Session: Send + Sync + 'static;
+
+    /// Work the service needs done before [`Service::admit`] can decide on a request with
+    /// these headers (fetching the signing keys its token names, say). A transport awaits
+    /// the future, within its handshake deadline, then calls `admit`. Default: none, which
+    /// is also the answer for almost every request, so the common path costs no allocation.
+    fn prepare_admit(&self, headers: &http::HeaderMap) -> Option<BoxFuture<'static, ()>> {
+        let _ = headers;
+        None
+    }
 
     /// Decides, before a socket exists, whether this request may open one. An `Err` is sent
     /// as the answer (e.g. `401`) and no socket is opened.

@@ -86,7 +86,8 @@ impl Topics {
 pub(crate) fn install(container: &mut Container) -> Result<(), Box<dyn std::error::Error>> {
     let topics = Topics::from_config(container.config())?;
     let secret = std::env::var(&container.config().gateway.auth.secret_env)?;
-    if !container.config().gateway.auth.algorithm.is_hmac() {
+    let auth = &container.config().gateway.auth;
+    if !auth.algorithm.is_hmac() || auth.jwks.is_some() {
         return Err("the demo signs its own tokens and needs an HS* auth.algorithm".into());
     }
     let cookie = container.config().gateway.auth.cookie.clone();

@@ -185,12 +185,16 @@ fn load_config(path: &PathBuf, demo: bool) -> Result<Loaded, switchboard::Config
 fn summary(config: &Config) -> String {
     let s = &config.gateway.socket;
     let types = s.onmessage.as_ref().map_or(0, |m| m.types.len());
+    let auth = &config.gateway.auth;
+    let keys = match &auth.jwks {
+        Some(jwks) => format!("JWKS {}", jwks.url),
+        None => format!("{:?}", auth.algorithm),
+    };
     let mut summary = format!(
-        "listen {}, path {}, {} message type route(s), auth {:?}",
+        "listen {}, path {}, {} message type route(s), auth {keys}",
         config.gateway.listen,
         s.path.as_str(),
         types,
-        config.gateway.auth.algorithm
     );
     if let Some(admin) = &config.gateway.admin {
         summary.push_str(&format!(", admin {}", admin.listen));

@@ -140,6 +140,12 @@ enum Phase {
 
 /// Opens sockets for the service the transport was started with.
 trait Connector: Send + Sync {
+    /// [`Service::prepare_admit`] of the service.
+    fn prepare(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Option<switchboard_core::BoxFuture<'static, ()>>;
+
     // A refusal is moved once, as in `Service::admit`.
     #[allow(clippy::result_large_err)]
     fn connect(
@@ -165,6 +171,13 @@ fn unavailable() -> HttpResponse {
 }
 
 impl<S: Service> Connector for Bound<S> {
+    fn prepare(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Option<switchboard_core::BoxFuture<'static, ()>> {
+        self.service.prepare_admit(headers)
+    }
+
     fn connect(
         &self,
         shared: &Arc<Shared>,
@@ -267,7 +280,7 @@ impl MemoryTransport {
     }
 
     /// Opens a socket for `request` (its method, URI and headers; the body is ignored):
-    /// [`Service::admit`] runs first, and its refusal is returned as is; then
+    /// [`Service::prepare_admit`]'s work is awaited, then [`Service::admit`] runs, and its refusal is returned as is; then
     /// [`Service::open`], before this returns. Before the transport is started, and after its
     /// shutdown, the answer is `503`.
     pub async fn connect(&self, request: http::Request<()>) -> Result<MemoryClient, HttpResponse> {
@@ -276,6 +289,9 @@ impl MemoryTransport {
             Phase::Idle | Phase::Stopped => return Err(unavailable()),
         };
         let (parts, ()) = request.into_parts();
+        if let Some(prepare) = connector.prepare(&parts.headers) {
+            prepare.await;
+        }
         connector.connect(&self.shared, parts)
     }
 

@@ -150,7 +150,7 @@ impl HttpEndpoint for Endpoint {
             return Box::pin(std::future::ready(HttpReply::Full(refusal)));
         };
         match request.parts.method {
-            http::Method::GET => Box::pin(std::future::ready(sessions.stream(request))),
+            http::Method::GET => sessions.stream(request),
             http::Method::OPTIONS => {
                 let reply = sessions::preflight(&request, &self.0.options.origins);
                 Box::pin(std::future::ready(reply))

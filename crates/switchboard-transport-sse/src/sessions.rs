@@ -23,7 +23,10 @@ type SessionId = u128;
 
 /// What the endpoint asks of the started transport, whatever its service.
 pub(crate) trait Sessions: Send + Sync + 'static {
-    fn stream(self: Arc<Self>, request: HttpRequest) -> HttpReply;
+    fn stream(
+        self: Arc<Self>,
+        request: HttpRequest,
+    ) -> switchboard_core::BoxFuture<'static, HttpReply>;
     fn post(
         self: Arc<Self>,
         request: HttpRequest,
@@ -126,8 +129,19 @@ impl<S: Service> Bound<S> {
 }
 
 impl<S: Service> Sessions for Bound<S> {
-    fn stream(self: Arc<Self>, request: HttpRequest) -> HttpReply {
-        open_stream(&self, request)
+    fn stream(
+        self: Arc<Self>,
+        request: HttpRequest,
+    ) -> switchboard_core::BoxFuture<'static, HttpReply> {
+        // What the service must do before it can admit (fetch keys a token names) is
+        // awaited first; almost always there is nothing, and no task is involved.
+        match self.service.prepare_admit(&request.parts.headers) {
+            None => Box::pin(std::future::ready(open_stream(&self, request))),
+            Some(prepare) => Box::pin(async move {
+                prepare.await;
+                open_stream(&self, request)
+            }),
+        }
     }
 
     fn post(

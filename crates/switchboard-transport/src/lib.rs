@@ -485,7 +485,16 @@ async fn serve_http<S: Service, I>(
                     }
                     response
                 }
-                None => handle_request(shared, req, peer).map(ReplyBody::full),
+                None => {
+                    // What the service must do before it can admit (fetch keys a token
+                    // names) is awaited here, under the handshake deadline.
+                    if req.uri().path() == shared.options.path {
+                        if let Some(prepare) = shared.service.prepare_admit(req.headers()) {
+                            prepare.await;
+                        }
+                    }
+                    handle_request(shared, req, peer).map(ReplyBody::full)
+                }
             };
             // One request per connection: after a refusal (or any plain HTTP answer) the
             // connection closes, so it cannot be kept to try again and again.

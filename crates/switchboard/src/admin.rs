@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz` on an address of their own, off the
 //! public port. A small hyper server; nothing here is reachable from the socket listener.
+//! Readiness (`/readyz`) is shared with the `switchboard_ready` gauge and `Running::is_ready`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -13,14 +14,38 @@ use prometheus_client::registry::Registry as PromRegistry;
 use switchboard_bus::Bus;
 use switchboard_core::{plain_response, HttpResponse};
 
+use crate::jwks::Jwks;
 use crate::listener::{Listener, Respond};
 use crate::metrics;
 
 /// What the endpoints read.
 pub(crate) struct AdminState {
     pub(crate) registry: Arc<PromRegistry>,
-    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) readiness: Readiness,
+}
+
+/// What `/readyz`, the `switchboard_ready` gauge and `Running::is_ready` answer from.
+#[derive(Clone)]
+pub(crate) struct Readiness {
     pub(crate) draining: Arc<AtomicBool>,
+    pub(crate) bus: Arc<dyn Bus>,
+    /// With `auth.jwks_url`: not ready until a key set has been fetched.
+    pub(crate) jwks: Option<Arc<Jwks>>,
+}
+
+impl Readiness {
+    /// Why the gateway cannot do its job now, as `/readyz` says it; `None` when it can.
+    pub(crate) fn why_not(&self) -> Option<&'static str> {
+        if self.draining.load(Relaxed) {
+            Some("not ready: shutting down\n")
+        } else if !self.bus.is_ready() {
+            Some("not ready: bus not ready\n")
+        } else if self.jwks.as_ref().is_some_and(|j| !j.has_keys()) {
+            Some("not ready: no signing keys yet (JWKS not fetched)\n")
+        } else {
+            None
+        }
+    }
 }
 
 /// Binds `addr` and serves the admin endpoints there.
@@ -68,20 +93,9 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> HttpResponse {
             res
         }
         "/healthz" => plain_response(StatusCode::OK, "ok\n"),
-        _ => {
-            if state.draining.load(Relaxed) {
-                plain_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: shutting down\n",
-                )
-            } else if !state.bus.is_ready() {
-                plain_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: bus not ready\n",
-                )
-            } else {
-                plain_response(StatusCode::OK, "ready\n")
-            }
-        }
+        _ => match state.readiness.why_not() {
+            Some(why) => plain_response(StatusCode::SERVICE_UNAVAILABLE, why),
+            None => plain_response(StatusCode::OK, "ready\n"),
+        },
     }
 }

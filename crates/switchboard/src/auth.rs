@@ -1,15 +1,20 @@
 //! Identity: find the socket's JWT (cookie or bearer header), verify it, take the username.
+//! The key is one secret or public key from the config, or the one the token's `kid` names
+//! in the identity provider's key set (`jwks.rs`).
 
 use std::fmt;
+use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use switchboard_config::Auth;
 use switchboard_core::http::HeaderMap;
 
+use crate::jwks::{self, Jwks};
 use crate::BuildError;
 
-/// Why a request was refused before the upgrade (all answered with HTTP 401).
+/// Why a request was refused before the upgrade (HTTP 401, but 503 for
+/// [`AuthError::NoKeys`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthError {
@@ -22,6 +27,10 @@ pub enum AuthError {
     /// The token is valid but lacks the username claim (or it is not a non-empty string).
     #[error("token has no string `{0}` claim")]
     MissingClaim(String),
+    /// With `auth.jwks_url`: no key set has been fetched yet, so no token can be verified
+    /// (answered with 503, not 401: the token may well be good).
+    #[error("no signing keys yet: the identity provider's key set has not been fetched")]
+    NoKeys,
 }
 
 /// The key tokens are verified with, given directly (to [`crate::Container::with_key`])
@@ -55,10 +64,26 @@ pub(crate) struct Identity {
     pub(crate) exp: u64,
 }
 
+/// Where the verification key comes from. (One verifier per gateway: the variants' sizes
+/// do not matter.)
+#[allow(clippy::large_enum_variant)]
+enum Keys {
+    /// One key, and the one algorithm the config names.
+    One {
+        key: DecodingKey,
+        validation: Validation,
+    },
+    /// The key the token's `kid` names in the provider's set; a validation per algorithm a
+    /// key may have (the key's, never the token's, picks it).
+    Set {
+        jwks: Arc<Jwks>,
+        validations: Vec<(Algorithm, Validation)>,
+    },
+}
+
 /// Verifies tokens with the configured key and rules.
 pub(crate) struct Verifier {
-    key: DecodingKey,
-    validation: Validation,
+    keys: Keys,
     cookie: String,
     username_claim: String,
     namespace_claim: Option<String>,
@@ -71,23 +96,66 @@ impl Verifier {
         auth: &Auth,
         key: Option<&VerificationKey>,
     ) -> Result<Self, BuildError> {
-        use switchboard_config::Algorithm as A;
-        let algorithm = match auth.algorithm {
-            A::HS256 => Algorithm::HS256,
-            A::HS384 => Algorithm::HS384,
-            A::HS512 => Algorithm::HS512,
-            A::RS256 => Algorithm::RS256,
-            A::RS384 => Algorithm::RS384,
-            A::RS512 => Algorithm::RS512,
-            A::ES256 => Algorithm::ES256,
-            A::ES384 => Algorithm::ES384,
-            other => {
-                return Err(BuildError::Auth(format!(
-                    "algorithm {other:?} is not supported"
-                )))
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = auth.leeway.as_secs();
+        validation.validate_nbf = true;
+        // jsonwebtoken checks `iss`/`aud` only when present unless they are required.
+        let mut required = vec!["exp"];
+        match &auth.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &auth.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        let for_algorithm = |algorithm: Algorithm| {
+            let mut v = validation.clone();
+            v.algorithms = vec![algorithm];
+            v
+        };
+        let keys = match &auth.jwks {
+            Some(config) => {
+                if key.is_some() {
+                    return Err(BuildError::Auth(
+                        "a key was given, but the config takes keys from auth.jwks_url".into(),
+                    ));
+                }
+                let jwks = Arc::new(Jwks::new(config)?);
+                let validations = jwks
+                    .allowed()
+                    .iter()
+                    .map(|a| (*a, for_algorithm(*a)))
+                    .collect();
+                Keys::Set { jwks, validations }
+            }
+            None => {
+                let algorithm = jwks::algorithm(auth.algorithm).ok_or_else(|| {
+                    BuildError::Auth(format!("algorithm {:?} is not supported", auth.algorithm))
+                })?;
+                let key = Self::one_key(auth, key)?;
+                Keys::One {
+                    key,
+                    validation: for_algorithm(algorithm),
+                }
             }
         };
-        let key = if auth.algorithm.is_hmac() {
+        Ok(Verifier {
+            keys,
+            cookie: auth.cookie.clone(),
+            username_claim: auth.username_claim.clone(),
+            namespace_claim: auth.namespace_claim.clone(),
+        })
+    }
+
+    /// The one key of `auth.secret_env` / `auth.public_key_file`, or `key` when given.
+    fn one_key(auth: &Auth, key: Option<&VerificationKey>) -> Result<DecodingKey, BuildError> {
+        use switchboard_config::Algorithm as A;
+        Ok(if auth.algorithm.is_hmac() {
             let (secret, from) = match key {
                 Some(VerificationKey::Secret(secret)) => {
                     (secret.clone(), "the given secret".into())
@@ -134,38 +202,47 @@ impl Verifier {
                     (pem, path.display().to_string())
                 }
             };
-            let parsed = if matches!(auth.algorithm, A::ES256 | A::ES384) {
-                DecodingKey::from_ec_pem(&pem)
-            } else {
-                DecodingKey::from_rsa_pem(&pem)
+            let parsed = match auth.algorithm {
+                A::ES256 | A::ES384 => DecodingKey::from_ec_pem(&pem),
+                A::EdDSA => DecodingKey::from_ed_pem(&pem),
+                _ => DecodingKey::from_rsa_pem(&pem),
             };
             parsed
                 .map_err(|e| BuildError::Auth(format!("{from} is not a usable public key: {e}")))?
-        };
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = auth.leeway.as_secs();
-        validation.validate_nbf = true;
-        // jsonwebtoken checks `iss`/`aud` only when present unless they are required.
-        let mut required = vec!["exp"];
-        match &auth.audience {
-            Some(aud) => {
-                validation.set_audience(&[aud]);
-                required.push("aud");
-            }
-            None => validation.validate_aud = false,
-        }
-        if let Some(iss) = &auth.issuer {
-            validation.set_issuer(&[iss]);
-            required.push("iss");
-        }
-        validation.set_required_spec_claims(&required);
-        Ok(Verifier {
-            key,
-            validation,
-            cookie: auth.cookie.clone(),
-            username_claim: auth.username_claim.clone(),
-            namespace_claim: auth.namespace_claim.clone(),
         })
+    }
+
+    /// The provider's key set, when keys come from one.
+    pub(crate) fn jwks(&self) -> Option<&Arc<Jwks>> {
+        match &self.keys {
+            Keys::Set { jwks, .. } => Some(jwks),
+            Keys::One { .. } => None,
+        }
+    }
+
+    /// With a key set: when the request's token names a key the set lacks, the wait for the
+    /// refetch it may trigger ([`Jwks::refetch_for`]); `None` otherwise.
+    pub(crate) fn prepare(
+        &self,
+        headers: &HeaderMap,
+    ) -> Option<switchboard_core::BoxFuture<'static, ()>> {
+        // Without a key set, nothing to do (and no token to look at).
+        self.jwks()?;
+        let token = token_from_headers(headers, &self.cookie)?;
+        self.prepare_token(token)
+    }
+
+    /// [`Verifier::prepare`] for a token on its own (an in-band refresh, which does not wait:
+    /// the fetch it may start serves the client's next try).
+    pub(crate) fn prepare_token(
+        &self,
+        token: &str,
+    ) -> Option<switchboard_core::BoxFuture<'static, ()>> {
+        let Keys::Set { jwks, .. } = &self.keys else {
+            return None;
+        };
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        jwks.refetch_for(header.kid.as_deref())
     }
 
     /// Whether `identity` may join `namespace`: always, unless `auth.namespace_claim` is set,
@@ -190,8 +267,29 @@ impl Verifier {
 
     /// Verifies one token exactly as at the upgrade (an in-band refresh uses it too).
     pub(crate) fn verify_token(&self, token: &str) -> Result<Identity, AuthError> {
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
-            .map_err(|e| AuthError::Invalid(describe(&e)))?;
+        let data = match &self.keys {
+            Keys::One { key, validation } => {
+                jsonwebtoken::decode::<Map<String, Value>>(token, key, validation)
+            }
+            Keys::Set { jwks, validations } => {
+                let header = jsonwebtoken::decode_header(token)
+                    .map_err(|e| AuthError::Invalid(describe(&e)))?;
+                let keys = jwks.current();
+                if keys.len() == 0 {
+                    return Err(AuthError::NoKeys);
+                }
+                let key = keys
+                    .find(header.kid.as_deref())
+                    .ok_or_else(|| AuthError::Invalid("unknown key id (kid)".into()))?;
+                // The key's algorithm, which the token's `alg` must equal.
+                let (_, validation) = validations
+                    .iter()
+                    .find(|(a, _)| *a == key.algorithm)
+                    .ok_or_else(|| AuthError::Invalid("unexpected algorithm".into()))?;
+                jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, validation)
+            }
+        }
+        .map_err(|e| AuthError::Invalid(describe(&e)))?;
         let username = match data.claims.get(&self.username_claim) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(AuthError::MissingClaim(self.username_claim.clone())),

@@ -13,11 +13,11 @@ use serde_json::{json, Map, Value};
 use switchboard_bus::{Bus, Context, JsonObject, Message, Reply, ReplyTo};
 use switchboard_core::http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use switchboard_core::{
-    plain_response, CloseReason, HttpResponse, Inbound, RequestParts, Service, SocketRef,
+    plain_response, BoxFuture, CloseReason, HttpResponse, Inbound, RequestParts, Service, SocketRef,
 };
 use switchboard_registry::{ConnId, Registry, Target};
 
-use crate::auth::{Identity, Verifier};
+use crate::auth::{AuthError, Identity, Verifier};
 use crate::expiry::Expiries;
 use crate::inbound::{decode_client_message, BadMessage};
 use crate::metrics::Metrics;
@@ -155,7 +155,7 @@ fn clock_millis() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -396,6 +396,9 @@ impl Gateway {
             return self.refuse_refresh(s, "too frequent: at most one per second");
         }
         s.last_refresh.store(now, Ordering::Relaxed);
+        // A token of a key rotated in starts the (rate-limited) refetch; this refresh is
+        // refused, the client's next try finds the key.
+        drop(self.verifier.prepare_token(token));
         let identity = match self.verifier.verify_token(token) {
             Ok(identity) => identity,
             Err(e) => return self.refuse_refresh(s, &e.to_string()),
@@ -495,11 +498,23 @@ impl Service for Gateway {
     type Admission = Admitted;
     type Session = Session;
 
+    fn prepare_admit(&self, headers: &HeaderMap) -> Option<BoxFuture<'static, ()>> {
+        self.verifier.prepare(headers)
+    }
+
     fn admit(&self, request: &RequestParts) -> Result<Admitted, HttpResponse> {
         let identity: Identity = self.verifier.verify(&request.headers).map_err(|e| {
-            GatewayStats::bump(&self.stats().refused_unauthorized);
             tracing::debug!(error = %e, "refused upgrade");
             let mut res = Response::new(Bytes::from(format!("{e}\n")));
+            if e == AuthError::NoKeys {
+                // Not the client's fault: it may try again once the keys are fetched.
+                GatewayStats::bump(&self.stats().refused_no_keys);
+                *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                return res;
+            }
+            GatewayStats::bump(&self.stats().refused_unauthorized);
             *res.status_mut() = StatusCode::UNAUTHORIZED;
             res.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -57,7 +57,7 @@ use std::time::Duration;
 use switchboard_core::SocketRef;
 use switchboard_registry::{Registry, Target};
 
-use crate::admin::AdminState;
+use crate::admin::{AdminState, Readiness};
 use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::rate::RateLimit;
@@ -71,6 +71,7 @@ mod delivery;
 mod expiry;
 mod gateway;
 mod inbound;
+mod jwks;
 mod listener;
 mod metrics;
 mod presence;
@@ -446,6 +447,23 @@ impl Container {
             .map_or(20, |a| a.top_namespaces);
         let registry = self.registry.clone();
         let registry_for_api = self.registry.clone();
+        // With a key set: fetch it before serving, waiting for that first fetch at most
+        // `startup_wait`; until one succeeds, upgrades get 503 and `/readyz` says why.
+        let jwks = self.verifier.jwks().cloned();
+        let jwks_task = match (&jwks, &self.config.gateway.auth.jwks) {
+            (Some(jwks), Some(config)) => {
+                let task = AbortOnDrop(jwks.spawn());
+                jwks.first_attempt(config.startup_wait).await;
+                if !jwks.has_keys() {
+                    tracing::warn!(
+                        url = %config.url,
+                        "serving without signing keys: upgrades get 503 and /readyz is not ready until the key set is fetched"
+                    );
+                }
+                Some(task)
+            }
+            _ => None,
+        };
         let service = Arc::new(gateway::Gateway {
             hooks,
             bus: self.bus,
@@ -472,20 +490,23 @@ impl Container {
             }
         };
         let draining = Arc::new(AtomicBool::new(false));
+        let readiness = Readiness {
+            draining: draining.clone(),
+            bus: bus.clone(),
+            jwks,
+        };
         let prometheus = Arc::new(self.metrics.registry(metrics::Scraped {
             gateway: stats.clone(),
             transports: transports.clone(),
             registry,
-            bus: bus.clone(),
-            draining: draining.clone(),
+            readiness: readiness.clone(),
             top_namespaces,
         }));
         let admin = match self.admin_listen {
             Some(admin_addr) => {
                 let state = AdminState {
                     registry: prometheus.clone(),
-                    bus: bus.clone(),
-                    draining: draining.clone(),
+                    readiness: readiness.clone(),
                 };
                 let tls = self.config.gateway.admin.as_ref().is_none_or(|a| a.tls);
                 let tls = self.tls.clone().filter(|_| tls);
@@ -553,7 +574,7 @@ impl Container {
         }
         let tls_watch = self.tls.as_ref().and_then(|tls| {
             let every = self.config.gateway.tls.as_ref()?.reload_interval;
-            (!every.is_zero()).then(|| tls.watch(every))
+            (!every.is_zero()).then(|| AbortOnDrop(tls.watch(every)))
         });
         Ok(Running {
             transports,
@@ -566,9 +587,11 @@ impl Container {
             api,
             prometheus,
             draining,
+            readiness,
             expiries,
             tls: self.tls,
-            tls_watch,
+            _tls_watch: tls_watch,
+            _jwks_task: jwks_task,
         })
     }
 
@@ -670,10 +693,23 @@ pub struct Running {
     api: Option<Listener>,
     prometheus: Arc<prometheus_client::registry::Registry>,
     draining: Arc<AtomicBool>,
+    readiness: Readiness,
     expiries: Option<Arc<expiry::Expiries>>,
     tls: Option<ServerTls>,
-    /// Looks at `gateway.tls`'s files every `reload_interval`.
-    tls_watch: Option<tokio::task::JoinHandle<()>>,
+    /// Looks at `gateway.tls`'s files every `reload_interval`, until the gateway ends.
+    _tls_watch: Option<AbortOnDrop>,
+    /// The key set's refresher (`auth.jwks_url`), stopped with the gateway.
+    _jwks_task: Option<AbortOnDrop>,
+}
+
+/// A task that ends when its owner is dropped: the key set's refresher ends with the
+/// [`Running`] gateway, or with a start that failed half-way.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl fmt::Debug for Running {
@@ -711,10 +747,11 @@ impl Running {
         self.stats.snapshot(self.transports.counters())
     }
 
-    /// True while the gateway can do its job: listening, and its bus ready (a broker bus
-    /// connected). For readiness probes; the admin listener's `/readyz` answers with it.
+    /// True while the gateway can do its job: listening, its bus ready (a broker bus
+    /// connected) and, with `auth.jwks_url`, the key set fetched. For readiness probes; the
+    /// admin listener's `/readyz` answers with it.
     pub fn is_ready(&self) -> bool {
-        !self.draining.load(Relaxed) && self.bus.is_ready()
+        self.readiness.why_not().is_none()
     }
 
     /// The admin listener's address (`/metrics`, `/healthz`, `/readyz`), if it has one.
@@ -758,9 +795,6 @@ impl Running {
     /// same `drain`). `/readyz` answers 503 from the start; the admin listener stops at the end.
     pub async fn shutdown(self, drain: Duration) -> ShutdownReport {
         self.draining.store(true, Relaxed);
-        if let Some(watch) = &self.tls_watch {
-            watch.abort();
-        }
         let started = std::time::Instant::now();
         let report = self.transports.shutdown(drain).await;
         if let Some(expiries) = &self.expiries {

@@ -9,7 +9,7 @@
 //!   ([`crate::Stats`]) and from the registry (sockets open, by namespace, top N).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 
 use prometheus_client::collector::Collector;
@@ -20,10 +20,10 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry as PromRegistry;
-use switchboard_bus::Bus;
 use switchboard_core::SocketRef;
 use switchboard_registry::Registry;
 
+use crate::admin::Readiness;
 use crate::transports::Transports;
 
 use crate::stats::GatewayStats;
@@ -178,8 +178,7 @@ pub(crate) struct Scraped {
     pub(crate) gateway: Arc<GatewayStats>,
     pub(crate) transports: Arc<Transports>,
     pub(crate) registry: Arc<Registry<SocketRef>>,
-    pub(crate) bus: Arc<dyn Bus>,
-    pub(crate) draining: Arc<AtomicBool>,
+    pub(crate) readiness: Readiness,
     pub(crate) top_namespaces: usize,
 }
 
@@ -307,6 +306,7 @@ impl Collector for Scraped {
             )?;
             for (reason, status, n) in [
                 ("unauthorized", "401", g.refused_unauthorized),
+                ("no_keys", "503", g.refused_no_keys),
                 ("namespace", "403", g.refused_namespace),
                 ("origin", "403", t.refused_origin),
                 ("user_limit", "429", g.refused_user_limit),
@@ -425,11 +425,50 @@ impl Collector for Scraped {
         ] {
             counter(&mut e, name, help, n)?;
         }
+        if let Some(jwks) = &self.readiness.jwks {
+            let j = &jwks.stats;
+            for (name, help, n) in [
+                (
+                    "switchboard_jwks_refreshes",
+                    "Successful fetches of the identity provider's key set (auth.jwks_url).",
+                    j.refreshes.load(Relaxed),
+                ),
+                (
+                    "switchboard_jwks_refresh_failures",
+                    "Failed fetches of the key set (unreachable, timeout, not 200, too large, no usable key); the cached keys stay in use.",
+                    j.failures.load(Relaxed),
+                ),
+                (
+                    "switchboard_jwks_refetches",
+                    "Fetches started because a token named a kid the key set lacks.",
+                    j.refetches.load(Relaxed),
+                ),
+                (
+                    "switchboard_jwks_refetches_limited",
+                    "Tokens naming an unknown kid that started no fetch (auth.jwks.refetch_interval).",
+                    j.refetches_limited.load(Relaxed),
+                ),
+            ] {
+                counter(&mut e, name, help, n)?;
+            }
+            gauge(
+                &mut e,
+                "switchboard_jwks_keys",
+                "Usable keys in the cached key set.",
+                as_i64(jwks.current().len()),
+            )?;
+            gauge(
+                &mut e,
+                "switchboard_jwks_last_success_timestamp_seconds",
+                "Unix time of the last successful key set fetch; 0 before the first.",
+                i64::try_from(j.last_success.load(Relaxed)).unwrap_or(i64::MAX),
+            )?;
+        }
         gauge(
             &mut e,
             "switchboard_ready",
-            "1 while the gateway is ready (listening, bus ready, not shutting down), else 0.",
-            i64::from(!self.draining.load(Relaxed) && self.bus.is_ready()),
+            "1 while the gateway is ready (listening, bus ready, signing keys known, not shutting down), else 0.",
+            i64::from(self.readiness.why_not().is_none()),
         )
     }
 }

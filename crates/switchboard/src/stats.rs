@@ -8,6 +8,7 @@ use switchboard_core::TransportCounters;
 #[derive(Debug, Default)]
 pub(crate) struct GatewayStats {
     pub(crate) refused_unauthorized: AtomicU64,
+    pub(crate) refused_no_keys: AtomicU64,
     pub(crate) refused_namespace: AtomicU64,
     pub(crate) refused_user_limit: AtomicU64,
     pub(crate) messages_in: AtomicU64,
@@ -39,6 +40,9 @@ pub struct Stats {
     pub transport: TransportCounters,
     /// Upgrades refused with 401 (no token, bad token, missing claim).
     pub refused_unauthorized: u64,
+    /// Upgrades refused with 503 because no signing keys have been fetched yet
+    /// (`auth.jwks_url`).
+    pub refused_no_keys: u64,
     /// Upgrades refused with 403 for a namespace the token does not list.
     pub refused_namespace: u64,
     /// Upgrades refused with 429 for `max_sockets_per_user`.
@@ -75,6 +79,7 @@ impl GatewayStats {
         Stats {
             transport,
             refused_unauthorized: l(&self.refused_unauthorized),
+            refused_no_keys: l(&self.refused_no_keys),
             refused_namespace: l(&self.refused_namespace),
             refused_user_limit: l(&self.refused_user_limit),
             messages_in: l(&self.messages_in),

@@ -192,6 +192,82 @@ fn auth_combinations_are_checked() {
 }
 
 #[test]
+fn jwks_parses_with_defaults_and_its_conflicts_name_the_key_and_line() {
+    let c = Config::from_yaml_str(
+        "gateway:\n  socket: {}\n  auth:\n    jwks_url: https://id.example.com/jwks\n",
+    )
+    .unwrap();
+    let jwks = c.gateway.auth.jwks.as_ref().unwrap();
+    assert_eq!(jwks.url, "https://id.example.com/jwks");
+    assert_eq!(jwks.min_refresh, std::time::Duration::from_secs(60));
+    assert_eq!(jwks.max_refresh, std::time::Duration::from_secs(3600));
+    assert_eq!(jwks.refetch_interval, std::time::Duration::from_secs(30));
+    assert_eq!(jwks.algorithms.len(), 3);
+    let c = Config::from_yaml_str(
+        "gateway:\n  socket: {}\n  auth:\n    jwks_url: http://127.0.0.1:8080/k\n    jwks:\n      algorithms: [EdDSA]\n      ca_file: /ca.pem\n",
+    )
+    .unwrap();
+    let jwks = c.gateway.auth.jwks.unwrap();
+    assert_eq!(jwks.algorithms, [switchboard_config::Algorithm::EdDSA]);
+    assert_eq!(jwks.ca_file.unwrap().to_str(), Some("/ca.pem"));
+
+    for (extra, key) in [
+        ("    secret_env: S\n", "auth.secret_env"),
+        ("    public_key_file: k.pem\n", "auth.public_key_file"),
+        ("    algorithm: RS256\n", "auth.algorithm"),
+    ] {
+        let e = bad(&format!(
+            "gateway:\n  socket: {{}}\n  auth:\n    jwks_url: https://id.example.com/\n{extra}"
+        ));
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("auth.jwks_url conflicts with {key}")),
+            "{text}"
+        );
+        assert_eq!(e.line(), Some(2), "{text}");
+    }
+    // The URL itself: its own key and line.
+    for url in [
+        "ftp://x/",
+        "id.example.com/jwks",
+        "https:///jwks",
+        "https://u:p@x/",
+    ] {
+        let e = bad(&format!(
+            "gateway:\n  socket: {{}}\n  auth:\n    jwks_url: \"{url}\"\n"
+        ));
+        let text = e.to_string();
+        assert!(text.contains("gateway.auth: jwks_url `"), "{text}");
+        assert!(
+            text.contains("must be an http:// or https:// URL"),
+            "{text}"
+        );
+        assert_eq!(e.line(), Some(4), "{text}");
+    }
+    let e = bad("gateway:\n  socket: {}\n  auth:\n    jwks:\n      timeout: 1s\n");
+    assert!(
+        e.to_string()
+            .contains("auth.jwks is set without auth.jwks_url"),
+        "{e}"
+    );
+    let jwks = |section: &str| {
+        bad(&format!(
+            "gateway:\n  socket: {{}}\n  auth:\n    jwks_url: https://x/\n    jwks:\n{section}"
+        ))
+        .to_string()
+    };
+    let e = jwks("      algorithms: [HS256]\n");
+    assert!(e.contains("HS256 is a shared-secret algorithm"), "{e}");
+    let e = jwks("      min_refresh: 10m\n      max_refresh: 1m\n");
+    assert!(e.contains("max_refresh must be at least"), "{e}");
+    let e = jwks("      refetch_interval: 10ms\n");
+    assert!(e.contains("refetch_interval must be at least 1s"), "{e}");
+    let e = jwks("      refetch: 1s\n");
+    assert!(e.contains("unknown field `refetch`"), "{e}");
+    assert!(e.contains("line 6"), "{e}");
+}
+
+#[test]
 fn missing_socket_section_and_syntax_errors() {
     let e = bad("gateway: {}\n");
     assert!(e.to_string().contains("missing field `socket`"), "{e}");

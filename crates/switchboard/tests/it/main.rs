@@ -12,6 +12,7 @@ mod gate;
 mod harness;
 mod hostile;
 mod identity;
+mod jwks;
 mod lifetime;
 mod raw;
 mod sse;
