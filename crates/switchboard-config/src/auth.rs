@@ -118,8 +118,28 @@ impl<'de> Deserialize<'de> for JwksUrl {
                  user:password@)"
             )));
         }
+        // Whoever serves the key set decides who may connect: over plain HTTP, anyone on the
+        // path to the provider could. Plain HTTP only to this machine.
+        if url.starts_with("http://") && !host.is_some_and(is_loopback_host) {
+            return Err(de::Error::custom(format_args!(
+                "jwks_url `{url}` must be https:// (plain http:// only to a loopback host: \
+                 anyone on the path to the provider could serve keys of their own)"
+            )));
+        }
         Ok(JwksUrl(url))
     }
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn is_loopback_host(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[derive(Deserialize)]

@@ -581,7 +581,9 @@ const SECTIONS: &[Section] = &[
                 Ext,
                 "Verify tokens with the identity provider's key set (JWKS) at this URL instead of \
                  `secret_env` / `public_key_file` (setting either, or `algorithm`, with it is an \
-                 error). A token must name a `kid` of the set (a token without `kid` is accepted \
+                 error). It must be `https://` (plain `http://` only to a loopback host: whoever \
+                 serves the set decides who may connect). RSA keys under 2048 or over 4096 bits \
+                 are left out of the set. A token must name a `kid` of the set (a token without `kid` is accepted \
                  only while the set has exactly one key); the key's own `alg` (or its type: RSA \
                  → RS256, P-256 → ES256, Ed25519 → EdDSA) must be in `jwks.algorithms`, and the \
                  token's `alg` must equal it. A token's `jku`/`x5u` headers are ignored: nothing \

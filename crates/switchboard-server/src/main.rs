@@ -236,6 +236,9 @@ async fn serve(
     }
     // Caught from before the first socket: a SIGTERM during start-up still drains.
     let stop = switchboard::shutdown_signal();
+    // Listened for from here, so that a SIGHUP during start-up (which may wait for the key
+    // set) reloads nothing rather than ends the process.
+    let hangups = tls.then(hangup_signal).flatten();
     let running = container.start_on(addr).await?;
     let local = running.local_addr().unwrap_or(addr);
     let (ws, http) = if running.tls().is_some() {
@@ -263,7 +266,8 @@ async fn serve(
     let reloads = running
         .tls()
         .cloned()
-        .map(|tls| tokio::spawn(reload_on_sighup(tls)));
+        .zip(hangups)
+        .map(|(tls, hangups)| tokio::spawn(reload_on_sighup(tls, hangups)));
     stop.await;
     if let Some(reloads) = reloads {
         reloads.abort();
@@ -277,23 +281,43 @@ async fn serve(
     Ok(())
 }
 
+/// SIGHUPs from now on, when the platform has them.
+#[cfg(unix)]
+type Hangups = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangups = ();
+
+#[cfg(unix)]
+fn hangup_signal() -> Option<Hangups> {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(hangups) => Some(hangups),
+        Err(e) => {
+            eprintln!(
+                "switchboard: cannot listen for SIGHUP ({e}); TLS reloads on file change only"
+            );
+            None
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn hangup_signal() -> Option<Hangups> {
+    None
+}
+
 /// Reloads the listeners' certificate and key on every SIGHUP (the old ones stay in use when
 /// the files do not load; the log says why).
-async fn reload_on_sighup(tls: switchboard::ServerTls) {
+async fn reload_on_sighup(tls: switchboard::ServerTls, hangups: Hangups) {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-            return eprintln!(
-                "switchboard: cannot listen for SIGHUP; TLS reloads on file change only"
-            );
-        };
+        let mut hangups = hangups;
         while hangups.recv().await.is_some() {
             tls.reload_logged("SIGHUP", true);
         }
     }
     #[cfg(not(unix))]
-    drop(tls);
+    drop((tls, hangups));
 }
 
 async fn connect_nats(

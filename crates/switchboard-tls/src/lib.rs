@@ -156,12 +156,21 @@ struct Inner {
     failures: AtomicU64,
 }
 
-type Stamp = [(SystemTime, u64); 2];
+/// What tells a file changed: modification time and size, and on Unix its inode and
+/// status-change time too (a copy that keeps the old mtime, `cp -p`, still changes those).
+type Stamp = [(SystemTime, u64, u64, i64); 2];
 
 fn stamp(files: &ServerTlsFiles) -> Option<Stamp> {
     let one = |p: &Path| {
         let m = fs::metadata(p).ok()?;
-        Some((m.modified().ok()?, m.len()))
+        #[cfg(unix)]
+        let (inode, changed) = {
+            use std::os::unix::fs::MetadataExt;
+            (m.ino(), m.ctime_nsec() + m.ctime() * 1_000_000_000)
+        };
+        #[cfg(not(unix))]
+        let (inode, changed) = (0, 0);
+        Some((m.modified().ok()?, m.len(), inode, changed))
     };
     Some([one(&files.cert)?, one(&files.key)?])
 }
@@ -254,6 +263,8 @@ impl ServerTls {
     /// Looks at the files every `every` and reloads when they change, logging the outcome;
     /// runs until the returned task is aborted. Call inside a Tokio runtime.
     pub fn watch(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        // A zero period would make tokio's interval panic; a look every 10 ms is plenty.
+        let every = every.max(Duration::from_millis(10));
         let tls = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);

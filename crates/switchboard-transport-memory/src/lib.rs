@@ -138,6 +138,9 @@ enum Phase {
     Stopped,
 }
 
+/// Longest wait for [`Service::prepare_admit`]'s work before `admit` runs anyway.
+const PREPARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Opens sockets for the service the transport was started with.
 trait Connector: Send + Sync {
     /// [`Service::prepare_admit`] of the service.
@@ -290,7 +293,9 @@ impl MemoryTransport {
         };
         let (parts, ()) = request.into_parts();
         if let Some(prepare) = connector.prepare(&parts.headers) {
-            prepare.await;
+            // Bounded as a network transport bounds it (its handshake deadline), whatever
+            // the service's future does.
+            let _ = tokio::time::timeout(PREPARE_TIMEOUT, prepare).await;
         }
         connector.connect(&self.shared, parts)
     }

@@ -487,10 +487,16 @@ async fn serve_http<S: Service, I>(
                 }
                 None => {
                     // What the service must do before it can admit (fetch keys a token
-                    // names) is awaited here, under the handshake deadline.
-                    if req.uri().path() == shared.options.path {
+                    // names) is awaited here, for a request that passed the cheap checks,
+                    // and only until a second before the handshake deadline, so that the
+                    // client still gets the service's answer (a refusal, say) rather than a
+                    // dropped connection.
+                    if !refused_before_admission(&shared.options, &req) {
                         if let Some(prepare) = shared.service.prepare_admit(req.headers()) {
-                            prepare.await;
+                            let until = deadline
+                                .checked_sub(Duration::from_secs(1))
+                                .unwrap_or(deadline);
+                            let _ = tokio::time::timeout_at(until, prepare).await;
                         }
                     }
                     handle_request(shared, req, peer).map(ReplyBody::full)
@@ -539,6 +545,16 @@ async fn serve_http<S: Service, I>(
         }
         None => tracing::debug!(%peer, "handshake timed out"),
     }
+}
+
+/// Whether `handle_request` refuses `req` before it reaches the service (another path, not an
+/// upgrade, too large a head, a foreign origin), told without counting anything.
+fn refused_before_admission(options: &TransportOptions, req: &Request<Incoming>) -> bool {
+    req.uri().path() != options.path
+        || req.method() != hyper::Method::GET
+        || !fastwebsockets::upgrade::is_upgrade_request(req)
+        || request_head_len_of(req.uri(), req.method(), req.headers()) > options.max_request_head
+        || !options.origins.allows(req.headers())
 }
 
 fn handle_request<S: Service>(
@@ -648,10 +664,13 @@ fn handle_request<S: Service>(
 
 /// The size of a request's head as it came in: request line and header lines.
 fn request_head_len(parts: &RequestParts) -> usize {
-    let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len());
-    let line = parts.method.as_str().len() + target + 12;
-    let headers: usize = parts
-        .headers
+    request_head_len_of(&parts.uri, &parts.method, &parts.headers)
+}
+
+fn request_head_len_of(uri: &http::Uri, method: &http::Method, headers: &http::HeaderMap) -> usize {
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = method.as_str().len() + target + 12;
+    let headers: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();

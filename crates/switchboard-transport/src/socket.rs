@@ -269,7 +269,7 @@ impl SocketState {
         let mut head = [0u8; MAX_SERVER_HEAD];
         let head_len = frame::encode_head(opcode, payload.len(), &mut head);
         let bufs = [IoSlice::new(&head[..head_len]), IoSlice::new(payload)];
-        let written = match self.wire.write_vectored(&bufs) {
+        let written = match self.wire.send_now(&bufs) {
             Ok(n) => n,
             Err(e) if is_retry(&e) => 0,
             Err(e) => {
@@ -329,8 +329,11 @@ impl SocketState {
         loop {
             if self.wire.is_tls() && self.wire.has_pending_output() {
                 // Records encrypted earlier go first.
-                match self.wire.flush_output() {
-                    Ok(()) => outbox.progressed = true,
+                let mut wrote = false;
+                let flushed = self.wire.flush_output(&mut wrote);
+                outbox.progressed |= wrote;
+                match flushed {
+                    Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),

@@ -33,6 +33,9 @@ pub(crate) const MAX_KEYS: usize = 100;
 /// An RSA modulus of 4096 bits (and a sign byte) in base64url: a larger key is left out, so
 /// a key set cannot make each verification arbitrarily slow.
 const MAX_RSA_MODULUS_CHARS: usize = 684;
+/// An RSA modulus of 2048 bits in base64url: a smaller key (1024 bits can be factored) is
+/// left out, so tokens cannot be forged with one a provider still lists.
+const MIN_RSA_MODULUS_CHARS: usize = 342;
 /// The first retry after a failed fetch; each failure in a row doubles it, up to
 /// `min_refresh`.
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -273,9 +276,9 @@ impl Jwks {
                 self.stats.last_success.store(now.as_secs(), Relaxed);
                 let next = max_age.unwrap_or(max).clamp(min, max);
                 if was_failing || left_out > 0 {
-                    tracing::info!(url = %self.uri, keys = count, left_out, next_in = ?next, "JWKS fetched");
+                    tracing::info!(url = %redacted(&self.uri), keys = count, left_out, next_in = ?next, "JWKS fetched");
                 } else {
-                    tracing::debug!(url = %self.uri, keys = count, next_in = ?next, "JWKS fetched");
+                    tracing::debug!(url = %redacted(&self.uri), keys = count, next_in = ?next, "JWKS fetched");
                 }
                 next
             }
@@ -288,7 +291,7 @@ impl Jwks {
                 // One line per failed fetch: fetches are bounded by the backoff and the
                 // refetch interval, not by tokens.
                 tracing::warn!(
-                    url = %self.uri,
+                    url = %redacted(&self.uri),
                     %error,
                     cached_keys = self.current().len(),
                     retry_in = ?retry,
@@ -405,15 +408,33 @@ fn parse(body: &[u8], allowed: &[Algorithm]) -> Result<(KeySet, usize), String> 
     ))
 }
 
+/// The URL without its query (which may carry a token), for log lines.
+fn redacted(uri: &http::Uri) -> String {
+    let mut text = format!(
+        "{}://{}{}",
+        uri.scheme_str().unwrap_or("https"),
+        uri.authority().map_or("", |a| a.as_str()),
+        uri.path()
+    );
+    if uri.query().is_some() {
+        text.push_str("?…");
+    }
+    text
+}
+
 /// The one algorithm a key verifies with: its `alg` when it has one (which must suit its
 /// type), else the one its type implies. Shared-secret (`oct`) keys have none: an HMAC key
 /// never comes from a key set.
 fn key_algorithm(jwk: &Jwk) -> Option<Algorithm> {
     let (implied, fits): (Algorithm, &[Algorithm]) = match &jwk.algorithm {
-        AlgorithmParameters::RSA(p) if p.n.len() <= MAX_RSA_MODULUS_CHARS => (
-            Algorithm::RS256,
-            &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512],
-        ),
+        AlgorithmParameters::RSA(p)
+            if (MIN_RSA_MODULUS_CHARS..=MAX_RSA_MODULUS_CHARS).contains(&p.n.len()) =>
+        {
+            (
+                Algorithm::RS256,
+                &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512],
+            )
+        }
         AlgorithmParameters::EllipticCurve(p) => match p.curve {
             EllipticCurve::P256 => (Algorithm::ES256, &[Algorithm::ES256]),
             EllipticCurve::P384 => (Algorithm::ES384, &[Algorithm::ES384]),
@@ -518,9 +539,14 @@ mod tests {
     }
 
     #[test]
-    fn an_oversized_rsa_modulus_is_left_out() {
-        let n = "A".repeat(MAX_RSA_MODULUS_CHARS + 1);
-        let doc = serde_json::json!({"keys": [{"kty": "RSA", "kid": "big", "n": n, "e": "AQAB"}]});
-        assert!(parse(doc.to_string().as_bytes(), ALL).is_err());
+    fn an_oversized_or_undersized_rsa_modulus_is_left_out() {
+        for n in [
+            "A".repeat(MAX_RSA_MODULUS_CHARS + 1),
+            "A".repeat(MIN_RSA_MODULUS_CHARS - 1), // 1024-bit keys and the like
+        ] {
+            let doc =
+                serde_json::json!({"keys": [{"kty": "RSA", "kid": "k", "n": n, "e": "AQAB"}]});
+            assert!(parse(doc.to_string().as_bytes(), ALL).is_err());
+        }
     }
 }

@@ -227,6 +227,24 @@ fn jwks_parses_with_defaults_and_its_conflicts_name_the_key_and_line() {
         assert_eq!(e.line(), Some(2), "{text}");
     }
     // The URL itself: its own key and line.
+    // Plain HTTP only to this machine: anyone on the path could serve their own keys.
+    for (url, ok) in [
+        ("http://id.example.com/jwks", false),
+        ("http://10.0.0.5:8080/jwks", false),
+        ("http://localhost:8080/jwks", true),
+        ("http://127.0.0.1/jwks", true),
+        ("http://[::1]:9000/jwks", true),
+    ] {
+        let text = format!("gateway:\n  socket: {{}}\n  auth:\n    jwks_url: \"{url}\"\n");
+        match Config::from_yaml_str(&text) {
+            Ok(_) => assert!(ok, "{url} accepted"),
+            Err(e) => {
+                assert!(!ok, "{url}: {e}");
+                assert!(e.to_string().contains("must be https://"), "{e}");
+                assert_eq!(e.line(), Some(4));
+            }
+        }
+    }
     for url in [
         "ftp://x/",
         "id.example.com/jwks",
