@@ -1,5 +1,5 @@
-//! What `/proc` says about a process: CPU time used and resident memory (Linux only; on other
-//! systems every reading is `None`).
+//! What `/proc` says about a process: CPU time used, resident memory and the cores it may run
+//! on (Linux only; on other systems every reading is `None`).
 
 /// Clock ticks per second of `/proc/*/stat` times (`USER_HZ`, 100 on every Linux build).
 pub const TICKS_PER_SEC: f64 = 100.0;
@@ -40,6 +40,16 @@ pub fn parse_vm_rss(status: &str) -> Option<u64> {
         .ok()
 }
 
+/// The cores this process may run on (`Cpus_allowed_list`, e.g. `1` or `0-3`): what
+/// `cargo xtask bench` checks its pinning against.
+pub fn allowed_cpus() -> Option<String> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_string())
+}
+
 /// Cores' worth of CPU used between two readings `secs` apart (1.0 = one core busy).
 pub fn cores(before: Option<u64>, after: Option<u64>, secs: f64) -> Option<f64> {
     let (b, a) = (before?, after?);
@@ -68,6 +78,7 @@ mod tests {
         if cfg!(target_os = "linux") {
             assert!(cpu_ticks(None).is_some());
             assert!(rss_kib(std::process::id()).unwrap() > 0);
+            assert!(allowed_cpus().is_some_and(|c| !c.is_empty()));
         }
         assert_eq!(cores(Some(100), Some(300), 2.0), Some(1.0));
         assert_eq!(cores(None, Some(300), 2.0), None);

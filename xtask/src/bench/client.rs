@@ -5,12 +5,15 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::options::{Options, Scenario};
+use super::pinning::Role;
 use super::processes::{wait_bounded, Running};
 use super::{bin, Figures, Result, SECRET};
 
 /// The client's arguments shared by every scenario.
 pub(super) fn client_command(o: &Options, target: &Running) -> Command {
-    let mut c = Command::new(bin(&o.profile, "bench-client"));
+    let mut c = o
+        .pinning
+        .command(Role::Client, bin(&o.profile, "bench-client"));
     c.env("SWITCHBOARD_JWT_SECRET", SECRET)
         .arg("--addr")
         .arg(format!("127.0.0.1:{}", target.port))

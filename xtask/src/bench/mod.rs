@@ -1,12 +1,16 @@
 //! `cargo xtask bench`: the load benchmark. One Rust client (`bench-client`), the same for
-//! every server, against Switchboard (`bench-server`), `ws-node` and `uws-node`
-//! (`benches/peers/`), in one run; one table per scenario with ratios to Switchboard.
+//! every server, against Switchboard (`bench-server`), its floor (`bench-server --floor`: the
+//! transport alone), `ws-node` and `uws-node` (`benches/peers/`), in one run; one table per
+//! scenario with ratios to Switchboard, and the targets' verdicts at the end.
 //!
 //! Every server runs as its own process on a free port of 127.0.0.1, started and stopped by
-//! PID; each scenario gets fresh server processes. The clients bind 127.x.y.z source
-//! addresses so that tens of thousands of sockets do not run out of ephemeral ports.
-//! `--smoke` is what CI runs: every scenario for about two seconds, small N, Switchboard
-//! only; it fails on errors, never on speed.
+//! PID; every run gets a fresh server process. Each scenario runs `--runs` rounds (3), each
+//! round every server once in turn, and the report gives medians and ranges; a target is met
+//! only if its worst round meets it. Servers and client are pinned to different cores
+//! (`pinning`) when the machine allows it. The clients bind 127.x.y.z source addresses so
+//! that tens of thousands of sockets do not run out of ephemeral ports. `--smoke` is what CI
+//! runs: every scenario once for about two seconds, small N, Switchboard and the floor only;
+//! it fails on errors, never on speed.
 //!
 //! `cross-node` runs Switchboard alone (the peers have no NATS): its own nats-server on a free
 //! port (started and stopped by PID), `bench-server --nats`, and a plain NATS client in
@@ -15,6 +19,7 @@
 
 mod client;
 mod options;
+mod pinning;
 mod processes;
 mod report;
 mod scenarios;
@@ -50,7 +55,9 @@ fn bin(profile: &str, name: &str) -> PathBuf {
 
 /// `cargo xtask bench [options]`; `words` are the options as given, for the report.
 pub(crate) fn run(args: &Args, words: &[String]) -> Result {
-    let o = Options::new(args);
+    let mut o = Options::new(args);
+    o.pinning = pinning::decide(&o, &pinning::allowed_cores(), pinning::find_taskset())?;
+    println!("bench: {}", o.pinning.describe());
     if o.build {
         build(&o.profile)?;
     }
@@ -69,6 +76,7 @@ pub(crate) fn run(args: &Args, words: &[String]) -> Result {
             _ => measured(&o, scenario, &mut report)?,
         }
     }
+    report.verdict_section(&o);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     report.line(format!(
         "\n_Whole run: {:.0} s; load average at the end: {}._",
@@ -101,11 +109,11 @@ pub(crate) fn run(args: &Args, words: &[String]) -> Result {
 }
 
 /// What CI runs: the micro-benchmarks build, and every load scenario briefly against
-/// Switchboard alone. `cargo bench --no-run` also builds the bench binaries (benches may run
-/// them), in the same profile, so the smoke run needs no second build. CI builds them in
-/// the dev profile: it reuses what `cargo test --workspace` has built and adds about a
-/// minute, where the release profile would add about five on this machine; the smoke run
-/// never judges speed.
+/// Switchboard (and the floor where it applies), pinned when the machine allows it.
+/// `cargo bench --no-run` also builds the bench binaries (benches may run them), in the same
+/// profile, so the smoke run needs no second build. CI builds them in the dev profile: it
+/// reuses what `cargo test --workspace` has built and adds about a minute, where the release
+/// profile would add about five on this machine; the smoke run never judges speed.
 pub(crate) fn ci() -> Result {
     cmd(
         "cargo",

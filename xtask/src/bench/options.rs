@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{ArgAction, Parser, ValueEnum};
 
+use super::pinning::Pinning;
 use super::Result;
 
 /// `cargo xtask bench [options]`. The defaults in brackets are the full run's; `--smoke`
@@ -12,16 +13,33 @@ use super::Result;
 #[derive(Debug, Parser)]
 #[command(name = "bench", args_override_self = true)]
 pub(crate) struct Args {
-    /// CI: every scenario ~2 s, small N, Switchboard only; fails on errors
+    /// CI: every scenario ~2 s, one round, small N, Switchboard and the floor only; fails on
+    /// errors
     #[arg(long)]
     smoke: bool,
-    /// The servers [default: all three]
+    /// The servers [default: all four; the floor runs echo, broadcast and handshake only]
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set)]
     servers: Option<Vec<Server>>,
     /// The scenarios [default: all; cross-node and cross-cluster run Switchboard only and
     /// need nats-server]
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set)]
     scenarios: Option<Vec<Scenario>>,
+    /// Rounds: each scenario runs N times per server, interleaved [default: 3]
+    #[arg(long, value_name = "N", value_parser = count)]
+    runs: Option<usize>,
+    /// Pin the servers and the client to different cores (taskset) [default: when there
+    /// are 2 cores or more and taskset is installed]
+    #[arg(long, overrides_with = "no_pin")]
+    pin: bool,
+    /// Do not pin
+    #[arg(long, overrides_with = "pin")]
+    no_pin: bool,
+    /// The cores of every server, e.g. `0` or `0-2` [default: all but the client's]
+    #[arg(long, value_name = "LIST", value_parser = cores)]
+    server_cores: Option<Cores>,
+    /// The client's cores [default: the last core, one per client thread]
+    #[arg(long, value_name = "LIST", value_parser = cores)]
+    client_cores: Option<Cores>,
     /// Measured seconds per run [default: 10]
     #[arg(long, value_name = "S", value_parser = seconds)]
     secs: Option<f64>,
@@ -85,6 +103,15 @@ fn seconds(v: &str) -> Result<f64> {
         .map_err(|_| format!("`{v}` is not a number of seconds"))
 }
 
+/// A CPU list (a type of its own, so that clap takes it as one value).
+#[derive(Debug, Clone)]
+pub(super) struct Cores(Vec<usize>);
+
+/// A CPU list: `1` or `0-2,5`.
+fn cores(v: &str) -> Result<Cores> {
+    super::pinning::parse_cpu_list(v).map(Cores)
+}
+
 /// `Args` from the words after `bench`.
 pub(super) fn parse_words(words: &[&str]) -> Result<Args> {
     Args::try_parse_from(std::iter::once("bench").chain(words.iter().copied()))
@@ -94,6 +121,8 @@ pub(super) fn parse_words(words: &[&str]) -> Result<Args> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(super) enum Server {
     Switchboard,
+    /// `bench-server --floor`: the transport alone, what the gateway's layers add to.
+    Floor,
     WsNode,
     UwsNode,
 }
@@ -102,14 +131,35 @@ impl Server {
     pub(super) fn name(self) -> &'static str {
         match self {
             Server::Switchboard => "switchboard",
+            Server::Floor => "floor",
             Server::WsNode => "ws-node",
             Server::UwsNode => "uws-node",
         }
     }
 
+    /// The name in a table's first column.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Server::Floor => "floor (transport only)",
+            other => other.name(),
+        }
+    }
+
+    /// Whether this server runs `scenario`: the floor has no bus, no users and no registry,
+    /// so it implements echo, broadcast and handshake only.
+    pub(super) fn runs(self, scenario: Scenario) -> bool {
+        match self {
+            Server::Floor => matches!(
+                scenario,
+                Scenario::Echo | Scenario::Broadcast | Scenario::Handshake
+            ),
+            _ => true,
+        }
+    }
+
     pub(super) fn peer_dir(self) -> Option<&'static str> {
         match self {
-            Server::Switchboard => None,
+            Server::Switchboard | Server::Floor => None,
             Server::WsNode => Some("benches/peers/ws-node"),
             Server::UwsNode => Some("benches/peers/uws-node"),
         }
@@ -127,9 +177,23 @@ pub(super) enum Scenario {
     CrossCluster,
 }
 
+/// `--pin`, `--no-pin`, or neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PinChoice {
+    Auto,
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct Options {
     pub(super) smoke: bool,
+    pub(super) runs: usize,
+    pub(super) pin: PinChoice,
+    pub(super) server_cores: Option<Vec<usize>>,
+    pub(super) client_cores: Option<Vec<usize>>,
+    /// Decided once the run starts (`pinning::decide`), from the three above.
+    pub(super) pinning: Pinning,
     pub(super) servers: Vec<Server>,
     pub(super) scenarios: Vec<Scenario>,
     pub(super) secs: f64,
@@ -157,10 +221,21 @@ impl Options {
     fn defaults(smoke: bool) -> Options {
         Options {
             smoke,
+            runs: if smoke { 1 } else { 3 },
+            pin: PinChoice::Auto,
+            server_cores: None,
+            client_cores: None,
+            pinning: Pinning::Unpinned("not decided yet".into()),
+            // The floor is in the smoke run so that CI notices when it breaks.
             servers: if smoke {
-                vec![Server::Switchboard]
+                vec![Server::Switchboard, Server::Floor]
             } else {
-                vec![Server::Switchboard, Server::WsNode, Server::UwsNode]
+                vec![
+                    Server::Switchboard,
+                    Server::Floor,
+                    Server::WsNode,
+                    Server::UwsNode,
+                ]
             },
             scenarios: vec![
                 Scenario::Echo,
@@ -203,6 +278,14 @@ impl Options {
     pub(super) fn new(args: &Args) -> Options {
         let d = Options::defaults(args.smoke);
         let mut o = Options {
+            runs: args.runs.unwrap_or(d.runs).max(1),
+            pin: match (args.pin, args.no_pin) {
+                (true, _) => PinChoice::On,
+                (_, true) => PinChoice::Off,
+                _ => PinChoice::Auto,
+            },
+            server_cores: args.server_cores.clone().map(|c| c.0),
+            client_cores: args.client_cores.clone().map(|c| c.0),
             servers: args.servers.clone().unwrap_or(d.servers),
             scenarios: args.scenarios.clone().unwrap_or(d.scenarios),
             secs: args.secs.unwrap_or(d.secs),
@@ -247,11 +330,13 @@ mod tests {
     #[test]
     fn options_default_and_parse() {
         let o = parse(&[]).unwrap();
-        assert_eq!(o.servers.len(), 3);
+        assert_eq!(o.servers.len(), 4);
+        assert_eq!((o.runs, o.pin), (3, PinChoice::Auto));
         assert_eq!(o.idle, [10_000, 50_000]);
         let o = parse(&["--smoke", "--secs", "3s", "--idle", "1_000,2000"]).unwrap();
         assert!(o.smoke);
-        assert_eq!(o.servers, [Server::Switchboard]);
+        assert_eq!(o.servers, [Server::Switchboard, Server::Floor]);
+        assert_eq!(o.runs, 1);
         assert_eq!(o.secs, 3.0);
         assert_eq!(o.idle, [1000, 2000]);
         let o = parse(&["--servers", "ws-node"]).unwrap();
@@ -270,5 +355,10 @@ mod tests {
         assert!(!o.build);
         assert_eq!(o.profile, "dev");
         assert_eq!(o.report, Path::new("target/bench/smoke.md"));
+        let o = parse(&["--runs", "5", "--pin", "--no-pin", "--server-cores", "0-1"]).unwrap();
+        assert_eq!((o.runs, o.pin), (5, PinChoice::Off));
+        assert_eq!(o.server_cores, Some(vec![0, 1]));
+        assert_eq!(parse(&["--no-pin", "--pin"]).unwrap().pin, PinChoice::On);
+        assert!(parse(&["--client-cores", "x"]).is_err());
     }
 }

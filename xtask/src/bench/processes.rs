@@ -8,6 +8,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::options::{Options, Server};
+use super::pinning::{allowed_list, Role};
 use super::{bin, Result, SECRET};
 use crate::free_port;
 
@@ -15,6 +16,8 @@ use crate::free_port;
 pub(super) struct Running {
     child: Child,
     pub(super) port: u16,
+    /// The cores it may run on once listening (`Cpus_allowed_list`), to check the pinning.
+    pub(super) cores: Option<String>,
 }
 
 impl Running {
@@ -22,8 +25,13 @@ impl Running {
         let port = free_port()?;
         let mut command = match server.peer_dir() {
             None => {
-                let mut c = Command::new(bin(&o.profile, "bench-server"));
+                let mut c = o
+                    .pinning
+                    .command(Role::Server, bin(&o.profile, "bench-server"));
                 c.arg(port.to_string());
+                if server == Server::Floor {
+                    c.arg("--floor");
+                }
                 if let Some(url) = &o.nats {
                     c.args(["--nats", url]);
                 }
@@ -33,7 +41,7 @@ impl Running {
                 c
             }
             Some(dir) => {
-                let mut c = Command::new("node");
+                let mut c = o.pinning.command(Role::Server, "node");
                 c.arg(Path::new(dir).join("server.js"))
                     .arg(port.to_string());
                 c
@@ -46,7 +54,11 @@ impl Running {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", server.name()))?;
         let stdout = child.stdout.take().expect("piped stdout");
-        let running = Running { child, port };
+        let mut running = Running {
+            child,
+            port,
+            cores: None,
+        };
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
@@ -54,7 +66,10 @@ impl Running {
             }
         });
         match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) if line.starts_with("listening") => Ok(running),
+            Ok(line) if line.starts_with("listening") => {
+                running.cores = allowed_list(Some(running.pid()));
+                Ok(running)
+            }
             Ok(line) => Err(format!(
                 "{} said `{line}` instead of listening",
                 server.name()

@@ -1,17 +1,89 @@
-//! The markdown report: the header on the machine and the command, one table per scenario,
-//! and the targets met or missed.
+//! The markdown report: the header on the machine, the command and the pinning, one table per
+//! scenario (the median and the range over the rounds of each figure and ratio), and at the
+//! end the targets, each met only if its worst round meets it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 use super::options::{Options, Scenario, Server};
+use super::pinning::Role;
 use super::scenarios::IdleRow;
 use super::Figures;
 
 /// The markdown report: a header on the machine and the command, then one table per
-/// scenario.
+/// scenario, then the verdicts.
 pub(super) struct Report {
     lines: Vec<String>,
     pub(super) failures: Vec<String>,
+    /// One line per target, printed together at the end.
+    verdicts: Vec<String>,
+    /// The cores each kind of process was seen to be allowed, by process.
+    cores_seen: BTreeMap<&'static str, BTreeSet<String>>,
+}
+
+/// A figure over the rounds that measured it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+    /// Rounds with a value.
+    n: usize,
+}
+
+/// The median and range of the values present (`None`: no round measured it).
+fn spread(values: impl IntoIterator<Item = Option<f64>>) -> Option<Spread> {
+    let mut v: Vec<f64> = values.into_iter().flatten().collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let median = if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    };
+    Some(Spread {
+        median,
+        min: v[0],
+        max: v[v.len() - 1],
+        n: v.len(),
+    })
+}
+
+/// `median (min–max)` with `f` for each number; the median alone for a single round.
+fn fmt_spread(s: Option<Spread>, f: impl Fn(f64) -> String) -> String {
+    match s {
+        None => "—".into(),
+        Some(s) if s.n == 1 => f(s.median),
+        Some(s) => format!("{} ({}–{})", f(s.median), f(s.min), f(s.max)),
+    }
+}
+
+/// A figure of every round of one server.
+fn series(rounds: &[Option<Figures>], key: &str) -> Vec<Option<f64>> {
+    rounds
+        .iter()
+        .map(|f| f.as_ref().and_then(|f| num(f, key)))
+        .collect()
+}
+
+/// Round by round, Switchboard's figure ÷ the other's (`lower_is_better`: the other's ÷
+/// Switchboard's), so that above 1× always means Switchboard did better in that round.
+fn round_ratios(
+    sb: &[Option<f64>],
+    other: &[Option<f64>],
+    lower_is_better: bool,
+) -> Vec<Option<f64>> {
+    sb.iter()
+        .zip(other)
+        .map(|(a, b)| {
+            let (a, b) = ((*a)?, (*b)?);
+            let (num, den) = if lower_is_better { (b, a) } else { (a, b) };
+            (den > 0.0).then(|| num / den)
+        })
+        .collect()
 }
 
 fn num(f: &Figures, key: &str) -> Option<f64> {
@@ -65,6 +137,8 @@ impl Report {
         let mut r = Report {
             lines: Vec::new(),
             failures: Vec::new(),
+            verdicts: Vec::new(),
+            cores_seen: BTreeMap::new(),
         };
         r.line(format!(
             "# Load benchmark{}\n",
@@ -84,17 +158,29 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(" ")
         ));
+        r.line(format!("- {}", o.pinning.describe()));
         r.line(format!(
             "- node {}; client threads {}; Switchboard worker threads {}",
             shell_output("node", &["--version"]),
             o.client_threads,
-            o.server_threads
-                .map_or("one per core".into(), |n| n.to_string())
+            o.server_threads.map_or(
+                // tokio counts the cores of the process's affinity mask.
+                "one per core it may use".into(),
+                |n| n.to_string()
+            )
         ));
         r.line(format!(
             "- each run: {} s warm-up, {} s measured; a fresh server process per run; \
              bench binaries built with the `{}` profile",
             o.warmup, o.secs, o.profile
+        ));
+        r.line(format!(
+            "- {} round{} per scenario, the servers interleaved within each round; a cell is \
+             the median over the rounds with the range (min–max) in brackets; a ratio is \
+             computed round by round (Switchboard's run i against the other's run i), then \
+             summarized the same way; idle memory is measured once",
+            o.runs,
+            if o.runs == 1 { "" } else { "s" }
         ));
         r.line(
             "- ratio column: Switchboard's figure ÷ this server's for throughput, this \
@@ -102,6 +188,15 @@ impl Report {
              is better"
                 .to_string(),
         );
+        if o.servers.contains(&Server::Floor) {
+            r.line(
+                "- floor (transport only): `bench-server --floor`, the same wire protocol on \
+                 `switchboard_transport` alone (no JSON parse, no bus, no registry; the same \
+                 HS256 verification); its ratio is what Switchboard keeps of the floor, and \
+                 1 minus it what the gateway's layers cost"
+                    .to_string(),
+            );
+        }
         r
     }
 
@@ -115,17 +210,36 @@ impl Report {
         t
     }
 
+    /// Notes the cores a run's server and client were allowed; a failure when pinned and
+    /// they are not the ones asked for.
+    pub(super) fn check_cores(&mut self, o: &Options, server: Server, f: &Figures, what: &str) {
+        for (role, process, key) in [
+            (Role::Server, server.name(), "server_cores"),
+            (Role::Client, "client", "cores"),
+        ] {
+            let seen = f.get(key).cloned().unwrap_or_else(|| "?".into());
+            if let Some(want) = o.pinning.expected(role) {
+                if seen != want {
+                    self.failures.push(format!(
+                        "{what}: the {process} ran on CPU {seen}, not on {want} as pinned"
+                    ));
+                }
+            }
+            self.cores_seen.entry(process).or_default().insert(seen);
+        }
+    }
+
     pub(super) fn table(
         &mut self,
         o: &Options,
         scenario: Scenario,
-        rows: &[(Server, Option<Figures>)],
+        rows: &[(Server, Vec<Option<Figures>>)],
     ) {
+        let none = vec![None; o.runs];
         let sb = rows
             .iter()
             .find(|(s, _)| *s == Server::Switchboard)
-            .and_then(|(_, f)| f.clone());
-        let sb_num = |k: &str| sb.as_ref().and_then(|f| num(f, k));
+            .map_or(&none, |(_, r)| r);
         let (title, figure) = match scenario {
             Scenario::Echo => (
                 format!(
@@ -196,126 +310,187 @@ impl Report {
         self.line("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into());
         // CPU time per unit of work: less sensitive than throughput to a client or to other
         // processes taking the cores.
-        let cost = |f: &Figures| {
-            num(f, "server_cpu")
-                .zip(num(f, "rate"))
-                .filter(|(_, r)| *r > 0.0)
-                .map(|(c, r)| c * 1e6 / r)
+        let cost = |rounds: &[Option<Figures>]| -> Vec<Option<f64>> {
+            series(rounds, "server_cpu")
+                .into_iter()
+                .zip(series(rounds, "rate"))
+                .map(|(c, r)| c.zip(r.filter(|r| *r > 0.0)).map(|(c, r)| c * 1e6 / r))
+                .collect()
         };
-        let sb_cost = sb.as_ref().and_then(cost);
-        for (server, f) in rows {
-            let Some(f) = f else {
+        let times = |v: f64| format!("{v:.2}×");
+        for (server, rounds) in rows {
+            let done = rounds.iter().filter(|f| f.is_some()).count();
+            if done == 0 {
                 self.line(format!(
                     "| {} | failed | — | — | — | — | — | — | — | — | — |",
-                    server.name()
+                    server.label()
                 ));
                 continue;
+            }
+            let label = if done < rounds.len() {
+                format!("{} ({done} of {} rounds)", server.label(), rounds.len())
+            } else {
+                server.label().to_string()
             };
-            let client = num(f, "client_cpu");
-            let bound = if client.is_some_and(|c| c >= 0.9 * o.client_threads as f64) {
+            // Ratios against Switchboard itself say nothing.
+            let vs = |key: &str, lower_is_better: bool| {
+                if *server == Server::Switchboard {
+                    "—".to_string()
+                } else {
+                    fmt_spread(
+                        spread(round_ratios(
+                            &series(sb, key),
+                            &series(rounds, key),
+                            lower_is_better,
+                        )),
+                        times,
+                    )
+                }
+            };
+            let of = |key: &str, digits: usize| {
+                fmt_spread(spread(series(rounds, key)), |v| fmt_opt(Some(v), digits))
+            };
+            let client = spread(series(rounds, "client_cpu"));
+            let bound = if client.is_some_and(|c| c.median >= 0.9 * o.client_threads as f64) {
                 " (client-bound)"
             } else {
                 ""
             };
+            let cost_ratio = if *server == Server::Switchboard {
+                "—".to_string()
+            } else {
+                fmt_spread(spread(round_ratios(&cost(sb), &cost(rounds), true)), times)
+            };
             self.line(format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} |",
-                server.name(),
-                fmt_int(num(f, "rate")),
-                ratio(sb_num("rate"), num(f, "rate")),
-                fmt_opt(num(f, "p50_us"), 0),
-                fmt_opt(num(f, "p99_us"), 0),
-                fmt_opt(num(f, "p999_us"), 0),
-                ratio(num(f, "p99_us"), sb_num("p99_us")),
-                fmt_opt(client, 2),
-                bound,
-                fmt_opt(num(f, "server_cpu"), 2),
-                fmt_opt(cost(f), 1),
-                ratio(cost(f), sb_cost),
+                "| {label} | {} | {} | {} | {} | {} | {} | {}{bound} | {} | {} | {cost_ratio} |",
+                fmt_spread(spread(series(rounds, "rate")), |v| fmt_int(Some(v))),
+                vs("rate", false),
+                of("p50_us", 0),
+                of("p99_us", 0),
+                of("p999_us", 0),
+                vs("p99_us", true),
+                fmt_spread(client, |v| fmt_opt(Some(v), 2)),
+                of("server_cpu", 2),
+                fmt_spread(spread(cost(rounds)), |v| fmt_opt(Some(v), 1)),
             ));
         }
         if scenario == Scenario::Broadcast {
             let bps: Vec<String> = rows
                 .iter()
-                .filter_map(|(s, f)| Some(format!("{} {}", s.name(), f.as_ref()?.get("bps")?)))
+                .filter_map(|(s, rounds)| {
+                    let b = spread(series(rounds, "bps"))?;
+                    Some(format!(
+                        "{} {}",
+                        s.name(),
+                        fmt_spread(Some(b), |v| format!("{v:.1}"))
+                    ))
+                })
                 .collect();
             self.line(format!(
                 "\nBroadcasts completed per second: {}.",
                 bps.join(", ")
             ));
         }
-        self.targets(scenario, rows, sb.as_ref());
+        self.targets(scenario, rows, sb);
     }
 
+    /// Issue 15's targets against uws-node, when it ran: each met only if every round meets it.
     fn targets(
         &mut self,
         scenario: Scenario,
-        rows: &[(Server, Option<Figures>)],
-        sb: Option<&Figures>,
+        rows: &[(Server, Vec<Option<Figures>>)],
+        sb: &[Option<Figures>],
     ) {
-        let of = |server: Server| {
-            rows.iter()
-                .find(|(s, _)| *s == server)
-                .and_then(|(_, f)| f.clone())
+        let Some((_, uws)) = rows.iter().find(|(s, _)| *s == Server::UwsNode) else {
+            return;
         };
-        let check = |name: &str, met: Option<bool>, detail: String| {
-            let verdict = match met {
-                Some(true) => "met",
-                Some(false) => "MISSED",
-                None => "not measured",
-            };
-            format!("- target {name}: **{verdict}** ({detail})")
+        let (name, figure, latency) = match scenario {
+            Scenario::Echo => ("echo", "messages/s", Some("latency")),
+            Scenario::Send => ("send", "messages/s", Some("latency")),
+            Scenario::Broadcast => ("broadcast", "deliveries/s", Some("time-to-all")),
+            Scenario::Handshake => ("handshakes", "connections/s", None),
+            _ => return,
         };
-        let rate = |f: &Option<Figures>| f.as_ref().and_then(|f| num(f, "rate"));
-        let sb = sb.cloned();
-        let mut out = Vec::new();
-        match scenario {
-            Scenario::Echo => {
-                for (peer, want) in [(Server::WsNode, 3.0), (Server::UwsNode, 1.0)] {
-                    let (a, b) = (rate(&sb), rate(&of(peer)));
-                    if b.is_none() {
-                        continue;
-                    }
-                    let r = a.zip(b).map(|(a, b)| a / b);
-                    out.push(check(
-                        &format!("echo ≥ {want}× {}", peer.name()),
-                        r.map(|r| r >= want),
-                        ratio(a, b),
-                    ));
-                }
-            }
-            Scenario::Broadcast => {
-                let peer = of(Server::UwsNode);
-                if peer.is_some() {
-                    let (a, b) = (rate(&sb), rate(&peer));
-                    out.push(check(
-                        "broadcast deliveries/s ≥ 1.5× uws-node",
-                        a.zip(b).map(|(a, b)| a / b >= 1.5),
-                        ratio(a, b),
-                    ));
-                    let p = |f: &Option<Figures>| f.as_ref().and_then(|f| num(f, "p99_us"));
-                    let (a, b) = (p(&sb), p(&peer));
-                    out.push(check(
-                        "broadcast p99 time-to-all ≤ uws-node's",
-                        a.zip(b).map(|(a, b)| a <= b),
-                        format!("{} µs vs {} µs", fmt_opt(a, 0), fmt_opt(b, 0)),
-                    ));
-                }
-            }
-            Scenario::Handshake => {
-                let a = rate(&sb);
-                out.push(check(
-                    "JWT handshakes ≥ 5,000/s",
-                    a.map(|a| a >= 5000.0),
-                    format!("{}/s", fmt_int(a)),
-                ));
-            }
-            _ => {}
+        let rate = round_ratios(&series(sb, "rate"), &series(uws, "rate"), false);
+        self.verdict(&format!("{name}: {figure} ≥ 1.2× uws-node's"), &rate, 1.2);
+        if scenario == Scenario::Broadcast {
+            self.verdict(
+                &format!("{name} (stretch): {figure} ≥ 1.5× uws-node's"),
+                &rate,
+                1.5,
+            );
         }
-        if !out.is_empty() {
-            self.line(String::new());
-            for l in out {
-                self.line(l);
-            }
+        if let Some(latency) = latency {
+            let p99 = round_ratios(&series(sb, "p99_us"), &series(uws, "p99_us"), true);
+            self.verdict(
+                &format!(
+                    "{name}: p99 {latency} ≤ uws-node's (ratio: uws-node's p99 ÷ Switchboard's)"
+                ),
+                &p99,
+                1.0,
+            );
+        }
+    }
+
+    /// One target: met only if every round measured it and the worst round meets `want`.
+    fn verdict(&mut self, name: &str, ratios: &[Option<f64>], want: f64) {
+        let Some(s) = spread(ratios.iter().copied()) else {
+            self.verdicts.push(format!("- {name}: **not measured**"));
+            return;
+        };
+        let met = if s.n < ratios.len() {
+            "not measured in every round"
+        } else if s.min >= want {
+            "met"
+        } else {
+            "MISSED"
+        };
+        let each: Vec<String> = ratios
+            .iter()
+            .map(|r| r.map_or("—".into(), |r| format!("{r:.2}×")))
+            .collect();
+        self.verdicts.push(format!(
+            "- {name}: **{met}** (worst round {:.2}×, median {:.2}×; rounds: {})",
+            s.min,
+            s.median,
+            each.join(", ")
+        ));
+    }
+
+    /// The verdicts of the whole run, and the cores each process was seen on.
+    pub(super) fn verdict_section(&mut self, o: &Options) {
+        self.line(
+            "\n## Verdicts (issue 15's targets: same run, pinned, worst of three rounds)\n".into(),
+        );
+        if !o.pinning.is_pinned() || o.runs < 3 {
+            self.line(format!(
+                "_Not the issue's conditions ({}, {} round{}): these verdicts are indicative \
+                 only._\n",
+                if o.pinning.is_pinned() {
+                    "pinned".into()
+                } else {
+                    o.pinning.describe()
+                },
+                o.runs,
+                if o.runs == 1 { "" } else { "s" }
+            ));
+        }
+        if self.verdicts.is_empty() {
+            self.line("No target applies: uws-node was not in this run.".into());
+        }
+        for v in std::mem::take(&mut self.verdicts) {
+            self.line(v);
+        }
+        if !self.cores_seen.is_empty() {
+            let seen: Vec<String> = self
+                .cores_seen
+                .iter()
+                .map(|(p, c)| format!("{p} {}", c.iter().cloned().collect::<Vec<_>>().join(" or ")))
+                .collect();
+            self.line(format!(
+                "\nCPUs each process was allowed (`Cpus_allowed_list`): {}.",
+                seen.join("; ")
+            ));
         }
     }
 
@@ -336,38 +511,42 @@ impl Report {
                 .into(),
         );
         self.line("|---|---:|---:|---:|---:|".into());
-        let sb = rows
-            .iter()
-            .find(|(s, _)| *s == Server::Switchboard)
-            .and_then(|(_, r)| r.as_ref().map(IdleRow::bytes_per_socket));
+        let bytes = |server: Server| {
+            rows.iter()
+                .find(|(s, _)| *s == server)
+                .and_then(|(_, r)| r.as_ref().map(IdleRow::bytes_per_socket))
+        };
+        let sb = bytes(Server::Switchboard);
         for (server, row) in rows {
             match row {
                 Some(r) => self.line(format!(
                     "| {} | {:.1} | {:.1} | {} | {} |",
-                    server.name(),
+                    server.label(),
                     r.before_kib as f64 / 1024.0,
                     r.after_kib as f64 / 1024.0,
                     fmt_int(Some(r.bytes_per_socket())),
-                    ratio(Some(r.bytes_per_socket()), sb),
+                    if *server == Server::Switchboard {
+                        "—".into()
+                    } else {
+                        ratio(Some(r.bytes_per_socket()), sb)
+                    },
                 )),
-                None => self.line(format!("| {} | failed | — | — | — |", server.name())),
+                None => self.line(format!("| {} | failed | — | — | — |", server.label())),
             }
         }
-        let ws = rows
-            .iter()
-            .find(|(s, _)| *s == Server::WsNode)
-            .and_then(|(_, r)| r.as_ref().map(IdleRow::bytes_per_socket));
-        if ws.is_some() {
-            let met = sb.zip(ws).map(|(a, b)| a * 4.0 <= b);
-            let verdict = match met {
-                Some(true) => "met",
-                Some(false) => "MISSED",
-                None => "not measured",
-            };
-            self.line(format!(
-                "\n- target idle memory per socket ≤ ¼ of ws-node's: **{verdict}** ({})",
-                ratio(ws, sb)
-            ));
+        if rows.iter().any(|(s, _)| *s == Server::UwsNode) {
+            // Issue 10's target; idle memory is measured once (it varies within 3% from run
+            // to run), so the one round is the worst.
+            let r = round_ratios(&[sb], &[bytes(Server::UwsNode)], true);
+            self.verdict(
+                &format!(
+                    "idle memory at {} sockets ≤ uws-node's bytes per socket (ratio: uws-node's \
+                     ÷ Switchboard's)",
+                    fmt_int(Some(size as f64))
+                ),
+                &r,
+                1.0,
+            );
         }
         if rows
             .iter()
@@ -397,5 +576,40 @@ mod tests {
         assert_eq!(fmt_int(Some(999.0)), "999");
         assert_eq!(ratio(Some(3.0), Some(1.5)), "2.00×");
         assert_eq!(ratio(Some(3.0), None), "—");
+    }
+
+    #[test]
+    fn rounds_give_a_median_a_range_and_per_round_ratios() {
+        let s = spread([Some(3.0), None, Some(1.0), Some(2.0)]).unwrap();
+        assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
+        assert_eq!(spread([Some(1.0), Some(4.0)]).unwrap().median, 2.5);
+        assert_eq!(spread([None]), None);
+        assert_eq!(fmt_spread(Some(s), |v| format!("{v:.0}")), "2 (1–3)");
+        assert_eq!(fmt_spread(spread([Some(5.0)]), |v| format!("{v:.0}")), "5");
+        // round i against round i, above 1× when Switchboard does better
+        let sb = [Some(120.0), Some(90.0), None];
+        let peer = [Some(100.0), Some(100.0), Some(100.0)];
+        assert_eq!(
+            round_ratios(&sb, &peer, false),
+            [Some(1.2), Some(0.9), None]
+        );
+        assert_eq!(
+            round_ratios(&sb, &peer, true)[1].map(|r| r > 1.0),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn a_target_is_met_only_if_its_worst_round_is() {
+        let o = Options::new(&super::super::options::parse_words(&[]).unwrap());
+        let mut r = Report::new(&o, &[]);
+        r.verdict("a", &[Some(1.3), Some(1.25)], 1.2);
+        r.verdict("b", &[Some(1.5), Some(1.1), Some(1.6)], 1.2);
+        r.verdict("c", &[Some(1.5), None], 1.2);
+        assert!(r.verdicts[0].starts_with("- a: **met** (worst round 1.25×"));
+        assert!(r.verdicts[1].starts_with("- b: **MISSED** (worst round 1.10×"));
+        assert!(r.verdicts[2].contains("**not measured in every round**"));
+        r.verdict_section(&o);
+        assert!(r.text().contains("indicative only"));
     }
 }

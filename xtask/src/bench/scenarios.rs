@@ -1,5 +1,5 @@
-//! The scenarios: a measured run per server, cross-node and cross-cluster through NATS, and
-//! idle memory.
+//! The scenarios: measured rounds over the servers, cross-node and cross-cluster through
+//! NATS, and idle memory.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdin, Stdio};
@@ -12,51 +12,75 @@ use super::processes::{nats_pair, wait_bounded, wait_for_route_interest, NatsSer
 use super::report::Report;
 use super::{Figures, Result};
 
-/// Scenarios 1, 2, 3, 5 and 6: a fresh server process each, the same client run against each.
+/// Scenarios 1, 2, 3, 5, 6 and 7: `o.runs` rounds, each running every server once in turn
+/// (switchboard, floor, ws-node, uws-node, then again), a fresh server process each time, the
+/// same client run against each. Interleaving spreads whatever else the machine does over
+/// every server alike, and each round's ratios compare runs minutes apart at most.
 pub(super) fn measured(o: &Options, scenario: Scenario, report: &mut Report) -> Result {
-    let mut rows = Vec::new();
-    for &server in &o.servers {
-        println!(
-            "bench: {} against {} ...",
-            scenario_args(o, scenario).join(" "),
-            server.name()
-        );
-        let result = Running::start(o, server).and_then(|running| {
-            // Let the server settle (JIT warm-up is part of the measured warm-up).
-            std::thread::sleep(Duration::from_millis(300));
-            if let Some((_, monitor)) = &o.publisher_nats {
-                wait_for_route_interest(*monitor, "socket:send")?;
-            }
-            run_client(o, &running, scenario)
-        });
-        match &result {
-            Ok(f) => {
-                println!("bench:   {}", fmt_figures(f));
-                let errors: u64 = f.get("errors").and_then(|e| e.parse().ok()).unwrap_or(0);
-                let count: u64 = f
-                    .get("count")
-                    .or_else(|| f.get("complete"))
-                    .and_then(|e| e.parse().ok())
-                    .unwrap_or(0);
-                if errors > 0 || count == 0 {
-                    report.failures.push(format!(
-                        "{:?} on {}: {errors} errors, {count} measured",
-                        scenario,
-                        server.name()
-                    ));
-                }
-            }
-            Err(e) => {
-                println!("bench:   failed: {e}");
-                report
-                    .failures
-                    .push(format!("{:?} on {}: {e}", scenario, server.name()));
-            }
+    let mut rows: Vec<(Server, Vec<Option<Figures>>)> = o
+        .servers
+        .iter()
+        .filter(|s| s.runs(scenario))
+        .map(|&s| (s, Vec::new()))
+        .collect();
+    for round in 1..=o.runs {
+        for (server, rounds) in &mut rows {
+            println!(
+                "bench: {} against {} (round {round} of {}) ...",
+                scenario_args(o, scenario).join(" "),
+                server.name(),
+                o.runs
+            );
+            rounds.push(measure_once(o, *server, scenario, report));
         }
-        rows.push((server, result.ok()));
     }
     report.table(o, scenario, &rows);
     Ok(())
+}
+
+/// One run of `scenario` against a fresh `server`; a failure goes to the report's failures.
+fn measure_once(
+    o: &Options,
+    server: Server,
+    scenario: Scenario,
+    report: &mut Report,
+) -> Option<Figures> {
+    let result = Running::start(o, server).and_then(|running| {
+        // Let the server settle (JIT warm-up is part of the measured warm-up).
+        std::thread::sleep(Duration::from_millis(300));
+        if let Some((_, monitor)) = &o.publisher_nats {
+            wait_for_route_interest(*monitor, "socket:send")?;
+        }
+        let mut f = run_client(o, &running, scenario)?;
+        f.insert(
+            "server_cores".into(),
+            running.cores.clone().unwrap_or_else(|| "?".into()),
+        );
+        Ok(f)
+    });
+    let what = format!("{scenario:?} on {}", server.name());
+    match &result {
+        Ok(f) => {
+            println!("bench:   {}", fmt_figures(f));
+            let errors: u64 = f.get("errors").and_then(|e| e.parse().ok()).unwrap_or(0);
+            let count: u64 = f
+                .get("count")
+                .or_else(|| f.get("complete"))
+                .and_then(|e| e.parse().ok())
+                .unwrap_or(0);
+            if errors > 0 || count == 0 {
+                report
+                    .failures
+                    .push(format!("{what}: {errors} errors, {count} measured"));
+            }
+            report.check_cores(o, server, f, &what);
+        }
+        Err(e) => {
+            println!("bench:   failed: {e}");
+            report.failures.push(format!("{what}: {e}"));
+        }
+    }
+    result.ok()
 }
 
 /// Scenario 6: `send` through NATS from a plain NATS client, Switchboard only.
@@ -120,12 +144,13 @@ impl IdleRow {
 
 /// Scenario 4: RSS per connected, authenticated socket. More sockets than one process may
 /// hold are spread over several server processes (and as many client processes), and the
-/// RSS of all of them is added up.
+/// RSS of all of them is added up. Measured once whatever `--runs` says: it moves within 3%
+/// from run to run, and a round at 50,000 sockets takes minutes.
 pub(super) fn idle(o: &Options, report: &mut Report) -> Result {
     for &size in &o.idle {
         let processes = size.div_ceil(o.per_process).max(1);
         let mut rows = Vec::new();
-        for &server in &o.servers {
+        for &server in o.servers.iter().filter(|s| s.runs(Scenario::Idle)) {
             println!(
                 "bench: idle {size} sockets on {processes} {} process(es) ...",
                 server.name()

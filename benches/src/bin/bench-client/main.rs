@@ -15,7 +15,9 @@
 //! few seconds of drain; `idle` holds until its standard input closes or `--hold` passes.
 //! The last line on stdout is `RESULT k=v ...` (read by `cargo xtask bench`); it includes the
 //! client's own CPU use (`client_cpu`, in cores) and the server's (`server_cpu`, given its
-//! PID), so a run can tell when the client, not the server, was the bottleneck.
+//! PID), so a run can tell when the client, not the server, was the bottleneck, and the cores
+//! the client may run on (`cores`, as `/proc/self/status` lists them), so a pinned run can
+//! be checked.
 
 mod broadcast;
 mod cross_node;
@@ -161,7 +163,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(line) => {
-            println!("{line}");
+            let cores = switchboard_bench::procfs::allowed_cpus().unwrap_or_else(|| "?".into());
+            println!("{line} cores={cores}");
             let _ = std::io::stdout().flush();
             ExitCode::SUCCESS
         }

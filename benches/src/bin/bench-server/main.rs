@@ -2,11 +2,13 @@
 //! handlers every peer in `benches/peers/` implements too.
 //!
 //! ```text
-//! SWITCHBOARD_JWT_SECRET=... bench-server [PORT] [--threads N] [--nats nats://127.0.0.1:P]
+//! SWITCHBOARD_JWT_SECRET=... bench-server [PORT] [--threads N] [--nats nats://127.0.0.1:P | --floor]
 //! ```
 //!
 //! With `--nats`, the container runs on the NATS bus (`switchboard-bus-nats`) instead of the
 //! in-process one, so a plain NATS client can publish to its topics (the cross-node run).
+//! With `--floor`, it is not the gateway but the benchmark's floor (`floor.rs`): echo,
+//! broadcast and handshakes on the transport alone.
 //!
 //! Prints `listening PORT` once it accepts connections; stops on SIGTERM or Ctrl-C.
 //!
@@ -15,6 +17,8 @@
 //!   built-in `send` topic (every socket of that user);
 //! - `broadcast` → `bench:broadcast`: publishes `{type: "bench.broadcast", payload}` to the
 //!   built-in `broadcast` topic (every socket).
+
+mod floor;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -37,8 +41,12 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Run on the NATS bus at this URL (loopback) instead of the in-process bus.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "floor")]
     nats: Option<String>,
+    /// Serve the floor instead of the gateway: echo, broadcast and handshakes on the
+    /// transport alone.
+    #[arg(long)]
+    floor: bool,
 }
 
 fn main() -> ExitCode {
@@ -54,7 +62,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(args.port, args.nats)) {
+    let served = if args.floor {
+        runtime.block_on(floor::serve(args.port))
+    } else {
+        runtime.block_on(serve(args.port, args.nats))
+    };
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench-server: {e}");
