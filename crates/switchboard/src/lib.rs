@@ -70,6 +70,7 @@ mod auth;
 mod delivery;
 mod expiry;
 mod gateway;
+mod http_handlers;
 mod inbound;
 mod listener;
 mod metrics;
@@ -153,6 +154,9 @@ pub struct Container {
     transports: Vec<Starter>,
     /// [`Container::sse_fallback`]: serve SSE even without `socket.sse` in the config.
     sse_fallback: bool,
+    /// Signing secrets of the HTTP handlers given with [`Container::http_handler_secret`],
+    /// by the variable name they stand in for.
+    handler_secrets: HashMap<String, Vec<u8>>,
 }
 
 impl fmt::Debug for Container {
@@ -250,16 +254,26 @@ impl Container {
             api_key: None,
             transports: Vec::new(),
             sse_fallback: false,
+            handler_secrets: HashMap::new(),
         })
     }
 
     /// Subscribes `handler` to `topic` (the spec's `addHandler`). Several handlers may share
-    /// a topic; each gets every message.
+    /// a topic; each gets every message. A topic bound to an HTTP endpoint
+    /// (`gateway.http_handlers`) is not published on the bus, so its handlers here are not
+    /// called (a warning says so).
     pub fn add_handler(
         &mut self,
         topic: &str,
         handler: impl Handler,
     ) -> Result<&mut Self, SubscribeError> {
+        if self.config.gateway.http_handlers.for_topic(topic).is_some() {
+            tracing::warn!(
+                topic,
+                "this topic is bound to an HTTP handler (gateway.http_handlers): \
+                 the handler added here will not be called"
+            );
+        }
         self.bus.subscribe(topic, Arc::new(handler))?;
         Ok(self)
     }
@@ -293,6 +307,14 @@ impl Container {
         }
         self.api_key = Some(key);
         Ok(self)
+    }
+
+    /// The signing secret of the HTTP handlers whose `secret_env` is `variable`, instead of
+    /// that environment variable (which is then not read): at least 16 bytes.
+    pub fn http_handler_secret(&mut self, variable: &str, secret: impl Into<Vec<u8>>) -> &mut Self {
+        self.handler_secrets
+            .insert(variable.to_string(), secret.into());
+        self
     }
 
     /// Serves the Server-Sent Events fallback beside the WebSocket transport, as
@@ -359,6 +381,9 @@ impl Container {
             },
             None => None,
         };
+        // Then the HTTP handlers' secrets and clients (a CA file that cannot be used).
+        let http_handlers = http_handlers::start(&self.config, &self.handler_secrets)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let starters = std::mem::take(&mut self.transports);
         let socket = &self.config.gateway.socket;
         let limits = &self.config.gateway.limits;
@@ -376,12 +401,7 @@ impl Container {
             burst: f64::from(limits.message_burst.unwrap_or(rate.saturating_mul(2))),
         });
         let metrics = &self.metrics;
-        let context_headers = socket
-            .context_headers
-            .iter()
-            // The config crate checked that each is a header name.
-            .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
-            .collect();
+        let context_headers = http_handlers::kept_headers(&self.config);
         let auth = &self.config.gateway.auth;
         let expiries = auth
             .close_on_expiry
@@ -440,6 +460,7 @@ impl Container {
             context_headers,
             gate_timeout,
             expiries: expiries.clone(),
+            http_handlers: http_handlers.clone(),
         });
         let transports = match Transports::start(starters, service).await {
             Ok(transports) => Arc::new(transports),
@@ -451,14 +472,18 @@ impl Container {
             }
         };
         let draining = Arc::new(AtomicBool::new(false));
-        let prometheus = Arc::new(self.metrics.registry(metrics::Scraped {
+        let mut prometheus = self.metrics.registry(metrics::Scraped {
             gateway: stats.clone(),
             transports: transports.clone(),
             registry,
             bus: bus.clone(),
             draining: draining.clone(),
             top_namespaces,
-        }));
+        });
+        if let Some(h) = &http_handlers {
+            h.register_metrics(&mut prometheus);
+        }
+        let prometheus = Arc::new(prometheus);
         let admin = match self.admin_listen {
             Some(admin_addr) => {
                 let state = AdminState {
@@ -539,6 +564,7 @@ impl Container {
             prometheus,
             draining,
             expiries,
+            http_handlers,
         })
     }
 
@@ -631,6 +657,7 @@ pub struct Running {
     prometheus: Arc<prometheus_client::registry::Registry>,
     draining: Arc<AtomicBool>,
     expiries: Option<Arc<expiry::Expiries>>,
+    http_handlers: Option<Arc<switchboard_http_handlers::HttpHandlers>>,
 }
 
 impl fmt::Debug for Running {
@@ -709,6 +736,11 @@ impl Running {
         // within what is left of the drain time.
         let left = drain.saturating_sub(started.elapsed());
         let _ = tokio::time::timeout(left, self.bus.flush()).await;
+        // And the ones bound to HTTP endpoints are sent (or given up) within it too.
+        if let Some(h) = &self.http_handlers {
+            let left = drain.saturating_sub(started.elapsed());
+            let _ = tokio::time::timeout(left, h.idle()).await;
+        }
         if let Some(admin) = self.admin {
             admin.stop();
         }
