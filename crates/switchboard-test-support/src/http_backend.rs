@@ -1,6 +1,7 @@
 //! A handler backend over HTTP on loopback, for the tests of `gateway.http_handlers`: a small
-//! hyper server that records every request (envelope, headers, whether its signature checks
-//! out), counts the TCP connections it accepted (keep-alive), and answers as the test says.
+//! hyper server that records every request (envelope, headers, HTTP version, whether its
+//! signature checks out), counts the TCP connections it accepted (keep-alive), and answers as
+//! the test says; plain, or TLS with a private CA offering HTTP/2 and HTTP/1.1 by ALPN.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,6 +12,8 @@ use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
 use serde_json::Value;
 use sha2::Sha256;
 
@@ -65,6 +68,8 @@ pub struct Request {
     pub signed: bool,
     /// The signature's `id` (the same across the retries of one event).
     pub event_id: String,
+    /// The HTTP version it came in.
+    pub version: http::Version,
 }
 
 impl Request {
@@ -79,6 +84,7 @@ type Script = dyn Fn(&Request) -> Answer + Send + Sync;
 /// The running backend; stops when dropped.
 pub struct HttpBackend {
     addr: SocketAddr,
+    scheme: &'static str,
     requests: Arc<Mutex<Vec<Request>>>,
     connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -93,11 +99,24 @@ impl Drop for HttpBackend {
 impl HttpBackend {
     /// Starts on 127.0.0.1, answering each request with what `script` says.
     pub async fn start(script: impl Fn(&Request) -> Answer + Send + Sync + 'static) -> Self {
+        Self::serve(None, Arc::new(script)).await
+    }
+
+    /// The same over TLS with a certificate for `127.0.0.1` from a private CA, whose PEM it
+    /// writes to `ca_file`; it offers HTTP/2 and HTTP/1.1 (ALPN).
+    pub async fn start_tls(
+        ca_file: &std::path::Path,
+        script: impl Fn(&Request) -> Answer + Send + Sync + 'static,
+    ) -> Self {
+        Self::serve(Some(tls_acceptor(ca_file)), Arc::new(script)).await
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>, script: Arc<Script>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
-        let script: Arc<Script> = Arc::new(script);
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let (seen, accepted) = (requests.clone(), connections.clone());
         let task = tokio::spawn(async move {
             loop {
@@ -105,7 +124,7 @@ impl HttpBackend {
                     continue;
                 };
                 accepted.fetch_add(1, Ordering::SeqCst);
-                let (seen, script) = (seen.clone(), script.clone());
+                let (seen, script, tls) = (seen.clone(), script.clone(), tls.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let (seen, script) = (seen.clone(), script.clone());
@@ -116,7 +135,7 @@ impl HttpBackend {
                                 .await
                                 .map(|b| b.to_bytes())
                                 .unwrap_or_default();
-                            let request = record(parts.headers, &body);
+                            let request = record(parts.headers, parts.version, &body);
                             let answer = script(&request);
                             seen.lock().unwrap().push(request);
                             tokio::time::sleep(answer.delay).await;
@@ -125,24 +144,31 @@ impl HttpBackend {
                             Ok::<_, std::convert::Infallible>(res)
                         }
                     });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
+                    let server = Builder::new(TokioExecutor::new());
+                    let _ = match tls {
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => {
+                                server.serve_connection(TokioIo::new(stream), service).await
+                            }
+                            Err(_) => return,
+                        },
+                        None => server.serve_connection(TokioIo::new(stream), service).await,
+                    };
                 });
             }
         });
         HttpBackend {
             addr,
+            scheme,
             requests,
             connections,
             task,
         }
     }
 
-    /// Its URL, `http://127.0.0.1:PORT/events`.
+    /// Its URL, `http://127.0.0.1:PORT/events` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}/events", self.addr)
+        format!("{}://{}/events", self.scheme, self.addr)
     }
 
     /// Every request so far, in arrival order.
@@ -164,7 +190,7 @@ impl HttpBackend {
     }
 }
 
-fn record(headers: http::HeaderMap, body: &[u8]) -> Request {
+fn record(headers: http::HeaderMap, version: http::Version, body: &[u8]) -> Request {
     let signature = headers
         .get("x-switchboard-signature")
         .and_then(|v| v.to_str().ok())
@@ -197,5 +223,32 @@ fn record(headers: http::HeaderMap, body: &[u8]) -> Request {
         headers,
         signed: fresh && !v1.is_empty() && v1 == expected,
         event_id: id,
+        version,
     }
+}
+
+/// A CA (written to `ca_file`) and a server certificate for 127.0.0.1 it signed, as an
+/// acceptor offering HTTP/2 and HTTP/1.1.
+fn tls_acceptor(ca_file: &std::path::Path) -> tokio_rustls::TlsAcceptor {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(ca_file, ca.pem()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }

@@ -328,3 +328,31 @@ async fn shutdown_waits_for_the_onclose_events_of_every_socket() {
     gw.shutdown(Duration::from_secs(5)).await;
     assert_eq!(backend.on_topic("socket:close").len(), 3);
 }
+
+#[tokio::test]
+async fn an_https_endpoint_with_a_private_ca_is_reached_over_http2_when_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let backend = HttpBackend::start_tls(&ca, by_type).await;
+    let gw = gateway(&backend, &format!("      ca_file: {:?}\n", ca)).await;
+    let mut alex = gw.connect("alex", None).await;
+    assert_eq!(alex.recv().await["payload"], json!({"hello": "alex"}));
+    alex.send(json!({"type": "say", "payload": 7})).await;
+    assert_eq!(alex.recv().await["payload"], json!({"echo": 7}));
+    let requests = backend.requests();
+    assert!(requests
+        .iter()
+        .all(|r| r.version == switchboard::http::Version::HTTP_2));
+    assert!(requests.iter().all(|r| r.signed));
+    assert_eq!(backend.connections(), 1, "one HTTP/2 connection");
+    // Without the CA the endpoint is not trusted: the handler failed, nothing was sent.
+    let other = tempfile::tempdir().unwrap();
+    let backend = HttpBackend::start_tls(&other.path().join("ca.pem"), by_type).await;
+    let gw = gateway(&backend, "").await;
+    let mut sam = gw.connect("sam", None).await;
+    assert_eq!(
+        sam.recv().await["payload"],
+        json!({"message": "internal error in a handler", "topic": "socket:connection"})
+    );
+    assert!(backend.requests().is_empty());
+}
