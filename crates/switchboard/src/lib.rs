@@ -596,13 +596,7 @@ fn api_key_from_env(name: &str) -> Result<Vec<u8>, BuildError> {
 /// Every topic the config names: the handles of their metrics are made up front.
 fn config_topics(config: &Config) -> Vec<&str> {
     let s = &config.gateway.socket;
-    let mut topics: Vec<&str> = Vec::new();
-    topics.extend(s.onconnect.iter().map(|h| h.publish.as_str()));
-    if let Some(m) = &s.onmessage {
-        topics.extend(m.publish.iter().map(|t| t.as_str()));
-        topics.extend(m.types.iter().map(|t| t.publish.as_str()));
-    }
-    topics.extend(s.onclose.iter().map(|h| h.publish.as_str()));
+    let mut topics = s.published_topics();
     topics.extend(s.send.iter().map(|h| h.subscribe.as_str()));
     topics.extend(s.broadcast.iter().map(|h| h.subscribe.as_str()));
     topics.extend(s.disconnect.iter().map(|h| h.subscribe.as_str()));

@@ -12,9 +12,10 @@ use switchboard_test_support::http_backend::{
     Answer, HttpBackend, Request, HANDLER_SECRET, HANDLER_SECRET_ENV,
 };
 use switchboard_test_support::nats::NatsServer;
+use switchboard_test_support::wait_until;
 use switchboard_test_support::websocket::{connect, recv_within, send, Ws};
-use switchboard_test_support::{hooks_yaml, wait_until, SECRET, SECRET_ENV};
 
+use super::nats::{node_with_env, Node};
 use super::{connect as connect_with_cookie, login, recv_type, repo, say, spawn_serve};
 
 /// A child process, killed by PID when dropped.
@@ -142,44 +143,20 @@ async fn wait_until_presence(ws: &mut Ws, online: u64) {
     }
 }
 
-/// A gateway node on NATS whose message topics are bound to `backend`.
-fn node(nats: &NatsServer, name: &str, backend: &HttpBackend, dir: &tempfile::TempDir) -> Node {
-    let config = dir.path().join(format!("{name}.yaml"));
-    std::fs::write(
-        &config,
-        format!(
-            r#"{}  bus:
-    nats:
-      url: "{}"
-      node_name: "{name}"
-  http_handlers:
-    - url: "{}"
-      topics: ["socket:connection", "socket:generalMessage", "socket:close"]
-      secret_env: {HANDLER_SECRET_ENV}
-"#,
-            hooks_yaml(),
-            nats.url(),
-            backend.url()
-        ),
+/// A gateway node on NATS whose hooks' topics are bound to `backend`.
+fn node(nats: &NatsServer, name: &str, backend: &HttpBackend) -> Node {
+    let binding = format!(
+        "  http_handlers:\n    - url: \"{}\"\n      \
+         topics: [\"socket:connection\", \"socket:generalMessage\", \"socket:close\"]\n      \
+         secret_env: {HANDLER_SECRET_ENV}\n",
+        backend.url()
+    );
+    node_with_env(
+        nats,
+        name,
+        &binding,
+        &[(HANDLER_SECRET_ENV, HANDLER_SECRET)],
     )
-    .unwrap();
-    let mut serve = super::bin();
-    serve
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .env(SECRET_ENV, SECRET)
-        .env(HANDLER_SECRET_ENV, HANDLER_SECRET);
-    let (child, addr) = spawn_serve(serve);
-    Node {
-        _process: Killed(child),
-        addr,
-    }
-}
-
-/// A running node and its WebSocket address.
-struct Node {
-    _process: Killed,
-    addr: SocketAddr,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,9 +170,8 @@ async fn on_two_nats_nodes_each_event_calls_the_endpoint_once() {
         _ => Answer::raw(200, "{}"),
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let a = node(&nats, "node-a", &backend, &dir);
-    let b = node(&nats, "node-b", &backend, &dir);
+    let a = node(&nats, "node-a", &backend);
+    let b = node(&nats, "node-b", &backend);
     let mut on_a = connect(a.addr, "alex", Some("acme")).await;
     let mut on_b = connect(b.addr, "sam", Some("acme")).await;
     for ws in [&mut on_a, &mut on_b] {
