@@ -356,3 +356,44 @@ async fn an_https_endpoint_with_a_private_ca_is_reached_over_http2_when_trusted(
     );
     assert!(backend.requests().is_empty());
 }
+
+#[tokio::test]
+async fn an_event_over_queue_bytes_is_refused_and_a_bound_topic_never_reaches_the_bus() {
+    let backend = HttpBackend::start(by_type).await;
+    let yaml = format!(
+        r#"
+gateway:
+  socket:
+    onmessage: {{publish: "socket:generalMessage"}}
+  auth:
+    secret_env: {secret}
+  http_handlers:
+    - url: "{url}"
+      topics: ["socket:generalMessage"]
+      secret_env: {HANDLER_SECRET_ENV}
+      queue_bytes: 2KiB
+"#,
+        secret = switchboard_test_support::SECRET_ENV,
+        url = backend.url(),
+    );
+    let mut c = container(Config::from_yaml_str(&yaml).unwrap());
+    c.http_handler_secret(HANDLER_SECRET_ENV, HANDLER_SECRET);
+    // A Rust handler on the bound topic is never called: the event goes to the endpoint only.
+    let mut on_bus = switchboard_test_support::recorder(&mut c, &["socket:generalMessage"]);
+    let gw = start(Kind::WebSocket, c).await;
+    let mut alex = gw.connect("alex", None).await;
+    gw.wait_for_sockets(1).await;
+    alex.send(json!({"type": "say", "payload": "x".repeat(4000)}))
+        .await;
+    assert_eq!(
+        alex.recv().await["payload"]["message"],
+        "handler queue full"
+    );
+    alex.send(json!({"type": "say", "payload": "small"})).await;
+    assert_eq!(alex.recv().await["payload"], json!({"echo": "small"}));
+    assert_eq!(backend.requests().len(), 1);
+    assert!(
+        on_bus.try_recv().is_err(),
+        "nothing was published on the bus"
+    );
+}
