@@ -23,6 +23,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("switchboard-transport-memory", &["switchboard-core"]),
     ("switchboard-transport-sse", &["switchboard-core"]),
+    // Handlers over HTTP: bus messages in, signed requests out through the outbound client.
+    (
+        "switchboard-http-handlers",
+        &["switchboard-bus", "switchboard-http-client"],
+    ),
     // A broker bus implements the bus trait and nothing else.
     ("switchboard-bus-nats", &["switchboard-bus"]),
     // The facade puts the leaves together; it never links a broker client.
@@ -35,6 +40,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "switchboard-registry",
             "switchboard-tls",
             "switchboard-http-client",
+            "switchboard-http-handlers",
             // Only to pick the default transports (src/transports.rs).
             "switchboard-transport",
             "switchboard-transport-sse",

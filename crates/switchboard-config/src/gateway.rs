@@ -8,7 +8,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::de::{de_byte_size, de_duration};
-use crate::{Auth, BusConfig, Limits, Socket};
+use crate::{Auth, BusConfig, HttpHandlers, Limits, Socket};
 
 /// The `gateway` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -47,6 +47,10 @@ pub struct Gateway {
     /// Which bus carries the events (extension). Absent: the in-process bus.
     #[serde(default)]
     pub bus: Option<BusConfig>,
+    /// Topics bound to HTTP endpoints (extension): the node that holds the socket `POST`s
+    /// their events there instead of publishing them on the bus. Absent: none.
+    #[serde(default)]
+    pub http_handlers: HttpHandlers,
 }
 
 /// The `gateway.admin` section.

@@ -41,6 +41,7 @@ mod error;
 mod expand;
 mod gateway;
 mod hooks;
+mod http_handlers;
 mod limits;
 mod reference;
 mod socket;
@@ -53,6 +54,10 @@ pub use error::ConfigError;
 pub use gateway::{Admin, Api, Gateway, Log, LogFormat, Tls, TlsVersion};
 pub use hooks::{
     ConnectHook, OnMessage, PublishHook, SubscribeHook, TypeRoute, TypeRoutes, REFRESH_TYPE,
+};
+pub use http_handlers::{
+    HandlerUrl, HttpHandler, HttpHandlers, MAX_ONCLOSE_RETRIES, MAX_PASS_HEADERS,
+    RESERVED_HANDLER_HEADERS,
 };
 pub use limits::Limits;
 pub use reference::{reference, KeyDoc, Origin, Section};
@@ -101,7 +106,37 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
         let de = serde_yaml::Deserializer::from_str(text);
-        Config::deserialize(expand::Expand { de, env }).map_err(ConfigError::from_yaml)
+        let config =
+            Config::deserialize(expand::Expand { de, env }).map_err(ConfigError::from_yaml)?;
+        config.check_bindings(text)?;
+        Ok(config)
+    }
+
+    /// Every topic bound to an HTTP endpoint must be one the socket hooks publish to (not a
+    /// typo, nor a `send`/`broadcast`/`disconnect` topic, which the gateway subscribes to).
+    /// A check across sections, so serde cannot place it: the line is the first one under
+    /// `http_handlers:` that names the topic.
+    fn check_bindings(&self, text: &str) -> Result<(), ConfigError> {
+        let published = self.gateway.socket.published_topics();
+        for (i, entry) in self.gateway.http_handlers.iter().enumerate() {
+            for topic in &entry.topics {
+                if published.contains(&topic.as_str()) {
+                    continue;
+                }
+                let line = line_under(text, "http_handlers:", topic.as_str());
+                return Err(ConfigError::Invalid {
+                    file: None,
+                    message: format!(
+                        "gateway.http_handlers[{i}].topics: topic `{topic}` is not published by \
+                         any socket hook (onconnect, onmessage, onmessage.types, onclose){}",
+                        line.map(|l| format!(" at line {l}")).unwrap_or_default()
+                    ),
+                    line,
+                    column: None,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Reads, parses and validates the config file at `path`.
@@ -113,6 +148,16 @@ impl Config {
         })?;
         Self::from_yaml_str(&text).map_err(|e| e.in_file(path))
     }
+}
+
+/// The 1-based line of the first mention of `needle` after the line holding `key`.
+fn line_under(text: &str, key: &str, needle: &str) -> Option<usize> {
+    let start = text.lines().position(|l| l.contains(key))?;
+    text.lines()
+        .enumerate()
+        .skip(start)
+        .find(|(_, l)| l.contains(needle))
+        .map(|(n, _)| n + 1)
 }
 
 #[cfg(test)]

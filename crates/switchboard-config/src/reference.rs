@@ -170,6 +170,16 @@ const SECTIONS: &[Section] = &[
                  handlers in other processes. Absent: the in-process bus.",
                 None,
             ),
+            key(
+                "gateway.http_handlers",
+                "list",
+                "absent",
+                Ext,
+                "Topics bound to HTTP endpoints: the node that holds the socket `POST`s their \
+                 events there (signed) instead of publishing them on the bus, and the answer \
+                 body is the handler's answer. See [PROTOCOL.md](PROTOCOL.md#handlers-over-http).",
+                None,
+            ),
         ],
     },
     Section {
@@ -1008,6 +1018,142 @@ const SECTIONS: &[Section] = &[
             ),
         ],
     },
+    Section {
+        title: "`gateway.http_handlers[]`",
+        prefix: "gateway.http_handlers[].",
+        keys: &[
+            key(
+                "gateway.http_handlers[].url",
+                "string",
+                "**required**",
+                Ext,
+                "`http://` or `https://` URL the events are `POST`ed to (no credentials in it: \
+                 the requests are signed). HTTP/2 is used when a TLS endpoint offers it; \
+                 connections are kept alive and reused.",
+                Some("\"http://127.0.0.1:8081/events\""),
+            ),
+            key(
+                "gateway.http_handlers[].topics",
+                "list of topics",
+                "**required**",
+                Ext,
+                "The topics this endpoint handles, each one a socket hook publishes to \
+                 (`onconnect`, `onmessage`, `onmessage.types`, `onclose`); a topic is bound to \
+                 one endpoint at most. Their events are no longer published on the bus.",
+                Some("[\"socket:connection\"]"),
+            ),
+            key(
+                "gateway.http_handlers[].name",
+                "string",
+                "the URL's `host:port`",
+                Ext,
+                "The endpoint's label in metrics (`endpoint=\"...\"`) and logs; unique in the list.",
+                Some("chat-backend"),
+            ),
+            key(
+                "gateway.http_handlers[].timeout",
+                "duration",
+                "`10s`",
+                Ext,
+                "How long a socket waits for the answer, time in the queue included; then it \
+                 gets the same error frame as when a NATS handler is silent \
+                 (`no handler answered within ...`).",
+                Some("2s"),
+            ),
+            key(
+                "gateway.http_handlers[].concurrency",
+                "integer",
+                "`32`",
+                Ext,
+                "Most requests in flight to this endpoint at once (per node).",
+                Some("8"),
+            ),
+            key(
+                "gateway.http_handlers[].queue",
+                "integer",
+                "`256`",
+                Ext,
+                "Most events waiting for a free request slot; when it is full an answerable event \
+                 gets the error frame `handler queue full` at once. `0`: nothing waits.",
+                Some("64"),
+            ),
+            key(
+                "gateway.http_handlers[].queue_bytes",
+                "size",
+                "`16MiB`",
+                Ext,
+                "Most bytes of request bodies the endpoint holds (waiting, in flight, waiting to \
+                 retry); over it, as for a full queue.",
+                Some("4MiB"),
+            ),
+            key(
+                "gateway.http_handlers[].per_socket",
+                "integer",
+                "`16`",
+                Ext,
+                "Most events of one socket this endpoint holds at once, so one busy socket cannot \
+                 fill the queue for the others; over it, as for a full queue.",
+                Some("4"),
+            ),
+            key(
+                "gateway.http_handlers[].max_response",
+                "size",
+                "`64KiB`",
+                Ext,
+                "Largest answer body; a larger one is a malformed answer (error frame) and the \
+                 connection is dropped.",
+                Some("16KiB"),
+            ),
+            key(
+                "gateway.http_handlers[].ca_file",
+                "path",
+                "absent",
+                Ext,
+                "PEM CA trusted beside the system's roots, for an `https://` endpoint with a \
+                 private CA.",
+                Some("/etc/switchboard/handlers-ca.pem"),
+            ),
+            key(
+                "gateway.http_handlers[].secret_env",
+                "string",
+                "`SWITCHBOARD_HANDLER_SECRET`",
+                Ext,
+                "The environment variable with the secret (at least 16 bytes) each request is \
+                 signed with (`X-Switchboard-Signature`, see PROTOCOL.md). Unset: the gateway \
+                 does not start.",
+                Some("CHAT_HANDLER_SECRET"),
+            ),
+            key(
+                "gateway.http_handlers[].pass_headers",
+                "list of header names",
+                "none",
+                Ext,
+                "Headers of the socket's upgrade request sent along with each of its events \
+                 (at most 16; kept per socket with `socket.context_headers`, within the same \
+                 4 KiB). Never `cookie`, `authorization`, `proxy-authorization`, nor a header \
+                 the gateway sets (`host`, `content-type`, `user-agent`, `x-switchboard-*`, ...).",
+                Some("[\"x-request-id\", \"accept-language\"]"),
+            ),
+            key(
+                "gateway.http_handlers[].onclose_retries",
+                "integer",
+                "`2`",
+                Ext,
+                "How many more times an `onclose` event (which no socket waits for) is sent after \
+                 a network error, a timeout, a `429` or a `5xx`; at most 10. Events that are \
+                 answered are never sent twice.",
+                Some("3"),
+            ),
+            key(
+                "gateway.http_handlers[].retry_backoff",
+                "duration",
+                "`500ms`",
+                Ext,
+                "Wait before the first retry; each next one waits twice as long.",
+                Some("1s"),
+            ),
+        ],
+    },
 ];
 
 #[cfg(test)]
@@ -1096,6 +1242,14 @@ mod tests {
                         nested(sibling.path, serde_yaml::from_str(e).unwrap(), &mut doc);
                     }
                 }
+            }
+            if k.path.starts_with("gateway.http_handlers") {
+                // a bound topic must be one a hook publishes to
+                nested(
+                    "gateway.socket.onconnect.publish",
+                    "socket:connection".into(),
+                    &mut doc,
+                );
             }
             if k.path == "gateway.auth.public_key_file" {
                 nested("gateway.auth.algorithm", "RS256".into(), &mut doc);

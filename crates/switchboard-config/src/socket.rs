@@ -151,26 +151,43 @@ fn default_context_headers() -> Vec<String> {
 /// Headers that carry credentials: never copied into a message's context.
 pub const CREDENTIAL_HEADERS: [&str; 3] = ["cookie", "authorization", "proxy-authorization"];
 
+impl Socket {
+    /// The topics the hooks publish to (`onconnect`, `onmessage`, its `types`, `onclose`).
+    pub fn published_topics(&self) -> Vec<&str> {
+        let mut topics: Vec<&str> = Vec::new();
+        topics.extend(self.onconnect.iter().map(|h| h.publish.as_str()));
+        if let Some(m) = &self.onmessage {
+            topics.extend(m.publish.iter().map(|t| t.as_str()));
+            topics.extend(m.types.iter().map(|t| t.publish.as_str()));
+        }
+        topics.extend(self.onclose.iter().map(|h| h.publish.as_str()));
+        topics
+    }
+}
+
 fn de_context_headers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    let names = Vec::<String>::deserialize(d)?;
+    header_names(Vec::<String>::deserialize(d)?, "context_headers").map_err(de::Error::custom)
+}
+
+/// Header names, lower-cased and deduplicated; refuses what is not a header name, the
+/// credential headers and `jwt` (reserved for the verified claims). `key` names the list.
+pub(crate) fn header_names(names: Vec<String>, key: &str) -> Result<Vec<String>, String> {
     let mut out: Vec<String> = Vec::with_capacity(names.len());
     for name in names {
         let lower = name.trim().to_ascii_lowercase();
         let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
         if lower.is_empty() || !lower.chars().all(token) {
-            return Err(de::Error::custom(format_args!(
-                "context_headers entry `{name}` is not a header name"
-            )));
+            return Err(format!("{key} entry `{name}` is not a header name"));
         }
         if CREDENTIAL_HEADERS.contains(&lower.as_str()) {
-            return Err(de::Error::custom(format_args!(
-                "context_headers entry `{name}` carries credentials and is never copied into \
+            return Err(format!(
+                "{key} entry `{name}` carries credentials and is never copied into \
                  messages (handlers get the verified claims at `context.headers.jwt`)"
-            )));
+            ));
         }
         if lower == "jwt" {
-            return Err(de::Error::custom(
-                "context_headers entry `jwt` is reserved for the verified claims",
+            return Err(format!(
+                "{key} entry `jwt` is reserved for the verified claims"
             ));
         }
         if !out.contains(&lower) {

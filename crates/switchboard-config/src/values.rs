@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 /// A topic name: any non-empty string.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Topic(String);
+pub struct Topic(pub(crate) String);
 
 impl Topic {
     /// The topic as text.

@@ -30,6 +30,9 @@ pub struct ClientOptions {
     pub idle_timeout: Duration,
     /// Idle connections kept per host. Default 32.
     pub max_idle_per_host: usize,
+    /// Most bytes of a response's head (status line and headers; for HTTP/2 the header list),
+    /// at least 8 KiB. Default 64 KiB: a hostile server cannot make a call buffer more.
+    pub max_response_head: usize,
 }
 
 impl Default for ClientOptions {
@@ -39,6 +42,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             max_idle_per_host: 32,
+            max_response_head: 64 * 1024,
         }
     }
 }
@@ -85,6 +89,11 @@ impl HttpClient {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(options.idle_timeout)
             .pool_max_idle_per_host(options.max_idle_per_host)
+            // hyper's read buffer holds the head; it panics below 8 KiB.
+            .http1_max_buf_size(options.max_response_head.max(8192))
+            .http2_max_header_list_size(
+                u32::try_from(options.max_response_head).unwrap_or(u32::MAX),
+            )
             .build(connector);
         Ok(HttpClient { inner })
     }
@@ -144,6 +153,20 @@ mod tests {
 
     /// A one-shot HTTP server on loopback that answers with `body` after `delay`.
     async fn serve_once(body: Vec<u8>, delay: Duration) -> std::net::SocketAddr {
+        let mut answer =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+        answer.extend(body);
+        serve_raw(answer, delay).await
+    }
+
+    /// A one-shot server whose answer has `headers` (each line ending in CRLF) in its head.
+    async fn serve_head_once(headers: String) -> std::net::SocketAddr {
+        let answer = format!("HTTP/1.1 200 OK\r\n{headers}content-length: 2\r\n\r\nok");
+        serve_raw(answer.into_bytes(), Duration::ZERO).await
+    }
+
+    /// A one-shot server that writes `answer` as it is, after `delay`.
+    async fn serve_raw(answer: Vec<u8>, delay: Duration) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -151,9 +174,7 @@ mod tests {
             let mut buf = [0u8; 4096];
             let _ = stream.read(&mut buf).await;
             tokio::time::sleep(delay).await;
-            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(&body).await;
+            let _ = stream.write_all(&answer).await;
         });
         addr
     }
@@ -178,6 +199,11 @@ mod tests {
         let addr = serve_once(b"late".to_vec(), Duration::from_secs(3)).await;
         let late = client.send(get(addr), Duration::from_millis(200), 64).await;
         assert!(matches!(late, Err(ClientError::Timeout(_))), "{late:?}");
+
+        // A head over the bound is refused, not buffered.
+        let addr = serve_head_once(format!("x-big: {}\r\n", "y".repeat(200_000))).await;
+        let fat = client.send(get(addr), Duration::from_secs(5), 64).await;
+        assert!(matches!(fat, Err(ClientError::Transport(_))), "{fat:?}");
 
         // Nothing listens there any more: the error says why.
         let gone = client.send(get(addr), Duration::from_secs(5), 64).await;

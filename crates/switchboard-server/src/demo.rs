@@ -24,17 +24,31 @@ const PAGE: &str = include_str!("../assets/index.html");
 const CLIENT_JS: &str = include_str!("../assets/switchboard-client.js");
 /// Used only by `serve --demo` when the secret variable is unset.
 const DEMO_SECRET: &str = "switchboard-demo-secret-not-for-production";
+/// Used only by `serve --demo` when an HTTP handler's secret variable is unset (the Python
+/// backend, `examples/http-handlers/backend.py`, falls back to the same).
+const DEMO_HANDLER_SECRET: &str = "switchboard-demo-handler-secret-not-for-production";
+/// Used only by `serve --demo` when the server API's key variable is unset (likewise).
+const DEMO_API_KEY: &str = "switchboard-demo-api-key-not-for-production";
 const MAX_TEXT: usize = 2000;
 
-/// Sets the config's secret variable to the demo secret when it is unset. Call before any
+/// Sets the config's secret variables (the JWT secret; with handlers over HTTP, their signing
+/// secrets and the server API's key) to the demo's when they are unset. Call before any
 /// thread starts.
 pub(crate) fn use_demo_secret_if_unset(config: &Config) {
-    let var = &config.gateway.auth.secret_env;
-    if std::env::var(var).map_or(true, |v| v.is_empty()) {
-        eprintln!(
-            "switchboard: demo mode: {var} is unset, using the demo secret (never in production)"
-        );
-        std::env::set_var(var, DEMO_SECRET);
+    let mut vars = vec![(config.gateway.auth.secret_env.as_str(), DEMO_SECRET)];
+    for h in config.gateway.http_handlers.iter() {
+        vars.push((h.secret_env.as_str(), DEMO_HANDLER_SECRET));
+    }
+    if let Some(api) = &config.gateway.api {
+        vars.push((api.key_env.as_str(), DEMO_API_KEY));
+    }
+    for (var, value) in vars {
+        if std::env::var(var).map_or(true, |v| v.is_empty()) {
+            eprintln!(
+                "switchboard: demo mode: {var} is unset, using the demo's (never in production)"
+            );
+            std::env::set_var(var, value);
+        }
     }
 }
 
@@ -85,6 +99,10 @@ impl Topics {
 /// Adds the demo's handlers and routes to `container`.
 pub(crate) fn install(container: &mut Container) -> Result<(), Box<dyn std::error::Error>> {
     let topics = Topics::from_config(container.config())?;
+    // Topics the config binds to an HTTP endpoint (the Python backend of
+    // examples/http-handlers) are handled there: no Rust handler for them.
+    let bindings = container.config().gateway.http_handlers.clone();
+    let here = |topic: &str| bindings.for_topic(topic).is_none();
     let secret = std::env::var(&container.config().gateway.auth.secret_env)?;
     let auth = &container.config().gateway.auth;
     if !auth.algorithm.is_hmac() || auth.jwks.is_some() {
@@ -103,11 +121,14 @@ pub(crate) fn install(container: &mut Container) -> Result<(), Box<dyn std::erro
         sockets.clone(),
         topics.broadcast.clone(),
     );
-    container.add_handler(&topics.connect, move |msg: Message| {
-        let (p, online, s, broadcast) = (p.clone(), online.clone(), s.clone(), broadcast.clone());
-        async move { on_connect(msg, &p, &online, &s, &broadcast).await }
-    })?;
-    if let Some(close) = &topics.close {
+    if here(&topics.connect) {
+        container.add_handler(&topics.connect, move |msg: Message| {
+            let (p, online, s, broadcast) =
+                (p.clone(), online.clone(), s.clone(), broadcast.clone());
+            async move { on_connect(msg, &p, &online, &s, &broadcast).await }
+        })?;
+    }
+    if let Some(close) = topics.close.as_ref().filter(|t| here(t)) {
         let (p, online, s, broadcast) = (
             producer.clone(),
             presence.clone(),
@@ -126,15 +147,19 @@ pub(crate) fn install(container: &mut Container) -> Result<(), Box<dyn std::erro
         })?;
     }
     let (p, broadcast) = (producer.clone(), topics.broadcast.clone());
-    container.add_handler(&topics.say, move |msg: Message| {
-        on_say(msg, &p, &broadcast);
-        async {}
-    })?;
+    if here(&topics.say) {
+        container.add_handler(&topics.say, move |msg: Message| {
+            on_say(msg, &p, &broadcast);
+            async {}
+        })?;
+    }
     let (p, send) = (producer, topics.send.clone());
-    container.add_handler(&topics.whisper, move |msg: Message| {
-        on_whisper(msg, &p, &send);
-        async {}
-    })?;
+    if here(&topics.whisper) {
+        container.add_handler(&topics.whisper, move |msg: Message| {
+            on_whisper(msg, &p, &send);
+            async {}
+        })?;
+    }
 
     container.route("/", |_req: &RequestParts| {
         let mut res = Response::new(Bytes::from(PAGE));

@@ -1,6 +1,6 @@
 //! What Switchboard's test suites share, written once: the test secret and signed tokens, a
 //! container on the in-process bus and the spec's example config, a recorder of what handlers
-//! see, waiting for a condition, the nats-server fixture, and a client that speaks to a
+//! see, waiting for a condition, the nats-server fixture, an HTTP handler backend, and a client that speaks to a
 //! gateway over any transport ([`Kind`]), so that one test of the spec's semantics runs on
 //! each ([`each_transport!`]).
 //!
@@ -31,6 +31,7 @@ use switchboard::{Config, Container, InProcessBus, Message, VerificationKey};
 use tokio::sync::mpsc;
 
 mod client;
+pub mod http_backend;
 pub mod nats;
 pub mod sse;
 pub mod tls;

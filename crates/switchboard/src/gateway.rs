@@ -15,6 +15,7 @@ use switchboard_core::http::{header, HeaderMap, HeaderName, HeaderValue, Respons
 use switchboard_core::{
     plain_response, BoxFuture, CloseReason, HttpResponse, Inbound, RequestParts, Service, SocketRef,
 };
+use switchboard_http_handlers::HttpHandlers;
 use switchboard_registry::{ConnId, Registry, Target};
 
 use crate::auth::{AuthError, Identity, Verifier};
@@ -97,6 +98,8 @@ pub(crate) struct Gateway {
     pub(crate) gate_timeout: Option<Duration>,
     /// `auth.close_on_expiry`: the sockets' expiry times.
     pub(crate) expiries: Option<Arc<Expiries>>,
+    /// `gateway.http_handlers`: topics this node sends to HTTP endpoints itself.
+    pub(crate) http_handlers: Option<Arc<HttpHandlers>>,
 }
 
 /// What admission learned, handed to `open`.
@@ -327,6 +330,15 @@ impl Gate {
 
 impl Gateway {
     fn publish(&self, msg: Message) {
+        // A topic bound to an HTTP endpoint is called from here, the node that holds the
+        // socket, and never reaches the bus: once per event however many nodes there are.
+        let msg = match &self.http_handlers {
+            Some(http) => match http.dispatch(msg) {
+                Ok(()) => return,
+                Err(unbound) => unbound,
+            },
+            None => msg,
+        };
         if let Err(e) = self.bus.publish(msg) {
             GatewayStats::bump(&self.observe.stats.publish_failures);
             tracing::warn!(error = %e, "publish failed");

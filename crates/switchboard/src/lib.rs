@@ -70,6 +70,7 @@ mod auth;
 mod delivery;
 mod expiry;
 mod gateway;
+mod http_handlers;
 mod inbound;
 mod jwks;
 mod listener;
@@ -161,6 +162,9 @@ pub struct Container {
     sse_fallback: bool,
     /// The listeners' certificate (`gateway.tls`, or [`Container::tls`]).
     tls: Option<ServerTls>,
+    /// Signing secrets of the HTTP handlers given with [`Container::http_handler_secret`],
+    /// by the variable name they stand in for.
+    handler_secrets: HashMap<String, Vec<u8>>,
 }
 
 impl fmt::Debug for Container {
@@ -263,6 +267,7 @@ impl Container {
             transports: Vec::new(),
             sse_fallback: false,
             tls,
+            handler_secrets: HashMap::new(),
         })
     }
 
@@ -275,12 +280,21 @@ impl Container {
     }
 
     /// Subscribes `handler` to `topic` (the spec's `addHandler`). Several handlers may share
-    /// a topic; each gets every message.
+    /// a topic; each gets every message. A topic bound to an HTTP endpoint
+    /// (`gateway.http_handlers`) is not published on the bus, so its handlers here are not
+    /// called (a warning says so).
     pub fn add_handler(
         &mut self,
         topic: &str,
         handler: impl Handler,
     ) -> Result<&mut Self, SubscribeError> {
+        if self.config.gateway.http_handlers.for_topic(topic).is_some() {
+            tracing::warn!(
+                topic,
+                "this topic is bound to an HTTP handler (gateway.http_handlers): \
+                 the handler added here will not be called"
+            );
+        }
         self.bus.subscribe(topic, Arc::new(handler))?;
         Ok(self)
     }
@@ -314,6 +328,14 @@ impl Container {
         }
         self.api_key = Some(key);
         Ok(self)
+    }
+
+    /// The signing secret of the HTTP handlers whose `secret_env` is `variable`, instead of
+    /// that environment variable (which is then not read): at least 16 bytes.
+    pub fn http_handler_secret(&mut self, variable: &str, secret: impl Into<Vec<u8>>) -> &mut Self {
+        self.handler_secrets
+            .insert(variable.to_string(), secret.into());
+        self
     }
 
     /// Serves the Server-Sent Events fallback beside the WebSocket transport, as
@@ -381,6 +403,9 @@ impl Container {
             },
             None => None,
         };
+        // Then the HTTP handlers' secrets and clients (a CA file that cannot be used).
+        let http_handlers = http_handlers::start(&self.config, &self.handler_secrets)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let starters = std::mem::take(&mut self.transports);
         let socket = &self.config.gateway.socket;
         let limits = &self.config.gateway.limits;
@@ -398,12 +423,7 @@ impl Container {
             burst: f64::from(limits.message_burst.unwrap_or(rate.saturating_mul(2))),
         });
         let metrics = &self.metrics;
-        let context_headers = socket
-            .context_headers
-            .iter()
-            // The config crate checked that each is a header name.
-            .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
-            .collect();
+        let context_headers = http_handlers::kept_headers(&self.config);
         let auth = &self.config.gateway.auth;
         let expiries = auth
             .close_on_expiry
@@ -479,6 +499,7 @@ impl Container {
             context_headers,
             gate_timeout,
             expiries: expiries.clone(),
+            http_handlers: http_handlers.clone(),
         });
         let transports = match Transports::start(starters, service).await {
             Ok(transports) => Arc::new(transports),
@@ -495,13 +516,17 @@ impl Container {
             bus: bus.clone(),
             jwks,
         };
-        let prometheus = Arc::new(self.metrics.registry(metrics::Scraped {
+        let mut prometheus = self.metrics.registry(metrics::Scraped {
             gateway: stats.clone(),
             transports: transports.clone(),
             registry,
             readiness: readiness.clone(),
             top_namespaces,
-        }));
+        });
+        if let Some(h) = &http_handlers {
+            h.register_metrics(&mut prometheus);
+        }
+        let prometheus = Arc::new(prometheus);
         let admin = match self.admin_listen {
             Some(admin_addr) => {
                 let state = AdminState {
@@ -592,6 +617,7 @@ impl Container {
             tls: self.tls,
             _tls_watch: tls_watch,
             _jwks_task: jwks_task,
+            http_handlers,
         })
     }
 
@@ -633,13 +659,7 @@ fn api_key_from_env(name: &str) -> Result<Vec<u8>, BuildError> {
 /// Every topic the config names: the handles of their metrics are made up front.
 fn config_topics(config: &Config) -> Vec<&str> {
     let s = &config.gateway.socket;
-    let mut topics: Vec<&str> = Vec::new();
-    topics.extend(s.onconnect.iter().map(|h| h.publish.as_str()));
-    if let Some(m) = &s.onmessage {
-        topics.extend(m.publish.iter().map(|t| t.as_str()));
-        topics.extend(m.types.iter().map(|t| t.publish.as_str()));
-    }
-    topics.extend(s.onclose.iter().map(|h| h.publish.as_str()));
+    let mut topics = s.published_topics();
     topics.extend(s.send.iter().map(|h| h.subscribe.as_str()));
     topics.extend(s.broadcast.iter().map(|h| h.subscribe.as_str()));
     topics.extend(s.disconnect.iter().map(|h| h.subscribe.as_str()));
@@ -700,6 +720,7 @@ pub struct Running {
     _tls_watch: Option<AbortOnDrop>,
     /// The key set's refresher (`auth.jwks_url`), stopped with the gateway.
     _jwks_task: Option<AbortOnDrop>,
+    http_handlers: Option<Arc<switchboard_http_handlers::HttpHandlers>>,
 }
 
 /// A task that ends when its owner is dropped: the key set's refresher ends with the
@@ -804,6 +825,11 @@ impl Running {
         // within what is left of the drain time.
         let left = drain.saturating_sub(started.elapsed());
         let _ = tokio::time::timeout(left, self.bus.flush()).await;
+        // And the ones bound to HTTP endpoints are sent (or given up) within it too.
+        if let Some(h) = &self.http_handlers {
+            let left = drain.saturating_sub(started.elapsed());
+            let _ = tokio::time::timeout(left, h.idle()).await;
+        }
         if let Some(admin) = self.admin {
             admin.stop();
         }

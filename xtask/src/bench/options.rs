@@ -87,6 +87,10 @@ pub(crate) struct Args {
     /// Do not build the bench binaries first
     #[arg(long)]
     no_build: bool,
+    /// echo: Switchboard answers from an HTTP handler endpoint (gateway.http_handlers, served
+    /// by bench-server on loopback, keep-alive) instead of an in-process handler
+    #[arg(long)]
+    echo_over_http: bool,
 }
 
 /// A count: `10000` or `10_000`.
@@ -211,6 +215,8 @@ pub(super) struct Options {
     pub(super) report: PathBuf,
     pub(super) profile: String,
     pub(super) build: bool,
+    /// `--echo-over-http`.
+    pub(super) echo_over_http: bool,
     /// The NATS server of a cross-node run (set while one runs, never from the command line).
     pub(super) nats: Option<String>,
     /// Where the cross-cluster publisher connects, and that server's monitoring port.
@@ -269,6 +275,7 @@ impl Options {
             }),
             profile: "release".into(),
             build: true,
+            echo_over_http: false,
             nats: None,
             publisher_nats: None,
         }
@@ -307,6 +314,7 @@ impl Options {
             report: args.report.clone().unwrap_or(d.report),
             profile: args.profile.clone().unwrap_or(d.profile),
             build: !args.no_build,
+            echo_over_http: args.echo_over_http,
             ..d
         };
         if o.servers.first() != Some(&Server::Switchboard) {

@@ -38,6 +38,9 @@ impl Running {
                 if let Some(n) = o.server_threads {
                     c.args(["--threads", &n.to_string()]);
                 }
+                if o.echo_over_http {
+                    c.arg("--echo-over-http");
+                }
                 c
             }
             Some(dir) => {

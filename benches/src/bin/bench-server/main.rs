@@ -3,12 +3,17 @@
 //!
 //! ```text
 //! SWITCHBOARD_JWT_SECRET=... bench-server [PORT] [--threads N] [--nats nats://127.0.0.1:P | --floor]
+//!                                         [--echo-over-http]
 //! ```
 //!
 //! With `--nats`, the container runs on the NATS bus (`switchboard-bus-nats`) instead of the
 //! in-process one, so a plain NATS client can publish to its topics (the cross-node run).
 //! With `--floor`, it is not the gateway but the benchmark's floor (`floor.rs`): echo,
 //! broadcast and handshakes on the transport alone.
+//!
+//! With `--echo-over-http`, `bench:echo` is bound to an HTTP endpoint (`gateway.http_handlers`)
+//! that this process serves on loopback from a thread and runtime of its own (HTTP/1.1,
+//! keep-alive), instead of the in-process handler: each echo is a signed `POST` and its answer.
 //!
 //! Prints `listening PORT` once it accepts connections; stops on SIGTERM or Ctrl-C.
 //!
@@ -47,6 +52,9 @@ struct Args {
     /// transport alone.
     #[arg(long)]
     floor: bool,
+    /// Answer `echo` from an HTTP endpoint (served here) instead of an in-process handler.
+    #[arg(long)]
+    echo_over_http: bool,
 }
 
 fn main() -> ExitCode {
@@ -65,7 +73,7 @@ fn main() -> ExitCode {
     let served = if args.floor {
         runtime.block_on(floor::serve(args.port))
     } else {
-        runtime.block_on(serve(args.port, args.nats))
+        runtime.block_on(serve(args.port, args.nats, args.echo_over_http))
     };
     match served {
         Ok(()) => ExitCode::SUCCESS,
@@ -76,8 +84,20 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(port: u16, nats: Option<String>) -> Result<(), Box<dyn std::error::Error>> {
-    let config = Config::from_yaml_str(&switchboard_bench::server_yaml())?;
+async fn serve(
+    port: u16,
+    nats: Option<String>,
+    echo_over_http: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut yaml = switchboard_bench::server_yaml();
+    if echo_over_http {
+        let backend = http_echo_backend()?;
+        yaml.push_str(&format!(
+            "  http_handlers:\n    - url: \"http://{backend}/echo\"\n      topics: [\"bench:echo\"]\n      \
+             secret_env: {HTTP_SECRET_ENV}\n      concurrency: 64\n      queue: 4096\n"
+        ));
+    }
+    let config = Config::from_yaml_str(&yaml)?;
     let nats = match nats {
         Some(url) => Some(Arc::new(NatsBus::connect(NatsOptions::new(url)).await?)),
         None => None,
@@ -88,9 +108,13 @@ async fn serve(port: u16, nats: Option<String>) -> Result<(), Box<dyn std::error
     };
     let producer = container.producer();
 
-    container.add_handler("bench:echo", |msg: Message| async move {
-        msg.reply(&msg.data()["payload"]);
-    })?;
+    if echo_over_http {
+        container.http_handler_secret(HTTP_SECRET_ENV, "bench-http-handler-secret-0123456789");
+    } else {
+        container.add_handler("bench:echo", |msg: Message| async move {
+            msg.reply(&msg.data()["payload"]);
+        })?;
+    }
 
     let p = producer.clone();
     container.add_handler("bench:send", move |msg: Message| {
@@ -136,4 +160,45 @@ async fn serve(port: u16, nats: Option<String>) -> Result<(), Box<dyn std::error
     stop.await;
     running.shutdown(Duration::from_secs(2)).await;
     Ok(())
+}
+
+/// The variable the `--echo-over-http` binding names (never read: the secret is given).
+const HTTP_SECRET_ENV: &str = "SWITCHBOARD_BENCH_HANDLER_SECRET";
+
+/// An HTTP echo handler on 127.0.0.1 (any port), on a thread and a one-thread runtime of its
+/// own, as a backend in another process would be: answers `{"reply": data.payload}`.
+fn http_echo_backend() -> std::io::Result<SocketAddr> {
+    use http_body_util::{BodyExt, Full};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |req: hyper::Request<hyper::body::Incoming>| async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let event: Value = serde_json::from_slice(&body).unwrap_or_default();
+                            let answer = json!({"reply": event["data"]["payload"]}).to_string();
+                            Ok::<_, hyper::Error>(hyper::Response::new(Full::new(
+                                bytes::Bytes::from(answer),
+                            )))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    Ok(addr)
 }

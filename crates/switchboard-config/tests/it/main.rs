@@ -710,3 +710,88 @@ fn the_tls_section_parses_and_its_errors_name_the_key_and_line() {
     assert!(e.to_string().contains("missing field `key_file`"), "{e}");
     assert_eq!(e.line(), Some(4));
 }
+
+/// A config whose socket publishes `socket:connection`, `chat:say` and `socket:close`, with
+/// `handlers` as the `http_handlers` list (lines indented by four spaces).
+fn with_handlers(handlers: &str) -> Result<Config, ConfigError> {
+    Config::from_yaml_str_with_env(
+        &format!(
+            "gateway:\n  socket:\n    onconnect: {{publish: socket:connection}}\n    onmessage:\n      types: [{{type: chat.say, publish: \"chat:say\"}}]\n    onclose: {{publish: socket:close}}\n    send: {{subscribe: socket:send}}\n  http_handlers:\n{handlers}"
+        ),
+        &|_| None,
+    )
+}
+
+#[test]
+fn http_handlers_bind_topics_with_defaults() {
+    let c = with_handlers(
+        "    - url: http://127.0.0.1:8081/events\n      topics: [socket:connection, \"chat:say\"]\n      pass_headers: [X-Request-Id]\n",
+    )
+    .unwrap();
+    let h = c.gateway.http_handlers.for_topic("chat:say").unwrap();
+    assert_eq!(h.url.as_str(), "http://127.0.0.1:8081/events");
+    assert_eq!(h.label(), "127.0.0.1:8081");
+    assert_eq!(h.timeout, Duration::from_secs(10));
+    assert_eq!((h.concurrency, h.queue, h.per_socket), (32, 256, 16));
+    assert_eq!(h.max_response, 64 * 1024);
+    assert_eq!(h.secret_env, "SWITCHBOARD_HANDLER_SECRET");
+    assert_eq!(h.pass_headers, ["x-request-id"]);
+    assert_eq!(h.onclose_retries, 2);
+    assert!(c.gateway.http_handlers.for_topic("socket:close").is_none());
+}
+
+#[test]
+fn http_handler_errors_name_the_key_and_line() {
+    let entry = "    - url: http://h:1/\n      topics: [socket:connection]\n";
+    for (extra, expect, line) in [
+        // serde_yaml places a custom error at its list entry; the message names the key
+        (
+            "      concurrency: 0\n",
+            "concurrency must be at least 1",
+            9,
+        ),
+        ("      pass_headers: [cookie]\n", "carries credentials", 9),
+        (
+            "      pass_headers: [Host]\n",
+            "`host` is set by the gateway itself",
+            9,
+        ),
+        (
+            "      onclose_retries: 11\n",
+            "onclose_retries must be at most 10",
+            9,
+        ),
+        ("      timeout: soon\n", "invalid duration `soon`", 9),
+        ("      zz: 1\n", "unknown field `zz`", 11),
+    ] {
+        let e = with_handlers(&format!("{entry}{extra}")).unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("gateway.http_handlers"), "{text}");
+        assert!(text.contains(expect), "{text}");
+        assert_eq!(e.line(), Some(line), "{text}");
+    }
+    for (url, expect) in [
+        ("ftp://h/", "must start with http:// or https://"),
+        ("http://user:pw@h/", "must not carry credentials"),
+        ("http:///x", "has no host"),
+    ] {
+        let e = with_handlers(&format!(
+            "    - url: \"{url}\"\n      topics: [socket:close]\n"
+        ))
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains(expect), "{text}");
+        assert_eq!(e.line(), Some(9), "{text}");
+    }
+    // A topic bound twice, across entries.
+    let e = with_handlers(&format!("{entry}{entry}")).unwrap_err();
+    assert!(e.to_string().contains("already bound by entry 1"), "{e}");
+    // A topic no hook publishes (a typo, or the send topic): the entry's line.
+    let e = with_handlers("    - url: http://h:1/\n      topics:\n        - socket:connection\n        - socket:send\n").unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("http_handlers[0].topics: topic `socket:send` is not published"),
+        "{text}"
+    );
+    assert_eq!(e.line(), Some(12), "{text}");
+}

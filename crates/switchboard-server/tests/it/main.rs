@@ -1,6 +1,7 @@
 //! The `switchboard` binary as a user runs it: `check-config`, and `serve --demo` driven by
 //! real WebSocket clients, ended by SIGTERM.
 
+mod http_handlers;
 mod nats;
 mod ops;
 mod tls;

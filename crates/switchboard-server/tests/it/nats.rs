@@ -14,9 +14,9 @@ use switchboard_test_support::websocket::{assert_silent, connect, recv_within, s
 use switchboard_test_support::{hooks_yaml, wait_until, SECRET, SECRET_ENV};
 
 /// A gateway node: the real binary with a NATS bus; killed by PID when dropped.
-struct Node {
+pub(crate) struct Node {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -33,6 +33,17 @@ fn node(nats: &NatsServer, name: &str) -> Node {
 
 /// A node whose `gateway.bus.nats` section also has `extra` (lines indented by six spaces).
 fn node_with(nats: &NatsServer, name: &str, extra: &str) -> Node {
+    node_with_env(nats, name, extra, &[])
+}
+
+/// [`node_with`], with `env` set for the process (`extra` may also close the `nats` section
+/// and add `gateway` sections, indented by two spaces).
+pub(crate) fn node_with_env(
+    nats: &NatsServer,
+    name: &str,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("socket.yaml");
     std::fs::write(
@@ -53,7 +64,8 @@ fn node_with(nats: &NatsServer, name: &str, extra: &str) -> Node {
     serve
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
-        .env(SECRET_ENV, SECRET);
+        .env(SECRET_ENV, SECRET)
+        .envs(env.iter().copied());
     let (child, addr) = crate::spawn_serve(serve);
     Node {
         child,

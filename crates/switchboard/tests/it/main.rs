@@ -11,6 +11,7 @@ mod bounds;
 mod gate;
 mod harness;
 mod hostile;
+mod http_handlers;
 mod identity;
 mod jwks;
 mod lifetime;

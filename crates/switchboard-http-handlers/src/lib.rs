@@ -1,0 +1,572 @@
+//! Handlers over plain HTTP: topics bound to endpoints that the gateway node holding the socket
+//! calls itself, instead of publishing the event on the bus.
+//!
+//! Depend on it to put a socket's events in front of a web backend in any language: each event
+//! on a bound topic is `POST`ed, signed, as the JSON envelope handlers get over NATS
+//! (`{"topic", "data", "context"}`), and the answer body is the handler's answer: `{"reply": P}`,
+//! `{"fail": E}` or `{}` (an empty body too), delivered through the event's own way back
+//! ([`Message::deliver`]), so the socket sees exactly what the bus paths produce. The facade
+//! (`switchboard`) routes bound topics here from the node that owns the socket; the bus never
+//! sees them, so on any number of nodes each event is sent once.
+//!
+//! Per endpoint everything is bounded: `concurrency` requests in flight (one worker task
+//! each), `queue` events waiting, `queue_bytes` of bodies held, `per_socket` events of one
+//! socket, `max_response` bytes of answer, and `timeout` from the event to its answer. Over a
+//! bound, an event is refused at once (the socket gets an error frame); a slow endpoint fills
+//! its own queue and no other. Events that are answered are sent once; an event nobody waits
+//! for (`onclose`) is sent again after a network error, a timeout, a `429` or a `5xx`, up to
+//! `onclose_retries` times with doubling backoff, keeping its place in `queue_bytes` meanwhile.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
+use http::{Method, Request, Uri};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use switchboard_bus::{Context, Message, Reply};
+use switchboard_http_client::{ClientError, ClientOptions, HttpClient};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+mod metrics;
+mod sign;
+
+use metrics::{EndpointMetrics, ErrorKind, Families};
+pub use sign::{signature, verify, SIGNATURE_HEADER};
+
+/// The message of the error frame for an event refused because the endpoint is full.
+pub const QUEUE_FULL: &str = "handler queue full";
+/// The message of the error frame for an answer that is not one (as on NATS).
+pub const MALFORMED: &str = "malformed answer from a handler";
+/// Shortest secret accepted.
+pub const MIN_SECRET: usize = 16;
+
+/// One endpoint, as the config describes it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EndpointOptions {
+    /// Label of its metrics and logs.
+    pub name: String,
+    /// Where events are `POST`ed.
+    pub url: Uri,
+    /// The topics it handles.
+    pub topics: Vec<String>,
+    /// From the event to its answer, queueing included; per attempt for `onclose`.
+    pub timeout: Duration,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Events waiting for a request slot.
+    pub queue: usize,
+    /// Bytes of request bodies held (waiting, in flight, waiting to retry).
+    pub queue_bytes: usize,
+    /// Events of one socket held at once.
+    pub per_socket: usize,
+    /// Largest answer body.
+    pub max_response: usize,
+    /// A CA trusted beside the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// The signing secret.
+    pub secret: Vec<u8>,
+    /// Headers copied from the event's `context.headers` onto its request.
+    pub pass_headers: Vec<HeaderName>,
+    /// Retries of an event nobody waits for.
+    pub onclose_retries: u32,
+    /// Wait before the first retry; doubled each time.
+    pub retry_backoff: Duration,
+}
+
+impl EndpointOptions {
+    /// An endpoint with the config's defaults for everything but these.
+    pub fn new(name: &str, url: Uri, topics: Vec<String>, secret: Vec<u8>) -> Self {
+        EndpointOptions {
+            name: name.to_string(),
+            url,
+            topics,
+            timeout: Duration::from_secs(10),
+            concurrency: 32,
+            queue: 256,
+            queue_bytes: 16 << 20,
+            per_socket: 16,
+            max_response: 64 * 1024,
+            ca_file: None,
+            secret,
+            pass_headers: Vec::new(),
+            onclose_retries: 2,
+            retry_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why the endpoints could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// The client for an endpoint could not be built (its CA file).
+    #[error("http handler `{endpoint}`: {reason}")]
+    Endpoint {
+        /// The endpoint's name.
+        endpoint: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The envelope, as on NATS.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    topic: &'a str,
+    data: &'a Value,
+    context: &'a Context,
+}
+
+/// An answer body, as on NATS.
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(default)]
+    reply: Option<Value>,
+    #[serde(default)]
+    fail: Option<Value>,
+}
+
+/// One event on its way to an endpoint.
+struct Job {
+    /// The way back (topic and `ReplyTo`; its data and context are dropped), `None` for an
+    /// event nobody waits for.
+    way_back: Option<Message>,
+    body: Bytes,
+    id: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// When the socket stops waiting (answered events only).
+    deadline: Option<Instant>,
+    connection: Option<u64>,
+    attempt: u32,
+}
+
+struct Endpoint {
+    options: EndpointOptions,
+    client: HttpClient,
+    queue: flume::Sender<Job>,
+    held_bytes: AtomicUsize,
+    held_events: AtomicUsize,
+    per_socket: Mutex<HashMap<u64, usize>>,
+    metrics: EndpointMetrics,
+    idle: Arc<Notify>,
+}
+
+/// The endpoints and their topics; see the crate docs.
+pub struct HttpHandlers {
+    by_topic: HashMap<String, Arc<Endpoint>>,
+    endpoints: Vec<Arc<Endpoint>>,
+    families: Families,
+    next_id: AtomicU64,
+    /// Random per process, so event ids of different nodes never collide.
+    token: String,
+    idle: Arc<Notify>,
+}
+
+impl std::fmt::Debug for HttpHandlers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpHandlers")
+            .field("topics", &self.by_topic.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+static NO_DATA: LazyLock<Arc<Value>> = LazyLock::new(|| Arc::new(Value::Null));
+static NO_CONTEXT: LazyLock<Arc<Context>> = LazyLock::new(Arc::default);
+
+impl HttpHandlers {
+    /// Builds a client per endpoint and starts its `concurrency` workers. Call within a tokio
+    /// runtime.
+    pub fn start(endpoints: Vec<EndpointOptions>) -> Result<Self, SetupError> {
+        let families = Families::new();
+        let idle = Arc::new(Notify::new());
+        let mut by_topic = HashMap::new();
+        let mut all = Vec::new();
+        for options in endpoints {
+            let mut client_options = ClientOptions::default();
+            client_options.ca_file.clone_from(&options.ca_file);
+            client_options.max_idle_per_host = options.concurrency;
+            let client = HttpClient::new(&client_options).map_err(|e| SetupError::Endpoint {
+                endpoint: options.name.clone(),
+                reason: e.to_string(),
+            })?;
+            // Bounded by `admit` (events held ≤ concurrency + queue), not by the channel.
+            let (tx, rx) = flume::unbounded();
+            let endpoint = Arc::new(Endpoint {
+                metrics: families.endpoint(&options.name),
+                client,
+                queue: tx,
+                held_bytes: AtomicUsize::new(0),
+                held_events: AtomicUsize::new(0),
+                per_socket: Mutex::new(HashMap::new()),
+                idle: idle.clone(),
+                options,
+            });
+            for _ in 0..endpoint.options.concurrency {
+                // Workers hold the endpoint weakly: they end with the dispatcher.
+                tokio::spawn(work(Arc::downgrade(&endpoint), rx.clone()));
+            }
+            for topic in &endpoint.options.topics {
+                by_topic.insert(topic.clone(), endpoint.clone());
+            }
+            all.push(endpoint);
+        }
+        let mut random = [0u8; 8];
+        let _ = getrandom::getrandom(&mut random);
+        Ok(HttpHandlers {
+            by_topic,
+            endpoints: all,
+            families,
+            next_id: AtomicU64::new(1),
+            token: sign::hex(&random),
+            idle,
+        })
+    }
+
+    /// True when `topic` is bound to an endpoint.
+    pub fn binds(&self, topic: &str) -> bool {
+        self.by_topic.contains_key(topic)
+    }
+
+    /// Hands `msg` to its topic's endpoint: queued, or refused at once (an answerable event
+    /// then gets the error frame [`QUEUE_FULL`]). Never blocks. Returns the message when its
+    /// topic is not bound.
+    pub fn dispatch(&self, msg: Message) -> Result<(), Message> {
+        let Some(endpoint) = self.by_topic.get(msg.topic()) else {
+            return Err(msg);
+        };
+        let body = match serde_json::to_vec(&Envelope {
+            topic: msg.topic(),
+            data: msg.data(),
+            context: msg.context(),
+        }) {
+            Ok(body) => Bytes::from(body),
+            Err(e) => {
+                tracing::error!(topic = msg.topic(), error = %e, "event is not serializable");
+                msg.deliver(Reply::HandlerFailed);
+                return Ok(());
+            }
+        };
+        let headers = endpoint.pass_headers(msg.context());
+        let connection = msg.context().connection_id;
+        let answered = msg.can_reply();
+        let id = format!(
+            "{}-{}",
+            self.token,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        let way_back = answered.then(|| {
+            msg.clone()
+                .with_shared_data(NO_DATA.clone())
+                .with_context(NO_CONTEXT.clone())
+        });
+        let job = Job {
+            way_back,
+            deadline: answered.then(|| Instant::now() + endpoint.options.timeout),
+            body,
+            id,
+            headers,
+            connection,
+            attempt: 0,
+        };
+        if let Err(way_back) = endpoint.admit(job) {
+            endpoint.metrics.error(ErrorKind::QueueFull);
+            tracing::debug!(endpoint = %endpoint.options.name, topic = msg.topic(), "event refused: endpoint full");
+            if let Some(way_back) = way_back {
+                way_back.deliver(Reply::Fail(json!({
+                    "message": QUEUE_FULL,
+                    "topic": way_back.topic(),
+                })));
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers the endpoints' series (latency, requests, errors by kind, retries, events
+    /// held, requests in flight; label `endpoint`).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.families.register(registry);
+    }
+
+    /// Events held by every endpoint now.
+    pub fn held_events(&self) -> usize {
+        self.endpoints
+            .iter()
+            .map(|e| e.held_events.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// Resolves when no endpoint holds an event (shutdown awaits it, bounded by the drain
+    /// time, so the last `onclose` events are sent before the process exits).
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.held_events() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Endpoint {
+    /// The configured headers the event's socket had, as request headers.
+    fn pass_headers(&self, context: &Context) -> Vec<(HeaderName, HeaderValue)> {
+        if self.options.pass_headers.is_empty() {
+            return Vec::new();
+        }
+        let map = context.headers.as_map();
+        self.options
+            .pass_headers
+            .iter()
+            .filter_map(|name| {
+                let value = map.get(name.as_str())?.as_str()?;
+                // From a valid request head, so valid again; checked all the same.
+                Some((name.clone(), HeaderValue::from_str(value).ok()?))
+            })
+            .collect()
+    }
+
+    /// Takes `job` in within every bound, or hands back its way back.
+    fn admit(&self, job: Job) -> Result<(), Option<Message>> {
+        let most = self.options.concurrency + self.options.queue;
+        if self.held_events.fetch_add(1, Ordering::AcqRel) >= most {
+            self.held_events.fetch_sub(1, Ordering::AcqRel);
+            return Err(job.way_back);
+        }
+        let bytes = job.body.len();
+        if self.held_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > self.options.queue_bytes {
+            self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            self.held_events.fetch_sub(1, Ordering::AcqRel);
+            return Err(job.way_back);
+        }
+        if let Some(conn) = job.connection {
+            let mut per_socket = lock(&self.per_socket);
+            let n = per_socket.entry(conn).or_insert(0);
+            if *n >= self.options.per_socket {
+                drop(per_socket);
+                self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                self.held_events.fetch_sub(1, Ordering::AcqRel);
+                return Err(job.way_back);
+            }
+            *n += 1;
+        }
+        self.metrics.held.inc();
+        match self.queue.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let job = e.into_inner();
+                self.release(&job);
+                Err(job.way_back)
+            }
+        }
+    }
+
+    /// Gives back what `job` held.
+    fn release(&self, job: &Job) {
+        self.held_bytes.fetch_sub(job.body.len(), Ordering::AcqRel);
+        if let Some(conn) = job.connection {
+            let mut per_socket = lock(&self.per_socket);
+            if let Some(n) = per_socket.get_mut(&conn) {
+                *n -= 1;
+                if *n == 0 {
+                    per_socket.remove(&conn);
+                }
+            }
+        }
+        self.metrics.held.dec();
+        if self.held_events.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// One request for `job`, within `within`.
+    async fn send(
+        &self,
+        job: &Job,
+        within: Duration,
+    ) -> Result<http::Response<Bytes>, ClientError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(self.options.url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(
+                USER_AGENT,
+                concat!("switchboard/", env!("CARGO_PKG_VERSION")),
+            )
+            .header(
+                SIGNATURE_HEADER,
+                signature(&self.options.secret, now, &job.id, &job.body),
+            );
+        for (name, value) in &job.headers {
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(job.body.clone())
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        self.metrics.requests.inc();
+        self.metrics.in_flight.inc();
+        let started = std::time::Instant::now();
+        let result = self
+            .client
+            .send(request, within, self.options.max_response)
+            .await;
+        self.metrics
+            .latency
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.in_flight.dec();
+        result
+    }
+}
+
+/// What became of one attempt.
+enum Outcome {
+    /// A 2xx and its body.
+    Answered(Bytes),
+    /// Worth trying again (for an event nobody waits for).
+    Transient(ErrorKind),
+    /// Not worth trying again.
+    Final(ErrorKind),
+}
+
+fn classify(result: Result<http::Response<Bytes>, ClientError>) -> Outcome {
+    match result {
+        Ok(response) if response.status().is_success() => Outcome::Answered(response.into_body()),
+        Ok(response) => {
+            let status = response.status();
+            if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
+                Outcome::Transient(ErrorKind::Status)
+            } else {
+                Outcome::Final(ErrorKind::Status)
+            }
+        }
+        Err(ClientError::Timeout(_)) => Outcome::Transient(ErrorKind::Timeout),
+        Err(ClientError::TooLarge(_)) => Outcome::Final(ErrorKind::Malformed),
+        Err(_) => Outcome::Transient(ErrorKind::Network),
+    }
+}
+
+/// A worker: one request at a time, for as long as the endpoint lives.
+async fn work(endpoint: std::sync::Weak<Endpoint>, jobs: flume::Receiver<Job>) {
+    while let Ok(job) = jobs.recv_async().await {
+        let Some(endpoint) = endpoint.upgrade() else {
+            return;
+        };
+        match &job.way_back {
+            Some(way_back) => {
+                let reply = answer(&endpoint, &job, way_back).await;
+                // Free first: a socket that hears its answer may send again at once.
+                endpoint.release(&job);
+                if let Some(reply) = reply {
+                    way_back.deliver(reply);
+                }
+            }
+            None => deliver_once(endpoint, job).await,
+        }
+    }
+}
+
+/// An answered event: one attempt within the socket's deadline; what to tell the socket.
+async fn answer(endpoint: &Endpoint, job: &Job, way_back: &Message) -> Option<Reply> {
+    let timeout = endpoint.options.timeout;
+    let left = job
+        .deadline
+        .map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+    let timed_out = || {
+        endpoint.metrics.error(ErrorKind::Timeout);
+        Some(Reply::Fail(json!({
+            "message": format!("no handler answered within {timeout:?}"),
+            "topic": way_back.topic(),
+        })))
+    };
+    if left.is_zero() {
+        return timed_out(); // it waited its whole time in the queue
+    }
+    let name = &endpoint.options.name;
+    match classify(endpoint.send(job, left).await) {
+        Outcome::Answered(body) => parse_answer(endpoint, &body),
+        Outcome::Transient(ErrorKind::Timeout) => timed_out(),
+        Outcome::Final(ErrorKind::Malformed) => {
+            endpoint.metrics.error(ErrorKind::Malformed);
+            tracing::warn!(endpoint = %name, "answer over max_response");
+            Some(Reply::Fail(json!({"message": MALFORMED})))
+        }
+        Outcome::Transient(kind) | Outcome::Final(kind) => {
+            // A handler that cannot be reached or answers 500 is a handler that failed.
+            endpoint.metrics.error(kind);
+            tracing::warn!(endpoint = %name, kind = ?kind, "http handler failed");
+            Some(Reply::HandlerFailed)
+        }
+    }
+}
+
+fn parse_answer(endpoint: &Endpoint, body: &[u8]) -> Option<Reply> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return None; // an empty body is `{}`: handled, nothing to say
+    }
+    match serde_json::from_slice::<Answer>(body) {
+        Ok(Answer {
+            fail: Some(fail), ..
+        }) => Some(Reply::Fail(fail)),
+        Ok(Answer {
+            reply: Some(reply), ..
+        }) => Some(Reply::Ok(reply)),
+        Ok(_) => None,
+        Err(e) => {
+            endpoint.metrics.error(ErrorKind::Malformed);
+            tracing::warn!(endpoint = %endpoint.options.name, error = %e, "malformed answer");
+            Some(Reply::Fail(json!({"message": MALFORMED})))
+        }
+    }
+}
+
+/// An event nobody waits for (`onclose`): sent until a 2xx or a final failure, retried after
+/// a transient one with doubling backoff, at most `onclose_retries` times. Between attempts
+/// it waits off the worker (a timer task), still counted in the endpoint's bounds, and goes
+/// back through the queue.
+async fn deliver_once(endpoint: Arc<Endpoint>, mut job: Job) {
+    let timeout = endpoint.options.timeout;
+    let kind = match classify(endpoint.send(&job, timeout).await) {
+        Outcome::Answered(_) => return endpoint.release(&job),
+        Outcome::Final(kind) => {
+            endpoint.metrics.error(kind);
+            endpoint.metrics.error(ErrorKind::GaveUp);
+            return endpoint.release(&job);
+        }
+        Outcome::Transient(kind) => kind,
+    };
+    endpoint.metrics.error(kind);
+    if job.attempt >= endpoint.options.onclose_retries {
+        endpoint.metrics.error(ErrorKind::GaveUp);
+        tracing::warn!(endpoint = %endpoint.options.name, attempts = job.attempt + 1, "onclose event given up");
+        return endpoint.release(&job);
+    }
+    let backoff = endpoint
+        .options
+        .retry_backoff
+        .saturating_mul(1 << job.attempt.min(16));
+    job.attempt += 1;
+    tokio::spawn(async move {
+        tokio::time::sleep(backoff).await;
+        endpoint.metrics.retries.inc();
+        // Already counted in the bounds: straight to the queue (an error only when the
+        // dispatcher is gone).
+        if let Err(e) = endpoint.queue.try_send(job) {
+            endpoint.metrics.error(ErrorKind::GaveUp);
+            endpoint.release(&e.into_inner());
+        }
+    });
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
