@@ -133,11 +133,15 @@ fn deliver(registry: &Sockets, msg: &Message, target: Target<'_>, out: &Counter)
 /// Recipients per thread below which a delivery is not worth splitting.
 const RECIPIENTS_PER_THREAD: usize = 2048;
 
-/// How many threads a delivery to `recipients` sockets is written from.
+/// How many threads a delivery to `recipients` sockets is written from: at most as many as
+/// the runtime has workers (a gateway given one worker fans out on one thread), and as the
+/// process may use cores.
 fn fan_out_threads(recipients: usize) -> usize {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    (recipients / RECIPIENTS_PER_THREAD).clamp(1, cores)
+    let workers = tokio::runtime::Handle::try_current()
+        .map_or(cores, |runtime| runtime.metrics().num_workers());
+    (recipients / RECIPIENTS_PER_THREAD).clamp(1, cores.min(workers).max(1))
 }
 
 /// Writes `frame` to every socket, split over `threads` threads (this one among them), and
