@@ -47,7 +47,9 @@ def verify(secret: bytes, header: str, body: bytes, now: float) -> bool:
     if abs(now - t) > TOLERANCE:
         return False
     expected = hmac.new(secret, f"{t}.{event_id}.".encode() + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, v1)
+    # Bytes, not str: compare_digest refuses str with non-ASCII characters, and the header
+    # is the sender's to choose.
+    return hmac.compare_digest(expected.encode(), v1.encode("latin-1", "replace"))
 
 
 class Chat:
@@ -126,15 +128,24 @@ def make_handler(secret: bytes, chat: Chat):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                # Said, so that the gateway does not send its next event on this connection.
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
             self.wfile.flush()
 
+        # A client that stalls is dropped, so it cannot hold a thread forever.
+        timeout = 30
+
         def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY:
                 self.close_connection = True
-                return self.answer(413, {"error": "too large"})
+                return self.answer(413, {"error": "missing, bad or too large Content-Length"})
             body = self.rfile.read(length)
             signature = self.headers.get("X-Switchboard-Signature", "")
             if not verify(secret, signature, body, time.time()):
@@ -144,6 +155,10 @@ def make_handler(secret: bytes, chat: Chat):
             except Exception as e:  # a failing handler: the socket gets an error frame
                 print(f"handler failed: {e!r}", file=sys.stderr, flush=True)
                 return self.answer(500, {"error": "handler failed"})
+            if after:
+                # The follow-up runs on this connection's thread after the answer; the gateway
+                # must not send its next event here meanwhile, so this connection ends.
+                self.close_connection = True
             self.answer(200, answer)
             if after:  # after the answer: the socket hears its reply first
                 try:
@@ -161,11 +176,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:8081", help="host:port (port 0: any)")
     parser.add_argument("--api", default="http://127.0.0.1:4002", help="the gateway's server API")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="fall back to the demo's public secret and API key when the variables are unset",
+    )
     args = parser.parse_args()
-    secret = os.environ.get("SWITCHBOARD_HANDLER_SECRET") or DEMO_HANDLER_SECRET
-    key = os.environ.get("SWITCHBOARD_API_KEY") or DEMO_API_KEY
-    if secret == DEMO_HANDLER_SECRET or key == DEMO_API_KEY:
+    secret = os.environ.get("SWITCHBOARD_HANDLER_SECRET")
+    key = os.environ.get("SWITCHBOARD_API_KEY")
+    if not (secret and key):
+        if not args.demo:
+            sys.exit(
+                "backend: set SWITCHBOARD_HANDLER_SECRET and SWITCHBOARD_API_KEY "
+                "(or pass --demo to use the demo's public ones)"
+            )
         print("backend: using the demo secret or API key (never in production)", file=sys.stderr)
+        secret = secret or DEMO_HANDLER_SECRET
+        key = key or DEMO_API_KEY
     host, port = args.listen.rsplit(":", 1)
     server = ThreadingHTTPServer((host, int(port)), make_handler(secret.encode(), Chat(args.api, key)))
     server.daemon_threads = True

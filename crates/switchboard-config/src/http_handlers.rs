@@ -45,14 +45,15 @@ pub struct HttpHandler {
     /// Label of the endpoint's metrics and logs. Default: the URL's `host:port`.
     #[serde(default)]
     pub name: Option<String>,
-    /// How long a socket waits for the answer, queueing included. Default 10 s.
+    /// How long a socket waits for the answer, queueing included. Default 10 s; at most 1 h.
     #[serde(default = "default_timeout", deserialize_with = "de_timeout")]
     pub timeout: Duration,
-    /// Most requests in flight to this endpoint at once. Default 32.
+    /// Most requests in flight to this endpoint at once. Default 32; at most 4,096.
     #[serde(default = "default_concurrency", deserialize_with = "de_concurrency")]
     pub concurrency: usize,
-    /// Most events waiting for a free request slot. Default 256; 0: none wait.
-    #[serde(default = "default_queue")]
+    /// Most events waiting for a free request slot. Default 256; 0: none wait; at most
+    /// 1,000,000.
+    #[serde(default = "default_queue", deserialize_with = "de_queue")]
     pub queue: usize,
     /// Most bytes of event bodies the endpoint holds (waiting, in flight, waiting to retry).
     /// Default 16 MiB.
@@ -159,23 +160,38 @@ fn de_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     if t < Duration::from_millis(1) {
         return Err(de::Error::custom("timeout must be at least 1ms"));
     }
+    // A socket waits this long, and deadlines are computed from it.
+    if t > Duration::from_secs(3600) {
+        return Err(de::Error::custom("timeout must be at most 1h"));
+    }
     Ok(t)
 }
 
-fn at_least_one<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<usize, D::Error> {
+fn between<'de, D: Deserializer<'de>>(d: D, key: &str, most: usize) -> Result<usize, D::Error> {
     let n = usize::deserialize(d)?;
-    if n == 0 {
-        return Err(de::Error::custom(format_args!("{key} must be at least 1")));
+    if n == 0 || n > most {
+        return Err(de::Error::custom(format_args!(
+            "{key} must be between 1 and {most}"
+        )));
     }
     Ok(n)
 }
 
+/// Each is a task per endpoint, started with the gateway.
 fn de_concurrency<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    at_least_one(d, "concurrency")
+    between(d, "concurrency", 4096)
 }
 
 fn de_per_socket<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    at_least_one(d, "per_socket")
+    between(d, "per_socket", 65_536)
+}
+
+fn de_queue<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if n > 1_000_000 {
+        return Err(de::Error::custom("queue must be at most 1000000"));
+    }
+    Ok(n)
 }
 
 fn de_retries<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {

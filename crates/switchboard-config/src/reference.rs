@@ -1057,7 +1057,7 @@ const SECTIONS: &[Section] = &[
                 Ext,
                 "How long a socket waits for the answer, time in the queue included; then it \
                  gets the same error frame as when a NATS handler is silent \
-                 (`no handler answered within ...`).",
+                 (`no handler answered within ...`). At most `1h`.",
                 Some("2s"),
             ),
             key(
@@ -1065,7 +1065,7 @@ const SECTIONS: &[Section] = &[
                 "integer",
                 "`32`",
                 Ext,
-                "Most requests in flight to this endpoint at once (per node).",
+                "Most requests in flight to this endpoint at once (per node), 1 to 4,096.",
                 Some("8"),
             ),
             key(
@@ -1074,7 +1074,10 @@ const SECTIONS: &[Section] = &[
                 "`256`",
                 Ext,
                 "Most events waiting for a free request slot; when it is full an answerable event \
-                 gets the error frame `handler queue full` at once. `0`: nothing waits.",
+                 gets the error frame `handler queue full` at once. `0`: nothing waits; at most \
+                 1,000,000. Events that wait for no answer (`onclose`) count against \
+                 `queue_bytes` and 64 times this count instead, so a mass disconnect or a \
+                 shutdown still sends every close.",
                 Some("64"),
             ),
             key(
@@ -1091,8 +1094,11 @@ const SECTIONS: &[Section] = &[
                 "integer",
                 "`16`",
                 Ext,
-                "Most events of one socket this endpoint holds at once, so one busy socket cannot \
-                 fill the queue for the others; over it, as for a full queue.",
+                "Most answerable events of one socket this endpoint holds at once, so one busy \
+                 socket cannot fill the queue alone; over it, as for a full queue. A socket's \
+                 `onclose` is never refused for it. Note that `(concurrency + queue) / \
+                 per_socket` sockets (18 by default) flooding a slow endpoint do fill it for \
+                 everyone: size `queue` for the sockets you expect to be busy at once.",
                 Some("4"),
             ),
             key(

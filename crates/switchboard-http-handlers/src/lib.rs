@@ -46,8 +46,28 @@ pub const MALFORMED: &str = "malformed answer from a handler";
 /// Shortest secret accepted.
 pub const MIN_SECRET: usize = 16;
 
+impl std::fmt::Debug for EndpointOptions {
+    /// Never shows the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointOptions")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("topics", &self.topics)
+            .field("timeout", &self.timeout)
+            .field("concurrency", &self.concurrency)
+            .field("queue", &self.queue)
+            .field("queue_bytes", &self.queue_bytes)
+            .field("per_socket", &self.per_socket)
+            .field("max_response", &self.max_response)
+            .field("secret", &format_args!("({} bytes)", self.secret.len()))
+            .field("pass_headers", &self.pass_headers)
+            .field("onclose_retries", &self.onclose_retries)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One endpoint, as the config describes it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct EndpointOptions {
     /// Label of its metrics and logs.
@@ -254,8 +274,11 @@ impl HttpHandlers {
             }
         };
         let headers = endpoint.pass_headers(msg.context());
-        let connection = msg.context().connection_id;
         let answered = msg.can_reply();
+        // The per-socket bound is for what a socket can send; an event without a way back
+        // (`onclose`, one per socket) is never refused for it, or a socket could flood the
+        // endpoint and then disconnect to keep its close from the backend.
+        let connection = msg.context().connection_id.filter(|_| answered);
         let id = format!(
             "{}-{}",
             self.token,
@@ -334,16 +357,25 @@ impl Endpoint {
     }
 
     /// Takes `job` in within every bound, or hands back its way back.
+    ///
+    /// An event that waits for an answer counts against `concurrency + queue` events; one
+    /// without (`onclose`) only against `queue_bytes` and a count 64 times larger, so that a
+    /// mass disconnect or a shutdown still sends every socket's close within the byte bound.
     fn admit(&self, job: Job) -> Result<(), Option<Message>> {
-        let most = self.options.concurrency + self.options.queue;
+        let most = self.options.concurrency.saturating_add(self.options.queue);
+        let most = if job.way_back.is_some() {
+            most
+        } else {
+            most.saturating_mul(64)
+        };
         if self.held_events.fetch_add(1, Ordering::AcqRel) >= most {
-            self.held_events.fetch_sub(1, Ordering::AcqRel);
+            self.refuse_event();
             return Err(job.way_back);
         }
         let bytes = job.body.len();
         if self.held_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > self.options.queue_bytes {
             self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            self.held_events.fetch_sub(1, Ordering::AcqRel);
+            self.refuse_event();
             return Err(job.way_back);
         }
         if let Some(conn) = job.connection {
@@ -352,7 +384,7 @@ impl Endpoint {
             if *n >= self.options.per_socket {
                 drop(per_socket);
                 self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                self.held_events.fetch_sub(1, Ordering::AcqRel);
+                self.refuse_event();
                 return Err(job.way_back);
             }
             *n += 1;
@@ -365,6 +397,13 @@ impl Endpoint {
                 self.release(&job);
                 Err(job.way_back)
             }
+        }
+    }
+
+    /// Takes back the count of an event just refused; wakes `idle` if that was the last.
+    fn refuse_event(&self) {
+        if self.held_events.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
         }
     }
 

@@ -747,7 +747,18 @@ fn http_handler_errors_name_the_key_and_line() {
         // serde_yaml places a custom error at its list entry; the message names the key
         (
             "      concurrency: 0\n",
-            "concurrency must be at least 1",
+            "concurrency must be between 1 and 4096",
+            9,
+        ),
+        (
+            "      concurrency: 100000\n",
+            "concurrency must be between 1 and 4096",
+            9,
+        ),
+        ("      timeout: 30days\n", "timeout must be at most 1h", 9),
+        (
+            "      queue: 99999999\n",
+            "queue must be at most 1000000",
             9,
         ),
         ("      pass_headers: [cookie]\n", "carries credentials", 9),
