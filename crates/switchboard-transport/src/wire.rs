@@ -105,7 +105,7 @@ impl Wire {
         let mut session = lock(tls);
         loop {
             match session.reader().read(buf) {
-                // The client's close_notify: the end of the stream.
+                // Decrypted bytes; 0 at the client's close_notify, the end of the stream.
                 Ok(n) => return Ok((n, false)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok((0, false)),
