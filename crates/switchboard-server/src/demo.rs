@@ -25,7 +25,7 @@ const CLIENT_JS: &str = include_str!("../assets/switchboard-client.js");
 /// Used only by `serve --demo` when the secret variable is unset.
 const DEMO_SECRET: &str = "switchboard-demo-secret-not-for-production";
 /// Used only by `serve --demo` when an HTTP handler's secret variable is unset (the Python
-/// backend, `examples/http-handlers/backend.py`, falls back to the same).
+/// backend, `examples/http-handlers/backend.py --demo`, falls back to the same).
 const DEMO_HANDLER_SECRET: &str = "switchboard-demo-handler-secret-not-for-production";
 /// Used only by `serve --demo` when the server API's key variable is unset (likewise).
 const DEMO_API_KEY: &str = "switchboard-demo-api-key-not-for-production";
