@@ -1076,8 +1076,9 @@ const SECTIONS: &[Section] = &[
                 "Most events waiting for a free request slot; when it is full an answerable event \
                  gets the error frame `handler queue full` at once. `0`: nothing waits; at most \
                  1,000,000. Events that wait for no answer (`onclose`) count against \
-                 `queue_bytes` and 64 times this count instead, so a mass disconnect or a \
-                 shutdown still sends every close.",
+                 `queue_bytes` and 64 times this count of all events held instead, so a mass \
+                 disconnect or a shutdown still sends every close, and a backlog of closes \
+                 never refuses a socket's messages.",
                 Some("64"),
             ),
             key(

@@ -173,6 +173,9 @@ struct Endpoint {
     queue: flume::Sender<Job>,
     held_bytes: AtomicUsize,
     held_events: AtomicUsize,
+    /// Of those, the events a socket waits for an answer to: only these count against
+    /// `concurrency + queue`, so a backlog of closes never refuses a socket's next message.
+    held_answered: AtomicUsize,
     per_socket: Mutex<HashMap<u64, usize>>,
     metrics: EndpointMetrics,
     idle: Arc<Notify>,
@@ -224,6 +227,7 @@ impl HttpHandlers {
                 queue: tx,
                 held_bytes: AtomicUsize::new(0),
                 held_events: AtomicUsize::new(0),
+                held_answered: AtomicUsize::new(0),
                 per_socket: Mutex::new(HashMap::new()),
                 idle: idle.clone(),
                 options,
@@ -358,24 +362,27 @@ impl Endpoint {
 
     /// Takes `job` in within every bound, or hands back its way back.
     ///
-    /// An event that waits for an answer counts against `concurrency + queue` events; one
-    /// without (`onclose`) only against `queue_bytes` and a count 64 times larger, so that a
-    /// mass disconnect or a shutdown still sends every socket's close within the byte bound.
+    /// An event that waits for an answer counts against `concurrency + queue` answerable
+    /// events; one without (`onclose`) against all events held, 64 times that count, so that
+    /// a mass disconnect or a shutdown still sends every socket's close, and a backlog of
+    /// closes never refuses a socket's messages. Both count against `queue_bytes`.
     fn admit(&self, job: Job) -> Result<(), Option<Message>> {
+        let answered = job.way_back.is_some();
         let most = self.options.concurrency.saturating_add(self.options.queue);
-        let most = if job.way_back.is_some() {
-            most
+        let held = self.held_events.fetch_add(1, Ordering::AcqRel);
+        let over = if answered {
+            self.held_answered.fetch_add(1, Ordering::AcqRel) >= most
         } else {
-            most.saturating_mul(64)
+            held >= most.saturating_mul(64)
         };
-        if self.held_events.fetch_add(1, Ordering::AcqRel) >= most {
-            self.refuse_event();
+        if over {
+            self.refuse_event(answered);
             return Err(job.way_back);
         }
         let bytes = job.body.len();
         if self.held_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > self.options.queue_bytes {
             self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            self.refuse_event();
+            self.refuse_event(answered);
             return Err(job.way_back);
         }
         if let Some(conn) = job.connection {
@@ -384,7 +391,7 @@ impl Endpoint {
             if *n >= self.options.per_socket {
                 drop(per_socket);
                 self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                self.refuse_event();
+                self.refuse_event(answered);
                 return Err(job.way_back);
             }
             *n += 1;
@@ -400,8 +407,11 @@ impl Endpoint {
         }
     }
 
-    /// Takes back the count of an event just refused; wakes `idle` if that was the last.
-    fn refuse_event(&self) {
+    /// Takes back the counts of an event just refused; wakes `idle` if that was the last.
+    fn refuse_event(&self, answered: bool) {
+        if answered {
+            self.held_answered.fetch_sub(1, Ordering::AcqRel);
+        }
         if self.held_events.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle.notify_waiters();
         }
@@ -410,6 +420,9 @@ impl Endpoint {
     /// Gives back what `job` held.
     fn release(&self, job: &Job) {
         self.held_bytes.fetch_sub(job.body.len(), Ordering::AcqRel);
+        if job.way_back.is_some() {
+            self.held_answered.fetch_sub(1, Ordering::AcqRel);
+        }
         if let Some(conn) = job.connection {
             let mut per_socket = lock(&self.per_socket);
             if let Some(n) = per_socket.get_mut(&conn) {

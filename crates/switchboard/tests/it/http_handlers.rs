@@ -209,6 +209,46 @@ async fn a_full_queue_answers_at_once_and_one_socket_cannot_fill_it_for_others()
     ));
 }
 
+/// A backlog of closes waiting for a slow endpoint does not refuse the messages of the
+/// sockets still open: only answerable events count against `concurrency + queue`.
+#[tokio::test]
+async fn a_backlog_of_closes_does_not_refuse_the_next_message() {
+    let backend = HttpBackend::start(|r: &Request| {
+        if r.topic() == "socket:close" {
+            Answer::raw(200, "{}").after(Duration::from_millis(400))
+        } else {
+            by_type(r)
+        }
+    })
+    .await;
+    // Room for 3 answerable events (1 in flight, 2 waiting).
+    let gw = gateway(&backend, "      concurrency: 1\n      queue: 2\n").await;
+    let mut leaving = Vec::new();
+    for user in ["a", "b", "c", "d"] {
+        let mut c = gw.connect(user, None).await;
+        assert_eq!(c.recv().await["type"], "onconnect");
+        leaving.push(c);
+    }
+    let mut sam = gw.connect("sam", None).await;
+    assert_eq!(sam.recv().await["type"], "onconnect");
+    for c in &mut leaving {
+        c.close(1000).await;
+    }
+    let held = "switchboard_http_handler_held_events{endpoint=\"test-backend\"} 4";
+    wait_until("4 closes held", Duration::from_secs(5), || {
+        gw.metrics_text().contains(held)
+    })
+    .await;
+    // More events than `concurrency + queue` are held, yet the message is taken: it waits
+    // behind the closes and is answered.
+    sam.send(json!({"type": "say", "payload": 7})).await;
+    assert_eq!(sam.recv().await["payload"], json!({"echo": 7}));
+    wait_until("every close sent", Duration::from_secs(10), || {
+        backend.on_topic("socket:close").len() == 4
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_listed_headers_of_the_upgrade_request_are_passed_along_and_no_others() {
     let backend = HttpBackend::start(by_type).await;
