@@ -327,8 +327,8 @@ impl SocketState {
         let mut guard = lock(&self.out);
         let outbox = &mut *guard;
         loop {
-            if self.wire.is_tls() && self.wire.has_pending_output() {
-                // Records encrypted earlier go first.
+            if self.wire.is_tls() {
+                // Records encrypted earlier go first (nothing to do when none wait).
                 let mut wrote = false;
                 let flushed = self.wire.flush_output(&mut wrote);
                 outbox.progressed |= wrote;

@@ -175,11 +175,17 @@ pub(super) fn cpu_list(cores: &[usize]) -> String {
 
 /// The cores `pid` (or this process) may run on, as `/proc/PID/status` lists them.
 pub(super) fn allowed_list(pid: Option<u32>) -> Option<String> {
+    status_field(pid, "Cpus_allowed_list")
+}
+
+/// A field of `/proc/PID/status` (of this process without a PID), trimmed: `VmRSS` gives
+/// `5120 kB`.
+pub(super) fn status_field(pid: Option<u32>, name: &str) -> Option<String> {
     let path = pid.map_or("/proc/self/status".into(), |p| format!("/proc/{p}/status"));
     std::fs::read_to_string(path)
         .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .map(|v| v.trim().to_string())
 }
 

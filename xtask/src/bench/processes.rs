@@ -86,10 +86,7 @@ impl Running {
     }
 
     pub(super) fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
+        super::pinning::status_field(Some(self.pid()), "VmRSS")?
             .split_whitespace()
             .next()?
             .parse()

@@ -56,12 +56,19 @@ async fn tls_harness(tls: &ServerTls) -> Harness {
     .await
 }
 
-#[tokio::test]
-async fn wss_echoes_and_refuses_clients_that_do_not_trust_the_certificate() {
+/// A TLS server with a certificate from a new CA: the files' folder (kept while the test
+/// runs), the CA, the server.
+async fn trusted_server() -> (tempfile::TempDir, TestCa, Harness) {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new();
     let tls = ServerTls::load(ca.write_server_files(dir.path(), "server")).unwrap();
     let h = tls_harness(&tls).await;
+    (dir, ca, h)
+}
+
+#[tokio::test]
+async fn wss_echoes_and_refuses_clients_that_do_not_trust_the_certificate() {
+    let (_dir, ca, h) = trusted_server().await;
 
     let (mut ws, _) = connect(&h, ca.client_config()).await.unwrap();
     echo(&mut ws, "hello over TLS").await;
@@ -85,10 +92,7 @@ async fn wss_echoes_and_refuses_clients_that_do_not_trust_the_certificate() {
 
 #[tokio::test]
 async fn large_messages_cross_tls_whole_and_in_order_both_ways() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
-    let tls = ServerTls::load(ca.write_server_files(dir.path(), "server")).unwrap();
-    let h = tls_harness(&tls).await;
+    let (_dir, ca, h) = trusted_server().await;
     let (ws, _) = connect(&h, ca.client_config()).await.unwrap();
     let (mut tx, mut rx) = ws.split();
     // 40 messages of up to 1 MiB each, sent without waiting: the server's echoes go through
