@@ -1,6 +1,5 @@
 //! The embedded bus: topics map to handlers in this process.
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, RwLock};
 use std::task::{Context as TaskContext, Poll, Waker};
@@ -23,7 +22,8 @@ type Handlers = Arc<[Arc<dyn Handler>]>;
 /// [`Reply::HandlerFailed`], and nothing else is affected.
 #[derive(Default)]
 pub struct InProcessBus {
-    topics: RwLock<HashMap<Arc<str>, Handlers>>,
+    // foldhash: topics are looked up per publish, and the table is the subscribers', not input.
+    topics: RwLock<foldhash::HashMap<Arc<str>, Handlers>>,
 }
 
 impl std::fmt::Debug for InProcessBus {

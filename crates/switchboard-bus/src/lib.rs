@@ -47,12 +47,13 @@ pub struct Context {
     /// The connection that caused the message, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_id: Option<u64>,
-    /// The verified username of that connection.
+    /// The verified username of that connection. Shared text: a gateway hands every message
+    /// of a socket the same string instead of a copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
+    pub username: Option<Arc<str>>,
     /// The namespace the connection asked for (also at `params.namespace`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
+    pub namespace: Option<Arc<str>>,
     /// The upgrade request's headers that the gateway is configured to pass on
     /// (`socket.context_headers`), lower-case names; the verified JWT claims at `jwt`.
     #[serde(default)]
@@ -67,8 +68,8 @@ impl Context {
     /// (which a gateway shares between the messages of one socket).
     pub fn for_connection(
         connection_id: u64,
-        username: impl Into<String>,
-        namespace: Option<String>,
+        username: impl Into<Arc<str>>,
+        namespace: Option<Arc<str>>,
         headers: impl Into<JsonObject>,
         params: impl Into<JsonObject>,
     ) -> Self {
@@ -80,6 +81,12 @@ impl Context {
             params: params.into(),
         }
     }
+}
+
+/// The empty context, one shared allocation for every message that has no sender.
+fn empty_context() -> Arc<Context> {
+    static EMPTY: std::sync::OnceLock<Arc<Context>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(Arc::default).clone()
 }
 
 /// What a handler answers to the sender of a message.
@@ -124,10 +131,16 @@ impl fmt::Debug for Message {
 impl Message {
     /// A message with empty context and nobody to reply to (what [`Producer::send`] makes).
     pub fn new(topic: impl Into<Arc<str>>, data: Value) -> Self {
+        Self::shared(topic.into(), Arc::new(data), empty_context())
+    }
+
+    /// A message made of already-shared parts, with nobody to reply to: what a gateway
+    /// publishes for every socket message, without allocating anything it then replaces.
+    pub fn shared(topic: Arc<str>, data: Arc<Value>, context: Arc<Context>) -> Self {
         Message {
-            topic: topic.into(),
-            data: Arc::new(data),
-            context: Arc::default(),
+            topic,
+            data,
+            context,
             reply_to: None,
         }
     }

@@ -120,7 +120,11 @@ fn deliver(registry: &Sockets, msg: &Message, target: Target<'_>, out: &Counter)
     // The handles are gathered first and written to afterwards: each write is a system call,
     // and the registry's shard locks, which connects and disconnects wait on, must not be
     // held across thousands of them.
-    let mut sockets = Vec::with_capacity(registry.count(target));
+    // A user has a few sockets: counting them first would cost a second lookup.
+    let mut sockets = match target {
+        Target::All | Target::Namespace(_) => Vec::with_capacity(registry.count(target)),
+        _ => Vec::new(),
+    };
     registry.for_each(target, |_, socket| sockets.push(socket.clone()));
     // A full queue closes that socket only; the others still get the frame.
     let queued = fan_out(&sockets, &frame, fan_out_threads(sockets.len()));

@@ -1,14 +1,12 @@
 //! The spec's semantics on top of the transport: what is published when, and what the
 //! client sees of replies and failures.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
-use serde::Serialize;
 use serde_json::{json, Map, Value};
 use switchboard_bus::{Bus, Context, JsonObject, Message, Reply, ReplyTo};
 use switchboard_core::http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
@@ -57,7 +55,9 @@ const MAX_REFRESH_TOKEN: usize = 16 * 1024;
 pub(crate) struct Hooks {
     pub(crate) onconnect: Option<Arc<str>>,
     pub(crate) onmessage: Option<Route>,
-    pub(crate) types: HashMap<String, Route>,
+    /// Looked up per message by the client's `type`; the table is fixed at start-up, so a
+    /// fast hash (foldhash) is safe here: lookups cannot grow or skew it.
+    pub(crate) types: foldhash::HashMap<String, Route>,
     pub(crate) onclose: Option<Arc<str>>,
 }
 
@@ -144,8 +144,8 @@ impl Session {
         let headers = lock(&self.headers).clone();
         Arc::new(Context::for_connection(
             self.id.0,
-            &*self.username,
-            self.namespace.as_deref().map(String::from),
+            self.username.clone(),
+            self.namespace.clone(),
             JsonObject::from_json_text(headers),
             JsonObject::from_json_text(self.params.clone()),
         ))
@@ -162,18 +162,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Encodes `{"type": kind, "payload": payload}` once, for any number of sockets: the wire
-/// shape of every frame the gateway sends (replies, `send`, `broadcast`, error frames).
-pub fn encode_frame(kind: &str, payload: &Value) -> Bytes {
-    #[derive(Serialize)]
-    struct Frame<'a> {
-        #[serde(rename = "type")]
-        kind: &'a str,
-        payload: &'a Value,
-    }
-    // Serializing a `Value` with string keys cannot fail.
-    Bytes::from(serde_json::to_vec(&Frame { kind, payload }).unwrap_or_default())
-}
+pub use crate::outbound::encode_frame;
 
 fn error_frame(payload: &Value) -> Bytes {
     encode_frame("error", payload)
@@ -674,11 +663,12 @@ impl Service for Gateway {
                 return;
             }
         };
-        if message.message_type() == REFRESH_TYPE {
+        let kind = message.message_type();
+        if kind == REFRESH_TYPE {
             return self.refresh(s, &message.into_data());
         }
         GatewayStats::bump(&self.stats().messages_in);
-        let typed_topic = self.hooks.types.get(message.message_type());
+        let typed_topic = self.hooks.types.get(kind);
         if typed_topic.is_none() && self.hooks.onmessage.is_none() {
             return; // no topic for it
         }
@@ -689,9 +679,7 @@ impl Service for Gateway {
         let publish = |route: &Route| {
             route.messages_in.inc();
             self.publish(
-                Message::new(route.topic.clone(), Value::Null)
-                    .with_shared_data(data.clone())
-                    .with_context(context.clone())
+                Message::shared(route.topic.clone(), data.clone(), context.clone())
                     .with_reply_to(reply_to.clone()),
             )
         };

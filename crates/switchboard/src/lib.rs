@@ -75,6 +75,7 @@ mod inbound;
 mod jwks;
 mod listener;
 mod metrics;
+mod outbound;
 mod presence;
 mod rate;
 mod stats;

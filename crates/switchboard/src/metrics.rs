@@ -8,7 +8,6 @@
 //! - series read at scrape time from the counters the gateway and the transport keep anyway
 //!   ([`crate::Stats`]) and from the registry (sockets open, by namespace, top N).
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 
@@ -106,7 +105,8 @@ pub(crate) struct ErrorFrames {
 /// scrape endpoint.
 pub(crate) struct Metrics {
     families: Arc<Families>,
-    topics: HashMap<Arc<str>, TopicMetrics>,
+    // Looked up per reply and delivery: foldhash, not SipHash (the keys come from the config).
+    topics: foldhash::HashMap<Arc<str>, TopicMetrics>,
     other: TopicMetrics,
     pub(crate) errors: ErrorFrames,
 }

@@ -117,29 +117,34 @@ async fn serve(
     }
 
     let p = producer.clone();
+    let send_topic: Arc<str> = Arc::from("socket:send");
     container.add_handler("bench:send", move |msg: Message| {
         let p = p.clone();
+        let send_topic = send_topic.clone();
         async move {
             let data = msg.data();
             let Some(to) = data.get("to").and_then(Value::as_str) else {
                 msg.fail(json!({"message": "send needs a string `to`"}));
                 return Ok(());
             };
-            p.send(
-                "socket:send",
+            // `publish` moves the value; `send` would serialize it into a new one.
+            p.publish(Message::new(
+                send_topic.clone(),
                 json!({"username": to, "type": "bench.send", "payload": data["payload"]}),
-            )
+            ))
         }
     })?;
 
     let p = producer;
+    let broadcast_topic: Arc<str> = Arc::from("socket:broadcast");
     container.add_handler("bench:broadcast", move |msg: Message| {
         let p = p.clone();
+        let broadcast_topic = broadcast_topic.clone();
         async move {
-            p.send(
-                "socket:broadcast",
+            p.publish(Message::new(
+                broadcast_topic.clone(),
                 json!({"type": "bench.broadcast", "payload": msg.data()["payload"]}),
-            )
+            ))
         }
     })?;
 
