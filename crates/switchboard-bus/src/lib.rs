@@ -422,6 +422,10 @@ impl Producer {
     }
 
     /// Publishes `data` on `topic`, with an empty context and nobody to reply to.
+    ///
+    /// `data` is serialized into a new JSON value, even when it is one already. On a hot path,
+    /// publish a [`Value`] you own without that copy, and with a topic you keep as an
+    /// `Arc<str>`: `producer.publish(Message::new(topic.clone(), value))`.
     pub fn send(&self, topic: &str, data: impl Serialize) -> Result<(), PublishError> {
         match serde_json::to_value(data) {
             Ok(v) => self.bus.publish(Message::new(topic, v)),
