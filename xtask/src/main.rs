@@ -55,6 +55,9 @@ enum Task {
     Fuzz(fuzz::Args),
     /// Load benchmark vs ws-node and uws-node (--smoke: CI's; --help)
     Bench(Box<bench::Args>),
+    /// User-space instructions per frame the bench server sends, counted by callgrind: the
+    /// figure to compare two builds by (--help)
+    Instructions(bench::InstructionsArgs),
     /// Install missing system tools (curl)
     Deps,
 }
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Task::Fuzz(args) => fuzz::fuzz(&args),
         // The report quotes the command's words as given.
         Task::Bench(args) => bench::run(&args, &std::env::args().skip(2).collect::<Vec<_>>()),
+        Task::Instructions(args) => bench::instructions(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,7 @@
 //! cluster: two nats-servers routed to each other, the node on one, the publisher on the other.
 
 mod client;
+mod instructions;
 mod options;
 mod pinning;
 mod processes;
@@ -29,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+pub(crate) use instructions::{run as instructions, InstructionsArgs};
 pub(crate) use options::Args;
 
 use crate::run as cmd;
