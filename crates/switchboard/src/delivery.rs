@@ -22,9 +22,12 @@ pub(crate) fn send_handler(
     registry: Sockets,
     out: Counter,
 ) -> impl Fn(Message) -> Ready<()> + Send + Sync {
-    move |msg: Message| match user_target(msg.data(), "send needs a string `username`") {
-        Ok(target) => deliver(&registry, &msg, target, &out),
-        Err(e) => refuse(&msg, e),
+    move |msg: Message| {
+        let fields = Fields::of(msg.data());
+        match fields.user_target("send needs a string `username`") {
+            Ok(target) => deliver(&registry, &msg, &fields, target, &out),
+            Err(e) => refuse(&msg, e),
+        }
     }
 }
 
@@ -35,25 +38,51 @@ pub(crate) fn broadcast_handler(
     out: Counter,
 ) -> impl Fn(Message) -> Ready<()> + Send + Sync {
     move |msg: Message| {
-        let target = match optional_str(msg.data(), "namespace") {
+        let fields = Fields::of(msg.data());
+        let target = match optional(fields.namespace, NAMESPACE_NOT_A_STRING) {
             Ok(Some(ns)) => Target::Namespace(ns),
             Ok(None) => Target::All,
             Err(e) => return refuse(&msg, e),
         };
-        deliver(&registry, &msg, target, &out)
+        deliver(&registry, &msg, &fields, target, &out)
     }
 }
 
-/// `{username, namespace?}`: that user's sockets, in that namespace if given.
-fn user_target<'v>(data: &'v Value, no_user: &'static str) -> Result<Target<'v>, &'static str> {
-    let username = data
-        .get("username")
-        .and_then(Value::as_str)
-        .ok_or(no_user)?;
-    Ok(match optional_str(data, "namespace")? {
-        Some(ns) => Target::UserInNamespace(username, ns),
-        None => Target::User(username),
-    })
+/// The fields a delivery reads, found in one pass over the object's few entries (looking
+/// each up by key cost more: a string comparison per step of each search).
+#[derive(Default)]
+struct Fields<'v> {
+    username: Option<&'v Value>,
+    namespace: Option<&'v Value>,
+    kind: Option<&'v Value>,
+    payload: Option<&'v Value>,
+}
+
+impl<'v> Fields<'v> {
+    fn of(data: &'v Value) -> Self {
+        let mut fields = Fields::default();
+        if let Value::Object(map) = data {
+            for (key, value) in map {
+                match key.as_str() {
+                    "username" => fields.username = Some(value),
+                    "namespace" => fields.namespace = Some(value),
+                    "type" => fields.kind = Some(value),
+                    "payload" => fields.payload = Some(value),
+                    _ => {}
+                }
+            }
+        }
+        fields
+    }
+
+    /// `{username, namespace?}`: that user's sockets, in that namespace if given.
+    fn user_target(&self, no_user: &'static str) -> Result<Target<'v>, &'static str> {
+        let username = self.username.and_then(Value::as_str).ok_or(no_user)?;
+        Ok(match optional(self.namespace, NAMESPACE_NOT_A_STRING)? {
+            Some(ns) => Target::UserInNamespace(username, ns),
+            None => Target::User(username),
+        })
+    }
 }
 
 /// Close code of a `disconnect` that names none.
@@ -69,7 +98,7 @@ pub(crate) fn disconnect_handler(
 ) -> impl Fn(Message) -> Ready<()> + Send + Sync {
     move |msg: Message| {
         let data = msg.data();
-        let target = match user_target(data, "disconnect needs a string `username`") {
+        let target = match Fields::of(data).user_target("disconnect needs a string `username`") {
             Ok(target) => target,
             Err(e) => return refuse(&msg, e),
         };
@@ -85,7 +114,7 @@ pub(crate) fn disconnect_handler(
                 }
             },
         };
-        let reason = match optional_str(data, "reason") {
+        let reason = match optional(data.get("reason"), "`reason` must be a string") {
             Ok(reason) => reason.unwrap_or("disconnected by the server"),
             Err(e) => return refuse(&msg, e),
         };
@@ -111,12 +140,17 @@ pub(crate) fn server_may_send(code: u16) -> bool {
     matches!(code, 1000 | 1001 | 1008 | 1011 | 3000..=4999)
 }
 
-fn deliver(registry: &Sockets, msg: &Message, target: Target<'_>, out: &Counter) -> Ready<()> {
-    let data = msg.data();
-    let Some(kind) = data.get("type").and_then(Value::as_str) else {
+fn deliver(
+    registry: &Sockets,
+    msg: &Message,
+    fields: &Fields<'_>,
+    target: Target<'_>,
+    out: &Counter,
+) -> Ready<()> {
+    let Some(kind) = fields.kind.and_then(Value::as_str) else {
         return refuse(msg, "delivery needs a string `type`");
     };
-    let frame = encode_frame(kind, data.get("payload").unwrap_or(&Value::Null));
+    let frame = encode_frame(kind, fields.payload.unwrap_or(&Value::Null));
     // The handles are gathered first and written to afterwards: each write is a system call,
     // and the registry's shard locks, which connects and disconnects wait on, must not be
     // held across thousands of them.
@@ -192,13 +226,20 @@ fn split_over_threads<T: Sync>(items: &[T], threads: usize, f: impl Fn(&T) -> bo
     })
 }
 
-fn optional_str<'v>(data: &'v Value, key: &str) -> Result<Option<&'v str>, &'static str> {
-    match data.get(key) {
+/// An optional string field: absent or `null` is `None`; anything else but a string is
+/// refused with `not_a_string`.
+fn optional<'v>(
+    value: Option<&'v Value>,
+    not_a_string: &'static str,
+) -> Result<Option<&'v str>, &'static str> {
+    match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err("`namespace` must be a string"),
+        Some(_) => Err(not_a_string),
     }
 }
+
+const NAMESPACE_NOT_A_STRING: &str = "`namespace` must be a string";
 
 fn refuse(msg: &Message, why: &str) -> Ready<()> {
     tracing::warn!(topic = msg.topic(), "{why}; message dropped");

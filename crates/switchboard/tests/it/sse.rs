@@ -7,7 +7,8 @@ use serde_json::json;
 use switchboard::Message;
 use switchboard_test_support::sse::{self as sse_client, SseClient, SseEvent};
 use switchboard_test_support::{
-    container, next_published, recorder, spec_config, start, token, websocket, Gateway, Kind,
+    container, next_published, recorder, spec_config, start, token, wait_until, websocket, Gateway,
+    Kind,
 };
 
 fn sse_config() -> switchboard::Config {
@@ -221,7 +222,13 @@ async fn a_client_that_takes_nothing_between_two_heartbeats_is_cut_off() {
     }
     gw.wait_for_sockets(0).await;
     assert_eq!(gw.stats().transport.slow_consumers, 1);
-    assert_eq!(gw.stats().transport.buffered_bytes, 0);
+    // Its queue was dropped at once; the close event (a few dozen bytes) stays counted until
+    // the stream takes it or the close timeout cuts the connection, which happens after the
+    // session has left the registry.
+    wait_until("nothing held", Duration::from_secs(15), || {
+        gw.stats().transport.buffered_bytes == 0
+    })
+    .await;
     drop(sse);
 }
 
