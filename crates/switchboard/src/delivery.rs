@@ -251,6 +251,51 @@ fn refuse(msg: &Message, why: &str) -> Ready<()> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::Mutex;
+    use switchboard_bus::{Reply, ReplyTo};
+
+    /// The errors a publisher hears back for `data` from send, broadcast and disconnect.
+    fn refusals(data: Value) -> Vec<String> {
+        #[derive(Default)]
+        struct Heard(Mutex<Vec<String>>);
+        impl ReplyTo for Heard {
+            fn deliver(&self, _topic: &str, reply: Reply) {
+                if let Reply::Fail(e) = reply {
+                    let text = e["message"].as_str().unwrap_or_default().to_string();
+                    self.0.lock().unwrap().push(text);
+                }
+            }
+        }
+        let registry: Sockets = Arc::default();
+        let heard = Arc::new(Heard::default());
+        let msg = Message::new("t", data).with_reply_to(heard.clone());
+        let _ = send_handler(registry.clone(), Counter::default())(msg.clone());
+        let _ = broadcast_handler(registry.clone(), Counter::default())(msg.clone());
+        let _ = disconnect_handler(registry, Counter::default())(msg);
+        let heard = heard.0.lock().unwrap().clone();
+        heard
+    }
+
+    #[test]
+    fn each_bad_field_is_named_in_the_refusal() {
+        let namespace = "`namespace` must be a string";
+        assert_eq!(
+            refusals(json!({"username": "a", "type": "t", "namespace": 1})),
+            [namespace, namespace, namespace]
+        );
+        assert_eq!(
+            refusals(json!({"namespace": "n", "reason": 1})),
+            [
+                "send needs a string `username`",
+                "delivery needs a string `type`",
+                "disconnect needs a string `username`",
+            ]
+        );
+        assert_eq!(
+            refusals(json!({"username": "a", "type": "t", "reason": 1})),
+            ["`reason` must be a string"]
+        );
+    }
 
     #[test]
     fn every_item_is_visited_once_whatever_the_split() {
