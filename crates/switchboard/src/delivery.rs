@@ -270,8 +270,12 @@ mod tests {
         let heard = Arc::new(Heard::default());
         let msg = Message::new("t", data).with_reply_to(heard.clone());
         // The handlers do their work when called; their futures are already ready.
-        drop(send_handler(registry.clone(), Counter::default())(msg.clone()));
-        drop(broadcast_handler(registry.clone(), Counter::default())(msg.clone()));
+        drop(send_handler(registry.clone(), Counter::default())(
+            msg.clone(),
+        ));
+        drop(broadcast_handler(registry.clone(), Counter::default())(
+            msg.clone(),
+        ));
         drop(disconnect_handler(registry, Counter::default())(msg));
         let heard = heard.0.lock().unwrap().clone();
         heard

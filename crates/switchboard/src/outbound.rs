@@ -23,21 +23,31 @@ thread_local! {
 /// Encodes `{"type": kind, "payload": payload}` once, for any number of sockets: the wire
 /// shape of every frame the gateway sends (replies, `send`, `broadcast`, error frames).
 pub fn encode_frame(kind: &str, payload: &Value) -> Bytes {
-    SCRATCH.with(|scratch| {
+    let from_scratch = SCRATCH.try_with(|scratch| {
         // Nothing below calls out of this module, so the buffer is never borrowed twice.
         let mut buf = scratch.borrow_mut();
         buf.clear();
-        buf.extend_from_slice(b"{\"type\":");
-        write_str(&mut buf, kind);
-        buf.extend_from_slice(b",\"payload\":");
-        write_value(&mut buf, payload);
-        buf.push(b'}');
+        write_frame(&mut buf, kind, payload);
         let frame = Bytes::copy_from_slice(&buf);
         if buf.capacity() > KEEP_SCRATCH {
             *buf = Vec::new(); // one huge frame does not pin its size on this thread
         }
         frame
+    });
+    // A thread that is ending has no scratch buffer left: a buffer of the frame's own.
+    from_scratch.unwrap_or_else(|_| {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, kind, payload);
+        Bytes::from(buf)
     })
+}
+
+fn write_frame(buf: &mut Vec<u8>, kind: &str, payload: &Value) {
+    buf.extend_from_slice(b"{\"type\":");
+    write_str(buf, kind);
+    buf.extend_from_slice(b",\"payload\":");
+    write_value(buf, payload);
+    buf.push(b'}');
 }
 
 /// Appends `value` as compact JSON text.

@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{ArgAction, Parser, ValueEnum};
 
@@ -195,11 +195,13 @@ fn count_one(args: &InstructionsArgs, server_bin: &Path, kind: Kind, floor: bool
     );
     // The client says so on stderr once its sockets are open (broadcast: answered).
     let said = lines(client.0.stderr.take().expect("piped stderr"));
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        match said.recv_timeout(Duration::from_secs(180)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match said.recv_timeout(left) {
             Ok(line) if line.contains(" open in ") || line.contains(" answered in ") => break,
             Ok(_) => {}
-            Err(_) => return Err("bench-client did not open its sockets".into()),
+            Err(_) => return Err("bench-client did not open its sockets within 180 s".into()),
         }
     }
     std::thread::sleep(Duration::from_secs(2));
@@ -209,12 +211,19 @@ fn count_one(args: &InstructionsArgs, server_bin: &Path, kind: Kind, floor: bool
     callgrind_control(&["-d", &pid])?;
     callgrind_control(&["-i", "off", &pid])?;
     drop(client);
-    drop(server);
+    server.stop();
+    // Every function, however small its share: `send` itself is a fraction of a percent.
     let annotated = Command::new("callgrind_annotate")
-        .args(["--tree=caller"])
+        .args(["--tree=caller", "--threshold=100"])
         .arg(dump.with_extension("out.1"))
         .output()
         .map_err(|e| format!("callgrind_annotate: {e}"))?;
+    if !annotated.status.success() {
+        return Err(format!(
+            "callgrind_annotate failed: {}",
+            String::from_utf8_lossy(&annotated.stderr).trim()
+        ));
+    }
     parse_annotation(&String::from_utf8_lossy(&annotated.stdout))
 }
 
@@ -251,14 +260,21 @@ fn parse_annotation(text: &str) -> Result<Count> {
     })
 }
 
-/// Calls `callgrind_control` (bounded).
+/// Calls `callgrind_control` (bounded); fails if it does.
 fn callgrind_control(args: &[&str]) -> Result {
     let mut child = Command::new("callgrind_control")
         .args(args)
         .stdout(Stdio::null())
         .spawn()
         .map_err(|e| format!("callgrind_control: {e}"))?;
-    wait_bounded(&mut child, Duration::from_secs(30)).map(|_| ())
+    let status = wait_bounded(&mut child, Duration::from_secs(30))?;
+    if !status.success() {
+        return Err(format!(
+            "callgrind_control {} failed ({status})",
+            args.join(" ")
+        ));
+    }
+    Ok(())
 }
 
 /// The lines a child writes, on a channel.
@@ -274,6 +290,21 @@ fn lines(from: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
 
 /// A child killed by PID when dropped.
 struct Killed(Child);
+
+impl Killed {
+    /// Asks the child to stop (SIGTERM, so that valgrind removes its vgdb pipes from /tmp),
+    /// then kills it if it has not within 10 s.
+    fn stop(mut self) {
+        let asked = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        if asked {
+            let _ = wait_bounded(&mut self.0, Duration::from_secs(10));
+        }
+        // Dropped here: killed, if it is still running.
+    }
+}
 
 impl Drop for Killed {
     fn drop(&mut self) {
