@@ -7,11 +7,10 @@
 //! the first to expire.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use serde_json::Value;
-use switchboard_bus::{Context, Message};
+use switchboard_bus::Message;
 use tokio::time::Instant;
 
 /// How many published events wait for an answer, and their size on the wire.
@@ -44,9 +43,6 @@ pub(crate) struct Answers {
     max: usize,
 }
 
-static NO_DATA: LazyLock<Arc<Value>> = LazyLock::new(|| Arc::new(Value::Null));
-static NO_CONTEXT: LazyLock<Arc<Context>> = LazyLock::new(Arc::default);
-
 impl Answers {
     pub(crate) fn new(timeout: Duration, max: usize) -> Self {
         Answers {
@@ -61,10 +57,7 @@ impl Answers {
 
     /// Registers `msg` (of `bytes` on the wire) and returns its id; `None` when full.
     pub(crate) fn register(&self, msg: &Message, bytes: usize) -> Option<u64> {
-        let way_back = msg
-            .clone()
-            .with_shared_data(NO_DATA.clone())
-            .with_context(NO_CONTEXT.clone());
+        let way_back = msg.way_back();
         let mut w = lock(&self.waiting);
         if w.by_id.len() >= self.max {
             return None;
@@ -126,9 +119,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Weak;
+    use std::sync::{Arc, Weak};
 
-    use serde_json::json;
+    use serde_json::{json, Value};
     use switchboard_bus::{Reply, ReplyTo};
 
     use super::*;

@@ -89,6 +89,12 @@ fn empty_context() -> Arc<Context> {
     EMPTY.get_or_init(Arc::default).clone()
 }
 
+/// `null`, one shared allocation for every message that carries no data.
+fn no_data() -> Arc<Value> {
+    static NULL: std::sync::OnceLock<Arc<Value>> = std::sync::OnceLock::new();
+    NULL.get_or_init(|| Arc::new(Value::Null)).clone()
+}
+
 /// What a handler answers to the sender of a message.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -194,6 +200,18 @@ impl Message {
     /// The shared context.
     pub fn shared_context(&self) -> &Arc<Context> {
         &self.context
+    }
+
+    /// The topic and the way back only (data `null`, the empty context): what a bus keeps
+    /// while an answer is awaited, so that a pending answer does not hold the event's payload
+    /// and context.
+    pub fn way_back(&self) -> Message {
+        Message {
+            topic: self.topic.clone(),
+            data: no_data(),
+            context: empty_context(),
+            reply_to: self.reply_to.clone(),
+        }
     }
 
     /// True when [`Message::reply`] reaches someone.
@@ -439,5 +457,45 @@ impl Producer {
     /// Publishes a prepared message.
     pub fn publish(&self, msg: Message) -> Result<(), PublishError> {
         self.bus.publish(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Heard(Mutex<Vec<(String, Reply)>>);
+    impl ReplyTo for Heard {
+        fn deliver(&self, topic: &str, reply: Reply) {
+            self.0.lock().unwrap().push((topic.to_string(), reply));
+        }
+    }
+
+    #[test]
+    fn a_way_back_keeps_the_topic_and_the_route_but_not_the_payload() {
+        let heard = Arc::new(Heard::default());
+        let data = Arc::new(serde_json::json!({"big": "x".repeat(1000)}));
+        let context = Arc::new(Context::for_connection(
+            7,
+            "alex",
+            None,
+            serde_json::Map::new(),
+            serde_json::Map::new(),
+        ));
+        let msg =
+            Message::shared("t".into(), data.clone(), context.clone()).with_reply_to(heard.clone());
+        let way_back = msg.way_back();
+        drop(msg);
+        assert_eq!(Arc::strong_count(&data), 1, "the payload is not held");
+        assert_eq!(Arc::strong_count(&context), 1, "nor the context");
+        assert_eq!(way_back.data(), &Value::Null);
+        assert_eq!(way_back.context(), &Context::default());
+        way_back.reply("yes");
+        assert_eq!(
+            *heard.0.lock().unwrap(),
+            [("t".to_string(), Reply::Ok(Value::from("yes")))]
+        );
     }
 }

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -200,9 +200,6 @@ impl std::fmt::Debug for HttpHandlers {
     }
 }
 
-static NO_DATA: LazyLock<Arc<Value>> = LazyLock::new(|| Arc::new(Value::Null));
-static NO_CONTEXT: LazyLock<Arc<Context>> = LazyLock::new(Arc::default);
-
 impl HttpHandlers {
     /// Builds a client per endpoint and starts its `concurrency` workers. Call within a tokio
     /// runtime.
@@ -288,11 +285,7 @@ impl HttpHandlers {
             self.token,
             self.next_id.fetch_add(1, Ordering::Relaxed)
         );
-        let way_back = answered.then(|| {
-            msg.clone()
-                .with_shared_data(NO_DATA.clone())
-                .with_context(NO_CONTEXT.clone())
-        });
+        let way_back = answered.then(|| msg.way_back());
         let job = Job {
             way_back,
             deadline: answered.then(|| Instant::now() + endpoint.options.timeout),
