@@ -511,9 +511,8 @@ impl Container {
                 return Err(e);
             }
         };
-        let draining = Arc::new(AtomicBool::new(false));
         let readiness = Readiness {
-            draining: draining.clone(),
+            draining: Arc::new(AtomicBool::new(false)),
             bus: bus.clone(),
             jwks,
         };
@@ -612,7 +611,6 @@ impl Container {
             admin,
             api,
             prometheus,
-            draining,
             readiness,
             expiries,
             tls: self.tls,
@@ -713,7 +711,7 @@ pub struct Running {
     admin: Option<Listener>,
     api: Option<Listener>,
     prometheus: Arc<prometheus_client::registry::Registry>,
-    draining: Arc<AtomicBool>,
+    /// Whether it can serve (`/readyz`), and the flag shutdown sets first.
     readiness: Readiness,
     expiries: Option<Arc<expiry::Expiries>>,
     tls: Option<ServerTls>,
@@ -816,7 +814,7 @@ impl Running {
     /// up to `drain` for them, then for the bus to send on what they published (within the
     /// same `drain`). `/readyz` answers 503 from the start; the admin listener stops at the end.
     pub async fn shutdown(self, drain: Duration) -> ShutdownReport {
-        self.draining.store(true, Relaxed);
+        self.readiness.draining.store(true, Relaxed);
         let started = std::time::Instant::now();
         let report = self.transports.shutdown(drain).await;
         if let Some(expiries) = &self.expiries {
