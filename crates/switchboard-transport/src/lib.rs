@@ -491,7 +491,8 @@ async fn serve_http<S: Service, I>(
                     // and only until a second before the handshake deadline, so that the
                     // client still gets the service's answer (a refusal, say) rather than a
                     // dropped connection.
-                    if !refused_before_admission(&shared.options, &req) {
+                    let refusal = refusal_before_admission(&shared.options, &req);
+                    if refusal.is_none() {
                         if let Some(prepare) = shared.service.prepare_admit(req.headers()) {
                             let until = deadline
                                 .checked_sub(Duration::from_secs(1))
@@ -499,7 +500,7 @@ async fn serve_http<S: Service, I>(
                             let _ = tokio::time::timeout_at(until, prepare).await;
                         }
                     }
-                    handle_request(shared, req, peer).map(ReplyBody::full)
+                    handle_request(shared, req, peer, refusal).map(ReplyBody::full)
                 }
             };
             // One request per connection: after a refusal (or any plain HTTP answer) the
@@ -547,50 +548,79 @@ async fn serve_http<S: Service, I>(
     }
 }
 
-/// Whether `handle_request` refuses `req` before it reaches the service (another path, not an
-/// upgrade, too large a head, a foreign origin), told without counting anything.
-fn refused_before_admission(options: &TransportOptions, req: &Request<Incoming>) -> bool {
-    req.uri().path() != options.path
-        || req.method() != hyper::Method::GET
-        || !fastwebsockets::upgrade::is_upgrade_request(req)
-        || request_head_len_of(req.uri(), req.method(), req.headers()) > options.max_request_head
-        || !options.origins.allows(req.headers())
+/// Why a request is answered before it reaches [`Service::admit`]: the cheap checks, in
+/// the order they are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Another path: the service's plain HTTP routes answer it.
+    OtherPath,
+    NotAnUpgrade,
+    NotGet,
+    HeadTooLarge,
+    ForeignOrigin,
 }
 
+/// The cheap checks of an upgrade request, made once: the answer (see [`handle_request`])
+/// and whether the service's `prepare_admit` work is worth awaiting both follow from it.
+fn refusal_before_admission(
+    options: &TransportOptions,
+    req: &Request<Incoming>,
+) -> Option<Refusal> {
+    if req.uri().path() != options.path {
+        Some(Refusal::OtherPath)
+    } else if !fastwebsockets::upgrade::is_upgrade_request(req) {
+        Some(Refusal::NotAnUpgrade)
+    } else if req.method() != hyper::Method::GET {
+        Some(Refusal::NotGet)
+    } else if request_head_len_of(req.uri(), req.method(), req.headers()) > options.max_request_head
+    {
+        Some(Refusal::HeadTooLarge)
+    } else if !options.origins.allows(req.headers()) {
+        Some(Refusal::ForeignOrigin)
+    } else {
+        None
+    }
+}
+
+/// Answers `req`, refused already by `refusal` ([`refusal_before_admission`]) or not.
 fn handle_request<S: Service>(
     shared: Arc<Shared<S>>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    refusal: Option<Refusal>,
 ) -> HttpResponse {
-    if req.uri().path() != shared.options.path {
-        let (parts, _body) = req.into_parts();
-        return shared.service.http(&parts);
-    }
-    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        let mut res = plain_response(
-            StatusCode::UPGRADE_REQUIRED,
-            "this endpoint speaks WebSocket only\n",
-        );
-        res.headers_mut()
-            .insert(UPGRADE, HeaderValue::from_static("websocket"));
-        return res;
-    }
-    if req.method() != hyper::Method::GET {
-        return plain_response(StatusCode::METHOD_NOT_ALLOWED, "upgrade requests use GET\n");
+    let stats = &shared.hub.stats;
+    match refusal {
+        None => {}
+        Some(Refusal::OtherPath) => {
+            let (parts, _body) = req.into_parts();
+            return shared.service.http(&parts);
+        }
+        Some(Refusal::NotAnUpgrade) => {
+            let mut res = plain_response(
+                StatusCode::UPGRADE_REQUIRED,
+                "this endpoint speaks WebSocket only\n",
+            );
+            res.headers_mut()
+                .insert(UPGRADE, HeaderValue::from_static("websocket"));
+            return res;
+        }
+        Some(Refusal::NotGet) => {
+            return plain_response(StatusCode::METHOD_NOT_ALLOWED, "upgrade requests use GET\n");
+        }
+        Some(Refusal::HeadTooLarge) => {
+            stats.refused_head_size.fetch_add(1, Relaxed);
+            return plain_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request headers too large\n",
+            );
+        }
+        Some(Refusal::ForeignOrigin) => {
+            stats.refused_origin.fetch_add(1, Relaxed);
+            return plain_response(StatusCode::FORBIDDEN, "origin not allowed\n");
+        }
     }
     let (parts, body) = req.into_parts();
-    let stats = &shared.hub.stats;
-    if request_head_len(&parts) > shared.options.max_request_head {
-        stats.refused_head_size.fetch_add(1, Relaxed);
-        return plain_response(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "request headers too large\n",
-        );
-    }
-    if !shared.options.origins.allows(&parts.headers) {
-        stats.refused_origin.fetch_add(1, Relaxed);
-        return plain_response(StatusCode::FORBIDDEN, "origin not allowed\n");
-    }
     // Reserve a socket slot before the (costlier) admission; released when the socket ends.
     let Some(slot) = SocketSlot::reserve(stats, shared.options.max_connections) else {
         stats.refused_capacity.fetch_add(1, Relaxed);
