@@ -153,13 +153,9 @@ fn deliver(
     let frame = encode_frame(kind, fields.payload.unwrap_or(&Value::Null));
     // The handles are gathered first and written to afterwards: each write is a system call,
     // and the registry's shard locks, which connects and disconnects wait on, must not be
-    // held across thousands of them.
-    // A user has a few sockets: counting them first would cost a second lookup.
-    let mut sockets = match target {
-        Target::All | Target::Namespace(_) => Vec::with_capacity(registry.count(target)),
-        _ => Vec::new(),
-    };
-    registry.for_each(target, |_, socket| sockets.push(socket.clone()));
+    // held across thousands of them. In the order the sockets connected, which the kernel's
+    // caches favour (see `collect_in_order`).
+    let sockets = registry.collect_in_order(target);
     // A full queue closes that socket only; the others still get the frame.
     let queued = fan_out(&sockets, &frame, fan_out_threads(sockets.len()));
     if queued > 0 {
