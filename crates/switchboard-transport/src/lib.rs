@@ -1,4 +1,5 @@
-//! The WebSocket transport of Switchboard: HTTP/1.1 upgrades (hyper 1), frames, a bounded
+//! The WebSocket transport of Switchboard: HTTP/1.1 upgrades (the common one parsed by hand with
+//! `httparse`, everything else through hyper 1), frames, a bounded
 //! send queue per socket, server heartbeats and the close handshake.
 //!
 //! Depend on this crate when you want a fast, careful WebSocket server and will decide
@@ -109,6 +110,7 @@ mod socket;
 mod socket_task;
 mod sockets;
 mod stats;
+mod upgrade;
 mod wire;
 use handshakes::Handshakes;
 use socket::lock;
@@ -121,6 +123,7 @@ pub use switchboard_core::{
     OVER_BUDGET_CODE, SLOW_CONSUMER_CODE,
 };
 pub use switchboard_tls::ServerTls;
+use upgrade::Rewind;
 use wire::Wire;
 
 mod endpoints;
@@ -429,22 +432,34 @@ async fn serve_connection<S: Service>(
 ) {
     let deadline = tokio::time::Instant::now() + shared.options.handshake_timeout;
     match &shared.options.tls {
-        None => serve_http(TokioIo::new(stream), peer, in_progress, shared, deadline).await,
+        None => upgrade::serve_plain(stream, peer, in_progress, shared, deadline).await,
+        // Boxed, as `serve_plain` boxes its hyper path: the plain upgrade's task stays small.
         Some(tls) => {
-            let accepted = tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await;
-            match accepted {
-                Ok(Ok(stream)) => {
-                    serve_http(TokioIo::new(stream), peer, in_progress, shared, deadline).await
-                }
-                Ok(Err(e)) => {
-                    shared.hub.stats.refused_tls.fetch_add(1, Relaxed);
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    shared.hub.stats.refused_tls.fetch_add(1, Relaxed);
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                }
-            }
+            let accept = tls.acceptor().accept(stream);
+            Box::pin(serve_tls(accept, peer, in_progress, shared, deadline)).await
+        }
+    }
+}
+
+/// A TLS connection: its handshake, then its one request (through hyper).
+async fn serve_tls<S: Service>(
+    accept: switchboard_tls::tokio_rustls::Accept<TcpStream>,
+    peer: SocketAddr,
+    in_progress: handshakes::InProgress,
+    shared: Arc<Shared<S>>,
+    deadline: tokio::time::Instant,
+) {
+    match tokio::time::timeout_at(deadline, accept).await {
+        Ok(Ok(stream)) => {
+            serve_http(TokioIo::new(stream), peer, in_progress, shared, deadline).await
+        }
+        Ok(Err(e)) => {
+            shared.hub.stats.refused_tls.fetch_add(1, Relaxed);
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            shared.hub.stats.refused_tls.fetch_add(1, Relaxed);
+            tracing::debug!(%peer, "TLS handshake timed out");
         }
     }
 }
@@ -562,10 +577,7 @@ enum Refusal {
 
 /// The cheap checks of an upgrade request, made once: the answer (see [`handle_request`])
 /// and whether the service's `prepare_admit` work is worth awaiting both follow from it.
-fn refusal_before_admission(
-    options: &TransportOptions,
-    req: &Request<Incoming>,
-) -> Option<Refusal> {
+fn refusal_before_admission<B>(options: &TransportOptions, req: &Request<B>) -> Option<Refusal> {
     if req.uri().path() != options.path {
         Some(Refusal::OtherPath)
     } else if !fastwebsockets::upgrade::is_upgrade_request(req) {
@@ -621,44 +633,27 @@ fn handle_request<S: Service>(
         }
     }
     let (parts, body) = req.into_parts();
-    // Reserve a socket slot before the (costlier) admission; released when the socket ends.
-    let Some(slot) = SocketSlot::reserve(stats, shared.options.max_connections) else {
-        stats.refused_capacity.fetch_add(1, Relaxed);
-        let mut res = plain_response(StatusCode::SERVICE_UNAVAILABLE, "too many sockets\n");
-        res.headers_mut()
-            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("5"));
-        return res;
-    };
-    let admission = match shared.service.admit(&parts) {
-        Ok(a) => a,
-        Err(refusal) => {
-            stats.refused_by_service.fetch_add(1, Relaxed);
-            return refusal;
-        }
+    let Admitted { open, accept } = match admit_upgrade(&shared, &parts, peer) {
+        Ok(admitted) => admitted,
+        Err(answer) => return answer,
     };
     let mut req = Request::from_parts(parts, body);
-    let Some(accept) = accept_key(req.headers()) else {
-        let mut res = plain_response(StatusCode::BAD_REQUEST, "bad websocket upgrade request\n");
-        res.headers_mut().insert(
-            HeaderName::from_static("sec-websocket-version"),
-            HeaderValue::from_static("13"),
-        );
-        return res;
-    };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let alive = shared.alive.upgrade();
     // Boxed until the upgrade completes, so that waiting for it stays small.
-    let admission = Box::new(admission);
+    let open = Box::new(open);
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => return tracing::debug!(%peer, error = %e, "upgrade did not complete"),
         };
-        // The connection was served over `TokioIo<TcpStream>`, or its TLS stream (see
-        // `serve_connection`); taking the stream back lets the socket read and write it
-        // without hyper's buffers in between.
-        let (wire, read_buf) = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => (Wire::plain(parts.io.into_inner()), parts.read_buf),
+        // The connection was served over plain TCP (behind the bytes `upgrade::serve_plain`
+        // read first) or TLS (see `serve_connection`); taking the stream back lets the socket
+        // read and write it without hyper's buffers in between.
+        let (wire, read_buf) = match upgraded.downcast::<TokioIo<Rewind<TcpStream>>>() {
+            Ok(parts) => {
+                let (tcp, unread) = parts.io.into_inner().into_parts();
+                (Wire::plain(tcp), join(unread, parts.read_buf))
+            }
             Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream>>() {
                 Ok(parts) => {
                     let (tcp, session) = parts.io.into_inner().into_inner();
@@ -669,20 +664,63 @@ fn handle_request<S: Service>(
                 }
             },
         };
-        {
-            {
-                let open = Open {
-                    admission: *admission,
-                    peer,
-                    alive,
-                    slot,
-                };
-                // A task of its own, holding just the socket: this one (and what it held while
-                // waiting for the upgrade) ends here.
-                tokio::spawn(SocketTask::open(wire, read_buf, open, shared));
-            }
-        }
+        // A task of its own, holding just the socket: this one (and what it held while
+        // waiting for the upgrade) ends here.
+        tokio::spawn(SocketTask::open(wire, read_buf, *open, shared));
     });
+    switching_protocols(accept)
+}
+
+/// An upgrade request admitted: what its socket starts with, and its `Sec-WebSocket-Accept`.
+pub(crate) struct Admitted<A> {
+    open: Open<A>,
+    accept: HeaderValue,
+}
+
+/// Admits an upgrade request that passed the cheap checks: a socket slot, the service's
+/// [`Service::admit`], the key. `Err` is the answer to send instead (the type
+/// `Service::admit` refuses with; a refusal is the uncommon path).
+#[allow(clippy::result_large_err)]
+pub(crate) fn admit_upgrade<S: Service>(
+    shared: &Arc<Shared<S>>,
+    parts: &RequestParts,
+    peer: SocketAddr,
+) -> Result<Admitted<S::Admission>, HttpResponse> {
+    let stats = &shared.hub.stats;
+    // Reserve a socket slot before the (costlier) admission; released when the socket ends.
+    let Some(slot) = SocketSlot::reserve(stats, shared.options.max_connections) else {
+        stats.refused_capacity.fetch_add(1, Relaxed);
+        let mut res = plain_response(StatusCode::SERVICE_UNAVAILABLE, "too many sockets\n");
+        res.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return Err(res);
+    };
+    let admission = match shared.service.admit(parts) {
+        Ok(a) => a,
+        Err(refusal) => {
+            stats.refused_by_service.fetch_add(1, Relaxed);
+            return Err(refusal);
+        }
+    };
+    let Some(accept) = accept_key(&parts.headers) else {
+        let mut res = plain_response(StatusCode::BAD_REQUEST, "bad websocket upgrade request\n");
+        res.headers_mut().insert(
+            HeaderName::from_static("sec-websocket-version"),
+            HeaderValue::from_static("13"),
+        );
+        return Err(res);
+    };
+    let open = Open {
+        admission,
+        peer,
+        alive: shared.alive.upgrade(),
+        slot,
+    };
+    Ok(Admitted { open, accept })
+}
+
+/// The `101` that completes an upgrade.
+fn switching_protocols(accept: HeaderValue) -> HttpResponse {
     let mut res = Response::new(Bytes::new());
     *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = res.headers_mut();
@@ -690,6 +728,17 @@ fn handle_request<S: Service>(
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
     res
+}
+
+/// `first` then `then`, copied only when both hold bytes.
+fn join(first: Bytes, then: Bytes) -> Bytes {
+    if first.is_empty() {
+        then
+    } else if then.is_empty() {
+        first
+    } else {
+        [first, then].concat().into()
+    }
 }
 
 /// The size of a request's head as it came in: request line and header lines.

@@ -294,6 +294,23 @@ async fn frames_sent_with_the_upgrade_request_are_not_lost() {
 }
 
 #[tokio::test]
+async fn upgrade_requests_in_pieces_or_past_the_first_read_are_served_whole() {
+    // The first read holds part of the head (hyper takes over with what was read), or the
+    // head is longer than the first read (4 KiB): both upgrade, and keep their early frames.
+    let h = Harness::start(|o| o.max_request_head = 16 * 1024).await;
+    let cookie = format!("Cookie: c={}\r\n", "x".repeat(6000));
+    for (extra, first) in [("", 20), ("", 150), (cookie.as_str(), usize::MAX)] {
+        let early = raw::frame(true, raw::TEXT, b"early");
+        let mut c =
+            raw::Client::connect_in_pieces(h.server.local_addr(), "/ws", extra, first, &early)
+                .await;
+        assert_eq!(c.read_frame().await, (raw::TEXT, b"early".to_vec()));
+        c.send_frame(true, raw::TEXT, b"later").await;
+        assert_eq!(c.read_frame().await, (raw::TEXT, b"later".to_vec()));
+    }
+}
+
+#[tokio::test]
 async fn a_backlog_reaches_a_slow_reader_whole_and_in_order() {
     // Far more than the socket buffers hold: most frames are queued, some are split by
     // partial writes, and all must arrive intact.

@@ -24,6 +24,15 @@ pub(crate) struct Client {
     stream: TcpStream,
 }
 
+/// An upgrade request to `path` with RFC 6455's example key, and `extra` header lines.
+fn request(addr: SocketAddr, path: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    )
+    .into_bytes()
+}
+
 impl Client {
     pub(crate) async fn connect(addr: SocketAddr, path: &str) -> Client {
         Self::connect_sending(addr, path, &[]).await
@@ -35,19 +44,39 @@ impl Client {
         Self::upgrade(stream, addr, path, early).await
     }
 
+    /// Connects, sending the upgrade request in two writes a moment apart (split after
+    /// `first` bytes, with `extra` header lines in it), then `early` right behind it.
+    pub(crate) async fn connect_in_pieces(
+        addr: SocketAddr,
+        path: &str,
+        extra: &str,
+        first: usize,
+        early: &[u8],
+    ) -> Client {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let mut req = request(addr, path, extra);
+        req.extend_from_slice(early);
+        let (a, b) = req.split_at(first.min(req.len()));
+        stream.write_all(a).await.unwrap();
+        stream.flush().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        stream.write_all(b).await.unwrap();
+        Self::read_upgrade(stream).await
+    }
+
     /// Connects from the loopback address `local` (127.0.0.x), as another client machine would.
     pub(crate) async fn connect_from(local: &str, addr: SocketAddr, path: &str) -> Client {
         Self::upgrade(tcp_from(local, addr).await, addr, path, &[]).await
     }
 
     async fn upgrade(mut stream: TcpStream, addr: SocketAddr, path: &str, early: &[u8]) -> Client {
-        let mut req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
-        .into_bytes();
+        let mut req = request(addr, path, "");
         req.extend_from_slice(early);
         stream.write_all(&req).await.unwrap();
+        Self::read_upgrade(stream).await
+    }
+
+    async fn read_upgrade(mut stream: TcpStream) -> Client {
         // read the response head byte by byte so no frame bytes are swallowed
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {

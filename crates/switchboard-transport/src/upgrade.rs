@@ -1,0 +1,360 @@
+//! The upgrade of a plain-TCP connection, written out by hand for the request almost every
+//! client sends: a whole HTTP/1.1 `GET` head in the first read, asking for a WebSocket at the
+//! socket path and passing the cheap checks. Everything else (a head in pieces or longer than
+//! one read, another path, HTTP/1.0, a body, a refusal by the cheap checks, a header hyper
+//! would refuse) goes to hyper, with the bytes already read put back in front of the stream
+//! ([`Rewind`]), and is answered exactly as before.
+//!
+//! Why: hyper's connection machinery (its buffers, dispatcher, upgrade channel and a task to
+//! await the upgrade) was a third of the server's user-space work per handshake. Here the head
+//! is parsed by the same parser hyper uses (`httparse`), admitted by the same code
+//! ([`super::admit_upgrade`]), and the `101` written in one system call.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{
+    admit_upgrade, handshakes, refusal_before_admission, serve_http, Admitted, HttpResponse,
+    Service, Shared, SocketTask, TransportOptions, Wire,
+};
+
+/// Bytes of the first read. A head longer than this (large cookies, say) is hyper's.
+const FIRST_READ: usize = 4096;
+
+/// Header lines parsed at most, as hyper's default: a head with more is hyper's to refuse.
+const MAX_HEADERS: usize = 100;
+
+/// Serves one accepted plain-TCP connection: the upgrade here when the first read holds a
+/// request this path takes, hyper otherwise.
+pub(crate) async fn serve_plain<S: Service>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    in_progress: handshakes::InProgress,
+    shared: Arc<Shared<S>>,
+    deadline: Instant,
+) {
+    let mut first = BytesMut::with_capacity(FIRST_READ);
+    match tokio::time::timeout_at(
+        deadline,
+        tokio::io::AsyncReadExt::read_buf(&mut stream, &mut first),
+    )
+    .await
+    {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(Ok(_)) => return, // closed before a byte
+        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "read before the request failed"),
+        Err(_) => return tracing::debug!(%peer, "handshake timed out"),
+    }
+    let Some((request, head_len)) = upgrade_request(&first, &shared.options) else {
+        let rewound = Rewind::new(first.freeze(), stream);
+        // Boxed: hyper's connection is large, and every accepted connection's task would
+        // otherwise be that large (and copied whole when spawned) for this rarer path.
+        let served = serve_http(TokioIo::new(rewound), peer, in_progress, shared, deadline);
+        return Box::pin(served).await;
+    };
+    // As in `serve_http`: what the service must do before it can admit, awaited until a
+    // second before the deadline so that the client still hears the service's answer.
+    if let Some(prepare) = shared.service.prepare_admit(request.headers()) {
+        let until = deadline
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or(deadline);
+        let _ = tokio::time::timeout_at(until, prepare).await;
+    }
+    let (parts, ()) = request.into_parts();
+    let Admitted { open, accept } = match admit_upgrade(&shared, &parts, peer) {
+        Ok(admitted) => admitted,
+        Err(answer) => {
+            // One request per connection: the answer, then the connection closes.
+            let answer = serialize_refusal(&answer);
+            let sent = tokio::time::timeout_at(deadline, async {
+                stream.write_all(&answer).await?;
+                stream.shutdown().await
+            });
+            if let Ok(Err(e)) = sent.await {
+                tracing::debug!(%peer, error = %e, "refusal not sent");
+            }
+            return;
+        }
+    };
+    let mut head = [0u8; 160];
+    let len = switching_protocols(&accept, &mut head);
+    match tokio::time::timeout_at(deadline, stream.write_all(&head[..len])).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "upgrade not completed"),
+        Err(_) => return tracing::debug!(%peer, "handshake timed out"),
+    }
+    // Upgraded: no longer a handshake in progress. Frames the client sent right behind its
+    // request are the socket's first bytes.
+    drop(in_progress);
+    // Copied (usually nothing): the reader takes them in at once, and the read buffer goes.
+    let early = Bytes::copy_from_slice(&first[head_len..]);
+    drop(first);
+    // A task of its own, holding just the socket.
+    tokio::spawn(SocketTask::open(Wire::plain(stream), early, open, shared));
+}
+
+/// The request in `bytes` and its head's length, when it is one this path serves: a whole
+/// HTTP/1.1 `GET` head with no body, every header one the `http` types take, passing the
+/// cheap checks (path, upgrade, head size, origin).
+fn upgrade_request(bytes: &[u8], options: &TransportOptions) -> Option<(Request<()>, usize)> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head_len = match parsed.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => len,
+        _ => return None,
+    };
+    if parsed.version != Some(1) || parsed.method != Some("GET") {
+        return None;
+    }
+    let mut request = Request::builder()
+        .method(hyper::Method::GET)
+        .uri(parsed.path?)
+        .body(())
+        .ok()?;
+    let map = request.headers_mut();
+    map.reserve(parsed.headers.len());
+    for header in parsed.headers.iter() {
+        let name = http::HeaderName::from_bytes(header.name.as_bytes()).ok()?;
+        // A body (hyper's to frame, or to refuse) is not an upgrade's.
+        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            return None;
+        }
+        map.append(name, http::HeaderValue::from_bytes(header.value).ok()?);
+    }
+    refusal_before_admission(options, &request)
+        .is_none()
+        .then_some((request, head_len))
+}
+
+/// Writes the `101` for `accept` into `out` and returns its length.
+fn switching_protocols(accept: &http::HeaderValue, out: &mut [u8; 160]) -> usize {
+    const START: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\
+        upgrade: websocket\r\nsec-websocket-accept: ";
+    // The accept key is base64 of a SHA-1: always 28 bytes.
+    let key = accept.as_bytes();
+    let len = START.len() + key.len() + 4;
+    assert!(len <= out.len(), "an accept key of {} bytes", key.len());
+    out[..START.len()].copy_from_slice(START);
+    out[START.len()..START.len() + key.len()].copy_from_slice(key);
+    out[len - 4..len].copy_from_slice(b"\r\n\r\n");
+    len
+}
+
+/// A refusal as HTTP/1.1 bytes, framed as hyper frames it for a connection that closes:
+/// its headers, `connection: close`, `content-length` and `date`.
+fn serialize_refusal(answer: &HttpResponse) -> Vec<u8> {
+    let status: StatusCode = answer.status();
+    let body = answer.body();
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in answer.headers() {
+        if name == http::header::CONNECTION || name == http::header::CONTENT_LENGTH {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let tail = format!(
+        "connection: close\r\ncontent-length: {}\r\ndate: {date}\r\n\r\n",
+        body.len()
+    );
+    out.extend_from_slice(tail.as_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// A stream with bytes already read from it put back in front: hyper reads `unread` first.
+pub(crate) struct Rewind<T> {
+    unread: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub(crate) fn new(unread: Bytes, inner: T) -> Self {
+        Rewind { unread, inner }
+    }
+
+    /// The stream, and what of the bytes put back was not read yet.
+    pub(crate) fn into_parts(self) -> (T, Bytes) {
+        (self.inner, self.unread)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.unread.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = self.unread.len().min(buf.remaining());
+        buf.put_slice(&self.unread[..n]);
+        self.unread.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> TransportOptions {
+        TransportOptions {
+            path: "/ws".into(),
+            ..TransportOptions::default()
+        }
+    }
+
+    const UPGRADE: &str = "GET /ws?token=t HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n\
+        Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+    #[test]
+    fn a_whole_upgrade_head_is_taken_and_its_length_known() {
+        let mut bytes = UPGRADE.as_bytes().to_vec();
+        bytes.extend_from_slice(b"\x81\x80early frame");
+        let (request, len) = upgrade_request(&bytes, &options()).expect("taken");
+        assert_eq!(len, UPGRADE.len());
+        assert_eq!(request.uri().query(), Some("token=t"));
+        assert_eq!(
+            request.headers()["sec-websocket-key"],
+            "dGhlIHNhbXBsZSBub25jZQ=="
+        );
+    }
+
+    #[test]
+    fn anything_else_is_left_to_hyper() {
+        let options = options();
+        let cases = [
+            UPGRADE[..UPGRADE.len() - 2].to_string(), // head not complete yet
+            UPGRADE.replace("HTTP/1.1", "HTTP/1.0"),
+            UPGRADE.replace("GET", "POST"),
+            UPGRADE.replace("/ws?", "/metrics?"),
+            UPGRADE.replace("Upgrade: websocket\r\n", ""),
+            UPGRADE.replace("Host: a\r\n", "Host: a\r\nContent-Length: 0\r\n"),
+            UPGRADE.replace("Host: a\r\n", "Host: a\r\nTransfer-Encoding: chunked\r\n"),
+            UPGRADE.replace("Host: a", "Host: a\u{1}b"), // not a header value
+            UPGRADE.replace("Host: a\r\n", &"X-A: b\r\n".repeat(MAX_HEADERS)),
+        ];
+        for case in cases {
+            assert!(
+                upgrade_request(case.as_bytes(), &options).is_none(),
+                "{case:?}"
+            );
+        }
+        let mut small = options.clone();
+        small.max_request_head = 64;
+        assert!(
+            upgrade_request(UPGRADE.as_bytes(), &small).is_none(),
+            "431 is hyper's"
+        );
+    }
+
+    #[test]
+    fn the_101_carries_the_accept_key() {
+        let accept = http::HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        let mut out = [0u8; 160];
+        let len = switching_protocols(&accept, &mut out);
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut response = httparse::Response::new(&mut headers);
+        assert_eq!(
+            response.parse(&out[..len]).unwrap(),
+            httparse::Status::Complete(len)
+        );
+        assert_eq!(response.code, Some(101));
+        let accept_header = response
+            .headers
+            .iter()
+            .find(|h| h.name == "sec-websocket-accept")
+            .unwrap();
+        assert_eq!(accept_header.value, accept.as_bytes());
+    }
+
+    #[test]
+    fn a_refusal_is_framed_with_its_headers_and_body() {
+        let mut answer = switchboard_core::plain_response(StatusCode::UNAUTHORIZED, "no token\n");
+        answer
+            .headers_mut()
+            .insert("www-authenticate", http::HeaderValue::from_static("Bearer"));
+        let bytes = serialize_refusal(&answer);
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut response = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(head) = response.parse(&bytes).unwrap() else {
+            panic!("incomplete");
+        };
+        assert_eq!(response.code, Some(401));
+        assert_eq!(response.reason, Some("Unauthorized"));
+        let get = |name: &str| {
+            response
+                .headers
+                .iter()
+                .find(|h| h.name == name)
+                .map(|h| std::str::from_utf8(h.value).unwrap().to_string())
+        };
+        assert_eq!(get("www-authenticate").as_deref(), Some("Bearer"));
+        assert_eq!(get("connection").as_deref(), Some("close"));
+        assert_eq!(get("content-length").as_deref(), Some("9"));
+        assert!(get("date").is_some());
+        assert_eq!(&bytes[head..], b"no token\n");
+    }
+
+    #[tokio::test]
+    async fn rewind_gives_back_the_bytes_first() {
+        use tokio::io::AsyncReadExt;
+        let inner: &[u8] = b" world";
+        let mut rewound = Rewind::new(Bytes::from_static(b"hello"), inner);
+        let mut all = String::new();
+        rewound.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "hello world");
+    }
+}
