@@ -292,9 +292,11 @@ impl<H: Clone> Registry<H> {
         }
     }
 
-    /// The handles of every connection `target` selects, oldest registration first.
+    /// The handles of every connection `target` selects, in the order of their ids (from
+    /// [`Registry::next_id`], so the order connections were given one, which is about when
+    /// they were accepted).
     ///
-    /// For a caller that writes to each (a broadcast): connections registered one after
+    /// For a caller that writes to each (a broadcast): connections given ids one after
     /// another had their sockets accepted one after another, so the kernel's and the
     /// allocator's structures for them lie in that order too, and a walk in that order keeps
     /// the caches warm where a walk in hash order misses on every socket (measured: a

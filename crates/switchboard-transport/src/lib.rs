@@ -648,11 +648,12 @@ fn handle_request<S: Service>(
         };
         // The connection was served over plain TCP (behind the bytes `upgrade::serve_plain`
         // read first) or TLS (see `serve_connection`); taking the stream back lets the socket
-        // read and write it without hyper's buffers in between.
+        // read and write it without hyper's buffers in between. What hyper buffered came
+        // first, from the front of the bytes put back; what it left of them follows.
         let (wire, read_buf) = match upgraded.downcast::<TokioIo<Rewind<TcpStream>>>() {
             Ok(parts) => {
                 let (tcp, unread) = parts.io.into_inner().into_parts();
-                (Wire::plain(tcp), join(unread, parts.read_buf))
+                (Wire::plain(tcp), join(parts.read_buf, unread))
             }
             Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream>>() {
                 Ok(parts) => {

@@ -22,6 +22,8 @@ pub(crate) fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 
 pub(crate) struct Client {
     stream: TcpStream,
+    /// The `101`'s head, lower-cased.
+    pub(crate) head: String,
 }
 
 /// An upgrade request to `path` with RFC 6455's example key, and `extra` header lines.
@@ -91,7 +93,7 @@ impl Client {
             head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"),
             "{head}"
         );
-        Client { stream }
+        Client { stream, head }
     }
 
     pub(crate) async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
