@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::de::de_duration;
+use crate::de::{de_duration, de_opt_duration};
 
 /// JWT signature algorithms Switchboard accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -98,6 +98,9 @@ pub struct Jwks {
     pub ca_file: Option<PathBuf>,
     /// The algorithms a key of the set may be used with. Default `[RS256, ES256, EdDSA]`.
     pub algorithms: Vec<Algorithm>,
+    /// If set, the cached set is trusted only this long after the last successful fetch
+    /// (fail closed); absent, it is kept while the provider cannot be reached (fail open).
+    pub max_stale: Option<Duration>,
 }
 
 /// `auth.jwks_url`: an absolute `http://` or `https://` URL with a host.
@@ -159,6 +162,8 @@ struct RawJwks {
     ca_file: Option<PathBuf>,
     #[serde(default = "default_jwks_algorithms")]
     algorithms: Vec<Algorithm>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    max_stale: Option<Duration>,
 }
 
 impl Default for RawJwks {
@@ -171,6 +176,7 @@ impl Default for RawJwks {
             startup_wait: default_jwks_timeout(),
             ca_file: None,
             algorithms: default_jwks_algorithms(),
+            max_stale: None,
         }
     }
 }
@@ -205,6 +211,14 @@ impl Jwks {
         if raw.timeout.is_zero() {
             return Err("auth.jwks.timeout must be more than 0s".into());
         }
+        if raw.max_stale.is_some_and(|stale| stale < raw.max_refresh) {
+            return Err(
+                "auth.jwks.max_stale must be at least auth.jwks.max_refresh (a provider that \
+                 answers is asked that often, so a shorter bound would refuse tokens while it is \
+                 well)"
+                    .into(),
+            );
+        }
         if raw.algorithms.is_empty() {
             return Err("auth.jwks.algorithms must list at least one algorithm".into());
         }
@@ -223,6 +237,7 @@ impl Jwks {
             startup_wait: raw.startup_wait,
             ca_file: raw.ca_file,
             algorithms: raw.algorithms,
+            max_stale: raw.max_stale,
         })
     }
 }

@@ -11,6 +11,12 @@ pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D
         .map_err(|e| de::Error::custom(format_args!("invalid duration `{s}`: {e} (try `30s`)")))
 }
 
+pub(crate) fn de_opt_duration<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
 pub(crate) fn de_opt_positive<'de, D, N>(d: D) -> Result<Option<N>, D::Error>
 where
     D: Deserializer<'de>,

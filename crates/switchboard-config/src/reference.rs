@@ -681,6 +681,18 @@ const SECTIONS: &[Section] = &[
                 Some("[RS256]"),
             ),
             key(
+                "gateway.auth.jwks.max_stale",
+                "duration",
+                "absent",
+                Ext,
+                "If set, the cached set is trusted only this long after the last successful \
+                 fetch: past it, upgrades get `503` and `/readyz` is not ready until a fetch \
+                 succeeds (fail closed: a key the provider has revoked stops verifying even while \
+                 the provider cannot be reached). Absent: the last set fetched is kept as long \
+                 as the provider cannot be reached (fail open). At least `max_refresh`.",
+                Some("24h"),
+            ),
+            key(
                 "gateway.auth.leeway",
                 "duration",
                 "`0s`",

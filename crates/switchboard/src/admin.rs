@@ -41,7 +41,7 @@ impl Readiness {
         } else if !self.bus.is_ready() {
             Some("not ready: bus not ready\n")
         } else if self.jwks.as_ref().is_some_and(|j| !j.has_keys()) {
-            Some("not ready: no signing keys yet (JWKS not fetched)\n")
+            Some("not ready: no signing keys yet (JWKS not fetched, or older than max_stale)\n")
         } else {
             None
         }

@@ -27,9 +27,13 @@ pub enum AuthError {
     /// The token is valid but lacks the username claim (or it is not a non-empty string).
     #[error("token has no string `{0}` claim")]
     MissingClaim(String),
-    /// With `auth.jwks_url`: no key set has been fetched yet, so no token can be verified
-    /// (answered with 503, not 401: the token may well be good).
-    #[error("no signing keys yet: the identity provider's key set has not been fetched")]
+    /// With `auth.jwks_url`: no key set has been fetched yet (or none within
+    /// `auth.jwks.max_stale`), so no token can be verified (answered with 503, not 401: the
+    /// token may well be good).
+    #[error(
+        "no signing keys yet: the identity provider's key set has not been fetched (or not \
+         within auth.jwks.max_stale)"
+    )]
     NoKeys,
 }
 

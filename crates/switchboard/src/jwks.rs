@@ -106,6 +106,8 @@ pub(crate) struct Jwks {
     attempts: watch::Sender<u64>,
     /// Asks the refresher for a fetch now.
     wake: Arc<Notify>,
+    /// When the last fetch succeeded (for `max_stale`); `None` before the first.
+    fetched_at: Mutex<Option<Instant>>,
     pub(crate) stats: JwksStats,
 }
 
@@ -151,6 +153,7 @@ impl Jwks {
             misses: Mutex::default(),
             attempts: watch::Sender::new(0),
             wake: Arc::new(Notify::new()),
+            fetched_at: Mutex::new(None),
             stats: JwksStats::default(),
         })
     }
@@ -160,12 +163,31 @@ impl Jwks {
         &self.allowed
     }
 
-    /// The keys now.
+    /// The keys tokens may be verified with now: the last set fetched, or none when it is
+    /// older than `max_stale`.
     pub(crate) fn current(&self) -> Arc<KeySet> {
+        if self.is_stale() {
+            static NONE: std::sync::OnceLock<Arc<KeySet>> = std::sync::OnceLock::new();
+            return NONE.get_or_init(Arc::default).clone();
+        }
+        self.cached()
+    }
+
+    /// The last set fetched, however old.
+    fn cached(&self) -> Arc<KeySet> {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// True once a fetch has succeeded (the set is never emptied after).
+    /// True when `max_stale` is set and the last successful fetch is older than it.
+    fn is_stale(&self) -> bool {
+        let Some(max_stale) = self.config.max_stale else {
+            return false;
+        };
+        lock(&self.fetched_at).is_some_and(|at| at.elapsed() > max_stale)
+    }
+
+    /// True while tokens can be verified: a fetch has succeeded (the set is never emptied
+    /// after), within `max_stale` if set.
     pub(crate) fn has_keys(&self) -> bool {
         self.current().len() > 0
     }
@@ -269,6 +291,7 @@ impl Jwks {
                 *failures = 0;
                 let count = set.len();
                 *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+                *lock(&self.fetched_at) = Some(Instant::now());
                 self.stats.refreshes.fetch_add(1, Relaxed);
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -290,13 +313,24 @@ impl Jwks {
                     .min(min);
                 // One line per failed fetch: fetches are bounded by the backoff and the
                 // refetch interval, not by tokens.
-                tracing::warn!(
-                    url = %redacted(&self.uri),
-                    %error,
-                    cached_keys = self.current().len(),
-                    retry_in = ?retry,
-                    "JWKS fetch failed; the cached keys stay in use"
-                );
+                if self.is_stale() {
+                    tracing::warn!(
+                        url = %redacted(&self.uri),
+                        %error,
+                        cached_keys = self.cached().len(),
+                        retry_in = ?retry,
+                        "JWKS fetch failed; the cached keys are older than auth.jwks.max_stale: \
+                         upgrades get 503 until a fetch succeeds"
+                    );
+                } else {
+                    tracing::warn!(
+                        url = %redacted(&self.uri),
+                        %error,
+                        cached_keys = self.cached().len(),
+                        retry_in = ?retry,
+                        "JWKS fetch failed; the cached keys stay in use"
+                    );
+                }
                 retry
             }
         }

@@ -454,7 +454,7 @@ impl Collector for Scraped {
             gauge(
                 &mut e,
                 "switchboard_jwks_keys",
-                "Usable keys in the cached key set.",
+                "Usable keys in the cached key set (0 while it is older than auth.jwks.max_stale).",
                 as_i64(jwks.current().len()),
             )?;
             gauge(

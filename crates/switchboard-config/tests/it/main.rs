@@ -278,6 +278,14 @@ fn jwks_parses_with_defaults_and_its_conflicts_name_the_key_and_line() {
     assert!(e.contains("HS256 is a shared-secret algorithm"), "{e}");
     let e = jwks("      min_refresh: 10m\n      max_refresh: 1m\n");
     assert!(e.contains("max_refresh must be at least"), "{e}");
+    let e = jwks("      max_stale: 30m\n");
+    assert!(
+        e.contains("max_stale must be at least auth.jwks.max_refresh"),
+        "{e}"
+    );
+    let e = jwks("      max_stale: soon\n");
+    assert!(e.contains("invalid duration `soon`"), "{e}");
+    assert!(e.contains("line 6"), "{e}");
     let e = jwks("      refetch_interval: 10ms\n");
     assert!(e.contains("refetch_interval must be at least 1s"), "{e}");
     let e = jwks("      refetch: 1s\n");

@@ -329,6 +329,36 @@ async fn cached_keys_keep_working_while_the_provider_is_unreachable() {
     assert_eq!(ready, 200);
 }
 
+/// With `max_stale`, the cached keys stop verifying once the provider has not answered for
+/// that long: upgrades get 503 (not 401) and `/readyz` is not ready; when it answers again,
+/// both turn back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_stale_the_cached_keys_stop_verifying_until_a_fetch_succeeds() {
+    let key = TestKey::p256("k1");
+    let (provider, gw) = serve(
+        &[&key],
+        "{ min_refresh: 1s, max_refresh: 1s, max_stale: 2s }",
+    )
+    .await;
+    let admin = gw.admin_addr().unwrap();
+    assert_eq!(status(&gw, &key.token("alex")).await, 101);
+    assert_eq!(http_json(admin, "GET", "/readyz", None, None).await.0, 200);
+
+    provider.down.store(true, SeqCst);
+    // Fetched every second; stale 2 s after the last good one.
+    wait_until("the keys go stale", WAIT * 2, || !gw.is_ready()).await;
+    assert_eq!(http_json(admin, "GET", "/readyz", None, None).await.0, 503);
+    assert_eq!(status(&gw, &key.token("alex")).await, 503);
+    assert_eq!(gw.stats().refused_no_keys, 1);
+    assert_eq!(metric(&gw, "switchboard_jwks_keys"), 0);
+    assert!(metric(&gw, "switchboard_jwks_refresh_failures_total") >= 1);
+
+    provider.down.store(false, SeqCst);
+    wait_until("fresh keys", WAIT * 2, || gw.is_ready()).await;
+    assert_eq!(http_json(admin, "GET", "/readyz", None, None).await.0, 200);
+    assert_eq!(status(&gw, &key.token("alex")).await, 101);
+}
+
 /// Until the first successful fetch: the gateway serves, `/readyz` answers 503, upgrades get
 /// 503 (not 401). Once the provider answers (a retry), both turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
