@@ -211,13 +211,18 @@ impl Jwks {
         if raw.timeout.is_zero() {
             return Err("auth.jwks.timeout must be more than 0s".into());
         }
-        if raw.max_stale.is_some_and(|stale| stale < raw.max_refresh) {
-            return Err(
-                "auth.jwks.max_stale must be at least auth.jwks.max_refresh (a provider that \
-                 answers is asked that often, so a shorter bound would refuse tokens while it is \
-                 well)"
-                    .into(),
-            );
+        // A provider that answers is asked every `max_refresh` at most, and a fetch may take
+        // `timeout`: room for that and one failed fetch, so that a well provider (or one
+        // blip) never makes the keys stale.
+        let least_stale = raw.max_refresh * 2 + raw.timeout;
+        if let Some(stale) = raw.max_stale.filter(|stale| *stale < least_stale) {
+            return Err(format!(
+                "auth.jwks.max_stale ({}) must be at least twice auth.jwks.max_refresh plus \
+                 auth.jwks.timeout ({} here), so that a provider that answers never makes the \
+                 keys stale",
+                humantime::format_duration(stale),
+                humantime::format_duration(least_stale)
+            ));
         }
         if raw.algorithms.is_empty() {
             return Err("auth.jwks.algorithms must list at least one algorithm".into());

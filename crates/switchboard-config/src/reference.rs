@@ -600,7 +600,8 @@ const SECTIONS: &[Section] = &[
                  a client sends changes what is fetched. **Start-up**: the gateway serves at once \
                  (after at most `jwks.startup_wait`); until the first successful fetch `/readyz` \
                  answers `503` and upgrades get `503` with `Retry-After: 5`, not `401`. While the \
-                 provider is unreachable the cached keys keep working.",
+                 provider is unreachable the cached keys keep working (for `jwks.max_stale` at \
+                 most, if set).",
                 Some("\"https://id.example.com/.well-known/jwks.json\""),
             ),
             key(
@@ -686,10 +687,12 @@ const SECTIONS: &[Section] = &[
                 "absent",
                 Ext,
                 "If set, the cached set is trusted only this long after the last successful \
-                 fetch: past it, upgrades get `503` and `/readyz` is not ready until a fetch \
-                 succeeds (fail closed: a key the provider has revoked stops verifying even while \
-                 the provider cannot be reached). Absent: the last set fetched is kept as long \
-                 as the provider cannot be reached (fail open). At least `max_refresh`.",
+                 fetch: past it, upgrades (and in-band `$refresh`es) are refused with `503` and \
+                 `/readyz` is not ready until a fetch succeeds, retried every 5 s at most \
+                 meanwhile (fail closed: a key the provider has revoked stops admitting even while \
+                 the provider cannot be reached; sockets open already stay until their token's \
+                 `exp`). Absent: the last set fetched is kept as long as the provider cannot be \
+                 reached (fail open). At least twice `max_refresh` plus `timeout`.",
                 Some("24h"),
             ),
             key(

@@ -1,7 +1,8 @@
 //! The identity provider's signing keys (`auth.jwks_url`): fetched with the gateway's HTTP
 //! client, kept for the answer's `Cache-Control: max-age` within `min_refresh..max_refresh`,
 //! fetched again at once when a token names a `kid` the set lacks (a rotation), at most once
-//! per `refetch_interval`, and kept while the provider is unreachable.
+//! per `refetch_interval`, and kept while the provider is unreachable (for `max_stale` at
+//! most, if set: past it no token verifies until a fetch succeeds).
 //!
 //! Read as an attacker: a token chooses only which cached key is looked up (its `kid`), never
 //! what is fetched (`jku`/`x5u` are ignored) nor which algorithm a key verifies with (the
@@ -39,6 +40,8 @@ const MIN_RSA_MODULUS_CHARS: usize = 342;
 /// The first retry after a failed fetch; each failure in a row doubles it, up to
 /// `min_refresh`.
 const FIRST_RETRY: Duration = Duration::from_millis(500);
+/// The longest wait between retries while no key is usable.
+const UNUSABLE_RETRY: Duration = Duration::from_secs(5);
 
 /// One usable key and the one algorithm it verifies with.
 pub(crate) struct Key {
@@ -53,6 +56,9 @@ pub(crate) struct KeySet {
     /// The key, when the set has exactly one: a token without `kid` may use it.
     single: Option<Arc<Key>>,
     len: usize,
+    /// When the fetch that brought it succeeded (kept with the keys, so that a reader never
+    /// sees new keys with an old time or the other way round).
+    fetched_at: Option<Instant>,
 }
 
 impl KeySet {
@@ -106,8 +112,6 @@ pub(crate) struct Jwks {
     attempts: watch::Sender<u64>,
     /// Asks the refresher for a fetch now.
     wake: Arc<Notify>,
-    /// When the last fetch succeeded (for `max_stale`); `None` before the first.
-    fetched_at: Mutex<Option<Instant>>,
     pub(crate) stats: JwksStats,
 }
 
@@ -153,7 +157,6 @@ impl Jwks {
             misses: Mutex::default(),
             attempts: watch::Sender::new(0),
             wake: Arc::new(Notify::new()),
-            fetched_at: Mutex::new(None),
             stats: JwksStats::default(),
         })
     }
@@ -166,11 +169,12 @@ impl Jwks {
     /// The keys tokens may be verified with now: the last set fetched, or none when it is
     /// older than `max_stale`.
     pub(crate) fn current(&self) -> Arc<KeySet> {
-        if self.is_stale() {
+        let cached = self.cached();
+        if self.too_old(&cached) {
             static NONE: std::sync::OnceLock<Arc<KeySet>> = std::sync::OnceLock::new();
             return NONE.get_or_init(Arc::default).clone();
         }
-        self.cached()
+        cached
     }
 
     /// The last set fetched, however old.
@@ -179,11 +183,14 @@ impl Jwks {
     }
 
     /// True when `max_stale` is set and the last successful fetch is older than it.
-    fn is_stale(&self) -> bool {
-        let Some(max_stale) = self.config.max_stale else {
-            return false;
-        };
-        lock(&self.fetched_at).is_some_and(|at| at.elapsed() > max_stale)
+    pub(crate) fn is_stale(&self) -> bool {
+        self.config.max_stale.is_some() && self.too_old(&self.cached())
+    }
+
+    fn too_old(&self, set: &KeySet) -> bool {
+        self.config
+            .max_stale
+            .is_some_and(|max| set.fetched_at.is_some_and(|at| at.elapsed() > max))
     }
 
     /// True while tokens can be verified: a fetch has succeeded (the set is never emptied
@@ -286,12 +293,12 @@ impl Jwks {
     async fn refresh_once(&self, failures: &mut u32) -> Duration {
         let (min, max) = (self.config.min_refresh, self.config.max_refresh);
         match self.fetch().await {
-            Ok((set, left_out, max_age)) => {
+            Ok((mut set, left_out, max_age)) => {
                 let was_failing = *failures > 0;
                 *failures = 0;
                 let count = set.len();
+                set.fetched_at = Some(Instant::now());
                 *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
-                *lock(&self.fetched_at) = Some(Instant::now());
                 self.stats.refreshes.fetch_add(1, Relaxed);
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -308,9 +315,17 @@ impl Jwks {
             Err(error) => {
                 *failures = failures.saturating_add(1);
                 self.stats.failures.fetch_add(1, Relaxed);
+                // Without usable keys (none yet, or stale) no token verifies: try again soon
+                // however long `min_refresh` is, so the gateway is back as soon as the
+                // provider is.
+                let cap = if self.has_keys() {
+                    min
+                } else {
+                    min.min(UNUSABLE_RETRY)
+                };
                 let retry = FIRST_RETRY
                     .saturating_mul(1 << (*failures - 1).min(16))
-                    .min(min);
+                    .min(cap);
                 // One line per failed fetch: fetches are bounded by the backoff and the
                 // refetch interval, not by tokens.
                 if self.is_stale() {
@@ -437,6 +452,7 @@ fn parse(body: &[u8], allowed: &[Algorithm]) -> Result<(KeySet, usize), String> 
             by_kid,
             single,
             len,
+            fetched_at: None,
         },
         left_out,
     ))

@@ -435,7 +435,7 @@ impl Collector for Scraped {
                 ),
                 (
                     "switchboard_jwks_refresh_failures",
-                    "Failed fetches of the key set (unreachable, timeout, not 200, too large, no usable key); the cached keys stay in use.",
+                    "Failed fetches of the key set (unreachable, timeout, not 200, too large, no usable key); the cached keys stay in use (within auth.jwks.max_stale).",
                     j.failures.load(Relaxed),
                 ),
                 (
@@ -456,6 +456,12 @@ impl Collector for Scraped {
                 "switchboard_jwks_keys",
                 "Usable keys in the cached key set (0 while it is older than auth.jwks.max_stale).",
                 as_i64(jwks.current().len()),
+            )?;
+            gauge(
+                &mut e,
+                "switchboard_jwks_stale",
+                "1 while the cached key set is older than auth.jwks.max_stale (upgrades get 503), else 0.",
+                i64::from(jwks.is_stale()),
             )?;
             gauge(
                 &mut e,

@@ -203,11 +203,16 @@ fn jwks_parses_with_defaults_and_its_conflicts_name_the_key_and_line() {
     assert_eq!(jwks.max_refresh, std::time::Duration::from_secs(3600));
     assert_eq!(jwks.refetch_interval, std::time::Duration::from_secs(30));
     assert_eq!(jwks.algorithms.len(), 3);
+    assert_eq!(jwks.max_stale, None, "fail open unless asked");
     let c = Config::from_yaml_str(
-        "gateway:\n  socket: {}\n  auth:\n    jwks_url: http://127.0.0.1:8080/k\n    jwks:\n      algorithms: [EdDSA]\n      ca_file: /ca.pem\n",
+        "gateway:\n  socket: {}\n  auth:\n    jwks_url: http://127.0.0.1:8080/k\n    jwks:\n      algorithms: [EdDSA]\n      ca_file: /ca.pem\n      max_stale: 24h\n",
     )
     .unwrap();
     let jwks = c.gateway.auth.jwks.unwrap();
+    assert_eq!(
+        jwks.max_stale,
+        Some(std::time::Duration::from_secs(24 * 3600))
+    );
     assert_eq!(jwks.algorithms, [switchboard_config::Algorithm::EdDSA]);
     assert_eq!(jwks.ca_file.unwrap().to_str(), Some("/ca.pem"));
 
@@ -278,9 +283,13 @@ fn jwks_parses_with_defaults_and_its_conflicts_name_the_key_and_line() {
     assert!(e.contains("HS256 is a shared-secret algorithm"), "{e}");
     let e = jwks("      min_refresh: 10m\n      max_refresh: 1m\n");
     assert!(e.contains("max_refresh must be at least"), "{e}");
-    let e = jwks("      max_stale: 30m\n");
+    // The default max_refresh (1h) and timeout (5s): at least 2h 5s.
+    let e = jwks("      max_stale: 2h\n");
     assert!(
-        e.contains("max_stale must be at least auth.jwks.max_refresh"),
+        e.contains(
+            "max_stale (2h) must be at least twice auth.jwks.max_refresh plus \
+             auth.jwks.timeout (2h 5s here)"
+        ),
         "{e}"
     );
     let e = jwks("      max_stale: soon\n");

@@ -337,7 +337,7 @@ async fn past_max_stale_the_cached_keys_stop_verifying_until_a_fetch_succeeds() 
     let key = TestKey::p256("k1");
     let (provider, gw) = serve(
         &[&key],
-        "{ min_refresh: 1s, max_refresh: 1s, max_stale: 2s }",
+        "{ min_refresh: 1s, max_refresh: 1s, timeout: 1s, max_stale: 3s }",
     )
     .await;
     let admin = gw.admin_addr().unwrap();
@@ -345,18 +345,20 @@ async fn past_max_stale_the_cached_keys_stop_verifying_until_a_fetch_succeeds() 
     assert_eq!(http_json(admin, "GET", "/readyz", None, None).await.0, 200);
 
     provider.down.store(true, SeqCst);
-    // Fetched every second; stale 2 s after the last good one.
+    // Fetched every second; stale 3 s after the last good one.
     wait_until("the keys go stale", WAIT * 2, || !gw.is_ready()).await;
     assert_eq!(http_json(admin, "GET", "/readyz", None, None).await.0, 503);
     assert_eq!(status(&gw, &key.token("alex")).await, 503);
     assert_eq!(gw.stats().refused_no_keys, 1);
     assert_eq!(metric(&gw, "switchboard_jwks_keys"), 0);
+    assert_eq!(metric(&gw, "switchboard_jwks_stale"), 1);
     assert!(metric(&gw, "switchboard_jwks_refresh_failures_total") >= 1);
 
     provider.down.store(false, SeqCst);
     wait_until("fresh keys", WAIT * 2, || gw.is_ready()).await;
     assert_eq!(http_json(admin, "GET", "/readyz", None, None).await.0, 200);
     assert_eq!(status(&gw, &key.token("alex")).await, 101);
+    assert_eq!(metric(&gw, "switchboard_jwks_stale"), 0);
 }
 
 /// Until the first successful fetch: the gateway serves, `/readyz` answers 503, upgrades get
