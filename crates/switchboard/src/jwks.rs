@@ -38,7 +38,7 @@ const MAX_RSA_MODULUS_CHARS: usize = 684;
 /// left out, so tokens cannot be forged with one a provider still lists.
 const MIN_RSA_MODULUS_CHARS: usize = 342;
 /// The first retry after a failed fetch; each failure in a row doubles it, up to
-/// `min_refresh`.
+/// `min_refresh` (and [`UNUSABLE_RETRY`] while no key is usable).
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 /// The longest wait between retries while no key is usable.
 const UNUSABLE_RETRY: Duration = Duration::from_secs(5);
