@@ -143,8 +143,11 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn sync_handlers_run_in_publish_order_without_spawning() {
+    /// A bus whose handler on `t` records each message's number, then returns `done()`.
+    fn recording<Fut>(done: fn() -> Fut) -> (InProcessBus, Arc<Mutex<Vec<i64>>>)
+    where
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let bus = InProcessBus::new();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
@@ -152,15 +155,43 @@ mod tests {
             "t",
             Arc::new(move |m: Message| {
                 s.lock().unwrap().push(m.data().as_i64().unwrap());
-                async {}
+                done()
             }),
         )
         .unwrap();
+        (bus, seen)
+    }
+
+    #[tokio::test]
+    async fn sync_handlers_run_in_publish_order_without_spawning() {
+        let (bus, seen) = recording(|| async {});
         for i in 0..100 {
             bus.publish(Message::new("t", json!(i))).unwrap();
         }
         // No await happened, so the handlers ran inline.
         assert_eq!(*seen.lock().unwrap(), (0..100).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_handler_done_at_once_runs_inline_and_reports_nothing() {
+        // A handler returning `std::future::ready(())` (the bus skips boxing its future).
+        let (bus, seen) = recording(|| std::future::ready(()));
+        let rec = Arc::new(Recorder::default());
+        for i in 0..3 {
+            let msg = Message::new("t", json!(i)).with_reply_to(rec.clone());
+            bus.publish(msg).unwrap();
+        }
+        assert_eq!(*seen.lock().unwrap(), [0, 1, 2]);
+        assert!(rec.0.lock().unwrap().is_empty(), "no error reported");
+        // A `Ready` of anything else is an ordinary future: its error still reports.
+        bus.subscribe(
+            "u",
+            Arc::new(|_m: Message| std::future::ready(Err::<(), _>("full"))),
+        )
+        .unwrap();
+        bus.publish(Message::new("u", json!(null)).with_reply_to(rec.clone()))
+            .unwrap();
+        assert_eq!(rec.0.lock().unwrap().len(), 1, "the failure reported");
     }
 
     #[tokio::test]

@@ -292,7 +292,7 @@ impl<H: Clone> Registry<H> {
         }
     }
 
-    /// The handles of every connection `target` selects, in the order of their ids (from
+    /// Every connection `target` selects, id and handle, in the order of their ids (from
     /// [`Registry::next_id`], so the order connections were given one, which is about when
     /// they were accepted).
     ///
@@ -303,7 +303,7 @@ impl<H: Clone> Registry<H> {
     /// broadcast to 10k sockets costs a quarter less CPU per delivery in this order). The
     /// shard locks are held only while the handles are gathered, never while the caller uses
     /// them.
-    pub fn collect_in_order(&self, target: Target<'_>) -> Vec<H> {
+    pub fn collect_in_order(&self, target: Target<'_>) -> Vec<(ConnId, H)> {
         // A user has a few sockets: counting them first would cost a second lookup.
         let mut found = match target {
             Target::All | Target::Namespace(_) => Vec::with_capacity(self.count(target)),
@@ -312,7 +312,7 @@ impl<H: Clone> Registry<H> {
         self.for_each(target, |id, h| found.push((id, h.clone())));
         // Ids are handed out in sequence, so their order is the order of registration.
         found.sort_unstable_by_key(|(id, _)| *id);
-        found.into_iter().map(|(_, h)| h).collect()
+        found
     }
 
     /// Number of connections `target` selects, without visiting them (for one user in one
@@ -386,15 +386,22 @@ mod tests {
         reg.remove(ids[10]);
         let late = reg.insert("a", Some("n"), 3000);
         let ascending = |v: &[usize]| v.windows(2).all(|w| w[0] < w[1]);
+        let handles = |t| -> Vec<usize> {
+            let found = reg.collect_in_order(t);
+            assert!(found
+                .iter()
+                .all(|(id, h)| reg.get(*id).unwrap().handle == *h));
+            found.into_iter().map(|(_, h)| h).collect()
+        };
 
-        let all = reg.collect_in_order(Target::All);
+        let all = handles(Target::All);
         assert_eq!(all.len(), 3000);
         assert!(ascending(&all), "all in order");
         assert_eq!(all.last(), Some(&3000));
-        let ns = reg.collect_in_order(Target::Namespace("n"));
+        let ns = handles(Target::Namespace("n"));
         assert_eq!(ns.len(), 1001);
         assert!(ascending(&ns), "a namespace in order");
-        let user = reg.collect_in_order(Target::UserInNamespace("a", "n"));
+        let user = handles(Target::UserInNamespace("a", "n"));
         assert!(ascending(&user) && user.iter().all(|i| i % 6 == 0 || *i == 3000));
         assert_eq!(user.len(), 501);
         assert_eq!(reg.get(late).map(|e| e.handle), Some(3000));

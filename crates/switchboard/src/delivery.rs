@@ -9,7 +9,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde_json::{json, Value};
 use switchboard_bus::Message;
 use switchboard_core::SocketRef;
-use switchboard_registry::{Registry, Target};
+use switchboard_registry::{ConnId, Registry, Target};
 
 use crate::gateway::encode_frame;
 
@@ -185,8 +185,8 @@ fn fan_out_threads(recipients: usize) -> usize {
 /// thread is bound by one core (measured: 2 threads deliver a third more per second to 10k
 /// sockets on a 2-core machine). It returns only when every socket has the frame (or a queued
 /// copy), so a caller's later sends still reach each socket after it.
-fn fan_out(sockets: &[SocketRef], frame: &Bytes, threads: usize) -> u64 {
-    split_over_threads(sockets, threads, |socket| {
+fn fan_out(sockets: &[(ConnId, SocketRef)], frame: &Bytes, threads: usize) -> u64 {
+    split_over_threads(sockets, threads, |(_, socket)| {
         socket.send_text(frame.clone()).is_ok()
     })
 }

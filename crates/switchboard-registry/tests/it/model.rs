@@ -34,9 +34,8 @@ fn visited(reg: &Registry<u32>, t: Target<'_>) -> Vec<(ConnId, u32)> {
     let mut out = Vec::new();
     reg.for_each(t, |id, h| out.push((id, *h)));
     out.sort();
-    // `collect_in_order`: the same handles, in the order of their ids.
-    let handles: Vec<u32> = out.iter().map(|(_, h)| *h).collect();
-    assert_eq!(reg.collect_in_order(t), handles, "collect_in_order({t:?})");
+    // `collect_in_order`: the same connections, in the order of their ids.
+    assert_eq!(reg.collect_in_order(t), out, "collect_in_order({t:?})");
     out
 }
 
