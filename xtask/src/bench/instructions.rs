@@ -9,15 +9,13 @@
 //! floor's. It is not a speed: the kernel's part of a message (most of it on loopback) is not
 //! counted, nor cache misses. Node peers are not counted (a JIT under valgrind says little).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{ArgAction, Parser, ValueEnum};
 
-use super::processes::wait_bounded;
+use super::processes::{lines, wait_bounded, Killed};
 use super::{bin, Result, SECRET};
 use crate::{free_port, have};
 
@@ -275,42 +273,6 @@ fn callgrind_control(args: &[&str]) -> Result {
         ));
     }
     Ok(())
-}
-
-/// The lines a child writes, on a channel.
-fn lines(from: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(from).lines().map_while(|l| l.ok()) {
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
-/// A child killed by PID when dropped.
-struct Killed(Child);
-
-impl Killed {
-    /// Asks the child to stop (SIGTERM, so that valgrind removes its vgdb pipes from /tmp),
-    /// then kills it if it has not within 10 s.
-    fn stop(mut self) {
-        let asked = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        if asked {
-            let _ = wait_bounded(&mut self.0, Duration::from_secs(10));
-        }
-        // Dropped here: killed, if it is still running.
-    }
-}
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[cfg(test)]

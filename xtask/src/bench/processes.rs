@@ -12,9 +12,45 @@ use super::pinning::{allowed_list, Role};
 use super::{bin, Result, SECRET};
 use crate::free_port;
 
+/// A child process, killed by PID when dropped (`Child::kill` signals its PID only).
+pub(super) struct Killed(pub(super) Child);
+
+impl Killed {
+    /// Asks the child to stop (SIGTERM, so that it can clean up: valgrind removes its vgdb
+    /// pipes from /tmp), then kills it if it has not within 10 s.
+    pub(super) fn stop(mut self) {
+        let asked = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        if asked {
+            let _ = wait_bounded(&mut self.0, Duration::from_secs(10));
+        }
+        // Dropped here: killed, if it is still running.
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lines a child writes, on a channel (read by a thread of their own).
+pub(super) fn lines(from: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(|l| l.ok()) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
 /// A server process, killed by PID when dropped.
 pub(super) struct Running {
-    child: Child,
+    child: Killed,
     pub(super) port: u16,
     /// The cores it may run on once listening (`Cpus_allowed_list`), to check the pinning.
     pub(super) cores: Option<String>,
@@ -56,18 +92,12 @@ impl Running {
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", server.name()))?;
-        let stdout = child.stdout.take().expect("piped stdout");
+        let rx = lines(child.stdout.take().expect("piped stdout"));
         let mut running = Running {
-            child,
+            child: Killed(child),
             port,
             cores: None,
         };
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-                let _ = tx.send(line);
-            }
-        });
         match rx.recv_timeout(Duration::from_secs(20)) {
             Ok(line) if line.starts_with("listening") => {
                 running.cores = allowed_list(Some(running.pid()));
@@ -82,7 +112,7 @@ impl Running {
     }
 
     pub(super) fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.0.id()
     }
 
     pub(super) fn rss_kib(&self) -> Option<u64> {
@@ -91,14 +121,6 @@ impl Running {
             .next()?
             .parse()
             .ok()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        // `Child::kill` signals this child's PID only.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -121,7 +143,7 @@ pub(super) fn wait_bounded(child: &mut Child, limit: Duration) -> Result<std::pr
 
 /// A nats-server of our own on a free loopback port, killed by PID when dropped.
 pub(super) struct NatsServer {
-    child: Child,
+    _child: Killed,
     pub(super) url: String,
 }
 
@@ -145,7 +167,7 @@ impl NatsServer {
             .spawn()
             .map_err(|e| format!("cannot start nats-server ({program}): {e}"))?;
         let nats = NatsServer {
-            child,
+            _child: Killed(child),
             url: format!("nats://127.0.0.1:{port}"),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -156,14 +178,6 @@ impl NatsServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(nats)
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        // `Child::kill` signals this child's PID only.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
