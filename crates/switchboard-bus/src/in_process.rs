@@ -131,17 +131,9 @@ fn report_panic(msg: &Message, panic: Box<dyn std::any::Any + Send>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ReplyTo;
+    use crate::tests::Heard;
     use serde_json::json;
     use std::sync::Mutex;
-
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<(String, Reply)>>);
-    impl ReplyTo for Recorder {
-        fn deliver(&self, topic: &str, reply: Reply) {
-            self.0.lock().unwrap().push((topic.into(), reply));
-        }
-    }
 
     /// A bus whose handler on `t` records each message's number, then returns `done()`.
     fn recording<Fut>(done: fn() -> Fut) -> (InProcessBus, Arc<Mutex<Vec<i64>>>)
@@ -176,7 +168,7 @@ mod tests {
     async fn a_handler_done_at_once_runs_inline_and_reports_nothing() {
         // A handler returning `std::future::ready(())` (the bus skips boxing its future).
         let (bus, seen) = recording(|| std::future::ready(()));
-        let rec = Arc::new(Recorder::default());
+        let rec = Arc::new(Heard::default());
         for i in 0..3 {
             let msg = Message::new("t", json!(i)).with_reply_to(rec.clone());
             bus.publish(msg).unwrap();
@@ -219,7 +211,7 @@ mod tests {
             Arc::new(|_m: Message| async { Err::<(), _>("database on fire") }),
         )
         .unwrap();
-        let rec = Arc::new(Recorder::default());
+        let rec = Arc::new(Heard::default());
         bus.publish(Message::new("t", json!(null)).with_reply_to(rec.clone()))
             .unwrap();
         assert_eq!(

@@ -483,12 +483,13 @@ impl Producer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    /// Records every reply it is handed, with its topic (the bus's tests share it).
     #[derive(Default)]
-    struct Heard(Mutex<Vec<(String, Reply)>>);
+    pub(crate) struct Heard(pub(crate) Mutex<Vec<(String, Reply)>>);
     impl ReplyTo for Heard {
         fn deliver(&self, topic: &str, reply: Reply) {
             self.0.lock().unwrap().push((topic.to_string(), reply));
