@@ -16,6 +16,7 @@
 //! from the frame alone, whichever socket it arrives on.
 
 pub mod client;
+pub mod frames;
 pub mod procfs;
 pub mod stats;
 pub mod wire;

@@ -1,73 +1,17 @@
 //! Scenario `broadcast`: fan-out to N subscribers, timed until every subscriber has each
 //! broadcast.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
-
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
-use tokio::sync::Semaphore;
-use tokio::time::timeout_at;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use switchboard_bench::result_line;
 use switchboard_bench::stats::Samples;
 use switchboard_bench::wire::{self, Kind, Stamp, Template};
 
-use crate::measure::{fmt_cores, sample_cpu, Clock};
-use crate::sockets::{open_sockets, probe, Run, Ws};
-
-/// Per-broadcast bookkeeping shared by the publisher and every subscriber.
-struct Fanout {
-    subscribers: u32,
-    remaining: Vec<AtomicU32>,
-    sent_ns: Vec<AtomicU64>,
-    /// Broadcasts allowed in flight; the last subscriber to receive one gives its permit back.
-    window: Semaphore,
-    clock: Clock,
-    deliveries: AtomicU64,
-    time_to_all: Mutex<Vec<u64>>,
-    errors: AtomicU64,
-    first_error: Mutex<Option<String>>,
-    failed: AtomicBool,
-}
-
-impl Fanout {
-    fn error(&self, e: impl std::fmt::Display) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
-        let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
-        if first.is_none() {
-            *first = Some(e.to_string());
-        }
-    }
-
-    fn delivered(&self, frame: &[u8]) {
-        let at = Instant::now();
-        let Some(stamp) = wire::read_stamp(frame) else {
-            self.error(format!(
-                "unexpected frame: {}",
-                String::from_utf8_lossy(frame)
-            ));
-            return;
-        };
-        let Some(left) = self.remaining.get(stamp.seq as usize) else {
-            self.error("broadcast sequence out of range");
-            return;
-        };
-        if self.clock.measured(at) {
-            self.deliveries.fetch_add(1, Ordering::Relaxed);
-        }
-        if left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let sent = self.sent_ns[stamp.seq as usize].load(Ordering::Acquire);
-            if self.clock.measured(at) {
-                self.time_to_all
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(self.clock.ns(at).saturating_sub(sent));
-            }
-            self.window.add_permits(1);
-        }
-    }
-}
+use crate::measure::{fmt_cores, sample_cpu, Clock, Tally};
+use crate::poller::{Inbound, Loop, Sender};
+use crate::roundtrip::max_frame;
+use crate::sockets::{open_sockets, Run};
 
 /// Scenario 2: broadcast fan-out to N subscribers.
 pub(crate) async fn broadcast(
@@ -79,110 +23,51 @@ pub(crate) async fn broadcast(
     secs: f64,
 ) -> Result<String, String> {
     let n = n.max(1);
-    let mut sockets = open_sockets(&run, n + 1).await?;
-    let publisher = sockets.pop().expect("n + 1 sockets");
-
-    // Prove that every subscriber is registered (open ran) before the first broadcast.
-    let ready_started = Instant::now();
-    let probes: Vec<_> = sockets
-        .into_iter()
-        .enumerate()
-        .map(|(i, ws)| tokio::spawn(probe(ws, i as u32, run.payload)))
-        .collect();
-    let mut subscribers = Vec::with_capacity(n);
-    for p in probes {
-        match p.await {
-            Ok(Ok(ws)) => subscribers.push(ws),
-            Ok(Err(e)) => return Err(format!("a subscriber failed its first echo: {e}")),
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    eprintln!(
-        "bench-client: {n} subscribers answered in {:.2}s",
-        ready_started.elapsed().as_secs_f64()
-    );
+    // Sockets 0..n subscribe; socket n publishes (and gets every broadcast too).
+    let sockets = open_sockets(&run, n + 1).await?;
+    let template = Template::new(Kind::Broadcast, "", run.payload);
+    let mut lp = Loop::new(sockets, max_frame(&template))?;
+    let payload = run.payload;
+    let ready = tokio::task::spawn_blocking(move || probe_all(&mut lp, n, payload).map(|()| lp))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut lp = ready?;
 
     let clock = Clock::start(warmup, secs);
-    let fan = Arc::new(Fanout {
-        subscribers: n as u32,
-        remaining: (0..max_broadcasts).map(|_| AtomicU32::new(0)).collect(),
-        sent_ns: (0..max_broadcasts).map(|_| AtomicU64::new(0)).collect(),
-        window: Semaphore::new(inflight.max(1)),
-        clock,
-        deliveries: AtomicU64::new(0),
-        time_to_all: Mutex::new(Vec::new()),
-        errors: AtomicU64::new(0),
-        first_error: Mutex::new(None),
-        failed: AtomicBool::new(false),
-    });
     let cpu = sample_cpu(clock, run.server_pid);
-    let readers: Vec<_> = subscribers
-        .into_iter()
-        .map(|ws| tokio::spawn(subscriber(ws, fan.clone())))
-        .collect();
-
-    let (mut pub_read, mut pub_write) = publisher.split(|s| s.into_split());
-    // The publisher gets every broadcast too; read and drop them so its queue stays short.
-    let drain = tokio::spawn(async move {
-        let mut ignore = |_f: Frame<'_>| async { Ok::<_, WebSocketError>(()) };
-        while let Ok(f) = pub_read.read_frame(&mut ignore).await {
-            if f.opcode == OpCode::Close {
-                break;
-            }
-        }
-    });
-
-    let template = Template::new(Kind::Broadcast, "", run.payload);
-    let mut scratch = Vec::with_capacity(template.len());
-    let mut sent = 0usize;
-    while Instant::now() < clock.end && sent < max_broadcasts {
-        match timeout_at(clock.end.into(), fan.window.acquire()).await {
-            Ok(Ok(permit)) => permit.forget(),
-            _ => break,
-        }
-        fan.remaining[sent].store(fan.subscribers, Ordering::Release);
-        fan.sent_ns[sent].store(clock.ns(Instant::now()), Ordering::Release);
-        template.stamped_into(
-            Stamp {
-                sent_ns: clock.ns(Instant::now()),
-                seq: sent as u64,
-                from: n as u32,
-            },
-            &mut scratch,
-        );
-        if let Err(e) = pub_write
-            .write_frame(Frame::text(Payload::BorrowedMut(&mut scratch)))
-            .await
-        {
-            fan.error(format!("publisher: {e}"));
-            break;
-        }
-        sent += 1;
-    }
-    // Let the broadcasts in flight land (bounded), then stop every reader.
-    let all = inflight.max(1) as u32;
-    let landed = timeout_at(clock.hard.into(), fan.window.acquire_many(all))
-        .await
-        .is_ok();
-    if !landed {
-        fan.error("some broadcasts never reached every subscriber");
-    }
-    for r in &readers {
-        r.abort();
-    }
-    drain.abort();
+    let inflight = inflight.max(1);
+    let fan = tokio::task::spawn_blocking(move || {
+        let mut fan = Fanout {
+            subscribers: n,
+            publisher: n,
+            template,
+            scratch: Vec::new(),
+            remaining: vec![0; max_broadcasts],
+            sent_ns: vec![0; max_broadcasts],
+            sent: 0,
+            free: inflight,
+            clock,
+            deliveries: 0,
+            time_to_all: Vec::new(),
+            tally: Tally::default(),
+        };
+        fan.run(&mut lp, inflight);
+        fan
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     let (client_cpu, server_cpu) = cpu.await.unwrap_or((None, None));
-    if fan.failed.load(Ordering::Relaxed) {
-        fan.error("a subscriber's socket ended early");
+    let Fanout {
+        sent,
+        deliveries,
+        time_to_all,
+        tally,
+        ..
+    } = fan;
+    if let Some(e) = &tally.first_error {
+        eprintln!("bench-client: {} errors, first: {e}", tally.errors);
     }
-    let tta = Samples::new(std::mem::take(
-        &mut *fan.time_to_all.lock().unwrap_or_else(|e| e.into_inner()),
-    ));
-    let errors = fan.errors.load(Ordering::Relaxed);
-    if let Some(e) = &*fan.first_error.lock().unwrap_or_else(|e| e.into_inner()) {
-        eprintln!("bench-client: {errors} errors, first: {e}");
-    }
-    let deliveries = fan.deliveries.load(Ordering::Relaxed);
+    let tta = Samples::new(time_to_all);
     Ok(result_line(&[
         ("scenario", "broadcast".into()),
         ("subscribers", n.to_string()),
@@ -202,18 +87,178 @@ pub(crate) async fn broadcast(
         ("p999_us", format!("{:.1}", tta.percentile_us(99.9))),
         ("client_cpu", fmt_cores(client_cpu)),
         ("server_cpu", fmt_cores(server_cpu)),
-        ("errors", errors.to_string()),
+        ("errors", tally.errors.to_string()),
     ]))
 }
 
-async fn subscriber(mut ws: Ws, fan: Arc<Fanout>) {
-    loop {
-        match ws.read_frame().await {
-            Ok(f) if f.opcode == OpCode::Text => fan.delivered(&f.payload),
-            Ok(f) if f.opcode == OpCode::Close => break,
-            Ok(_) => {}
-            Err(_) => break,
+/// One echo round trip on each of the `n` subscribers, all at once: proves the server has
+/// registered them before the first broadcast.
+fn probe_all(lp: &mut Loop, n: usize, payload: usize) -> Result<(), String> {
+    let started = Instant::now();
+    let template = Template::new(Kind::Echo, "", payload);
+    let mut scratch = Vec::new();
+    for i in 0..n {
+        let stamp = Stamp {
+            sent_ns: 0,
+            seq: 0,
+            from: i as u32,
+        };
+        template.stamped_into(stamp, &mut scratch);
+        lp.tx.text(i, &scratch)?;
+    }
+    let deadline = started + Duration::from_secs(30);
+    let mut answered = vec![false; n];
+    let mut left = n;
+    let mut failure = None;
+    while left > 0 && failure.is_none() {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{left} of {n} subscribers gave no echo within 30 s"
+            ));
+        }
+        lp.turn(deadline, &mut |_, i, inbound| match inbound {
+            Inbound::Text(p) if i < n && wire::frame_type(p) == Some("bench:echo") => {
+                if !std::mem::replace(&mut answered[i], true) {
+                    left -= 1;
+                }
+            }
+            Inbound::Text(p) => {
+                failure = Some(format!(
+                    "socket {i}: unexpected frame: {}",
+                    String::from_utf8_lossy(p)
+                ));
+            }
+            Inbound::Ended(why) => failure = Some(format!("socket {i}: {why}")),
+        })?;
+    }
+    if let Some(e) = failure {
+        return Err(format!("a subscriber failed its first echo: {e}"));
+    }
+    eprintln!(
+        "bench-client: {n} subscribers answered in {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The publisher, the subscribers and what they have received.
+struct Fanout {
+    subscribers: usize,
+    publisher: usize,
+    template: Template,
+    scratch: Vec<u8>,
+    /// Per broadcast: subscribers that have not received it yet, and when it was sent.
+    remaining: Vec<usize>,
+    sent_ns: Vec<u64>,
+    sent: usize,
+    /// Broadcasts that may still be sent before one in flight has reached every subscriber.
+    free: usize,
+    clock: Clock,
+    deliveries: u64,
+    time_to_all: Vec<u64>,
+    tally: Tally,
+}
+
+impl Fanout {
+    /// Broadcasts until the clock ends, then lets those in flight land (bounded).
+    fn run(&mut self, lp: &mut Loop, inflight: usize) {
+        self.publish(&mut lp.tx);
+        loop {
+            let now = Instant::now();
+            if now >= self.clock.end && self.free == inflight {
+                break;
+            }
+            if now >= self.clock.hard {
+                self.tally
+                    .error("some broadcasts never reached every subscriber");
+                break;
+            }
+            let until = if now < self.clock.end {
+                self.clock.end
+            } else {
+                self.clock.hard
+            };
+            if let Err(e) = lp.turn(until, &mut |tx, i, inbound| self.on(tx, i, inbound)) {
+                self.tally.error(e);
+                break;
+            }
+            // The publisher waits for a free slot, and for the warm-up's idle start.
+            self.publish(&mut lp.tx);
         }
     }
-    fan.failed.store(true, Ordering::Relaxed);
+
+    /// Sends broadcasts while the window has room and the clock runs.
+    fn publish(&mut self, tx: &mut Sender) {
+        while self.free > 0 && self.sent < self.remaining.len() {
+            let now = Instant::now();
+            if now >= self.clock.end {
+                return;
+            }
+            let seq = self.sent;
+            self.remaining[seq] = self.subscribers;
+            self.sent_ns[seq] = self.clock.ns(now);
+            let stamp = Stamp {
+                sent_ns: self.clock.ns(now),
+                seq: seq as u64,
+                from: self.publisher as u32,
+            };
+            self.template.stamped_into(stamp, &mut self.scratch);
+            if let Err(e) = tx.text(self.publisher, &self.scratch) {
+                self.tally.error(format!("publisher: {e}"));
+                self.sent = self.remaining.len();
+                return;
+            }
+            self.sent += 1;
+            self.free -= 1;
+        }
+    }
+
+    fn on(&mut self, tx: &mut Sender, i: usize, inbound: Inbound<'_>) {
+        match inbound {
+            // The publisher gets every broadcast too: dropped.
+            Inbound::Text(_) if i == self.publisher => {}
+            Inbound::Text(payload) => {
+                self.delivered(payload);
+                if self.free > 0 {
+                    self.publish(tx);
+                }
+            }
+            Inbound::Ended(why) if i == self.publisher => {
+                self.tally.error(format!("publisher: {why}"));
+            }
+            Inbound::Ended(why) => {
+                self.tally
+                    .error(format!("a subscriber's socket ended early: {why}"));
+            }
+        }
+    }
+
+    fn delivered(&mut self, frame: &[u8]) {
+        let at = Instant::now();
+        let Some(stamp) = wire::read_stamp(frame) else {
+            self.tally.error(format!(
+                "unexpected frame: {}",
+                String::from_utf8_lossy(frame)
+            ));
+            return;
+        };
+        let seq = stamp.seq as usize;
+        let Some(left) = self.remaining.get_mut(seq).filter(|left| **left > 0) else {
+            self.tally
+                .error(format!("broadcast {seq} was never sent, or came twice"));
+            return;
+        };
+        *left -= 1;
+        if self.clock.measured(at) {
+            self.deliveries += 1;
+        }
+        if *left == 0 {
+            if self.clock.measured(at) {
+                let sent = self.sent_ns[seq];
+                self.time_to_all
+                    .push(self.clock.ns(at).saturating_sub(sent));
+            }
+            self.free += 1;
+        }
+    }
 }

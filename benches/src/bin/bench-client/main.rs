@@ -24,6 +24,7 @@ mod cross_node;
 mod handshake;
 mod idle;
 mod measure;
+mod poller;
 mod roundtrip;
 mod sockets;
 

@@ -3,13 +3,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fastwebsockets::{Frame, OpCode};
-use tokio::time::timeout_at;
-
 use switchboard_bench::wire::{self, Kind, Stamp, Template};
 
 use crate::measure::{latency_result, sample_cpu, Clock, Tally};
-use crate::sockets::{open_sockets, send_text, Run, Ws};
+use crate::poller::{Inbound, Loop, Sender};
+use crate::sockets::{open_sockets, Run};
 
 /// Scenarios 1 and 3: each socket keeps `inflight` messages out and counts the answers.
 pub(crate) async fn roundtrips(
@@ -20,28 +18,24 @@ pub(crate) async fn roundtrips(
     warmup: f64,
     secs: f64,
 ) -> Result<String, String> {
-    let sockets = open_sockets(&run, n.max(1)).await?;
+    let n = n.max(1);
+    let sockets = open_sockets(&run, n).await?;
+    let templates: Vec<_> = (0..n)
+        .map(|i| Template::new(kind, &format!("user-{i}"), run.payload))
+        .collect();
+    let mut lp = Loop::new(sockets, max_frame(&templates[0]))?;
     let clock = Clock::start(warmup, secs);
     let cpu = sample_cpu(clock, run.server_pid);
     let expect = match kind {
         Kind::Echo => "bench:echo",
         _ => "bench.send",
     };
-    let workers: Vec<_> = sockets
-        .into_iter()
-        .enumerate()
-        .map(|(i, ws)| {
-            let template = Template::new(kind, &format!("user-{i}"), run.payload);
-            tokio::spawn(roundtrip_worker(
-                ws,
-                template,
-                expect,
-                inflight.max(1),
-                clock,
-                i as u32,
-            ))
-        })
-        .collect();
+    let inflight = inflight.max(1);
+    let worker = tokio::task::spawn_blocking(move || {
+        let tally = roundtrip_loop(&mut lp, &templates, expect, inflight, clock);
+        lp.close_all();
+        tally
+    });
     Ok(latency_result(
         vec![
             (
@@ -51,84 +45,129 @@ pub(crate) async fn roundtrips(
             ("sockets", n.to_string()),
             ("inflight", inflight.to_string()),
         ],
-        workers,
+        vec![worker],
         cpu,
         &clock,
     )
     .await)
 }
 
-async fn roundtrip_worker(
-    mut ws: Ws,
-    template: Template,
-    expect: &'static str,
+/// The longest frame the client accepts: well over any answer to `template`.
+pub(crate) fn max_frame(template: &Template) -> usize {
+    (4 * template.len()).max(64 * 1024)
+}
+
+/// Every socket sends `inflight` messages, then one more for each answer until the clock
+/// ends; the loop ends when every answer is in (or at the hard deadline).
+fn roundtrip_loop(
+    lp: &mut Loop,
+    templates: &[Template],
+    expect: &str,
     inflight: usize,
     clock: Clock,
-    me: u32,
 ) -> Tally {
-    let mut tally = Tally::default();
-    let mut scratch = Vec::with_capacity(template.len());
-    let mut pending = 0usize;
-    let mut seq = 0u64;
+    let mut st = Roundtrips {
+        templates,
+        expect,
+        inflight,
+        clock,
+        tally: Tally::default(),
+        pending: vec![0; templates.len()],
+        seq: vec![0; templates.len()],
+        outstanding: 0,
+        scratch: Vec::with_capacity(templates[0].len()),
+    };
+    for i in 0..templates.len() {
+        st.fill(&mut lp.tx, i);
+    }
     loop {
         let now = Instant::now();
-        if now < clock.end {
-            while pending < inflight {
-                let stamp = Stamp {
-                    sent_ns: clock.ns(Instant::now()),
-                    seq,
-                    from: me,
-                };
-                template.stamped_into(stamp, &mut scratch);
-                if let Err(e) = send_text(&mut ws, &mut scratch).await {
-                    tally.error(e);
-                    return tally;
-                }
-                pending += 1;
-                seq += 1;
-            }
-        } else if pending == 0 {
+        if now >= clock.end && st.outstanding == 0 {
             break;
         }
-        let frame = match timeout_at(clock.hard.into(), ws.read_frame()).await {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) => {
-                tally.error(e);
-                return tally;
-            }
-            Err(_) => {
-                tally.error(format!("{pending} answers never came"));
-                return tally;
-            }
+        if now >= clock.hard {
+            let late = st.outstanding;
+            st.tally.error(format!("{late} answers never came"));
+            break;
+        }
+        let until = if now < clock.end {
+            clock.end
+        } else {
+            clock.hard
         };
-        match frame.opcode {
-            OpCode::Text => {
-                let at = Instant::now();
-                pending = pending.saturating_sub(1);
-                match (
-                    wire::frame_type(&frame.payload),
-                    wire::read_stamp(&frame.payload),
-                ) {
-                    (Some(t), Some(stamp)) if t == expect && stamp.from == me => {
-                        if clock.measured(at) {
-                            tally
-                                .samples
-                                .push(clock.ns(at).saturating_sub(stamp.sent_ns));
-                        }
-                    }
-                    _ => tally.error(format!(
-                        "unexpected frame: {}",
-                        String::from_utf8_lossy(&frame.payload)
-                    )),
-                }
-            }
-            OpCode::Close => {
-                tally.error("server closed the socket");
-                return tally;
-            }
-            _ => {}
+        if let Err(e) = lp.turn(until, &mut |tx, i, inbound| st.on(tx, i, inbound)) {
+            st.tally.error(e);
+            break;
         }
     }
-    let _ = ws.write_frame(Frame::close(1000, b"")).await;
-    tally
+    st.tally
+}
+
+/// The state of the round trips of every socket.
+struct Roundtrips<'a> {
+    templates: &'a [Template],
+    expect: &'a str,
+    inflight: usize,
+    clock: Clock,
+    tally: Tally,
+    /// Messages out per socket, and in all.
+    pending: Vec<usize>,
+    outstanding: usize,
+    seq: Vec<u64>,
+    scratch: Vec<u8>,
+}
+
+impl Roundtrips<'_> {
+    /// Sends on socket `i` until it has `inflight` messages out.
+    fn fill(&mut self, tx: &mut Sender, i: usize) {
+        while self.pending[i] < self.inflight {
+            let stamp = Stamp {
+                sent_ns: self.clock.ns(Instant::now()),
+                seq: self.seq[i],
+                from: i as u32,
+            };
+            self.templates[i].stamped_into(stamp, &mut self.scratch);
+            if let Err(e) = tx.text(i, &self.scratch) {
+                self.tally.error(e);
+                self.outstanding -= self.pending[i];
+                self.pending[i] = 0;
+                return;
+            }
+            self.pending[i] += 1;
+            self.outstanding += 1;
+            self.seq[i] += 1;
+        }
+    }
+
+    fn on(&mut self, tx: &mut Sender, i: usize, inbound: Inbound<'_>) {
+        match inbound {
+            Inbound::Text(payload) => {
+                let at = Instant::now();
+                if self.pending[i] > 0 {
+                    self.pending[i] -= 1;
+                    self.outstanding -= 1;
+                }
+                match (wire::frame_type(payload), wire::read_stamp(payload)) {
+                    (Some(t), Some(stamp)) if t == self.expect && stamp.from == i as u32 => {
+                        if self.clock.measured(at) {
+                            let rtt = self.clock.ns(at).saturating_sub(stamp.sent_ns);
+                            self.tally.samples.push(rtt);
+                        }
+                    }
+                    _ => self.tally.error(format!(
+                        "unexpected frame: {}",
+                        String::from_utf8_lossy(payload)
+                    )),
+                }
+                if at < self.clock.end {
+                    self.fill(tx, i);
+                }
+            }
+            Inbound::Ended(why) => {
+                self.tally.error(format!("socket {i}: {why}"));
+                self.outstanding -= self.pending[i];
+                self.pending[i] = 0;
+            }
+        }
+    }
 }
