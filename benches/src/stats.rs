@@ -17,6 +17,11 @@ impl Samples {
         self.0.len()
     }
 
+    /// The samples, in ascending order.
+    pub fn values(&self) -> &[u64] {
+        &self.0
+    }
+
     /// True without samples.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

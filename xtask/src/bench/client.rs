@@ -1,6 +1,7 @@
 //! Runs `bench-client`: its command line per scenario and the `RESULT` line it prints.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -85,10 +86,20 @@ pub(super) fn parse_result(line: &str) -> Option<Figures> {
     )
 }
 
-/// Runs the client once against `target` and returns its figures.
-pub(super) fn run_client(o: &Options, target: &Running, scenario: Scenario) -> Result<Figures> {
+/// Runs the client once against `target` and returns its figures; with `samples`, the client
+/// pools its latency samples in that file (`--samples-file`).
+pub(super) fn run_client(
+    o: &Options,
+    target: &Running,
+    scenario: Scenario,
+    samples: Option<&Path>,
+) -> Result<Figures> {
     let args = scenario_args(o, scenario);
-    let mut child = client_command(o, target)
+    let mut command = client_command(o, target);
+    if let Some(path) = samples {
+        command.arg("--samples-file").arg(path);
+    }
+    let mut child = command
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

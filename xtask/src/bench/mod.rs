@@ -4,9 +4,10 @@
 //! scenario with ratios to Switchboard, and the targets' verdicts at the end.
 //!
 //! Every server runs as its own process on a free port of 127.0.0.1, started and stopped by
-//! PID; every run gets a fresh server process. Each scenario runs `--runs` rounds (3), each
-//! round every server once in turn, and the report gives medians and ranges; a target is met
-//! only if its worst round meets it. Servers and client are pinned to different cores
+//! PID, once per round. Each scenario runs `--runs` rounds (3); in a round each server's run
+//! is measured in `--slices` slices (3) that take turns with the other servers' slices, so
+//! that a change in the shared machine's speed falls on every server alike; the report gives
+//! medians and ranges over the rounds, and a target is met only if its worst round meets it. Servers and client are pinned to different cores
 //! (`pinning`) when the machine allows it. The clients bind 127.x.y.z source addresses so
 //! that tens of thousands of sockets do not run out of ephemeral ports. `--smoke` is what CI
 //! runs: every scenario once for about two seconds, small N, Switchboard and the floor only;

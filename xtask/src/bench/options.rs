@@ -27,6 +27,10 @@ pub(crate) struct Args {
     /// Rounds: each scenario runs N times per server, interleaved [default: 3]
     #[arg(long, value_name = "N", value_parser = count)]
     runs: Option<usize>,
+    /// Slices per run: a run's measured seconds are split into N slices, taken in turn with
+    /// the other servers' slices of the round [default: 3; 1 with --smoke]
+    #[arg(long, value_name = "N", value_parser = count)]
+    slices: Option<usize>,
     /// Pin the servers and the client to different cores (taskset) [default: when there
     /// are 2 cores or more and taskset is installed]
     #[arg(long, overrides_with = "no_pin")]
@@ -193,6 +197,8 @@ pub(super) enum PinChoice {
 pub(super) struct Options {
     pub(super) smoke: bool,
     pub(super) runs: usize,
+    /// Slices per run (`--slices`).
+    pub(super) slices: usize,
     pub(super) pin: PinChoice,
     pub(super) server_cores: Option<Vec<usize>>,
     pub(super) client_cores: Option<Vec<usize>>,
@@ -228,6 +234,7 @@ impl Options {
         Options {
             smoke,
             runs: if smoke { 1 } else { 3 },
+            slices: if smoke { 1 } else { 3 },
             pin: PinChoice::Auto,
             server_cores: None,
             client_cores: None,
@@ -286,6 +293,7 @@ impl Options {
         let d = Options::defaults(args.smoke);
         let mut o = Options {
             runs: args.runs.unwrap_or(d.runs).max(1),
+            slices: args.slices.unwrap_or(d.slices).max(1),
             pin: match (args.pin, args.no_pin) {
                 (true, _) => PinChoice::On,
                 (_, true) => PinChoice::Off,
@@ -339,13 +347,14 @@ mod tests {
     fn options_default_and_parse() {
         let o = parse(&[]).unwrap();
         assert_eq!(o.servers.len(), 4);
-        assert_eq!((o.runs, o.pin), (3, PinChoice::Auto));
+        assert_eq!((o.runs, o.slices, o.pin), (3, 3, PinChoice::Auto));
         assert_eq!(o.idle, [10_000, 50_000]);
         let o = parse(&["--smoke", "--secs", "3s", "--idle", "1_000,2000"]).unwrap();
         assert!(o.smoke);
         assert_eq!(o.servers, [Server::Switchboard, Server::Floor]);
-        assert_eq!(o.runs, 1);
+        assert_eq!((o.runs, o.slices), (1, 1));
         assert_eq!(o.secs, 3.0);
+        assert_eq!(parse(&["--slices", "5"]).unwrap().slices, 5);
         assert_eq!(o.idle, [1000, 2000]);
         let o = parse(&["--servers", "ws-node"]).unwrap();
         assert_eq!(o.servers, [Server::Switchboard, Server::WsNode]);

@@ -170,9 +170,17 @@ impl Report {
             )
         ));
         r.line(format!(
-            "- each run: {} s warm-up, {} s measured; a fresh server process per run; \
-             bench binaries built with the `{}` profile",
-            o.warmup, o.secs, o.profile
+            "- each run: {} s measured in {} slice{} taken in turn with the other servers' \
+             slices of the round (the order rotating), after a warm-up of {} s for a \
+             server's first slice and {} s for the others; rates and CPU are averaged over a \
+             run's slices, percentiles taken over all its samples; every server started once \
+             per round; bench binaries built with the `{}` profile",
+            o.secs,
+            o.slices,
+            if o.slices == 1 { "" } else { "s" },
+            o.warmup,
+            o.warmup.min(super::scenarios::LATER_SLICE_WARMUP),
+            o.profile
         ));
         r.line(format!(
             "- {} round{} per scenario, the servers interleaved within each round; a cell is \

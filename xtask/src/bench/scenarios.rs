@@ -2,6 +2,7 @@
 //! NATS, and idle memory.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -12,75 +13,181 @@ use super::processes::{nats_pair, wait_bounded, wait_for_route_interest, NatsSer
 use super::report::Report;
 use super::{Figures, Result};
 
-/// Scenarios 1, 2, 3, 5, 6 and 7: `o.runs` rounds, each running every server once in turn
-/// (switchboard, floor, ws-node, uws-node, then again), a fresh server process each time, the
-/// same client run against each. Interleaving spreads whatever else the machine does over
-/// every server alike, and each round's ratios compare runs minutes apart at most.
+/// Scenarios 1, 2, 3, 5, 6 and 7: `o.runs` rounds. In a round every server is started once
+/// and measured in `o.slices` slices, the servers taking turns slice by slice (the order
+/// rotating), and a server's slices add up to its run: rates and CPU are averaged over the
+/// slices (equal windows), latency percentiles are taken over every sample of the run
+/// (pooled by the client in a file). On a shared machine whose speed changes from one
+/// ten-second stretch to the next, slices taken in turn put every server through the same
+/// stretches, so a round's ratios compare like with like.
 pub(super) fn measured(o: &Options, scenario: Scenario, report: &mut Report) -> Result {
-    let mut rows: Vec<(Server, Vec<Option<Figures>>)> = o
+    let servers: Vec<Server> = o
         .servers
         .iter()
+        .copied()
         .filter(|s| s.runs(scenario))
-        .map(|&s| (s, Vec::new()))
         .collect();
+    let mut rows: Vec<(Server, Vec<Option<Figures>>)> =
+        servers.iter().map(|&s| (s, Vec::new())).collect();
     for round in 1..=o.runs {
-        for (server, rounds) in &mut rows {
-            println!(
-                "bench: {} against {} (round {round} of {}) ...",
-                scenario_args(o, scenario).join(" "),
-                server.name(),
-                o.runs
-            );
-            rounds.push(measure_once(o, *server, scenario, report));
+        let figures = measure_round(o, scenario, &servers, round, report);
+        for ((_, runs), f) in rows.iter_mut().zip(figures) {
+            runs.push(f);
         }
     }
     report.table(o, scenario, &rows);
     Ok(())
 }
 
-/// One run of `scenario` against a fresh `server`; a failure goes to the report's failures.
-fn measure_once(
+/// Warm-up of every slice but a server's first: the server is warm by then (JIT included),
+/// only the client's new connections are not.
+pub(super) const LATER_SLICE_WARMUP: f64 = 0.5;
+
+/// A pause after each slice, so that the server just measured has closed the client's
+/// sockets before the next one's slice starts on the same core.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// One round: each server's run, from its slices (`None` where it failed).
+fn measure_round(
     o: &Options,
-    server: Server,
     scenario: Scenario,
+    servers: &[Server],
+    round: usize,
     report: &mut Report,
-) -> Option<Figures> {
-    let result = Running::start(o, server).and_then(|running| {
-        // Let the server settle (JIT warm-up is part of the measured warm-up).
-        std::thread::sleep(Duration::from_millis(300));
-        if let Some((_, monitor)) = &o.publisher_nats {
-            wait_for_route_interest(*monitor, "socket:send")?;
-        }
-        let mut f = run_client(o, &running, scenario)?;
-        f.insert(
-            "server_cores".into(),
-            running.cores.clone().unwrap_or_else(|| "?".into()),
-        );
-        Ok(f)
-    });
-    let what = format!("{scenario:?} on {}", server.name());
-    match &result {
-        Ok(f) => {
-            println!("bench:   {}", fmt_figures(f));
-            let errors: u64 = f.get("errors").and_then(|e| e.parse().ok()).unwrap_or(0);
-            let count: u64 = f
-                .get("count")
-                .or_else(|| f.get("complete"))
-                .and_then(|e| e.parse().ok())
-                .unwrap_or(0);
-            if errors > 0 || count == 0 {
-                report
-                    .failures
-                    .push(format!("{what}: {errors} errors, {count} measured"));
+) -> Vec<Option<Figures>> {
+    let dir = o.report.parent().unwrap_or(Path::new(".")).join("samples");
+    let started: Vec<Result<Running>> = servers
+        .iter()
+        .map(|&server| {
+            let running = Running::start(o, server)?;
+            if let Some((_, monitor)) = &o.publisher_nats {
+                wait_for_route_interest(*monitor, "socket:send")?;
             }
-            report.check_cores(o, server, f, &what);
-        }
-        Err(e) => {
-            println!("bench:   failed: {e}");
-            report.failures.push(format!("{what}: {e}"));
+            Ok(running)
+        })
+        .collect();
+    // Let the servers settle (JIT warm-up is part of each first slice's warm-up).
+    std::thread::sleep(Duration::from_millis(300));
+    let mut slices: Vec<Result<Vec<Figures>>> = started
+        .iter()
+        .map(|r| r.as_ref().map(|_| Vec::new()).map_err(Clone::clone))
+        .collect();
+    let n = servers.len();
+    for slice in 0..o.slices {
+        for k in 0..n {
+            let i = (k + slice + round) % n;
+            let (Ok(running), Ok(done)) = (&started[i], &mut slices[i]) else {
+                continue;
+            };
+            println!(
+                "bench: {} against {} (round {round} of {}, slice {} of {}) ...",
+                scenario_args(o, scenario).join(" "),
+                servers[i].name(),
+                o.runs,
+                slice + 1,
+                o.slices,
+            );
+            let mut sliced = o.clone();
+            sliced.secs = o.secs / o.slices as f64;
+            if slice > 0 {
+                sliced.warmup = o.warmup.min(LATER_SLICE_WARMUP);
+            }
+            let pool = dir.join(format!("{}-round{round}.samples", servers[i].name()));
+            let result = std::fs::create_dir_all(&dir)
+                .and_then(|()| match slice {
+                    0 => std::fs::remove_file(&pool).or_else(|e| match e.kind() {
+                        std::io::ErrorKind::NotFound => Ok(()),
+                        _ => Err(e),
+                    }),
+                    _ => Ok(()),
+                })
+                .map_err(|e| format!("{}: {e}", pool.display()))
+                .and_then(|()| run_client(&sliced, running, scenario, Some(&pool)));
+            match result {
+                Ok(mut f) => {
+                    f.insert(
+                        "server_cores".into(),
+                        running.cores.clone().unwrap_or_else(|| "?".into()),
+                    );
+                    println!("bench:   {}", fmt_figures(&f));
+                    let what = format!("{scenario:?} on {}", servers[i].name());
+                    report.check_cores(o, servers[i], &f, &what);
+                    done.push(f);
+                }
+                Err(e) => {
+                    println!("bench:   failed: {e}");
+                    slices[i] = Err(e);
+                }
+            }
+            std::thread::sleep(SETTLE);
         }
     }
-    result.ok()
+    drop(started);
+    servers
+        .iter()
+        .zip(slices)
+        .map(|(server, run)| {
+            let what = format!("{scenario:?} on {} (round {round})", server.name());
+            let merged = run.and_then(|slices| merge_slices(&slices));
+            match &merged {
+                Ok(f) => {
+                    let errors: u64 = f.get("errors").and_then(|e| e.parse().ok()).unwrap_or(0);
+                    let count: u64 = f
+                        .get("count")
+                        .or_else(|| f.get("complete"))
+                        .and_then(|e| e.parse().ok())
+                        .unwrap_or(0);
+                    if errors > 0 || count == 0 {
+                        report
+                            .failures
+                            .push(format!("{what}: {errors} errors, {count} measured"));
+                    }
+                }
+                Err(e) => report.failures.push(format!("{what}: {e}")),
+            }
+            merged.ok()
+        })
+        .collect()
+}
+
+/// One run from its slices: rates and CPU averaged (the slices' windows are equal), counts
+/// and errors added up, percentiles from the samples the last slice pooled with the earlier
+/// ones; the rest (the scenario's parameters, the cores) from the first slice.
+fn merge_slices(slices: &[Figures]) -> Result<Figures> {
+    let (Some(first), Some(last)) = (slices.first(), slices.last()) else {
+        return Err("no slice measured".into());
+    };
+    let mut run = first.clone();
+    let number = |f: &Figures, key: &str| f.get(key).and_then(|v| v.parse::<f64>().ok());
+    for key in ["rate", "bps", "client_cpu", "server_cpu"] {
+        let values: Vec<f64> = slices.iter().filter_map(|f| number(f, key)).collect();
+        if !values.is_empty() {
+            let mean = values.iter().sum::<f64>() / values.len() as f64;
+            let text = if key.ends_with("cpu") {
+                format!("{mean:.2}")
+            } else {
+                format!("{mean:.1}")
+            };
+            run.insert(key.into(), text);
+        }
+    }
+    for key in ["count", "complete", "broadcasts", "errors"] {
+        if first.contains_key(key) {
+            let total: f64 = slices.iter().filter_map(|f| number(f, key)).sum();
+            run.insert(key.into(), format!("{total:.0}"));
+        }
+    }
+    if last.contains_key("pooled_error") {
+        return Err("the client could not pool its samples".into());
+    }
+    for p in ["p50_us", "p99_us", "p999_us"] {
+        let pooled = last
+            .get(&format!("pooled_{p}"))
+            .ok_or_else(|| format!("the client reported no pooled_{p}"))?;
+        run.insert(p.into(), pooled.clone());
+    }
+    run.insert("slices".into(), slices.len().to_string());
+    Ok(run)
 }
 
 /// Scenario 6: `send` through NATS from a plain NATS client, Switchboard only.
@@ -277,4 +384,48 @@ fn idle_once(o: &Options, server: Server, size: usize, processes: usize) -> Resu
         before_kib,
         after_kib,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_adds_up_its_slices() {
+        let slice = |rate: &str, cpu: &str, count: &str, p99: &str| -> Figures {
+            [
+                ("scenario", "echo"),
+                ("rate", rate),
+                ("server_cpu", cpu),
+                ("client_cpu", "na"),
+                ("count", count),
+                ("errors", "0"),
+                ("p99_us", "1.0"),
+                ("pooled_p50_us", "5.0"),
+                ("pooled_p99_us", p99),
+                ("pooled_p999_us", "9.0"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+        };
+        let run = merge_slices(&[
+            slice("100", "0.90", "10", "7.0"),
+            slice("200", "1.00", "20", "8.0"),
+        ])
+        .unwrap();
+        assert_eq!(run["rate"], "150.0");
+        assert_eq!(run["server_cpu"], "0.95");
+        assert_eq!(run["client_cpu"], "na", "no figure stays no figure");
+        assert_eq!(run["count"], "30");
+        assert_eq!(run["p99_us"], "8.0", "the last slice's pooled percentile");
+        assert_eq!(run["slices"], "2");
+        assert_eq!(run["scenario"], "echo");
+        let mut unpooled = slice("1", "1", "1", "1");
+        unpooled.remove("pooled_p99_us");
+        assert!(merge_slices(&[unpooled])
+            .unwrap_err()
+            .contains("pooled_p99_us"));
+        assert!(merge_slices(&[]).is_err());
+    }
 }

@@ -8,7 +8,7 @@ use switchboard_bench::result_line;
 use switchboard_bench::stats::Samples;
 use switchboard_bench::wire::{self, Kind, Stamp, Template};
 
-use crate::measure::{fmt_cores, sample_cpu, Clock, Tally};
+use crate::measure::{fmt_cores, pooled, sample_cpu, Clock, Tally};
 use crate::poller::{Inbound, Loop, Sender};
 use crate::roundtrip::max_frame;
 use crate::sockets::{open_sockets, Run};
@@ -68,7 +68,8 @@ pub(crate) async fn broadcast(
         eprintln!("bench-client: {} errors, first: {e}", tally.errors);
     }
     let tta = Samples::new(time_to_all);
-    Ok(result_line(&[
+    let pooled = pooled(run.samples_file.as_deref(), &tta);
+    let mut line = vec![
         ("scenario", "broadcast".into()),
         ("subscribers", n.to_string()),
         ("inflight", inflight.to_string()),
@@ -88,7 +89,9 @@ pub(crate) async fn broadcast(
         ("client_cpu", fmt_cores(client_cpu)),
         ("server_cpu", fmt_cores(server_cpu)),
         ("errors", tally.errors.to_string()),
-    ]))
+    ];
+    line.extend(pooled);
+    Ok(result_line(&line))
 }
 
 /// One echo round trip on each of the `n` subscribers, all at once: proves the server has

@@ -74,6 +74,7 @@ pub(crate) async fn cross_node(
         workers,
         cpu,
         &clock,
+        run.samples_file.as_deref(),
     )
     .await)
 }

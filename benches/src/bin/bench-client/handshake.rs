@@ -73,6 +73,7 @@ pub(crate) async fn handshakes(
         workers,
         cpu,
         &clock,
+        run.samples_file.as_deref(),
     )
     .await)
 }

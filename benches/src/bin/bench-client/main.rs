@@ -71,6 +71,11 @@ struct Cli {
     /// Connections being opened at once while setting up.
     #[arg(long, global = true, default_value_t = 128)]
     connect_concurrency: usize,
+    /// Append this run's latency (or time-to-all) samples to FILE and report the percentiles
+    /// of all the samples in it too (`pooled_*`): runs measured in slices add up to one
+    /// distribution.
+    #[arg(long, global = true, value_name = "FILE")]
+    samples_file: Option<std::path::PathBuf>,
     /// Payload bytes per message (at least 40, the stamp).
     #[arg(long, global = true, default_value_t = wire::DEFAULT_PAYLOAD)]
     payload: usize,
@@ -191,6 +196,7 @@ async fn run(cli: Cli) -> Result<String, String> {
         server_pid: cli.server_pid,
         connect_concurrency: cli.connect_concurrency.max(1),
         payload: cli.payload,
+        samples_file: cli.samples_file.clone(),
     });
     match cli.scenario {
         Scenario::Echo { sockets, inflight } => {

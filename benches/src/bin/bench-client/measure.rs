@@ -1,5 +1,7 @@
 //! The measuring: a run's timeline, CPU sampling, and the tally of what round-trip workers saw.
 
+use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
@@ -71,6 +73,7 @@ pub(crate) async fn latency_result(
     workers: Vec<JoinHandle<Tally>>,
     cpu: JoinHandle<(Option<f64>, Option<f64>)>,
     clock: &Clock,
+    pool: Option<&Path>,
 ) -> String {
     let Tally {
         samples: all,
@@ -92,7 +95,49 @@ pub(crate) async fn latency_result(
         ("server_cpu", fmt_cores(server_cpu)),
         ("errors", errors.to_string()),
     ]);
+    head.extend(pooled(pool, &samples));
     result_line(&head)
+}
+
+/// With `--samples-file`: appends `samples` to the file and returns the percentiles of all
+/// the samples in it (`pooled_count`, `pooled_p50_us`, ...), or `pooled_error`.
+pub(crate) fn pooled(pool: Option<&Path>, samples: &Samples) -> Vec<(&'static str, String)> {
+    let Some(path) = pool else {
+        return Vec::new();
+    };
+    let append = || -> std::io::Result<Samples> {
+        let bytes: Vec<u8> = samples
+            .values()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?
+            .write_all(&bytes)?;
+        let all = std::fs::read(path)?;
+        if all.len() % 8 != 0 {
+            return Err(std::io::Error::other("not a whole number of samples"));
+        }
+        Ok(Samples::new(
+            all.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        ))
+    };
+    match append() {
+        Ok(all) => vec![
+            ("pooled_count", all.len().to_string()),
+            ("pooled_p50_us", format!("{:.1}", all.percentile_us(50.0))),
+            ("pooled_p99_us", format!("{:.1}", all.percentile_us(99.0))),
+            ("pooled_p999_us", format!("{:.1}", all.percentile_us(99.9))),
+        ],
+        Err(e) => {
+            eprintln!("bench-client: {}: {e}", path.display());
+            vec![("pooled_error", "1".into())]
+        }
+    }
 }
 
 pub(crate) fn fmt_cores(c: Option<f64>) -> String {

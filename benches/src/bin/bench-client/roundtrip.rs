@@ -48,6 +48,7 @@ pub(crate) async fn roundtrips(
         vec![worker],
         cpu,
         &clock,
+        run.samples_file.as_deref(),
     )
     .await)
 }

@@ -20,6 +20,8 @@ pub(crate) struct Run {
     pub(crate) server_pid: Option<u32>,
     pub(crate) connect_concurrency: usize,
     pub(crate) payload: usize,
+    /// Where to pool latency samples with earlier slices (`--samples-file`).
+    pub(crate) samples_file: Option<std::path::PathBuf>,
 }
 
 impl Run {
