@@ -77,13 +77,10 @@ pub fn upgrade_request(ep: &Endpoint, token: &str) -> Vec<u8> {
 }
 
 /// Connects and completes the upgrade; returns the stream, ready for frames.
-///
-/// Fails unless the server answers `101`. The bench servers send nothing before the client
-/// speaks, so bytes after the response head are a protocol error here.
 pub async fn handshake(ep: &Endpoint, from: Option<IpAddr>, token: &str) -> io::Result<TcpStream> {
     let mut stream = tcp(ep.addr, from).await?;
     stream.write_all(&upgrade_request(ep, token)).await?;
-    let mut buf = [0u8; 1024];
+    let mut buf = [0u8; RESPONSE_HEAD_MAX];
     let mut len = 0;
     loop {
         let n = stream.read(&mut buf[len..]).await?;
@@ -94,24 +91,43 @@ pub async fn handshake(ep: &Endpoint, from: Option<IpAddr>, token: &str) -> io::
             ));
         }
         len += n;
-        if let Some(end) = buf[..len].windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = &buf[..end];
-            let status = head.split(|&b| b == b'\r').next().unwrap_or_default();
-            if !status.starts_with(b"HTTP/1.1 101") {
-                return Err(io::Error::other(format!(
-                    "upgrade refused: {}",
-                    String::from_utf8_lossy(status)
-                )));
-            }
-            if end + 4 != len {
-                return Err(io::Error::other("data after the 101 response"));
-            }
+        if response_head(&buf[..len]).map_err(io::Error::other)? {
             return Ok(stream);
         }
-        if len == buf.len() {
-            return Err(io::Error::other("response head larger than 1 KiB"));
-        }
     }
+}
+
+/// The longest response head the client reads.
+pub const RESPONSE_HEAD_MAX: usize = 1024;
+
+/// Whether `read` (everything read so far) is a whole `101` response head: `Ok(false)` while it
+/// is not all here. Fails on another status, on bytes after the head (the bench servers send
+/// nothing before the client speaks), or on a head over [`RESPONSE_HEAD_MAX`].
+pub fn response_head(read: &[u8]) -> Result<bool, String> {
+    let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return match read.len() >= RESPONSE_HEAD_MAX {
+            true => Err(format!(
+                "response head larger than {RESPONSE_HEAD_MAX} bytes"
+            )),
+            false => Ok(false),
+        };
+    };
+    let status = read.split(|&b| b == b'\r').next().unwrap_or_default();
+    if !status.starts_with(b"HTTP/1.1 101") {
+        return Err(format!(
+            "upgrade refused: {}",
+            String::from_utf8_lossy(status)
+        ));
+    }
+    if end + 4 != read.len() {
+        let after = &read[end + 4..];
+        return Err(format!(
+            "data after the 101 response: {} bytes, {:02x?}",
+            after.len(),
+            &after[..after.len().min(16)]
+        ));
+    }
+    Ok(true)
 }
 
 /// Connects, upgrades, and wraps the stream as a client WebSocket that answers pings.
@@ -140,6 +156,19 @@ mod tests {
         assert!(source_addresses("10.0.0", 2).is_err());
         assert!(source_addresses("127.1", 2).is_err());
         assert!(source_addresses("", 2).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_response_head_is_read_whole_and_only_a_101_passes() {
+        let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n";
+        assert_eq!(response_head(&ok[..20]), Ok(false));
+        assert_eq!(response_head(ok), Ok(true));
+        let mut more = ok.to_vec();
+        more.push(0x81);
+        assert!(response_head(&more).unwrap_err().contains("after"));
+        let refused = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+        assert!(response_head(refused).unwrap_err().contains("401"));
+        assert!(response_head(&[b'x'; RESPONSE_HEAD_MAX]).is_err());
     }
 
     #[test]

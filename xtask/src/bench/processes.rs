@@ -115,6 +115,16 @@ impl Running {
         self.child.0.id()
     }
 
+    /// CPU time used so far (user + system, all threads), in clock ticks (`/proc/PID/stat`).
+    pub(super) fn cpu_ticks(&self) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
+        // After the command name in parentheses: state is field 3, utime and stime 14 and 15.
+        let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+        let utime: u64 = fields.next()?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        Some(utime + stime)
+    }
+
     pub(super) fn rss_kib(&self) -> Option<u64> {
         super::pinning::status_field(Some(self.pid()), "VmRSS")?
             .split_whitespace()

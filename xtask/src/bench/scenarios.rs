@@ -43,9 +43,35 @@ pub(super) fn measured(o: &Options, scenario: Scenario, report: &mut Report) -> 
 /// only the client's new connections are not.
 pub(super) const LATER_SLICE_WARMUP: f64 = 0.5;
 
-/// A pause after each slice, so that the server just measured has closed the client's
-/// sockets before the next one's slice starts on the same core.
-const SETTLE: Duration = Duration::from_millis(500);
+/// After each slice, the servers must be quiet before the next slice starts on the same
+/// core: the one just measured closes the client's sockets (10,000 of them after a
+/// broadcast), and a Node server may collect its garbage. Quiet: at most one clock tick
+/// (10 ms) of CPU among all of them in `QUIET_WINDOW`, waited for at most `QUIET_LIMIT`.
+const QUIET_WINDOW: Duration = Duration::from_millis(200);
+const QUIET_LIMIT: Duration = Duration::from_secs(5);
+
+/// Waits until the running servers are quiet (see [`QUIET_WINDOW`]); false if they were not
+/// within [`QUIET_LIMIT`].
+fn settle(servers: &[Result<Running>]) -> bool {
+    let ticks = || -> u64 {
+        servers
+            .iter()
+            .flatten()
+            .filter_map(Running::cpu_ticks)
+            .sum()
+    };
+    let give_up = Instant::now() + QUIET_LIMIT;
+    let mut before = ticks();
+    while Instant::now() < give_up {
+        std::thread::sleep(QUIET_WINDOW);
+        let now = ticks();
+        if now.saturating_sub(before) <= 1 {
+            return true;
+        }
+        before = now;
+    }
+    false
+}
 
 /// One round: each server's run, from its slices (`None` where it failed).
 fn measure_round(
@@ -119,7 +145,9 @@ fn measure_round(
                     slices[i] = Err(e);
                 }
             }
-            std::thread::sleep(SETTLE);
+            if !settle(&started) {
+                println!("bench:   the servers were not quiet after {QUIET_LIMIT:?}; going on");
+            }
         }
     }
     drop(started);
