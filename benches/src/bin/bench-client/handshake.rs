@@ -199,9 +199,10 @@ fn advance(a: &mut Attempt, request: &[u8]) -> Step {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Step::Failed(format!("read: {e}")),
         }
+        // A frame right behind the 101 (a heartbeat ping) goes with the reset.
         match client::response_head(&a.head[..a.len]) {
-            Ok(true) => return Step::Upgraded,
-            Ok(false) => {}
+            Ok(Some(_)) => return Step::Upgraded,
+            Ok(None) => {}
             Err(e) => return Step::Failed(e),
         }
     }

@@ -387,6 +387,40 @@ async fn client_that_ignores_pings_is_dropped() {
 }
 
 #[tokio::test]
+async fn pinged_a_share_at_a_time_every_silent_client_is_still_dropped() {
+    // A 1 s interval is swept in four shares of the sockets, 250 ms apart: six silent
+    // clients fall into different shares, and each must still be pinged and dropped.
+    let mut h = Harness::start(|o| o.heartbeat_interval = Duration::from_secs(1)).await;
+    let mut silent = Vec::new();
+    for _ in 0..6 {
+        silent.push(raw::Client::connect(h.server.local_addr(), "/ws").await);
+    }
+    let (mut alive, _) = tokio_tungstenite::connect_async(h.url()).await.unwrap();
+    let keep_reading = tokio::spawn(async move {
+        let deadline = tokio::time::sleep(Duration::from_millis(3500));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                m = alive.next() => if m.is_none() { panic!("live client was closed") },
+            }
+        }
+        alive
+    });
+    for _ in 0..6 {
+        assert_eq!(h.next_close().await, CloseReason::HeartbeatTimeout);
+    }
+    let mut alive = keep_reading.await.unwrap();
+    alive.send(WsMessage::text("still here")).await.unwrap();
+    loop {
+        if let WsMessage::Text(t) = alive.next().await.unwrap().unwrap() {
+            assert_eq!(t.as_str(), "still here");
+            break;
+        }
+    }
+}
+
+#[tokio::test]
 async fn slow_consumer_is_closed_and_others_are_not() {
     let mut h = Harness::start(|o| o.send_queue = 16).await;
     let mut slow = raw::Client::connect(h.server.local_addr(), "/ws").await;
