@@ -362,10 +362,21 @@ async fn client_that_ignores_pings_is_dropped() {
     // A raw client that never answers pings.
     let _silent = raw::Client::connect(h.server.local_addr(), "/ws").await;
     // A tungstenite client answers pings by itself and must stay.
+    let alive = keep_reading(&h, Duration::from_millis(900)).await;
+    assert_eq!(h.next_close().await, CloseReason::HeartbeatTimeout);
+    still_echoes(alive.await.unwrap()).await;
+}
+
+type Tungstenite =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A tungstenite client (it answers pings by itself) that reads for `how_long`, failing if it
+/// is closed meanwhile; the task gives it back.
+async fn keep_reading(h: &Harness, how_long: Duration) -> tokio::task::JoinHandle<Tungstenite> {
     let (mut alive, _) = tokio_tungstenite::connect_async(h.url()).await.unwrap();
-    let keep_reading = tokio::spawn(async move {
+    tokio::spawn(async move {
         // reading drives tungstenite's automatic pongs
-        let deadline = tokio::time::sleep(Duration::from_millis(900));
+        let deadline = tokio::time::sleep(how_long);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
@@ -374,9 +385,11 @@ async fn client_that_ignores_pings_is_dropped() {
             }
         }
         alive
-    });
-    assert_eq!(h.next_close().await, CloseReason::HeartbeatTimeout);
-    let mut alive = keep_reading.await.unwrap();
+    })
+}
+
+/// The echo server still answers `alive`.
+async fn still_echoes(mut alive: Tungstenite) {
     alive.send(WsMessage::text("still here")).await.unwrap();
     loop {
         if let WsMessage::Text(t) = alive.next().await.unwrap().unwrap() {
@@ -395,29 +408,11 @@ async fn pinged_a_share_at_a_time_every_silent_client_is_still_dropped() {
     for _ in 0..6 {
         silent.push(raw::Client::connect(h.server.local_addr(), "/ws").await);
     }
-    let (mut alive, _) = tokio_tungstenite::connect_async(h.url()).await.unwrap();
-    let keep_reading = tokio::spawn(async move {
-        let deadline = tokio::time::sleep(Duration::from_millis(3500));
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                _ = &mut deadline => break,
-                m = alive.next() => if m.is_none() { panic!("live client was closed") },
-            }
-        }
-        alive
-    });
+    let alive = keep_reading(&h, Duration::from_millis(3500)).await;
     for _ in 0..6 {
         assert_eq!(h.next_close().await, CloseReason::HeartbeatTimeout);
     }
-    let mut alive = keep_reading.await.unwrap();
-    alive.send(WsMessage::text("still here")).await.unwrap();
-    loop {
-        if let WsMessage::Text(t) = alive.next().await.unwrap().unwrap() {
-            assert_eq!(t.as_str(), "still here");
-            break;
-        }
-    }
+    still_echoes(alive.await.unwrap()).await;
 }
 
 #[tokio::test]
