@@ -16,61 +16,119 @@ use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use crate::socket::SocketState;
 use crate::stats::TransportStats;
 
-/// The open sockets, by a number of their own.
+/// The open sockets, by a number of their own, in [`MAX_SHARES`] lists that the heartbeat
+/// pings one (or a few) per tick.
 #[derive(Default)]
 pub(crate) struct SocketList {
-    inner: Mutex<(u64, HashMap<u64, Arc<SocketState>>)>,
+    inner: Mutex<Lists<Arc<SocketState>>>,
 }
 
 impl SocketList {
     /// Adds a socket; the number removes it again.
     pub(crate) fn insert(&self, socket: Arc<SocketState>) -> u64 {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (next, sockets) = &mut *inner;
-        *next += 1;
-        sockets.insert(*next, socket);
-        *next
+        self.lock().insert(socket)
     }
 
     pub(crate) fn remove(&self, number: u64) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.1.remove(&number);
-        if inner.1.is_empty() {
-            inner.1.shrink_to_fit();
-        }
+        self.lock().remove(number);
     }
 
     fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).1.len()
+        self.lock().len
     }
 
     /// The sockets open now; the lock is not held while the caller works through them.
     fn snapshot(&self) -> Vec<Arc<SocketState>> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.1.values().cloned().collect()
+        self.lock().all()
     }
 
-    /// The sockets open now whose number is `share` modulo `shares`: over `shares` calls with
-    /// `share` 0, 1, ..., every socket comes up once.
-    fn share(&self, share: u64, shares: u64) -> Vec<Arc<SocketState>> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner
-            .1
-            .iter()
-            .filter(|(number, _)| *number % shares == share)
-            .map(|(_, socket)| socket.clone())
-            .collect()
+    /// The sockets due at heartbeat tick `tick` of an interval swept in `shares` ticks.
+    fn due(&self, tick: u64, shares: u32) -> Vec<Arc<SocketState>> {
+        self.lock().due(tick, shares)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lists<Arc<SocketState>>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// Bits of a socket's number that name its list.
+const SHARE_BITS: u32 = 5;
 
 /// A heartbeat interval is swept in up to this many ticks, each pinging one share of the
 /// sockets. A sweep of every socket at once is one `send` per socket in a row: 60-120 ms
 /// for 10,000 sockets on the benchmark machine, in which nothing else on that thread runs
 /// (a broadcast then took twice as long). Spread out, each socket is still pinged once per
 /// interval.
-const MAX_SHARES: u32 = 32;
+const MAX_SHARES: u32 = 1 << SHARE_BITS;
 
-/// Ticks are at least this far apart: a short interval is swept in fewer, larger shares.
+/// The lists of [`SocketList`]. A new item joins the shortest list, so the lists stay within
+/// about one item of each other however sockets come and go: closing all but one list's
+/// sockets cannot make that list grow, since new ones go elsewhere.
+struct Lists<T> {
+    next: u64,
+    lists: [HashMap<u64, T>; MAX_SHARES as usize],
+    len: usize,
+}
+
+impl<T> Default for Lists<T> {
+    fn default() -> Self {
+        Lists {
+            next: 0,
+            lists: std::array::from_fn(|_| HashMap::new()),
+            len: 0,
+        }
+    }
+}
+
+impl<T: Clone> Lists<T> {
+    fn insert(&mut self, item: T) -> u64 {
+        let (shortest, _) = self
+            .lists
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, list)| list.len())
+            .expect("MAX_SHARES lists");
+        self.next += 1;
+        let number = (self.next << SHARE_BITS) | shortest as u64;
+        self.lists[shortest].insert(number, item);
+        self.len += 1;
+        number
+    }
+
+    fn remove(&mut self, number: u64) {
+        let list = &mut self.lists[(number & u64::from(MAX_SHARES - 1)) as usize];
+        if list.remove(&number).is_some() {
+            self.len -= 1;
+        }
+        if list.is_empty() {
+            list.shrink_to_fit();
+        }
+    }
+
+    fn all(&self) -> Vec<T> {
+        self.lists
+            .iter()
+            .flat_map(|l| l.values().cloned())
+            .collect()
+    }
+
+    /// The items due at `tick` when an interval is swept in `shares` ticks: list `i` at the
+    /// ticks where `i` and the tick agree modulo `shares`, so every list comes up once per
+    /// interval.
+    fn due(&self, tick: u64, shares: u32) -> Vec<T> {
+        let shares = u64::from(shares.clamp(1, MAX_SHARES));
+        self.lists
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u64 % shares == tick % shares)
+            .flat_map(|(_, l)| l.values().cloned())
+            .collect()
+    }
+}
+
+/// Ticks are at least this far apart (or the interval apart, when it is shorter): a short
+/// interval is swept in fewer, larger shares.
 const MIN_TICK: Duration = Duration::from_millis(250);
 
 /// How many shares an interval of `every` is swept in.
@@ -185,9 +243,8 @@ pub(crate) async fn heartbeat_until_shutdown(
                 }
             }
             _ = tick.tick() => {
-                let share = ticks % u64::from(shares);
+                let due = hub.sockets.due(ticks, shares);
                 ticks += 1;
-                let due = hub.sockets.share(share, u64::from(shares));
                 for (i, socket) in due.into_iter().enumerate() {
                     socket.heartbeat();
                     // A ping is a system call: let other tasks on this thread run now and
@@ -204,6 +261,36 @@ pub(crate) async fn heartbeat_until_shutdown(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lists_stay_level_and_every_item_is_due_once_per_interval() {
+        let mut lists = Lists::default();
+        let numbers: Vec<u64> = (0..320u32).map(|i| lists.insert(i)).collect();
+        assert!(lists.lists.iter().all(|l| l.len() == 10));
+        for shares in [1, 4, 5, 32] {
+            let mut seen: Vec<u32> = (0..u64::from(shares))
+                .flat_map(|tick| lists.due(tick + 7 * u64::from(shares), shares))
+                .collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..320).collect::<Vec<_>>(), "{shares} shares");
+        }
+        // Closing every socket but those of one list, then opening more: the new ones go to
+        // the other lists, so that list never grows past its share.
+        let keep = numbers[0] & u64::from(MAX_SHARES - 1);
+        for &n in &numbers {
+            if n & u64::from(MAX_SHARES - 1) != keep {
+                lists.remove(n);
+            }
+        }
+        assert_eq!(lists.len, 10);
+        for i in 0..310 {
+            lists.insert(1000 + i);
+        }
+        assert!(lists.lists.iter().all(|l| l.len() == 10), "level again");
+        lists.remove(numbers[0]);
+        lists.remove(numbers[0]);
+        assert_eq!(lists.len, 319, "a number removed twice counts once");
+    }
 
     #[test]
     fn an_interval_is_swept_in_shares_at_least_a_quarter_second_apart() {

@@ -49,6 +49,18 @@ pub(super) fn lines(from: impl std::io::Read + Send + 'static) -> mpsc::Receiver
 }
 
 /// A server process, killed by PID when dropped.
+/// `utime + stime` from the text of a `/proc/PID/stat` file. The same reading as
+/// `switchboard_bench::procfs::parse_stat_ticks` (xtask does not build the bench crate, which
+/// pulls in the whole gateway): keep the two in step.
+fn stat_ticks(stat: &str) -> Option<u64> {
+    // After the command name in parentheses (it may hold spaces and parentheses): state is
+    // field 3, utime and stime are fields 14 and 15.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 pub(super) struct Running {
     child: Killed,
     pub(super) port: u16,
@@ -117,12 +129,7 @@ impl Running {
 
     /// CPU time used so far (user + system, all threads), in clock ticks (`/proc/PID/stat`).
     pub(super) fn cpu_ticks(&self) -> Option<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
-        // After the command name in parentheses: state is field 3, utime and stime 14 and 15.
-        let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
-        let utime: u64 = fields.next()?.parse().ok()?;
-        let stime: u64 = fields.next()?.parse().ok()?;
-        Some(utime + stime)
+        stat_ticks(&std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?)
     }
 
     pub(super) fn rss_kib(&self) -> Option<u64> {
@@ -251,4 +258,16 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     Some(text.split_once("\r\n\r\n")?.1.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_past_a_command_name_with_spaces() {
+        let stat = "42 (node (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 17 5 0 0 20 0 11 0";
+        assert_eq!(stat_ticks(stat), Some(22));
+        assert_eq!(stat_ticks("42 (short) S 1"), None);
+    }
 }

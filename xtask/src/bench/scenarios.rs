@@ -82,6 +82,7 @@ fn measure_round(
     report: &mut Report,
 ) -> Vec<Option<Figures>> {
     let dir = o.report.parent().unwrap_or(Path::new(".")).join("samples");
+    let pool_of = |server: Server| dir.join(format!("{}-round{round}.samples", server.name()));
     let started: Vec<Result<Running>> = servers
         .iter()
         .map(|&server| {
@@ -118,7 +119,7 @@ fn measure_round(
             if slice > 0 {
                 sliced.warmup = o.warmup.min(LATER_SLICE_WARMUP);
             }
-            let pool = dir.join(format!("{}-round{round}.samples", servers[i].name()));
+            let pool = pool_of(servers[i]);
             let result = std::fs::create_dir_all(&dir)
                 .and_then(|()| match slice {
                     0 => std::fs::remove_file(&pool).or_else(|e| match e.kind() {
@@ -136,7 +137,11 @@ fn measure_round(
                         running.cores.clone().unwrap_or_else(|| "?".into()),
                     );
                     println!("bench:   {}", fmt_figures(&f));
-                    let what = format!("{scenario:?} on {}", servers[i].name());
+                    let what = format!(
+                        "{scenario:?} on {} (round {round}, slice {})",
+                        servers[i].name(),
+                        slice + 1
+                    );
                     report.check_cores(o, servers[i], &f, &what);
                     done.push(f);
                 }
@@ -151,6 +156,10 @@ fn measure_round(
         }
     }
     drop(started);
+    // The pooled samples are in each run's last slice's figures now.
+    for server in servers {
+        let _ = std::fs::remove_file(pool_of(*server));
+    }
     servers
         .iter()
         .zip(slices)

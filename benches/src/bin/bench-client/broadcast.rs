@@ -8,7 +8,7 @@ use switchboard_bench::result_line;
 use switchboard_bench::stats::Samples;
 use switchboard_bench::wire::{self, Kind, Stamp, Template};
 
-use crate::measure::{fmt_cores, pooled, sample_cpu, Clock, Tally};
+use crate::measure::{fmt_cores, percentiles, pooled, sample_cpu, Clock, Tally};
 use crate::poller::{Inbound, Loop, Sender};
 use crate::roundtrip::max_frame;
 use crate::sockets::{open_sockets, Run};
@@ -83,13 +83,11 @@ pub(crate) async fn broadcast(
             "bps",
             format!("{:.1}", tta.len() as f64 / clock.window_secs()),
         ),
-        ("p50_us", format!("{:.1}", tta.percentile_us(50.0))),
-        ("p99_us", format!("{:.1}", tta.percentile_us(99.0))),
-        ("p999_us", format!("{:.1}", tta.percentile_us(99.9))),
         ("client_cpu", fmt_cores(client_cpu)),
         ("server_cpu", fmt_cores(server_cpu)),
         ("errors", tally.errors.to_string()),
     ];
+    line.extend(percentiles(&tta, ["p50_us", "p99_us", "p999_us"]));
     line.extend(pooled);
     Ok(result_line(&line))
 }

@@ -174,8 +174,8 @@ fn begin(run: &Run, i: usize, token: Token, poll: &Poll) -> io::Result<TcpStream
 }
 
 /// Moves an attempt on after an event: sends the request once connected, then reads the
-/// response head. Fails unless the server answers `101` and nothing after it (the bench
-/// servers send nothing before the client speaks).
+/// response head. Fails unless the server answers `101`; a frame right behind the head (a
+/// heartbeat ping) is let go with the reset.
 fn advance(a: &mut Attempt, request: &[u8]) -> Step {
     if !a.sent {
         // Writing is the test for "connected": while the connect is under way the write

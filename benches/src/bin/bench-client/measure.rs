@@ -88,13 +88,11 @@ pub(crate) async fn latency_result(
             "rate",
             format!("{:.0}", samples.len() as f64 / clock.window_secs()),
         ),
-        ("p50_us", format!("{:.1}", samples.percentile_us(50.0))),
-        ("p99_us", format!("{:.1}", samples.percentile_us(99.0))),
-        ("p999_us", format!("{:.1}", samples.percentile_us(99.9))),
         ("client_cpu", fmt_cores(client_cpu)),
         ("server_cpu", fmt_cores(server_cpu)),
         ("errors", errors.to_string()),
     ]);
+    head.extend(percentiles(&samples, ["p50_us", "p99_us", "p999_us"]));
     head.extend(pooled(pool, &samples));
     result_line(&head)
 }
@@ -127,17 +125,29 @@ pub(crate) fn pooled(pool: Option<&Path>, samples: &Samples) -> Vec<(&'static st
         ))
     };
     match append() {
-        Ok(all) => vec![
-            ("pooled_count", all.len().to_string()),
-            ("pooled_p50_us", format!("{:.1}", all.percentile_us(50.0))),
-            ("pooled_p99_us", format!("{:.1}", all.percentile_us(99.0))),
-            ("pooled_p999_us", format!("{:.1}", all.percentile_us(99.9))),
-        ],
+        Ok(all) => {
+            let mut fields = vec![("pooled_count", all.len().to_string())];
+            fields.extend(percentiles(
+                &all,
+                ["pooled_p50_us", "pooled_p99_us", "pooled_p999_us"],
+            ));
+            fields
+        }
         Err(e) => {
             eprintln!("bench-client: {}: {e}", path.display());
             vec![("pooled_error", "1".into())]
         }
     }
+}
+
+/// The 50th, 99th and 99.9th percentiles of `samples` in microseconds, under `keys`.
+pub(crate) fn percentiles(
+    samples: &Samples,
+    keys: [&'static str; 3],
+) -> [(&'static str, String); 3] {
+    let [p50, p99, p999] = keys;
+    [(p50, 50.0), (p99, 99.0), (p999, 99.9)]
+        .map(|(key, p)| (key, format!("{:.1}", samples.percentile_us(p))))
 }
 
 pub(crate) fn fmt_cores(c: Option<f64>) -> String {

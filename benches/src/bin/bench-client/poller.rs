@@ -44,7 +44,7 @@ pub(crate) struct Sender {
 }
 
 impl Sender {
-    /// Sends a masked text frame to socket `i`; a socket that has ended is skipped.
+    /// Sends a masked text frame to socket `i`; fails if it has ended.
     pub(crate) fn text(&mut self, i: usize, payload: &[u8]) -> Result<(), String> {
         self.send(i, opcode::TEXT, payload)
     }
@@ -58,7 +58,7 @@ impl Sender {
         frames::push_masked(&mut self.frame, op, payload, self.mask.to_ne_bytes());
         let conn = &mut self.conns[i];
         if conn.ended {
-            return Ok(());
+            return Err(format!("socket {i} has ended"));
         }
         if !conn.unsent.is_empty() {
             conn.unsent.extend_from_slice(&self.frame);
@@ -109,8 +109,8 @@ impl Loop {
         let streams = sockets
             .into_iter()
             .enumerate()
-            // Nothing was read past the 101 (or past a probe's one answer), so fastwebsockets
-            // holds no bytes of the stream.
+            // Freshly upgraded: nothing was read past the 101's head, so fastwebsockets holds
+            // no bytes of the stream.
             .map(|(i, ws)| {
                 ws.into_inner()
                     .into_std()
@@ -179,13 +179,15 @@ impl Loop {
                     continue;
                 }
             }
-            if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+            let to_the_end = ev.is_read_closed() || ev.is_error();
+            if ev.is_readable() || to_the_end {
                 read_ready(
                     &mut self.tx,
                     i,
                     &mut self.buf,
                     &mut self.cuts,
                     self.max_frame,
+                    to_the_end,
                     on,
                 );
             }
@@ -203,26 +205,30 @@ impl Loop {
 }
 
 /// Reads socket `i` until a read leaves room in the buffer, and hands on its whole frames.
+/// With `to_the_end` (the event said the peer closed, or the socket failed), it reads on
+/// until the end or the error shows: data that came with a FIN raises no second event.
 fn read_ready(
     tx: &mut Sender,
     i: usize,
     buf: &mut [u8],
     cuts: &mut Vec<frames::Cut>,
     max_frame: usize,
+    to_the_end: bool,
     on: &mut impl FnMut(&mut Sender, usize, Inbound<'_>),
 ) {
     loop {
         let conn = &mut tx.conns[i];
         let kept = conn.partial.len();
         buf[..kept].copy_from_slice(&conn.partial);
-        conn.partial.clear();
         let (read, ended) = match conn.stream.read(&mut buf[kept..]) {
             Ok(0) => (0, Some("the server closed the connection".to_string())),
             Ok(n) => (n, None),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, None),
+            // `partial` is still whole: copied again on the next try.
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => (0, Some(format!("read: {e}"))),
         };
+        conn.partial.clear();
         let filled = kept + read == buf.len();
         let end = kept + read;
         let mut at = 0;
@@ -270,7 +276,7 @@ fn read_ready(
             on(tx, i, Inbound::Ended(why));
             return;
         }
-        if !filled {
+        if read == 0 || !(filled || to_the_end) {
             return;
         }
     }
@@ -283,6 +289,15 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// A non-blocking client socket and the server's end of it, on 127.0.0.1.
+    fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
 
     /// A frame as a server sends it (unmasked, payload under 126 bytes).
     fn server_frame(op: u8, payload: &[u8]) -> Vec<u8> {
@@ -327,10 +342,7 @@ mod tests {
 
     #[test]
     fn frames_in_pieces_pings_and_a_close_over_a_real_socket() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        client.set_nonblocking(true).unwrap();
-        let (mut server, _) = listener.accept().unwrap();
+        let (client, mut server) = connected();
         server
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
@@ -377,13 +389,37 @@ mod tests {
     }
 
     #[test]
+    fn a_last_frame_that_comes_with_the_fin_is_read_and_the_end_seen() {
+        let (client, mut server) = connected();
+        server
+            .write_all(&server_frame(opcode::TEXT, b"last words"))
+            .unwrap();
+        drop(server);
+        // Both reach the client before it reads: one event, readable and read-closed.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut lp = Loop::from_std(vec![client], 1024).unwrap();
+        let mut seen = Vec::new();
+        // Read only, as a broadcast subscriber does: an answer would draw a reset, and with
+        // it an event of its own.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.len() < 2 && Instant::now() < deadline {
+            lp.turn(deadline, &mut |_, _, inbound| match inbound {
+                Inbound::Text(p) => seen.push(String::from_utf8(p.to_vec()).unwrap()),
+                Inbound::Ended(why) => seen.push(format!("ended: {why}")),
+            })
+            .unwrap();
+        }
+        assert_eq!(
+            seen,
+            ["last words", "ended: the server closed the connection"]
+        );
+    }
+
+    #[test]
     fn an_oversized_frame_or_a_dropped_connection_ends_the_socket() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut ended = Vec::new();
         for oversized in [true, false] {
-            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            client.set_nonblocking(true).unwrap();
-            let (mut server, _) = listener.accept().unwrap();
+            let (client, mut server) = connected();
             let mut lp = Loop::from_std(vec![client], 100).unwrap();
             if oversized {
                 let mut f = vec![0x81, 126];

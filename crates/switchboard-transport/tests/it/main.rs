@@ -125,12 +125,12 @@ async fn echoes_text_and_binary_and_reports_client_close() {
     let (mut ws, resp) = tokio_tungstenite::connect_async(h.url()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     ws.send(WsMessage::text("hi")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), WsMessage::text("hi"));
+    assert_eq!(next_data(&mut ws).await, WsMessage::text("hi"));
     ws.send(WsMessage::binary(vec![0u8, 159, 146, 150]))
         .await
         .unwrap();
     assert_eq!(
-        ws.next().await.unwrap().unwrap(),
+        next_data(&mut ws).await,
         WsMessage::binary(vec![0u8, 159, 146, 150])
     );
     ws.close(None).await.unwrap();
@@ -184,8 +184,8 @@ async fn server_close_sends_code_and_reason() {
     let (mut ws, _) = tokio_tungstenite::connect_async(h.url()).await.unwrap();
     ws.send(WsMessage::text("hi")).await.unwrap();
     ws.send(WsMessage::text("close")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), WsMessage::text("hi"));
-    match ws.next().await.unwrap().unwrap() {
+    assert_eq!(next_data(&mut ws).await, WsMessage::text("hi"));
+    match next_data(&mut ws).await {
         WsMessage::Close(Some(f)) => {
             assert_eq!(f.code, CloseCode::from(4000));
             assert_eq!(f.reason, "bye");
@@ -424,7 +424,22 @@ async fn slow_consumer_is_closed_and_others_are_not() {
     slow.send_frame(true, raw::TEXT, b"flood 100000").await;
     assert_eq!(h.next_close().await, CloseReason::SlowConsumer);
     fast.send(WsMessage::text("ok?")).await.unwrap();
-    assert_eq!(fast.next().await.unwrap().unwrap(), WsMessage::text("ok?"));
+    assert_eq!(next_data(&mut fast).await, WsMessage::text("ok?"));
+}
+
+/// The next message that is not a ping or pong: the heartbeat pings each socket at its
+/// list's tick, which may come at any time within the interval.
+pub(crate) async fn next_data<S>(ws: &mut S) -> WsMessage
+where
+    S: futures_util::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>>
+        + Unpin,
+{
+    loop {
+        match ws.next().await.unwrap().unwrap() {
+            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+            other => return other,
+        }
+    }
 }
 
 #[tokio::test]
@@ -562,7 +577,7 @@ async fn idle_connections_are_dropped_and_do_not_block_real_clients() {
     // A real client still gets through, while every idle one is still waiting.
     let (mut ws, _) = tokio_tungstenite::connect_async(h.url()).await.unwrap();
     ws.send(WsMessage::text("hi")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), WsMessage::text("hi"));
+    assert_eq!(next_data(&mut ws).await, WsMessage::text("hi"));
     let still_open = idle
         .iter()
         .filter(|s| matches!(s.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))

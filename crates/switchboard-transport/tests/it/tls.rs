@@ -38,11 +38,9 @@ async fn connect(h: &Harness, config: Arc<ClientConfig>) -> Result<(Wss, Vec<u8>
 
 async fn echo(ws: &mut Wss, text: &str) {
     ws.send(WsMessage::text(text)).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), ws.next())
+    let got = tokio::time::timeout(Duration::from_secs(10), crate::next_data(ws))
         .await
-        .expect("an echo within 10 s")
-        .unwrap()
-        .unwrap();
+        .expect("an echo within 10 s");
     assert_eq!(got, WsMessage::text(text));
 }
 
@@ -115,11 +113,9 @@ async fn large_messages_cross_tls_whole_and_in_order_both_ways() {
     let stats = h.server.stats();
     crate::wait_until("a backlog", || stats.snapshot().buffered_bytes > 0).await;
     for expected in &messages {
-        let got = tokio::time::timeout(Duration::from_secs(20), rx.next())
+        let got = tokio::time::timeout(Duration::from_secs(20), crate::next_data(&mut rx))
             .await
-            .expect("an echo within 20 s")
-            .unwrap()
-            .unwrap();
+            .expect("an echo within 20 s");
         let got = got.into_text().unwrap();
         assert_eq!(got.len(), expected.len(), "message {}", &expected[..4]);
         assert!(*got == **expected, "message {} differs", &expected[..4]);
