@@ -9,7 +9,7 @@ use switchboard_bench::stats::Samples;
 use switchboard_bench::wire::{self, Kind, Stamp, Template};
 
 use crate::measure::{fmt_cores, percentiles, pooled, sample_cpu, Clock, Tally};
-use crate::poller::{Inbound, Loop, Sender};
+use crate::poller::{Inbound, Loop, Scenario, Sender};
 use crate::roundtrip::max_frame;
 use crate::sockets::{open_sockets, Run};
 
@@ -46,12 +46,14 @@ pub(crate) async fn broadcast(
             sent_ns: vec![0; max_broadcasts],
             sent: 0,
             free: inflight,
+            inflight,
             clock,
             deliveries: 0,
             time_to_all: Vec::new(),
             tally: Tally::default(),
         };
-        fan.run(&mut lp, inflight);
+        fan.publish(&mut lp.tx);
+        lp.run(&clock, &mut fan);
         fan
     })
     .await
@@ -152,42 +154,56 @@ struct Fanout {
     remaining: Vec<usize>,
     sent_ns: Vec<u64>,
     sent: usize,
-    /// Broadcasts that may still be sent before one in flight has reached every subscriber.
+    /// Broadcasts that may still be sent before one in flight has reached every subscriber,
+    /// out of `inflight`.
     free: usize,
+    inflight: usize,
     clock: Clock,
     deliveries: u64,
     time_to_all: Vec<u64>,
     tally: Tally,
 }
 
-impl Fanout {
-    /// Broadcasts until the clock ends, then lets those in flight land (bounded).
-    fn run(&mut self, lp: &mut Loop, inflight: usize) {
-        self.publish(&mut lp.tx);
-        loop {
-            let now = Instant::now();
-            if now >= self.clock.end && self.free == inflight {
-                break;
+impl Scenario for Fanout {
+    fn on(&mut self, tx: &mut Sender, i: usize, inbound: Inbound<'_>) {
+        match inbound {
+            // The publisher gets every broadcast too: dropped.
+            Inbound::Text(_) if i == self.publisher => {}
+            Inbound::Text(payload) => {
+                self.delivered(payload);
+                if self.free > 0 {
+                    self.publish(tx);
+                }
             }
-            if now >= self.clock.hard {
+            Inbound::Ended(why) if i == self.publisher => {
+                self.tally.error(format!("publisher: {why}"));
+            }
+            Inbound::Ended(why) => {
                 self.tally
-                    .error("some broadcasts never reached every subscriber");
-                break;
+                    .error(format!("a subscriber's socket ended early: {why}"));
             }
-            let until = if now < self.clock.end {
-                self.clock.end
-            } else {
-                self.clock.hard
-            };
-            if let Err(e) = lp.turn(until, &mut |tx, i, inbound| self.on(tx, i, inbound)) {
-                self.tally.error(e);
-                break;
-            }
-            // The publisher waits for a free slot, and for the warm-up's idle start.
-            self.publish(&mut lp.tx);
         }
     }
 
+    /// The publisher waits for a free slot, and for the warm-up's idle start.
+    fn after_turn(&mut self, tx: &mut Sender) {
+        self.publish(tx);
+    }
+
+    fn settled(&self) -> bool {
+        self.free == self.inflight
+    }
+
+    fn overdue(&self) -> String {
+        "some broadcasts never reached every subscriber".into()
+    }
+
+    fn tally(&mut self) -> &mut Tally {
+        &mut self.tally
+    }
+}
+
+impl Fanout {
     /// Sends broadcasts while the window has room and the clock runs.
     fn publish(&mut self, tx: &mut Sender) {
         while self.free > 0 && self.sent < self.remaining.len() {
@@ -211,26 +227,6 @@ impl Fanout {
             }
             self.sent += 1;
             self.free -= 1;
-        }
-    }
-
-    fn on(&mut self, tx: &mut Sender, i: usize, inbound: Inbound<'_>) {
-        match inbound {
-            // The publisher gets every broadcast too: dropped.
-            Inbound::Text(_) if i == self.publisher => {}
-            Inbound::Text(payload) => {
-                self.delivered(payload);
-                if self.free > 0 {
-                    self.publish(tx);
-                }
-            }
-            Inbound::Ended(why) if i == self.publisher => {
-                self.tally.error(format!("publisher: {why}"));
-            }
-            Inbound::Ended(why) => {
-                self.tally
-                    .error(format!("a subscriber's socket ended early: {why}"));
-            }
         }
     }
 

@@ -16,6 +16,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use switchboard_bench::frames::{self, opcode, Next};
 
+use crate::measure::{Clock, Tally};
 use crate::sockets::Ws;
 
 /// What the loop reports about a socket.
@@ -24,6 +25,20 @@ pub(crate) enum Inbound<'a> {
     Text(&'a [u8]),
     /// The socket is gone: the server closed it, or it failed; the text says which.
     Ended(String),
+}
+
+/// A scenario the loop drives until the clock ends and nothing is left in flight.
+pub(crate) trait Scenario {
+    /// Handles what a turn found on socket `i`.
+    fn on(&mut self, tx: &mut Sender, i: usize, inbound: Inbound<'_>);
+    /// After every turn: sends what the turn made room for.
+    fn after_turn(&mut self, _tx: &mut Sender) {}
+    /// Nothing is in flight any more (asked once the clock has ended).
+    fn settled(&self) -> bool;
+    /// What is still in flight at the hard deadline, as an error.
+    fn overdue(&self) -> String;
+    /// Where errors are counted.
+    fn tally(&mut self) -> &mut Tally;
 }
 
 /// One socket of the loop.
@@ -50,6 +65,9 @@ impl Sender {
     }
 
     fn send(&mut self, i: usize, op: u8, payload: &[u8]) -> Result<(), String> {
+        if self.conns[i].ended {
+            return Err(format!("socket {i} has ended"));
+        }
         // A cheap xorshift: masks need not be secret here, only present (RFC 6455 §5.3).
         self.mask ^= self.mask << 13;
         self.mask ^= self.mask >> 17;
@@ -57,9 +75,6 @@ impl Sender {
         self.frame.clear();
         frames::push_masked(&mut self.frame, op, payload, self.mask.to_ne_bytes());
         let conn = &mut self.conns[i];
-        if conn.ended {
-            return Err(format!("socket {i} has ended"));
-        }
         if !conn.unsent.is_empty() {
             conn.unsent.extend_from_slice(&self.frame);
             return Ok(());
@@ -193,6 +208,32 @@ impl Loop {
             }
         }
         Ok(())
+    }
+
+    /// Turns until the clock has ended and `scenario` is settled, or until the hard deadline;
+    /// until the end, a turn waits at most until the end.
+    pub(crate) fn run(&mut self, clock: &Clock, scenario: &mut impl Scenario) {
+        loop {
+            let now = Instant::now();
+            if now >= clock.end && scenario.settled() {
+                return;
+            }
+            if now >= clock.hard {
+                let overdue = scenario.overdue();
+                scenario.tally().error(overdue);
+                return;
+            }
+            let until = if now < clock.end {
+                clock.end
+            } else {
+                clock.hard
+            };
+            if let Err(e) = self.turn(until, &mut |tx, i, inbound| scenario.on(tx, i, inbound)) {
+                scenario.tally().error(e);
+                return;
+            }
+            scenario.after_turn(&mut self.tx);
+        }
     }
 
     /// Sends a close frame (1000) on every socket still open, without waiting for answers.

@@ -6,7 +6,7 @@ use std::time::Instant;
 use switchboard_bench::wire::{self, Kind, Stamp, Template};
 
 use crate::measure::{latency_result, sample_cpu, Clock, Tally};
-use crate::poller::{Inbound, Loop, Sender};
+use crate::poller::{Inbound, Loop, Scenario, Sender};
 use crate::sockets::{open_sockets, Run};
 
 /// Scenarios 1 and 3: each socket keeps `inflight` messages out and counts the answers.
@@ -81,26 +81,7 @@ fn roundtrip_loop(
     for i in 0..templates.len() {
         st.fill(&mut lp.tx, i);
     }
-    loop {
-        let now = Instant::now();
-        if now >= clock.end && st.outstanding == 0 {
-            break;
-        }
-        if now >= clock.hard {
-            let late = st.outstanding;
-            st.tally.error(format!("{late} answers never came"));
-            break;
-        }
-        let until = if now < clock.end {
-            clock.end
-        } else {
-            clock.hard
-        };
-        if let Err(e) = lp.turn(until, &mut |tx, i, inbound| st.on(tx, i, inbound)) {
-            st.tally.error(e);
-            break;
-        }
-    }
+    lp.run(&clock, &mut st);
     st.tally
 }
 
@@ -118,28 +99,7 @@ struct Roundtrips<'a> {
     scratch: Vec<u8>,
 }
 
-impl Roundtrips<'_> {
-    /// Sends on socket `i` until it has `inflight` messages out.
-    fn fill(&mut self, tx: &mut Sender, i: usize) {
-        while self.pending[i] < self.inflight {
-            let stamp = Stamp {
-                sent_ns: self.clock.ns(Instant::now()),
-                seq: self.seq[i],
-                from: i as u32,
-            };
-            self.templates[i].stamped_into(stamp, &mut self.scratch);
-            if let Err(e) = tx.text(i, &self.scratch) {
-                self.tally.error(e);
-                self.outstanding -= self.pending[i];
-                self.pending[i] = 0;
-                return;
-            }
-            self.pending[i] += 1;
-            self.outstanding += 1;
-            self.seq[i] += 1;
-        }
-    }
-
+impl Scenario for Roundtrips<'_> {
     fn on(&mut self, tx: &mut Sender, i: usize, inbound: Inbound<'_>) {
         match inbound {
             Inbound::Text(payload) => {
@@ -169,6 +129,41 @@ impl Roundtrips<'_> {
                 self.outstanding -= self.pending[i];
                 self.pending[i] = 0;
             }
+        }
+    }
+
+    fn settled(&self) -> bool {
+        self.outstanding == 0
+    }
+
+    fn overdue(&self) -> String {
+        format!("{} answers never came", self.outstanding)
+    }
+
+    fn tally(&mut self) -> &mut Tally {
+        &mut self.tally
+    }
+}
+
+impl Roundtrips<'_> {
+    /// Sends on socket `i` until it has `inflight` messages out.
+    fn fill(&mut self, tx: &mut Sender, i: usize) {
+        while self.pending[i] < self.inflight {
+            let stamp = Stamp {
+                sent_ns: self.clock.ns(Instant::now()),
+                seq: self.seq[i],
+                from: i as u32,
+            };
+            self.templates[i].stamped_into(stamp, &mut self.scratch);
+            if let Err(e) = tx.text(i, &self.scratch) {
+                self.tally.error(e);
+                self.outstanding -= self.pending[i];
+                self.pending[i] = 0;
+                return;
+            }
+            self.pending[i] += 1;
+            self.outstanding += 1;
+            self.seq[i] += 1;
         }
     }
 }
