@@ -17,7 +17,9 @@ pub(crate) struct Args {
     /// errors
     #[arg(long)]
     smoke: bool,
-    /// The servers [default: all four; the floor runs echo, broadcast and handshake only]
+    /// The servers [default: switchboard, floor, ws-node, uws-node; the floor runs echo,
+    /// broadcast and handshake only; switchboard-twin, a second process of the same build
+    /// (the A/A control), only when named]
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set)]
     servers: Option<Vec<Server>>,
     /// The scenarios [default: all; cross-node and cross-cluster run Switchboard only and
@@ -129,6 +131,9 @@ pub(super) fn parse_words(words: &[&str]) -> Result<Args> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(super) enum Server {
     Switchboard,
+    /// A second `bench-server` of the same build: the A/A control. Its ratio to Switchboard
+    /// is what noise alone makes of one build against itself, the resolution of a verdict.
+    SwitchboardTwin,
     /// `bench-server --floor`: the transport alone, what the gateway's layers add to.
     Floor,
     WsNode,
@@ -139,6 +144,7 @@ impl Server {
     pub(super) fn name(self) -> &'static str {
         match self {
             Server::Switchboard => "switchboard",
+            Server::SwitchboardTwin => "switchboard-twin",
             Server::Floor => "floor",
             Server::WsNode => "ws-node",
             Server::UwsNode => "uws-node",
@@ -149,6 +155,7 @@ impl Server {
     pub(super) fn label(self) -> &'static str {
         match self {
             Server::Floor => "floor (transport only)",
+            Server::SwitchboardTwin => "switchboard-twin (same build, A/A)",
             other => other.name(),
         }
     }
@@ -167,7 +174,7 @@ impl Server {
 
     pub(super) fn peer_dir(self) -> Option<&'static str> {
         match self {
-            Server::Switchboard | Server::Floor => None,
+            Server::Switchboard | Server::SwitchboardTwin | Server::Floor => None,
             Server::WsNode => Some("benches/peers/ws-node"),
             Server::UwsNode => Some("benches/peers/uws-node"),
         }

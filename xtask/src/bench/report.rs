@@ -196,6 +196,15 @@ impl Report {
              is better"
                 .to_string(),
         );
+        if o.servers.contains(&Server::SwitchboardTwin) {
+            r.line(
+                "- switchboard-twin: a second process of the same `bench-server` build, run as \
+                 one more server (the A/A control); its ratios are what the machine's noise \
+                 alone makes of one build against itself, so a verdict on the worst round is \
+                 only as fine as their spread"
+                    .to_string(),
+            );
+        }
         if o.servers.contains(&Server::Floor) {
             r.line(
                 "- floor (transport only): `bench-server --floor`, the same wire protocol on \
@@ -403,21 +412,33 @@ impl Report {
     }
 
     /// Issue 15's targets against uws-node, when it ran: each met only if every round meets it.
+    /// With the twin in the run, first the same build against itself: the noise a verdict
+    /// cannot see through.
     fn targets(
         &mut self,
         scenario: Scenario,
         rows: &[(Server, Vec<Option<Figures>>)],
         sb: &[Option<Figures>],
     ) {
-        let Some((_, uws)) = rows.iter().find(|(s, _)| *s == Server::UwsNode) else {
-            return;
-        };
         let (name, figure, latency) = match scenario {
             Scenario::Echo => ("echo", "messages/s", Some("latency")),
             Scenario::Send => ("send", "messages/s", Some("latency")),
             Scenario::Broadcast => ("broadcast", "deliveries/s", Some("time-to-all")),
             Scenario::Handshake => ("handshakes", "connections/s", None),
             _ => return,
+        };
+        if let Some((_, twin)) = rows.iter().find(|(s, _)| *s == Server::SwitchboardTwin) {
+            let rate = round_ratios(&series(sb, "rate"), &series(twin, "rate"), false);
+            if let Some(s) = spread(rate.iter().copied()) {
+                self.verdicts.push(format!(
+                    "- {name}, A/A control: {figure} of switchboard ÷ switchboard-twin (the \
+                     same build) {:.2}×–{:.2}× over the rounds, median {:.2}×",
+                    s.min, s.max, s.median
+                ));
+            }
+        }
+        let Some((_, uws)) = rows.iter().find(|(s, _)| *s == Server::UwsNode) else {
+            return;
         };
         let rate = round_ratios(&series(sb, "rate"), &series(uws, "rate"), false);
         self.verdict(&format!("{name}: {figure} ≥ 1.2× uws-node's"), &rate, 1.2);
@@ -619,5 +640,34 @@ mod tests {
         assert!(r.verdicts[2].contains("**not measured in every round**"));
         r.verdict_section(&o);
         assert!(r.text().contains("indicative only"));
+    }
+
+    #[test]
+    fn the_twin_gives_the_same_builds_spread_before_the_targets() {
+        let o = Options::new(&super::super::options::parse_words(&[]).unwrap());
+        let mut r = Report::new(&o, &[]);
+        let rounds = |rates: &[f64]| -> Vec<Option<Figures>> {
+            rates
+                .iter()
+                .map(|v| Some(Figures::from([("rate".to_string(), v.to_string())])))
+                .collect()
+        };
+        let sb = rounds(&[100.0, 90.0, 110.0]);
+        let rows = vec![
+            (Server::Switchboard, sb.clone()),
+            (Server::SwitchboardTwin, rounds(&[100.0, 100.0, 100.0])),
+            (Server::UwsNode, rounds(&[80.0, 80.0, 80.0])),
+        ];
+        r.targets(Scenario::Echo, &rows, &sb);
+        assert_eq!(
+            r.verdicts[0],
+            "- echo, A/A control: messages/s of switchboard ÷ switchboard-twin (the same \
+             build) 0.90×–1.10× over the rounds, median 1.00×"
+        );
+        assert!(r.verdicts[1].starts_with("- echo: messages/s ≥ 1.2× uws-node's: **MISSED**"));
+        // Without uws-node in the run, the control alone.
+        let mut r = Report::new(&o, &[]);
+        r.targets(Scenario::Echo, &rows[..2], &sb);
+        assert_eq!(r.verdicts.len(), 1);
     }
 }
