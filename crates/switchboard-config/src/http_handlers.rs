@@ -62,6 +62,10 @@ pub struct HttpHandler {
     /// Most events of one socket held at once by this endpoint. Default 16.
     #[serde(default = "default_per_socket", deserialize_with = "de_per_socket")]
     pub per_socket: usize,
+    /// Most events of one username (all its sockets) held at once by this endpoint. Default
+    /// (absent): half of `concurrency + queue`, and never below `per_socket`.
+    #[serde(default, deserialize_with = "de_per_user")]
+    pub per_user: Option<usize>,
     /// Largest answer body, in bytes. Default 64 KiB.
     #[serde(default = "default_max_response", deserialize_with = "de_byte_size")]
     pub max_response: usize,
@@ -110,6 +114,7 @@ impl HttpHandler {
             queue: default_queue(),
             queue_bytes: default_queue_bytes(),
             per_socket: default_per_socket(),
+            per_user: None,
             max_response: default_max_response(),
             ca_file: None,
             secret_env: default_secret_env(),
@@ -184,6 +189,10 @@ fn de_concurrency<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 
 fn de_per_socket<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     between(d, "per_socket", 65_536)
+}
+
+fn de_per_user<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    between(d, "per_user", 1_004_096).map(Some)
 }
 
 fn de_queue<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {

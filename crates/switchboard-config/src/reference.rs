@@ -1112,10 +1112,22 @@ const SECTIONS: &[Section] = &[
                 Ext,
                 "Most answerable events of one socket this endpoint holds at once, so one busy \
                  socket cannot fill the queue alone; over it, as for a full queue. A socket's \
-                 `onclose` is never refused for it. Note that `(concurrency + queue) / \
-                 per_socket` sockets (18 by default) flooding a slow endpoint do fill it for \
-                 everyone: size `queue` for the sockets you expect to be busy at once.",
+                 `onclose` is never refused for it. One username's sockets together are bound \
+                 by `per_user`.",
                 Some("4"),
+            ),
+            key(
+                "gateway.http_handlers[].per_user",
+                "integer",
+                "half of `concurrency + queue`, never below `per_socket`",
+                Ext,
+                "Most answerable events of one username, all its sockets together, this \
+                 endpoint holds at once, so one token holder opening many sockets cannot fill \
+                 the endpoint for everyone; over it, as for a full queue. `onclose` is never \
+                 refused for it. Several users flooding a slow endpoint together can still \
+                 fill it: size `queue` for the users you expect to be busy at once. At most \
+                 1,004,096.",
+                Some("64"),
             ),
             key(
                 "gateway.http_handlers[].max_response",

@@ -11,7 +11,8 @@
 //!
 //! Per endpoint everything is bounded: `concurrency` requests in flight (one worker task
 //! each), `queue` events waiting, `queue_bytes` of bodies held, `per_socket` events of one
-//! socket, `max_response` bytes of answer, and `timeout` from the event to its answer. Over a
+//! socket, `per_user` events of one username (all its sockets together), `max_response` bytes
+//! of answer, and `timeout` from the event to its answer. Over a
 //! bound, an event is refused at once (the socket gets an error frame); a slow endpoint fills
 //! its own queue and no other. Events that are answered are sent once; an event nobody waits
 //! for (`onclose`) is sent again after a network error, a timeout, a `429` or a `5xx`, up to
@@ -58,6 +59,7 @@ impl std::fmt::Debug for EndpointOptions {
             .field("queue", &self.queue)
             .field("queue_bytes", &self.queue_bytes)
             .field("per_socket", &self.per_socket)
+            .field("per_user", &self.per_user)
             .field("max_response", &self.max_response)
             .field("secret", &format_args!("({} bytes)", self.secret.len()))
             .field("pass_headers", &self.pass_headers)
@@ -86,6 +88,9 @@ pub struct EndpointOptions {
     pub queue_bytes: usize,
     /// Events of one socket held at once.
     pub per_socket: usize,
+    /// Events of one username held at once, all its sockets together; `None`: half of
+    /// `concurrency + queue`, and never below `per_socket` ([`EndpointOptions::user_share`]).
+    pub per_user: Option<usize>,
     /// Largest answer body.
     pub max_response: usize,
     /// A CA trusted beside the system's roots.
@@ -101,6 +106,15 @@ pub struct EndpointOptions {
 }
 
 impl EndpointOptions {
+    /// The most answerable events one username may have held at once: `per_user`, or by
+    /// default half of `concurrency + queue` (never below `per_socket`), so that one token
+    /// holder, however many sockets it opens, leaves room for everyone else.
+    pub fn user_share(&self) -> usize {
+        self.per_user.unwrap_or_else(|| {
+            (self.concurrency.saturating_add(self.queue) / 2).max(self.per_socket)
+        })
+    }
+
     /// An endpoint with the config's defaults for everything but these.
     pub fn new(name: &str, url: Uri, topics: Vec<String>, secret: Vec<u8>) -> Self {
         EndpointOptions {
@@ -112,6 +126,7 @@ impl EndpointOptions {
             queue: 256,
             queue_bytes: 16 << 20,
             per_socket: 16,
+            per_user: None,
             max_response: 64 * 1024,
             ca_file: None,
             secret,
@@ -164,7 +179,61 @@ struct Job {
     /// When the socket stops waiting (answered events only).
     deadline: Option<Instant>,
     connection: Option<u64>,
+    /// Its socket's username (answered events only), for `per_user`.
+    user: Option<Arc<str>>,
     attempt: u32,
+}
+
+/// Answerable events held, by socket and by username (`per_socket`, `per_user`).
+#[derive(Default)]
+struct Holders {
+    sockets: HashMap<u64, usize>,
+    users: HashMap<Arc<str>, usize>,
+}
+
+impl Holders {
+    /// Counts one more event of `connection` and `user`, unless either is at its bound.
+    fn take(
+        &mut self,
+        connection: Option<u64>,
+        user: Option<&Arc<str>>,
+        per_socket: usize,
+        per_user: usize,
+    ) -> bool {
+        let socket_full =
+            connection.is_some_and(|c| self.sockets.get(&c).copied().unwrap_or(0) >= per_socket);
+        let user_full = user.is_some_and(|u| self.users.get(u).copied().unwrap_or(0) >= per_user);
+        if socket_full || user_full {
+            return false;
+        }
+        if let Some(c) = connection {
+            *self.sockets.entry(c).or_insert(0) += 1;
+        }
+        if let Some(u) = user {
+            *self.users.entry(u.clone()).or_insert(0) += 1;
+        }
+        true
+    }
+
+    /// Gives back what `take` counted.
+    fn give_back(&mut self, connection: Option<u64>, user: Option<&Arc<str>>) {
+        if let Some(c) = connection {
+            if let Some(n) = self.sockets.get_mut(&c) {
+                *n -= 1;
+                if *n == 0 {
+                    self.sockets.remove(&c);
+                }
+            }
+        }
+        if let Some(u) = user {
+            if let Some(n) = self.users.get_mut(u) {
+                *n -= 1;
+                if *n == 0 {
+                    self.users.remove(u);
+                }
+            }
+        }
+    }
 }
 
 struct Endpoint {
@@ -176,7 +245,10 @@ struct Endpoint {
     /// Of those, the events a socket waits for an answer to: only these count against
     /// `concurrency + queue`, so a backlog of closes never refuses a socket's next message.
     held_answered: AtomicUsize,
-    per_socket: Mutex<HashMap<u64, usize>>,
+    /// Answerable events held per socket and per username.
+    holders: Mutex<Holders>,
+    /// [`EndpointOptions::user_share`], worked out once.
+    per_user: usize,
     metrics: EndpointMetrics,
     idle: Arc<Notify>,
 }
@@ -225,7 +297,8 @@ impl HttpHandlers {
                 held_bytes: AtomicUsize::new(0),
                 held_events: AtomicUsize::new(0),
                 held_answered: AtomicUsize::new(0),
-                per_socket: Mutex::new(HashMap::new()),
+                holders: Mutex::new(Holders::default()),
+                per_user: options.user_share(),
                 idle: idle.clone(),
                 options,
             });
@@ -280,6 +353,7 @@ impl HttpHandlers {
         // (`onclose`, one per socket) is never refused for it, or a socket could flood the
         // endpoint and then disconnect to keep its close from the backend.
         let connection = msg.context().connection_id.filter(|_| answered);
+        let user = msg.context().username.clone().filter(|_| answered);
         let id = format!(
             "{}-{}",
             self.token,
@@ -293,6 +367,7 @@ impl HttpHandlers {
             id,
             headers,
             connection,
+            user,
             attempt: 0,
         };
         if let Err(way_back) = endpoint.admit(job) {
@@ -356,7 +431,7 @@ impl Endpoint {
     /// Takes `job` in within every bound, or hands back its way back.
     ///
     /// An event that waits for an answer counts against `concurrency + queue` answerable
-    /// events; one without (`onclose`) against all events held, 64 times that count, so that
+    /// events, and against its socket's `per_socket` and its username's `per_user`; one without (`onclose`) against all events held, 64 times that count, so that
     /// a mass disconnect or a shutdown still sends every socket's close, and a backlog of
     /// closes never refuses a socket's messages. Both count against `queue_bytes`.
     fn admit(&self, job: Job) -> Result<(), Option<Message>> {
@@ -378,16 +453,16 @@ impl Endpoint {
             self.refuse_event(answered);
             return Err(job.way_back);
         }
-        if let Some(conn) = job.connection {
-            let mut per_socket = lock(&self.per_socket);
-            let n = per_socket.entry(conn).or_insert(0);
-            if *n >= self.options.per_socket {
-                drop(per_socket);
-                self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                self.refuse_event(answered);
-                return Err(job.way_back);
-            }
-            *n += 1;
+        let taken = lock(&self.holders).take(
+            job.connection,
+            job.user.as_ref(),
+            self.options.per_socket,
+            self.per_user,
+        );
+        if !taken {
+            self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            self.refuse_event(answered);
+            return Err(job.way_back);
         }
         self.metrics.held.inc();
         match self.queue.try_send(job) {
@@ -416,14 +491,8 @@ impl Endpoint {
         if job.way_back.is_some() {
             self.held_answered.fetch_sub(1, Ordering::AcqRel);
         }
-        if let Some(conn) = job.connection {
-            let mut per_socket = lock(&self.per_socket);
-            if let Some(n) = per_socket.get_mut(&conn) {
-                *n -= 1;
-                if *n == 0 {
-                    per_socket.remove(&conn);
-                }
-            }
+        if job.connection.is_some() || job.user.is_some() {
+            lock(&self.holders).give_back(job.connection, job.user.as_ref());
         }
         self.metrics.held.dec();
         if self.held_events.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -614,4 +683,45 @@ async fn deliver_once(endpoint: Arc<Endpoint>, mut job: Job) {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_users_share_is_half_the_room_unless_set_and_never_below_a_socket() {
+        let url: Uri = "http://127.0.0.1:1/".parse().unwrap();
+        let mut o = EndpointOptions::new("e", url, vec![], b"0123456789abcdef".to_vec());
+        assert_eq!(o.user_share(), (32 + 256) / 2);
+        (o.concurrency, o.queue, o.per_socket) = (1, 2, 4);
+        assert_eq!(o.user_share(), 4);
+        o.per_user = Some(7);
+        assert_eq!(o.user_share(), 7);
+    }
+
+    #[test]
+    fn holders_bound_each_socket_and_each_user_and_give_back_exactly() {
+        let mut h = Holders::default();
+        let (alex, sam): (Arc<str>, Arc<str>) = (Arc::from("alex"), Arc::from("sam"));
+        // per_socket 2, per_user 3: alex's first socket takes 2, the second 1 more.
+        assert!(h.take(Some(1), Some(&alex), 2, 3));
+        assert!(h.take(Some(1), Some(&alex), 2, 3));
+        assert!(
+            !h.take(Some(1), Some(&alex), 2, 3),
+            "socket 1 at per_socket"
+        );
+        assert!(h.take(Some(2), Some(&alex), 2, 3));
+        assert!(!h.take(Some(2), Some(&alex), 2, 3), "alex at per_user");
+        assert!(h.take(Some(3), Some(&sam), 2, 3));
+        // A refusal counted nothing: giving back what was taken empties both maps.
+        for (conn, user) in [(1, &alex), (1, &alex), (2, &alex), (3, &sam)] {
+            h.give_back(Some(conn), Some(user));
+        }
+        assert!(h.sockets.is_empty() && h.users.is_empty());
+        // Without a username (no auth), only the socket's bound applies.
+        assert!(h.take(Some(4), None, 1, 1));
+        assert!(!h.take(Some(4), None, 1, 1));
+        assert!(h.take(Some(5), None, 1, 1));
+    }
 }

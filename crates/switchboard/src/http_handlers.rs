@@ -48,6 +48,7 @@ pub(crate) fn start(
         e.queue = h.queue;
         e.queue_bytes = h.queue_bytes;
         e.per_socket = h.per_socket;
+        e.per_user = h.per_user;
         e.max_response = h.max_response;
         e.ca_file.clone_from(&h.ca_file);
         e.onclose_retries = h.onclose_retries;

@@ -750,6 +750,10 @@ fn http_handlers_bind_topics_with_defaults() {
     assert_eq!(h.label(), "127.0.0.1:8081");
     assert_eq!(h.timeout, Duration::from_secs(10));
     assert_eq!((h.concurrency, h.queue, h.per_socket), (32, 256, 16));
+    assert_eq!(
+        h.per_user, None,
+        "absent: the endpoint works out half its room"
+    );
     assert_eq!(h.max_response, 64 * 1024);
     assert_eq!(h.secret_env, "SWITCHBOARD_HANDLER_SECRET");
     assert_eq!(h.pass_headers, ["x-request-id"]);
@@ -790,6 +794,11 @@ fn http_handler_errors_name_the_key_and_line() {
             9,
         ),
         ("      timeout: soon\n", "invalid duration `soon`", 9),
+        (
+            "      per_user: 0\n",
+            "per_user must be between 1 and 1004096",
+            9,
+        ),
         ("      zz: 1\n", "unknown field `zz`", 11),
     ] {
         let e = with_handlers(&format!("{entry}{extra}")).unwrap_err();

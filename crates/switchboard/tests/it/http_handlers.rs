@@ -209,6 +209,58 @@ async fn a_full_queue_answers_at_once_and_one_socket_cannot_fill_it_for_others()
     ));
 }
 
+/// One username's sockets together hold at most `per_user` events of an endpoint, however
+/// many sockets it opens: another user still finds room.
+#[tokio::test]
+async fn one_users_many_sockets_cannot_fill_an_endpoint_for_others() {
+    let backend = HttpBackend::start(by_type).await;
+    // Room for 4 events (1 in flight, 3 waiting), at most 2 of one socket, 3 of one user.
+    let gw = gateway(
+        &backend,
+        "      concurrency: 1\n      queue: 3\n      per_socket: 2\n      per_user: 3\n      \
+         timeout: 10s\n",
+    )
+    .await;
+    let mut alex_1 = gw.connect("alex", None).await;
+    let mut alex_2 = gw.connect("alex", None).await;
+    let mut sam = gw.connect("sam", None).await;
+    for c in [&mut alex_1, &mut alex_2, &mut sam] {
+        assert_eq!(c.recv().await["type"], "onconnect");
+    }
+    let refused = json!({"type": "error", "payload": {"message": "handler queue full", "topic": "socket:generalMessage"}});
+    for _ in 0..2 {
+        alex_1.send(json!({"type": "sleepy"})).await;
+    }
+    let held =
+        |n: usize| format!("switchboard_http_handler_held_events{{endpoint=\"test-backend\"}} {n}");
+    wait_until(
+        "alex's first socket holds 2",
+        Duration::from_secs(5),
+        || gw.metrics_text().contains(&held(2)),
+    )
+    .await;
+    // Each of alex's sockets is within `per_socket`, but alex is at `per_user` after one more:
+    // without the per-user bound both would be taken and the endpoint would be full.
+    alex_2.send(json!({"type": "sleepy"})).await;
+    alex_2.send(json!({"type": "sleepy"})).await;
+    assert_eq!(alex_2.recv().await, refused);
+    wait_until("3 events held", Duration::from_secs(5), || {
+        gw.metrics_text().contains(&held(3))
+    })
+    .await;
+    // So sam is taken, and answered.
+    sam.send(json!({"type": "sleepy"})).await;
+    assert_eq!(sam.recv().await["payload"], "zzz");
+    for _ in 0..2 {
+        assert_eq!(alex_1.recv().await["payload"], "zzz");
+    }
+    assert_eq!(alex_2.recv().await["payload"], "zzz");
+    // Answered, alex's events are given back: alex is taken again.
+    alex_2.send(json!({"type": "say", "payload": 1})).await;
+    assert_eq!(alex_2.recv().await["payload"], json!({"echo": 1}));
+    assert_eq!(backend.on_topic("socket:generalMessage").len(), 5);
+}
+
 /// A backlog of closes waiting for a slow endpoint does not refuse the messages of the
 /// sockets still open: only answerable events count against `concurrency + queue`.
 #[tokio::test]
