@@ -14,12 +14,12 @@ use super::report::Report;
 use super::{Figures, Result};
 
 /// Scenarios 1, 2, 3, 5, 6 and 7: `o.runs` rounds. In a round every server is started once
-/// and measured in `o.slices` slices, the servers taking turns slice by slice (the order
-/// rotating), and a server's slices add up to its run: rates and CPU are averaged over the
-/// slices (equal windows), latency percentiles are taken over every sample of the run
-/// (pooled by the client in a file). On a shared machine whose speed changes from one
-/// ten-second stretch to the next, slices taken in turn put every server through the same
-/// stretches, so a round's ratios compare like with like.
+/// and measured in `o.slices` slices, the servers taking turns slice by slice (in the
+/// orders of [`turn_order`]), and a server's slices add up to its run: rates and CPU are
+/// averaged over the slices (equal windows), latency percentiles are taken over every
+/// sample of the run (pooled by the client in a file). On a shared machine whose speed
+/// changes from one ten-second stretch to the next, slices taken in turn put every server
+/// through the same stretches, so a round's ratios compare like with like.
 pub(super) fn measured(o: &Options, scenario: Scenario, report: &mut Report) -> Result {
     let servers: Vec<Server> = o
         .servers
@@ -101,8 +101,7 @@ fn measure_round(
         .collect();
     let n = servers.len();
     for slice in 0..o.slices {
-        for k in 0..n {
-            let i = (k + slice + round) % n;
+        for i in turn_order(n, (round - 1) * o.slices + slice) {
             let (Ok(running), Ok(done)) = (&started[i], &mut slices[i]) else {
                 continue;
             };
@@ -185,6 +184,33 @@ fn measure_round(
             merged.ok()
         })
         .collect()
+}
+
+/// The order in which `n` servers take their turns in the `index`th pass of a scenario: the
+/// rows of a Williams square, which put every server in every place, and right after every
+/// other server, equally often (over `n` passes for an even `n`, `2n` for an odd one). A
+/// plain rotation varies only the place: each server then always ran right after the same
+/// other one, a bias the balanced order rules out. (It was not the cause of the offset the
+/// same-build control showed on echo and send; docs/PERFORMANCE.md, fifth pass.)
+fn turn_order(n: usize, index: usize) -> Vec<usize> {
+    if n == 0 {
+        return Vec::new();
+    }
+    // 0, 1, n-1, 2, n-2, ...: the differences between neighbours are all different mod n.
+    let first: Vec<usize> = (0..n)
+        .map(|j| match j {
+            0 => 0,
+            _ if j % 2 == 1 => j.div_ceil(2),
+            _ => n - j / 2,
+        })
+        .collect();
+    let rows = if n % 2 == 0 { n } else { 2 * n };
+    let row = index % rows;
+    let mut order: Vec<usize> = first.iter().map(|&s| (s + row % n) % n).collect();
+    if row >= n {
+        order.reverse();
+    }
+    order
 }
 
 /// One run from its slices: rates and CPU averaged (the slices' windows are equal), counts
@@ -426,6 +452,42 @@ fn idle_once(o: &Options, server: Server, size: usize, processes: usize) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn turns_put_every_server_in_every_place_and_after_every_other_equally() {
+        for n in 1..=7 {
+            let rows = if n % 2 == 0 { n } else { 2 * n };
+            let mut place = vec![vec![0; n]; n];
+            let mut after = vec![vec![0; n]; n];
+            for index in 0..rows {
+                let order = turn_order(n, index);
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                assert_eq!(
+                    sorted,
+                    (0..n).collect::<Vec<_>>(),
+                    "n {n}: each server once"
+                );
+                for (k, &s) in order.iter().enumerate() {
+                    place[s][k] += 1;
+                }
+                for pair in order.windows(2) {
+                    after[pair[0]][pair[1]] += 1;
+                }
+            }
+            let each = rows / n;
+            assert!(
+                place.iter().flatten().all(|&c| c == each),
+                "n {n}: {place:?}"
+            );
+            for (a, row) in after.iter().enumerate() {
+                for (b, &c) in row.iter().enumerate() {
+                    assert_eq!(c, if a == b { 0 } else { each }, "n {n}: {a} then {b}");
+                }
+            }
+        }
+        assert_eq!(turn_order(4, 4), turn_order(4, 0), "the rows repeat");
+    }
 
     #[test]
     fn a_run_adds_up_its_slices() {
