@@ -1119,14 +1119,16 @@ const SECTIONS: &[Section] = &[
             key(
                 "gateway.http_handlers[].per_user",
                 "integer",
-                "half of `concurrency + queue`, never below `per_socket`",
+                "half of `concurrency + queue`, at least 1",
                 Ext,
                 "Most answerable events of one username, all its sockets together, this \
-                 endpoint holds at once, so one token holder opening many sockets cannot fill \
-                 the endpoint for everyone; over it, as for a full queue. `onclose` is never \
-                 refused for it. Several users flooding a slow endpoint together can still \
-                 fill it: size `queue` for the users you expect to be busy at once. At most \
-                 1,004,096.",
+                 endpoint holds at once, so one token holder opening many sockets leaves at \
+                 least half the endpoint to everyone else; over it, as for a full queue (a \
+                 refused `onconnect` closes its socket with 1008). `onclose` is never refused \
+                 for it. Several users flooding a slow endpoint together can \
+                 still fill it: size `queue` for the users you expect to be busy at once. Leave \
+                 the key out for the default; at most 1,004,096 (a value of `concurrency + \
+                 queue` or more turns the bound off).",
                 Some("64"),
             ),
             key(

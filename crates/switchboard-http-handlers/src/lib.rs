@@ -89,7 +89,7 @@ pub struct EndpointOptions {
     /// Events of one socket held at once.
     pub per_socket: usize,
     /// Events of one username held at once, all its sockets together; `None`: half of
-    /// `concurrency + queue`, and never below `per_socket` ([`EndpointOptions::user_share`]).
+    /// `concurrency + queue`, at least 1 ([`EndpointOptions::user_share`]).
     pub per_user: Option<usize>,
     /// Largest answer body.
     pub max_response: usize,
@@ -107,12 +107,11 @@ pub struct EndpointOptions {
 
 impl EndpointOptions {
     /// The most answerable events one username may have held at once: `per_user`, or by
-    /// default half of `concurrency + queue` (never below `per_socket`), so that one token
-    /// holder, however many sockets it opens, leaves room for everyone else.
+    /// default half of `concurrency + queue` (at least 1), so that one token holder, however
+    /// many sockets it opens, leaves at least half the endpoint to everyone else.
     pub fn user_share(&self) -> usize {
-        self.per_user.unwrap_or_else(|| {
-            (self.concurrency.saturating_add(self.queue) / 2).max(self.per_socket)
-        })
+        self.per_user
+            .unwrap_or_else(|| (self.concurrency.saturating_add(self.queue) / 2).max(1))
     }
 
     /// An endpoint with the config's defaults for everything but these.
@@ -430,11 +429,22 @@ impl Endpoint {
 
     /// Takes `job` in within every bound, or hands back its way back.
     ///
-    /// An event that waits for an answer counts against `concurrency + queue` answerable
-    /// events, and against its socket's `per_socket` and its username's `per_user`; one without (`onclose`) against all events held, 64 times that count, so that
-    /// a mass disconnect or a shutdown still sends every socket's close, and a backlog of
-    /// closes never refuses a socket's messages. Both count against `queue_bytes`.
+    /// An event that waits for an answer counts against its socket's `per_socket`, its
+    /// username's `per_user` and `concurrency + queue` answerable events; one without
+    /// (`onclose`) against all events held, 64 times that count, so that a mass disconnect or
+    /// a shutdown still sends every socket's close, and a backlog of closes never refuses a
+    /// socket's messages. Both count against `queue_bytes`.
     fn admit(&self, job: Job) -> Result<(), Option<Message>> {
+        // The socket's and the user's bounds first: an event over them must not take, even
+        // for a moment, room that other users' events are counted against.
+        if !lock(&self.holders).take(
+            job.connection,
+            job.user.as_ref(),
+            self.options.per_socket,
+            self.per_user,
+        ) {
+            return Err(job.way_back);
+        }
         let answered = job.way_back.is_some();
         let most = self.options.concurrency.saturating_add(self.options.queue);
         let held = self.held_events.fetch_add(1, Ordering::AcqRel);
@@ -443,25 +453,19 @@ impl Endpoint {
         } else {
             held >= most.saturating_mul(64)
         };
-        if over {
-            self.refuse_event(answered);
-            return Err(job.way_back);
-        }
         let bytes = job.body.len();
-        if self.held_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > self.options.queue_bytes {
-            self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let refused = over || {
+            let before = self.held_bytes.fetch_add(bytes, Ordering::AcqRel);
+            if before + bytes > self.options.queue_bytes {
+                self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                true
+            } else {
+                false
+            }
+        };
+        if refused {
             self.refuse_event(answered);
-            return Err(job.way_back);
-        }
-        let taken = lock(&self.holders).take(
-            job.connection,
-            job.user.as_ref(),
-            self.options.per_socket,
-            self.per_user,
-        );
-        if !taken {
-            self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            self.refuse_event(answered);
+            self.give_back_holders(&job);
             return Err(job.way_back);
         }
         self.metrics.held.inc();
@@ -472,6 +476,13 @@ impl Endpoint {
                 self.release(&job);
                 Err(job.way_back)
             }
+        }
+    }
+
+    /// Gives back what `job` counted against its socket and its user.
+    fn give_back_holders(&self, job: &Job) {
+        if job.connection.is_some() || job.user.is_some() {
+            lock(&self.holders).give_back(job.connection, job.user.as_ref());
         }
     }
 
@@ -491,9 +502,7 @@ impl Endpoint {
         if job.way_back.is_some() {
             self.held_answered.fetch_sub(1, Ordering::AcqRel);
         }
-        if job.connection.is_some() || job.user.is_some() {
-            lock(&self.holders).give_back(job.connection, job.user.as_ref());
-        }
+        self.give_back_holders(job);
         self.metrics.held.dec();
         if self.held_events.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle.notify_waiters();
@@ -690,12 +699,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_users_share_is_half_the_room_unless_set_and_never_below_a_socket() {
+    fn a_users_share_is_half_the_room_unless_set() {
         let url: Uri = "http://127.0.0.1:1/".parse().unwrap();
         let mut o = EndpointOptions::new("e", url, vec![], b"0123456789abcdef".to_vec());
         assert_eq!(o.user_share(), (32 + 256) / 2);
-        (o.concurrency, o.queue, o.per_socket) = (1, 2, 4);
-        assert_eq!(o.user_share(), 4);
+        (o.concurrency, o.queue) = (1, 2);
+        assert_eq!(o.user_share(), 1);
+        o.queue = 0;
+        assert_eq!(o.user_share(), 1, "never 0");
         o.per_user = Some(7);
         assert_eq!(o.user_share(), 7);
     }
@@ -719,7 +730,8 @@ mod tests {
             h.give_back(Some(conn), Some(user));
         }
         assert!(h.sockets.is_empty() && h.users.is_empty());
-        // Without a username (no auth), only the socket's bound applies.
+        // An event without a username (none comes from a socket today) is bound by its
+        // socket alone.
         assert!(h.take(Some(4), None, 1, 1));
         assert!(!h.take(Some(4), None, 1, 1));
         assert!(h.take(Some(5), None, 1, 1));

@@ -17,6 +17,8 @@ pub(super) struct Report {
     pub(super) failures: Vec<String>,
     /// One line per target, printed together at the end.
     verdicts: Vec<String>,
+    /// One line per scenario with the A/A control, printed before the verdicts.
+    controls: Vec<String>,
     /// The cores each kind of process was seen to be allowed, by process.
     cores_seen: BTreeMap<&'static str, BTreeSet<String>>,
 }
@@ -138,6 +140,7 @@ impl Report {
             lines: Vec::new(),
             failures: Vec::new(),
             verdicts: Vec::new(),
+            controls: Vec::new(),
             cores_seen: BTreeMap::new(),
         };
         r.line(format!(
@@ -412,8 +415,8 @@ impl Report {
     }
 
     /// Issue 15's targets against uws-node, when it ran: each met only if every round meets it.
-    /// With the twin in the run, first the same build against itself: the noise a verdict
-    /// cannot see through.
+    /// With the twin in the run, also the same build against itself (`controls`): the noise
+    /// a verdict cannot see through.
     fn targets(
         &mut self,
         scenario: Scenario,
@@ -430,7 +433,7 @@ impl Report {
         if let Some((_, twin)) = rows.iter().find(|(s, _)| *s == Server::SwitchboardTwin) {
             let rate = round_ratios(&series(sb, "rate"), &series(twin, "rate"), false);
             if let Some(s) = spread(rate.iter().copied()) {
-                self.verdicts.push(format!(
+                self.controls.push(format!(
                     "- {name}, A/A control: {figure} of switchboard ÷ switchboard-twin (the \
                      same build) {:.2}×–{:.2}× over the rounds, median {:.2}×",
                     s.min, s.max, s.median
@@ -503,6 +506,17 @@ impl Report {
                 o.runs,
                 if o.runs == 1 { "" } else { "s" }
             ));
+        }
+        if !self.controls.is_empty() {
+            self.line(
+                "The same build against itself, the resolution of the verdicts below (see the \
+                 header on switchboard-twin):\n"
+                    .into(),
+            );
+            for c in std::mem::take(&mut self.controls) {
+                self.line(c);
+            }
+            self.line(String::new());
         }
         if self.verdicts.is_empty() {
             self.line("No target applies: uws-node was not in this run.".into());
@@ -660,14 +674,18 @@ mod tests {
         ];
         r.targets(Scenario::Echo, &rows, &sb);
         assert_eq!(
-            r.verdicts[0],
+            r.controls[0],
             "- echo, A/A control: messages/s of switchboard ÷ switchboard-twin (the same \
              build) 0.90×–1.10× over the rounds, median 1.00×"
         );
-        assert!(r.verdicts[1].starts_with("- echo: messages/s ≥ 1.2× uws-node's: **MISSED**"));
-        // Without uws-node in the run, the control alone.
+        assert!(r.verdicts[0].starts_with("- echo: messages/s ≥ 1.2× uws-node's: **MISSED**"));
+        // Without uws-node in the run, the control alone, and no target.
         let mut r = Report::new(&o, &[]);
         r.targets(Scenario::Echo, &rows[..2], &sb);
-        assert_eq!(r.verdicts.len(), 1);
+        assert_eq!((r.controls.len(), r.verdicts.len()), (1, 0));
+        r.verdict_section(&o);
+        let text = r.text();
+        assert!(text.contains("the resolution of the verdicts"), "{text}");
+        assert!(text.contains("No target applies"), "{text}");
     }
 }

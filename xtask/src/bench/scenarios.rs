@@ -188,7 +188,9 @@ fn measure_round(
 
 /// The order in which `n` servers take their turns in the `index`th pass of a scenario: the
 /// rows of a Williams square, which put every server in every place, and right after every
-/// other server, equally often (over `n` passes for an even `n`, `2n` for an odd one). A
+/// other server, equally often over whole cycles of rows (`n` passes for an even `n`, `2n`
+/// for an odd one; the passes of a scenario are numbered across its rounds, so a run whose
+/// rounds × slices is not a whole number of cycles is nearly, not exactly, balanced). A
 /// plain rotation varies only the place: each server then always ran right after the same
 /// other one, a bias the balanced order rules out. (It was not the cause of the offset the
 /// same-build control showed on echo and send; docs/PERFORMANCE.md, fifth pass.)

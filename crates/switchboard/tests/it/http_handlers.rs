@@ -9,7 +9,9 @@ use switchboard::Config;
 use switchboard_test_support::http_backend::{
     Answer, HttpBackend, Request, HANDLER_SECRET, HANDLER_SECRET_ENV,
 };
-use switchboard_test_support::{container, request, start, token, wait_until, Gateway, Kind};
+use switchboard_test_support::{
+    container, request, start, token, wait_until, Event, Gateway, Kind,
+};
 
 /// A gateway whose `onconnect`, `onmessage` and `onclose` topics are bound to `backend`, with
 /// `extra` lines (indented by six spaces) in the binding.
@@ -155,10 +157,12 @@ async fn malformed_failed_oversized_and_late_answers_get_the_bus_error_frames() 
 #[tokio::test]
 async fn a_full_queue_answers_at_once_and_one_socket_cannot_fill_it_for_others() {
     let backend = HttpBackend::start(by_type).await;
-    // Room for 3 events (1 in flight, 2 waiting), at most 2 of one socket.
+    // Room for 3 events (1 in flight, 2 waiting), at most 2 of one socket (and of one user:
+    // by default half the room, 1 here).
     let gw = gateway(
         &backend,
-        "      concurrency: 1\n      queue: 2\n      per_socket: 2\n      timeout: 10s\n",
+        "      concurrency: 1\n      queue: 2\n      per_socket: 2\n      per_user: 2\n      \
+         timeout: 10s\n",
     )
     .await;
     let mut alex = gw.connect("alex", None).await;
@@ -213,12 +217,18 @@ async fn a_full_queue_answers_at_once_and_one_socket_cannot_fill_it_for_others()
 /// many sockets it opens: another user still finds room.
 #[tokio::test]
 async fn one_users_many_sockets_cannot_fill_an_endpoint_for_others() {
-    let backend = HttpBackend::start(by_type).await;
+    // Long enough that nothing is answered before every step below is taken, even on a busy
+    // machine.
+    let backend = HttpBackend::start(|r: &Request| match r.envelope["data"]["type"].as_str() {
+        Some("held") => Answer::json(json!({"reply": "done"})).after(Duration::from_secs(2)),
+        _ => by_type(r),
+    })
+    .await;
     // Room for 4 events (1 in flight, 3 waiting), at most 2 of one socket, 3 of one user.
     let gw = gateway(
         &backend,
         "      concurrency: 1\n      queue: 3\n      per_socket: 2\n      per_user: 3\n      \
-         timeout: 10s\n",
+         timeout: 30s\n",
     )
     .await;
     let mut alex_1 = gw.connect("alex", None).await;
@@ -229,7 +239,7 @@ async fn one_users_many_sockets_cannot_fill_an_endpoint_for_others() {
     }
     let refused = json!({"type": "error", "payload": {"message": "handler queue full", "topic": "socket:generalMessage"}});
     for _ in 0..2 {
-        alex_1.send(json!({"type": "sleepy"})).await;
+        alex_1.send(json!({"type": "held"})).await;
     }
     let held =
         |n: usize| format!("switchboard_http_handler_held_events{{endpoint=\"test-backend\"}} {n}");
@@ -241,20 +251,25 @@ async fn one_users_many_sockets_cannot_fill_an_endpoint_for_others() {
     .await;
     // Each of alex's sockets is within `per_socket`, but alex is at `per_user` after one more:
     // without the per-user bound both would be taken and the endpoint would be full.
-    alex_2.send(json!({"type": "sleepy"})).await;
-    alex_2.send(json!({"type": "sleepy"})).await;
+    alex_2.send(json!({"type": "held"})).await;
+    alex_2.send(json!({"type": "held"})).await;
     assert_eq!(alex_2.recv().await, refused);
     wait_until("3 events held", Duration::from_secs(5), || {
         gw.metrics_text().contains(&held(3))
     })
     .await;
-    // So sam is taken, and answered.
-    sam.send(json!({"type": "sleepy"})).await;
-    assert_eq!(sam.recv().await["payload"], "zzz");
+    // So sam is taken, and answered (fourth in line: about 8 s).
+    sam.send(json!({"type": "held"})).await;
+    let answer = |c: Option<Event>| match c {
+        Some(Event::Json(v)) => v["payload"].clone(),
+        other => panic!("no answer: {other:?}"),
+    };
+    let within = Duration::from_secs(20);
+    assert_eq!(answer(sam.next(within).await), "done");
     for _ in 0..2 {
-        assert_eq!(alex_1.recv().await["payload"], "zzz");
+        assert_eq!(answer(alex_1.next(within).await), "done");
     }
-    assert_eq!(alex_2.recv().await["payload"], "zzz");
+    assert_eq!(answer(alex_2.next(within).await), "done");
     // Answered, alex's events are given back: alex is taken again.
     alex_2.send(json!({"type": "say", "payload": 1})).await;
     assert_eq!(alex_2.recv().await["payload"], json!({"echo": 1}));
