@@ -25,6 +25,11 @@
 
 mod floor;
 
+/// The allocator of the `switchboard` binary (its default feature `jemalloc`): the gateway
+/// and the floor are measured as a user runs them.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
