@@ -228,16 +228,21 @@ fn layering() -> Result {
     Ok(())
 }
 
-/// What the tests need beyond cargo: curl (the spec's handshake), nats-server (scale-out,
-/// three-server cluster, TLS and permission tests; their certificates, keys and JWTs are made
-/// in Rust, so no openssl or nsc) from Debian, and nats-py (the Python handler example) from
-/// PyPI. Installs what is missing, where we may.
+/// What the tests need beyond cargo: make (jemalloc's build), curl (the spec's handshake),
+/// nats-server (scale-out, three-server cluster, TLS and permission tests; their
+/// certificates, keys and JWTs are made in Rust, so no openssl or nsc) from Debian, and
+/// nats-py (the Python handler example) from PyPI. Installs what is missing, where we may.
 fn install_system_deps() -> Result {
-    let missing: Vec<&str> = [("curl", "curl"), ("nats-server", "nats-server")]
-        .into_iter()
-        .filter(|(tool, _)| !have(tool) && !have(&format!("/usr/sbin/{tool}")))
-        .map(|(_, package)| package)
-        .collect();
+    // make: jemalloc (the binaries' allocator) is built with configure and make.
+    let missing: Vec<&str> = [
+        ("curl", "curl"),
+        ("nats-server", "nats-server"),
+        ("make", "make"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| !have(tool) && !have(&format!("/usr/sbin/{tool}")))
+    .map(|(_, package)| package)
+    .collect();
     if !missing.is_empty() {
         apt_install(&missing)?;
     }

@@ -27,6 +27,7 @@ mod floor;
 
 /// The allocator of the `switchboard` binary (its default feature `jemalloc`): the gateway
 /// and the floor are measured as a user runs them.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
