@@ -12,9 +12,9 @@
 //! Per endpoint everything is bounded: `concurrency` requests in flight (one worker task
 //! each), `queue` events waiting, `queue_bytes` of bodies held, `per_socket` events of one
 //! socket, `per_user` events of one username (all its sockets together), `max_response` bytes
-//! of answer, and `timeout` from the event to its answer. Over a
-//! bound, an event is refused at once (the socket gets an error frame); a slow endpoint fills
-//! its own queue and no other. Events that are answered are sent once; an event nobody waits
+//! of answer, and `timeout` from the event to its answer. Over a bound, an event is refused at
+//! once (the socket gets an error frame); a slow endpoint fills its own queue and no other, and
+//! one user fills at most `per_user` of it. Events that are answered are sent once; an event nobody waits
 //! for (`onclose`) is sent again after a network error, a timeout, a `429` or a `5xx`, up to
 //! `onclose_retries` times with doubling backoff, keeping its place in `queue_bytes` meanwhile.
 
