@@ -191,8 +191,9 @@ fn de_per_socket<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     between(d, "per_socket", 65_536)
 }
 
+/// At most the largest `concurrency` plus the largest `queue`: more could never bind.
 fn de_per_user<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-    between(d, "per_user", 1_004_096).map(Some)
+    between(d, "per_user", 4096 + 1_000_000).map(Some)
 }
 
 fn de_queue<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
