@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use super::options::{Options, Scenario};
@@ -26,6 +26,9 @@ pub(super) fn client_command(o: &Options, target: &Running) -> Command {
         .arg(o.warmup.to_string())
         .arg("--threads")
         .arg(o.client_threads.to_string());
+    if o.client_spins() {
+        c.arg("--spin");
+    }
     c
 }
 
@@ -99,8 +102,19 @@ pub(super) fn run_client(
     if let Some(path) = samples {
         command.arg("--samples-file").arg(path);
     }
+    command.args(&args);
+    let limit = Duration::from_secs_f64(o.warmup + o.secs + 180.0);
+    let (status, lines) = run_for_lines(command, limit)?;
+    let figures = lines.iter().rev().find_map(|l| parse_result(l));
+    match (status.success(), figures) {
+        (true, Some(f)) => Ok(f),
+        (_, _) => Err(format!("client {} exited with {status}", args[0])),
+    }
+}
+
+/// Runs the client `command` for at most `limit`; its exit status and the lines it printed.
+fn run_for_lines(mut command: Command, limit: Duration) -> Result<(ExitStatus, Vec<String>)> {
     let mut child = command
-        .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -112,13 +126,47 @@ pub(super) fn run_client(
             .map_while(|l| l.ok())
             .collect::<Vec<_>>()
     });
-    let limit = Duration::from_secs_f64(o.warmup + o.secs + 180.0);
     let status = wait_bounded(&mut child, limit)?;
-    let lines = reader.join().unwrap_or_default();
-    let figures = lines.iter().rev().find_map(|l| parse_result(l));
-    match (status.success(), figures) {
-        (true, Some(f)) => Ok(f),
-        (_, _) => Err(format!("client {} exited with {status}", args[0])),
+    Ok((status, reader.join().unwrap_or_default()))
+}
+
+/// Runs one client that loads every server of `targets` in turns of `o.phase_ms` (echo and
+/// send) and returns each server's figures, in the same order.
+pub(super) fn run_client_phased(
+    o: &Options,
+    targets: &[&Running],
+    scenario: Scenario,
+) -> Result<Vec<Figures>> {
+    let first = targets.first().ok_or("no server to measure")?;
+    let args = scenario_args(o, scenario);
+    let list: Vec<String> = targets
+        .iter()
+        .map(|t| format!("127.0.0.1:{}/{}", t.port, t.pid()))
+        .collect();
+    let mut command = client_command(o, first);
+    command
+        .arg("--targets")
+        .arg(list.join(","))
+        .arg("--phase-ms")
+        .arg(o.phase_ms.to_string())
+        .args(&args);
+    let limit = Duration::from_secs_f64(o.warmup + o.secs * targets.len() as f64 + 180.0);
+    let (status, lines) = run_for_lines(command, limit)?;
+    let figures: Vec<Figures> = lines.iter().filter_map(|l| parse_result(l)).collect();
+    let in_order = figures.len() == targets.len()
+        && figures
+            .iter()
+            .enumerate()
+            .all(|(k, f)| f.get("target") == Some(&k.to_string()));
+    match (status.success(), in_order) {
+        (true, true) => Ok(figures),
+        (true, false) => Err(format!(
+            "client {} gave {} results for {} servers",
+            args[0],
+            figures.len(),
+            targets.len()
+        )),
+        (false, _) => Err(format!("client {} exited with {status}", args[0])),
     }
 }
 

@@ -30,9 +30,14 @@ pub(crate) struct Args {
     #[arg(long, value_name = "N", value_parser = count)]
     runs: Option<usize>,
     /// Slices per run: a run's measured seconds are split into N slices, taken in turn with
-    /// the other servers' slices of the round [default: 3; 1 with --smoke]
+    /// the other servers' slices of the round (broadcast, handshakes) [default: 3; 1 with
+    /// --smoke]
     #[arg(long, value_name = "N", value_parser = count)]
     slices: Option<usize>,
+    /// echo and send: one client loads every server of the round, one at a time in turns of
+    /// MS milliseconds, instead of slices [default: 250; 0: slices, as for the others]
+    #[arg(long, value_name = "MS")]
+    phase_ms: Option<u64>,
     /// Pin the servers and the client to different cores (taskset) [default: when there
     /// are 2 cores or more and taskset is installed]
     #[arg(long, overrides_with = "no_pin")]
@@ -97,6 +102,10 @@ pub(crate) struct Args {
     /// by bench-server on loopback, keep-alive) instead of an in-process handler
     #[arg(long)]
     echo_over_http: bool,
+    /// echo, send, broadcast: a pinned client sleeps in `epoll_wait` between events, instead
+    /// of polling without sleep on its own core (the default when pinned)
+    #[arg(long)]
+    client_sleeps: bool,
 }
 
 /// A count: `10000` or `10_000`.
@@ -206,6 +215,8 @@ pub(super) struct Options {
     pub(super) runs: usize,
     /// Slices per run (`--slices`).
     pub(super) slices: usize,
+    /// Echo and send's turns in milliseconds (`--phase-ms`; 0: slices).
+    pub(super) phase_ms: u64,
     pub(super) pin: PinChoice,
     pub(super) server_cores: Option<Vec<usize>>,
     pub(super) client_cores: Option<Vec<usize>>,
@@ -230,6 +241,8 @@ pub(super) struct Options {
     pub(super) build: bool,
     /// `--echo-over-http`.
     pub(super) echo_over_http: bool,
+    /// `--client-sleeps`.
+    pub(super) client_sleeps: bool,
     /// The NATS server of a cross-node run (set while one runs, never from the command line).
     pub(super) nats: Option<String>,
     /// Where the cross-cluster publisher connects, and that server's monitoring port.
@@ -237,11 +250,25 @@ pub(super) struct Options {
 }
 
 impl Options {
+    /// Whether the client polls without sleeping: when it has a core of its own (pinned),
+    /// unless `--client-sleeps`. Sleeping, it made each server pay to wake it at a rate that
+    /// moved from slice to slice, the largest noise in the runs (docs/PERFORMANCE.md).
+    pub(super) fn client_spins(&self) -> bool {
+        self.pinning.is_pinned() && !self.client_sleeps
+    }
+
+    /// Whether `scenario` is measured in turns of `phase_ms` by one client for all servers
+    /// (echo and send), rather than in slices.
+    pub(super) fn phased(&self, scenario: Scenario) -> bool {
+        self.phase_ms > 0 && matches!(scenario, Scenario::Echo | Scenario::Send)
+    }
+
     fn defaults(smoke: bool) -> Options {
         Options {
             smoke,
             runs: if smoke { 1 } else { 3 },
             slices: if smoke { 1 } else { 3 },
+            phase_ms: 250,
             pin: PinChoice::Auto,
             server_cores: None,
             client_cores: None,
@@ -290,6 +317,7 @@ impl Options {
             profile: "release".into(),
             build: true,
             echo_over_http: false,
+            client_sleeps: false,
             nats: None,
             publisher_nats: None,
         }
@@ -301,6 +329,7 @@ impl Options {
         let mut o = Options {
             runs: args.runs.unwrap_or(d.runs).max(1),
             slices: args.slices.unwrap_or(d.slices).max(1),
+            phase_ms: args.phase_ms.unwrap_or(d.phase_ms),
             pin: match (args.pin, args.no_pin) {
                 (true, _) => PinChoice::On,
                 (_, true) => PinChoice::Off,
@@ -330,6 +359,7 @@ impl Options {
             profile: args.profile.clone().unwrap_or(d.profile),
             build: !args.no_build,
             echo_over_http: args.echo_over_http,
+            client_sleeps: args.client_sleeps,
             ..d
         };
         if o.servers.first() != Some(&Server::Switchboard) {
@@ -384,5 +414,25 @@ mod tests {
         assert_eq!(o.server_cores, Some(vec![0, 1]));
         assert_eq!(parse(&["--no-pin", "--pin"]).unwrap().pin, PinChoice::On);
         assert!(parse(&["--client-cores", "x"]).is_err());
+    }
+
+    #[test]
+    fn echo_and_send_take_turns_and_a_pinned_client_spins() {
+        let mut o = parse(&[]).unwrap();
+        assert_eq!(o.phase_ms, 250);
+        assert!(o.phased(Scenario::Echo) && o.phased(Scenario::Send));
+        assert!(!o.phased(Scenario::Broadcast) && !o.phased(Scenario::Handshake));
+        assert!(!parse(&["--phase-ms", "0"]).unwrap().phased(Scenario::Echo));
+        // Spinning needs a core of the client's own.
+        assert!(!o.client_spins(), "not pinned yet");
+        o.pinning = Pinning::Pinned {
+            taskset: "taskset".into(),
+            server: vec![0],
+            client: vec![1],
+        };
+        assert!(o.client_spins());
+        o.client_sleeps = true;
+        assert!(!o.client_spins());
+        assert!(parse(&["--client-sleeps"]).unwrap().client_sleeps);
     }
 }

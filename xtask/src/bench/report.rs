@@ -162,6 +162,14 @@ impl Report {
                 .join(" ")
         ));
         r.line(format!("- {}", o.pinning.describe()));
+        r.line(if o.client_spins() {
+            "- the client (echo, send, broadcast) polls without sleeping on its core; \
+             `client_cpu` leaves out its polls that found nothing (`--client-sleeps` to let it \
+             sleep)"
+                .to_string()
+        } else {
+            "- the client sleeps in `epoll_wait` between events".to_string()
+        });
         r.line(format!(
             "- node {}; client threads {}; Switchboard worker threads {}",
             shell_output("node", &["--version"]),
@@ -185,6 +193,16 @@ impl Report {
             o.warmup.min(super::scenarios::LATER_SLICE_WARMUP),
             o.profile
         ));
+        if o.scenarios.iter().any(|&s| o.phased(s)) {
+            r.line(format!(
+                "- echo and send, instead of slices: in each round one client holds sockets to \
+                 every server and loads one server at a time, in turns of {} ms (forward, then \
+                 backward through the servers), until each has had {} s of measured turns \
+                 after a shared warm-up of {} s; a turn ends by sending no more and waiting for \
+                 the answers out, and only the turns' own windows count (answers, latency, CPU)",
+                o.phase_ms, o.secs, o.warmup
+            ));
+        }
         r.line(format!(
             "- {} round{} per scenario, the servers interleaved within each round; a cell is \
              the median over the rounds with the range (min–max) in brackets; a ratio is \

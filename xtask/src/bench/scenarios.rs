@@ -7,7 +7,7 @@ use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::client::{client_command, parse_result, run_client, scenario_args};
+use super::client::{client_command, parse_result, run_client, run_client_phased, scenario_args};
 use super::options::{Options, Scenario, Server};
 use super::processes::{nats_pair, wait_bounded, wait_for_route_interest, NatsServer, Running};
 use super::report::Report;
@@ -19,7 +19,9 @@ use super::{Figures, Result};
 /// averaged over the slices (equal windows), latency percentiles are taken over every
 /// sample of the run (pooled by the client in a file). On a shared machine whose speed
 /// changes from one ten-second stretch to the next, slices taken in turn put every server
-/// through the same stretches, so a round's ratios compare like with like.
+/// through the same stretches, so a round's ratios compare like with like. Echo and send
+/// go further (`measure_phased`): one client takes the servers in turns of a fraction of a
+/// second.
 pub(super) fn measured(o: &Options, scenario: Scenario, report: &mut Report) -> Result {
     let servers: Vec<Server> = o
         .servers
@@ -73,7 +75,8 @@ fn settle(servers: &[Result<Running>]) -> bool {
     false
 }
 
-/// One round: each server's run, from its slices (`None` where it failed).
+/// One round: every server started once, then each server's run, in turns (echo and send)
+/// or from its slices (`None` where it failed).
 fn measure_round(
     o: &Options,
     scenario: Scenario,
@@ -81,8 +84,6 @@ fn measure_round(
     round: usize,
     report: &mut Report,
 ) -> Vec<Option<Figures>> {
-    let dir = o.report.parent().unwrap_or(Path::new(".")).join("samples");
-    let pool_of = |server: Server| dir.join(format!("{}-round{round}.samples", server.name()));
     let started: Vec<Result<Running>> = servers
         .iter()
         .map(|&server| {
@@ -95,6 +96,110 @@ fn measure_round(
         .collect();
     // Let the servers settle (JIT warm-up is part of each first slice's warm-up).
     std::thread::sleep(Duration::from_millis(300));
+    let runs = if o.phased(scenario) {
+        measure_phased(o, scenario, servers, &started, round, report)
+    } else {
+        measure_slices(o, scenario, servers, &started, round, report)
+    };
+    drop(started);
+    servers
+        .iter()
+        .zip(runs)
+        .map(|(server, run)| {
+            let what = format!("{scenario:?} on {} (round {round})", server.name());
+            match &run {
+                Ok(f) => {
+                    let errors: u64 = f.get("errors").and_then(|e| e.parse().ok()).unwrap_or(0);
+                    let count: u64 = f
+                        .get("count")
+                        .or_else(|| f.get("complete"))
+                        .and_then(|e| e.parse().ok())
+                        .unwrap_or(0);
+                    if errors > 0 || count == 0 {
+                        report
+                            .failures
+                            .push(format!("{what}: {errors} errors, {count} measured"));
+                    }
+                }
+                Err(e) => report.failures.push(format!("{what}: {e}")),
+            }
+            run.ok()
+        })
+        .collect()
+}
+
+/// Echo and send: one client run loads every server of the round in turns of `o.phase_ms`
+/// (`bench-client --targets`), each server getting `o.secs` of measured turns; a turn a
+/// fraction of a second long puts every server through the same stretches of a machine
+/// whose speed drifts over seconds, which slices of seconds did not.
+fn measure_phased(
+    o: &Options,
+    scenario: Scenario,
+    servers: &[Server],
+    started: &[Result<Running>],
+    round: usize,
+    report: &mut Report,
+) -> Vec<Result<Figures>> {
+    let up: Vec<(usize, &Running)> = started
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().ok().map(|r| (i, r)))
+        .collect();
+    let names: Vec<&str> = up.iter().map(|&(i, _)| servers[i].name()).collect();
+    println!(
+        "bench: {} against {} in turns of {} ms (round {round} of {}) ...",
+        scenario_args(o, scenario).join(" "),
+        names.join(", "),
+        o.phase_ms,
+        o.runs,
+    );
+    if !settle(started) {
+        println!("bench:   the servers were not quiet after {QUIET_LIMIT:?}; going on");
+    }
+    let targets: Vec<&Running> = up.iter().map(|&(_, r)| r).collect();
+    let measured = run_client_phased(o, &targets, scenario);
+    let mut runs: Vec<Result<Figures>> = started
+        .iter()
+        .map(|r| match r {
+            Ok(_) => Err("not measured".to_string()),
+            Err(e) => Err(e.clone()),
+        })
+        .collect();
+    match measured {
+        Ok(figures) => {
+            for (&(i, running), mut f) in up.iter().zip(figures) {
+                f.insert(
+                    "server_cores".into(),
+                    running.cores.clone().unwrap_or_else(|| "?".into()),
+                );
+                println!("bench:   {}: {}", servers[i].name(), fmt_figures(&f));
+                let what = format!("{scenario:?} on {} (round {round})", servers[i].name());
+                report.check_cores(o, servers[i], &f, &what);
+                runs[i] = Ok(f);
+            }
+        }
+        Err(e) => {
+            println!("bench:   failed: {e}");
+            for &(i, _) in &up {
+                runs[i] = Err(e.clone());
+            }
+        }
+    }
+    runs
+}
+
+/// The other scenarios: each server's run in `o.slices` slices, the servers taking turns
+/// slice by slice; a run's figures from its slices (`merge_slices`).
+fn measure_slices(
+    o: &Options,
+    scenario: Scenario,
+    servers: &[Server],
+    started: &[Result<Running>],
+    round: usize,
+    report: &mut Report,
+) -> Vec<Result<Figures>> {
+    let dir = o.report.parent().unwrap_or(Path::new(".")).join("samples");
+    let pool_of = |server: Server| dir.join(format!("{}-round{round}.samples", server.name()));
     let mut slices: Vec<Result<Vec<Figures>>> = started
         .iter()
         .map(|r| r.as_ref().map(|_| Vec::new()).map_err(Clone::clone))
@@ -149,40 +254,18 @@ fn measure_round(
                     slices[i] = Err(e);
                 }
             }
-            if !settle(&started) {
+            if !settle(started) {
                 println!("bench:   the servers were not quiet after {QUIET_LIMIT:?}; going on");
             }
         }
     }
-    drop(started);
     // The pooled samples are in each run's last slice's figures now.
     for server in servers {
         let _ = std::fs::remove_file(pool_of(*server));
     }
-    servers
-        .iter()
-        .zip(slices)
-        .map(|(server, run)| {
-            let what = format!("{scenario:?} on {} (round {round})", server.name());
-            let merged = run.and_then(|slices| merge_slices(&slices));
-            match &merged {
-                Ok(f) => {
-                    let errors: u64 = f.get("errors").and_then(|e| e.parse().ok()).unwrap_or(0);
-                    let count: u64 = f
-                        .get("count")
-                        .or_else(|| f.get("complete"))
-                        .and_then(|e| e.parse().ok())
-                        .unwrap_or(0);
-                    if errors > 0 || count == 0 {
-                        report
-                            .failures
-                            .push(format!("{what}: {errors} errors, {count} measured"));
-                    }
-                }
-                Err(e) => report.failures.push(format!("{what}: {e}")),
-            }
-            merged.ok()
-        })
+    slices
+        .into_iter()
+        .map(|run| run.and_then(|slices| merge_slices(&slices)))
         .collect()
 }
 

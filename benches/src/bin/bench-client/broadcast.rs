@@ -8,7 +8,7 @@ use switchboard_bench::result_line;
 use switchboard_bench::stats::Samples;
 use switchboard_bench::wire::{self, Kind, Stamp, Template};
 
-use crate::measure::{fmt_cores, percentiles, pooled, sample_cpu, Clock, Tally};
+use crate::measure::{client_cpu_fields, fmt_cores, percentiles, pooled, sample_cpu, Clock, Tally};
 use crate::poller::{Inbound, Loop, Scenario, Sender};
 use crate::roundtrip::max_frame;
 use crate::sockets::{open_sockets, Run};
@@ -26,7 +26,7 @@ pub(crate) async fn broadcast(
     // Sockets 0..n subscribe; socket n publishes (and gets every broadcast too).
     let sockets = open_sockets(&run, n + 1).await?;
     let template = Template::new(Kind::Broadcast, "", run.payload);
-    let mut lp = Loop::new(sockets, max_frame(&template))?;
+    let mut lp = Loop::new(sockets, max_frame(&template), run.spin)?;
     let payload = run.payload;
     let ready = tokio::task::spawn_blocking(move || probe_all(&mut lp, n, payload).map(|()| lp))
         .await
@@ -85,10 +85,16 @@ pub(crate) async fn broadcast(
             "bps",
             format!("{:.1}", tta.len() as f64 / clock.window_secs()),
         ),
-        ("client_cpu", fmt_cores(client_cpu)),
+    ];
+    line.extend(client_cpu_fields(
+        client_cpu,
+        tally.idle,
+        clock.window_secs(),
+    ));
+    line.extend([
         ("server_cpu", fmt_cores(server_cpu)),
         ("errors", tally.errors.to_string()),
-    ];
+    ]);
     line.extend(percentiles(&tta, ["p50_us", "p99_us", "p999_us"]));
     line.extend(pooled);
     Ok(result_line(&line))

@@ -13,6 +13,10 @@
 //!
 //! Every run is bounded: a warm-up, a measured window (`--warmup`, `--secs`), then at most a
 //! few seconds of drain; `idle` holds until its standard input closes or `--hold` passes.
+//! `echo` and `send` may also load several servers in one run (`--targets A/PID,B/PID,...`),
+//! one at a time in turns of `--phase-ms` (see `phased.rs`): then there is one `RESULT` line
+//! per server.
+//!
 //! The last line on stdout is `RESULT k=v ...` (read by `cargo xtask bench`); it includes the
 //! client's own CPU use (`client_cpu`, in cores) and the server's (`server_cpu`, given its
 //! PID), so a run can tell when the client, not the server, was the bottleneck, and the cores
@@ -24,6 +28,7 @@ mod cross_node;
 mod handshake;
 mod idle;
 mod measure;
+mod phased;
 mod poller;
 mod roundtrip;
 mod sockets;
@@ -79,6 +84,21 @@ struct Cli {
     /// Payload bytes per message (at least 40, the stamp).
     #[arg(long, global = true, default_value_t = wire::DEFAULT_PAYLOAD)]
     payload: usize,
+    /// echo, send and broadcast: poll without ever sleeping, for a client pinned to a core of
+    /// its own. The server then never pays to wake the client, a cost that moves with how
+    /// often the client happens to sleep; the polls that find nothing are timed and left out
+    /// of `client_cpu` (reported as `client_idle`), so it still shows how busy the client was.
+    #[arg(long, global = true)]
+    spin: bool,
+    /// echo and send: load these servers in one run, one at a time in turns of `--phase-ms`
+    /// (forward, then backward), instead of `--addr` alone; one `RESULT` line per server, in
+    /// this order, with its `target` index. Each is ADDR or ADDR/PID (the PID to report the
+    /// server's CPU); `--secs` is each server's share of the measured time.
+    #[arg(long, global = true, value_delimiter = ',', value_parser = target)]
+    targets: Vec<(SocketAddr, Option<u32>)>,
+    /// The length of a turn with `--targets`, in milliseconds.
+    #[arg(long, global = true, default_value_t = 250)]
+    phase_ms: u64,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -168,9 +188,11 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(line) => {
+        Ok(lines) => {
             let cores = switchboard_bench::procfs::allowed_cpus().unwrap_or_else(|| "?".into());
-            println!("{line} cores={cores}");
+            for line in lines {
+                println!("{line} cores={cores}");
+            }
             let _ = std::io::stdout().flush();
             ExitCode::SUCCESS
         }
@@ -181,9 +203,20 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<String, String> {
-    if !cli.addr.ip().is_loopback() {
-        return Err(format!("{} is not a loopback address", cli.addr));
+/// `ADDR` or `ADDR/PID`.
+fn target(v: &str) -> Result<(SocketAddr, Option<u32>), String> {
+    let (addr, pid) = match v.split_once('/') {
+        Some((a, p)) => (a, Some(p.parse().map_err(|e| format!("`{p}`: {e}"))?)),
+        None => (v, None),
+    };
+    Ok((addr.parse().map_err(|e| format!("`{addr}`: {e}"))?, pid))
+}
+
+async fn run(cli: Cli) -> Result<Vec<String>, String> {
+    for addr in std::iter::once(&cli.addr).chain(cli.targets.iter().map(|(a, _)| a)) {
+        if !addr.ip().is_loopback() {
+            return Err(format!("{addr} is not a loopback address"));
+        }
     }
     let run = Arc::new(Run {
         ep: Endpoint {
@@ -197,7 +230,32 @@ async fn run(cli: Cli) -> Result<String, String> {
         connect_concurrency: cli.connect_concurrency.max(1),
         payload: cli.payload,
         samples_file: cli.samples_file.clone(),
+        spin: cli.spin,
     });
+    if cli.targets.is_empty() {
+        return one_target(run, cli).await.map(|line| vec![line]);
+    }
+    let (kind, sockets, inflight) = match cli.scenario {
+        Scenario::Echo { sockets, inflight } => (Kind::Echo, sockets, inflight),
+        Scenario::Send { sockets, inflight } => (Kind::Send, sockets, inflight),
+        _ => return Err("--targets is for echo and send only".into()),
+    };
+    let runs = cli
+        .targets
+        .iter()
+        .map(|&(addr, server_pid)| {
+            let mut target = (*run).clone();
+            target.ep.addr = addr;
+            target.server_pid = server_pid;
+            Arc::new(target)
+        })
+        .collect();
+    let phase = std::time::Duration::from_millis(cli.phase_ms);
+    phased::phased_roundtrips(runs, kind, sockets, inflight, cli.warmup, cli.secs, phase).await
+}
+
+/// A scenario against the one server at `--addr`.
+async fn one_target(run: Arc<Run>, cli: Cli) -> Result<String, String> {
     match cli.scenario {
         Scenario::Echo { sockets, inflight } => {
             roundtrip::roundtrips(run, Kind::Echo, sockets, inflight, cli.warmup, cli.secs).await

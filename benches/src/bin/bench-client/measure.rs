@@ -78,6 +78,7 @@ pub(crate) async fn latency_result(
     let Tally {
         samples: all,
         errors,
+        idle,
         ..
     } = Tally::join_all(workers).await;
     let (client_cpu, server_cpu) = cpu.await.unwrap_or((None, None));
@@ -88,13 +89,36 @@ pub(crate) async fn latency_result(
             "rate",
             format!("{:.0}", samples.len() as f64 / clock.window_secs()),
         ),
-        ("client_cpu", fmt_cores(client_cpu)),
+    ]);
+    head.extend(client_cpu_fields(client_cpu, idle, clock.window_secs()));
+    head.extend([
         ("server_cpu", fmt_cores(server_cpu)),
         ("errors", errors.to_string()),
     ]);
     head.extend(percentiles(&samples, ["p50_us", "p99_us", "p999_us"]));
     head.extend(pooled(pool, &samples));
     result_line(&head)
+}
+
+/// `client_cpu`: the client's CPU over the window, less the time a spinning loop spent in
+/// polls that found nothing (`client_idle`, reported too when there was any), so a client
+/// that never sleeps still shows how busy it was.
+pub(crate) fn client_cpu_fields(
+    measured: Option<f64>,
+    idle: Duration,
+    window_secs: f64,
+) -> Vec<(&'static str, String)> {
+    if idle.is_zero() || window_secs <= 0.0 {
+        return vec![("client_cpu", fmt_cores(measured))];
+    }
+    let idle = idle.as_secs_f64() / window_secs;
+    vec![
+        (
+            "client_cpu",
+            fmt_cores(measured.map(|cpu| (cpu - idle).max(0.0))),
+        ),
+        ("client_idle", fmt_cores(Some(idle))),
+    ]
 }
 
 /// With `--samples-file`: appends `samples` to the file and returns the percentiles of all
@@ -160,6 +184,8 @@ pub(crate) struct Tally {
     pub(crate) samples: Vec<u64>,
     pub(crate) errors: u64,
     pub(crate) first_error: Option<String>,
+    /// A spinning poll loop's time in the measured window spent in polls that found nothing.
+    pub(crate) idle: Duration,
 }
 
 impl Tally {
@@ -180,6 +206,7 @@ impl Tally {
                     total.samples.extend(t.samples);
                     total.errors += t.errors;
                     total.first_error = total.first_error.or(t.first_error);
+                    total.idle += t.idle;
                 }
                 Err(e) => total.error(e),
             }

@@ -9,7 +9,7 @@
 //! event. Every server gets the same client.
 
 use std::io::{self, Read, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
@@ -114,13 +114,16 @@ pub(crate) struct Loop {
     buf: Vec<u8>,
     cuts: Vec<frames::Cut>,
     max_frame: usize,
+    /// Poll without sleeping (`--spin`).
+    spin: bool,
     pub(crate) tx: Sender,
 }
 
 impl Loop {
     /// Takes over sockets opened (and upgraded) on tokio; socket `i` is token `i`. Frames
-    /// longer than `max_frame` bytes end their socket.
-    pub(crate) fn new(sockets: Vec<Ws>, max_frame: usize) -> Result<Loop, String> {
+    /// longer than `max_frame` bytes end their socket. With `spin`, a turn polls without
+    /// waiting, and [`Loop::run`] counts the turns that found nothing as idle time.
+    pub(crate) fn new(sockets: Vec<Ws>, max_frame: usize, spin: bool) -> Result<Loop, String> {
         let streams = sockets
             .into_iter()
             .enumerate()
@@ -132,11 +135,15 @@ impl Loop {
                     .map_err(|e| format!("socket {i}: {e}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Loop::from_std(streams, max_frame)
+        Loop::from_std(streams, max_frame, spin)
     }
 
     /// As [`Loop::new`], from upgraded non-blocking std streams.
-    fn from_std(streams: Vec<std::net::TcpStream>, max_frame: usize) -> Result<Loop, String> {
+    pub(crate) fn from_std(
+        streams: Vec<std::net::TcpStream>,
+        max_frame: usize,
+        spin: bool,
+    ) -> Result<Loop, String> {
         let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
         let mut conns = Vec::with_capacity(streams.len());
         for (i, std) in streams.into_iter().enumerate() {
@@ -161,6 +168,7 @@ impl Loop {
             buf: vec![0; 2 * max_frame + 64 * 1024],
             cuts: Vec::new(),
             max_frame,
+            spin,
             tx: Sender {
                 conns,
                 frame: Vec::new(),
@@ -169,17 +177,22 @@ impl Loop {
         })
     }
 
-    /// Waits until an event or `until`, then hands every whole text frame (and every socket
-    /// that ended) to `on`, with the sender to answer on. Pings are answered here.
+    /// Waits until an event or `until` (not at all when spinning), then hands every whole
+    /// text frame (and every socket that ended) to `on`, with the sender to answer on. Pings
+    /// are answered here. Says whether the poll found anything.
     pub(crate) fn turn(
         &mut self,
         until: Instant,
         on: &mut impl FnMut(&mut Sender, usize, Inbound<'_>),
-    ) -> Result<(), String> {
-        let wait = until.saturating_duration_since(Instant::now());
+    ) -> Result<bool, String> {
+        let wait = if self.spin {
+            Duration::ZERO
+        } else {
+            until.saturating_duration_since(Instant::now())
+        };
         match self.poll.poll(&mut self.events, Some(wait)) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),
             Err(e) => return Err(format!("poll: {e}")),
         }
         for ev in self.events.iter() {
@@ -207,11 +220,12 @@ impl Loop {
                 );
             }
         }
-        Ok(())
+        Ok(!self.events.is_empty())
     }
 
     /// Turns until the clock has ended and `scenario` is settled, or until the hard deadline;
-    /// until the end, a turn waits at most until the end.
+    /// until the end, a turn waits at most until the end. When spinning, the turns of the
+    /// measured window that found nothing add their time to the tally's `idle`.
     pub(crate) fn run(&mut self, clock: &Clock, scenario: &mut impl Scenario) {
         loop {
             let now = Instant::now();
@@ -228,9 +242,15 @@ impl Loop {
             } else {
                 clock.hard
             };
-            if let Err(e) = self.turn(until, &mut |tx, i, inbound| scenario.on(tx, i, inbound)) {
-                scenario.tally().error(e);
-                return;
+            match self.turn(until, &mut |tx, i, inbound| scenario.on(tx, i, inbound)) {
+                Ok(false) if self.spin && clock.measured(now) => {
+                    scenario.tally().idle += now.elapsed();
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    scenario.tally().error(e);
+                    return;
+                }
             }
             scenario.after_turn(&mut self.tx);
         }
@@ -324,7 +344,7 @@ fn read_ready(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
@@ -332,7 +352,7 @@ mod tests {
     use super::*;
 
     /// A non-blocking client socket and the server's end of it, on 127.0.0.1.
-    fn connected() -> (TcpStream, TcpStream) {
+    pub(crate) fn connected() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         client.set_nonblocking(true).unwrap();
@@ -341,14 +361,14 @@ mod tests {
     }
 
     /// A frame as a server sends it (unmasked, payload under 126 bytes).
-    fn server_frame(op: u8, payload: &[u8]) -> Vec<u8> {
+    pub(crate) fn server_frame(op: u8, payload: &[u8]) -> Vec<u8> {
         let mut f = vec![0x80 | op, payload.len() as u8];
         f.extend_from_slice(payload);
         f
     }
 
     /// Reads one masked client frame: (opcode, unmasked payload).
-    fn client_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    pub(crate) fn client_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
         let mut head = [0u8; 6];
         s.read_exact(&mut head).unwrap();
         assert_eq!(head[1] & 0x80, 0x80, "client frames are masked");
@@ -387,7 +407,7 @@ mod tests {
         server
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        let mut lp = Loop::from_std(vec![client], 1024).unwrap();
+        let mut lp = Loop::from_std(vec![client], 1024, false).unwrap();
 
         // A text frame split mid-header and mid-payload, a ping, another text, in one go.
         let first = server_frame(opcode::TEXT, b"first frame");
@@ -438,7 +458,7 @@ mod tests {
         drop(server);
         // Both reach the client before it reads: one event, readable and read-closed.
         std::thread::sleep(Duration::from_millis(50));
-        let mut lp = Loop::from_std(vec![client], 1024).unwrap();
+        let mut lp = Loop::from_std(vec![client], 1024, false).unwrap();
         let mut seen = Vec::new();
         // Read only, as a broadcast subscriber does: an answer would draw a reset, and with
         // it an event of its own.
@@ -461,7 +481,7 @@ mod tests {
         let mut ended = Vec::new();
         for oversized in [true, false] {
             let (client, mut server) = connected();
-            let mut lp = Loop::from_std(vec![client], 100).unwrap();
+            let mut lp = Loop::from_std(vec![client], 100, false).unwrap();
             if oversized {
                 let mut f = vec![0x81, 126];
                 f.extend_from_slice(&200u16.to_be_bytes());
@@ -483,5 +503,61 @@ mod tests {
         }
         assert!(ended[0].contains("over the client's 100"), "{}", ended[0]);
         assert_eq!(ended[1], "the server closed the connection");
+    }
+
+    /// Records the text frames a run sees.
+    #[derive(Default)]
+    struct Record {
+        seen: Vec<String>,
+        tally: Tally,
+    }
+
+    impl Scenario for Record {
+        fn on(&mut self, _: &mut Sender, _: usize, inbound: Inbound<'_>) {
+            if let Inbound::Text(p) = inbound {
+                self.seen.push(String::from_utf8_lossy(p).into_owned());
+            }
+        }
+        fn settled(&self) -> bool {
+            true
+        }
+        fn overdue(&self) -> String {
+            String::new()
+        }
+        fn tally(&mut self) -> &mut Tally {
+            &mut self.tally
+        }
+    }
+
+    #[test]
+    fn a_spinning_loop_still_reads_and_counts_its_empty_polls_as_idle() {
+        for spin in [false, true] {
+            let (client, mut server) = connected();
+            let mut lp = Loop::from_std(vec![client], 1024, spin).unwrap();
+            server
+                .write_all(&server_frame(opcode::TEXT, b"hello"))
+                .unwrap();
+            let clock = Clock::start(0.0, 0.2);
+            let mut record = Record::default();
+            lp.run(&clock, &mut record);
+            assert_eq!(record.seen, ["hello"], "spin {spin}");
+            let idle = record.tally.idle;
+            if spin {
+                // One frame in 0.2 s: nearly every poll found nothing.
+                assert!(
+                    !idle.is_zero(),
+                    "a spinning loop's empty polls are idle time"
+                );
+                assert!(
+                    idle <= clock.end - clock.warm,
+                    "only the window counts: {idle:?}"
+                );
+            } else {
+                assert!(
+                    idle.is_zero(),
+                    "a sleeping loop is never idle by this count"
+                );
+            }
+        }
     }
 }

@@ -23,7 +23,7 @@ pub(crate) async fn roundtrips(
     let templates: Vec<_> = (0..n)
         .map(|i| Template::new(kind, &format!("user-{i}"), run.payload))
         .collect();
-    let mut lp = Loop::new(sockets, max_frame(&templates[0]))?;
+    let mut lp = Loop::new(sockets, max_frame(&templates[0]), run.spin)?;
     let clock = Clock::start(warmup, secs);
     let cpu = sample_cpu(clock, run.server_pid);
     let expect = match kind {

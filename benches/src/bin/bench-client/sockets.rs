@@ -13,6 +13,7 @@ use switchboard_bench::client::{self, Endpoint};
 use switchboard_bench::wire::{self, Kind, Stamp, Template};
 
 /// The shared setup of a run.
+#[derive(Clone)]
 pub(crate) struct Run {
     pub(crate) ep: Endpoint,
     pub(crate) sources: Vec<IpAddr>,
@@ -22,6 +23,8 @@ pub(crate) struct Run {
     pub(crate) payload: usize,
     /// Where to pool latency samples with earlier slices (`--samples-file`).
     pub(crate) samples_file: Option<std::path::PathBuf>,
+    /// Poll loops never sleep (`--spin`).
+    pub(crate) spin: bool,
 }
 
 impl Run {

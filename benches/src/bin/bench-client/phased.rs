@@ -1,0 +1,454 @@
+//! `echo` and `send` against several servers in one run, in turns a fraction of a second
+//! long (`--targets`, `--phase-ms`).
+//!
+//! On a shared machine the speed of a core drifts over seconds: a slow stretch of a few
+//! seconds lands on whichever server runs then, and slices of two seconds per server left
+//! the same build at 0.8-1.2× of itself from one round to the next. Here the client holds
+//! the sockets of every server at once and loads one server at a time for a phase (250 ms by
+//! default), taking the servers in turn, forward then backward, for the whole run: every
+//! server is measured across the same stretches of the machine's time. A phase ends by
+//! sending no more and waiting for the answers still out; only what the phase's own window
+//! saw counts (answers, latency, the server's and the client's CPU), and the drain does not.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchboard_bench::procfs;
+use switchboard_bench::result_line;
+use switchboard_bench::stats::Samples;
+use switchboard_bench::wire::{self, Kind, Stamp, Template};
+
+use crate::measure::{client_cpu_fields, fmt_cores, percentiles, Clock, Tally};
+use crate::poller::{Inbound, Loop, Scenario, Sender};
+use crate::roundtrip::max_frame;
+use crate::sockets::{open_sockets, Run};
+
+/// Round trips on `n` sockets per target (`runs`, one per server), `inflight` out per socket,
+/// one target loaded at a time for `phase`; each target gets about `secs` of measured phases.
+/// Returns one `RESULT` line per target, in the order given, each with its `target` index.
+pub(crate) async fn phased_roundtrips(
+    runs: Vec<Arc<Run>>,
+    kind: Kind,
+    n: usize,
+    inflight: usize,
+    warmup: f64,
+    secs: f64,
+    phase: Duration,
+) -> Result<Vec<String>, String> {
+    let n = n.max(1);
+    let targets = runs.len();
+    let mut sockets = Vec::with_capacity(n * targets);
+    let mut templates = Vec::with_capacity(n * targets);
+    for run in &runs {
+        sockets.extend(open_sockets(run, n).await?);
+        templates.extend((0..n).map(|j| Template::new(kind, &format!("user-{j}"), run.payload)));
+    }
+    let spin = runs.first().is_some_and(|r| r.spin);
+    let mut lp = Loop::new(sockets, max_frame(&templates[0]), spin)?;
+    let clock = Clock::start(warmup, secs * targets as f64);
+    let pids: Vec<Option<u32>> = runs.iter().map(|r| r.server_pid).collect();
+    let phase_pids = pids.clone();
+    let expect = match kind {
+        Kind::Echo => "bench:echo",
+        _ => "bench.send",
+    };
+    let inflight = inflight.max(1);
+    let phase = phase.max(Duration::from_millis(10));
+    let st = tokio::task::spawn_blocking(move || {
+        let mut st = Phases::new(&templates, n, expect, inflight, clock, phase, phase_pids);
+        st.start_next(&mut lp.tx, Instant::now());
+        lp.run(&clock, &mut st);
+        lp.close_all();
+        st.finish()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    if let Some(e) = &st.tally.first_error {
+        eprintln!("bench-client: {} errors, first: {e}", st.tally.errors);
+    }
+    let scenario = if kind == Kind::Echo { "echo" } else { "send" };
+    Ok(st
+        .targets
+        .into_iter()
+        .enumerate()
+        .map(|(k, t)| {
+            let window = t.active.as_secs_f64();
+            let per =
+                |ticks: u64| (window > 0.0).then(|| ticks as f64 / procfs::TICKS_PER_SEC / window);
+            let samples = Samples::new(t.samples);
+            let mut line = vec![
+                ("scenario", scenario.to_string()),
+                ("target", k.to_string()),
+                ("sockets", n.to_string()),
+                ("inflight", inflight.to_string()),
+                ("phases", t.phases.to_string()),
+                ("phase_ms", phase.as_millis().to_string()),
+                ("count", samples.len().to_string()),
+                (
+                    "rate",
+                    format!(
+                        "{:.0}",
+                        samples.len() as f64 / window.max(f64::MIN_POSITIVE)
+                    ),
+                ),
+            ];
+            line.extend(client_cpu_fields(per(t.client_ticks), t.idle, window));
+            let server_cpu = pids[k].and_then(|_| per(t.server_ticks));
+            line.extend([
+                ("server_cpu", fmt_cores(server_cpu)),
+                ("errors", t.errors.to_string()),
+            ]);
+            line.extend(percentiles(&samples, ["p50_us", "p99_us", "p999_us"]));
+            result_line(&line)
+        })
+        .collect())
+}
+
+/// CPU ticks of the server `pid`.
+fn ticks_of(pid: u32) -> Option<u64> {
+    procfs::cpu_ticks(Some(pid))
+}
+
+/// What one target's measured phases saw.
+#[derive(Default)]
+pub(crate) struct TargetTally {
+    /// Round-trip times of the answers that came within a measured phase, in ns.
+    samples: Vec<u64>,
+    /// The measured phases' length in all.
+    active: Duration,
+    phases: usize,
+    /// CPU ticks of the server, and of this process, within the measured phases.
+    server_ticks: u64,
+    client_ticks: u64,
+    /// The client loop's idle polling within the measured phases.
+    idle: Duration,
+    errors: u64,
+}
+
+/// The phase the run is in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// Target `k` is loaded: each answer is followed by another message.
+    Active {
+        k: usize,
+        since: Instant,
+        /// Inside the measured window (started after the warm-up).
+        measured: bool,
+        server_ticks: Option<u64>,
+        client_ticks: Option<u64>,
+        idle: Duration,
+    },
+    /// Target `k` gets no more messages; the next phase starts once its answers are in.
+    Draining { k: usize },
+    /// The clock has ended: no phase starts any more.
+    Done,
+}
+
+/// The state of a phased run.
+struct Phases<'a> {
+    templates: &'a [Template],
+    /// Sockets per target: socket `i` belongs to target `i / n`.
+    n: usize,
+    expect: &'a str,
+    inflight: usize,
+    clock: Clock,
+    phase_len: Duration,
+    pids: Vec<Option<u32>>,
+    phase: Phase,
+    /// Phases started so far (their number picks the next target).
+    started: usize,
+    pending: Vec<usize>,
+    /// Messages out per target.
+    outstanding: Vec<usize>,
+    seq: Vec<u64>,
+    scratch: Vec<u8>,
+    tally: Tally,
+    targets: Vec<TargetTally>,
+}
+
+/// What a finished phased run hands back.
+struct Finished {
+    tally: Tally,
+    targets: Vec<TargetTally>,
+}
+
+/// The target of the `index`th phase among `targets`: in turn forward, then backward, so
+/// that no target always follows the same other one.
+fn target_of(index: usize, targets: usize) -> usize {
+    let (cycle, place) = (index / targets, index % targets);
+    if cycle % 2 == 0 {
+        place
+    } else {
+        targets - 1 - place
+    }
+}
+
+impl<'a> Phases<'a> {
+    fn new(
+        templates: &'a [Template],
+        n: usize,
+        expect: &'a str,
+        inflight: usize,
+        clock: Clock,
+        phase_len: Duration,
+        pids: Vec<Option<u32>>,
+    ) -> Phases<'a> {
+        let targets = pids.len();
+        Phases {
+            templates,
+            n,
+            expect,
+            inflight,
+            clock,
+            phase_len,
+            pids,
+            phase: Phase::Done,
+            started: 0,
+            pending: vec![0; templates.len()],
+            outstanding: vec![0; targets],
+            seq: vec![0; templates.len()],
+            scratch: Vec::with_capacity(templates[0].len()),
+            tally: Tally::default(),
+            targets: (0..targets).map(|_| TargetTally::default()).collect(),
+        }
+    }
+
+    fn finish(self) -> Finished {
+        Finished {
+            tally: self.tally,
+            targets: self.targets,
+        }
+    }
+
+    /// Starts the next target's phase (or ends the run once the clock has ended).
+    fn start_next(&mut self, tx: &mut Sender, now: Instant) {
+        if now >= self.clock.end || self.targets.is_empty() {
+            self.phase = Phase::Done;
+            return;
+        }
+        let k = target_of(self.started, self.targets.len());
+        debug_assert!(
+            self.outstanding.iter().all(|&o| o == 0),
+            "a phase starts only once every answer of the last one is in"
+        );
+        self.started += 1;
+        let measured = now >= self.clock.warm;
+        self.phase = Phase::Active {
+            k,
+            since: now,
+            measured,
+            server_ticks: self.pids[k].filter(|_| measured).and_then(ticks_of),
+            client_ticks: measured.then(|| procfs::cpu_ticks(None)).flatten(),
+            idle: self.tally.idle,
+        };
+        for i in k * self.n..(k + 1) * self.n {
+            self.fill(tx, i);
+        }
+    }
+
+    /// Ends the active phase: what its window saw is added to its target's tally.
+    fn stop(&mut self, tx: &mut Sender, now: Instant) {
+        let Phase::Active {
+            k,
+            since,
+            measured,
+            server_ticks,
+            client_ticks,
+            idle,
+        } = self.phase
+        else {
+            return;
+        };
+        if measured {
+            let t = &mut self.targets[k];
+            t.active += now - since;
+            t.phases += 1;
+            let since = |before: Option<u64>, now: Option<u64>| {
+                before.zip(now).map_or(0, |(b, a)| a.saturating_sub(b))
+            };
+            t.server_ticks += since(server_ticks, self.pids[k].and_then(ticks_of));
+            t.client_ticks += since(client_ticks, procfs::cpu_ticks(None));
+            t.idle += self.tally.idle.saturating_sub(idle);
+        }
+        self.phase = Phase::Draining { k };
+        if self.outstanding[k] == 0 {
+            self.start_next(tx, now);
+        }
+    }
+
+    /// Sends on socket `i` until it has `inflight` messages out.
+    fn fill(&mut self, tx: &mut Sender, i: usize) {
+        let k = i / self.n;
+        while self.pending[i] < self.inflight {
+            let stamp = Stamp {
+                sent_ns: self.clock.ns(Instant::now()),
+                seq: self.seq[i],
+                from: i as u32,
+            };
+            self.templates[i].stamped_into(stamp, &mut self.scratch);
+            if let Err(e) = tx.text(i, &self.scratch) {
+                self.tally.error(&e);
+                self.targets[k].errors += 1;
+                return;
+            }
+            self.seq[i] += 1;
+            self.pending[i] += 1;
+            self.outstanding[k] += 1;
+        }
+    }
+}
+
+impl Scenario for Phases<'_> {
+    fn on(&mut self, tx: &mut Sender, i: usize, inbound: Inbound<'_>) {
+        let k = i / self.n;
+        match inbound {
+            Inbound::Text(payload) => {
+                let at = Instant::now();
+                if self.pending[i] > 0 {
+                    self.pending[i] -= 1;
+                    self.outstanding[k] -= 1;
+                }
+                let active = match self.phase {
+                    Phase::Active { k: a, measured, .. } if a == k => Some(measured),
+                    _ => None,
+                };
+                match (wire::frame_type(payload), wire::read_stamp(payload)) {
+                    (Some(t), Some(stamp)) if t == self.expect && stamp.from == i as u32 => {
+                        if active == Some(true) {
+                            let rtt = self.clock.ns(at).saturating_sub(stamp.sent_ns);
+                            self.targets[k].samples.push(rtt);
+                        }
+                    }
+                    _ => {
+                        self.targets[k].errors += 1;
+                        self.tally.error(format!(
+                            "target {k}: unexpected frame: {}",
+                            String::from_utf8_lossy(payload)
+                        ));
+                    }
+                }
+                if active.is_some() {
+                    self.fill(tx, i);
+                } else if self.phase == (Phase::Draining { k }) && self.outstanding[k] == 0 {
+                    self.start_next(tx, at);
+                }
+            }
+            Inbound::Ended(why) => {
+                self.targets[k].errors += 1;
+                self.tally.error(format!("target {k}, socket {i}: {why}"));
+                self.outstanding[k] -= self.pending[i];
+                self.pending[i] = 0;
+                if self.phase == (Phase::Draining { k }) && self.outstanding[k] == 0 {
+                    self.start_next(tx, Instant::now());
+                }
+            }
+        }
+    }
+
+    fn after_turn(&mut self, tx: &mut Sender) {
+        if let Phase::Active { since, .. } = self.phase {
+            let now = Instant::now();
+            if now - since >= self.phase_len || now >= self.clock.end {
+                self.stop(tx, now);
+            }
+        }
+    }
+
+    fn settled(&self) -> bool {
+        self.phase == Phase::Done && self.outstanding.iter().all(|&o| o == 0)
+    }
+
+    fn overdue(&self) -> String {
+        format!(
+            "{} answers never came",
+            self.outstanding.iter().sum::<usize>()
+        )
+    }
+
+    fn tally(&mut self) -> &mut Tally {
+        &mut self.tally
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::TcpStream;
+
+    use super::*;
+    use crate::poller::tests::{client_frame, connected, server_frame};
+    use switchboard_bench::frames::opcode;
+
+    /// A server's end of one socket: answers each text frame `{"type":"echo","payload":P}`
+    /// with `{"type":"bench:echo","payload":P}` until a close frame or the end; returns how
+    /// many it answered.
+    fn echo_server(mut s: TcpStream) -> usize {
+        let mut answered = 0;
+        loop {
+            let (op, payload) = client_frame(&mut s);
+            if op != opcode::TEXT {
+                return answered;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            let reply = serde_json::json!({"type": "bench:echo", "payload": v["payload"]});
+            let frame = server_frame(opcode::TEXT, reply.to_string().as_bytes());
+            if s.write_all(&frame).is_err() {
+                return answered;
+            }
+            answered += 1;
+        }
+    }
+
+    #[test]
+    fn each_target_has_turns_of_its_own_and_every_answer_comes_in() {
+        let (targets, n) = (2, 2);
+        let mut streams = Vec::new();
+        let mut servers = Vec::new();
+        for _ in 0..targets * n {
+            let (client, server) = connected();
+            streams.push(client);
+            servers.push(std::thread::spawn(move || echo_server(server)));
+        }
+        let templates: Vec<Template> = (0..targets * n)
+            .map(|_| Template::new(Kind::Echo, "", 64))
+            .collect();
+        let mut lp = Loop::from_std(streams, 1024, false).unwrap();
+        let clock = Clock::start(0.05, 0.3);
+        let phase = Duration::from_millis(20);
+        let mut st = Phases::new(&templates, n, "bench:echo", 2, clock, phase, vec![None; 2]);
+        // A phase that started while another target had answers out fails a debug assertion.
+        st.start_next(&mut lp.tx, Instant::now());
+        lp.run(&clock, &mut st);
+        assert!(st.settled(), "every answer came in: {}", st.overdue());
+        lp.close_all();
+        let finished = st.finish();
+        assert_eq!(finished.tally.errors, 0, "{:?}", finished.tally.first_error);
+        let answered: usize = servers.into_iter().map(|s| s.join().unwrap()).sum();
+        let counted: usize = finished.targets.iter().map(|t| t.samples.len()).sum();
+        assert!(
+            counted > 0 && counted <= answered,
+            "{counted} of {answered}"
+        );
+        for t in &finished.targets {
+            assert!(t.phases >= 2, "{} measured turns", t.phases);
+            assert!(!t.samples.is_empty() && t.active > Duration::ZERO);
+            assert_eq!((t.errors, t.server_ticks), (0, 0), "no PID: no server CPU");
+        }
+        let phases: Vec<usize> = finished.targets.iter().map(|t| t.phases).collect();
+        assert!(
+            phases[0].abs_diff(phases[1]) <= 2,
+            "turns taken in turn: {phases:?}"
+        );
+    }
+
+    #[test]
+    fn targets_take_turns_forward_then_backward() {
+        let order: Vec<usize> = (0..12).map(|i| target_of(i, 3)).collect();
+        assert_eq!(order, [0, 1, 2, 2, 1, 0, 0, 1, 2, 2, 1, 0]);
+        // Over two cycles every target has as many phases, and follows more than one other.
+        for k in 0..4 {
+            assert_eq!((0..8).filter(|&i| target_of(i, 4) == k).count(), 2);
+        }
+        assert_eq!(target_of(5, 1), 0);
+    }
+}
