@@ -149,6 +149,14 @@ pub(super) fn run_client_phased(
         .arg(list.join(","))
         .arg("--phase-ms")
         .arg(o.phase_ms.to_string())
+        .arg("--turn-order")
+        .arg(
+            super::scenarios::turn_cycle(targets.len())
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
         .args(&args);
     let limit = Duration::from_secs_f64(o.warmup + o.secs * targets.len() as f64 + 180.0);
     let (status, lines) = run_for_lines(command, limit)?;

@@ -25,6 +25,7 @@ mod pinning;
 mod processes;
 mod report;
 mod scenarios;
+mod turns;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

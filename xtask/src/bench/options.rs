@@ -34,8 +34,9 @@ pub(crate) struct Args {
     /// --smoke]
     #[arg(long, value_name = "N", value_parser = count)]
     slices: Option<usize>,
-    /// echo and send: one client loads every server of the round, one at a time in turns of
-    /// MS milliseconds, instead of slices [default: 250; 0: slices, as for the others]
+    /// echo, send and broadcast: the servers of a round take turns of MS milliseconds (4 × MS
+    /// for broadcast), one at a time, instead of slices [default: 250; 0: slices, as for the
+    /// others]
     #[arg(long, value_name = "MS")]
     phase_ms: Option<u64>,
     /// Pin the servers and the client to different cores (taskset) [default: when there
@@ -257,10 +258,24 @@ impl Options {
         self.pinning.is_pinned() && !self.client_sleeps
     }
 
-    /// Whether `scenario` is measured in turns of `phase_ms` by one client for all servers
-    /// (echo and send), rather than in slices.
+    /// Whether `scenario` is measured in turns among the servers (echo and send by one client
+    /// for all, broadcast by one client per server), rather than in slices.
     pub(super) fn phased(&self, scenario: Scenario) -> bool {
-        self.phase_ms > 0 && matches!(scenario, Scenario::Echo | Scenario::Send)
+        self.phase_ms > 0
+            && matches!(
+                scenario,
+                Scenario::Echo | Scenario::Send | Scenario::Broadcast
+            )
+    }
+
+    /// The length of a turn of `scenario` in milliseconds: `phase_ms`, four times that for
+    /// broadcast (a broadcast to 10,000 sockets takes some 50 ms, and a turn should hold
+    /// many).
+    pub(super) fn turn_ms(&self, scenario: Scenario) -> u64 {
+        match scenario {
+            Scenario::Broadcast => self.phase_ms * 4,
+            _ => self.phase_ms,
+        }
     }
 
     fn defaults(smoke: bool) -> Options {
@@ -421,7 +436,11 @@ mod tests {
         let mut o = parse(&[]).unwrap();
         assert_eq!(o.phase_ms, 250);
         assert!(o.phased(Scenario::Echo) && o.phased(Scenario::Send));
-        assert!(!o.phased(Scenario::Broadcast) && !o.phased(Scenario::Handshake));
+        assert!(o.phased(Scenario::Broadcast) && !o.phased(Scenario::Handshake));
+        assert_eq!(
+            (o.turn_ms(Scenario::Echo), o.turn_ms(Scenario::Broadcast)),
+            (250, 1000)
+        );
         assert!(!parse(&["--phase-ms", "0"]).unwrap().phased(Scenario::Echo));
         // Spinning needs a core of the client's own.
         assert!(!o.client_spins(), "not pinned yet");

@@ -180,12 +180,18 @@ impl Report {
                 |n| n.to_string()
             )
         ));
+        let phased = o.phase_ms > 0;
         r.line(format!(
-            "- each run: {} s measured in {} slice{} taken in turn with the other servers' \
+            "- each run {}: {} s measured in {} slice{} taken in turn with the other servers' \
              slices of the round (the order rotating), after a warm-up of {} s for a \
              server's first slice and {} s for the others; rates and CPU are averaged over a \
              run's slices, percentiles taken over all its samples; every server started once \
              per round; bench binaries built with the `{}` profile",
+            if phased {
+                "of handshakes, cross-node and cross-cluster"
+            } else {
+                ""
+            },
             o.secs,
             o.slices,
             if o.slices == 1 { "" } else { "s" },
@@ -193,14 +199,21 @@ impl Report {
             o.warmup.min(super::scenarios::LATER_SLICE_WARMUP),
             o.profile
         ));
-        if o.scenarios.iter().any(|&s| o.phased(s)) {
+        if phased {
             r.line(format!(
-                "- echo and send, instead of slices: in each round one client holds sockets to \
-                 every server and loads one server at a time, in turns of {} ms (forward, then \
-                 backward through the servers), until each has had {} s of measured turns \
-                 after a shared warm-up of {} s; a turn ends by sending no more and waiting for \
-                 the answers out, and only the turns' own windows count (answers, latency, CPU)",
-                o.phase_ms, o.secs, o.warmup
+                "- echo, send and broadcast, in turns instead of slices: the servers of a round \
+                 are loaded one at a time, in turns of {} ms ({} ms for broadcast), each server \
+                 right after every other one equally often and never after itself (`turn_cycle`), \
+                 until each has had {} s of measured turns after \
+                 turns worth {} s of warm-up each; echo and send by one client holding sockets \
+                 to every server, broadcast by one client per server (each holds its \
+                 subscribers) taking turns as asked; a turn ends by sending no more and waiting \
+                 for what is out, and only the turns' own windows count (answers, deliveries, \
+                 latency, CPU; a broadcast's time-to-all counts if it was sent in the window)",
+                o.turn_ms(Scenario::Echo),
+                o.turn_ms(Scenario::Broadcast),
+                o.secs,
+                o.warmup
             ));
         }
         r.line(format!(

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use switchboard_bench::procfs;
 use switchboard_bench::result_line;
 use switchboard_bench::stats::Samples;
 use switchboard_bench::wire::{self, Kind, Stamp, Template};
@@ -13,7 +14,8 @@ use crate::poller::{Inbound, Loop, Scenario, Sender};
 use crate::roundtrip::max_frame;
 use crate::sockets::{open_sockets, Run};
 
-/// Scenario 2: broadcast fan-out to N subscribers.
+/// Scenario 2: broadcast fan-out to N subscribers. With `turns`, the run is measured in
+/// turns that standard input asks for (see [`turns`]), not in one window.
 pub(crate) async fn broadcast(
     run: Arc<Run>,
     n: usize,
@@ -21,6 +23,7 @@ pub(crate) async fn broadcast(
     max_broadcasts: usize,
     warmup: f64,
     secs: f64,
+    turns: bool,
 ) -> Result<String, String> {
     let n = n.max(1);
     // Sockets 0..n subscribe; socket n publishes (and gets every broadcast too).
@@ -34,31 +37,53 @@ pub(crate) async fn broadcast(
     let mut lp = ready?;
 
     let clock = Clock::start(warmup, secs);
-    let cpu = sample_cpu(clock, run.server_pid);
     let inflight = inflight.max(1);
+    if turns {
+        let server_pid = run.server_pid;
+        let (fan, cpu, window) = tokio::task::spawn_blocking(move || {
+            let fan = Fanout::new(n, template, max_broadcasts, inflight, clock);
+            self::turns(&mut lp, fan, server_pid)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        return Ok(fanout_result(fan, n, inflight, cpu, window, &|_| {
+            Vec::new()
+        }));
+    }
+    let cpu = sample_cpu(clock, run.server_pid);
     let fan = tokio::task::spawn_blocking(move || {
-        let mut fan = Fanout {
-            subscribers: n,
-            publisher: n,
-            template,
-            scratch: Vec::new(),
-            remaining: vec![0; max_broadcasts],
-            sent_ns: vec![0; max_broadcasts],
-            sent: 0,
-            free: inflight,
-            inflight,
-            clock,
-            deliveries: 0,
-            time_to_all: Vec::new(),
-            tally: Tally::default(),
-        };
+        let mut fan = Fanout::new(n, template, max_broadcasts, inflight, clock);
         fan.publish(&mut lp.tx);
         lp.run(&clock, &mut fan);
         fan
     })
     .await
     .map_err(|e| e.to_string())?;
-    let (client_cpu, server_cpu) = cpu.await.unwrap_or((None, None));
+    let cpu = cpu.await.unwrap_or((None, None));
+    let pooled = |tta: &Samples| pooled(run.samples_file.as_deref(), tta);
+    Ok(fanout_result(
+        fan,
+        n,
+        inflight,
+        cpu,
+        clock.window_secs(),
+        &pooled,
+    ))
+}
+
+/// The client's and the server's CPU in cores, where known.
+type Cores = (Option<f64>, Option<f64>);
+
+/// The `RESULT` line of a broadcast run measured over `window` seconds, with the client's and
+/// the server's CPU over it (`cpu`), and what `pool` adds (the pooled percentiles of a slice).
+fn fanout_result(
+    fan: Fanout,
+    n: usize,
+    inflight: usize,
+    (client_cpu, server_cpu): Cores,
+    window: f64,
+    pool: &dyn Fn(&Samples) -> Vec<(&'static str, String)>,
+) -> String {
     let Fanout {
         sent,
         deliveries,
@@ -70,34 +95,85 @@ pub(crate) async fn broadcast(
         eprintln!("bench-client: {} errors, first: {e}", tally.errors);
     }
     let tta = Samples::new(time_to_all);
-    let pooled = pooled(run.samples_file.as_deref(), &tta);
+    let window = window.max(f64::MIN_POSITIVE);
     let mut line = vec![
         ("scenario", "broadcast".into()),
         ("subscribers", n.to_string()),
         ("inflight", inflight.to_string()),
         ("broadcasts", sent.to_string()),
         ("complete", tta.len().to_string()),
-        (
-            "rate",
-            format!("{:.0}", deliveries as f64 / clock.window_secs()),
-        ),
-        (
-            "bps",
-            format!("{:.1}", tta.len() as f64 / clock.window_secs()),
-        ),
+        ("rate", format!("{:.0}", deliveries as f64 / window)),
+        ("bps", format!("{:.1}", tta.len() as f64 / window)),
     ];
-    line.extend(client_cpu_fields(
-        client_cpu,
-        tally.idle,
-        clock.window_secs(),
-    ));
+    line.extend(client_cpu_fields(client_cpu, tally.idle, window));
     line.extend([
         ("server_cpu", fmt_cores(server_cpu)),
         ("errors", tally.errors.to_string()),
     ]);
     line.extend(percentiles(&tta, ["p50_us", "p99_us", "p999_us"]));
-    line.extend(pooled);
-    Ok(result_line(&line))
+    line.extend(pool(&tta));
+    result_line(&line)
+}
+
+/// The run in turns that standard input asks for, one line each, for `cargo xtask bench` to
+/// take several servers in turn with one client each (10,000 sockets per server are more
+/// than one process may hold for four servers):
+///
+/// - `READY` (printed): the subscribers are proven, the client waits for turns;
+/// - `turn MS 1` (or `0`): broadcasts for MS milliseconds, measured (or a warm-up), then
+///   waits for the broadcasts out to reach everyone, and prints `DONE`;
+/// - `end`, or the end of the input: the run's figures, over its measured turns only.
+///
+/// A turn counts the deliveries that arrive within it, and the time-to-all of the broadcasts
+/// sent within it. Returns the run, the client's and the server's CPU in cores over the
+/// measured turns, and their length in seconds.
+fn turns(
+    lp: &mut Loop,
+    mut fan: Fanout,
+    server_pid: Option<u32>,
+) -> Result<(Fanout, Cores, f64), String> {
+    use std::io::{BufRead, Write};
+    let base = fan.clock.base;
+    let (mut window, mut client_ticks, mut server_ticks) = (Duration::ZERO, 0u64, 0u64);
+    let ticks = |pid: Option<u32>| procfs::cpu_ticks(pid);
+    println!("READY");
+    let _ = std::io::stdout().flush();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| format!("stdin: {e}"))?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (ms, measured) = match words[..] {
+            ["turn", ms, measured] => (
+                ms.parse::<u64>().map_err(|e| format!("`{line}`: {e}"))?,
+                measured == "1",
+            ),
+            ["end"] => break,
+            _ => return Err(format!("not a turn: `{line}`")),
+        };
+        let start = Instant::now();
+        let end = start + Duration::from_millis(ms);
+        fan.clock = Clock {
+            base,
+            warm: if measured { start } else { end },
+            end,
+            hard: end + Duration::from_secs(5),
+        };
+        let before = (ticks(None), server_pid.and_then(|p| ticks(Some(p))));
+        fan.publish(&mut lp.tx);
+        let clock = fan.clock;
+        lp.run(&clock, &mut fan);
+        if measured {
+            window += end - start;
+            let since = |b: Option<u64>, a: Option<u64>| b.zip(a).map_or(0, |(b, a)| a - b.min(a));
+            client_ticks += since(before.0, ticks(None));
+            server_ticks += since(before.1, server_pid.and_then(|p| ticks(Some(p))));
+        }
+        println!("DONE");
+        let _ = std::io::stdout().flush();
+    }
+    let secs = window.as_secs_f64();
+    let cores = |t: u64| (secs > 0.0).then(|| t as f64 / procfs::TICKS_PER_SEC / secs);
+    let server = server_pid.and_then(|_| cores(server_ticks));
+    Ok((fan, (cores(client_ticks), server), secs))
 }
 
 /// One echo round trip on each of the `n` subscribers, all at once: proves the server has
@@ -210,6 +286,32 @@ impl Scenario for Fanout {
 }
 
 impl Fanout {
+    /// `n` subscribers (sockets `0..n`) and the publisher (socket `n`), room for
+    /// `max_broadcasts`.
+    fn new(
+        n: usize,
+        template: Template,
+        max_broadcasts: usize,
+        inflight: usize,
+        clock: Clock,
+    ) -> Fanout {
+        Fanout {
+            subscribers: n,
+            publisher: n,
+            template,
+            scratch: Vec::new(),
+            remaining: vec![0; max_broadcasts],
+            sent_ns: vec![0; max_broadcasts],
+            sent: 0,
+            free: inflight,
+            inflight,
+            clock,
+            deliveries: 0,
+            time_to_all: Vec::new(),
+            tally: Tally::default(),
+        }
+    }
+
     /// Sends broadcasts while the window has room and the clock runs.
     fn publish(&mut self, tx: &mut Sender) {
         while self.free > 0 && self.sent < self.remaining.len() {
@@ -256,8 +358,11 @@ impl Fanout {
             self.deliveries += 1;
         }
         if *left == 0 {
-            if self.clock.measured(at) {
-                let sent = self.sent_ns[seq];
+            // Timed if it was sent within the window, even when it reached its last
+            // subscriber after: the slowest broadcasts are the likeliest to straddle the end.
+            let sent = self.sent_ns[seq];
+            let window = self.clock.ns(self.clock.warm)..self.clock.ns(self.clock.end);
+            if window.contains(&sent) {
                 self.time_to_all
                     .push(self.clock.ns(at).saturating_sub(sent));
             }

@@ -91,7 +91,7 @@ struct Cli {
     #[arg(long, global = true)]
     spin: bool,
     /// echo and send: load these servers in one run, one at a time in turns of `--phase-ms`
-    /// (forward, then backward), instead of `--addr` alone; one `RESULT` line per server, in
+    /// (`--turn-order`), instead of `--addr` alone; one `RESULT` line per server, in
     /// this order, with its `target` index. Each is ADDR or ADDR/PID (the PID to report the
     /// server's CPU); `--secs` is each server's share of the measured time.
     #[arg(long, global = true, value_delimiter = ',', value_parser = target)]
@@ -99,6 +99,10 @@ struct Cli {
     /// The length of a turn with `--targets`, in milliseconds.
     #[arg(long, global = true, default_value_t = 250)]
     phase_ms: u64,
+    /// The order of the turns with `--targets`, as target indexes, repeated (default: each in
+    /// turn); `cargo xtask bench` passes one in which no target follows itself.
+    #[arg(long, global = true, value_delimiter = ',')]
+    turn_order: Vec<usize>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -134,6 +138,11 @@ enum Scenario {
         /// Upper bound on broadcasts in one run.
         #[arg(long, default_value_t = 200_000)]
         max_broadcasts: usize,
+        /// Print `READY`, then broadcast in the turns standard input asks for (`turn MS 1|0`,
+        /// then `end`), printing `DONE` after each: how `cargo xtask bench` takes several
+        /// servers in turn, one client each. `--secs` and `--warmup` are then unused.
+        #[arg(long)]
+        turns: bool,
     },
     /// Opens N authenticated sockets, proves each with one echo, prints READY, holds.
     Idle {
@@ -250,8 +259,11 @@ async fn run(cli: Cli) -> Result<Vec<String>, String> {
             Arc::new(target)
         })
         .collect();
-    let phase = std::time::Duration::from_millis(cli.phase_ms);
-    phased::phased_roundtrips(runs, kind, sockets, inflight, cli.warmup, cli.secs, phase).await
+    let turns = phased::Turns {
+        phase: std::time::Duration::from_millis(cli.phase_ms),
+        order: cli.turn_order.clone(),
+    };
+    phased::phased_roundtrips(runs, kind, sockets, inflight, cli.warmup, cli.secs, turns).await
 }
 
 /// A scenario against the one server at `--addr`.
@@ -267,6 +279,7 @@ async fn one_target(run: Arc<Run>, cli: Cli) -> Result<String, String> {
             subscribers,
             inflight,
             max_broadcasts,
+            turns,
         } => {
             broadcast::broadcast(
                 run,
@@ -275,6 +288,7 @@ async fn one_target(run: Arc<Run>, cli: Cli) -> Result<String, String> {
                 max_broadcasts,
                 cli.warmup,
                 cli.secs,
+                turns,
             )
             .await
         }

@@ -5,7 +5,7 @@
 //! seconds lands on whichever server runs then, and slices of two seconds per server left
 //! the same build at 0.8-1.2× of itself from one round to the next. Here the client holds
 //! the sockets of every server at once and loads one server at a time for a phase (250 ms by
-//! default), taking the servers in turn, forward then backward, for the whole run: every
+//! default), taking the servers in turn (`--turn-order`) for the whole run: every
 //! server is measured across the same stretches of the machine's time. A phase ends by
 //! sending no more and waiting for the answers still out; only what the phase's own window
 //! saw counts (answers, latency, the server's and the client's CPU), and the drain does not.
@@ -33,10 +33,12 @@ pub(crate) async fn phased_roundtrips(
     inflight: usize,
     warmup: f64,
     secs: f64,
-    phase: Duration,
+    turns: Turns,
 ) -> Result<Vec<String>, String> {
     let n = n.max(1);
     let targets = runs.len();
+    let Turns { phase, order } = turns;
+    let order = turn_order(order, targets)?;
     let mut sockets = Vec::with_capacity(n * targets);
     let mut templates = Vec::with_capacity(n * targets);
     for run in &runs {
@@ -56,6 +58,7 @@ pub(crate) async fn phased_roundtrips(
     let phase = phase.max(Duration::from_millis(10));
     let st = tokio::task::spawn_blocking(move || {
         let mut st = Phases::new(&templates, n, expect, inflight, clock, phase, phase_pids);
+        st.order = order;
         st.start_next(&mut lp.tx, Instant::now());
         lp.run(&clock, &mut st);
         lp.close_all();
@@ -102,6 +105,28 @@ pub(crate) async fn phased_roundtrips(
             result_line(&line)
         })
         .collect())
+}
+
+/// How the targets take turns: each for `phase`, in `order` (target indexes, repeated; empty:
+/// each in turn).
+pub(crate) struct Turns {
+    pub(crate) phase: Duration,
+    pub(crate) order: Vec<usize>,
+}
+
+/// The order of the turns among `targets`: `order` (`--turn-order`), or each in turn when it
+/// is empty. Every target must have turns, and only targets that exist.
+fn turn_order(order: Vec<usize>, targets: usize) -> Result<Vec<usize>, String> {
+    if order.is_empty() {
+        return Ok((0..targets).collect());
+    }
+    if let Some(k) = order.iter().find(|&&k| k >= targets) {
+        return Err(format!("--turn-order: no target {k} among {targets}"));
+    }
+    if let Some(k) = (0..targets).find(|k| !order.contains(k)) {
+        return Err(format!("--turn-order: target {k} has no turn"));
+    }
+    Ok(order)
 }
 
 /// CPU ticks of the server `pid`.
@@ -155,6 +180,8 @@ struct Phases<'a> {
     phase_len: Duration,
     pids: Vec<Option<u32>>,
     phase: Phase,
+    /// The targets' turns, repeated (`--turn-order`).
+    order: Vec<usize>,
     /// Phases started so far (their number picks the next target).
     started: usize,
     pending: Vec<usize>,
@@ -170,17 +197,6 @@ struct Phases<'a> {
 struct Finished {
     tally: Tally,
     targets: Vec<TargetTally>,
-}
-
-/// The target of the `index`th phase among `targets`: in turn forward, then backward, so
-/// that no target always follows the same other one.
-fn target_of(index: usize, targets: usize) -> usize {
-    let (cycle, place) = (index / targets, index % targets);
-    if cycle % 2 == 0 {
-        place
-    } else {
-        targets - 1 - place
-    }
 }
 
 impl<'a> Phases<'a> {
@@ -203,6 +219,7 @@ impl<'a> Phases<'a> {
             phase_len,
             pids,
             phase: Phase::Done,
+            order: (0..targets).collect(),
             started: 0,
             pending: vec![0; templates.len()],
             outstanding: vec![0; targets],
@@ -222,11 +239,11 @@ impl<'a> Phases<'a> {
 
     /// Starts the next target's phase (or ends the run once the clock has ended).
     fn start_next(&mut self, tx: &mut Sender, now: Instant) {
-        if now >= self.clock.end || self.targets.is_empty() {
+        if now >= self.clock.end || self.order.is_empty() {
             self.phase = Phase::Done;
             return;
         }
-        let k = target_of(self.started, self.targets.len());
+        let k = self.order[self.started % self.order.len()];
         debug_assert!(
             self.outstanding.iter().all(|&o| o == 0),
             "a phase starts only once every answer of the last one is in"
@@ -442,13 +459,14 @@ mod tests {
     }
 
     #[test]
-    fn targets_take_turns_forward_then_backward() {
-        let order: Vec<usize> = (0..12).map(|i| target_of(i, 3)).collect();
-        assert_eq!(order, [0, 1, 2, 2, 1, 0, 0, 1, 2, 2, 1, 0]);
-        // Over two cycles every target has as many phases, and follows more than one other.
-        for k in 0..4 {
-            assert_eq!((0..8).filter(|&i| target_of(i, 4) == k).count(), 2);
-        }
-        assert_eq!(target_of(5, 1), 0);
+    fn a_turn_order_names_every_target_and_no_other() {
+        assert_eq!(turn_order(vec![], 3).unwrap(), [0, 1, 2]);
+        assert_eq!(turn_order(vec![0, 1, 0, 2], 3).unwrap(), [0, 1, 0, 2]);
+        assert!(turn_order(vec![0, 3], 3)
+            .unwrap_err()
+            .contains("no target 3"));
+        assert!(turn_order(vec![0, 1], 3)
+            .unwrap_err()
+            .contains("target 2 has no turn"));
     }
 }
