@@ -124,12 +124,14 @@ pub(super) fn measure_turns(
     }
     let per_server = |secs: f64| (secs * 1000.0 / ms as f64).ceil() as usize;
     let (warm, measured) = (per_server(o.warmup), per_server(o.secs).max(1));
-    let n = servers.len();
-    let cycle = turn_cycle(n);
+    // The cycle is over the servers whose client is ready (a server that fails later is
+    // skipped: a turn may then follow one of its own).
+    let up: Vec<usize> = (0..clients.len()).filter(|&k| clients[k].is_ok()).collect();
+    let cycle: Vec<usize> = turn_cycle(up.len()).into_iter().map(|i| up[i]).collect();
     // Whole cycles, so that every server has as many turns: at least `warm + measured`.
-    let each_per_cycle = n.saturating_sub(1).max(1);
+    let each_per_cycle = up.len().saturating_sub(1).max(1);
     let cycles = (warm + measured).div_ceil(each_per_cycle);
-    let mut done = vec![0usize; n];
+    let mut done = vec![0usize; clients.len()];
     for k in (0..cycles).flat_map(|_| cycle.iter().copied()) {
         if let Ok(c) = &mut clients[k] {
             // Each server's first `warm` turns warm it up.

@@ -71,6 +71,9 @@ pub(crate) async fn broadcast(
     ))
 }
 
+/// The longest turn `--turns` takes.
+const MAX_TURN_MS: u64 = 60_000;
+
 /// The client's and the server's CPU in cores, where known.
 type Cores = (Option<f64>, Option<f64>);
 
@@ -124,9 +127,11 @@ fn fanout_result(
 ///   waits for the broadcasts out to reach everyone, and prints `DONE`;
 /// - `end`, or the end of the input: the run's figures, over its measured turns only.
 ///
-/// A turn counts the deliveries that arrive within it, and the time-to-all of the broadcasts
-/// sent within it. Returns the run, the client's and the server's CPU in cores over the
-/// measured turns, and their length in seconds.
+/// A turn counts the deliveries that arrive within it, the time-to-all of the broadcasts
+/// sent within it, and the CPU used until it ends (read then, not after the drain). Before
+/// `DONE`, the client waits (at most 200 ms) for the server to be quiet, so that work it put
+/// off does not land on the next server's turn. Returns the run, the client's and the
+/// server's CPU in cores over the measured turns, and their length in seconds.
 fn turns(
     lp: &mut Loop,
     mut fan: Fanout,
@@ -135,19 +140,21 @@ fn turns(
     use std::io::{BufRead, Write};
     let base = fan.clock.base;
     let (mut window, mut client_ticks, mut server_ticks) = (Duration::ZERO, 0u64, 0u64);
-    let ticks = |pid: Option<u32>| procfs::cpu_ticks(pid);
     println!("READY");
     let _ = std::io::stdout().flush();
     for line in std::io::stdin().lock().lines() {
         let line = line.map_err(|e| format!("stdin: {e}"))?;
         let words: Vec<&str> = line.split_whitespace().collect();
         let (ms, measured) = match words[..] {
-            ["turn", ms, measured] => (
-                ms.parse::<u64>().map_err(|e| format!("`{line}`: {e}"))?,
+            ["turn", ms, measured @ ("0" | "1")] => (
+                ms.parse::<u64>()
+                    .ok()
+                    .filter(|ms| (1..=MAX_TURN_MS).contains(ms))
+                    .ok_or_else(|| format!("`{line}`: a turn is 1 to {MAX_TURN_MS} ms"))?,
                 measured == "1",
             ),
             ["end"] => break,
-            _ => return Err(format!("not a turn: `{line}`")),
+            _ => return Err(format!("not `turn MS 0|1` nor `end`: `{line}`")),
         };
         let start = Instant::now();
         let end = start + Duration::from_millis(ms);
@@ -157,16 +164,23 @@ fn turns(
             end,
             hard: end + Duration::from_secs(5),
         };
-        let before = (ticks(None), server_pid.and_then(|p| ticks(Some(p))));
+        let before = Fanout::ticks(server_pid);
+        fan.read_at_end = Some(server_pid);
+        fan.ticks_at_end = None;
         fan.publish(&mut lp.tx);
         let clock = fan.clock;
         lp.run(&clock, &mut fan);
+        let after = fan
+            .ticks_at_end
+            .take()
+            .unwrap_or_else(|| Fanout::ticks(server_pid));
         if measured {
             window += end - start;
             let since = |b: Option<u64>, a: Option<u64>| b.zip(a).map_or(0, |(b, a)| a - b.min(a));
-            client_ticks += since(before.0, ticks(None));
-            server_ticks += since(before.1, server_pid.and_then(|p| ticks(Some(p))));
+            client_ticks += since(before.0, after.0);
+            server_ticks += since(before.1, after.1);
         }
+        crate::phased::wait_quiet(server_pid);
         println!("DONE");
         let _ = std::io::stdout().flush();
     }
@@ -244,6 +258,10 @@ struct Fanout {
     deliveries: u64,
     time_to_all: Vec<u64>,
     tally: Tally,
+    /// In a turn: the server whose CPU is read when the clock ends (`Some(None)`: no PID),
+    /// and the client's and the server's ticks then.
+    read_at_end: Option<Option<u32>>,
+    ticks_at_end: Option<(Option<u64>, Option<u64>)>,
 }
 
 impl Scenario for Fanout {
@@ -267,9 +285,15 @@ impl Scenario for Fanout {
         }
     }
 
-    /// The publisher waits for a free slot, and for the warm-up's idle start.
+    /// The publisher waits for a free slot, and for the warm-up's idle start. In a turn, the
+    /// CPU is read when the clock ends, before the drain.
     fn after_turn(&mut self, tx: &mut Sender) {
         self.publish(tx);
+        if let Some(pid) = self.read_at_end {
+            if self.ticks_at_end.is_none() && Instant::now() >= self.clock.end {
+                self.ticks_at_end = Some(Fanout::ticks(pid));
+            }
+        }
     }
 
     fn settled(&self) -> bool {
@@ -309,7 +333,17 @@ impl Fanout {
             deliveries: 0,
             time_to_all: Vec::new(),
             tally: Tally::default(),
+            read_at_end: None,
+            ticks_at_end: None,
         }
+    }
+
+    /// The client's and the server's CPU ticks now.
+    fn ticks(server_pid: Option<u32>) -> (Option<u64>, Option<u64>) {
+        (
+            procfs::cpu_ticks(None),
+            server_pid.and_then(|p| procfs::cpu_ticks(Some(p))),
+        )
     }
 
     /// Sends broadcasts while the window has room and the clock runs.

@@ -9,6 +9,10 @@
 //! server is measured across the same stretches of the machine's time. A phase ends by
 //! sending no more and waiting for the answers still out; only what the phase's own window
 //! saw counts (answers, latency, the server's and the client's CPU), and the drain does not.
+//! Before the next turn the client waits (at most 200 ms) until the server it leaves has been
+//! quiet for 20 ms, so that work it put off (a runtime's garbage collection) does not land on
+//! the next server's turn. The turns come in whole cycles of the order: each server has the
+//! same number of warm-up turns (worth `--warmup`), then of measured turns (worth `--secs`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,7 +51,10 @@ pub(crate) async fn phased_roundtrips(
     }
     let spin = runs.first().is_some_and(|r| r.spin);
     let mut lp = Loop::new(sockets, max_frame(&templates[0]), spin)?;
-    let clock = Clock::start(warmup, secs * targets as f64);
+    let phase = phase.max(Duration::from_millis(10));
+    let plan = Plan::new(&order, targets, warmup, secs, phase);
+    // The schedule is the plan's; the clock only bounds the run.
+    let clock = Clock::start(0.0, plan.bound(phase).as_secs_f64());
     let pids: Vec<Option<u32>> = runs.iter().map(|r| r.server_pid).collect();
     let phase_pids = pids.clone();
     let expect = match kind {
@@ -55,10 +62,10 @@ pub(crate) async fn phased_roundtrips(
         _ => "bench.send",
     };
     let inflight = inflight.max(1);
-    let phase = phase.max(Duration::from_millis(10));
     let st = tokio::task::spawn_blocking(move || {
         let mut st = Phases::new(&templates, n, expect, inflight, clock, phase, phase_pids);
         st.order = order;
+        st.plan = plan;
         st.start_next(&mut lp.tx, Instant::now());
         lp.run(&clock, &mut st);
         lp.close_all();
@@ -69,6 +76,10 @@ pub(crate) async fn phased_roundtrips(
     if let Some(e) = &st.tally.first_error {
         eprintln!("bench-client: {} errors, first: {e}", st.tally.errors);
     }
+    // Errors of the run as a whole (an answer overdue at the hard deadline, a failed poll)
+    // count against every target.
+    let attributed: u64 = st.targets.iter().map(|t| t.errors).sum();
+    let run_errors = st.tally.errors.saturating_sub(attributed);
     let scenario = if kind == Kind::Echo { "echo" } else { "send" };
     Ok(st
         .targets
@@ -99,7 +110,7 @@ pub(crate) async fn phased_roundtrips(
             let server_cpu = pids[k].and_then(|_| per(t.server_ticks));
             line.extend([
                 ("server_cpu", fmt_cores(server_cpu)),
-                ("errors", t.errors.to_string()),
+                ("errors", (t.errors + run_errors).to_string()),
             ]);
             line.extend(percentiles(&samples, ["p50_us", "p99_us", "p999_us"]));
             result_line(&line)
@@ -127,6 +138,67 @@ fn turn_order(order: Vec<usize>, targets: usize) -> Result<Vec<usize>, String> {
         return Err(format!("--turn-order: target {k} has no turn"));
     }
     Ok(order)
+}
+
+/// How long a target's answers may take to come in after its turn ends; the rest are counted
+/// as errors and the next turn starts.
+const DRAIN_LIMIT: Duration = Duration::from_secs(1);
+/// Between turns: the server just measured is quiet once its CPU time has not moved for
+/// `QUIET_STEP` (its clock ticks are 10 ms), waited for at most `QUIET_LIMIT`.
+const QUIET_STEP: Duration = Duration::from_millis(20);
+const QUIET_LIMIT: Duration = Duration::from_millis(200);
+
+/// How many turns a run takes: whole cycles of the order, so that each target has as many
+/// (the cycles of `cargo xtask bench` have every target equally often).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Plan {
+    /// Turns of warm-up, before the measured ones.
+    warm: usize,
+    /// Turns in all.
+    total: usize,
+}
+
+impl Plan {
+    /// Turns of `phase` worth `warmup` seconds for each target, then worth `secs` (at least
+    /// one), in whole cycles of `order`.
+    fn new(order: &[usize], targets: usize, warmup: f64, secs: f64, phase: Duration) -> Plan {
+        let fewest = (0..targets)
+            .map(|k| order.iter().filter(|&&o| o == k).count())
+            .min()
+            .unwrap_or(0);
+        if fewest == 0 {
+            return Plan::default();
+        }
+        let turns = |s: f64| (s.max(0.0) / phase.as_secs_f64()).ceil() as usize;
+        let cycles = |t: usize| t.div_ceil(fewest);
+        let warm = cycles(turns(warmup)) * order.len();
+        Plan {
+            warm,
+            total: warm + cycles(turns(secs).max(1)) * order.len(),
+        }
+    }
+
+    /// The longest the run may take: every turn at its longest, and some seconds.
+    fn bound(&self, phase: Duration) -> Duration {
+        (phase + DRAIN_LIMIT + QUIET_LIMIT) * self.total as u32 + Duration::from_secs(5)
+    }
+}
+
+/// Waits until server `pid` has used no CPU for [`QUIET_STEP`], at most [`QUIET_LIMIT`].
+pub(crate) fn wait_quiet(pid: Option<u32>) {
+    let Some(pid) = pid else {
+        return;
+    };
+    let deadline = Instant::now() + QUIET_LIMIT;
+    let mut last = ticks_of(pid);
+    while Instant::now() < deadline {
+        std::thread::sleep(QUIET_STEP);
+        let now = ticks_of(pid);
+        if now == last {
+            return;
+        }
+        last = now;
+    }
 }
 
 /// CPU ticks of the server `pid`.
@@ -163,9 +235,10 @@ enum Phase {
         client_ticks: Option<u64>,
         idle: Duration,
     },
-    /// Target `k` gets no more messages; the next phase starts once its answers are in.
-    Draining { k: usize },
-    /// The clock has ended: no phase starts any more.
+    /// Target `k` gets no more messages (since `since`); the next phase starts once its
+    /// answers are in.
+    Draining { k: usize, since: Instant },
+    /// The plan is done (or the clock has ended): no phase starts any more.
     Done,
 }
 
@@ -182,6 +255,10 @@ struct Phases<'a> {
     phase: Phase,
     /// The targets' turns, repeated (`--turn-order`).
     order: Vec<usize>,
+    /// How many turns, and how many of them warm up.
+    plan: Plan,
+    /// [`DRAIN_LIMIT`] (shorter in tests).
+    drain_limit: Duration,
     /// Phases started so far (their number picks the next target).
     started: usize,
     pending: Vec<usize>,
@@ -220,6 +297,8 @@ impl<'a> Phases<'a> {
             pids,
             phase: Phase::Done,
             order: (0..targets).collect(),
+            plan: Plan::default(),
+            drain_limit: DRAIN_LIMIT,
             started: 0,
             pending: vec![0; templates.len()],
             outstanding: vec![0; targets],
@@ -237,9 +316,10 @@ impl<'a> Phases<'a> {
         }
     }
 
-    /// Starts the next target's phase (or ends the run once the clock has ended).
+    /// Starts the next target's phase (or ends the run once the plan is done, or the clock
+    /// has ended).
     fn start_next(&mut self, tx: &mut Sender, now: Instant) {
-        if now >= self.clock.end || self.order.is_empty() {
+        if self.started >= self.plan.total || now >= self.clock.end || self.order.is_empty() {
             self.phase = Phase::Done;
             return;
         }
@@ -248,8 +328,8 @@ impl<'a> Phases<'a> {
             self.outstanding.iter().all(|&o| o == 0),
             "a phase starts only once every answer of the last one is in"
         );
+        let measured = self.started >= self.plan.warm;
         self.started += 1;
-        let measured = now >= self.clock.warm;
         self.phase = Phase::Active {
             k,
             since: now,
@@ -287,10 +367,21 @@ impl<'a> Phases<'a> {
             t.client_ticks += since(client_ticks, procfs::cpu_ticks(None));
             t.idle += self.tally.idle.saturating_sub(idle);
         }
-        self.phase = Phase::Draining { k };
+        self.phase = Phase::Draining { k, since: now };
         if self.outstanding[k] == 0 {
-            self.start_next(tx, now);
+            self.drained(tx, k);
         }
+    }
+
+    /// Target `k`'s answers are all in: once its server is quiet, the next turn starts.
+    fn drained(&mut self, tx: &mut Sender, k: usize) {
+        wait_quiet(self.pids[k]);
+        self.start_next(tx, Instant::now());
+    }
+
+    /// Whether target `k` is draining.
+    fn draining(&self, k: usize) -> bool {
+        matches!(self.phase, Phase::Draining { k: d, .. } if d == k)
     }
 
     /// Sends on socket `i` until it has `inflight` messages out.
@@ -306,6 +397,9 @@ impl<'a> Phases<'a> {
             if let Err(e) = tx.text(i, &self.scratch) {
                 self.tally.error(&e);
                 self.targets[k].errors += 1;
+                // The socket has ended: its answers out will not come.
+                self.outstanding[k] -= self.pending[i];
+                self.pending[i] = 0;
                 return;
             }
             self.seq[i] += 1;
@@ -346,8 +440,8 @@ impl Scenario for Phases<'_> {
                 }
                 if active.is_some() {
                     self.fill(tx, i);
-                } else if self.phase == (Phase::Draining { k }) && self.outstanding[k] == 0 {
-                    self.start_next(tx, at);
+                } else if self.draining(k) && self.outstanding[k] == 0 {
+                    self.drained(tx, k);
                 }
             }
             Inbound::Ended(why) => {
@@ -355,20 +449,45 @@ impl Scenario for Phases<'_> {
                 self.tally.error(format!("target {k}, socket {i}: {why}"));
                 self.outstanding[k] -= self.pending[i];
                 self.pending[i] = 0;
-                if self.phase == (Phase::Draining { k }) && self.outstanding[k] == 0 {
-                    self.start_next(tx, Instant::now());
+                if self.draining(k) && self.outstanding[k] == 0 {
+                    self.drained(tx, k);
                 }
             }
         }
     }
 
     fn after_turn(&mut self, tx: &mut Sender) {
-        if let Phase::Active { since, .. } = self.phase {
-            let now = Instant::now();
-            if now - since >= self.phase_len || now >= self.clock.end {
+        let now = Instant::now();
+        match self.phase {
+            Phase::Active { since, .. }
+                if now - since >= self.phase_len || now >= self.clock.end =>
+            {
                 self.stop(tx, now);
             }
+            Phase::Draining { k, since } if now - since >= self.drain_limit => {
+                let lost = std::mem::take(&mut self.outstanding[k]);
+                self.targets[k].errors += lost as u64;
+                self.tally.error(format!(
+                    "target {k}: {lost} answers did not come within {:?} of its turn's end",
+                    self.drain_limit
+                ));
+                self.pending[k * self.n..(k + 1) * self.n].fill(0);
+                self.drained(tx, k);
+            }
+            _ => {}
         }
+    }
+
+    fn wake_at(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Active { since, .. } => Some(since + self.phase_len),
+            Phase::Draining { since, .. } => Some(since + self.drain_limit),
+            Phase::Done => None,
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.settled()
     }
 
     fn settled(&self) -> bool {
@@ -416,45 +535,123 @@ mod tests {
         }
     }
 
-    #[test]
-    fn each_target_has_turns_of_its_own_and_every_answer_comes_in() {
-        let (targets, n) = (2, 2);
+    /// `targets` targets of `n` sockets each, served by `serve` on threads; runs a phased
+    /// echo with turns of 20 ms, 3 of warm-up and 5 measured per target.
+    fn phased_run(
+        targets: usize,
+        n: usize,
+        serve: fn(usize, TcpStream) -> usize,
+    ) -> (Finished, Vec<usize>, bool) {
         let mut streams = Vec::new();
         let mut servers = Vec::new();
-        for _ in 0..targets * n {
+        for i in 0..targets * n {
             let (client, server) = connected();
             streams.push(client);
-            servers.push(std::thread::spawn(move || echo_server(server)));
+            servers.push(std::thread::spawn(move || serve(i / n, server)));
         }
         let templates: Vec<Template> = (0..targets * n)
             .map(|_| Template::new(Kind::Echo, "", 64))
             .collect();
         let mut lp = Loop::from_std(streams, 1024, false).unwrap();
-        let clock = Clock::start(0.05, 0.3);
         let phase = Duration::from_millis(20);
-        let mut st = Phases::new(&templates, n, "bench:echo", 2, clock, phase, vec![None; 2]);
+        let order: Vec<usize> = (0..targets).collect();
+        let plan = Plan::new(&order, targets, 0.05, 0.1, phase);
+        assert_eq!(
+            plan,
+            Plan {
+                warm: 3 * targets,
+                total: 8 * targets
+            }
+        );
+        let clock = Clock::start(0.0, plan.bound(phase).as_secs_f64());
+        let mut st = Phases::new(
+            &templates,
+            n,
+            "bench:echo",
+            2,
+            clock,
+            phase,
+            vec![None; targets],
+        );
+        st.plan = plan;
+        st.drain_limit = Duration::from_millis(100);
         // A phase that started while another target had answers out fails a debug assertion.
         st.start_next(&mut lp.tx, Instant::now());
         lp.run(&clock, &mut st);
-        assert!(st.settled(), "every answer came in: {}", st.overdue());
+        let finished_early = st.finished() && Instant::now() < clock.end;
         lp.close_all();
-        let finished = st.finish();
+        let answered = servers.into_iter().map(|s| s.join().unwrap()).collect();
+        (st.finish(), answered, finished_early)
+    }
+
+    #[test]
+    fn each_target_has_as_many_turns_of_its_own_and_every_answer_comes_in() {
+        let (finished, answered, early) = phased_run(2, 2, |_, s| echo_server(s));
+        assert!(
+            early,
+            "the run ends with its plan, not at the clock's bound"
+        );
         assert_eq!(finished.tally.errors, 0, "{:?}", finished.tally.first_error);
-        let answered: usize = servers.into_iter().map(|s| s.join().unwrap()).sum();
+        let answered: usize = answered.iter().sum();
         let counted: usize = finished.targets.iter().map(|t| t.samples.len()).sum();
         assert!(
             counted > 0 && counted <= answered,
             "{counted} of {answered}"
         );
         for t in &finished.targets {
-            assert!(t.phases >= 2, "{} measured turns", t.phases);
+            assert_eq!(t.phases, 5, "measured turns");
             assert!(!t.samples.is_empty() && t.active > Duration::ZERO);
             assert_eq!((t.errors, t.server_ticks), (0, 0), "no PID: no server CPU");
         }
-        let phases: Vec<usize> = finished.targets.iter().map(|t| t.phases).collect();
+    }
+
+    #[test]
+    fn a_target_that_stops_answering_is_charged_and_the_others_go_on() {
+        // Target 1 reads its first messages and never answers.
+        let (finished, _, early) = phased_run(2, 1, |target, s| match target {
+            0 => echo_server(s),
+            _ => {
+                let mut s = s;
+                while client_frame(&mut s).0 == opcode::TEXT {}
+                0
+            }
+        });
         assert!(
-            phases[0].abs_diff(phases[1]) <= 2,
-            "turns taken in turn: {phases:?}"
+            early,
+            "a silent target holds the run up for one drain limit only"
+        );
+        assert!(
+            finished.targets[1].errors > 0,
+            "its lost answers are errors"
+        );
+        assert_eq!(finished.targets[0].errors, 0);
+        assert_eq!(
+            finished.targets[0].phases, 5,
+            "the other target has all its turns"
+        );
+    }
+
+    #[test]
+    fn a_plan_is_whole_cycles_of_the_order() {
+        let cycle = [0, 1, 0, 2, 0, 3, 1, 2, 1, 3, 2, 3]; // turn_cycle(4)
+        let quarter = Duration::from_millis(250);
+        // 2 s of warm-up is 8 turns each: 3 cycles (9 each); 6 s is 24 turns: 8 cycles.
+        let plan = Plan::new(&cycle, 4, 2.0, 6.0, quarter);
+        assert_eq!(
+            plan,
+            Plan {
+                warm: 36,
+                total: 36 + 96
+            }
+        );
+        assert_eq!(
+            Plan::new(&[0, 1], 2, 0.0, 0.0, quarter),
+            Plan { warm: 0, total: 2 }
+        );
+        assert_eq!(
+            Plan::new(&[0], 2, 1.0, 1.0, quarter),
+            Plan::default(),
+            "a target without turns"
         );
     }
 

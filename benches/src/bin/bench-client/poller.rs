@@ -35,6 +35,14 @@ pub(crate) trait Scenario {
     fn after_turn(&mut self, _tx: &mut Sender) {}
     /// Nothing is in flight any more (asked once the clock has ended).
     fn settled(&self) -> bool;
+    /// Done before the clock's end (asked before every turn).
+    fn finished(&self) -> bool {
+        false
+    }
+    /// When the next turn must return even if nothing happens (besides the clock's end).
+    fn wake_at(&self) -> Option<Instant> {
+        None
+    }
     /// What is still in flight at the hard deadline, as an error.
     fn overdue(&self) -> String;
     /// Where errors are counted.
@@ -229,7 +237,7 @@ impl Loop {
     pub(crate) fn run(&mut self, clock: &Clock, scenario: &mut impl Scenario) {
         loop {
             let now = Instant::now();
-            if now >= clock.end && scenario.settled() {
+            if scenario.finished() || (now >= clock.end && scenario.settled()) {
                 return;
             }
             if now >= clock.hard {
@@ -242,6 +250,7 @@ impl Loop {
             } else {
                 clock.hard
             };
+            let until = scenario.wake_at().map_or(until, |at| at.min(until));
             match self.turn(until, &mut |tx, i, inbound| scenario.on(tx, i, inbound)) {
                 Ok(false) if self.spin && clock.measured(now) => {
                     scenario.tally().idle += now.elapsed();
