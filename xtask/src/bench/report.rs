@@ -204,16 +204,17 @@ impl Report {
                 "- echo, send and broadcast, in turns instead of slices: the servers of a round \
                  are loaded one at a time, in turns of {} ms ({} ms for broadcast), each server \
                  right after every other one equally often and never after itself (`turn_cycle`), \
-                 until each has had {} s of measured turns after \
-                 turns worth {} s of warm-up each; echo and send by one client holding sockets \
+                 in whole cycles: turns worth {} s of warm-up, then {} s measured, for each \
+                 server, with a wait for the server left to be quiet between turns; echo and \
+                 send by one client holding sockets \
                  to every server, broadcast by one client per server (each holds its \
                  subscribers) taking turns as asked; a turn ends by sending no more and waiting \
                  for what is out, and only the turns' own windows count (answers, deliveries, \
                  latency, CPU; a broadcast's time-to-all counts if it was sent in the window)",
                 o.turn_ms(Scenario::Echo),
                 o.turn_ms(Scenario::Broadcast),
-                o.secs,
-                o.warmup
+                o.warmup,
+                o.secs
             ));
         }
         r.line(format!(

@@ -248,6 +248,9 @@ struct Fanout {
     scratch: Vec<u8>,
     /// Per broadcast: subscribers that have not received it yet, and when it was sent.
     remaining: Vec<usize>,
+    /// Per subscriber: the broadcasts it has received, which come in order (one socket, the
+    /// order sent), so the next it waits for.
+    received: Vec<usize>,
     sent_ns: Vec<u64>,
     sent: usize,
     /// Broadcasts that may still be sent before one in flight has reached every subscriber,
@@ -270,7 +273,7 @@ impl Scenario for Fanout {
             // The publisher gets every broadcast too: dropped.
             Inbound::Text(_) if i == self.publisher => {}
             Inbound::Text(payload) => {
-                self.delivered(payload);
+                self.delivered(i, payload);
                 if self.free > 0 {
                     self.publish(tx);
                 }
@@ -281,6 +284,10 @@ impl Scenario for Fanout {
             Inbound::Ended(why) => {
                 self.tally
                     .error(format!("a subscriber's socket ended early: {why}"));
+                self.gone(i);
+                if self.free > 0 {
+                    self.publish(tx);
+                }
             }
         }
     }
@@ -325,6 +332,7 @@ impl Fanout {
             template,
             scratch: Vec::new(),
             remaining: vec![0; max_broadcasts],
+            received: vec![0; n],
             sent_ns: vec![0; max_broadcasts],
             sent: 0,
             free: inflight,
@@ -348,7 +356,7 @@ impl Fanout {
 
     /// Sends broadcasts while the window has room and the clock runs.
     fn publish(&mut self, tx: &mut Sender) {
-        while self.free > 0 && self.sent < self.remaining.len() {
+        while self.free > 0 && self.sent < self.remaining.len() && self.subscribers > 0 {
             let now = Instant::now();
             if now >= self.clock.end {
                 return;
@@ -372,7 +380,37 @@ impl Fanout {
         }
     }
 
-    fn delivered(&mut self, frame: &[u8]) {
+    /// Subscriber `i` has ended: the broadcasts out that it had not received wait for it no
+    /// more, and later ones are not sent to it (the run reports the error; without this, no
+    /// broadcast would complete again and every later turn would run into its deadline).
+    fn gone(&mut self, i: usize) {
+        let at = Instant::now();
+        self.subscribers = self.subscribers.saturating_sub(1);
+        for seq in self.received[i]..self.sent {
+            if self.remaining[seq] > 0 {
+                self.remaining[seq] -= 1;
+                if self.remaining[seq] == 0 {
+                    self.complete(seq, at);
+                }
+            }
+        }
+        self.received[i] = self.sent;
+    }
+
+    /// Broadcast `seq` has reached every subscriber at `at`.
+    fn complete(&mut self, seq: usize, at: Instant) {
+        // Timed if it was sent within the window, even when it reached its last subscriber
+        // after: the slowest broadcasts are the likeliest to straddle the end.
+        let sent = self.sent_ns[seq];
+        let window = self.clock.ns(self.clock.warm)..self.clock.ns(self.clock.end);
+        if window.contains(&sent) {
+            self.time_to_all
+                .push(self.clock.ns(at).saturating_sub(sent));
+        }
+        self.free += 1;
+    }
+
+    fn delivered(&mut self, i: usize, frame: &[u8]) {
         let at = Instant::now();
         let Some(stamp) = wire::read_stamp(frame) else {
             self.tally.error(format!(
@@ -388,19 +426,63 @@ impl Fanout {
             return;
         };
         *left -= 1;
+        let done = *left == 0;
+        if let Some(next) = self.received.get_mut(i) {
+            *next = seq + 1;
+        }
         if self.clock.measured(at) {
             self.deliveries += 1;
         }
-        if *left == 0 {
-            // Timed if it was sent within the window, even when it reached its last
-            // subscriber after: the slowest broadcasts are the likeliest to straddle the end.
-            let sent = self.sent_ns[seq];
-            let window = self.clock.ns(self.clock.warm)..self.clock.ns(self.clock.end);
-            if window.contains(&sent) {
-                self.time_to_all
-                    .push(self.clock.ns(at).saturating_sub(sent));
-            }
-            self.free += 1;
+        if done {
+            self.complete(seq, at);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The frame a subscriber gets for broadcast `seq`.
+    fn broadcast_frame(template: &Template, seq: u64) -> Vec<u8> {
+        let mut msg = Vec::new();
+        let stamp = Stamp {
+            sent_ns: 1,
+            seq,
+            from: 3,
+        };
+        template.stamped_into(stamp, &mut msg);
+        let v: serde_json::Value = serde_json::from_slice(&msg).unwrap();
+        serde_json::to_vec(&serde_json::json!({"type": "bench.broadcast", "payload": v["payload"]}))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_subscriber_that_ends_is_waited_for_no_more() {
+        let template = Template::new(Kind::Broadcast, "", 64);
+        let clock = Clock::start(0.0, 60.0);
+        let mut fan = Fanout::new(3, template.clone(), 10, 2, clock);
+        // Two broadcasts out, as `publish` sends them.
+        for seq in 0..2 {
+            fan.remaining[seq] = fan.subscribers;
+            fan.sent += 1;
+            fan.free -= 1;
+        }
+        for i in 0..3 {
+            fan.delivered(i, &broadcast_frame(&template, 0));
+        }
+        for i in 0..2 {
+            fan.delivered(i, &broadcast_frame(&template, 1));
+        }
+        assert_eq!(
+            (fan.free, fan.remaining[1]),
+            (1, 1),
+            "broadcast 1 waits for subscriber 2"
+        );
+        fan.gone(2);
+        assert_eq!(fan.free, fan.inflight, "nothing is out any more");
+        assert_eq!(fan.time_to_all.len(), 2, "both broadcasts completed");
+        assert_eq!(fan.subscribers, 2, "later broadcasts go to two");
+        assert_eq!(fan.tally.errors, 0);
     }
 }
