@@ -128,15 +128,14 @@ pub(super) fn measure_turns(
     // skipped: a turn may then follow one of its own).
     let up: Vec<usize> = (0..clients.len()).filter(|&k| clients[k].is_ok()).collect();
     let cycle: Vec<usize> = turn_cycle(up.len()).into_iter().map(|i| up[i]).collect();
-    // Whole cycles, so that every server has as many turns: at least `warm + measured`.
+    // Whole cycles of warm-up, then whole cycles measured: every server has as many turns of
+    // each, and in the measured ones each comes right after every other equally often.
     let each_per_cycle = up.len().saturating_sub(1).max(1);
-    let cycles = (warm + measured).div_ceil(each_per_cycle);
-    let mut done = vec![0usize; clients.len()];
-    for k in (0..cycles).flat_map(|_| cycle.iter().copied()) {
+    let warm_cycles = warm.div_ceil(each_per_cycle);
+    let cycles = warm_cycles + measured.div_ceil(each_per_cycle);
+    let turns = (0..cycles).flat_map(|c| cycle.iter().map(move |&k| (c >= warm_cycles, k)));
+    for (measured, k) in turns {
         if let Ok(c) = &mut clients[k] {
-            // Each server's first `warm` turns warm it up.
-            let measured = done[k] >= warm;
-            done[k] += 1;
             if let Err(e) = c.turn(ms, measured) {
                 println!("bench:   {} failed: {e}", servers[k].name());
                 clients[k] = Err(e);
