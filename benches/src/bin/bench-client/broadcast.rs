@@ -9,7 +9,10 @@ use switchboard_bench::result_line;
 use switchboard_bench::stats::Samples;
 use switchboard_bench::wire::{self, Kind, Stamp, Template};
 
-use crate::measure::{client_cpu_fields, fmt_cores, percentiles, pooled, sample_cpu, Clock, Tally};
+use crate::measure::{
+    client_cpu_fields, fmt_cores, percentiles, pooled, sample_cpu, wait_quiet, Clock, CpuTicks,
+    Tally,
+};
 use crate::poller::{Inbound, Loop, Scenario, Sender};
 use crate::roundtrip::max_frame;
 use crate::sockets::{open_sockets, Run};
@@ -164,7 +167,7 @@ fn turns(
             end,
             hard: end + Duration::from_secs(5),
         };
-        let before = Fanout::ticks(server_pid);
+        let before = CpuTicks::now(server_pid);
         fan.read_at_end = Some(server_pid);
         fan.ticks_at_end = None;
         fan.publish(&mut lp.tx);
@@ -173,14 +176,14 @@ fn turns(
         let after = fan
             .ticks_at_end
             .take()
-            .unwrap_or_else(|| Fanout::ticks(server_pid));
+            .unwrap_or_else(|| CpuTicks::now(server_pid));
         if measured {
             window += end - start;
-            let since = |b: Option<u64>, a: Option<u64>| b.zip(a).map_or(0, |(b, a)| a - b.min(a));
-            client_ticks += since(before.0, after.0);
-            server_ticks += since(before.1, after.1);
+            let (client, server) = before.until(after);
+            client_ticks += client;
+            server_ticks += server;
         }
-        crate::phased::wait_quiet(server_pid);
+        wait_quiet(server_pid);
         println!("DONE");
         let _ = std::io::stdout().flush();
     }
@@ -264,7 +267,7 @@ struct Fanout {
     /// In a turn: the server whose CPU is read when the clock ends (`Some(None)`: no PID),
     /// and the client's and the server's ticks then.
     read_at_end: Option<Option<u32>>,
-    ticks_at_end: Option<(Option<u64>, Option<u64>)>,
+    ticks_at_end: Option<CpuTicks>,
 }
 
 impl Scenario for Fanout {
@@ -298,7 +301,7 @@ impl Scenario for Fanout {
         self.publish(tx);
         if let Some(pid) = self.read_at_end {
             if self.ticks_at_end.is_none() && Instant::now() >= self.clock.end {
-                self.ticks_at_end = Some(Fanout::ticks(pid));
+                self.ticks_at_end = Some(CpuTicks::now(pid));
             }
         }
     }
@@ -344,14 +347,6 @@ impl Fanout {
             read_at_end: None,
             ticks_at_end: None,
         }
-    }
-
-    /// The client's and the server's CPU ticks now.
-    fn ticks(server_pid: Option<u32>) -> (Option<u64>, Option<u64>) {
-        (
-            procfs::cpu_ticks(None),
-            server_pid.and_then(|p| procfs::cpu_ticks(Some(p))),
-        )
     }
 
     /// Sends broadcasts while the window has room and the clock runs.

@@ -46,6 +46,58 @@ impl Clock {
     }
 }
 
+/// CPU time (`/proc`, in clock ticks) of this process and of the server, read together.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub(crate) struct CpuTicks {
+    pub(crate) client: Option<u64>,
+    /// `None` without the server's PID.
+    pub(crate) server: Option<u64>,
+}
+
+impl CpuTicks {
+    pub(crate) fn now(server_pid: Option<u32>) -> CpuTicks {
+        CpuTicks {
+            client: procfs::cpu_ticks(None),
+            server: server_pid.and_then(|p| procfs::cpu_ticks(Some(p))),
+        }
+    }
+
+    /// The ticks the client and the server used from `self` to `later` (0 where a reading
+    /// is missing).
+    pub(crate) fn until(self, later: CpuTicks) -> (u64, u64) {
+        let used =
+            |b: Option<u64>, a: Option<u64>| b.zip(a).map_or(0, |(b, a)| a.saturating_sub(b));
+        (
+            used(self.client, later.client),
+            used(self.server, later.server),
+        )
+    }
+}
+
+/// Between turns: a server is quiet once its CPU time has not moved for `QUIET_STEP` (its
+/// clock ticks are 10 ms), waited for at most `QUIET_LIMIT`.
+const QUIET_STEP: Duration = Duration::from_millis(20);
+pub(crate) const QUIET_LIMIT: Duration = Duration::from_millis(200);
+
+/// Waits until server `pid` has used no CPU for [`QUIET_STEP`], at most [`QUIET_LIMIT`]: so
+/// that work it put off (a runtime's garbage collection) does not land on the next server's
+/// turn.
+pub(crate) fn wait_quiet(pid: Option<u32>) {
+    let Some(pid) = pid else {
+        return;
+    };
+    let deadline = Instant::now() + QUIET_LIMIT;
+    let mut last = procfs::cpu_ticks(Some(pid));
+    while Instant::now() < deadline {
+        std::thread::sleep(QUIET_STEP);
+        let now = procfs::cpu_ticks(Some(pid));
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// CPU of client and server over the measured window, sampled by a task of its own.
 pub(crate) fn sample_cpu(
     clock: Clock,
@@ -53,16 +105,14 @@ pub(crate) fn sample_cpu(
 ) -> JoinHandle<(Option<f64>, Option<f64>)> {
     tokio::spawn(async move {
         tokio::time::sleep_until(clock.warm.into()).await;
-        let (c0, s0, t0) = (
-            procfs::cpu_ticks(None),
-            server_pid.and_then(|p| procfs::cpu_ticks(Some(p))),
-            Instant::now(),
-        );
+        let (before, t0) = (CpuTicks::now(server_pid), Instant::now());
         tokio::time::sleep_until(clock.end.into()).await;
         let secs = t0.elapsed().as_secs_f64();
-        let c1 = procfs::cpu_ticks(None);
-        let s1 = server_pid.and_then(|p| procfs::cpu_ticks(Some(p)));
-        (procfs::cores(c0, c1, secs), procfs::cores(s0, s1, secs))
+        let after = CpuTicks::now(server_pid);
+        (
+            procfs::cores(before.client, after.client, secs),
+            procfs::cores(before.server, after.server, secs),
+        )
     })
 }
 

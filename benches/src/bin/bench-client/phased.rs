@@ -20,11 +20,13 @@ use std::time::{Duration, Instant};
 use switchboard_bench::procfs;
 use switchboard_bench::result_line;
 use switchboard_bench::stats::Samples;
-use switchboard_bench::wire::{self, Kind, Stamp, Template};
+use switchboard_bench::wire::{self, Kind, Template};
 
-use crate::measure::{client_cpu_fields, fmt_cores, percentiles, Clock, Tally};
+use crate::measure::{
+    client_cpu_fields, fmt_cores, percentiles, wait_quiet, Clock, CpuTicks, Tally, QUIET_LIMIT,
+};
 use crate::poller::{Inbound, Loop, Scenario, Sender};
-use crate::roundtrip::max_frame;
+use crate::roundtrip::{max_frame, send_stamped};
 use crate::sockets::{open_sockets, Run};
 
 /// Round trips on `n` sockets per target (`runs`, one per server), `inflight` out per socket,
@@ -141,11 +143,6 @@ fn turn_order(order: Vec<usize>, targets: usize) -> Result<Vec<usize>, String> {
 /// How long a target's answers may take to come in after its turn ends; the rest are counted
 /// as errors and the next turn starts.
 const DRAIN_LIMIT: Duration = Duration::from_secs(1);
-/// Between turns: the server just measured is quiet once its CPU time has not moved for
-/// `QUIET_STEP` (its clock ticks are 10 ms), waited for at most `QUIET_LIMIT`.
-const QUIET_STEP: Duration = Duration::from_millis(20);
-const QUIET_LIMIT: Duration = Duration::from_millis(200);
-
 /// How many turns a run takes: whole cycles of the order, so that each target has as many
 /// (the cycles of `cargo xtask bench` have every target equally often).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -182,28 +179,6 @@ impl Plan {
     }
 }
 
-/// Waits until server `pid` has used no CPU for [`QUIET_STEP`], at most [`QUIET_LIMIT`].
-pub(crate) fn wait_quiet(pid: Option<u32>) {
-    let Some(pid) = pid else {
-        return;
-    };
-    let deadline = Instant::now() + QUIET_LIMIT;
-    let mut last = ticks_of(pid);
-    while Instant::now() < deadline {
-        std::thread::sleep(QUIET_STEP);
-        let now = ticks_of(pid);
-        if now == last {
-            return;
-        }
-        last = now;
-    }
-}
-
-/// CPU ticks of the server `pid`.
-fn ticks_of(pid: u32) -> Option<u64> {
-    procfs::cpu_ticks(Some(pid))
-}
-
 /// What one target's measured phases saw.
 #[derive(Default)]
 pub(crate) struct TargetTally {
@@ -231,8 +206,8 @@ enum Phase {
         since: Instant,
         /// Inside the measured window (started after the warm-up).
         measured: bool,
-        server_ticks: Option<u64>,
-        client_ticks: Option<u64>,
+        /// The CPU at its start (when measured).
+        ticks: CpuTicks,
         idle: Duration,
     },
     /// Target `k` gets no more messages (since `since`); the next phase starts once its
@@ -344,8 +319,11 @@ impl<'a> Phases<'a> {
             k,
             since: now,
             measured,
-            server_ticks: self.pids[k].filter(|_| measured).and_then(ticks_of),
-            client_ticks: measured.then(|| procfs::cpu_ticks(None)).flatten(),
+            ticks: if measured {
+                CpuTicks::now(self.pids[k])
+            } else {
+                CpuTicks::default()
+            },
             idle: self.tally.idle,
         };
         for i in k * self.n..(k + 1) * self.n {
@@ -359,8 +337,7 @@ impl<'a> Phases<'a> {
             k,
             since,
             measured,
-            server_ticks,
-            client_ticks,
+            ticks,
             idle,
         } = self.phase
         else {
@@ -370,11 +347,9 @@ impl<'a> Phases<'a> {
             let t = &mut self.targets[k];
             t.active += now - since;
             t.phases += 1;
-            let since = |before: Option<u64>, now: Option<u64>| {
-                before.zip(now).map_or(0, |(b, a)| a.saturating_sub(b))
-            };
-            t.server_ticks += since(server_ticks, self.pids[k].and_then(ticks_of));
-            t.client_ticks += since(client_ticks, procfs::cpu_ticks(None));
+            let (client, server) = ticks.until(CpuTicks::now(self.pids[k]));
+            t.client_ticks += client;
+            t.server_ticks += server;
             t.idle += self.tally.idle.saturating_sub(idle);
         }
         self.phase = Phase::Draining { k, since: now };
@@ -405,13 +380,9 @@ impl<'a> Phases<'a> {
     fn fill(&mut self, tx: &mut Sender, i: usize) {
         let k = i / self.n;
         while self.pending[i] < self.inflight {
-            let stamp = Stamp {
-                sent_ns: self.clock.ns(Instant::now()),
-                seq: self.seq[i],
-                from: i as u32,
-            };
-            self.templates[i].stamped_into(stamp, &mut self.scratch);
-            if let Err(e) = tx.text(i, &self.scratch) {
+            let template = &self.templates[i];
+            let sent = send_stamped(tx, i, template, &self.clock, self.seq[i], &mut self.scratch);
+            if let Err(e) = sent {
                 self.charge(k, 1, e);
                 // The socket has ended: its answers out will not come.
                 self.outstanding[k] -= self.pending[i];

@@ -149,13 +149,9 @@ impl Roundtrips<'_> {
     /// Sends on socket `i` until it has `inflight` messages out.
     fn fill(&mut self, tx: &mut Sender, i: usize) {
         while self.pending[i] < self.inflight {
-            let stamp = Stamp {
-                sent_ns: self.clock.ns(Instant::now()),
-                seq: self.seq[i],
-                from: i as u32,
-            };
-            self.templates[i].stamped_into(stamp, &mut self.scratch);
-            if let Err(e) = tx.text(i, &self.scratch) {
+            let template = &self.templates[i];
+            let sent = send_stamped(tx, i, template, &self.clock, self.seq[i], &mut self.scratch);
+            if let Err(e) = sent {
                 self.tally.error(e);
                 self.outstanding -= self.pending[i];
                 self.pending[i] = 0;
@@ -166,4 +162,23 @@ impl Roundtrips<'_> {
             self.seq[i] += 1;
         }
     }
+}
+
+/// Sends `template` on socket `i`, stamped with the time now, `seq` and the socket's index
+/// (which its answer must carry back); `scratch` holds the message.
+pub(crate) fn send_stamped(
+    tx: &mut Sender,
+    i: usize,
+    template: &Template,
+    clock: &Clock,
+    seq: u64,
+    scratch: &mut Vec<u8>,
+) -> Result<(), String> {
+    let stamp = Stamp {
+        sent_ns: clock.ns(Instant::now()),
+        seq,
+        from: i as u32,
+    };
+    template.stamped_into(stamp, scratch);
+    tx.text(i, scratch)
 }
