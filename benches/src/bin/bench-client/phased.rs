@@ -175,7 +175,10 @@ impl Plan {
 
     /// The longest the run may take: every turn at its longest, and some seconds.
     fn bound(&self, phase: Duration) -> Duration {
-        (phase + DRAIN_LIMIT + QUIET_LIMIT) * self.total as u32 + Duration::from_secs(5)
+        // Saturating: `--secs` and `--phase-ms` are the caller's, and a huge plan must not
+        // wrap around to a short bound.
+        let turns = u32::try_from(self.total).unwrap_or(u32::MAX);
+        (phase + DRAIN_LIMIT + QUIET_LIMIT).saturating_mul(turns) + Duration::from_secs(5)
     }
 }
 
@@ -686,6 +689,14 @@ mod tests {
             Plan::new(&[0], 2, 1.0, 1.0, quarter),
             Plan::default(),
             "a target without turns"
+        );
+        let huge = Plan {
+            warm: 0,
+            total: (1 << 32) + 1,
+        };
+        assert!(
+            huge.bound(quarter) > Duration::from_secs(1 << 32),
+            "no wrap-around"
         );
     }
 
