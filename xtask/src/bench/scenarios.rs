@@ -169,15 +169,9 @@ fn measure_phased(
         .collect();
     match measured {
         Ok(figures) => {
-            for (&(i, running), mut f) in up.iter().zip(figures) {
-                f.insert(
-                    "server_cores".into(),
-                    running.cores.clone().unwrap_or_else(|| "?".into()),
-                );
-                println!("bench:   {}: {}", servers[i].name(), fmt_figures(&f));
+            for (&(i, running), f) in up.iter().zip(figures) {
                 let what = format!("{scenario:?} on {} (round {round})", servers[i].name());
-                report.check_cores(o, servers[i], &f, &what);
-                runs[i] = Ok(f);
+                runs[i] = Ok(taken(o, report, servers[i], running, f, &what));
             }
         }
         Err(e) => {
@@ -188,6 +182,25 @@ fn measure_phased(
         }
     }
     runs
+}
+
+/// A server's figures as its client reported them: tagged with the cores the server was
+/// allowed, printed, and checked against the pinning (`what` names the run in a failure).
+pub(super) fn taken(
+    o: &Options,
+    report: &mut Report,
+    server: Server,
+    running: &Running,
+    mut f: Figures,
+    what: &str,
+) -> Figures {
+    f.insert(
+        "server_cores".into(),
+        running.cores.clone().unwrap_or_else(|| "?".into()),
+    );
+    println!("bench:   {}: {}", server.name(), fmt_figures(&f));
+    report.check_cores(o, server, &f, what);
+    f
 }
 
 /// The other scenarios: each server's run in `o.slices` slices, the servers taking turns
@@ -237,19 +250,13 @@ fn measure_slices(
                 .map_err(|e| format!("{}: {e}", pool.display()))
                 .and_then(|()| run_client(&sliced, running, scenario, Some(&pool)));
             match result {
-                Ok(mut f) => {
-                    f.insert(
-                        "server_cores".into(),
-                        running.cores.clone().unwrap_or_else(|| "?".into()),
-                    );
-                    println!("bench:   {}", fmt_figures(&f));
+                Ok(f) => {
                     let what = format!(
                         "{scenario:?} on {} (round {round}, slice {})",
                         servers[i].name(),
                         slice + 1
                     );
-                    report.check_cores(o, servers[i], &f, &what);
-                    done.push(f);
+                    done.push(taken(o, report, servers[i], running, f, &what));
                 }
                 Err(e) => {
                     println!("bench:   failed: {e}");
@@ -404,7 +411,7 @@ pub(super) fn cross_cluster(o: &Options, report: &mut Report) -> Result {
     result
 }
 
-pub(super) fn fmt_figures(f: &Figures) -> String {
+fn fmt_figures(f: &Figures) -> String {
     f.iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()

@@ -13,7 +13,7 @@ use super::client::{client_command, parse_result, scenario_args};
 use super::options::{Options, Scenario, Server};
 use super::processes::{lines, wait_bounded, Killed, Running};
 use super::report::Report;
-use super::scenarios::turn_cycle;
+use super::scenarios::{taken, turn_cycle};
 use super::{Figures, Result};
 
 /// How long a client may take to open and prove its subscribers.
@@ -147,21 +147,11 @@ pub(super) fn measure_turns(
         .zip(started)
         .zip(servers)
         .map(|((client, running), server)| {
-            let mut f = client?.finish()?;
-            if let Ok(running) = running {
-                f.insert(
-                    "server_cores".into(),
-                    running.cores.clone().unwrap_or_else(|| "?".into()),
-                );
-            }
-            println!(
-                "bench:   {}: {}",
-                server.name(),
-                super::scenarios::fmt_figures(&f)
-            );
+            let f = client?.finish()?;
+            // A client runs only for a server that started.
+            let running = running.as_ref().map_err(Clone::clone)?;
             let what = format!("{scenario:?} on {} (round {round})", server.name());
-            report.check_cores(o, *server, &f, &what);
-            Ok(f)
+            Ok(taken(o, report, *server, running, f, &what))
         })
         .collect()
 }
