@@ -405,8 +405,9 @@ impl Scenario for Phases<'_> {
         match inbound {
             Inbound::Text(payload) => {
                 let at = Instant::now();
+                let stamp = wire::read_stamp(payload);
                 // An answer written off at a drain limit, come late: already charged.
-                if wire::read_stamp(payload).is_some_and(|s| s.seq < self.written_off[i]) {
+                if stamp.is_some_and(|s| s.seq < self.written_off[i]) {
                     self.targets[k].late += 1;
                     return;
                 }
@@ -418,7 +419,7 @@ impl Scenario for Phases<'_> {
                     Phase::Active { k: a, measured, .. } if a == k => Some(measured),
                     _ => None,
                 };
-                match (wire::frame_type(payload), wire::read_stamp(payload)) {
+                match (wire::frame_type(payload), stamp) {
                     (Some(t), Some(stamp)) if t == self.expect && stamp.from == i as u32 => {
                         if active == Some(true) {
                             let rtt = self.clock.ns(at).saturating_sub(stamp.sent_ns);
