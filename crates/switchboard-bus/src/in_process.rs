@@ -8,7 +8,7 @@ use futures_util::FutureExt;
 
 use crate::{
     Bus, Handler, HandlerError, HandlerFuture, Message, PublishError, PublishFailure, Reply,
-    SubscribeError,
+    ReplyTo, SubscribeError,
 };
 
 type Handlers = Arc<[Arc<dyn Handler>]>;
@@ -63,8 +63,13 @@ impl Bus for InProcessBus {
                 reason: PublishFailure::NotRunning,
             });
         };
-        for handler in handlers.iter() {
-            dispatch(&runtime, handler.as_ref(), msg.clone());
+        // The last handler (usually the only one) takes the message itself: a clone is four
+        // reference counts up and down, per message.
+        if let Some((last, others)) = handlers.split_last() {
+            for handler in others {
+                dispatch(&runtime, handler.as_ref(), msg.clone());
+            }
+            dispatch(&runtime, last.as_ref(), msg);
         }
         Ok(())
     }
@@ -86,7 +91,11 @@ impl Bus for InProcessBus {
 
 /// Runs one handler on one message: inline until it first waits, then on the runtime.
 fn dispatch(runtime: &tokio::runtime::Handle, handler: &dyn Handler, msg: Message) {
-    let origin = msg.clone();
+    // What a failure report needs, and no more: the data and context go with the handler.
+    let origin = WayBack {
+        topic: msg.topic.clone(),
+        reply_to: msg.reply_to.clone(),
+    };
     let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let mut fut: HandlerFuture = handler.call(msg);
         let mut cx = TaskContext::from_waker(Waker::noop());
@@ -111,21 +120,35 @@ fn dispatch(runtime: &tokio::runtime::Handle, handler: &dyn Handler, msg: Messag
     }
 }
 
-fn report(msg: &Message, result: Result<(), HandlerError>) {
-    if let Err(error) = result {
-        tracing::error!(topic = msg.topic(), %error, "handler failed");
-        msg.deliver(Reply::HandlerFailed);
+/// The topic of a dispatched message and the way back to its sender, for a failure report.
+struct WayBack {
+    topic: Arc<str>,
+    reply_to: Option<Arc<dyn ReplyTo>>,
+}
+
+impl WayBack {
+    fn handler_failed(&self) {
+        if let Some(to) = &self.reply_to {
+            to.deliver(&self.topic, Reply::HandlerFailed);
+        }
     }
 }
 
-fn report_panic(msg: &Message, panic: Box<dyn std::any::Any + Send>) {
+fn report(origin: &WayBack, result: Result<(), HandlerError>) {
+    if let Err(error) = result {
+        tracing::error!(topic = &*origin.topic, %error, "handler failed");
+        origin.handler_failed();
+    }
+}
+
+fn report_panic(origin: &WayBack, panic: Box<dyn std::any::Any + Send>) {
     let what = panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into());
-    tracing::error!(topic = msg.topic(), panic = %what, "handler panicked");
-    msg.deliver(Reply::HandlerFailed);
+    tracing::error!(topic = &*origin.topic, panic = %what, "handler panicked");
+    origin.handler_failed();
 }
 
 #[cfg(test)]
@@ -201,6 +224,76 @@ mod tests {
         let err = bus.publish(Message::new("t", json!("x"))).unwrap_err();
         assert_eq!(err.reason, PublishFailure::NotRunning);
         assert_eq!(err.message.data(), &json!("x"));
+    }
+
+    #[tokio::test]
+    async fn every_handler_of_a_topic_gets_the_message_and_the_way_back() {
+        // The last handler takes the message itself, the others clones: each must see the
+        // data and context and reach the sender, and a failure (at once, after waiting, or a
+        // panic) reports under the topic whichever handler it was.
+        let bus = InProcessBus::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        for i in 0..3 {
+            let s = seen.clone();
+            bus.subscribe(
+                "t",
+                Arc::new(move |m: Message| {
+                    let s = s.clone();
+                    async move {
+                        let user = m.context().username.as_deref().unwrap_or("").to_string();
+                        s.lock().unwrap().push((i, m.data()["n"].clone(), user));
+                        m.reply(i);
+                    }
+                }),
+            )
+            .unwrap();
+        }
+        bus.subscribe(
+            "t",
+            Arc::new(|_m: Message| async {
+                tokio::task::yield_now().await;
+                Err::<(), _>("after a wait")
+            }),
+        )
+        .unwrap();
+        bus.subscribe(
+            "t",
+            Arc::new(|m: Message| async move { assert!(m.data().is_null(), "it panics") }),
+        )
+        .unwrap();
+        let rec = Arc::new(Heard::default());
+        let context = Arc::new(crate::Context::for_connection(
+            9,
+            "alex",
+            None,
+            serde_json::Map::new(),
+            serde_json::Map::new(),
+        ));
+        bus.publish(
+            Message::shared(Arc::from("t"), Arc::new(json!({"n": 5})), context)
+                .with_reply_to(rec.clone()),
+        )
+        .unwrap();
+        let want: Vec<_> = (0..3).map(|i| (i, json!(5), "alex".to_string())).collect();
+        assert_eq!(*seen.lock().unwrap(), want);
+        for _ in 0..100 {
+            if rec.0.lock().unwrap().len() == 5 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let heard = rec.0.lock().unwrap().clone();
+        let t = |r: Reply| ("t".to_string(), r);
+        assert_eq!(
+            heard,
+            [
+                t(Reply::Ok(json!(0))),
+                t(Reply::Ok(json!(1))),
+                t(Reply::Ok(json!(2))),
+                t(Reply::HandlerFailed), // the panic, at once
+                t(Reply::HandlerFailed), // the wait, then the error
+            ]
+        );
     }
 
     #[tokio::test]

@@ -669,26 +669,26 @@ impl Service for Gateway {
         }
         GatewayStats::bump(&self.stats().messages_in);
         let typed_topic = self.hooks.types.get(kind);
-        if typed_topic.is_none() && self.hooks.onmessage.is_none() {
-            return; // no topic for it
-        }
+        let (first, last) = match (&self.hooks.onmessage, typed_topic) {
+            (None, None) => return, // no topic for it
+            (Some(general), Some(typed)) => (Some(general), typed),
+            (Some(only), None) | (None, Some(only)) => (None, only),
+        };
         let data = Arc::new(message.into_data());
         let context = s.context();
         // One way back for both topics: it carries the publish time for the latency series.
         let reply_to = self.replies(&s.handle, Answering::Message);
-        let publish = |route: &Route| {
+        let publish = |route: &Route, data, context, reply_to| {
             route.messages_in.inc();
             self.publish(
-                Message::shared(route.topic.clone(), data.clone(), context.clone())
-                    .with_reply_to(reply_to.clone()),
+                Message::shared(route.topic.clone(), data, context).with_reply_to(reply_to),
             )
         };
-        if let Some(general) = &self.hooks.onmessage {
-            publish(general);
+        if let Some(general) = first {
+            publish(general, data.clone(), context.clone(), reply_to.clone());
         }
-        if let Some(typed) = typed_topic {
-            publish(typed);
-        }
+        // The last (usually the only) topic takes the shared parts instead of clones.
+        publish(last, data, context, reply_to);
     }
 
     fn on_close(&self, s: Session, reason: CloseReason) {
