@@ -60,6 +60,9 @@ fn bin(profile: &str, name: &str) -> PathBuf {
 /// `cargo xtask bench [options]`; `words` are the options as given, for the report.
 pub(crate) fn run(args: &Args, words: &[String]) -> Result {
     let mut o = Options::new(args);
+    if let Some(other) = o.twin_bin.as_ref().filter(|p| !p.is_file()) {
+        return Err(format!("--twin-bin {}: no such file", other.display()));
+    }
     o.pinning = pinning::decide(&o, &pinning::allowed_cores(), pinning::find_taskset())?;
     println!("bench: {}", o.pinning.describe());
     if o.build {

@@ -1,7 +1,7 @@
 //! The command line of `cargo xtask bench` (clap) and the options of a run, with the
 //! defaults that `--smoke` lowers.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{ArgAction, Parser, ValueEnum};
 
@@ -107,6 +107,11 @@ pub(crate) struct Args {
     /// of polling without sleep on its own core (the default when pinned)
     #[arg(long)]
     client_sleeps: bool,
+    /// switchboard-twin runs this `bench-server` (e.g. the build before a change) instead of
+    /// a second process of the same build: the A/A control becomes an A/B comparison of two
+    /// builds, measured the same way (adds switchboard-twin to the servers)
+    #[arg(long, value_name = "PATH")]
+    twin_bin: Option<PathBuf>,
 }
 
 /// A count: `10000` or `10_000`.
@@ -161,10 +166,11 @@ impl Server {
         }
     }
 
-    /// The name in a table's first column.
-    pub(super) fn label(self) -> &'static str {
+    /// The name in a table's first column; `twin_bin` is `--twin-bin`.
+    pub(super) fn label(self, twin_bin: Option<&Path>) -> &'static str {
         match self {
             Server::Floor => "floor (transport only)",
+            Server::SwitchboardTwin if twin_bin.is_some() => "switchboard-twin (other build, A/B)",
             Server::SwitchboardTwin => "switchboard-twin (same build, A/A)",
             other => other.name(),
         }
@@ -244,6 +250,8 @@ pub(super) struct Options {
     pub(super) echo_over_http: bool,
     /// `--client-sleeps`.
     pub(super) client_sleeps: bool,
+    /// `--twin-bin`: the twin's `bench-server`, another build (None: the same build).
+    pub(super) twin_bin: Option<PathBuf>,
     /// The NATS server of a cross-node run (set while one runs, never from the command line).
     pub(super) nats: Option<String>,
     /// Where the cross-cluster publisher connects, and that server's monitoring port.
@@ -333,6 +341,7 @@ impl Options {
             build: true,
             echo_over_http: false,
             client_sleeps: false,
+            twin_bin: None,
             nats: None,
             publisher_nats: None,
         }
@@ -375,8 +384,12 @@ impl Options {
             build: !args.no_build,
             echo_over_http: args.echo_over_http,
             client_sleeps: args.client_sleeps,
+            twin_bin: args.twin_bin.clone(),
             ..d
         };
+        if o.twin_bin.is_some() && !o.servers.contains(&Server::SwitchboardTwin) {
+            o.servers.insert(0, Server::SwitchboardTwin);
+        }
         if o.servers.first() != Some(&Server::Switchboard) {
             o.servers.retain(|s| *s != Server::Switchboard);
             o.servers.insert(0, Server::Switchboard);
@@ -393,6 +406,41 @@ mod tests {
 
     fn parse(words: &[&str]) -> Result<Options> {
         parse_words(words).map(|a| Options::new(&a))
+    }
+
+    #[test]
+    fn a_twin_of_another_build_joins_the_servers_after_switchboard() {
+        let o = parse(&[
+            "--servers",
+            "uws-node",
+            "--twin-bin",
+            "/tmp/old/bench-server",
+        ])
+        .unwrap();
+        assert_eq!(
+            o.servers,
+            [
+                Server::Switchboard,
+                Server::SwitchboardTwin,
+                Server::UwsNode
+            ]
+        );
+        assert_eq!(
+            o.twin_bin.as_deref(),
+            Some(Path::new("/tmp/old/bench-server"))
+        );
+        let named = parse(&["--servers", "switchboard-twin", "--twin-bin", "b"]).unwrap();
+        assert_eq!(
+            named.servers,
+            [Server::Switchboard, Server::SwitchboardTwin]
+        );
+        assert!(parse(&[]).unwrap().twin_bin.is_none());
+        let twin = Server::SwitchboardTwin;
+        assert_eq!(twin.label(None), "switchboard-twin (same build, A/A)");
+        assert_eq!(
+            twin.label(Some(Path::new("b"))),
+            "switchboard-twin (other build, A/B)"
+        );
     }
 
     #[test]

@@ -73,9 +73,11 @@ impl Running {
         let port = free_port()?;
         let mut command = match server.peer_dir() {
             None => {
-                let mut c = o
-                    .pinning
-                    .command(Role::Server, bin(&o.profile, "bench-server"));
+                let program = match (&o.twin_bin, server) {
+                    (Some(other), Server::SwitchboardTwin) => other.clone(),
+                    _ => bin(&o.profile, "bench-server"),
+                };
+                let mut c = o.pinning.command(Role::Server, program);
                 c.arg(port.to_string());
                 if server == Server::Floor {
                     c.arg("--floor");

@@ -3,6 +3,7 @@
 //! end the targets, each met only if its worst round meets it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::process::Command;
 
 use super::options::{Options, Scenario, Server};
@@ -19,6 +20,8 @@ pub(super) struct Report {
     verdicts: Vec<String>,
     /// One line per scenario with the A/A control, printed before the verdicts.
     controls: Vec<String>,
+    /// `--twin-bin`: the twin is another build (an A/B comparison), not the same one.
+    twin_bin: Option<PathBuf>,
     /// The cores each kind of process was seen to be allowed, by process.
     cores_seen: BTreeMap<&'static str, BTreeSet<String>>,
 }
@@ -141,6 +144,7 @@ impl Report {
             failures: Vec::new(),
             verdicts: Vec::new(),
             controls: Vec::new(),
+            twin_bin: o.twin_bin.clone(),
             cores_seen: BTreeMap::new(),
         };
         r.line(format!(
@@ -231,14 +235,21 @@ impl Report {
              is better"
                 .to_string(),
         );
-        if o.servers.contains(&Server::SwitchboardTwin) {
-            r.line(
+        match (&o.twin_bin, o.servers.contains(&Server::SwitchboardTwin)) {
+            (Some(other), _) => r.line(format!(
+                "- switchboard-twin: `{}`, another `bench-server` build, run as one more \
+                 server (`--twin-bin`): an A/B comparison of two builds, measured as the A/A \
+                 control is, so its ratios are this build's against that one's",
+                other.display()
+            )),
+            (None, true) => r.line(
                 "- switchboard-twin: a second process of the same `bench-server` build, run as \
                  one more server (the A/A control); its ratios are what the machine's noise \
                  alone makes of one build against itself, so a verdict on the worst round is \
                  only as fine as their spread"
                     .to_string(),
-            );
+            ),
+            (None, false) => {}
         }
         if o.servers.contains(&Server::Floor) {
             r.line(
@@ -375,14 +386,18 @@ impl Report {
             if done == 0 {
                 self.line(format!(
                     "| {} | failed | — | — | — | — | — | — | — | — | — |",
-                    server.label()
+                    server.label(self.twin_bin.as_deref())
                 ));
                 continue;
             }
             let label = if done < rounds.len() {
-                format!("{} ({done} of {} rounds)", server.label(), rounds.len())
+                format!(
+                    "{} ({done} of {} rounds)",
+                    server.label(self.twin_bin.as_deref()),
+                    rounds.len()
+                )
             } else {
-                server.label().to_string()
+                server.label(self.twin_bin.as_deref()).to_string()
             };
             // Ratios against Switchboard itself say nothing.
             let vs = |key: &str, lower_is_better: bool| {
@@ -465,9 +480,13 @@ impl Report {
         if let Some((_, twin)) = rows.iter().find(|(s, _)| *s == Server::SwitchboardTwin) {
             let rate = round_ratios(&series(sb, "rate"), &series(twin, "rate"), false);
             if let Some(s) = spread(rate.iter().copied()) {
+                let (what, twin) = match &self.twin_bin {
+                    Some(other) => ("A/B", format!("`{}`", other.display())),
+                    None => ("A/A control", "the same build".to_string()),
+                };
                 self.controls.push(format!(
-                    "- {name}, A/A control: {figure} of switchboard ÷ switchboard-twin (the \
-                     same build) {:.2}×–{:.2}× over the rounds, median {:.2}×",
+                    "- {name}, {what}: {figure} of switchboard ÷ switchboard-twin ({twin}) \
+                     {:.2}×–{:.2}× over the rounds, median {:.2}×",
                     s.min, s.max, s.median
                 ));
             }
@@ -540,11 +559,13 @@ impl Report {
             ));
         }
         if !self.controls.is_empty() {
-            self.line(
+            self.line(if self.twin_bin.is_some() {
+                "This build against the twin's (`--twin-bin`), round by round:\n".into()
+            } else {
                 "The same build against itself, the resolution of the verdicts below (see the \
                  header on switchboard-twin):\n"
-                    .into(),
-            );
+                    .into()
+            });
             for c in std::mem::take(&mut self.controls) {
                 self.line(c);
             }
@@ -596,7 +617,7 @@ impl Report {
             match row {
                 Some(r) => self.line(format!(
                     "| {} | {:.1} | {:.1} | {} | {} |",
-                    server.label(),
+                    server.label(self.twin_bin.as_deref()),
                     r.before_kib as f64 / 1024.0,
                     r.after_kib as f64 / 1024.0,
                     fmt_int(Some(r.bytes_per_socket())),
@@ -606,7 +627,10 @@ impl Report {
                         ratio(Some(r.bytes_per_socket()), sb)
                     },
                 )),
-                None => self.line(format!("| {} | failed | — | — | — |", server.label())),
+                None => self.line(format!(
+                    "| {} | failed | — | — | — |",
+                    server.label(self.twin_bin.as_deref())
+                )),
             }
         }
         if rows.iter().any(|(s, _)| *s == Server::UwsNode) {
@@ -711,6 +735,21 @@ mod tests {
              build) 0.90×–1.10× over the rounds, median 1.00×"
         );
         assert!(r.verdicts[0].starts_with("- echo: messages/s ≥ 1.2× uws-node's: **MISSED**"));
+        // With `--twin-bin`, the same figures are an A/B of two builds, and say so.
+        let ab = Options::new(
+            &super::super::options::parse_words(&["--twin-bin", "/tmp/old/bench-server"]).unwrap(),
+        );
+        let mut r = Report::new(&ab, &[]);
+        r.targets(Scenario::Echo, &rows, &sb);
+        assert_eq!(
+            r.controls[0],
+            "- echo, A/B: messages/s of switchboard ÷ switchboard-twin (`/tmp/old/bench-server`) \
+             0.90×–1.10× over the rounds, median 1.00×"
+        );
+        r.verdict_section(&ab);
+        let text = r.text();
+        assert!(text.contains("an A/B comparison of two builds"), "{text}");
+        assert!(text.contains("This build against the twin's"), "{text}");
         // Without uws-node in the run, the control alone, and no target.
         let mut r = Report::new(&o, &[]);
         r.targets(Scenario::Echo, &rows[..2], &sb);
