@@ -62,7 +62,23 @@ enum Task {
     Deps,
 }
 
+/// The directory `cargo xtask` was called from, before `main` moved to the workspace root.
+static CALLER_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// A path the user typed, as they meant it: a relative one is taken from the directory they
+/// called `cargo xtask` from, not from the workspace root that the tasks run in. Made
+/// absolute, so that a bare file name is not looked up in `PATH` when it is run.
+pub(crate) fn users_path(path: &std::path::Path) -> std::path::PathBuf {
+    match CALLER_DIR.get() {
+        Some(dir) => dir.join(path),
+        None => std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+    }
+}
+
 fn main() -> ExitCode {
+    if let Ok(dir) = std::env::current_dir() {
+        let _ = CALLER_DIR.set(dir);
+    }
     // Run from the workspace root whatever the caller's directory.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -312,5 +328,19 @@ fn run(program: &str, args: &[&str]) -> Result {
         Ok(())
     } else {
         Err(format!("`{program} {}` failed ({status})", args.join(" ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    #[test]
+    fn a_path_the_user_typed_is_made_absolute() {
+        // A bare name would be looked up in PATH when run; it must name the file here.
+        let p = super::users_path(Path::new("bench-server.old"));
+        assert!(p.is_absolute(), "{}", p.display());
+        assert!(p.ends_with("bench-server.old"));
+        assert_eq!(super::users_path(Path::new("/tmp/b")), Path::new("/tmp/b"));
     }
 }

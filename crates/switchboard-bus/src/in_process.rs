@@ -121,6 +121,8 @@ fn dispatch(runtime: &tokio::runtime::Handle, handler: &dyn Handler, msg: Messag
 }
 
 /// The topic of a dispatched message and the way back to its sender, for a failure report.
+/// Not [`Message::way_back`]: that one is a whole message, whose `null` data and empty context
+/// are shared statics, and cloning them would cost two more reference counts per dispatch.
 struct WayBack {
     topic: Arc<str>,
     reply_to: Option<Arc<dyn ReplyTo>>,
@@ -230,8 +232,22 @@ mod tests {
     async fn every_handler_of_a_topic_gets_the_message_and_the_way_back() {
         // The last handler takes the message itself, the others clones: each must see the
         // data and context and reach the sender, and a failure (at once, after waiting, or a
-        // panic) reports under the topic whichever handler it was.
+        // panic) reports under the topic whichever handler it was. The failing handlers come
+        // first, so that the last one, which gets the message moved, is a recording one.
         let bus = InProcessBus::new();
+        bus.subscribe(
+            "t",
+            Arc::new(|_m: Message| async {
+                tokio::task::yield_now().await;
+                Err::<(), _>("after a wait")
+            }),
+        )
+        .unwrap();
+        bus.subscribe(
+            "t",
+            Arc::new(|m: Message| async move { assert!(m.data().is_null(), "it panics") }),
+        )
+        .unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         for i in 0..3 {
             let s = seen.clone();
@@ -248,19 +264,6 @@ mod tests {
             )
             .unwrap();
         }
-        bus.subscribe(
-            "t",
-            Arc::new(|_m: Message| async {
-                tokio::task::yield_now().await;
-                Err::<(), _>("after a wait")
-            }),
-        )
-        .unwrap();
-        bus.subscribe(
-            "t",
-            Arc::new(|m: Message| async move { assert!(m.data().is_null(), "it panics") }),
-        )
-        .unwrap();
         let rec = Arc::new(Heard::default());
         let context = Arc::new(crate::Context::for_connection(
             9,
@@ -287,10 +290,10 @@ mod tests {
         assert_eq!(
             heard,
             [
+                t(Reply::HandlerFailed), // the panic, at once
                 t(Reply::Ok(json!(0))),
                 t(Reply::Ok(json!(1))),
-                t(Reply::Ok(json!(2))),
-                t(Reply::HandlerFailed), // the panic, at once
+                t(Reply::Ok(json!(2))), // the last handler, with the message itself
                 t(Reply::HandlerFailed), // the wait, then the error
             ]
         );

@@ -97,8 +97,8 @@ pub(crate) fn run(args: &InstructionsArgs) -> Result {
     }
     let server_bin = args
         .server_bin
-        .clone()
-        .unwrap_or_else(|| bin("release", "bench-server"));
+        .as_deref()
+        .map_or_else(|| bin("release", "bench-server"), crate::users_path);
     let scenarios = args
         .scenarios
         .clone()

@@ -60,8 +60,20 @@ fn bin(profile: &str, name: &str) -> PathBuf {
 /// `cargo xtask bench [options]`; `words` are the options as given, for the report.
 pub(crate) fn run(args: &Args, words: &[String]) -> Result {
     let mut o = Options::new(args);
-    if let Some(other) = o.twin_bin.as_ref().filter(|p| !p.is_file()) {
-        return Err(format!("--twin-bin {}: no such file", other.display()));
+    if let Some(typed) = o.twin_bin.take() {
+        let other = crate::users_path(&typed);
+        if !other.is_file() {
+            return Err(format!("--twin-bin {}: no such file", other.display()));
+        }
+        // The build step would overwrite it with this build: the A/B would be an A/A.
+        let own = bin(&o.profile, "bench-server");
+        if std::fs::canonicalize(&other).ok() == std::fs::canonicalize(&own).ok() {
+            return Err(format!(
+                "--twin-bin {} is this build's own bench-server; copy the other build elsewhere",
+                other.display()
+            ));
+        }
+        o.twin_bin = Some(other);
     }
     o.pinning = pinning::decide(&o, &pinning::allowed_cores(), pinning::find_taskset())?;
     println!("bench: {}", o.pinning.describe());

@@ -19,7 +19,7 @@ pub(crate) struct Args {
     smoke: bool,
     /// The servers [default: switchboard, floor, ws-node, uws-node; the floor runs echo,
     /// broadcast and handshake only; switchboard-twin, a second process of the same build
-    /// (the A/A control), only when named]
+    /// (the A/A control) or of another (`--twin-bin`), only when named or with --twin-bin]
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set)]
     servers: Option<Vec<Server>>,
     /// The scenarios [default: all; cross-node and cross-cluster run Switchboard only and
@@ -107,9 +107,11 @@ pub(crate) struct Args {
     /// of polling without sleep on its own core (the default when pinned)
     #[arg(long)]
     client_sleeps: bool,
-    /// switchboard-twin runs this `bench-server` (e.g. the build before a change) instead of
-    /// a second process of the same build: the A/A control becomes an A/B comparison of two
-    /// builds, measured the same way (adds switchboard-twin to the servers)
+    /// switchboard-twin runs this `bench-server` (e.g. the build before a change, copied out
+    /// of target/) instead of a second process of the same build: the A/A control becomes an
+    /// A/B comparison of two builds, measured the same way (adds switchboard-twin to the
+    /// servers). A relative path is taken from the directory you run the command in. The run
+    /// then has no A/A control: run one on its own to know the noise
     #[arg(long, value_name = "PATH")]
     twin_bin: Option<PathBuf>,
 }
@@ -148,6 +150,7 @@ pub(super) enum Server {
     Switchboard,
     /// A second `bench-server` of the same build: the A/A control. Its ratio to Switchboard
     /// is what noise alone makes of one build against itself, the resolution of a verdict.
+    /// With `--twin-bin`, another build instead: an A/B comparison.
     SwitchboardTwin,
     /// `bench-server --floor`: the transport alone, what the gateway's layers add to.
     Floor,

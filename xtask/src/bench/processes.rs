@@ -71,6 +71,13 @@ pub(super) struct Running {
 impl Running {
     pub(super) fn start(o: &Options, server: Server) -> Result<Running> {
         let port = free_port()?;
+        // In errors: which program it was, when the twin is another build.
+        let who = match (&o.twin_bin, server) {
+            (Some(other), Server::SwitchboardTwin) => {
+                format!("{} (`{}`)", server.name(), other.display())
+            }
+            _ => server.name().to_string(),
+        };
         let mut command = match server.peer_dir() {
             None => {
                 let program = match (&o.twin_bin, server) {
@@ -105,7 +112,7 @@ impl Running {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", server.name()))?;
+            .map_err(|e| format!("cannot start {who}: {e}"))?;
         let rx = lines(child.stdout.take().expect("piped stdout"));
         let mut running = Running {
             child: Killed(child),
@@ -117,11 +124,8 @@ impl Running {
                 running.cores = allowed_list(Some(running.pid()));
                 Ok(running)
             }
-            Ok(line) => Err(format!(
-                "{} said `{line}` instead of listening",
-                server.name()
-            )),
-            Err(_) => Err(format!("{} did not start listening", server.name())),
+            Ok(line) => Err(format!("{who} said `{line}` instead of listening")),
+            Err(_) => Err(format!("{who} did not start listening")),
         }
     }
 

@@ -560,7 +560,9 @@ impl Report {
         }
         if !self.controls.is_empty() {
             self.line(if self.twin_bin.is_some() {
-                "This build against the twin's (`--twin-bin`), round by round:\n".into()
+                "This build against the twin's (`--twin-bin`), ratios per round (range and \
+                 median); no A/A control in this run:\n"
+                    .into()
             } else {
                 "The same build against itself, the resolution of the verdicts below (see the \
                  header on switchboard-twin):\n"
