@@ -1,14 +1,45 @@
 //! Field deserializers shared by the sections: durations, byte sizes, positive counts.
 
+use std::fmt;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer};
-use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+// Each field is checked inside the deserializer's visit of its own scalar: serde_yaml then
+// reports the error at that value's line and under its full key path. A check made after the
+// value was read is reported at the enclosing section's line, under the section's path.
+
+/// The longest duration any key takes: ten years (`10y`, of 365.25 days). A timeout or an
+/// interval beyond it is a typo, and a deadline `now + it` could overflow the clock (a panic
+/// per connection), or `now - it` wrap (every token expired).
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(315_576_000);
+
+/// Parses `30s`, `5m`, `1h 30m` (humantime), at most [`MAX_DURATION`].
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("invalid duration `{text}`: {e} (try `30s`)"))?;
+    if d > MAX_DURATION {
+        return Err(format!("duration `{text}` is too long (at most 10 years)"));
+    }
+    Ok(d)
+}
+
+struct DurationVisitor;
+
+impl Visitor<'_> for DurationVisitor {
+    type Value = Duration;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration such as `30s`")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+        parse_duration(v).map_err(E::custom)
+    }
+}
 
 pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(s.trim())
-        .map_err(|e| de::Error::custom(format_args!("invalid duration `{s}`: {e} (try `30s`)")))
+    d.deserialize_str(DurationVisitor)
 }
 
 pub(crate) fn de_opt_duration<'de, D: Deserializer<'de>>(
@@ -17,26 +48,47 @@ pub(crate) fn de_opt_duration<'de, D: Deserializer<'de>>(
     de_duration(d).map(Some)
 }
 
+/// A whole number of at least 1; `what` is the error's text when it is 0.
+struct PositiveVisitor(&'static str);
+
+impl Visitor<'_> for PositiveVisitor {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a whole number of at least 1")
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+        if v == 0 {
+            return Err(E::custom(self.0));
+        }
+        Ok(v)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::custom(self.0)),
+        }
+    }
+}
+
 pub(crate) fn de_opt_positive<'de, D, N>(d: D) -> Result<Option<N>, D::Error>
 where
     D: Deserializer<'de>,
-    N: Deserialize<'de> + Default + PartialEq,
+    N: TryFrom<u64>,
 {
-    let n = N::deserialize(d)?;
-    if n == N::default() {
-        return Err(de::Error::custom(
-            "limits must be at least 1 (leave the key out for no limit)",
-        ));
-    }
-    Ok(Some(n))
+    let n = d.deserialize_u64(PositiveVisitor(
+        "limits must be at least 1 (leave the key out for no limit)",
+    ))?;
+    N::try_from(n)
+        .map(Some)
+        .map_err(|_| de::Error::custom(format_args!("{n} is too large")))
 }
 
 pub(crate) fn de_positive<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    let n = usize::deserialize(d)?;
-    if n == 0 {
-        return Err(de::Error::custom("must be at least 1"));
-    }
-    Ok(n)
+    let n = d.deserialize_u64(PositiveVisitor("must be at least 1"))?;
+    usize::try_from(n).map_err(|_| de::Error::custom(format_args!("{n} is too large")))
 }
 
 /// Parses `1000`, `64KiB`, `64 KB`, `1MiB`, `1M` into bytes (K = 1024).
@@ -67,23 +119,46 @@ pub fn parse_byte_size(text: &str) -> Result<usize, String> {
     Ok(bytes)
 }
 
-pub(crate) fn de_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Size {
-        Int(u64),
-        Text(String),
+struct ByteSizeVisitor;
+
+impl Visitor<'_> for ByteSizeVisitor {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a size such as `64KiB` or a number of bytes")
     }
-    let text = match Size::deserialize(d)? {
-        Size::Int(n) => n.to_string(),
-        Size::Text(s) => s,
-    };
-    parse_byte_size(&text).map_err(de::Error::custom)
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<usize, E> {
+        parse_byte_size(&v.to_string()).map_err(E::custom)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<usize, E> {
+        parse_byte_size(&v.to_string()).map_err(E::custom)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<usize, E> {
+        parse_byte_size(v).map_err(E::custom)
+    }
+}
+
+pub(crate) fn de_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    d.deserialize_any(ByteSizeVisitor)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_capped() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10y"), Ok(MAX_DURATION));
+        assert!(parse_duration("11y").unwrap_err().contains("too long"));
+        assert!(parse_duration("500000000000y").is_err());
+        assert!(parse_duration("5")
+            .unwrap_err()
+            .contains("invalid duration `5`"));
+    }
 
     #[test]
     fn byte_sizes() {

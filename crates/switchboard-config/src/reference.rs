@@ -335,12 +335,17 @@ const SECTIONS: &[Section] = &[
             key(
                 "gateway.limits.max_sockets",
                 "integer ≥ 1",
-                "no limit",
+                "the open-file limit's room",
                 Ext,
                 "Sockets open at once (upgrades in progress included). More get `503` with \
                  `Retry-After` before the upgrade. With `socket.sse`, SSE sessions are counted \
                  apart against the same number (so both together may reach twice it): leave \
-                 room for both under the process's open-file limit, which applies regardless.",
+                 room for both under the process's open-file limit, which applies regardless. \
+                 Left out: the process's soft open-file limit less a reserve of 128 or a \
+                 fiftieth of it, whichever is more (19,600 under a limit of 20,000), halved \
+                 for each transport when SSE is on; so a flood of sockets gets `503` rather \
+                 than `accept` failing and every later connection, health checks included, \
+                 hanging unanswered.",
                 Some("19000"),
             ),
             key(

@@ -373,6 +373,9 @@ async fn accept_loop<S: Service>(
     shared: Arc<Shared<S>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Accept failures are logged at most once per 10 s, with how many there were since.
+    let mut failures_unlogged = 0u64;
+    let mut logged_at: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -383,7 +386,11 @@ async fn accept_loop<S: Service>(
             Ok(a) => a,
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                failures_unlogged += 1;
+                if logged_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                    tracing::warn!(error = %e, failures = failures_unlogged, "accept failed");
+                    (failures_unlogged, logged_at) = (0, Some(tokio::time::Instant::now()));
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -430,7 +437,12 @@ async fn serve_connection<S: Service>(
     in_progress: handshakes::InProgress,
     shared: Arc<Shared<S>>,
 ) {
-    let deadline = tokio::time::Instant::now() + shared.options.handshake_timeout;
+    // Checked: a timeout of centuries (options set by hand; the config caps it at ten years)
+    // must not overflow the clock and panic on every connection.
+    let now = tokio::time::Instant::now();
+    let deadline = now
+        .checked_add(shared.options.handshake_timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
     match &shared.options.tls {
         None => upgrade::serve_plain(stream, peer, in_progress, shared, deadline).await,
         // Boxed, as `serve_plain` boxes its hyper path: the plain upgrade's task stays small.
@@ -688,6 +700,15 @@ pub(crate) fn admit_upgrade<S: Service>(
     peer: SocketAddr,
 ) -> Result<Admitted<S::Admission>, HttpResponse> {
     let stats = &shared.hub.stats;
+    // A malformed upgrade is refused before it takes a slot or costs a token check.
+    let Some(accept) = accept_key(parts) else {
+        let mut res = plain_response(StatusCode::BAD_REQUEST, "bad websocket upgrade request\n");
+        res.headers_mut().insert(
+            HeaderName::from_static("sec-websocket-version"),
+            HeaderValue::from_static("13"),
+        );
+        return Err(res);
+    };
     // Reserve a socket slot before the (costlier) admission; released when the socket ends.
     let Some(slot) = SocketSlot::reserve(stats, shared.options.max_connections) else {
         stats.refused_capacity.fetch_add(1, Relaxed);
@@ -702,14 +723,6 @@ pub(crate) fn admit_upgrade<S: Service>(
             stats.refused_by_service.fetch_add(1, Relaxed);
             return Err(refusal);
         }
-    };
-    let Some(accept) = accept_key(&parts.headers) else {
-        let mut res = plain_response(StatusCode::BAD_REQUEST, "bad websocket upgrade request\n");
-        res.headers_mut().insert(
-            HeaderName::from_static("sec-websocket-version"),
-            HeaderValue::from_static("13"),
-        );
-        return Err(res);
     };
     let open = Open {
         admission,
@@ -757,14 +770,26 @@ fn request_head_len_of(uri: &http::Uri, method: &http::Method, headers: &http::H
     line + headers + 2
 }
 
-/// `Sec-WebSocket-Accept` for a request with a key and version 13 (RFC 6455 4.2.2).
-fn accept_key(headers: &http::HeaderMap) -> Option<HeaderValue> {
+/// `Sec-WebSocket-Accept` for an HTTP/1.1 request with version 13 and a key in base64
+/// (RFC 6455 4.2.1 and 4.2.2); `None` for any other request. The RFC's key is 16 bytes; the
+/// spec's own `curl` example sends 13 (`Hello, world!`), so 1 to 16 are taken
+/// (docs/CONFORMANCE.md).
+fn accept_key(parts: &RequestParts) -> Option<HeaderValue> {
     use base64::Engine;
     use sha1::Digest;
-    if headers.get(SEC_WEBSOCKET_VERSION)?.as_bytes() != b"13" {
+    let headers = &parts.headers;
+    if parts.version != http::Version::HTTP_11
+        || headers.get(SEC_WEBSOCKET_VERSION)?.as_bytes() != b"13"
+    {
         return None;
     }
     let key = headers.get(SEC_WEBSOCKET_KEY)?;
+    let nonce = base64::engine::general_purpose::STANDARD
+        .decode(key.as_bytes())
+        .ok()?;
+    if !(1..=16).contains(&nonce.len()) {
+        return None;
+    }
     let mut sha1 = sha1::Sha1::new();
     sha1.update(key.as_bytes());
     sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");

@@ -35,10 +35,11 @@ pub(crate) fn defaults(
     sse_anyway: bool,
     tls: Option<ServerTls>,
 ) -> Vec<Starter> {
-    let mut options = websocket_options(config);
+    let sse = sse(config, sse_anyway);
+    let mut options = websocket_options(config, sse.is_some());
     options.tls = tls;
     let mut starters = Vec::new();
-    if let Some(sse) = sse(config, sse_anyway) {
+    if let Some(sse) = sse {
         // Hosted by the WebSocket transport's HTTP server; started first, so that it is ready
         // before the port takes connections.
         options.endpoints.0.push(sse.endpoint());
@@ -59,7 +60,7 @@ fn sse(config: &Config, anyway: bool) -> Option<SseTransport> {
     options.max_message_size = socket.max_message_size;
     options.send_queue = socket.send_queue;
     options.send_queue_bytes = socket.send_queue_bytes;
-    options.max_sessions = limits.max_sockets;
+    options.max_sessions = limits.max_sockets.or_else(|| default_socket_cap(true));
     options.buffer_budget = limits.buffer_budget;
     options.origins = origin_policy(config);
     // A post waiting for the connect gate is answered (`503`, try again) before the hosting
@@ -71,7 +72,7 @@ fn sse(config: &Config, anyway: bool) -> Option<SseTransport> {
     Some(SseTransport::new(options))
 }
 
-fn websocket_options(config: &Config) -> TransportOptions {
+fn websocket_options(config: &Config, sse_too: bool) -> TransportOptions {
     let socket = &config.gateway.socket;
     let limits = &config.gateway.limits;
     let mut options = TransportOptions::default();
@@ -81,13 +82,35 @@ fn websocket_options(config: &Config) -> TransportOptions {
     options.send_queue = socket.send_queue;
     options.send_queue_bytes = socket.send_queue_bytes;
     options.handshake_timeout = limits.handshake_timeout;
-    options.max_connections = limits.max_sockets;
+    options.max_connections = limits.max_sockets.or_else(|| default_socket_cap(sse_too));
     options.max_handshakes = limits.max_handshakes;
     options.max_handshakes_per_address = limits.max_handshakes_per_address;
     options.max_request_head = limits.max_request_head;
     options.buffer_budget = limits.buffer_budget;
     options.origins = origin_policy(config);
     options
+}
+
+/// Without `limits.max_sockets`: the sockets that this process's open-file limit has room
+/// for, after a reserve for everything else a gateway opens (listeners, admin connections, the
+/// NATS connection, HTTP handler pools, key fetches), split in two when SSE sessions are
+/// counted apart from WebSocket sockets. Past it an upgrade gets `503` and `Retry-After`;
+/// without it, `accept` failed with `EMFILE` and every later connection, health checks
+/// included, waited unanswered. `None` where the limit cannot be read or is unlimited.
+pub(crate) fn default_socket_cap(sse_too: bool) -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let room = room_under_open_file_limit(&limits)?;
+    Some(if sse_too { (room / 2).max(1) } else { room })
+}
+
+/// From the text of `/proc/self/limits`: the soft open-file limit less a reserve of 128 or a
+/// fiftieth of it, whichever is more (at least 1).
+fn room_under_open_file_limit(limits: &str) -> Option<usize> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    // "Max open files  SOFT  HARD  files": "unlimited" does not parse.
+    let soft: usize = line.split_whitespace().nth(3)?.parse().ok()?;
+    let reserve = (soft / 50).max(128);
+    Some(soft.saturating_sub(reserve).max(1))
 }
 
 /// `socket.allowed_origins` as a policy.
@@ -150,5 +173,30 @@ impl Transports {
             report = report.and(stop.await);
         }
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_cap_leaves_a_reserve_under_the_open_file_limit() {
+        let limits = |soft: &str| {
+            format!(
+                "Limit                     Soft Limit           Hard Limit           Units\n\
+                 Max processes             63711                63711                processes\n\
+                 Max open files            {soft:<20} 20000                files\n"
+            )
+        };
+        assert_eq!(room_under_open_file_limit(&limits("20000")), Some(19_600));
+        assert_eq!(room_under_open_file_limit(&limits("1024")), Some(896));
+        assert_eq!(room_under_open_file_limit(&limits("100")), Some(1));
+        assert_eq!(room_under_open_file_limit(&limits("unlimited")), None);
+        assert_eq!(room_under_open_file_limit("nothing here"), None);
+        // This process's own limit is readable here, and the cap is below it.
+        let cap = default_socket_cap(false).expect("/proc/self/limits");
+        assert!(default_socket_cap(true).unwrap() <= cap.div_ceil(2));
+        assert!(cap >= 1);
     }
 }

@@ -168,6 +168,66 @@ fn bad_duration_size_and_queue() {
 }
 
 #[test]
+fn a_bad_value_is_named_at_its_own_line_and_key() {
+    // (yaml, the key path the message starts with, what it says, the value's line)
+    for (yaml, key, says, line) in [
+        (
+            "gateway:\n  listen: \"127.0.0.1:4000\"\n  socket: {}\n  drain: 5\n",
+            "gateway.drain:",
+            "invalid duration `5`",
+            4,
+        ),
+        (
+            "gateway:\n  socket:\n    path: /x\n    max_message_size: 12QB\n",
+            "gateway.socket.max_message_size:",
+            "invalid size unit",
+            4,
+        ),
+        (
+            "gateway:\n  socket: {}\n  limits:\n    max_sockets: 10\n    messages_per_second: 0\n",
+            "gateway.limits.messages_per_second:",
+            "limits must be at least 1",
+            5,
+        ),
+        (
+            "gateway:\n  socket: {}\n  limits:\n    max_handshakes: 0\n",
+            "gateway.limits.max_handshakes:",
+            "must be at least 1",
+            4,
+        ),
+        // Durations past ten years overflowed a deadline (a panic per connection) or
+        // wrapped `now - leeway` (every token expired): refused here instead.
+        (
+            "gateway:\n  socket: {}\n  limits:\n    handshake_timeout: 500000000000y\n",
+            "gateway.limits.handshake_timeout:",
+            "is too long",
+            4,
+        ),
+        (
+            "gateway:\n  socket: {}\n  limits:\n    handshake_timeout: 11y\n",
+            "gateway.limits.handshake_timeout:",
+            "is too long (at most 10 years)",
+            4,
+        ),
+        (
+            "gateway:\n  socket: {}\n  auth:\n    secret_env: S\n    leeway: 57y\n",
+            "gateway.auth.leeway:",
+            "is too long (at most 10 years)",
+            5,
+        ),
+    ] {
+        let e = bad(yaml);
+        let text = e.to_string();
+        assert!(text.starts_with(key), "{text}");
+        assert!(text.contains(says), "{text}");
+        assert_eq!(e.line(), Some(line), "{text}");
+    }
+    // Ten years is still a duration.
+    let ok = "gateway:\n  socket: {}\n  auth:\n    secret_env: S\n    leeway: 10y\n";
+    assert!(Config::from_yaml_str(ok).is_ok());
+}
+
+#[test]
 fn bad_listen_address() {
     let e = bad("gateway:\n  listen: localhost\n  socket: {}\n");
     assert!(e.to_string().contains("gateway.listen"), "{e}");
@@ -793,7 +853,8 @@ fn http_handler_errors_name_the_key_and_line() {
             "onclose_retries must be at most 10",
             9,
         ),
-        ("      timeout: soon\n", "invalid duration `soon`", 9),
+        // A value the field's own parser refuses: its own line.
+        ("      timeout: soon\n", "invalid duration `soon`", 11),
         (
             "      per_user: 0\n",
             "per_user must be between 1 and 1004096",

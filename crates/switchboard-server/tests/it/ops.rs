@@ -95,6 +95,42 @@ fn check_config_expands_variables_and_names_an_unset_one() {
 }
 
 /// A plain HTTP GET on a blocking socket: (status, body).
+/// Ends a `switchboard serve` with SIGTERM and checks that it exited cleanly.
+fn stop_cleanly(child: &mut std::process::Child) {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// What a `switchboard serve` with an admin listener printed up to the admin address: the
+/// public address (after `ws://`, with its path), the admin address, and every line so far.
+/// Its stdout is drained from then on.
+fn printed_addresses(child: &mut std::process::Child) -> (String, SocketAddr, Vec<String>) {
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut printed, mut public) = (Vec::new(), None);
+    let admin = loop {
+        let line = stdout.next().expect("serve printed its addresses").unwrap();
+        if let Some(rest) = line.strip_prefix("switchboard: listening on ws://") {
+            public = Some(rest.to_string());
+        }
+        let admin = line
+            .strip_prefix("switchboard: admin on http://")
+            .and_then(|rest| rest.split(' ').next()?.parse().ok());
+        printed.push(line);
+        if let Some(admin) = admin {
+            break admin;
+        }
+    };
+    std::thread::spawn(move || for _ in stdout {});
+    let public = public.expect("the public address before the admin one");
+    (public, admin, printed)
+}
+
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -129,32 +165,12 @@ fn serve_prints_what_it_loaded_serves_admin_endpoints_and_logs_json() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut printed = Vec::new();
-    let (mut public, mut admin) = (None, None);
-    while admin.is_none() {
-        let line = stdout.next().expect("serve printed its addresses").unwrap();
-        if let Some(rest) = line.strip_prefix("switchboard: listening on ws://") {
-            public = Some(rest.to_string());
-        }
-        if let Some(rest) = line.strip_prefix("switchboard: admin on http://") {
-            admin = Some(
-                rest.split(' ')
-                    .next()
-                    .unwrap()
-                    .parse::<SocketAddr>()
-                    .unwrap(),
-            );
-        }
-        printed.push(line);
-    }
-    let admin = admin.unwrap();
+    let (public, admin, printed) = printed_addresses(&mut child);
     assert_eq!(
         printed[0],
         format!("switchboard: config {}", file.display()),
         "{printed:?}"
     );
-    let public = public.expect("the public address before the admin one");
     assert!(public.ends_with("/ws"), "{public}");
 
     assert_eq!(http_get(admin, "/healthz"), (200, "ok\n".into()));
@@ -176,14 +192,7 @@ fn serve_prints_what_it_loaded_serves_admin_endpoints_and_logs_json() {
     assert_eq!(event["fields"]["message"], "gateway listening", "{first}");
     assert!(event["timestamp"].is_string(), "{first}");
 
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status:?}");
+    stop_cleanly(&mut child);
     for line in stderr.map_while(Result::ok) {
         assert!(
             serde_json::from_str::<serde_json::Value>(&line).is_ok(),
@@ -205,4 +214,66 @@ async fn demo_serves_the_client_helper_that_its_page_imports() {
     assert!(js.contains("export class SwitchboardClient"));
     let (_, _, page) = get(demo.addr, "/").await;
     assert!(page.contains("from '/switchboard-client.js'"));
+}
+
+/// `switchboard serve` under an open-file limit of 300, with no `limits.max_sockets`: the
+/// default cap leaves a reserve, so the sockets past it get `503` (not an unanswered
+/// connection, as when `accept` failed with `EMFILE`), and the admin listener still answers.
+#[test]
+fn at_the_open_file_limit_upgrades_get_503_and_the_admin_still_answers() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("socket.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "gateway:\n  listen: 127.0.0.1:0\n  socket:\n    path: /ws\n  auth:\n    secret_env: {}\n  admin:\n    listen: 127.0.0.1:0\n",
+            switchboard_test_support::SECRET_ENV
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -n 300 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env(
+            switchboard_test_support::SECRET_ENV,
+            switchboard_test_support::SECRET,
+        )
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (public, admin, _) = printed_addresses(&mut child);
+    let public: SocketAddr = public.trim_end_matches("/ws").parse().unwrap();
+    let token = switchboard_test_support::token("alex");
+    let mut open = Vec::new();
+    let (mut upgraded, mut refused) = (0, 0);
+    for _ in 0..300 {
+        let mut s = std::net::TcpStream::connect(public).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET /ws HTTP/1.1\r\nHost: {public}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Cookie: ID_TOKEN={token}\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)
+            .expect("every upgrade is answered, none waits unanswered");
+        match &head[9..12] {
+            b"101" => upgraded += 1,
+            b"503" => refused += 1,
+            other => panic!("unexpected status {}", String::from_utf8_lossy(other)),
+        }
+        open.push(s);
+    }
+    // 300 less the reserve of 128 (the limit is under 6,400).
+    assert_eq!((upgraded, refused), (172, 128));
+    assert_eq!(http_get(admin, "/healthz"), (200, "ok\n".into()));
+    drop(open);
+    stop_cleanly(&mut child);
 }

@@ -497,6 +497,41 @@ async fn upgrade_status(addr: std::net::SocketAddr, extra: &str) -> String {
 }
 
 #[tokio::test]
+async fn an_upgrade_that_breaks_rfc_6455_gets_400() {
+    let h = Harness::start(|_| {}).await;
+    let addr = h.server.local_addr();
+    let up = |version: &str, key: &str| {
+        format!(
+            "GET /ws {version}\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+        )
+    };
+    let good = "dGhlIHNhbXBsZSBub25jZQ==";
+    assert!(http_status(addr, &up("HTTP/1.1", good))
+        .await
+        .contains("101"));
+    // The spec's curl example: 13 bytes, not the RFC's 16, and taken.
+    let spec = "SGVsbG8sIHdvcmxkIQ==";
+    assert!(http_status(addr, &up("HTTP/1.1", spec))
+        .await
+        .contains("101"));
+    let long = "A".repeat(200);
+    for (version, key) in [
+        ("HTTP/1.0", good),
+        ("HTTP/1.1", ""),
+        ("HTTP/1.1", "hello"),
+        ("HTTP/1.1", "!!!!"),
+        ("HTTP/1.1", long.as_str()),
+        ("HTTP/1.1", "QUFBQUFBQUFBQUFBQUFBQUE="), // 17 bytes
+    ] {
+        let status = http_status(addr, &up(version, key)).await;
+        assert!(status.contains(" 400"), "{version} key {key:?}: {status}");
+    }
+    // Refused before taking a socket: only the two good ones opened.
+    assert_eq!(h.server.stats().snapshot().sockets_opened, 2);
+}
+
+#[tokio::test]
 async fn foreign_origins_get_403_by_default() {
     let h = Harness::start(|_| {}).await;
     let addr = h.server.local_addr();

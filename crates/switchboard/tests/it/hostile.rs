@@ -215,7 +215,13 @@ async fn namespace_claim_limits_which_namespaces_a_token_may_join() {
     assert_eq!(try_ns("acme", json!("acme")).await, 101);
     assert_eq!(try_ns("initech", json!(["acme"])).await, 403);
     assert_eq!(try_ns("acme", json!(null)).await, 403);
-    assert_eq!(gw.stats().refused_namespace, 2);
+    // A second `namespace` (which handlers would read in `params`) is refused, in either
+    // order: only one tenant can have been checked.
+    assert_eq!(try_ns("acme&namespace=initech", json!(["acme"])).await, 400);
+    assert_eq!(try_ns("initech&namespace=acme", json!(["acme"])).await, 400);
+    assert_eq!(try_ns("acme&namespace=acme", json!(["acme"])).await, 400);
+    assert_eq!(try_ns("acme&other=1", json!(["acme"])).await, 101);
+    assert_eq!(gw.stats().refused_namespace, 5);
 }
 
 async fn rate_limit_refuses_with_an_error_frame_then_closes(kind: Kind) {
