@@ -105,9 +105,10 @@ impl Config {
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
+        refuse_deep_nesting(text)?;
         let de = serde_yaml::Deserializer::from_str(text);
-        let config =
-            Config::deserialize(expand::Expand { de, env }).map_err(ConfigError::from_yaml)?;
+        let config = Config::deserialize(expand::Expand { de, env })
+            .map_err(|e| at_named_auth_key(ConfigError::from_yaml(e), text))?;
         config.check_bindings(text)?;
         Ok(config)
     }
@@ -141,12 +142,117 @@ impl Config {
 
     /// Reads, parses and validates the config file at `path`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        use std::io::Read;
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read = |source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        // Bounded: `--config /dev/zero` (or a log file named by mistake) ends with an error.
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .map_err(read)?
+            .take(MAX_CONFIG_BYTES as u64 + 1)
+            .read_to_string(&mut text)
+            .map_err(read)?;
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(read(std::io::Error::other(
+                "larger than 1 MiB: not a config file",
+            )));
+        }
         Self::from_yaml_str(&text).map_err(|e| e.in_file(path))
+    }
+}
+
+/// The largest config file read: a real one is a few KiB.
+const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+/// Flow collections (`[`, `{`) nested deeper than this are refused before parsing: the YAML
+/// parser takes time quadratic in the depth (200,000 levels ran for minutes).
+const MAX_NESTING: usize = 128;
+
+fn refuse_deep_nesting(text: &str) -> Result<(), ConfigError> {
+    let mut depth = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        for c in line.chars() {
+            match c {
+                '[' | '{' => depth += 1,
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => continue,
+            }
+            if depth > MAX_NESTING {
+                return Err(ConfigError::Invalid {
+                    file: None,
+                    message: format!(
+                        "brackets nest deeper than {MAX_NESTING} levels at line {}",
+                        n + 1
+                    ),
+                    line: Some(n + 1),
+                    column: None,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `auth` section's checks of one key against another run once the section is read, so
+/// the parser places their errors at the enclosing section. When the message names an
+/// `auth.KEY` that the text has, the error is placed at that key's line instead, and at the
+/// `auth:` line when the keys it names are all missing.
+fn at_named_auth_key(e: ConfigError, text: &str) -> ConfigError {
+    let ConfigError::Invalid {
+        file,
+        message,
+        line,
+        column,
+    } = e
+    else {
+        return e;
+    };
+    if !message.starts_with("gateway: auth.") {
+        // Placed by the parser at the value itself, or not about `auth`.
+        return ConfigError::Invalid {
+            file,
+            message,
+            line,
+            column,
+        };
+    }
+    let named = message.split("auth.").skip(1).find_map(|rest| {
+        let key: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        let at = line_under(text, "auth:", &format!("{key}:"))?;
+        (!key.is_empty()).then_some(at)
+    });
+    // A key that is missing (`auth.public_key_file is required`): the section's own line.
+    let named = named.or_else(|| {
+        message
+            .contains("auth.")
+            .then(|| line_under(text, "auth:", "auth:"))
+            .flatten()
+    });
+    match named {
+        Some(at) => {
+            let message = match message.rfind(" at line ") {
+                Some(cut) => format!("{} at line {at}", &message[..cut]),
+                None => format!("{message} at line {at}"),
+            };
+            ConfigError::Invalid {
+                file,
+                message,
+                line: Some(at),
+                column: None,
+            }
+        }
+        None => ConfigError::Invalid {
+            file,
+            message,
+            line,
+            column,
+        },
     }
 }
 

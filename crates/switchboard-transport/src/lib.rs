@@ -246,7 +246,9 @@ impl Server {
         options: TransportOptions,
         service: Arc<S>,
     ) -> std::io::Result<Server> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("listener {addr}: {e}")))?;
         Self::from_listener(listener, options, service)
     }
 

@@ -48,7 +48,9 @@ impl Transport for WebSocketTransport {
         service: Arc<S>,
     ) -> std::io::Result<Box<dyn RunningTransport>> {
         let listener = match self.listen {
-            Listen::Addr(addr) => TcpListener::bind(addr).await?,
+            Listen::Addr(addr) => TcpListener::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("listener {addr}: {e}")))?,
             Listen::Listener(listener) => listener,
         };
         let server = Server::from_listener(listener, self.options, service)?;

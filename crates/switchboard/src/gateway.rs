@@ -627,7 +627,8 @@ impl Service for Gateway {
                 .map(|l| Box::new(Mutex::new(Bucket::new(l)))),
             gate,
         };
-        tracing::debug!(connection = %id, username = %session.username, namespace = ?session.namespace, "socket open");
+        // Debug formatting: a username (a token's claim) may hold newlines or escape codes.
+        tracing::debug!(connection = %id, username = ?session.username, namespace = ?session.namespace, "socket open");
         if let Some(topic) = &self.hooks.onconnect {
             let answering = match &session.gate {
                 Some(gate) => Answering::Gate(gate.clone()),

@@ -289,7 +289,8 @@ fn jwks_parses_with_defaults_and_its_conflicts_name_the_key_and_line() {
             text.contains(&format!("auth.jwks_url conflicts with {key}")),
             "{text}"
         );
-        assert_eq!(e.line(), Some(2), "{text}");
+        // At the first key it names (the section's checks run once it is read).
+        assert_eq!(e.line(), Some(4), "{text}");
     }
     // The URL itself: its own key and line.
     // Plain HTTP only to this machine: anyone on the path could serve their own keys.
@@ -379,6 +380,41 @@ fn file_errors_name_the_file() {
     assert!(e.to_string().starts_with(&p.display().to_string()), "{e}");
     let e = Config::from_file(dir.path().join("missing.yaml")).unwrap_err();
     assert!(e.to_string().contains("cannot read config file"), "{e}");
+    // Not a config file: refused after reading 1 MiB, not read to the end (or forever).
+    let big = dir.path().join("big.yaml");
+    std::fs::write(&big, format!("# {}\n", "x".repeat(2 << 20))).unwrap();
+    let e = Config::from_file(&big).unwrap_err();
+    assert!(e.to_string().contains("larger than 1 MiB"), "{e}");
+    let e = Config::from_file("/dev/zero").unwrap_err();
+    assert!(e.to_string().contains("larger than 1 MiB"), "{e}");
+}
+
+#[test]
+fn the_auth_sections_own_checks_name_a_line_in_it() {
+    // jwks without jwks_url: at the `jwks:` line, not the gateway's.
+    let e =
+        bad("gateway:\n  socket: {}\n  auth:\n    secret_env: S\n    jwks:\n      timeout: 5s\n");
+    assert!(
+        e.to_string()
+            .contains("auth.jwks is set without auth.jwks_url"),
+        "{e}"
+    );
+    assert_eq!(e.line(), Some(5), "{e}");
+    // A required key that is missing: at the `auth:` line.
+    let e = bad("gateway:\n  socket: {}\n  auth:\n    algorithm: RS256\n");
+    assert!(e.to_string().contains("public_key_file is required"), "{e}");
+    assert_eq!(e.line(), Some(3), "{e}");
+}
+
+#[test]
+fn deep_nesting_is_refused_before_parsing() {
+    // 200,000 levels kept the YAML parser busy for minutes; refused at once.
+    let deep = format!("gateway: {}{}\n", "[".repeat(200_000), "]".repeat(200_000));
+    let e = bad(&deep);
+    assert!(e.to_string().contains("nest deeper than 128 levels"), "{e}");
+    assert_eq!(e.line(), Some(1));
+    // A config with a little nesting is fine.
+    assert!(Config::from_yaml_str("gateway:\n  socket: {onclose: {publish: t}}\n").is_ok());
 }
 
 #[test]
