@@ -299,11 +299,15 @@ impl Verifier {
             _ => return Err(AuthError::MissingClaim(self.username_claim.clone())),
         };
         // `exp` is required and checked by the validation, so it is a number here.
-        let exp = data
-            .claims
-            .get("exp")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0) as u64;
+        // A whole number is taken exactly (through f64, 2^63 - 1 came back as 2^63); a
+        // fractional one is cut to its second.
+        let exp = match data.claims.get("exp") {
+            Some(n) => n
+                .as_u64()
+                .or_else(|| n.as_f64().map(|f| f as u64))
+                .unwrap_or(0),
+            None => 0,
+        };
         Ok(Identity {
             username,
             claims: data.claims,

@@ -73,6 +73,22 @@ async fn a_refreshed_socket_outlives_its_first_token_and_handlers_see_the_new_cl
 }
 
 #[tokio::test]
+async fn a_refresh_answers_its_tokens_exp_exactly() {
+    let gw = start(container(spec_config(""))).await;
+    let mut ws = connect_with_token(&gw, &token_for("alex", 600, json!({}))).await;
+    // The largest `exp` a signed 64-bit clock has: through f64 it came back one more.
+    let far = token_for("alex", 0, json!({"exp": i64::MAX}));
+    send(
+        &mut ws,
+        json!({"type": "$refresh", "payload": {"token": far}}),
+    )
+    .await;
+    let answer = recv(&mut ws).await;
+    assert_eq!(answer["type"], "$refreshed", "{answer}");
+    assert_eq!(answer["payload"]["exp"], json!(i64::MAX), "{answer}");
+}
+
+#[tokio::test]
 async fn an_invalid_refresh_changes_nothing_and_another_users_token_closes_the_socket() {
     let mut c = container(spec_config(""));
     let mut seen = recorder(&mut c, &["socket:generalMessage", "socket:close"]);
