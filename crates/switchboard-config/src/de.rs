@@ -48,27 +48,40 @@ pub(crate) fn de_opt_duration<'de, D: Deserializer<'de>>(
     de_duration(d).map(Some)
 }
 
-/// A whole number of at least 1; `what` is the error's text when it is 0.
-struct PositiveVisitor(&'static str);
+/// A whole number of at least 1 that fits `N`; `what` is the error's text when it is 0. Both
+/// checks are made inside the visit, so the error names the key and the value's line.
+struct PositiveVisitor<N> {
+    what: &'static str,
+    fits: std::marker::PhantomData<N>,
+}
 
-impl Visitor<'_> for PositiveVisitor {
-    type Value = u64;
+impl<N> PositiveVisitor<N> {
+    fn new(what: &'static str) -> Self {
+        PositiveVisitor {
+            what,
+            fits: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<N: TryFrom<u64>> Visitor<'_> for PositiveVisitor<N> {
+    type Value = N;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a whole number of at least 1")
     }
 
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<N, E> {
         if v == 0 {
-            return Err(E::custom(self.0));
+            return Err(E::custom(self.what));
         }
-        Ok(v)
+        N::try_from(v).map_err(|_| E::custom(format_args!("{v} is too large")))
     }
 
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<N, E> {
         match u64::try_from(v) {
             Ok(v) => self.visit_u64(v),
-            Err(_) => Err(E::custom(self.0)),
+            Err(_) => Err(E::custom(self.what)),
         }
     }
 }
@@ -78,17 +91,14 @@ where
     D: Deserializer<'de>,
     N: TryFrom<u64>,
 {
-    let n = d.deserialize_u64(PositiveVisitor(
-        "limits must be at least 1 (leave the key out for no limit)",
-    ))?;
-    N::try_from(n)
-        .map(Some)
-        .map_err(|_| de::Error::custom(format_args!("{n} is too large")))
+    d.deserialize_u64(PositiveVisitor::new(
+        "limits must be at least 1 (leave the key out for the default)",
+    ))
+    .map(Some)
 }
 
 pub(crate) fn de_positive<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    let n = d.deserialize_u64(PositiveVisitor("must be at least 1"))?;
-    usize::try_from(n).map_err(|_| de::Error::custom(format_args!("{n} is too large")))
+    d.deserialize_u64(PositiveVisitor::new("must be at least 1"))
 }
 
 /// Parses `1000`, `64KiB`, `64 KB`, `1MiB`, `1M` into bytes (K = 1024).

@@ -172,14 +172,31 @@ const MAX_CONFIG_BYTES: usize = 1 << 20;
 const MAX_NESTING: usize = 128;
 
 fn refuse_deep_nesting(text: &str) -> Result<(), ConfigError> {
-    let mut depth = 0usize;
+    // Brackets in quoted strings and comments do not count.
+    let (mut depth, mut quote) = (0usize, None::<char>);
     for (n, line) in text.lines().enumerate() {
-        for c in line.chars() {
-            match c {
-                '[' | '{' => depth += 1,
-                ']' | '}' => depth = depth.saturating_sub(1),
-                _ => continue,
+        let mut chars = line.chars().peekable();
+        let mut after_space = true;
+        while let Some(c) = chars.next() {
+            match (quote, c) {
+                (Some('"'), '\\') => {
+                    chars.next(); // an escaped character
+                }
+                (Some(q), c) if c == q => {
+                    if q == '\'' && chars.peek() == Some(&'\'') {
+                        chars.next(); // '' inside single quotes
+                    } else {
+                        quote = None;
+                    }
+                }
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') if after_space => break, // a comment, to the end of the line
+                (None, '[' | '{') => depth += 1,
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
             }
+            after_space = c.is_whitespace();
             if depth > MAX_NESTING {
                 return Err(ConfigError::Invalid {
                     file: None,
@@ -224,16 +241,12 @@ fn at_named_auth_key(e: ConfigError, text: &str) -> ConfigError {
             .chars()
             .take_while(|c| c.is_ascii_lowercase() || *c == '_')
             .collect();
-        let at = line_under(text, "auth:", &format!("{key}:"))?;
-        (!key.is_empty()).then_some(at)
-    });
-    // A key that is missing (`auth.public_key_file is required`): the section's own line.
-    let named = named.or_else(|| {
-        message
-            .contains("auth.")
-            .then(|| line_under(text, "auth:", "auth:"))
+        (!key.is_empty())
+            .then(|| auth_line(text, Some(&key)))
             .flatten()
     });
+    // A key that is missing (`auth.public_key_file is required`): the section's own line.
+    let named = named.or_else(|| auth_line(text, None));
     match named {
         Some(at) => {
             let message = match message.rfind(" at line ") {
@@ -254,6 +267,44 @@ fn at_named_auth_key(e: ConfigError, text: &str) -> ConfigError {
             column,
         },
     }
+}
+
+/// The 1-based line of `key:` within the gateway's `auth:` section, or of the `auth:` line
+/// itself for `None`. Comments are skipped; the section is the lines indented under it.
+fn auth_line(text: &str, key: Option<&str>) -> Option<usize> {
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let (mut in_gateway, mut child_indent, mut auth_indent) = (false, None, None);
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let ind = indent(line);
+        if ind == 0 {
+            (in_gateway, child_indent, auth_indent) = (t.starts_with("gateway:"), None, None);
+            continue;
+        }
+        if !in_gateway {
+            continue;
+        }
+        if let Some(a) = auth_indent {
+            if ind > a {
+                if key.is_some_and(|k| t.strip_prefix(k).is_some_and(|r| r.starts_with(':'))) {
+                    return Some(n + 1);
+                }
+                continue;
+            }
+            auth_indent = None; // the section ended
+        }
+        let child = *child_indent.get_or_insert(ind);
+        if ind == child && t.strip_prefix("auth").is_some_and(|r| r.starts_with(':')) {
+            if key.is_none() {
+                return Some(n + 1);
+            }
+            auth_indent = Some(ind);
+        }
+    }
+    None
 }
 
 /// The 1-based line of the first mention of `needle` after the line holding `key`.

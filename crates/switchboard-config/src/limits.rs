@@ -11,8 +11,9 @@ use crate::de::{de_byte_size, de_duration, de_opt_positive, de_positive};
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Limits {
-    /// Most sockets open at once; more get HTTP 503 before the upgrade. Default: no limit
-    /// (the process's open-file limit still applies).
+    /// Most sockets open at once; more get HTTP 503 before the upgrade. Default (`None`): the
+    /// gateway derives one from the process's open-file limit, less a reserve (no limit where
+    /// that cannot be read, or is unlimited).
     #[serde(default, deserialize_with = "de_opt_positive")]
     pub max_sockets: Option<usize>,
     /// Most sockets one username may hold at once; more get HTTP 429. Default: no limit.

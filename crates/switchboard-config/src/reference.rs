@@ -341,11 +341,14 @@ const SECTIONS: &[Section] = &[
                  `Retry-After` before the upgrade. With `socket.sse`, SSE sessions are counted \
                  apart against the same number (so both together may reach twice it): leave \
                  room for both under the process's open-file limit, which applies regardless. \
-                 Left out: the process's soft open-file limit less a reserve of 128 or a \
-                 fiftieth of it, whichever is more (19,600 under a limit of 20,000), halved \
-                 for each transport when SSE is on; so a flood of sockets gets `503` rather \
-                 than `accept` failing and every later connection, health checks included, \
-                 hanging unanswered.",
+                 Left out: what the process's soft open-file limit has room for, less a \
+                 reserve of 128 or a fiftieth of it (whichever is more) and less \
+                 `max_handshakes` (lowered to half the room if it is more): 18,576 under a \
+                 limit of 20,000; halved for each transport when SSE is on. So a flood of \
+                 sockets or of slow upgrades gets `503` or is closed, rather than `accept` \
+                 failing and every later connection, health checks included, hanging \
+                 unanswered. No limit where the open-file limit cannot be read (not Linux) or \
+                 is unlimited.",
                 Some("19000"),
             ),
             key(

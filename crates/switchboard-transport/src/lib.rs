@@ -587,6 +587,9 @@ enum Refusal {
     NotGet,
     HeadTooLarge,
     ForeignOrigin,
+    /// Not HTTP/1.1, not version 13, or a key that is not base64 of 1-16 bytes: `400` before
+    /// the service looks at it (a key set is not fetched for it).
+    BadUpgrade,
 }
 
 /// The cheap checks of an upgrade request, made once: the answer (see [`handle_request`])
@@ -603,6 +606,8 @@ fn refusal_before_admission<B>(options: &TransportOptions, req: &Request<B>) -> 
         Some(Refusal::HeadTooLarge)
     } else if !options.origins.allows(req.headers()) {
         Some(Refusal::ForeignOrigin)
+    } else if !valid_upgrade(req.version(), req.headers()) {
+        Some(Refusal::BadUpgrade)
     } else {
         None
     }
@@ -645,6 +650,7 @@ fn handle_request<S: Service>(
             stats.refused_origin.fetch_add(1, Relaxed);
             return plain_response(StatusCode::FORBIDDEN, "origin not allowed\n");
         }
+        Some(Refusal::BadUpgrade) => return bad_upgrade(),
     }
     let (parts, body) = req.into_parts();
     let Admitted { open, accept } = match admit_upgrade(&shared, &parts, peer) {
@@ -702,14 +708,10 @@ pub(crate) fn admit_upgrade<S: Service>(
     peer: SocketAddr,
 ) -> Result<Admitted<S::Admission>, HttpResponse> {
     let stats = &shared.hub.stats;
-    // A malformed upgrade is refused before it takes a slot or costs a token check.
+    // Refused before already ([`Refusal::BadUpgrade`]); checked again here, where the key is
+    // needed, so that no path admits a malformed upgrade.
     let Some(accept) = accept_key(parts) else {
-        let mut res = plain_response(StatusCode::BAD_REQUEST, "bad websocket upgrade request\n");
-        res.headers_mut().insert(
-            HeaderName::from_static("sec-websocket-version"),
-            HeaderValue::from_static("13"),
-        );
-        return Err(res);
+        return Err(bad_upgrade());
     };
     // Reserve a socket slot before the (costlier) admission; released when the socket ends.
     let Some(slot) = SocketSlot::reserve(stats, shared.options.max_connections) else {
@@ -772,26 +774,43 @@ fn request_head_len_of(uri: &http::Uri, method: &http::Method, headers: &http::H
     line + headers + 2
 }
 
-/// `Sec-WebSocket-Accept` for an HTTP/1.1 request with version 13 and a key in base64
-/// (RFC 6455 4.2.1 and 4.2.2); `None` for any other request. The RFC's key is 16 bytes; the
-/// spec's own `curl` example sends 13 (`Hello, world!`), so 1 to 16 are taken
-/// (docs/CONFORMANCE.md).
+/// The answer to a malformed upgrade request.
+fn bad_upgrade() -> HttpResponse {
+    let mut res = plain_response(StatusCode::BAD_REQUEST, "bad websocket upgrade request\n");
+    res.headers_mut().insert(
+        HeaderName::from_static("sec-websocket-version"),
+        HeaderValue::from_static("13"),
+    );
+    res
+}
+
+/// Whether an upgrade is HTTP/1.1 with version 13 and a key in base64 (RFC 6455 4.2.1). The
+/// RFC's key is 16 bytes; the spec's own `curl` example sends 13 (`Hello, world!`), so 1 to
+/// 16 are taken (docs/CONFORMANCE.md).
+fn valid_upgrade(version: http::Version, headers: &http::HeaderMap) -> bool {
+    use base64::Engine;
+    let Some(key) = headers.get(SEC_WEBSOCKET_KEY) else {
+        return false;
+    };
+    version == http::Version::HTTP_11
+        && headers
+            .get(SEC_WEBSOCKET_VERSION)
+            .is_some_and(|v| v.as_bytes() == b"13")
+        && base64::engine::general_purpose::STANDARD
+            .decode(key.as_bytes())
+            .is_ok_and(|nonce| (1..=16).contains(&nonce.len()))
+}
+
+/// `Sec-WebSocket-Accept` for a valid upgrade ([`valid_upgrade`]), `None` for any other
+/// request (RFC 6455 4.2.2).
 fn accept_key(parts: &RequestParts) -> Option<HeaderValue> {
     use base64::Engine;
     use sha1::Digest;
     let headers = &parts.headers;
-    if parts.version != http::Version::HTTP_11
-        || headers.get(SEC_WEBSOCKET_VERSION)?.as_bytes() != b"13"
-    {
+    if !valid_upgrade(parts.version, headers) {
         return None;
     }
     let key = headers.get(SEC_WEBSOCKET_KEY)?;
-    let nonce = base64::engine::general_purpose::STANDARD
-        .decode(key.as_bytes())
-        .ok()?;
-    if !(1..=16).contains(&nonce.len()) {
-        return None;
-    }
     let mut sha1 = sha1::Sha1::new();
     sha1.update(key.as_bytes());
     sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");

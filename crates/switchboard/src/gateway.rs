@@ -528,7 +528,7 @@ impl Service for Gateway {
         if asked.next().is_some() {
             // One value is checked against the token; handlers read `params`, where another
             // would win: a second `namespace` could name a tenant nobody checked.
-            GatewayStats::bump(&self.stats().refused_namespace);
+            GatewayStats::bump(&self.stats().refused_namespace_repeated);
             return Err(plain_response(
                 StatusCode::BAD_REQUEST,
                 "namespace given more than once\n",
@@ -627,8 +627,8 @@ impl Service for Gateway {
                 .map(|l| Box::new(Mutex::new(Bucket::new(l)))),
             gate,
         };
-        // Debug formatting: a username (a token's claim) may hold newlines or escape codes.
-        tracing::debug!(connection = %id, username = ?session.username, namespace = ?session.namespace, "socket open");
+        // Escaped: a username (a token's claim) may hold newlines or escape codes.
+        tracing::debug!(connection = %id, username = %session.username.escape_debug(), namespace = ?session.namespace, "socket open");
         if let Some(topic) = &self.hooks.onconnect {
             let answering = match &session.gate {
                 Some(gate) => Answering::Gate(gate.clone()),

@@ -308,6 +308,7 @@ impl Collector for Scraped {
                 ("unauthorized", "401", g.refused_unauthorized),
                 ("no_keys", "503", g.refused_no_keys),
                 ("namespace", "403", g.refused_namespace),
+                ("namespace_repeated", "400", g.refused_namespace_repeated),
                 ("origin", "403", t.refused_origin),
                 ("user_limit", "429", g.refused_user_limit),
                 ("capacity", "503", t.refused_capacity),

@@ -60,7 +60,9 @@ fn sse(config: &Config, anyway: bool) -> Option<SseTransport> {
     options.max_message_size = socket.max_message_size;
     options.send_queue = socket.send_queue;
     options.send_queue_bytes = socket.send_queue_bytes;
-    options.max_sessions = limits.max_sockets.or_else(|| default_socket_cap(true));
+    options.max_sessions = limits
+        .max_sockets
+        .or_else(|| DefaultCaps::of_this_process(limits.max_handshakes, true).map(|c| c.sockets));
     options.buffer_budget = limits.buffer_budget;
     options.origins = origin_policy(config);
     // A post waiting for the connect gate is answered (`503`, try again) before the hosting
@@ -82,8 +84,14 @@ fn websocket_options(config: &Config, sse_too: bool) -> TransportOptions {
     options.send_queue = socket.send_queue;
     options.send_queue_bytes = socket.send_queue_bytes;
     options.handshake_timeout = limits.handshake_timeout;
-    options.max_connections = limits.max_sockets.or_else(|| default_socket_cap(sse_too));
+    options.max_connections = limits.max_sockets;
     options.max_handshakes = limits.max_handshakes;
+    if limits.max_sockets.is_none() {
+        if let Some(caps) = DefaultCaps::of_this_process(limits.max_handshakes, sse_too) {
+            options.max_connections = Some(caps.sockets);
+            options.max_handshakes = caps.handshakes;
+        }
+    }
     options.max_handshakes_per_address = limits.max_handshakes_per_address;
     options.max_request_head = limits.max_request_head;
     options.buffer_budget = limits.buffer_budget;
@@ -91,26 +99,50 @@ fn websocket_options(config: &Config, sse_too: bool) -> TransportOptions {
     options
 }
 
-/// Without `limits.max_sockets`: the sockets that this process's open-file limit has room
-/// for, after a reserve for everything else a gateway opens (listeners, admin connections, the
-/// NATS connection, HTTP handler pools, key fetches), split in two when SSE sessions are
-/// counted apart from WebSocket sockets. Past it an upgrade gets `503` and `Retry-After`;
-/// without it, `accept` failed with `EMFILE` and every later connection, health checks
-/// included, waited unanswered. `None` where the limit cannot be read or is unlimited.
-pub(crate) fn default_socket_cap(sse_too: bool) -> Option<usize> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let room = room_under_open_file_limit(&limits)?;
-    Some(if sse_too { (room / 2).max(1) } else { room })
+/// Without `limits.max_sockets`, what the process's open-file limit has room for, so that
+/// past it an upgrade gets `503` and `Retry-After`. Without a cap, `accept` failed with
+/// `EMFILE` and every later connection, health checks included, waited unanswered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DefaultCaps {
+    /// Sockets per transport (`max_connections`, SSE's `max_sessions`).
+    pub(crate) sockets: usize,
+    /// Connections still in their upgrade (`max_handshakes`), each also a descriptor.
+    pub(crate) handshakes: usize,
 }
 
-/// From the text of `/proc/self/limits`: the soft open-file limit less a reserve of 128 or a
-/// fiftieth of it, whichever is more (at least 1).
-fn room_under_open_file_limit(limits: &str) -> Option<usize> {
+impl DefaultCaps {
+    /// From this process's limit (`/proc/self/limits`); `None` where it cannot be read or is
+    /// unlimited (then there is no cap, as before).
+    pub(crate) fn of_this_process(max_handshakes: usize, sse_too: bool) -> Option<Self> {
+        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+        Self::under(soft_open_file_limit(&limits)?, max_handshakes, sse_too)
+    }
+
+    /// The soft limit less a reserve for everything else a gateway opens (listeners, admin
+    /// connections, the NATS connection, HTTP handler pools, key fetches) of 128 or a fiftieth,
+    /// whichever is more; of that room, at most half for upgrades in progress
+    /// (`max_handshakes`, lowered to fit), the rest for sockets, split in two when SSE
+    /// sessions are counted apart from WebSocket sockets.
+    fn under(soft: usize, max_handshakes: usize, sse_too: bool) -> Option<Self> {
+        let room = soft.saturating_sub((soft / 50).max(128)).max(2);
+        let handshakes = max_handshakes.min(room / 2).max(1);
+        let sockets = (room - handshakes).max(1);
+        Some(DefaultCaps {
+            sockets: if sse_too {
+                (sockets / 2).max(1)
+            } else {
+                sockets
+            },
+            handshakes,
+        })
+    }
+}
+
+/// The soft open-file limit in the text of `/proc/self/limits` ("unlimited" does not parse).
+fn soft_open_file_limit(limits: &str) -> Option<usize> {
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    // "Max open files  SOFT  HARD  files": "unlimited" does not parse.
-    let soft: usize = line.split_whitespace().nth(3)?.parse().ok()?;
-    let reserve = (soft / 50).max(128);
-    Some(soft.saturating_sub(reserve).max(1))
+    // "Max open files  SOFT  HARD  files"
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// `socket.allowed_origins` as a policy.
@@ -181,7 +213,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_cap_leaves_a_reserve_under_the_open_file_limit() {
+    fn the_default_caps_leave_a_reserve_and_room_for_upgrades_in_progress() {
         let limits = |soft: &str| {
             format!(
                 "Limit                     Soft Limit           Hard Limit           Units\n\
@@ -189,14 +221,44 @@ mod tests {
                  Max open files            {soft:<20} 20000                files\n"
             )
         };
-        assert_eq!(room_under_open_file_limit(&limits("20000")), Some(19_600));
-        assert_eq!(room_under_open_file_limit(&limits("1024")), Some(896));
-        assert_eq!(room_under_open_file_limit(&limits("100")), Some(1));
-        assert_eq!(room_under_open_file_limit(&limits("unlimited")), None);
-        assert_eq!(room_under_open_file_limit("nothing here"), None);
-        // This process's own limit is readable here, and the cap is below it.
-        let cap = default_socket_cap(false).expect("/proc/self/limits");
-        assert!(default_socket_cap(true).unwrap() <= cap.div_ceil(2));
-        assert!(cap >= 1);
+        assert_eq!(soft_open_file_limit(&limits("20000")), Some(20_000));
+        assert_eq!(soft_open_file_limit(&limits("unlimited")), None);
+        assert_eq!(soft_open_file_limit("nothing here"), None);
+        let caps = |soft, sse| DefaultCaps::under(soft, 1024, sse).unwrap();
+        // 20,000 less 400: 1,024 upgrades in progress and 18,576 sockets, together 19,600.
+        assert_eq!(
+            caps(20_000, false),
+            DefaultCaps {
+                sockets: 18_576,
+                handshakes: 1024
+            }
+        );
+        assert_eq!(caps(20_000, true).sockets, 9_288);
+        // 300 less 128: half of the 172 for upgrades in progress (1,024 lowered to 86).
+        assert_eq!(
+            caps(300, false),
+            DefaultCaps {
+                sockets: 86,
+                handshakes: 86
+            }
+        );
+        assert_eq!(caps(10, false).sockets, 1);
+        for soft in [10, 300, 1024, 4096, 20_000, 1 << 20] {
+            for sse in [false, true] {
+                let c = caps(soft, sse);
+                let transports = if sse { 2 } else { 1 };
+                assert!(
+                    c.sockets * transports + c.handshakes <= soft.max(4),
+                    "{soft} {sse}"
+                );
+            }
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn this_processs_limit_is_read() {
+        let caps = DefaultCaps::of_this_process(1024, false).expect("/proc/self/limits");
+        assert!(caps.sockets >= 1 && caps.handshakes >= 1);
     }
 }

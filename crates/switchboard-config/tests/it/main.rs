@@ -190,6 +190,12 @@ fn a_bad_value_is_named_at_its_own_line_and_key() {
             5,
         ),
         (
+            "gateway:\n  socket: {}\n  limits:\n    message_burst: 5000000000\n",
+            "gateway.limits.message_burst:",
+            "5000000000 is too large",
+            4,
+        ),
+        (
             "gateway:\n  socket: {}\n  limits:\n    max_handshakes: 0\n",
             "gateway.limits.max_handshakes:",
             "must be at least 1",
@@ -404,6 +410,12 @@ fn the_auth_sections_own_checks_name_a_line_in_it() {
     let e = bad("gateway:\n  socket: {}\n  auth:\n    algorithm: RS256\n");
     assert!(e.to_string().contains("public_key_file is required"), "{e}");
     assert_eq!(e.line(), Some(3), "{e}");
+    // Comments, a commented-out key and a topic named like the section are not it.
+    let e = bad(
+        "gateway:\n  socket:\n    onclose: {publish: \"auth:closed\"}\n  # auth: below\n  auth:\n    # public_key_file: k.pem\n    algorithm: RS256\n",
+    );
+    assert!(e.to_string().contains("public_key_file is required"), "{e}");
+    assert_eq!(e.line(), Some(5), "{e}");
 }
 
 #[test]
@@ -413,8 +425,16 @@ fn deep_nesting_is_refused_before_parsing() {
     let e = bad(&deep);
     assert!(e.to_string().contains("nest deeper than 128 levels"), "{e}");
     assert_eq!(e.line(), Some(1));
-    // A config with a little nesting is fine.
+    // A config with a little nesting is fine, and brackets in strings and comments do not
+    // count.
     assert!(Config::from_yaml_str("gateway:\n  socket: {onclose: {publish: t}}\n").is_ok());
+    let quoted = format!(
+        "gateway:\n  socket:\n    path: \"/{}\"\n    onclose: {{publish: '{}'}} # {}\n",
+        "[".repeat(200),
+        "{".repeat(200),
+        "[".repeat(200)
+    );
+    assert!(Config::from_yaml_str(&quoted).is_ok());
 }
 
 #[test]

@@ -529,6 +529,21 @@ async fn an_upgrade_that_breaks_rfc_6455_gets_400() {
     }
     // Refused before taking a socket: only the two good ones opened.
     assert_eq!(h.server.stats().snapshot().sockets_opened, 2);
+
+    // Checked before capacity and admission: with every slot taken, a bad upgrade still
+    // gets 400, not 503.
+    let full = Harness::start(|o| o.max_connections = Some(1)).await;
+    let addr = full.server.local_addr();
+    let (_held, _) = tokio_tungstenite::connect_async(full.url()).await.unwrap();
+    let up = |key: &str| {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+        )
+    };
+    assert!(http_status(addr, &up(good)).await.contains(" 503"));
+    assert!(http_status(addr, &up("hello")).await.contains(" 400"));
+    assert_eq!(full.server.stats().snapshot().refused_capacity, 1);
 }
 
 #[tokio::test]
