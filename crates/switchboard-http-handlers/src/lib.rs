@@ -578,6 +578,28 @@ fn classify(result: Result<http::Response<Bytes>, ClientError>) -> Outcome {
     }
 }
 
+/// One request for `job`, classified. A panic on the way (a bug here or in the HTTP stack
+/// below) is a failed request: without this, it ended the worker (the endpoint served one
+/// fewer at a time from then on) and the event's place in the bounds was never given back.
+async fn send_guarded(endpoint: &Endpoint, job: &Job, within: Duration) -> Outcome {
+    guarded(&endpoint.options.name, async {
+        classify(endpoint.send(job, within).await)
+    })
+    .await
+}
+
+/// `outcome`, or a final network failure if it panics.
+async fn guarded(endpoint: &str, outcome: impl std::future::Future<Output = Outcome>) -> Outcome {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(outcome).catch_unwind().await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            tracing::error!(endpoint = %endpoint, "http handler request panicked");
+            Outcome::Final(ErrorKind::Network)
+        }
+    }
+}
+
 /// A worker: one request at a time, for as long as the endpoint lives.
 async fn work(endpoint: std::sync::Weak<Endpoint>, jobs: flume::Receiver<Job>) {
     while let Ok(job) = jobs.recv_async().await {
@@ -615,7 +637,7 @@ async fn answer(endpoint: &Endpoint, job: &Job, way_back: &Message) -> Option<Re
         return timed_out(); // it waited its whole time in the queue
     }
     let name = &endpoint.options.name;
-    match classify(endpoint.send(job, left).await) {
+    match send_guarded(endpoint, job, left).await {
         Outcome::Answered(body) => parse_answer(endpoint, &body),
         Outcome::Transient(ErrorKind::Timeout) => timed_out(),
         Outcome::Final(ErrorKind::Malformed) => {
@@ -658,7 +680,7 @@ fn parse_answer(endpoint: &Endpoint, body: &[u8]) -> Option<Reply> {
 /// back through the queue.
 async fn deliver_once(endpoint: Arc<Endpoint>, mut job: Job) {
     let timeout = endpoint.options.timeout;
-    let kind = match classify(endpoint.send(&job, timeout).await) {
+    let kind = match send_guarded(&endpoint, &job, timeout).await {
         Outcome::Answered(_) => return endpoint.release(&job),
         Outcome::Final(kind) => {
             endpoint.metrics.error(kind);
@@ -697,6 +719,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_request_that_panics_is_a_failed_request() {
+        let fine = guarded("e", async { Outcome::Transient(ErrorKind::Timeout) }).await;
+        assert!(matches!(fine, Outcome::Transient(ErrorKind::Timeout)));
+        // An index out of bounds, as a bug below would panic.
+        let kinds = [ErrorKind::Status];
+        let at = std::hint::black_box(3);
+        let panicked = guarded("e", async move { Outcome::Final(kinds[at]) }).await;
+        assert!(matches!(panicked, Outcome::Final(ErrorKind::Network)));
+    }
 
     #[test]
     fn a_users_share_is_half_the_room_unless_set() {
