@@ -137,6 +137,9 @@ pub struct NatsBus {
     outbox: Outbox,
     answers: Arc<Answers>,
     subscribing: Mutex<Vec<oneshot::Receiver<Result<(), NatsError>>>>,
+    /// The every-node subscriptions' one dispatcher ([`in_order`]), and how many were made.
+    every_node: tokio::sync::mpsc::UnboundedSender<Lane>,
+    every_node_made: std::sync::atomic::AtomicUsize,
 }
 
 impl fmt::Debug for NatsBus {
@@ -184,6 +187,8 @@ impl NatsBus {
             options.outbox_messages,
             options.outbox_bytes,
         );
+        let (every_node, lanes) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(in_order(client.clone(), lanes));
         Ok(NatsBus {
             client,
             node,
@@ -192,6 +197,8 @@ impl NatsBus {
             outbox,
             answers,
             subscribing: Mutex::new(Vec::new()),
+            every_node,
+            every_node_made: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -266,6 +273,13 @@ impl NatsBus {
         lock(&self.subscribing).push(rx);
         let client = self.client.clone();
         let topic = topic.to_string();
+        // Every-node subscriptions go to the one dispatcher, in the order they were made.
+        let lanes = group.is_none().then(|| {
+            let order = self
+                .every_node_made
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (order, self.every_node.clone())
+        });
         tokio::spawn(async move {
             let subscribed = match &group {
                 Some(g) => client.queue_subscribe(topic.clone(), g.clone()).await,
@@ -285,6 +299,15 @@ impl NatsBus {
                     return;
                 }
             };
+            if let Some((order, lanes)) = lanes {
+                let _ = lanes.send(Lane {
+                    order,
+                    topic,
+                    subscriber,
+                    handler,
+                });
+                return;
+            }
             while let Some(incoming) = subscriber.next().await {
                 handle_incoming(&client, &topic, handler.as_ref(), incoming);
             }
@@ -666,6 +689,85 @@ fn decode(topic: &str, incoming: &async_nats::Message) -> Option<(Value, Context
 /// handler finishes without answering, an empty answer tells the sender it was handled. A
 /// panic, even in the handler's synchronous part, is answered as a failure and leaves the
 /// subscription running.
+/// Whether a node answers on `reply`: a node's or an asker's inbox, not any subject.
+fn answerable(reply: &str) -> bool {
+    reply.starts_with("_SB_REPLY.") || reply.starts_with("_INBOX.")
+}
+
+/// An every-node subscription, handed to [`in_order`].
+struct Lane {
+    /// When it was made among the every-node subscriptions: earlier ones go first.
+    order: usize,
+    topic: String,
+    subscriber: async_nats::Subscriber,
+    handler: Arc<dyn Handler>,
+}
+
+/// Every this many messages, the lanes are asked latest first, once: under a flood of
+/// `send`s, a `disconnect` or a presence query still goes within a few hundred.
+const MOST_IN_A_ROW: usize = 256;
+
+/// Handles the every-node subscriptions (`send`, `broadcast`, `disconnect`, presence) in one
+/// task, taking a ready message from the earliest lane first. The client puts each message
+/// into its subscription's channel in the order the server sent them, so a `send` that a
+/// publisher sent before a `disconnect` is in its channel by the time the `disconnect` is,
+/// and goes first: with a task per subscription, the `disconnect` often overtook it and the
+/// user never got the message. (Within one subscription, order was and is kept.)
+async fn in_order(client: async_nats::Client, mut new: tokio::sync::mpsc::UnboundedReceiver<Lane>) {
+    use std::task::Poll;
+    let mut lanes: Vec<Lane> = Vec::new();
+    let mut in_a_row = 0usize;
+    let mut adding = true;
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            while adding {
+                match new.poll_recv(cx) {
+                    Poll::Ready(Some(lane)) => {
+                        let at = lanes.partition_point(|l| l.order < lane.order);
+                        lanes.insert(at, lane);
+                    }
+                    Poll::Ready(None) => adding = false,
+                    Poll::Pending => break,
+                }
+            }
+            // Past the streak, the latest lanes are asked first, once.
+            let fair = in_a_row >= MOST_IN_A_ROW;
+            let n = lanes.len();
+            let mut ended = None;
+            for k in 0..n {
+                let i = if fair { n - 1 - k } else { k };
+                match lanes[i].subscriber.poll_next_unpin(cx) {
+                    Poll::Ready(Some(message)) => return Poll::Ready(Some((i, Some(message)))),
+                    Poll::Ready(None) => ended = Some(i),
+                    Poll::Pending => {}
+                }
+            }
+            match ended {
+                Some(i) => Poll::Ready(Some((i, None))),
+                None if !adding && lanes.is_empty() => Poll::Ready(None),
+                None => Poll::Pending,
+            }
+        })
+        .await;
+        match next {
+            None => return,
+            Some((i, None)) => {
+                lanes.remove(i);
+            }
+            Some((i, Some(message))) => {
+                // After a fair turn, the count starts again.
+                in_a_row = if in_a_row >= MOST_IN_A_ROW {
+                    0
+                } else {
+                    in_a_row + 1
+                };
+                let lane = &lanes[i];
+                handle_incoming(&client, &lane.topic, lane.handler.as_ref(), message);
+            }
+        }
+    }
+}
+
 fn handle_incoming(
     client: &async_nats::Client,
     topic: &str,
@@ -676,7 +778,10 @@ fn handle_incoming(
         return;
     };
     let mut message = Message::new(topic, data).with_context(Arc::new(context));
-    let answer = incoming.reply.map(|subject| {
+    // Answers go to reply subjects of the shapes the protocol uses (a node's `_SB_REPLY.`, an
+    // asker's `_INBOX.`), never to an application subject: a publisher allowed only `send`
+    // could otherwise name `chat:say` as the reply and make every node publish there.
+    let answer = incoming.reply.filter(|s| answerable(s)).map(|subject| {
         Arc::new(NatsAnswer {
             client: client.clone(),
             subject: subject.to_string(),
@@ -712,6 +817,21 @@ fn handle_incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_inboxes_are_answered() {
+        assert!(answerable("_SB_REPLY.gw-1.tok.7"));
+        assert!(answerable("_INBOX.abc.def"));
+        for subject in [
+            "chat:say",
+            "socket:connection",
+            "_SB_REPLYx",
+            "_INBOX",
+            "x._INBOX.y",
+        ] {
+            assert!(!answerable(subject), "{subject}");
+        }
+    }
 
     #[test]
     fn subjects_are_checked() {

@@ -161,7 +161,14 @@ pub(crate) async fn connect_options(
         .name(name)
         .max_reconnects(None)
         .event_callback(|event| async move {
-            tracing::info!(%event, "nats");
+            match event {
+                // The client dropped messages of a subscription this node did not take fast
+                // enough (core NATS delivers at most once): a warning, not news.
+                async_nats::Event::SlowConsumer(_) => {
+                    tracing::warn!(%event, "nats: messages dropped")
+                }
+                event => tracing::info!(%event, "nats"),
+            }
         });
     connect = with_auth(connect, &options.auth).await?;
     if let Some(tls) = &options.tls {

@@ -219,6 +219,57 @@ async fn a_disconnect_published_on_nats_closes_the_users_sockets_on_every_node_o
     assert_eq!(recv(&mut sam_b).await["type"], "t");
 }
 
+/// A `send` published right before a `disconnect` reaches the socket before its close (the
+/// node handled each subscription in a task of its own, and the `disconnect` often overtook:
+/// 33 sockets of 40 lost the message), and a reply subject that is not an inbox gets nothing
+/// (a publisher allowed only `send` could name an event topic and make every node publish
+/// there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_before_a_disconnect_arrives_first_and_replies_go_only_to_inboxes() {
+    let nats = NatsServer::start();
+    let a = node(&nats, "a");
+    let outside = async_nats::connect(nats.url()).await.unwrap();
+    let mut connections = outside.subscribe("socket:connection").await.unwrap();
+    let mut forged = outside.subscribe("chat:say").await.unwrap();
+    outside.flush().await.unwrap();
+    let mut sockets = Vec::new();
+    for i in 0..40 {
+        sockets.push(connect(a.addr, &format!("ban{i}"), None).await);
+    }
+    registered(&outside, &mut connections, 40).await;
+    for i in 0..40 {
+        let user = format!("ban{i}");
+        let send = json!({"username": user, "type": "notice", "payload": i});
+        outside
+            .publish("socket:send", send.to_string().into())
+            .await
+            .unwrap();
+        let bye = json!({"username": user, "code": 4003, "reason": "banned"});
+        outside
+            .publish("socket:disconnect", bye.to_string().into())
+            .await
+            .unwrap();
+    }
+    outside.flush().await.unwrap();
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        let first = recv(ws).await;
+        assert_eq!(first["type"], "notice", "socket {i}: {first}");
+        assert_eq!(close_of(ws).await.0, 4003, "socket {i}");
+    }
+    // A reply subject that names an event topic: no answer there.
+    outside
+        .publish_with_reply("socket:send", "chat:say", "{\"x\":1}".into())
+        .await
+        .unwrap();
+    outside.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), forged.next())
+            .await
+            .is_err(),
+        "a node answered on an application subject"
+    );
+}
+
 /// Reads until the close frame: its code and reason.
 async fn close_of(ws: &mut Ws) -> (u16, String) {
     use tokio_tungstenite::tungstenite::Message as WsMessage;
