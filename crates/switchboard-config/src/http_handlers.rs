@@ -63,7 +63,7 @@ pub struct HttpHandler {
     #[serde(default = "default_per_socket", deserialize_with = "de_per_socket")]
     pub per_socket: usize,
     /// Most events of one username (all its sockets) held at once by this endpoint. Default
-    /// (absent): half of `concurrency + queue`, at least 1.
+    /// (absent): half of `concurrency`, at least 1.
     #[serde(default, deserialize_with = "de_per_user")]
     pub per_user: Option<usize>,
     /// Largest answer body, in bytes. Default 64 KiB.

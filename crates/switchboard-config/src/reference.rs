@@ -1127,11 +1127,11 @@ const SECTIONS: &[Section] = &[
             key(
                 "gateway.http_handlers[].per_user",
                 "integer",
-                "half of `concurrency + queue`, at least 1",
+                "half of `concurrency`, at least 1",
                 Ext,
                 "Most answerable events of one username, all its sockets together, this \
                  endpoint holds at once, so one token holder opening many sockets leaves at \
-                 least half the endpoint to everyone else; over it, as for a full queue (a \
+                 least half the endpoint's requests in flight to everyone else; over it, as for a full queue (a \
                  refused `onconnect` closes its socket with 1008). `onclose` is never refused \
                  for it. Several users flooding a slow endpoint together can \
                  still fill it: size `queue` for the users you expect to be busy at once. Leave \

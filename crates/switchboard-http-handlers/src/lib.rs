@@ -89,7 +89,7 @@ pub struct EndpointOptions {
     /// Events of one socket held at once.
     pub per_socket: usize,
     /// Events of one username held at once, all its sockets together; `None`: half of
-    /// `concurrency + queue`, at least 1 ([`EndpointOptions::user_share`]).
+    /// `concurrency`, at least 1 ([`EndpointOptions::user_share`]).
     pub per_user: Option<usize>,
     /// Largest answer body.
     pub max_response: usize,
@@ -107,11 +107,12 @@ pub struct EndpointOptions {
 
 impl EndpointOptions {
     /// The most answerable events one username may have held at once: `per_user`, or by
-    /// default half of `concurrency + queue` (at least 1), so that one token holder, however
-    /// many sockets it opens, leaves at least half the endpoint to everyone else.
+    /// default half of `concurrency` (at least 1), so that one token holder, however many
+    /// sockets it opens, leaves at least half the endpoint's requests in flight to everyone
+    /// else. (Half of `concurrency + queue`, as before, let one user's queued events take
+    /// every worker: another user's event waited for them to time out.)
     pub fn user_share(&self) -> usize {
-        self.per_user
-            .unwrap_or_else(|| (self.concurrency.saturating_add(self.queue) / 2).max(1))
+        self.per_user.unwrap_or_else(|| (self.concurrency / 2).max(1))
     }
 
     /// An endpoint with the config's defaults for everything but these.
@@ -735,7 +736,7 @@ mod tests {
     fn a_users_share_is_half_the_room_unless_set() {
         let url: Uri = "http://127.0.0.1:1/".parse().unwrap();
         let mut o = EndpointOptions::new("e", url, vec![], b"0123456789abcdef".to_vec());
-        assert_eq!(o.user_share(), (32 + 256) / 2);
+        assert_eq!(o.user_share(), 32 / 2);
         (o.concurrency, o.queue) = (1, 2);
         assert_eq!(o.user_share(), 1);
         o.queue = 0;
