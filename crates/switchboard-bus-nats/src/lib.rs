@@ -569,20 +569,15 @@ async fn listen_for_answers(mut replies: async_nats::Subscriber, answers: Arc<An
 }
 
 fn deliver_answer(way_back: &Message, subject: &str, body: &[u8]) {
-    let parsed: Answer = match serde_json::from_slice(body) {
-        Ok(a) => a,
+    match Reply::from_answer(body) {
+        Ok(Some(reply)) => way_back.deliver(reply),
+        Ok(None) => {}
         Err(e) => {
             tracing::warn!(error = %e, "malformed answer on {subject}");
-            Answer {
-                fail: Some(json!({"message": "malformed answer from a handler"})),
-                ..Answer::default()
-            }
+            way_back.deliver(Reply::Fail(
+                json!({"message": "malformed answer from a handler"}),
+            ));
         }
-    };
-    if let Some(fail) = parsed.fail {
-        way_back.deliver(Reply::Fail(fail));
-    } else if let Some(reply) = parsed.reply {
-        way_back.deliver(Reply::Ok(reply));
     }
 }
 

@@ -107,6 +107,30 @@ pub enum Reply {
     HandlerFailed,
 }
 
+impl Reply {
+    /// A handler's answer as NATS and HTTP handlers send it: the JSON object `{"reply": P}`,
+    /// `{"fail": E}` (which wins if both are there) or `{}` (`None`: nothing to say). Anything
+    /// else (an array, another key, not JSON) is an error, with what was wrong: a body that
+    /// is not an answer must not pass as one (`["hi"]` read as a reply of `"hi"` before).
+    pub fn from_answer(body: &[u8]) -> Result<Option<Reply>, String> {
+        let Value::Object(mut answer) =
+            serde_json::from_slice::<Value>(body).map_err(|e| e.to_string())?
+        else {
+            return Err("an answer is a JSON object".into());
+        };
+        if let Some(other) = answer.keys().find(|k| *k != "reply" && *k != "fail") {
+            return Err(format!(
+                "unknown key `{other}` (an answer has `reply` or `fail`)"
+            ));
+        }
+        Ok(match (answer.remove("fail"), answer.remove("reply")) {
+            (Some(fail), _) => Some(Reply::Fail(fail)),
+            (None, Some(reply)) => Some(Reply::Ok(reply)),
+            (None, None) => None,
+        })
+    }
+}
+
 /// The way back to whoever published a message (a socket, for the gateway). Implemented by
 /// the gateway; a reply to a target that has gone must be dropped quietly.
 pub trait ReplyTo: Send + Sync + 'static {
@@ -493,6 +517,33 @@ pub(crate) mod tests {
     impl ReplyTo for Heard {
         fn deliver(&self, topic: &str, reply: Reply) {
             self.0.lock().unwrap().push((topic.to_string(), reply));
+        }
+    }
+
+    #[test]
+    fn only_an_answer_object_is_an_answer() {
+        use serde_json::json;
+        let parse = |s: &str| Reply::from_answer(s.as_bytes());
+        assert_eq!(
+            parse(r#"{"reply":{"n":1}}"#),
+            Ok(Some(Reply::Ok(json!({"n": 1}))))
+        );
+        assert_eq!(parse(r#"{"reply":null}"#), Ok(Some(Reply::Ok(json!(null)))));
+        assert_eq!(
+            parse(r#"{"fail":"no","reply":1}"#),
+            Ok(Some(Reply::Fail(json!("no"))))
+        );
+        assert_eq!(parse("{}"), Ok(None));
+        for bad in [
+            r#"["hi"]"#,
+            r#"[null,{"message":"forged"}]"#,
+            "[]",
+            r#"{"other":1}"#,
+            r#"{"Reply":1}"#,
+            "1",
+            "nope",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
         }
     }
 

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
 use http::{Method, Request, Uri};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 use switchboard_bus::{Context, Message, Reply};
 use switchboard_http_client::{ClientError, ClientOptions, HttpClient};
@@ -112,7 +112,8 @@ impl EndpointOptions {
     /// else. (Half of `concurrency + queue`, as before, let one user's queued events take
     /// every worker: another user's event waited for them to time out.)
     pub fn user_share(&self) -> usize {
-        self.per_user.unwrap_or_else(|| (self.concurrency / 2).max(1))
+        self.per_user
+            .unwrap_or_else(|| (self.concurrency / 2).max(1))
     }
 
     /// An endpoint with the config's defaults for everything but these.
@@ -157,15 +158,6 @@ struct Envelope<'a> {
     topic: &'a str,
     data: &'a Value,
     context: &'a Context,
-}
-
-/// An answer body, as on NATS.
-#[derive(Deserialize)]
-struct Answer {
-    #[serde(default)]
-    reply: Option<Value>,
-    #[serde(default)]
-    fail: Option<Value>,
 }
 
 /// One event on its way to an endpoint.
@@ -659,14 +651,8 @@ fn parse_answer(endpoint: &Endpoint, body: &[u8]) -> Option<Reply> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return None; // an empty body is `{}`: handled, nothing to say
     }
-    match serde_json::from_slice::<Answer>(body) {
-        Ok(Answer {
-            fail: Some(fail), ..
-        }) => Some(Reply::Fail(fail)),
-        Ok(Answer {
-            reply: Some(reply), ..
-        }) => Some(Reply::Ok(reply)),
-        Ok(_) => None,
+    match Reply::from_answer(body) {
+        Ok(answer) => answer,
         Err(e) => {
             endpoint.metrics.error(ErrorKind::Malformed);
             tracing::warn!(endpoint = %endpoint.options.name, error = %e, "malformed answer");

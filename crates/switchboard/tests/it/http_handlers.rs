@@ -53,6 +53,10 @@ fn by_type(r: &Request) -> Answer {
         Some("quiet") => Answer::raw(200, "{}"),
         Some("empty") => Answer::raw(204, ""),
         Some("garbage") => Answer::raw(200, "this is not JSON"),
+        // JSON, but not an answer: an array (read as a reply before), another key.
+        Some("array") => Answer::raw(200, r#"["hi"]"#),
+        Some("other") => Answer::raw(200, r#"{"other":1}"#),
+        Some("null") => Answer::raw(200, r#"{"reply":null}"#),
         Some("boom") => Answer::raw(500, "database on fire"),
         Some("huge") => Answer::json(json!({"reply": "x".repeat(100_000)})),
         Some("slow") => Answer::json(json!({"reply": "late"})).after(Duration::from_secs(3)),
@@ -132,6 +136,20 @@ async fn malformed_failed_oversized_and_late_answers_get_the_bus_error_frames() 
         alex.recv().await,
         json!({"type": "error", "payload": {"message": "malformed answer from a handler"}})
     );
+    for not_an_answer in ["array", "other"] {
+        alex.send(json!({"type": not_an_answer})).await;
+        assert_eq!(
+            alex.recv().await,
+            json!({"type": "error", "payload": {"message": "malformed answer from a handler"}}),
+            "{not_an_answer}"
+        );
+    }
+    // `null` is a reply like any other.
+    alex.send(json!({"type": "null"})).await;
+    assert_eq!(
+        alex.recv().await,
+        json!({"type": "socket:generalMessage", "payload": null})
+    );
     alex.send(json!({"type": "boom"})).await;
     assert_eq!(
         alex.recv().await,
@@ -146,7 +164,7 @@ async fn malformed_failed_oversized_and_late_answers_get_the_bus_error_frames() 
     alex.send(json!({"type": "say", "payload": 2})).await;
     assert_eq!(alex.recv().await["payload"], json!({"echo": 2}));
     let metrics = gw.metrics_text();
-    for (kind, n) in [("malformed", 2), ("status", 1), ("timeout", 1)] {
+    for (kind, n) in [("malformed", 4), ("status", 1), ("timeout", 1)] {
         let line = format!(
             "switchboard_http_handler_errors_total{{endpoint=\"test-backend\",kind=\"{kind}\"}} {n}"
         );
