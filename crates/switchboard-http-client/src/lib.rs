@@ -112,7 +112,15 @@ impl HttpClient {
                 .inner
                 .request(request.map(Full::new))
                 .await
-                .map_err(|e| ClientError::Transport(error_chain(&e)))?;
+                .map_err(|e| {
+                    // An answer whose head is over hyper's bound is too large, not a failed
+                    // connection (the caller tells the two apart).
+                    if head_too_large(&e) {
+                        ClientError::TooLarge(max_body)
+                    } else {
+                        ClientError::Transport(error_chain(&e))
+                    }
+                })?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, max_body)
                 .collect()
@@ -131,6 +139,20 @@ impl HttpClient {
             .await
             .map_err(|_| ClientError::Timeout(deadline))?
     }
+}
+
+/// Whether hyper refused the answer's head as too large, somewhere in `e`'s causes.
+fn head_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_too_large)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// An error and its causes on one line: hyper's outer errors alone say little
@@ -200,10 +222,22 @@ mod tests {
         let late = client.send(get(addr), Duration::from_millis(200), 64).await;
         assert!(matches!(late, Err(ClientError::Timeout(_))), "{late:?}");
 
-        // A head over the bound is refused, not buffered.
+        // A head over the bound is refused, not buffered, and counted as too large.
         let addr = serve_head_once(format!("x-big: {}\r\n", "y".repeat(200_000))).await;
         let fat = client.send(get(addr), Duration::from_secs(5), 64).await;
-        assert!(matches!(fat, Err(ClientError::Transport(_))), "{fat:?}");
+        assert!(matches!(fat, Err(ClientError::TooLarge(64))), "{fat:?}");
+
+        // A chunked body over the bound: too large as well.
+        let mut chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..50 {
+            chunked.extend_from_slice(b"64\r\n");
+            chunked.extend(vec![b'x'; 100]);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\n\r\n");
+        let addr = serve_raw(chunked, Duration::ZERO).await;
+        let long = client.send(get(addr), Duration::from_secs(5), 1000).await;
+        assert!(matches!(long, Err(ClientError::TooLarge(1000))), "{long:?}");
 
         // Nothing listens there any more: the error says why.
         let gone = client.send(get(addr), Duration::from_secs(5), 64).await;
