@@ -655,6 +655,9 @@ impl ReplyTo for NatsAnswer {
 }
 
 /// The `data` and `context` of a NATS message: an envelope, or a bare JSON body.
+/// Messages dropped as malformed: anyone on the broker chooses how many, so one line a second.
+static MALFORMED: switchboard_bus::LogLimit = switchboard_bus::LogLimit::new();
+
 fn decode(topic: &str, incoming: &async_nats::Message) -> Option<(Value, Context)> {
     let is_envelope = incoming
         .headers
@@ -665,7 +668,9 @@ fn decode(topic: &str, incoming: &async_nats::Message) -> Option<(Value, Context
         match serde_json::from_slice::<Envelope>(&incoming.payload) {
             Ok(e) => Some((e.data, e.context)),
             Err(e) => {
-                tracing::warn!(%topic, error = %e, "malformed envelope dropped");
+                if let Some(dropped) = MALFORMED.note() {
+                    tracing::warn!(%topic, error = %e, dropped, "malformed envelope dropped");
+                }
                 None
             }
         }
@@ -673,17 +678,15 @@ fn decode(topic: &str, incoming: &async_nats::Message) -> Option<(Value, Context
         match serde_json::from_slice::<Value>(&incoming.payload) {
             Ok(v) => Some((v, Context::default())),
             Err(e) => {
-                tracing::warn!(%topic, error = %e, "message is not JSON; dropped");
+                if let Some(dropped) = MALFORMED.note() {
+                    tracing::warn!(%topic, error = %e, dropped, "message is not JSON; dropped");
+                }
                 None
             }
         }
     }
 }
 
-/// Turns a NATS message into a bus [`Message`] and runs the local handler on it. If the
-/// handler finishes without answering, an empty answer tells the sender it was handled. A
-/// panic, even in the handler's synchronous part, is answered as a failure and leaves the
-/// subscription running.
 /// Whether a node answers on `reply`: a node's or an asker's inbox, not any subject.
 fn answerable(reply: &str) -> bool {
     reply.starts_with("_SB_REPLY.") || reply.starts_with("_INBOX.")
@@ -763,6 +766,10 @@ async fn in_order(client: async_nats::Client, mut new: tokio::sync::mpsc::Unboun
     }
 }
 
+/// Turns a NATS message into a bus [`Message`] and runs the local handler on it. If the
+/// handler finishes without answering, an empty answer tells the sender it was handled. A
+/// panic, even in the handler's synchronous part, is answered as a failure and leaves the
+/// subscription running.
 fn handle_incoming(
     client: &async_nats::Client,
     topic: &str,

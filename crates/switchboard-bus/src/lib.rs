@@ -107,6 +107,69 @@ pub enum Reply {
     HandlerFailed,
 }
 
+/// At most one log line a second for one kind of event, with how many happened since the
+/// last line: for what anyone who may publish on the bus can make happen at any rate (a
+/// malformed message, a refused `send`), so that a flood of them cannot fill a disk with logs.
+///
+/// ```
+/// static BAD: switchboard_bus::LogLimit = switchboard_bus::LogLimit::new();
+/// if let Some(dropped) = BAD.note() {
+///     eprintln!("{dropped} bad messages dropped");
+/// }
+/// ```
+#[derive(Debug)]
+pub struct LogLimit {
+    /// Seconds since the process's first note (from 1) when a line was last let through.
+    logged_at: std::sync::atomic::AtomicU64,
+    since: std::sync::atomic::AtomicU64,
+}
+
+impl LogLimit {
+    /// A limiter that has let nothing through yet.
+    pub const fn new() -> Self {
+        LogLimit {
+            logged_at: std::sync::atomic::AtomicU64::new(0),
+            since: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one event; `Some(events since the last line, this one included)` when this one
+    /// should be logged.
+    pub fn note(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.since.fetch_add(1, Relaxed);
+        let now = seconds_since_start();
+        let last = self.logged_at.load(Relaxed);
+        if last != 0 && now <= last {
+            return None;
+        }
+        if self
+            .logged_at
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_err()
+        {
+            return None; // another thread logs this second
+        }
+        Some(self.since.swap(0, Relaxed).max(1))
+    }
+}
+
+impl Default for LogLimit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Seconds since this was first called, from 1.
+fn seconds_since_start() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs()
+        + 1
+}
+
 impl Reply {
     /// A handler's answer as NATS and HTTP handlers send it: the JSON object `{"reply": P}`,
     /// `{"fail": E}` (which wins if both are there) or `{}` (`None`: nothing to say). Anything
@@ -518,6 +581,15 @@ pub(crate) mod tests {
         fn deliver(&self, topic: &str, reply: Reply) {
             self.0.lock().unwrap().push((topic.to_string(), reply));
         }
+    }
+
+    #[test]
+    fn log_limit_lets_one_line_a_second_through_with_the_count() {
+        let limit = LogLimit::new();
+        assert_eq!(limit.note(), Some(1), "the first is logged");
+        let through = (0..1000).filter_map(|_| limit.note()).count();
+        // The rest of this second is quiet (one more line if the clock ticks meanwhile).
+        assert!(through <= 1, "{through}");
     }
 
     #[test]

@@ -238,10 +238,16 @@ fn optional<'v>(
 const NAMESPACE_NOT_A_STRING: &str = "`namespace` must be a string";
 
 fn refuse(msg: &Message, why: &str) -> Ready<()> {
-    tracing::warn!(topic = msg.topic(), "{why}; message dropped");
+    // Anyone who may publish to these topics chooses how often this happens: one warning a
+    // second at most, with how many were dropped meanwhile, so a flood cannot fill a disk.
+    if let Some(dropped) = REFUSALS.note() {
+        tracing::warn!(topic = msg.topic(), dropped, "{why}; message dropped");
+    }
     msg.fail(json!({"message": why, "topic": msg.topic()}));
     ready(())
 }
+
+static REFUSALS: switchboard_bus::LogLimit = switchboard_bus::LogLimit::new();
 
 #[cfg(test)]
 mod tests {
