@@ -598,7 +598,7 @@ async fn expire_unanswered(answers: Weak<Answers>) {
         };
         for way_back in answers.expire(tokio::time::Instant::now()) {
             let topic = way_back.topic().to_string();
-            way_back.deliver(Reply::Fail(json!({
+            way_back.deliver(Reply::NoAnswer(json!({
                 "message": format!("no handler answered within {timeout:?}"),
                 "topic": topic,
             })));
@@ -641,7 +641,7 @@ impl ReplyTo for NatsAnswer {
                 reply: Some(v),
                 fail: None,
             },
-            Reply::Fail(v) => Answer {
+            Reply::Fail(v) | Reply::NoAnswer(v) => Answer {
                 reply: None,
                 fail: Some(v),
             },

@@ -105,6 +105,10 @@ pub enum Reply {
     Fail(Value),
     /// The handler returned an error or panicked; the bus reports it without details.
     HandlerFailed,
+    /// No handler answered in time (a bus or endpoint that waits for answers); the value is
+    /// the error to tell the sender. Not a refusal: a connect event that gets it does not
+    /// close its socket unless the connect gate waits for a verdict.
+    NoAnswer(Value),
 }
 
 /// At most one log line a second for one kind of event, with how many happened since the

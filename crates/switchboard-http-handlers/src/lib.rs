@@ -621,7 +621,7 @@ async fn answer(endpoint: &Endpoint, job: &Job, way_back: &Message) -> Option<Re
         .map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
     let timed_out = || {
         endpoint.metrics.error(ErrorKind::Timeout);
-        Some(Reply::Fail(json!({
+        Some(Reply::NoAnswer(json!({
             "message": format!("no handler answered within {timeout:?}"),
             "topic": way_back.topic(),
         })))

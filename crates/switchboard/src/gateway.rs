@@ -226,6 +226,14 @@ impl ReplyTo for Replies {
                 let _ = self.handle.send_text(error_frame(&internal_error(topic)));
                 Some((CONNECT_HANDLER_ERROR_CODE, "connect handler failed"))
             }
+            Reply::NoAnswer(error) => {
+                errors.fail.inc();
+                let _ = self.handle.send_text(error_frame(&error));
+                // Silence is no verdict: only a socket waiting at the gate for one is closed
+                // (as at the gate's own timeout); otherwise the connect event was news.
+                matches!(self.answering, Answering::Gate(_))
+                    .then_some((CONNECT_HANDLER_ERROR_CODE, "connect handler did not answer"))
+            }
             _ => None,
         };
         if let (true, Some((code, reason))) = (on_connect, closing) {

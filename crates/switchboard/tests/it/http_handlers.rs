@@ -173,6 +173,29 @@ async fn malformed_failed_oversized_and_late_answers_get_the_bus_error_frames() 
 }
 
 #[tokio::test]
+async fn a_connect_handler_that_does_not_answer_in_time_leaves_the_socket_open() {
+    // The connect event's answer comes after the timeout: the socket hears so, and (the
+    // connect gate being off) stays open; silence is no refusal (it closed with 1008 before).
+    let backend = HttpBackend::start(|r: &Request| {
+        if r.topic() == "socket:connection" {
+            Answer::json(json!({"reply": "late"})).after(Duration::from_secs(2))
+        } else {
+            by_type(r)
+        }
+    })
+    .await;
+    let gw = gateway(&backend, "      timeout: 300ms\n").await;
+    let mut alex = gw.connect("alex", None).await;
+    assert_eq!(
+        alex.recv().await,
+        json!({"type": "error", "payload": {"message": "no handler answered within 300ms", "topic": "socket:connection"}})
+    );
+    alex.send(json!({"type": "say", "payload": 1})).await;
+    assert_eq!(alex.recv().await["payload"], json!({"echo": 1}));
+    assert_eq!(gw.stats().connect_failures, 0);
+}
+
+#[tokio::test]
 async fn a_full_queue_answers_at_once_and_one_socket_cannot_fill_it_for_others() {
     let backend = HttpBackend::start(by_type).await;
     // Room for 3 events (1 in flight, 2 waiting), at most 2 of one socket (and of one user:
