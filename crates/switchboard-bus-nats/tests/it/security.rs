@@ -170,6 +170,26 @@ async fn the_securing_nats_example_grants_each_part_what_it_needs_and_no_more() 
         )
         .await;
     }
+    // the publisher cannot make the node publish an event by naming it as the reply subject
+    // of a `send` (the node may publish events; it answers only on inboxes)
+    let mut seen_by_handler = handler.subscribe("socket:generalMessage").await.unwrap();
+    handler.flush().await.unwrap();
+    let nobody = json!({"username": "nobody", "type": "t"});
+    publisher
+        .publish_with_reply(
+            "socket:send",
+            "socket:generalMessage",
+            nobody.to_string().into(),
+        )
+        .await
+        .unwrap();
+    publisher.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), seen_by_handler.next())
+            .await
+            .is_err(),
+        "the node published on the reply subject a publisher named"
+    );
     // the publisher cannot read events
     let _sub = publisher.subscribe("socket:generalMessage").await.unwrap();
     violation(
