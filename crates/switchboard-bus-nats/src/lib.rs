@@ -654,10 +654,10 @@ impl ReplyTo for NatsAnswer {
     }
 }
 
-/// The `data` and `context` of a NATS message: an envelope, or a bare JSON body.
 /// Messages dropped as malformed: anyone on the broker chooses how many, so one line a second.
 static MALFORMED: switchboard_bus::LogLimit = switchboard_bus::LogLimit::new();
 
+/// The `data` and `context` of a NATS message: an envelope, or a bare JSON body.
 fn decode(topic: &str, incoming: &async_nats::Message) -> Option<(Value, Context)> {
     let is_envelope = incoming
         .headers
@@ -701,20 +701,23 @@ struct Lane {
     handler: Arc<dyn Handler>,
 }
 
-/// Every this many messages, the lanes are asked latest first, once: under a flood of
-/// `send`s, a `disconnect` or a presence query still goes within a few hundred.
-const MOST_IN_A_ROW: usize = 256;
+/// At most this many messages of earlier lanes are handled before one of a later lane: the
+/// capacity of a subscription's channel in the client, so every one that arrived before it
+/// (and was still waiting) goes first.
+const MOST_BEFORE: usize = 65_536;
 
 /// Handles the every-node subscriptions (`send`, `broadcast`, `disconnect`, presence) in one
-/// task, taking a ready message from the earliest lane first. The client puts each message
-/// into its subscription's channel in the order the server sent them, so a `send` that a
-/// publisher sent before a `disconnect` is in its channel by the time the `disconnect` is,
-/// and goes first: with a task per subscription, the `disconnect` often overtook it and the
-/// user never got the message. (Within one subscription, order was and is kept.)
+/// task. The lanes take turns, one message each, so none is starved; but before a message of
+/// a later lane (a `disconnect`), the messages already waiting in the earlier lanes (`send`,
+/// `broadcast`) are handled. The client puts each message into its subscription's channel in
+/// the order the server sent them, so a `send` that a publisher sent before a `disconnect`
+/// is waiting by the time the `disconnect` is, and goes first: with a task per subscription,
+/// the `disconnect` often overtook it and the user never got the message. (Within one
+/// subscription, order was and is kept.)
 async fn in_order(client: async_nats::Client, mut new: tokio::sync::mpsc::UnboundedReceiver<Lane>) {
     use std::task::Poll;
     let mut lanes: Vec<Lane> = Vec::new();
-    let mut in_a_row = 0usize;
+    let mut turn = 0usize;
     let mut adding = true;
     loop {
         let next = std::future::poll_fn(|cx| {
@@ -728,12 +731,10 @@ async fn in_order(client: async_nats::Client, mut new: tokio::sync::mpsc::Unboun
                     Poll::Pending => break,
                 }
             }
-            // Past the streak, the latest lanes are asked first, once.
-            let fair = in_a_row >= MOST_IN_A_ROW;
             let n = lanes.len();
             let mut ended = None;
             for k in 0..n {
-                let i = if fair { n - 1 - k } else { k };
+                let i = (turn + k) % n;
                 match lanes[i].subscriber.poll_next_unpin(cx) {
                     Poll::Ready(Some(message)) => return Poll::Ready(Some((i, Some(message)))),
                     Poll::Ready(None) => ended = Some(i),
@@ -753,12 +754,18 @@ async fn in_order(client: async_nats::Client, mut new: tokio::sync::mpsc::Unboun
                 lanes.remove(i);
             }
             Some((i, Some(message))) => {
-                // After a fair turn, the count starts again.
-                in_a_row = if in_a_row >= MOST_IN_A_ROW {
-                    0
-                } else {
-                    in_a_row + 1
-                };
+                turn = i + 1;
+                // What waits in the earlier lanes arrived first, or at about the same time.
+                let mut before = 0;
+                for earlier in &mut lanes[..i] {
+                    while before < MOST_BEFORE {
+                        let Some(Some(waiting)) = earlier.subscriber.next().now_or_never() else {
+                            break;
+                        };
+                        before += 1;
+                        handle_incoming(&client, &earlier.topic, earlier.handler.as_ref(), waiting);
+                    }
+                }
                 let lane = &lanes[i];
                 handle_incoming(&client, &lane.topic, lane.handler.as_ref(), message);
             }

@@ -164,8 +164,12 @@ pub(crate) async fn connect_options(
             match event {
                 // The client dropped messages of a subscription this node did not take fast
                 // enough (core NATS delivers at most once): a warning, not news.
+                // One event per dropped message: one line a second, with the count.
                 async_nats::Event::SlowConsumer(_) => {
-                    tracing::warn!(%event, "nats: messages dropped")
+                    static DROPPED: switchboard_bus::LogLimit = switchboard_bus::LogLimit::new();
+                    if let Some(dropped) = DROPPED.note() {
+                        tracing::warn!(%event, dropped, "nats: messages dropped");
+                    }
                 }
                 event => tracing::info!(%event, "nats"),
             }

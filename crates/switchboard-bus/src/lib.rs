@@ -176,7 +176,8 @@ fn seconds_since_start() -> u64 {
 
 impl Reply {
     /// A handler's answer as NATS and HTTP handlers send it: the JSON object `{"reply": P}`,
-    /// `{"fail": E}` (which wins if both are there) or `{}` (`None`: nothing to say). Anything
+    /// `{"fail": E}` (which wins if both are there) or `{}` (`None`: nothing to say); a field
+    /// that is `null` counts as absent. Anything
     /// else (an array, another key, not JSON) is an error, with what was wrong: a body that
     /// is not an answer must not pass as one (`["hi"]` read as a reply of `"hi"` before).
     pub fn from_answer(body: &[u8]) -> Result<Option<Reply>, String> {
@@ -190,7 +191,9 @@ impl Reply {
                 "unknown key `{other}` (an answer has `reply` or `fail`)"
             ));
         }
-        Ok(match (answer.remove("fail"), answer.remove("reply")) {
+        // `null` is absent, as handlers that write both fields send what they leave empty.
+        let mut field = |key| answer.remove(key).filter(|v: &Value| !v.is_null());
+        Ok(match (field("fail"), field("reply")) {
             (Some(fail), _) => Some(Reply::Fail(fail)),
             (None, Some(reply)) => Some(Reply::Ok(reply)),
             (None, None) => None,
@@ -604,7 +607,13 @@ pub(crate) mod tests {
             parse(r#"{"reply":{"n":1}}"#),
             Ok(Some(Reply::Ok(json!({"n": 1}))))
         );
-        assert_eq!(parse(r#"{"reply":null}"#), Ok(Some(Reply::Ok(json!(null)))));
+        // `null` is absent: `{"reply":1,"fail":null}` is a reply, both null nothing to say.
+        assert_eq!(parse(r#"{"reply":null}"#), Ok(None));
+        assert_eq!(
+            parse(r#"{"reply":1,"fail":null}"#),
+            Ok(Some(Reply::Ok(json!(1))))
+        );
+        assert_eq!(parse(r#"{"reply":null,"fail":null}"#), Ok(None));
         assert_eq!(
             parse(r#"{"fail":"no","reply":1}"#),
             Ok(Some(Reply::Fail(json!("no"))))
