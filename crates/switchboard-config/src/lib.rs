@@ -217,24 +217,19 @@ fn refuse_deep_nesting(text: &str) -> Result<(), ConfigError> {
 /// the parser places their errors at the enclosing section. When the message names an
 /// `auth.KEY` that the text has, the error is placed at that key's line instead, and at the
 /// `auth:` line when the keys it names are all missing.
-fn at_named_auth_key(e: ConfigError, text: &str) -> ConfigError {
+fn at_named_auth_key(mut e: ConfigError, text: &str) -> ConfigError {
     let ConfigError::Invalid {
-        file,
         message,
         line,
         column,
-    } = e
+        ..
+    } = &mut e
     else {
         return e;
     };
+    // Otherwise placed by the parser at the value itself, or not about `auth`.
     if !message.starts_with("gateway: auth.") {
-        // Placed by the parser at the value itself, or not about `auth`.
-        return ConfigError::Invalid {
-            file,
-            message,
-            line,
-            column,
-        };
+        return e;
     }
     let named = message.split("auth.").skip(1).find_map(|rest| {
         let key: String = rest
@@ -246,27 +241,12 @@ fn at_named_auth_key(e: ConfigError, text: &str) -> ConfigError {
             .flatten()
     });
     // A key that is missing (`auth.public_key_file is required`): the section's own line.
-    let named = named.or_else(|| auth_line(text, None));
-    match named {
-        Some(at) => {
-            let message = match message.rfind(" at line ") {
-                Some(cut) => format!("{} at line {at}", &message[..cut]),
-                None => format!("{message} at line {at}"),
-            };
-            ConfigError::Invalid {
-                file,
-                message,
-                line: Some(at),
-                column: None,
-            }
-        }
-        None => ConfigError::Invalid {
-            file,
-            message,
-            line,
-            column,
-        },
+    if let Some(at) = named.or_else(|| auth_line(text, None)) {
+        message.truncate(message.rfind(" at line ").unwrap_or(message.len()));
+        message.push_str(&format!(" at line {at}"));
+        (*line, *column) = (Some(at), None);
     }
+    e
 }
 
 /// The 1-based line of `key:` within the gateway's `auth:` section, or of the `auth:` line

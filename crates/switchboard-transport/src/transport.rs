@@ -47,13 +47,11 @@ impl Transport for WebSocketTransport {
         self,
         service: Arc<S>,
     ) -> std::io::Result<Box<dyn RunningTransport>> {
-        let listener = match self.listen {
-            Listen::Addr(addr) => TcpListener::bind(addr)
-                .await
-                .map_err(|e| std::io::Error::new(e.kind(), format!("listener {addr}: {e}")))?,
-            Listen::Listener(listener) => listener,
+        let server = match self.listen {
+            // `Server::bind` names the address in its error.
+            Listen::Addr(addr) => Server::bind(addr, self.options, service).await?,
+            Listen::Listener(listener) => Server::from_listener(listener, self.options, service)?,
         };
-        let server = Server::from_listener(listener, self.options, service)?;
         Ok(Box::new(server))
     }
 }

@@ -35,8 +35,22 @@ pub(crate) fn defaults(
     sse_anyway: bool,
     tls: Option<ServerTls>,
 ) -> Vec<Starter> {
-    let sse = sse(config, sse_anyway);
-    let mut options = websocket_options(config, sse.is_some());
+    // Without `limits.max_sockets`: read the open-file limit once, for both transports.
+    let socket = &config.gateway.socket;
+    let sse_path = socket
+        .sse_path()
+        .or_else(|| sse_anyway.then(|| socket.default_sse_path()));
+    let caps = config
+        .gateway
+        .limits
+        .max_sockets
+        .is_none()
+        .then(|| {
+            DefaultCaps::of_this_process(config.gateway.limits.max_handshakes, sse_path.is_some())
+        })
+        .flatten();
+    let sse = sse_path.map(|path| sse(config, path, caps));
+    let mut options = websocket_options(config, caps);
     options.tls = tls;
     let mut starters = Vec::new();
     if let Some(sse) = sse {
@@ -49,20 +63,16 @@ pub(crate) fn defaults(
     starters
 }
 
-fn sse(config: &Config, anyway: bool) -> Option<SseTransport> {
+fn sse(config: &Config, path: String, caps: Option<DefaultCaps>) -> SseTransport {
     let socket = &config.gateway.socket;
     let limits = &config.gateway.limits;
     let mut options = SseOptions::default();
-    options.path = socket
-        .sse_path()
-        .or_else(|| anyway.then(|| socket.default_sse_path()))?;
+    options.path = path;
     options.heartbeat_interval = socket.heartbeat;
     options.max_message_size = socket.max_message_size;
     options.send_queue = socket.send_queue;
     options.send_queue_bytes = socket.send_queue_bytes;
-    options.max_sessions = limits
-        .max_sockets
-        .or_else(|| DefaultCaps::of_this_process(limits.max_handshakes, true).map(|c| c.sockets));
+    options.max_sessions = limits.max_sockets.or(caps.map(|c| c.sockets));
     options.buffer_budget = limits.buffer_budget;
     options.origins = origin_policy(config);
     // A post waiting for the connect gate is answered (`503`, try again) before the hosting
@@ -71,10 +81,10 @@ fn sse(config: &Config, anyway: bool) -> Option<SseTransport> {
         .handshake_timeout
         .saturating_sub(Duration::from_secs(1))
         .max(Duration::from_millis(500));
-    Some(SseTransport::new(options))
+    SseTransport::new(options)
 }
 
-fn websocket_options(config: &Config, sse_too: bool) -> TransportOptions {
+fn websocket_options(config: &Config, caps: Option<DefaultCaps>) -> TransportOptions {
     let socket = &config.gateway.socket;
     let limits = &config.gateway.limits;
     let mut options = TransportOptions::default();
@@ -86,11 +96,9 @@ fn websocket_options(config: &Config, sse_too: bool) -> TransportOptions {
     options.handshake_timeout = limits.handshake_timeout;
     options.max_connections = limits.max_sockets;
     options.max_handshakes = limits.max_handshakes;
-    if limits.max_sockets.is_none() {
-        if let Some(caps) = DefaultCaps::of_this_process(limits.max_handshakes, sse_too) {
-            options.max_connections = Some(caps.sockets);
-            options.max_handshakes = caps.handshakes;
-        }
+    if let Some(caps) = caps {
+        options.max_connections = Some(caps.sockets);
+        options.max_handshakes = caps.handshakes;
     }
     options.max_handshakes_per_address = limits.max_handshakes_per_address;
     options.max_request_head = limits.max_request_head;
@@ -115,7 +123,11 @@ impl DefaultCaps {
     /// unlimited (then there is no cap, as before).
     pub(crate) fn of_this_process(max_handshakes: usize, sse_too: bool) -> Option<Self> {
         let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-        Self::under(soft_open_file_limit(&limits)?, max_handshakes, sse_too)
+        Some(Self::under(
+            soft_open_file_limit(&limits)?,
+            max_handshakes,
+            sse_too,
+        ))
     }
 
     /// The soft limit less a reserve for everything else a gateway opens (listeners, admin
@@ -123,18 +135,18 @@ impl DefaultCaps {
     /// whichever is more; of that room, at most half for upgrades in progress
     /// (`max_handshakes`, lowered to fit), the rest for sockets, split in two when SSE
     /// sessions are counted apart from WebSocket sockets.
-    fn under(soft: usize, max_handshakes: usize, sse_too: bool) -> Option<Self> {
+    fn under(soft: usize, max_handshakes: usize, sse_too: bool) -> Self {
         let room = soft.saturating_sub((soft / 50).max(128)).max(2);
         let handshakes = max_handshakes.min(room / 2).max(1);
         let sockets = (room - handshakes).max(1);
-        Some(DefaultCaps {
+        DefaultCaps {
             sockets: if sse_too {
                 (sockets / 2).max(1)
             } else {
                 sockets
             },
             handshakes,
-        })
+        }
     }
 }
 
@@ -224,7 +236,7 @@ mod tests {
         assert_eq!(soft_open_file_limit(&limits("20000")), Some(20_000));
         assert_eq!(soft_open_file_limit(&limits("unlimited")), None);
         assert_eq!(soft_open_file_limit("nothing here"), None);
-        let caps = |soft, sse| DefaultCaps::under(soft, 1024, sse).unwrap();
+        let caps = |soft, sse| DefaultCaps::under(soft, 1024, sse);
         // 20,000 less 400: 1,024 upgrades in progress and 18,576 sockets, together 19,600.
         assert_eq!(
             caps(20_000, false),
