@@ -103,6 +103,10 @@ pub struct EndpointOptions {
     pub onclose_retries: u32,
     /// Wait before the first retry; doubled each time.
     pub retry_backoff: Duration,
+    /// Tests only: each request panics once its answer is in, as a bug in the HTTP stack
+    /// would, to check what a caught panic leaves behind.
+    #[cfg(test)]
+    panic_in_request: bool,
 }
 
 impl EndpointOptions {
@@ -134,6 +138,8 @@ impl EndpointOptions {
             pass_headers: Vec::new(),
             onclose_retries: 2,
             retry_backoff: Duration::from_millis(500),
+            #[cfg(test)]
+            panic_in_request: false,
         }
     }
 }
@@ -530,16 +536,19 @@ impl Endpoint {
             .body(job.body.clone())
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         self.metrics.requests.inc();
-        self.metrics.in_flight.inc();
+        // Counted down on drop: a request that panics (caught by `guarded`) or is dropped
+        // half-way is no longer in flight either.
+        let _in_flight = self.metrics.in_flight();
         let started = std::time::Instant::now();
         let result = self
             .client
             .send(request, within, self.options.max_response)
             .await;
+        #[cfg(test)]
+        assert!(!self.options.panic_in_request, "a request panicked");
         self.metrics
             .latency
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.in_flight.dec();
         result
     }
 }
@@ -716,6 +725,71 @@ mod tests {
         let at = std::hint::black_box(3);
         let panicked = guarded("e", async move { Outcome::Final(kinds[at]) }).await;
         assert!(matches!(panicked, Outcome::Final(ErrorKind::Network)));
+    }
+
+    /// Answers every request on `listener` with `200 {}`, each connection once.
+    async fn answer_every_request(listener: tokio::net::TcpListener) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = vec![0; 64 * 1024];
+                let _ = stream.read(&mut head).await;
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                    )
+                    .await;
+            });
+        }
+    }
+
+    /// Collects what is delivered to a socket.
+    struct Delivered(flume::Sender<Reply>);
+
+    impl switchboard_bus::ReplyTo for Delivered {
+        fn deliver(&self, _topic: &str, reply: Reply) {
+            let _ = self.0.send(reply);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_that_panics_leaves_nothing_in_flight() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: Uri = format!("http://{}/events", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        tokio::spawn(answer_every_request(listener));
+        let mut options = EndpointOptions::new(
+            "panics",
+            url,
+            vec!["chat:say".into()],
+            b"0123456789abcdef".to_vec(),
+        );
+        options.panic_in_request = true;
+        let handlers = HttpHandlers::start(vec![options]).unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        handlers.register_metrics(&mut registry);
+        let in_flight = || {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("switchboard_http_handler_in_flight{"))
+                .unwrap_or_else(|| panic!("no in_flight series in\n{text}"))
+                .to_string();
+            line.rsplit(' ').next().unwrap().to_string()
+        };
+
+        for _ in 0..3 {
+            let (tx, rx) = flume::unbounded();
+            let msg = Message::new("chat:say", json!({"text": "hi"}))
+                .with_reply_to(Arc::new(Delivered(tx)));
+            handlers.dispatch(msg).unwrap();
+            // The panic is caught: the socket hears that the handler failed.
+            assert_eq!(rx.recv_async().await.unwrap(), Reply::HandlerFailed);
+            handlers.idle().await;
+            assert_eq!(in_flight(), "0", "after a request that panicked");
+        }
     }
 
     #[test]

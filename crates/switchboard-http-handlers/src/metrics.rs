@@ -137,13 +137,28 @@ pub(crate) struct EndpointMetrics {
     pub(crate) requests: Counter,
     pub(crate) retries: Counter,
     pub(crate) held: Gauge,
-    pub(crate) in_flight: Gauge,
+    in_flight: Gauge,
     errors: [Counter; 6],
 }
 
 impl EndpointMetrics {
+    /// Counts one request in flight until the guard is dropped, however the request ends.
+    pub(crate) fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.inc();
+        InFlight(&self.in_flight)
+    }
+
     pub(crate) fn error(&self, kind: ErrorKind) {
         let i = ErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
         self.errors[i].inc();
+    }
+}
+
+/// One request counted in `in_flight`; counted out on drop.
+pub(crate) struct InFlight<'a>(&'a Gauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
