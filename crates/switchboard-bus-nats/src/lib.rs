@@ -140,6 +140,8 @@ pub struct NatsBus {
     /// The every-node subscriptions' one dispatcher ([`in_order`]), and how many were made.
     every_node: tokio::sync::mpsc::UnboundedSender<Lane>,
     every_node_made: std::sync::atomic::AtomicUsize,
+    /// Answers to this node's gathers ignored as malformed.
+    malformed_gathered: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for NatsBus {
@@ -199,6 +201,7 @@ impl NatsBus {
             subscribing: Mutex::new(Vec::new()),
             every_node,
             every_node_made: std::sync::atomic::AtomicUsize::new(0),
+            malformed_gathered: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -210,6 +213,13 @@ impl NatsBus {
     /// This process's reply subjects are `<reply_prefix>.<id>`.
     pub fn reply_prefix(&self) -> &str {
         &self.reply_prefix
+    }
+
+    /// Answers to this node's gathers (presence questions) ignored as malformed so far: not
+    /// JSON, not an object, or a key other than `reply` and `fail`.
+    pub fn malformed_gathered(&self) -> u64 {
+        self.malformed_gathered
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Events published here that still wait for an answer. An answered event leaves at once.
@@ -461,7 +471,8 @@ impl Bus for NatsBus {
     /// `{"reply": …}` answers there: until none has come for [`GATHER_QUIET`] after the first
     /// (nodes on one NATS answer within a few milliseconds of each other), and for at most
     /// `within`. A node slower than that is missing from the answers: callers say how many
-    /// nodes answered.
+    /// nodes answered. A malformed answer is ignored and counted
+    /// ([`NatsBus::malformed_gathered`]), never read as a reply.
     fn gather(&self, topic: &str, data: Value, within: std::time::Duration) -> Gathering<'_> {
         let topic = topic.to_string();
         Box::pin(async move {
@@ -514,9 +525,7 @@ impl Bus for NatsBus {
                             if bytes > MAX_GATHERED_BYTES {
                                 break;
                             }
-                            if let Ok(Answer { reply: Some(v), .. }) =
-                                serde_json::from_slice(&answer.payload)
-                            {
+                            if let Some(v) = self.gathered_answer(&topic, &answer) {
                                 gathered.push(v);
                             }
                         }
@@ -532,6 +541,35 @@ impl Bus for NatsBus {
         })
     }
 }
+
+impl NatsBus {
+    /// What `gather` keeps of one message on its inbox: the `P` of an answer `{"reply": P}`.
+    /// An answer is read as every answer is ([`Reply::from_answer`]): a `{"fail": E}` or `{}`
+    /// is an answer with nothing to keep; anything else (not JSON, not an object, another
+    /// key) is malformed: counted ([`NatsBus::malformed_gathered`]), logged at most once a
+    /// second, and ignored. A status message of the server (no responders) is no answer.
+    fn gathered_answer(&self, topic: &str, answer: &async_nats::Message) -> Option<Value> {
+        if answer.status.is_some() {
+            return None;
+        }
+        match Reply::from_answer(&answer.payload) {
+            Ok(Some(Reply::Ok(v))) => Some(v),
+            Ok(_) => None,
+            Err(e) => {
+                self.malformed_gathered
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(dropped) = MALFORMED_GATHERED.note() {
+                    tracing::warn!(%topic, error = %e, dropped, "malformed answer to a gather ignored");
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Answers to gathers ignored as malformed: anyone who may publish on the inbox chooses how
+/// many, so one line a second.
+static MALFORMED_GATHERED: switchboard_bus::LogLimit = switchboard_bus::LogLimit::new();
 
 /// [`NatsBus::gather`] keeps at most this many answers (one per node; anyone on the broker
 /// may answer).

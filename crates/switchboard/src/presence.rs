@@ -7,6 +7,8 @@ use std::future::{ready, Ready};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_bus::{Bus, Message, PublishError};
 use switchboard_core::SocketRef;
@@ -96,19 +98,18 @@ impl Presence {
     /// [`PRESENCE_TIMEOUT`] (or, on NATS, within 50 ms of the others) is left out: `nodes`
     /// says how many did.
     pub async fn namespace(&self, namespace: &str) -> Result<NamespacePresence, PublishError> {
-        let answers = self.ask(json!({"namespace": namespace})).await?;
+        let answers: Vec<NamespaceAnswer> = self.ask(json!({"namespace": namespace})).await?;
         let mut out = NamespacePresence {
             nodes: answers.len(),
-            truncated: answers.iter().any(|a| a["truncated"] == true),
+            truncated: answers.iter().any(|a| a.truncated),
             ..Default::default()
         };
-        let listed = sum_counts(&answers, "users", &mut out.users);
+        let listed = sum_counts(answers.iter().map(|a| &a.users), &mut out.users);
         // Each node says how many sockets it has, listed or not (a truncated answer lists
         // fewer).
         let counted = answers
             .iter()
-            .filter_map(|a| a["sockets"].as_u64())
-            .fold(0usize, |sum, n| sum.saturating_add(n as usize));
+            .fold(0usize, |sum, a| sum.saturating_add(saturate(a.sockets)));
         out.sockets = counted.max(listed);
         Ok(out)
     }
@@ -116,33 +117,32 @@ impl Presence {
     /// `username`'s sockets, across nodes (see [`Presence::namespace`] for nodes that do not
     /// answer).
     pub async fn user(&self, username: &str) -> Result<UserPresence, PublishError> {
-        let answers = self.ask(json!({"username": username})).await?;
+        let answers: Vec<UserAnswer> = self.ask(json!({"username": username})).await?;
         let mut out = UserPresence {
             nodes: answers.len(),
             ..Default::default()
         };
-        out.sockets = sum_counts(&answers, "namespaces", &mut out.namespaces);
+        out.sockets = sum_counts(answers.iter().map(|a| &a.namespaces), &mut out.namespaces);
         Ok(out)
     }
 
     /// `username`'s connections, listed, across nodes (see [`Presence::namespace`] for nodes
     /// that do not answer).
     pub async fn connections(&self, username: &str) -> Result<UserConnections, PublishError> {
-        let answers = self.ask(json!({"connections": username})).await?;
+        let answers: Vec<ConnectionsAnswer> = self.ask(json!({"connections": username})).await?;
         let mut out = UserConnections {
             nodes: answers.len(),
             ..Default::default()
         };
-        for answer in &answers {
-            let node = answer["node"].as_str().unwrap_or("local");
-            for c in answer["connections"].as_array().into_iter().flatten() {
+        for answer in answers {
+            for c in answer.connections {
                 if out.connections.len() >= MAX_MERGED {
                     break;
                 }
                 out.connections.push(Connection {
-                    node: node.to_string(),
-                    namespace: c["namespace"].as_str().map(String::from),
-                    since_ms: c["since_ms"].as_u64().unwrap_or(0),
+                    node: answer.node.clone(),
+                    namespace: c.namespace,
+                    since_ms: c.since_ms,
                 });
             }
         }
@@ -150,20 +150,81 @@ impl Presence {
         Ok(out)
     }
 
-    async fn ask(&self, question: Value) -> Result<Vec<Value>, PublishError> {
-        self.bus
+    /// Asks every node; keeps the answers of exactly the shape `A` (see [`responder`]). Any
+    /// other answer (a missing, extra or mistyped field: anyone on the bus may answer) is
+    /// malformed: logged at most once a second and ignored, not counted as a node's.
+    async fn ask<A: DeserializeOwned>(&self, question: Value) -> Result<Vec<A>, PublishError> {
+        let answers = self
+            .bus
             .gather(PRESENCE_TOPIC, question, PRESENCE_TIMEOUT)
-            .await
+            .await?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|answer| match serde_json::from_value(answer) {
+                Ok(answer) => Some(answer),
+                Err(e) => {
+                    if let Some(dropped) = MALFORMED.note() {
+                        tracing::warn!(error = %e, dropped, "malformed presence answer ignored");
+                    }
+                    None
+                }
+            })
+            .collect())
     }
 }
 
-/// Adds up the `{name: count}` maps at `field` of every answer into `into` (at most
-/// [`MAX_MERGED`] names: answers come from anyone on the bus); the total.
-fn sum_counts(answers: &[Value], field: &str, into: &mut BTreeMap<String, usize>) -> usize {
+/// Presence answers ignored as malformed: anyone on the bus chooses how many, so one line a
+/// second.
+static MALFORMED: switchboard_bus::LogLimit = switchboard_bus::LogLimit::new();
+
+/// A node's answer to `{"namespace": N}`, exactly.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespaceAnswer {
+    users: BTreeMap<String, u64>,
+    sockets: u64,
+    truncated: bool,
+}
+
+/// A node's answer to `{"username": U}`, exactly.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserAnswer {
+    namespaces: BTreeMap<String, u64>,
+}
+
+/// A node's answer to `{"connections": U}`, exactly.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectionsAnswer {
+    node: String,
+    connections: Vec<ConnectionAnswer>,
+}
+
+/// One connection in a [`ConnectionsAnswer`]; `namespace` is `null` for none (and there:
+/// a missing field is malformed too).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectionAnswer {
+    #[serde(deserialize_with = "Option::deserialize")]
+    namespace: Option<String>,
+    since_ms: u64,
+}
+
+fn saturate(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// Adds up the `{name: count}` maps of every answer into `into` (at most [`MAX_MERGED`]
+/// names: answers come from anyone on the bus); the total.
+fn sum_counts<'a>(
+    answers: impl Iterator<Item = &'a BTreeMap<String, u64>>,
+    into: &mut BTreeMap<String, usize>,
+) -> usize {
     let mut total: usize = 0;
-    for answer in answers {
-        for (name, count) in answer[field].as_object().into_iter().flatten() {
-            let count = count.as_u64().unwrap_or(0).min(usize::MAX as u64) as usize;
+    for counts in answers {
+        for (name, &count) in counts {
+            let count = saturate(count);
             if into.len() < MAX_MERGED || into.contains_key(name) {
                 let entry = into.entry(name.clone()).or_default();
                 *entry = entry.saturating_add(count);

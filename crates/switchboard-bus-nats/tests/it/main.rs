@@ -302,3 +302,123 @@ async fn a_gather_keeps_at_most_its_bytes_of_answers_whoever_answers() {
     );
     assert!(kept <= MAX_GATHERED_BYTES, "{kept}");
 }
+
+/// Someone on the broker who answers every question on `subject` with `bodies`, in order,
+/// then `last` (each on the question's reply subject); `answers(question)` picks the bodies.
+async fn answer_every_question(
+    nats: &NatsServer,
+    subject: &str,
+    answers: impl Fn(&Value) -> Vec<String> + Send + 'static,
+) -> async_nats::Client {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut questions = client.subscribe(subject.to_string()).await.unwrap();
+    client.flush().await.unwrap();
+    let answering = client.clone();
+    tokio::spawn(async move {
+        while let Some(question) = questions.next().await {
+            let asked: Value = serde_json::from_slice(&question.payload).unwrap_or_default();
+            let reply = question.reply.unwrap();
+            for body in answers(&asked) {
+                answering.publish(reply.clone(), body.into()).await.unwrap();
+            }
+            answering.flush().await.unwrap();
+        }
+    });
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gather_ignores_and_counts_malformed_answers_and_never_misreads_one() {
+    let nats = NatsServer::start();
+    // The malformed ones first, the one good reply last: the gather waits for a first reply,
+    // so by the time it ends every malformed one has arrived.
+    let _outside = answer_every_question(&nats, "ask", |_| {
+        [
+            r#"["reply", 2]"#,                // not an object
+            r#"{"reply": 3, "junk": 1}"#,     // another key
+            r#"{"reply": 4"#,                 // not JSON
+            r#""reply""#,                     // a string
+            r#"{"fail": {"message": "no"}}"#, // an answer, with nothing to keep
+            r#"{"reply": 5, "fail": 6}"#,     // a failure (it wins), not a reply of 5
+            r#"{}"#,                          // an answer, with nothing to say
+            r#"{"reply": 1}"#,
+        ]
+        .map(String::from)
+        .to_vec()
+    })
+    .await;
+    let bus = NatsBus::connect(NatsOptions::new(nats.url()))
+        .await
+        .unwrap();
+    let answers = bus
+        .gather("ask", json!({"q": 1}), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(answers, [json!(1)]);
+    assert_eq!(bus.malformed_gathered(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_ignores_answers_that_are_not_exactly_a_nodes() {
+    let nats = NatsServer::start();
+    let a = gateway(&nats, Duration::from_secs(5), |_| {}).await;
+    let _alex = connect(a.running.local_addr().unwrap(), "alex", Some("acme")).await;
+    wait_until(|| a.running.sockets().count() == 1, "the socket registered").await;
+    // Someone on the broker answers every presence question with near misses of a node's
+    // answer, each of which the loose reading took in (as 0, "local", or counts).
+    let _outside = answer_every_question(&nats, "_SB_PRESENCE", |asked| {
+        let near_misses = if asked.get("namespace").is_some() {
+            vec![
+                json!({"users": {"mallory": 5}, "sockets": "5", "truncated": false}),
+                json!({"users": {"mallory": 5}, "sockets": 5, "truncated": false, "x": 1}),
+                json!({"users": {"mallory": -1}, "sockets": 1, "truncated": true}),
+                json!({"users": ["mallory"], "sockets": 1, "truncated": false}),
+                json!({"users": {"mallory": 5}, "sockets": 5}),
+                json!({"namespaces": {"acme": 5}}),
+                json!(5),
+            ]
+        } else if asked.get("username").is_some() {
+            vec![
+                json!({"namespaces": {"acme": "5"}}),
+                json!({"namespaces": {"acme": 5}, "node": "evil"}),
+                json!({"namespaces": {"acme": 1.5}}),
+                json!({"users": {"alex": 5}, "sockets": 5, "truncated": false}),
+            ]
+        } else {
+            vec![
+                json!({"connections": [{"namespace": "acme", "since_ms": 1}]}),
+                json!({"node": "evil", "connections": [{"namespace": "acme", "since_ms": "now"}]}),
+                json!({"node": "evil", "connections": [{"namespace": 7, "since_ms": 1}]}),
+                json!({"node": "evil", "connections": [{"since_ms": 1}]}),
+                json!({"node": 7, "connections": []}),
+            ]
+        };
+        near_misses
+            .into_iter()
+            .map(|reply| json!({ "reply": reply }).to_string())
+            .collect()
+    })
+    .await;
+    let presence = a.running.presence();
+    let acme = presence.namespace("acme").await.unwrap();
+    assert_eq!(acme.nodes, 1, "only the node's answer counts");
+    assert_eq!(
+        (
+            acme.users.into_iter().collect::<Vec<_>>(),
+            acme.sockets,
+            acme.truncated
+        ),
+        (vec![("alex".to_string(), 1)], 1, false)
+    );
+    let alex = presence.user("alex").await.unwrap();
+    assert_eq!((alex.nodes, alex.sockets), (1, 1));
+    assert_eq!(
+        alex.namespaces.into_iter().collect::<Vec<_>>(),
+        [("acme".to_string(), 1)]
+    );
+    let listed = presence.connections("alex").await.unwrap();
+    assert_eq!(listed.nodes, 1);
+    assert_eq!(listed.connections.len(), 1);
+    assert_eq!(listed.connections[0].node, a.bus.node_name());
+    assert_eq!(listed.connections[0].namespace.as_deref(), Some("acme"));
+}
