@@ -17,7 +17,8 @@
 //!   `_SB_REPLY.<node name>.<random token>.<id>`: the name is a label, the token keeps
 //!   replicas that share a name apart. A handler answers `{"reply": ...}`, `{"fail": ...}`
 //!   or `{}` (handled, nothing to say). No answer within the reply timeout: the socket gets
-//!   an error frame;
+//!   an error frame; a node relaying that no-answer marks its `{"fail": ...}` with
+//!   [`ANSWER_HEADER`], so the sender's node hears a no-answer, not a refusal;
 //! - while NATS is unreachable, publishing fails at once (the sender gets an error frame),
 //!   [`Bus::is_ready`] is false, and the client reconnects by itself, to any member of a
 //!   cluster ([`NatsOptions::cluster`]).
@@ -74,6 +75,12 @@ use outbox::{Outbox, Outgoing};
 /// Header that marks a Switchboard envelope. A body without it is taken as bare `data`
 /// (what a plain NATS client publishing to the `send` topic would send).
 pub const ENVELOPE_HEADER: &str = "Switchboard-Envelope";
+/// Header on an answer that is not a handler's own: `no-answer` marks a `{"fail": E}` that
+/// says no handler answered in time ([`Reply::NoAnswer`], relayed by a node that waited in
+/// its turn), so the sender's node tells it from a refusal. Any other value is malformed.
+pub const ANSWER_HEADER: &str = "Switchboard-Answer";
+/// The [`ANSWER_HEADER`] value of a relayed [`Reply::NoAnswer`].
+pub const NO_ANSWER: &str = "no-answer";
 /// First token of the reply subjects: `_SB_REPLY.<node name>.<process token>.<id>`.
 pub const REPLY_PREFIX: &str = "_SB_REPLY";
 /// The node name when none is configured.
@@ -216,7 +223,8 @@ impl NatsBus {
     }
 
     /// Answers to this node's gathers (presence questions) ignored as malformed so far: not
-    /// JSON, not an object, or a key other than `reply` and `fail`.
+    /// JSON, not an object, a key other than `reply` and `fail`, or an [`ANSWER_HEADER`]
+    /// that does not go with it.
     pub fn malformed_gathered(&self) -> u64 {
         self.malformed_gathered
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -544,15 +552,15 @@ impl Bus for NatsBus {
 
 impl NatsBus {
     /// What `gather` keeps of one message on its inbox: the `P` of an answer `{"reply": P}`.
-    /// An answer is read as every answer is ([`Reply::from_answer`]): a `{"fail": E}` or `{}`
-    /// is an answer with nothing to keep; anything else (not JSON, not an object, another
-    /// key) is malformed: counted ([`NatsBus::malformed_gathered`]), logged at most once a
+    /// An answer is read as every answer is ([`read_answer`]): a `{"fail": E}` (marked
+    /// no-answer or not) or `{}` is an answer with nothing to keep; anything else (not JSON,
+    /// not an object, another key, an [`ANSWER_HEADER`] that does not go with it) is malformed: counted ([`NatsBus::malformed_gathered`]), logged at most once a
     /// second, and ignored. A status message of the server (no responders) is no answer.
     fn gathered_answer(&self, topic: &str, answer: &async_nats::Message) -> Option<Value> {
         if answer.status.is_some() {
             return None;
         }
-        match Reply::from_answer(&answer.payload) {
+        match read_answer(answer) {
             Ok(Some(Reply::Ok(v))) => Some(v),
             Ok(_) => None,
             Err(e) => {
@@ -602,12 +610,30 @@ async fn listen_for_answers(mut replies: async_nats::Subscriber, answers: Arc<An
             // Nobody subscribes to the topic: as on the in-process bus, nothing happens.
             continue;
         }
-        deliver_answer(&way_back, &answer.subject, &answer.payload);
+        deliver_answer(&way_back, &answer);
     }
 }
 
-fn deliver_answer(way_back: &Message, subject: &str, body: &[u8]) {
-    match Reply::from_answer(body) {
+/// An answer as it is on NATS: its body ([`Reply::from_answer`]), and a `{"fail": E}` marked
+/// [`ANSWER_HEADER`]` = `[`NO_ANSWER`] is [`Reply::NoAnswer`].
+fn read_answer(answer: &async_nats::Message) -> Result<Option<Reply>, String> {
+    let reply = Reply::from_answer(&answer.payload)?;
+    let Some(marked) = answer.headers.as_ref().and_then(|h| h.get(ANSWER_HEADER)) else {
+        return Ok(reply);
+    };
+    match reply {
+        Some(Reply::Fail(error)) if marked.as_str() == NO_ANSWER => {
+            Ok(Some(Reply::NoAnswer(error)))
+        }
+        _ => Err(format!(
+            "`{ANSWER_HEADER}: {marked}` goes only with `{NO_ANSWER}` and a `fail`"
+        )),
+    }
+}
+
+fn deliver_answer(way_back: &Message, answer: &async_nats::Message) {
+    let subject = &answer.subject;
+    match read_answer(answer) {
         Ok(Some(reply)) => way_back.deliver(reply),
         Ok(None) => {}
         Err(e) => {
@@ -653,6 +679,11 @@ struct NatsAnswer {
 
 impl NatsAnswer {
     fn send(&self, answer: &Answer) {
+        self.send_marked(answer, None);
+    }
+
+    /// `answer`, with [`ANSWER_HEADER`] set to `mark` if there is one.
+    fn send_marked(&self, answer: &Answer, mark: Option<&'static str>) {
         use std::sync::atomic::Ordering;
         if self.answered.swap(true, Ordering::AcqRel) {
             return; // one answer per event, as the other side expects
@@ -661,7 +692,15 @@ impl NatsAnswer {
         let subject = self.subject.clone();
         let body = Bytes::from(serde_json::to_vec(answer).unwrap_or_default());
         tokio::spawn(async move {
-            if let Err(e) = client.publish(subject, body).await {
+            let sent = match mark {
+                Some(mark) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(ANSWER_HEADER, mark);
+                    client.publish_with_headers(subject, headers, body).await
+                }
+                None => client.publish(subject, body).await,
+            };
+            if let Err(e) = sent {
                 tracing::warn!(error = %e, "cannot send an answer");
             }
         });
@@ -674,21 +713,18 @@ impl NatsAnswer {
 
 impl ReplyTo for NatsAnswer {
     fn deliver(&self, _topic: &str, reply: Reply) {
-        let answer = match reply {
-            Reply::Ok(v) => Answer {
-                reply: Some(v),
-                fail: None,
-            },
-            Reply::Fail(v) | Reply::NoAnswer(v) => Answer {
-                reply: None,
-                fail: Some(v),
-            },
-            _ => Answer {
-                reply: None,
-                fail: Some(json!({"message": "internal error in a handler"})),
-            },
+        let (reply, fail, mark) = match reply {
+            Reply::Ok(v) => (Some(v), None, None),
+            Reply::Fail(v) => (None, Some(v), None),
+            // A `fail` to a node that reads no header (an older one), marked for one that does.
+            Reply::NoAnswer(v) => (None, Some(v), Some(NO_ANSWER)),
+            _ => (
+                None,
+                Some(json!({"message": "internal error in a handler"})),
+                None,
+            ),
         };
-        self.send(&answer);
+        self.send_marked(&Answer { reply, fail }, mark);
     }
 }
 

@@ -245,3 +245,122 @@ async fn the_outbox_is_bounded_in_bytes_and_pending_answers_in_count() {
     // nobody subscribes: NATS says so, and each entry leaves
     wait_until(|| node.pending_answers().events == 0, "no-responders").await;
 }
+
+/// A socket stand-in that hands on what it is told.
+struct Told(tokio::sync::mpsc::UnboundedSender<Reply>);
+
+impl ReplyTo for Told {
+    fn deliver(&self, _topic: &str, reply: Reply) {
+        let _ = self.0.send(reply);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_answer_relayed_by_another_node_arrives_as_a_no_answer() {
+    let nats = NatsServer::start();
+    // Someone subscribes to `inner` and never answers.
+    let silent = async_nats::connect(nats.url()).await.unwrap();
+    let _never = silent
+        .queue_subscribe("inner", switchboard_bus_nats::DEFAULT_GROUP.into())
+        .await
+        .unwrap();
+    silent.flush().await.unwrap();
+    // A handler process that relays each `outer` event to `inner`, with the event's way back:
+    // its own reply timeout runs out there and it tells the sender so, through its node.
+    let mut relay_options = NatsOptions::new(nats.url());
+    relay_options.reply_timeout = Duration::from_millis(200);
+    let relay = Arc::new(NatsBus::connect(relay_options).await.unwrap());
+    let relaying = relay.clone();
+    relay
+        .subscribe(
+            "outer",
+            Arc::new(move |m: Message| {
+                let relaying = relaying.clone();
+                async move {
+                    relaying.publish(m.with_topic("inner")).unwrap();
+                    std::future::pending::<()>().await // answered by the relay's timeout
+                }
+            }),
+        )
+        .unwrap();
+    relay.subscriptions_ready().await.unwrap();
+    // The sender's node waits far longer itself: what it hears is the relay's no-answer.
+    let mut options = NatsOptions::new(nats.url());
+    options.reply_timeout = Duration::from_secs(600);
+    let node = NatsBus::connect(options).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    node.publish(Message::new("outer", json!({"n": 1})).with_reply_to(Arc::new(Told(tx))))
+        .unwrap();
+    let heard = tokio::time::timeout(NATS_WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Reply::NoAnswer(error) = heard else {
+        panic!("a no-answer, not {heard:?}");
+    };
+    assert_eq!(error["topic"], "inner", "{error}");
+
+    // On the wire: a `fail`, marked, so a node that reads no header still hears a failure.
+    let outside = async_nats::connect(nats.url()).await.unwrap();
+    let answer = outside
+        .request("outer", r#"{"n": 2}"#.into())
+        .await
+        .unwrap();
+    assert_eq!(
+        answer
+            .headers
+            .unwrap()
+            .get(switchboard_bus_nats::ANSWER_HEADER)
+            .unwrap()
+            .as_str(),
+        switchboard_bus_nats::NO_ANSWER
+    );
+    let body: Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(body["fail"]["topic"], "inner", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marked_answer_that_is_not_a_no_answer_is_malformed() {
+    let nats = NatsServer::start();
+    let outside = async_nats::connect(nats.url()).await.unwrap();
+    let mut events = outside.subscribe("marked").await.unwrap();
+    outside.flush().await.unwrap();
+    let answering = outside.clone();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Some(event) = events.next().await {
+            let (mark, body) = [
+                ("no-answer", r#"{"reply": 1}"#),
+                ("no-answer", r#"{}"#),
+                ("refused", r#"{"fail": {"message": "x"}}"#),
+                ("no-answer", r#"{"fail": {"message": "late"}}"#),
+            ][n];
+            n += 1;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(switchboard_bus_nats::ANSWER_HEADER, mark);
+            answering
+                .publish_with_headers(event.reply.unwrap(), headers, body.into())
+                .await
+                .unwrap();
+        }
+    });
+    let node = NatsBus::connect(NatsOptions::new(nats.url()))
+        .await
+        .unwrap();
+    let malformed = Reply::Fail(json!({"message": "malformed answer from a handler"}));
+    for want in [
+        malformed.clone(),
+        malformed.clone(),
+        malformed,
+        Reply::NoAnswer(json!({"message": "late"})),
+    ] {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        node.publish(Message::new("marked", json!({})).with_reply_to(Arc::new(Told(tx))))
+            .unwrap();
+        let heard = tokio::time::timeout(NATS_WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(heard, want);
+    }
+}
