@@ -129,7 +129,7 @@ async fn answer(state: &ApiState, req: Request<Incoming>) -> Answer {
         return Ok(res);
     }
     if req.method() == Method::GET {
-        let query = query(&req);
+        let query = query(req.uri().query().unwrap_or_default())?;
         return match path.as_str() {
             "/api/presence" => presence(state, &query).await,
             _ => connections(state, &query).await,
@@ -143,10 +143,68 @@ async fn answer(state: &ApiState, req: Request<Incoming>) -> Answer {
     }
 }
 
-fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
-    form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
-        .into_owned()
-        .collect()
+/// The query's parameters, each name once: a name given twice (`?namespace=a&namespace=b`)
+/// or a name or value that is not UTF-8 once percent-decoded (`%ff`) is a `400` naming it,
+/// never a guess (the last one, or U+FFFD in place of the bytes), as at the upgrade.
+fn query(query: &str) -> Result<BTreeMap<String, String>, HttpResponse> {
+    let mut params = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let Ok(name) = form_decode(name) else {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "a query parameter's name is not UTF-8 once percent-decoded",
+            ));
+        };
+        let Ok(value) = form_decode(value) else {
+            return Err(bad_field(
+                &name,
+                &format!("`?{name}=` is not UTF-8 once percent-decoded"),
+            ));
+        };
+        if params.contains_key(&name) {
+            return Err(bad_field(
+                &name,
+                &format!("`?{name}=` given more than once"),
+            ));
+        }
+        params.insert(name, value);
+    }
+    Ok(params)
+}
+
+/// `application/x-www-form-urlencoded` decoding (`+` is a space, `%XX` a byte; a `%` not
+/// followed by two hex digits stands for itself), strict: bytes that are not UTF-8 are an
+/// error.
+fn form_decode(text: &str) -> Result<String, std::string::FromUtf8Error> {
+    let hex = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    };
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let byte = match bytes[i] {
+            b'+' => b' ',
+            b'%' => match (
+                bytes.get(i + 1).and_then(|&b| hex(b)),
+                bytes.get(i + 2).and_then(|&b| hex(b)),
+            ) {
+                (Some(high), Some(low)) => {
+                    i += 2;
+                    high * 16 + low
+                }
+                _ => b'%',
+            },
+            b => b,
+        };
+        out.push(byte);
+        i += 1;
+    }
+    String::from_utf8(out)
 }
 
 /// The body as a JSON object, at most `max` bytes (`413` beyond, unread).
@@ -171,8 +229,20 @@ async fn read_json(req: Request<Incoming>, max: usize) -> Result<Map<String, Val
         Err(e) => return Err(error(StatusCode::BAD_REQUEST, &format!("bad body: {e}"))),
     };
     match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(error(
+        Ok(Fields {
+            map,
+            repeated: None,
+        }) => Ok(map),
+        // As for a query parameter: the first value or the last would be a guess.
+        Ok(Fields {
+            repeated: Some(field),
+            ..
+        }) => Err(bad_field(
+            &field,
+            &format!("`{field}` given more than once"),
+        )),
+        // Only the top level can have the wrong type: below it, any JSON is a `Value`.
+        Err(e) if e.is_data() => Err(error(
             StatusCode::BAD_REQUEST,
             "the body must be a JSON object",
         )),
@@ -180,6 +250,40 @@ async fn read_json(req: Request<Incoming>, max: usize) -> Result<Map<String, Val
             StatusCode::BAD_REQUEST,
             &format!("the body is not JSON: {e}"),
         )),
+    }
+}
+
+/// A JSON object's fields, and the first name it gives twice (`serde_json::Map` would keep
+/// the last value silently).
+struct Fields {
+    map: Map<String, Value>,
+    repeated: Option<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Fields, A::Error> {
+                let mut fields = Fields {
+                    map: Map::new(),
+                    repeated: None,
+                };
+                while let Some((name, value)) = a.next_entry::<String, Value>()? {
+                    if fields.repeated.is_none() && fields.map.contains_key(&name) {
+                        fields.repeated = Some(name);
+                    } else {
+                        fields.map.insert(name, value);
+                    }
+                }
+                Ok(fields)
+            }
+        }
+        d.deserialize_map(Object)
     }
 }
 

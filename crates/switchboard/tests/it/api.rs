@@ -153,6 +153,133 @@ async fn send_broadcast_disconnect_and_presence_over_http(kind: Kind) {
 
 switchboard_test_support::each_transport!(send_broadcast_disconnect_and_presence_over_http);
 
+/// `body` as it is, bytes that are not JSON (or not UTF-8) included, with the key.
+async fn call_raw(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(&request).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    (
+        head[9..12].parse().unwrap(),
+        serde_json::from_str(body).unwrap(),
+    )
+}
+
+/// A parameter or a body field given twice gets `400` naming it, as `namespace` does at the
+/// upgrade: one value would be used, and which one is a guess (the last, before). A parameter
+/// that is not UTF-8 once percent-decoded gets `400` too, never U+FFFD in place of its bytes
+/// (which would name another namespace or user than the one asked about).
+#[tokio::test]
+async fn a_repeated_or_undecodable_parameter_or_field_is_400_naming_it() {
+    let (gw, addr) = api_gateway(Kind::WebSocket).await;
+    let _alex = gw.connect("alex", Some("acme")).await;
+    gw.wait_for_sockets(1).await;
+    let refused = [
+        ("/api/presence?namespace=acme&namespace=globex", "namespace"),
+        ("/api/presence?namespace=globex&namespace=acme", "namespace"),
+        ("/api/presence?namespace=acme&namespace=acme", "namespace"),
+        ("/api/presence?namespace=%ff", "namespace"),
+        ("/api/presence?namespace=ac%ffme", "namespace"),
+        ("/api/presence?namespace=acme&other=%c3", "other"),
+        ("/api/connections?username=alex&username=sam", "username"),
+        ("/api/connections?username=%ff%fe", "username"),
+    ];
+    for (target, field) in refused {
+        let (status, answer) = call(addr, "GET", target, None).await;
+        assert_eq!(
+            (status, answer["field"].clone()),
+            (400, json!(field)),
+            "{target}: {answer}"
+        );
+    }
+    let (status, answer) = call(addr, "GET", "/api/presence?%ff=1&namespace=acme", None).await;
+    assert_eq!(status, 400, "{answer}");
+    // Percent-encoded UTF-8, `+` and a `%` that encodes nothing still decode as before.
+    for (target, namespace) in [
+        ("/api/presence?namespace=ac%6De", "acme"),
+        ("/api/presence?namespace=%C3%A9t%C3%A9", "été"),
+        ("/api/presence?namespace=a+b%", "a b%"),
+    ] {
+        let (status, answer) = call(addr, "GET", target, None).await;
+        assert_eq!(
+            (status, answer["namespace"].clone()),
+            (200, json!(namespace))
+        );
+    }
+    let (status, answer) = call(addr, "GET", "/api/presence?namespace=ac%6De", None).await;
+    assert_eq!((status, answer["users"].clone()), (200, json!({"alex": 1})));
+    let (status, answer) = call(addr, "GET", "/api/connections?username=%61lex", None).await;
+    assert_eq!((status, answer["username"].clone()), (200, json!("alex")));
+
+    // The same for the POSTs' bodies: a field given twice.
+    let refused: [(&str, &str, &str); 5] = [
+        (
+            "/api/send",
+            r#"{"username":"sam","username":"alex","type":"t"}"#,
+            "username",
+        ),
+        (
+            "/api/send",
+            r#"{"username":"alex","type":"t","namespace":"a","namespace":"acme"}"#,
+            "namespace",
+        ),
+        (
+            "/api/broadcast",
+            r#"{"type":"a","payload":1,"type":"b"}"#,
+            "type",
+        ),
+        (
+            "/api/disconnect",
+            r#"{"username":"alex","code":4003,"code":4004}"#,
+            "code",
+        ),
+        (
+            "/api/disconnect",
+            r#"{"username":"alex","reason":"a","reason":"b"}"#,
+            "reason",
+        ),
+    ];
+    for (path, body, field) in refused {
+        let (status, answer) = call_raw(addr, "POST", path, body.as_bytes()).await;
+        assert_eq!(
+            (status, answer["field"].clone()),
+            (400, json!(field)),
+            "{path} {body}: {answer}"
+        );
+    }
+    // Not UTF-8, raw or escaped (a lone surrogate): not JSON.
+    for body in [
+        &b"{\"username\":\"\xff\",\"type\":\"t\"}"[..],
+        br#"{"username":"\udcff","type":"t"}"#,
+    ] {
+        let (status, answer) = call_raw(addr, "POST", "/api/send", body).await;
+        assert_eq!(status, 400, "{answer}");
+    }
+    // A repeated key deeper down is the payload's own business, sent as JSON reads it.
+    let body = br#"{"username":"alex","type":"t","payload":{"n":1,"n":2}}"#;
+    let (status, answer) = call_raw(addr, "POST", "/api/send", body).await;
+    assert_eq!(
+        (status, answer["sockets_on_this_node"].clone()),
+        (200, json!(1))
+    );
+    let (status, answer) = call_raw(addr, "POST", "/api/send", b"[1]").await;
+    assert_eq!(
+        (status, answer["error"].clone()),
+        (400, json!("the body must be a JSON object"))
+    );
+}
+
 /// docs/openapi.json lists exactly the routes the server serves, and each answers (with the
 /// key, and bad input: never 404 or 405).
 #[tokio::test]
