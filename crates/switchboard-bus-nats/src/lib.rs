@@ -18,7 +18,9 @@
 //!   replicas that share a name apart. A handler answers `{"reply": ...}`, `{"fail": ...}`
 //!   or `{}` (handled, nothing to say). No answer within the reply timeout: the socket gets
 //!   an error frame; a node relaying that no-answer marks its `{"fail": ...}` with
-//!   [`ANSWER_HEADER`], so the sender's node hears a no-answer, not a refusal;
+//!   [`ANSWER_HEADER`], so the sender's node hears a no-answer, not a refusal; a node whose
+//!   handler returned an error or panicked (or that relays such a failure) marks its
+//!   `{"fail": ...}` too, so the sender's node hears a handler failure;
 //! - while NATS is unreachable, publishing fails at once (the sender gets an error frame),
 //!   [`Bus::is_ready`] is false, and the client reconnects by itself, to any member of a
 //!   cluster ([`NatsOptions::cluster`]).
@@ -77,10 +79,14 @@ use outbox::{Outbox, Outgoing};
 pub const ENVELOPE_HEADER: &str = "Switchboard-Envelope";
 /// Header on an answer that is not a handler's own: `no-answer` marks a `{"fail": E}` that
 /// says no handler answered in time ([`Reply::NoAnswer`], relayed by a node that waited in
-/// its turn), so the sender's node tells it from a refusal. Any other value is malformed.
+/// its turn), and `handler-failed` one that says a handler returned an error or panicked
+/// ([`Reply::HandlerFailed`], on the node that ran it or relayed from further on), so the
+/// sender's node tells them from a refusal. Any other value is malformed.
 pub const ANSWER_HEADER: &str = "Switchboard-Answer";
 /// The [`ANSWER_HEADER`] value of a relayed [`Reply::NoAnswer`].
 pub const NO_ANSWER: &str = "no-answer";
+/// The [`ANSWER_HEADER`] value of a relayed [`Reply::HandlerFailed`].
+pub const HANDLER_FAILED: &str = "handler-failed";
 /// First token of the reply subjects: `_SB_REPLY.<node name>.<process token>.<id>`.
 pub const REPLY_PREFIX: &str = "_SB_REPLY";
 /// The node name when none is configured.
@@ -553,8 +559,9 @@ impl Bus for NatsBus {
 impl NatsBus {
     /// What `gather` keeps of one message on its inbox: the `P` of an answer `{"reply": P}`.
     /// An answer is read as every answer is ([`read_answer`]): a `{"fail": E}` (marked
-    /// no-answer or not) or `{}` is an answer with nothing to keep; anything else (not JSON,
-    /// not an object, another key, an [`ANSWER_HEADER`] that does not go with it) is malformed: counted ([`NatsBus::malformed_gathered`]), logged at most once a
+    /// no-answer, handler-failed or not) or `{}` is an answer with nothing to keep; anything
+    /// else (not JSON, not an object, another key, an [`ANSWER_HEADER`] that does not go with
+    /// it) is malformed: counted ([`NatsBus::malformed_gathered`]), logged at most once a
     /// second, and ignored. A status message of the server (no responders) is no answer.
     fn gathered_answer(&self, topic: &str, answer: &async_nats::Message) -> Option<Value> {
         if answer.status.is_some() {
@@ -615,18 +622,20 @@ async fn listen_for_answers(mut replies: async_nats::Subscriber, answers: Arc<An
 }
 
 /// An answer as it is on NATS: its body ([`Reply::from_answer`]), and a `{"fail": E}` marked
-/// [`ANSWER_HEADER`]` = `[`NO_ANSWER`] is [`Reply::NoAnswer`].
+/// [`ANSWER_HEADER`]` = `[`NO_ANSWER`] is [`Reply::NoAnswer`], one marked
+/// [`ANSWER_HEADER`]` = `[`HANDLER_FAILED`] is [`Reply::HandlerFailed`] (`E` is dropped: the
+/// sender is told an internal error, as for a handler of its own node).
 fn read_answer(answer: &async_nats::Message) -> Result<Option<Reply>, String> {
     let reply = Reply::from_answer(&answer.payload)?;
     let Some(marked) = answer.headers.as_ref().and_then(|h| h.get(ANSWER_HEADER)) else {
         return Ok(reply);
     };
-    match reply {
-        Some(Reply::Fail(error)) if marked.as_str() == NO_ANSWER => {
-            Ok(Some(Reply::NoAnswer(error)))
-        }
+    match (reply, marked.as_str()) {
+        (Some(Reply::Fail(error)), NO_ANSWER) => Ok(Some(Reply::NoAnswer(error))),
+        (Some(Reply::Fail(_)), HANDLER_FAILED) => Ok(Some(Reply::HandlerFailed)),
         _ => Err(format!(
-            "`{ANSWER_HEADER}: {marked}` goes only with `{NO_ANSWER}` and a `fail`"
+            "`{ANSWER_HEADER}: {marked}` goes only with `{NO_ANSWER}` or `{HANDLER_FAILED}` \
+             and a `fail`"
         )),
     }
 }
@@ -718,14 +727,16 @@ impl ReplyTo for NatsAnswer {
             Reply::Fail(v) => (None, Some(v), None),
             // A `fail` to a node that reads no header (an older one), marked for one that does.
             Reply::NoAnswer(v) => (None, Some(v), Some(NO_ANSWER)),
-            _ => (
-                None,
-                Some(json!({"message": "internal error in a handler"})),
-                None,
-            ),
+            Reply::HandlerFailed => (None, Some(internal_error()), Some(HANDLER_FAILED)),
+            _ => (None, Some(internal_error()), None),
         };
         self.send_marked(&Answer { reply, fail }, mark);
     }
+}
+
+/// The `fail` of an answer that says a handler failed, without its details.
+fn internal_error() -> Value {
+    json!({"message": "internal error in a handler"})
 }
 
 /// Messages dropped as malformed: anyone on the broker chooses how many, so one line a second.

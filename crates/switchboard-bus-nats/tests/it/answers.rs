@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use switchboard::Message;
-use switchboard_bus::{Bus, PublishFailure, Reply, ReplyTo};
+use switchboard_bus::{Bus, Handler, PublishFailure, Reply, ReplyTo};
 use switchboard_bus_nats::{NatsBus, NatsOptions, PendingAnswers};
 
 use crate::support::*;
@@ -28,11 +28,20 @@ impl ReplyTo for Counting {
 
 /// A handler process: answers every event on `topic` with `{"reply": "ok"}`.
 async fn echo_handler(nats: &NatsServer, topic: &str) -> NatsBus {
+    handler_process(
+        nats,
+        topic,
+        Arc::new(|m: Message| async move { m.reply("ok") }),
+    )
+    .await
+}
+
+/// A handler process: `handler` handles `topic`, subscribed when this returns.
+async fn handler_process(nats: &NatsServer, topic: &str, handler: Arc<dyn Handler>) -> NatsBus {
     let bus = NatsBus::connect(NatsOptions::new(nats.url()))
         .await
         .unwrap();
-    bus.subscribe(topic, Arc::new(|m: Message| async move { m.reply("ok") }))
-        .unwrap();
+    bus.subscribe(topic, handler).unwrap();
     bus.subscriptions_ready().await.unwrap();
     bus
 }
@@ -265,81 +274,120 @@ async fn a_no_answer_relayed_by_another_node_arrives_as_a_no_answer() {
         .await
         .unwrap();
     silent.flush().await.unwrap();
-    // A handler process that relays each `outer` event to `inner`, with the event's way back:
-    // its own reply timeout runs out there and it tells the sender so, through its node.
-    let mut relay_options = NatsOptions::new(nats.url());
-    relay_options.reply_timeout = Duration::from_millis(200);
-    let relay = Arc::new(NatsBus::connect(relay_options).await.unwrap());
-    let relaying = relay.clone();
-    relay
-        .subscribe(
-            "outer",
-            Arc::new(move |m: Message| {
-                let relaying = relaying.clone();
-                async move {
-                    relaying.publish(m.with_topic("inner")).unwrap();
-                    std::future::pending::<()>().await // answered by the relay's timeout
-                }
-            }),
-        )
-        .unwrap();
-    relay.subscriptions_ready().await.unwrap();
+    // Its own reply timeout runs out there and it tells the sender so, through its node.
+    let _relay = relay(&nats, Duration::from_millis(200)).await;
     // The sender's node waits far longer itself: what it hears is the relay's no-answer.
-    let mut options = NatsOptions::new(nats.url());
-    options.reply_timeout = Duration::from_secs(600);
-    let node = NatsBus::connect(options).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    node.publish(Message::new("outer", json!({"n": 1})).with_reply_to(Arc::new(Told(tx))))
-        .unwrap();
-    let heard = tokio::time::timeout(NATS_WAIT, rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let node = patient_node(&nats).await;
+    let heard = heard(&node, Message::new("outer", json!({"n": 1}))).await;
     let Reply::NoAnswer(error) = heard else {
         panic!("a no-answer, not {heard:?}");
     };
     assert_eq!(error["topic"], "inner", "{error}");
 
     // On the wire: a `fail`, marked, so a node that reads no header still hears a failure.
+    let (mark, body) = answered_on_the_wire(&nats, "outer", r#"{"n": 2}"#).await;
+    assert_eq!(mark, switchboard_bus_nats::NO_ANSWER);
+    assert_eq!(body["fail"]["topic"], "inner", "{body}");
+}
+
+/// A handler process that relays each `outer` event to `inner`, with the event's way back,
+/// and waits up to `reply_timeout` for an answer from there: what it hears (or its own
+/// timeout) is what it tells the sender, through its node.
+async fn relay(nats: &NatsServer, reply_timeout: Duration) -> Arc<NatsBus> {
+    let mut options = NatsOptions::new(nats.url());
+    options.reply_timeout = reply_timeout;
+    let relay = Arc::new(NatsBus::connect(options).await.unwrap());
+    let relaying = Arc::downgrade(&relay);
+    relay
+        .subscribe(
+            "outer",
+            Arc::new(move |m: Message| {
+                let relaying = relaying.upgrade();
+                async move {
+                    if let Some(relaying) = relaying {
+                        relaying.publish(m.with_topic("inner")).unwrap();
+                    }
+                    std::future::pending::<()>().await // the way back answers, not this
+                }
+            }),
+        )
+        .unwrap();
+    relay.subscriptions_ready().await.unwrap();
+    relay
+}
+
+/// A sender's node that waits far longer than any test: only an answer can come back.
+async fn patient_node(nats: &NatsServer) -> NatsBus {
+    let mut options = NatsOptions::new(nats.url());
+    options.reply_timeout = Duration::from_secs(600);
+    NatsBus::connect(options).await.unwrap()
+}
+
+/// What the socket of `message`, published on `node`, is told (within [`NATS_WAIT`]).
+async fn heard(node: &NatsBus, message: Message) -> Reply {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    node.publish(message.with_reply_to(Arc::new(Told(tx))))
+        .unwrap();
+    tokio::time::timeout(NATS_WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// A plain client's request on `topic`: the answer's [`switchboard_bus_nats::ANSWER_HEADER`]
+/// (which it must have) and its body.
+async fn answered_on_the_wire(nats: &NatsServer, topic: &str, body: &str) -> (String, Value) {
     let outside = async_nats::connect(nats.url()).await.unwrap();
     let answer = outside
-        .request("outer", r#"{"n": 2}"#.into())
+        .request(topic.to_string(), body.to_string().into())
         .await
         .unwrap();
-    assert_eq!(
-        answer
-            .headers
-            .unwrap()
-            .get(switchboard_bus_nats::ANSWER_HEADER)
-            .unwrap()
-            .as_str(),
-        switchboard_bus_nats::NO_ANSWER
-    );
-    let body: Value = serde_json::from_slice(&answer.payload).unwrap();
-    assert_eq!(body["fail"]["topic"], "inner", "{body}");
+    let mark = answer
+        .headers
+        .unwrap()
+        .get(switchboard_bus_nats::ANSWER_HEADER)
+        .unwrap()
+        .to_string();
+    (mark, serde_json::from_slice(&answer.payload).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_marked_answer_that_is_not_a_no_answer_is_malformed() {
+    let malformed = Reply::Fail(json!({"message": "malformed answer from a handler"}));
+    assert_eq!(
+        heard_for_marked_answers(&[
+            ("no-answer", r#"{"reply": 1}"#),
+            ("no-answer", r#"{}"#),
+            ("refused", r#"{"fail": {"message": "x"}}"#),
+            ("no-answer", r#"{"fail": {"message": "late"}}"#),
+        ])
+        .await,
+        [
+            malformed.clone(),
+            malformed.clone(),
+            malformed,
+            Reply::NoAnswer(json!({"message": "late"})),
+        ]
+    );
+}
+
+/// What a node hears for each of `answers` (header value, body), sent by a plain client on
+/// the reply subject of one event each, in turn.
+async fn heard_for_marked_answers(answers: &'static [(&'static str, &'static str)]) -> Vec<Reply> {
     let nats = NatsServer::start();
     let outside = async_nats::connect(nats.url()).await.unwrap();
     let mut events = outside.subscribe("marked").await.unwrap();
     outside.flush().await.unwrap();
     let answering = outside.clone();
     tokio::spawn(async move {
-        let mut n = 0;
-        while let Some(event) = events.next().await {
-            let (mark, body) = [
-                ("no-answer", r#"{"reply": 1}"#),
-                ("no-answer", r#"{}"#),
-                ("refused", r#"{"fail": {"message": "x"}}"#),
-                ("no-answer", r#"{"fail": {"message": "late"}}"#),
-            ][n];
-            n += 1;
+        for (mark, body) in answers {
+            let Some(event) = events.next().await else {
+                return;
+            };
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert(switchboard_bus_nats::ANSWER_HEADER, mark);
+            headers.insert(switchboard_bus_nats::ANSWER_HEADER, *mark);
             answering
-                .publish_with_headers(event.reply.unwrap(), headers, body.into())
+                .publish_with_headers(event.reply.unwrap(), headers, body.as_bytes().into())
                 .await
                 .unwrap();
         }
@@ -347,20 +395,93 @@ async fn a_marked_answer_that_is_not_a_no_answer_is_malformed() {
     let node = NatsBus::connect(NatsOptions::new(nats.url()))
         .await
         .unwrap();
-    let malformed = Reply::Fail(json!({"message": "malformed answer from a handler"}));
-    for want in [
-        malformed.clone(),
-        malformed.clone(),
-        malformed,
-        Reply::NoAnswer(json!({"message": "late"})),
-    ] {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        node.publish(Message::new("marked", json!({})).with_reply_to(Arc::new(Told(tx))))
-            .unwrap();
-        let heard = tokio::time::timeout(NATS_WAIT, rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(heard, want);
+    let mut told = Vec::new();
+    for _ in answers {
+        told.push(heard(&node, Message::new("marked", json!({}))).await);
     }
+    told
+}
+
+/// A handler process whose handler of `topic` fails as each event's `how` says: `"panic"`
+/// panics at once (in `Handler::call`, before any future exists), `"panic-later"` after an
+/// await, anything else returns an error.
+async fn failing_handler(nats: &NatsServer, topic: &str) -> NatsBus {
+    let failing = Arc::new(|m: Message| {
+        let how = m.data()["how"].as_str().unwrap_or_default().to_string();
+        assert_ne!(how, "panic", "a panic at once");
+        async move {
+            tokio::task::yield_now().await;
+            assert_ne!(how, "panic-later", "a panic after an await");
+            Err::<(), &str>("an error")
+        }
+    });
+    handler_process(nats, topic, failing).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_failure_relayed_by_another_node_arrives_as_a_handler_failure() {
+    let nats = NatsServer::start();
+    let _failing = failing_handler(&nats, "inner").await;
+    // It hears the failure from there and tells the sender so, through its node.
+    let _relay = relay(&nats, Duration::from_secs(600)).await;
+    let node = patient_node(&nats).await;
+    // Straight from the failing handler's node, and relayed on by another, each way it fails.
+    for topic in ["inner", "outer"] {
+        for how in ["error", "panic", "panic-later"] {
+            let told = heard(&node, Message::new(topic, json!({"how": how}))).await;
+            assert_eq!(told, Reply::HandlerFailed, "{topic}, {how}");
+        }
+    }
+
+    // On the wire: a `fail`, marked, so a node that reads no header still hears a failure.
+    for topic in ["inner", "outer"] {
+        let (mark, body) = answered_on_the_wire(&nats, topic, r#"{"how": "error"}"#).await;
+        assert_eq!(mark, switchboard_bus_nats::HANDLER_FAILED, "{topic}");
+        assert_eq!(
+            body,
+            json!({"fail": {"message": "internal error in a handler"}})
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_handler_failing_on_another_node_closes_its_socket_with_1011() {
+    let nats = NatsServer::start();
+    let _failing = failing_handler(&nats, "socket:connection").await;
+    let gw = gateway(&nats, Duration::from_secs(60), |_| {}).await;
+    let mut ws = connect(gw.running.local_addr().unwrap(), "alex", None).await;
+    assert_eq!(recv(&mut ws).await["type"], "error");
+    assert_eq!(
+        switchboard_test_support::websocket::close_code(&mut ws).await,
+        1011,
+        "a handler error, not a refusal (1008)"
+    );
+    let stats = gw.running.stats();
+    assert_eq!(
+        (stats.handler_failures, stats.connect_failures),
+        (1, 1),
+        "{stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marked_answer_that_is_not_a_handler_failure_is_malformed() {
+    let malformed = Reply::Fail(json!({"message": "malformed answer from a handler"}));
+    assert_eq!(
+        heard_for_marked_answers(&[
+            ("handler-failed", r#"{"reply": 1}"#),
+            ("handler-failed", r#"{}"#),
+            ("handler-error", r#"{"fail": {"message": "x"}}"#),
+            ("Handler-Failed", r#"{"fail": {"message": "x"}}"#),
+            ("handler-failed", r#"{"fail": {"message": "anything"}}"#),
+        ])
+        .await,
+        [
+            malformed.clone(),
+            malformed.clone(),
+            malformed.clone(),
+            malformed,
+            Reply::HandlerFailed,
+        ]
+    );
 }
