@@ -43,6 +43,13 @@ impl JsonObject {
         self.text.as_deref()
     }
 
+    /// Whether the map has been made (by [`JsonObject::as_map`] or a read through it): a
+    /// holder sharing one object between many readers can tell that it now holds the map,
+    /// not only the text.
+    pub fn is_parsed(&self) -> bool {
+        self.map.get().is_some()
+    }
+
     /// The object as a map (parsed now if it has not been yet).
     pub fn as_map(&self) -> &Map<String, Value> {
         self.map.get_or_init(|| match self.text.as_deref() {
@@ -116,7 +123,9 @@ mod tests {
     fn reads_writes_and_serializes_like_a_map() {
         let text: Arc<str> = r#"{"a":1,"b":{"c":"d"}}"#.into();
         let mut o = JsonObject::from_json_text(text.clone());
+        assert!(!o.is_parsed(), "text until read");
         assert_eq!(o["b"]["c"], "d");
+        assert!(o.is_parsed(), "a read makes the map");
         assert_eq!(o.json_text(), Some(&*text));
         assert_eq!(
             o,

@@ -4,6 +4,7 @@
 //! ```text
 //! switchboard serve [--config conf/socket.yaml] [--listen 127.0.0.1:4000]
 //!                   [--admin-listen 127.0.0.1:9090] [--log-format json] [--drain 10s]
+//!                   [--workers N]
 //! switchboard serve --demo
 //! switchboard check-config conf/socket.yaml
 //! ```
@@ -101,6 +102,12 @@ enum Command {
         /// `gateway.drain`, 10 s unless set), e.g. `30s`.
         #[arg(long, value_parser = humantime_duration, value_name = "DURATION")]
         drain: Option<Duration>,
+        /// Worker threads (default: one per core this process may use, so `taskset` and
+        /// cgroup CPU limits count). With 1, one thread runs everything on tokio's
+        /// current-thread scheduler, the cheapest per message; more threads serve more
+        /// sockets at once on a machine with the cores to spare.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        workers: Option<u16>,
     },
     /// Validate a config file: exit 0 with a summary, or non-zero naming the key and line.
     #[command(
@@ -141,6 +148,7 @@ fn main() -> ExitCode {
             log_format,
             demo,
             drain,
+            workers,
         } => {
             let loaded = match load_config(&config, demo) {
                 Ok(c) => c,
@@ -157,10 +165,7 @@ fn main() -> ExitCode {
             if demo {
                 demo::use_demo_secret_if_unset(&loaded.1);
             }
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match switchboard::runtime(workers.map(usize::from)) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");

@@ -119,13 +119,17 @@ impl<S: Service> SocketTask<S> {
             reader: &mut self.reader,
             inbound: &mut self.inbound,
         };
+        // Once per poll: a wake after this (a frame queued, a close requested) takes the
+        // waker and schedules another poll, so the loop below need not register again (two
+        // atomic operations per turn saved).
+        state.task.register(cx.waker());
         loop {
             if state.is_close_requested() {
                 return Poll::Ready(());
             }
-            state.task.register(cx.waker());
-            // Closing and writing come before reading.
-            if state.work.swap(false, Ordering::AcqRel) {
+            // Closing and writing come before reading. A plain load first: the swap is an
+            // atomic write, and almost every turn finds nothing to do.
+            if state.work.load(Ordering::Acquire) && state.work.swap(false, Ordering::AcqRel) {
                 self.blocked = write_backlog(state);
                 continue;
             }

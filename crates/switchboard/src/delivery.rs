@@ -171,6 +171,9 @@ const RECIPIENTS_PER_THREAD: usize = 2048;
 /// the runtime has workers (a gateway given one worker fans out on one thread), and as the
 /// process may use cores.
 fn fan_out_threads(recipients: usize) -> usize {
+    if recipients < 2 * RECIPIENTS_PER_THREAD {
+        return 1; // a `send` to one user's sockets: no need to ask the runtime
+    }
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let workers = tokio::runtime::Handle::try_current()

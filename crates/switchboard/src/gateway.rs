@@ -124,9 +124,10 @@ pub(crate) struct Session {
     handle: SocketRef,
     username: Arc<str>,
     namespace: Option<Arc<str>>,
-    /// Replaced when the client refreshes its token (the claims change).
-    headers: Mutex<Arc<str>>,
-    params: Arc<str>,
+    /// What every message of this socket carries as its context, built once: each message
+    /// shares it (one reference count) instead of a context of its own. Replaced when the
+    /// client refreshes its token (the claims in its headers change).
+    context: Mutex<Arc<Context>>,
     /// The current token's `exp` (seconds since the epoch), where the expiry queue files this
     /// socket. Only the socket's own task changes it (a `$refresh`).
     exp: AtomicU64,
@@ -141,13 +142,37 @@ pub(crate) struct Session {
 impl Session {
     /// The context of one message from this socket.
     fn context(&self) -> Arc<Context> {
-        let headers = lock(&self.headers).clone();
+        let mut context = lock(&self.context);
+        // A handler that read the headers or params made their maps, which may be many
+        // times the text's size: a fresh context from the text, so that the socket does not
+        // hold the maps for as long as it lives (they go with the last message holding them).
+        if context.headers.is_parsed() || context.params.is_parsed() {
+            *context = Session::context_of(
+                self.id,
+                &self.username,
+                &self.namespace,
+                context.headers.json_text().unwrap_or("{}").into(),
+                context.params.json_text().unwrap_or("{}").into(),
+            );
+        }
+        context.clone()
+    }
+
+    /// The context of a socket, from its identity and the JSON text of its headers and
+    /// query parameters.
+    fn context_of(
+        id: ConnId,
+        username: &Arc<str>,
+        namespace: &Option<Arc<str>>,
+        headers: Arc<str>,
+        params: Arc<str>,
+    ) -> Arc<Context> {
         Arc::new(Context::for_connection(
-            self.id.0,
-            self.username.clone(),
-            self.namespace.clone(),
+            id.0,
+            username.clone(),
+            namespace.clone(),
             JsonObject::from_json_text(headers),
-            JsonObject::from_json_text(self.params.clone()),
+            JsonObject::from_json_text(params),
         ))
     }
 }
@@ -432,10 +457,14 @@ impl Gateway {
             }
         }
         // The claims handlers see become the new token's.
+        let mut context = lock(&s.context);
         let mut headers: Map<String, Value> =
-            serde_json::from_str(&lock(&s.headers)).unwrap_or_default();
+            serde_json::from_str(context.headers.json_text().unwrap_or("{}")).unwrap_or_default();
         headers.insert("jwt".into(), Value::Object(identity.claims));
-        *lock(&s.headers) = serde_json::to_string(&headers).unwrap_or_default().into();
+        let headers = serde_json::to_string(&headers).unwrap_or_default().into();
+        let params = context.params.json_text().unwrap_or("{}").into();
+        *context = Session::context_of(s.id, &s.username, &s.namespace, headers, params);
+        drop(context);
         if let Some(expiries) = &self.expiries {
             let old = s.exp.swap(identity.exp, Ordering::AcqRel);
             expiries.refile(old, identity.exp, s.id, &s.handle);
@@ -621,13 +650,19 @@ impl Service for Gateway {
         if let Some(expiries) = &self.expiries {
             expiries.file(a.exp, id, &handle);
         }
+        let context = Session::context_of(
+            id,
+            &a.username,
+            &a.namespace,
+            a.context.headers,
+            a.context.params,
+        );
         let session = Session {
             id,
             handle,
             username: a.username,
             namespace: a.namespace,
-            headers: Mutex::new(a.context.headers),
-            params: a.context.params,
+            context: Mutex::new(context),
             exp: AtomicU64::new(a.exp),
             last_refresh: AtomicU64::new(0),
             bucket: self

@@ -78,6 +78,7 @@ mod metrics;
 mod outbound;
 mod presence;
 mod rate;
+mod runtime;
 mod stats;
 mod transports;
 
@@ -93,6 +94,7 @@ pub use presence::{
     Connection, NamespacePresence, Presence, UserConnections, UserPresence, PRESENCE_TIMEOUT,
     PRESENCE_TOPIC,
 };
+pub use runtime::runtime;
 pub use stats::Stats;
 pub use switchboard_bus::{
     Bus, Context, Handler, HandlerError, InProcessBus, JsonObject, Message, Producer, PublishError,

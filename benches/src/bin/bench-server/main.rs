@@ -48,7 +48,8 @@ struct Args {
     /// Port on 127.0.0.1 (0: any free port).
     #[arg(default_value_t = 0)]
     port: u16,
-    /// Tokio worker threads (default: one per core).
+    /// Tokio worker threads (default: one per core this process may use; one is tokio's
+    /// current-thread scheduler, as in the `switchboard` binary).
     #[arg(long)]
     threads: Option<usize>,
     /// Run on the NATS bus at this URL (loopback) instead of the in-process bus.
@@ -65,11 +66,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.threads {
-        runtime.worker_threads(n.max(1));
-    }
-    let runtime = match runtime.enable_all().build() {
+    // As the `switchboard` binary runs: one worker is the current-thread scheduler.
+    let runtime = match switchboard::runtime(args.threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("bench-server: no runtime: {e}");

@@ -50,6 +50,16 @@ async fn a_refreshed_socket_outlives_its_first_token_and_handlers_see_the_new_cl
     .unwrap();
     let gw = start(c).await;
     let mut ws = connect_with_token(&gw, &token_for("alex", 2, json!({"level": 1}))).await;
+    // Each message of a socket shares its context: reading it twice, and a refresh after
+    // that, must still show each message the claims of its time.
+    for _ in 0..2 {
+        send(&mut ws, json!({"type": "hello"})).await;
+        assert_eq!(
+            recv(&mut ws).await,
+            json!({"type": "socket:generalMessage", "payload": 1})
+        );
+        next_published(&mut seen).await;
+    }
     let fresh = token_for("alex", 600, json!({"level": 2}));
     send(
         &mut ws,
