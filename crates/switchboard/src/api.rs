@@ -176,7 +176,7 @@ fn query(query: &str) -> Result<BTreeMap<String, String>, HttpResponse> {
 /// `application/x-www-form-urlencoded` decoding (`+` is a space, `%XX` a byte; a `%` not
 /// followed by two hex digits stands for itself), strict: bytes that are not UTF-8 are an
 /// error.
-fn form_decode(text: &str) -> Result<String, std::string::FromUtf8Error> {
+pub(crate) fn form_decode(text: &str) -> Result<String, std::string::FromUtf8Error> {
     let hex = |b: u8| match b {
         b'0'..=b'9' => Some(b - b'0'),
         b'a'..=b'f' => Some(b - b'a' + 10),

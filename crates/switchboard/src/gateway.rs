@@ -558,9 +558,11 @@ impl Service for Gateway {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             res
         })?;
-        let mut asked = form_urlencoded::parse(request.uri.query().unwrap_or_default().as_bytes())
-            .filter(|(k, _)| k == "namespace")
-            .map(|(_, v)| v);
+        let query = request.uri.query().unwrap_or_default();
+        let mut asked = query.split('&').filter_map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (crate::api::form_decode(name).ok()? == "namespace").then_some(value)
+        });
         let namespace = asked.next();
         if asked.next().is_some() {
             // One value is checked against the token; handlers read `params`, where another
@@ -571,9 +573,18 @@ impl Service for Gateway {
                 "namespace given more than once\n",
             ));
         }
+        // Decoded strictly: bytes that are not UTF-8 would otherwise become U+FFFD, a
+        // namespace the client did not name, checked against the token and shown to handlers.
+        let Ok(namespace) = namespace.map(crate::api::form_decode).transpose() else {
+            GatewayStats::bump(&self.stats().refused_namespace_not_utf8);
+            return Err(plain_response(
+                StatusCode::BAD_REQUEST,
+                "namespace is not UTF-8 once percent-decoded\n",
+            ));
+        };
         let namespace = namespace
             .filter(|ns| !ns.is_empty())
-            .map(|ns| Arc::<str>::from(ns.as_ref()));
+            .map(|ns| Arc::<str>::from(ns.as_str()));
         if let Some(ns) = &namespace {
             if !self.verifier.namespace_allowed(&identity, ns) {
                 GatewayStats::bump(&self.stats().refused_namespace);

@@ -309,6 +309,7 @@ impl Collector for Scraped {
                 ("no_keys", "503", g.refused_no_keys),
                 ("namespace", "403", g.refused_namespace),
                 ("namespace_repeated", "400", g.refused_namespace_repeated),
+                ("namespace_not_utf8", "400", g.refused_namespace_not_utf8),
                 ("origin", "403", t.refused_origin),
                 ("user_limit", "429", g.refused_user_limit),
                 ("capacity", "503", t.refused_capacity),

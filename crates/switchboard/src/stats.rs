@@ -11,6 +11,7 @@ pub(crate) struct GatewayStats {
     pub(crate) refused_no_keys: AtomicU64,
     pub(crate) refused_namespace: AtomicU64,
     pub(crate) refused_namespace_repeated: AtomicU64,
+    pub(crate) refused_namespace_not_utf8: AtomicU64,
     pub(crate) refused_user_limit: AtomicU64,
     pub(crate) messages_in: AtomicU64,
     pub(crate) bad_messages: AtomicU64,
@@ -48,6 +49,9 @@ pub struct Stats {
     pub refused_namespace: u64,
     /// Upgrades refused with 400 for giving `namespace` more than once in the query.
     pub refused_namespace_repeated: u64,
+    /// Upgrades refused with 400 for a `namespace` that is not UTF-8 once percent-decoded
+    /// (`?namespace=%ff`).
+    pub refused_namespace_not_utf8: u64,
     /// Upgrades refused with 429 for `max_sockets_per_user`.
     pub refused_user_limit: u64,
     /// Well-formed messages received and published.
@@ -85,6 +89,7 @@ impl GatewayStats {
             refused_no_keys: l(&self.refused_no_keys),
             refused_namespace: l(&self.refused_namespace),
             refused_namespace_repeated: l(&self.refused_namespace_repeated),
+            refused_namespace_not_utf8: l(&self.refused_namespace_not_utf8),
             refused_user_limit: l(&self.refused_user_limit),
             messages_in: l(&self.messages_in),
             bad_messages: l(&self.bad_messages),

@@ -221,8 +221,26 @@ async fn namespace_claim_limits_which_namespaces_a_token_may_join() {
     assert_eq!(try_ns("initech&namespace=acme", json!(["acme"])).await, 400);
     assert_eq!(try_ns("acme&namespace=acme", json!(["acme"])).await, 400);
     assert_eq!(try_ns("acme&other=1", json!(["acme"])).await, 101);
+    // Percent-encoded, the name and the value count as themselves...
+    assert_eq!(
+        try_ns("acme&%6Eamespace=initech", json!(["acme"])).await,
+        400
+    );
+    assert_eq!(try_ns("%61cme", json!(["acme"])).await, 101);
+    // ...and a value that is not UTF-8 once decoded is refused, not read as U+FFFD (which
+    // a token could list).
+    assert_eq!(try_ns("%ff", json!(["\u{fffd}"])).await, 400);
+    assert_eq!(try_ns("a%ffb", json!(["a\u{fffd}b"])).await, 400);
     assert_eq!(gw.stats().refused_namespace, 2);
-    assert_eq!(gw.stats().refused_namespace_repeated, 3);
+    assert_eq!(gw.stats().refused_namespace_repeated, 4);
+    assert_eq!(gw.stats().refused_namespace_not_utf8, 2);
+    let metrics = gw.metrics_text();
+    assert!(
+        metrics.contains(
+            r#"switchboard_handshakes_refused_total{reason="namespace_not_utf8",status="400"} 2"#
+        ),
+        "{metrics}"
+    );
 }
 
 async fn rate_limit_refuses_with_an_error_frame_then_closes(kind: Kind) {
