@@ -233,7 +233,7 @@ fn codec(c: &mut Criterion) {
                 let mut n = 0;
                 decoder
                     .feed(bytes, &mut |e| {
-                        n += usize::from(matches!(e, Event::Message { .. }))
+                        n += usize::from(matches!(e, Event::Text(_) | Event::Message { .. }))
                     })
                     .unwrap();
                 black_box(n)

@@ -34,6 +34,18 @@ pub trait Service: Send + Sync + 'static {
     /// A whole message arrived. Called in arrival order, never concurrently for one socket.
     fn on_message(&self, session: &Self::Session, message: Inbound);
 
+    /// A whole text message arrived, already checked to be UTF-8 and lent from the
+    /// transport's read buffer (the WebSocket transport lends a message that came in one
+    /// frame; others call [`Service::on_message`]). Same order and rules as `on_message`.
+    /// Default: `on_message` with a copy. A service that only reads the text, to parse it,
+    /// overrides this and saves an allocation, a copy and a second UTF-8 check per message.
+    fn on_text(&self, session: &Self::Session, text: &str) {
+        self.on_message(
+            session,
+            Inbound::Text(bytes::Bytes::copy_from_slice(text.as_bytes())),
+        );
+    }
+
     /// The client sent a ping: answer it? Default yes. A service that rate-limits its clients
     /// counts pings here too (each answer costs a write); false drops the ping.
     fn on_ping(&self, session: &Self::Session) -> bool {

@@ -20,22 +20,22 @@
 //! for piece in [first, rest] {
 //!     decoder
 //!         .feed(piece, &mut |event| {
-//!             if let Event::Message { data, .. } = event {
-//!                 got.push(data);
+//!             if let Event::Text(text) = event {
+//!                 got.push(text.to_string());
 //!             }
 //!         })
 //!         .unwrap();
 //! }
-//! assert_eq!(got, [&b"hello"[..]]);
+//! assert_eq!(got, ["hello"]);
 //! ```
 
 use bytes::{Bytes, BytesMut};
 
-use crate::frame::Utf8Progress;
 pub use crate::frame::{
     encode_client_frame, encode_frame, parse_head, Head, Violation, BINARY, CLOSE, CONTINUATION,
     PING, PONG, TEXT,
 };
+use crate::frame::{Utf8Progress, INVALID_UTF8};
 
 /// XORs `payload` with the 4-byte `mask` in place (RFC 6455 5.3): masks a client frame's
 /// payload, or unmasks it. Word at a time (fastwebsockets' routine, behind our own name so
@@ -52,7 +52,11 @@ pub const MAX_RESERVE: usize = 16 * 1024;
 /// What a [`Decoder`] hands on while the connection is open.
 #[derive(Debug)]
 pub enum Event<'a> {
-    /// A whole message; a text message's bytes are valid UTF-8.
+    /// A whole text message that came in one frame, checked to be UTF-8, borrowed from the
+    /// decoder's buffer: whoever only reads it (parses it) needs no copy.
+    Text(&'a str),
+    /// A whole message; a text message's bytes are valid UTF-8. Binary messages, and text
+    /// messages that came in fragments.
     Message {
         /// A text message (else binary).
         text: bool,
@@ -246,6 +250,13 @@ impl Assembler {
             }
             TEXT | BINARY => {
                 let text = head.opcode == TEXT;
+                if text && head.fin {
+                    let Ok(text) = std::str::from_utf8(payload) else {
+                        return Err(INVALID_UTF8.into());
+                    };
+                    on(Event::Text(text));
+                    return Ok(());
+                }
                 let mut utf8 = Utf8Progress::default();
                 if text {
                     utf8.check(payload, head.fin)?;
@@ -317,6 +328,7 @@ mod tests {
         let mut decoder = Decoder::new(max);
         let mut seen = Vec::new();
         let mut on = |e: Event<'_>| match e {
+            Event::Text(t) => seen.push(format!("true:{t}")),
             Event::Message { text, data } => {
                 seen.push(format!("{}:{}", text, String::from_utf8_lossy(&data)))
             }

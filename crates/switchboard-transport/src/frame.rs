@@ -180,6 +180,9 @@ fn is_valid_received_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
+/// A text message that is not UTF-8: close with 1007.
+pub(crate) const INVALID_UTF8: Violation = (1007, "invalid UTF-8 in text message");
+
 /// Checks a text message's UTF-8 as its fragments arrive, so an invalid sequence fails the
 /// connection at the fragment that contains it rather than at the end of the message.
 #[derive(Debug, Default)]
@@ -192,7 +195,7 @@ impl Utf8Progress {
     /// Checks the bytes of `message` after those already checked. `fin`: this is the whole
     /// message, so an incomplete sequence at the end is an error too.
     pub(crate) fn check(&mut self, message: &[u8], fin: bool) -> Result<(), Violation> {
-        const INVALID: Violation = (1007, "invalid UTF-8 in text message");
+        const INVALID: Violation = INVALID_UTF8;
         match std::str::from_utf8(&message[self.valid_up_to..]) {
             Ok(_) => {
                 self.valid_up_to = message.len();

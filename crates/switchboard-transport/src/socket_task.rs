@@ -246,7 +246,17 @@ impl Reading<'_> {
     ) -> Option<Drained> {
         let state = self.state;
         let mut on_event = |event: Event<'_>| match event {
-            Event::Message { text, data } => deliver(service, session, state, text, data),
+            Event::Text(text) => deliver(service, session, state, |s, session| {
+                s.on_text(session, text)
+            }),
+            Event::Message { text, data } => deliver(service, session, state, |s, session| {
+                let message = if text {
+                    Inbound::Text(data)
+                } else {
+                    Inbound::Binary(data)
+                };
+                s.on_message(session, message)
+            }),
             Event::Ping(payload) => {
                 if ping_allowed(service, session, state) {
                     let pong = Outbound::Pong(Bytes::copy_from_slice(payload));
@@ -398,20 +408,13 @@ pub(crate) fn deliver<S: Service>(
     service: &S,
     session: &S::Session,
     state: &SocketState,
-    text: bool,
-    data: Bytes,
+    hand_over: impl FnOnce(&S, &S::Session),
 ) {
     if state.closing.load(Ordering::Acquire) {
         return;
     }
-    let message = if text {
-        Inbound::Text(data)
-    } else {
-        Inbound::Binary(data)
-    };
-    let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        service.on_message(session, message)
-    }));
+    let delivered =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hand_over(service, session)));
     if delivered.is_err() {
         tracing::error!(peer = %state.peer, "service panicked in on_message; closing the socket");
         state.request_close(

@@ -18,7 +18,7 @@ use switchboard_registry::{ConnId, Registry, Target};
 
 use crate::auth::{AuthError, Identity, Verifier};
 use crate::expiry::Expiries;
-use crate::inbound::{decode_client_message, BadMessage};
+use crate::inbound::{decode_client_message, decode_client_text, BadMessage, ClientMessage};
 use crate::metrics::Metrics;
 use crate::rate::{Bucket, RateLimit, Verdict};
 use crate::stats::GatewayStats;
@@ -532,6 +532,50 @@ fn params_text(query: Option<&str>) -> Arc<str> {
     serde_json::to_string(&params).unwrap_or_default().into()
 }
 
+impl Gateway {
+    /// Answers a decoded client message: an error frame if it was bad, the gateway's own
+    /// answer to a `$refresh`, else publishes it to its topics.
+    fn on_decoded(&self, s: &Session, decoded: Result<ClientMessage, BadMessage>) {
+        let message = match decoded {
+            Ok(m) => m,
+            Err(bad) => {
+                GatewayStats::bump(&self.stats().bad_messages);
+                self.observe.metrics.errors.bad_message.inc();
+                let _ = s
+                    .handle
+                    .send_text(error_frame(&json!({"message": bad.to_string()})));
+                return;
+            }
+        };
+        let kind = message.message_type();
+        if kind == REFRESH_TYPE {
+            return self.refresh(s, &message.into_data());
+        }
+        GatewayStats::bump(&self.stats().messages_in);
+        let typed_topic = self.hooks.types.get(kind);
+        let (first, last) = match (&self.hooks.onmessage, typed_topic) {
+            (None, None) => return, // no topic for it
+            (Some(general), Some(typed)) => (Some(general), typed),
+            (Some(only), None) | (None, Some(only)) => (None, only),
+        };
+        let data = Arc::new(message.into_data());
+        let context = s.context();
+        // One way back for both topics: it carries the publish time for the latency series.
+        let reply_to = self.replies(&s.handle, Answering::Message);
+        let publish = |route: &Route, data, context, reply_to| {
+            route.messages_in.inc();
+            self.publish(
+                Message::shared(route.topic.clone(), data, context).with_reply_to(reply_to),
+            )
+        };
+        if let Some(general) = first {
+            publish(general, data.clone(), context.clone(), reply_to.clone());
+        }
+        // The last (usually the only) topic takes the shared parts instead of clones.
+        publish(last, data, context, reply_to);
+    }
+}
+
 impl Service for Gateway {
     type Admission = Admitted;
     type Session = Session;
@@ -716,43 +760,15 @@ impl Service for Gateway {
             Inbound::Text(text) => decode_client_message(text),
             Inbound::Binary(_) => Err(BadMessage::Binary),
         };
-        let message = match decoded {
-            Ok(m) => m,
-            Err(bad) => {
-                GatewayStats::bump(&self.stats().bad_messages);
-                self.observe.metrics.errors.bad_message.inc();
-                let _ = s
-                    .handle
-                    .send_text(error_frame(&json!({"message": bad.to_string()})));
-                return;
-            }
-        };
-        let kind = message.message_type();
-        if kind == REFRESH_TYPE {
-            return self.refresh(s, &message.into_data());
+        self.on_decoded(s, decoded);
+    }
+
+    /// A text message lent by the transport: parsed where it lies, without a copy.
+    fn on_text(&self, s: &Session, text: &str) {
+        if !self.within_rate(s) {
+            return;
         }
-        GatewayStats::bump(&self.stats().messages_in);
-        let typed_topic = self.hooks.types.get(kind);
-        let (first, last) = match (&self.hooks.onmessage, typed_topic) {
-            (None, None) => return, // no topic for it
-            (Some(general), Some(typed)) => (Some(general), typed),
-            (Some(only), None) | (None, Some(only)) => (None, only),
-        };
-        let data = Arc::new(message.into_data());
-        let context = s.context();
-        // One way back for both topics: it carries the publish time for the latency series.
-        let reply_to = self.replies(&s.handle, Answering::Message);
-        let publish = |route: &Route, data, context, reply_to| {
-            route.messages_in.inc();
-            self.publish(
-                Message::shared(route.topic.clone(), data, context).with_reply_to(reply_to),
-            )
-        };
-        if let Some(general) = first {
-            publish(general, data.clone(), context.clone(), reply_to.clone());
-        }
-        // The last (usually the only) topic takes the shared parts instead of clones.
-        publish(last, data, context, reply_to);
+        self.on_decoded(s, decode_client_text(text));
     }
 
     fn on_close(&self, s: Session, reason: CloseReason) {

@@ -41,6 +41,11 @@ pub fn decode_client_message(text: &[u8]) -> Result<ClientMessage, BadMessage> {
     // One check of the whole text (quick for ASCII) spares the parser its check of every
     // string it reads.
     let text = std::str::from_utf8(text).map_err(|e| BadMessage::NotJson(e.to_string()))?;
+    decode_client_text(text)
+}
+
+/// Decodes one client message that is already known to be text (UTF-8).
+pub fn decode_client_text(text: &str) -> Result<ClientMessage, BadMessage> {
     let data: Value = serde_json::from_str(text).map_err(|e| BadMessage::NotJson(e.to_string()))?;
     match data.get("type") {
         Some(Value::String(_)) => Ok(ClientMessage { data }),
@@ -56,6 +61,7 @@ mod tests {
     fn only_objects_with_a_string_type_pass() {
         let ok = decode_client_message(br#"{"type":"a","payload":[1]}"#).unwrap();
         assert_eq!(ok.message_type(), "a");
+        assert_eq!(decode_client_text(r#"{"type":"a","payload":[1]}"#), Ok(ok));
         for bad in [
             &b"nope"[..],
             b"[]",

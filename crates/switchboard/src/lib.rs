@@ -89,7 +89,7 @@ pub use gateway::{
     encode_frame, CONNECT_FAILED_CODE, CONNECT_HANDLER_ERROR_CODE, RATE_LIMIT_CLOSE_CODE,
     REFRESHED_TYPE, REFRESH_MISMATCH_CODE, REFRESH_TYPE, TOKEN_EXPIRED_CODE,
 };
-pub use inbound::{decode_client_message, BadMessage, ClientMessage};
+pub use inbound::{decode_client_message, decode_client_text, BadMessage, ClientMessage};
 pub use presence::{
     Connection, NamespacePresence, Presence, UserConnections, UserPresence, PRESENCE_TIMEOUT,
     PRESENCE_TOPIC,

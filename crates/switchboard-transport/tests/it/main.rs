@@ -803,3 +803,59 @@ async fn shutdown_closes_every_socket_with_1001() {
     // no longer accepting
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+/// Says which of its methods heard each text message, by echoing it with a prefix.
+struct Lender;
+
+impl Service for Lender {
+    type Admission = ();
+    type Session = SocketRef;
+
+    fn admit(&self, _: &RequestParts) -> Result<(), HttpResponse> {
+        Ok(())
+    }
+
+    fn open(&self, _: (), socket: SocketRef) -> SocketRef {
+        socket
+    }
+
+    fn on_message(&self, socket: &SocketRef, message: Inbound) {
+        if let Inbound::Text(t) = message {
+            let _ = socket.send_text(Bytes::from([&b"on_message:"[..], &t].concat()));
+        }
+    }
+
+    fn on_text(&self, socket: &SocketRef, text: &str) {
+        let _ = socket.send_text(Bytes::from(format!("on_text:{text}")));
+    }
+
+    fn on_close(&self, _: SocketRef, _: CloseReason) {}
+
+    fn http(&self, _: &RequestParts) -> HttpResponse {
+        plain_response(StatusCode::NOT_FOUND, "not found\n")
+    }
+}
+
+#[tokio::test]
+async fn a_text_in_one_frame_is_lent_to_on_text_and_a_fragmented_one_goes_to_on_message() {
+    let mut options = TransportOptions::default();
+    options.path = "/ws".into();
+    let server = Server::bind("127.0.0.1:0".parse().unwrap(), options, Arc::new(Lender))
+        .await
+        .unwrap();
+    let mut c = raw::Client::connect(server.local_addr(), "/ws").await;
+    c.send_frame(true, raw::TEXT, "héllo".as_bytes()).await;
+    assert_eq!(
+        c.read_frame().await,
+        (raw::TEXT, b"on_text:h\xc3\xa9llo".to_vec())
+    );
+    c.send_frame(false, raw::TEXT, b"he").await;
+    c.send_frame(true, raw::CONTINUATION, b"llo").await;
+    assert_eq!(
+        c.read_frame().await,
+        (raw::TEXT, b"on_message:hello".to_vec())
+    );
+    // Not UTF-8 in one frame: closed 1007, nothing lent.
+    c.send_frame(true, raw::TEXT, b"\xff").await;
+    assert_eq!(c.read_close_code().await, 1007);
+}
