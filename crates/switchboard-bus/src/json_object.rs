@@ -43,6 +43,12 @@ impl JsonObject {
         self.text.as_deref()
     }
 
+    /// The object's JSON text, shared, if it was made from text and has not been changed
+    /// since: to make another object from the same text without copying it.
+    pub fn shared_json_text(&self) -> Option<&Arc<str>> {
+        self.text.as_ref()
+    }
+
     /// Whether the map has been made (by [`JsonObject::as_map`] or a read through it): a
     /// holder sharing one object between many readers can tell that it now holds the map,
     /// not only the text.
@@ -127,6 +133,7 @@ mod tests {
         assert_eq!(o["b"]["c"], "d");
         assert!(o.is_parsed(), "a read makes the map");
         assert_eq!(o.json_text(), Some(&*text));
+        assert!(Arc::ptr_eq(o.shared_json_text().unwrap(), &text));
         assert_eq!(
             o,
             JsonObject::from(json!({"b":{"c":"d"},"a":1}).as_object().unwrap().clone())

@@ -6,8 +6,9 @@
 //! the handle you store (a sender, an `Arc` to your connection state) and does no I/O, so it
 //! fits any transport.
 //!
-//! Every index is sharded ([`dashmap`]); readers of one shard never wait for writers of another,
-//! and there is no global lock. The handle is stored by id, and once more in each index that
+//! Every index is sharded ([`dashmap`]); readers of one shard never wait for writers of another.
+//! The one lock they all take is held only for a moment: the list of everyone that a broadcast
+//! keeps is dropped at each change (see [`Registry::collect_in_order`]). The handle is stored by id, and once more in each index that
 //! holds the connection (by user, and by namespace when it has one), so a lookup touches one
 //! map only; an index entry for a single connection holds it inline, with no table of its
 //! own. Visitors run while a shard is read-locked: keep them short (push into a queue, do not
@@ -224,7 +225,13 @@ impl<H: Clone> Registry<H> {
     /// `collect_in_order`).
     fn changed(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        *self.everyone.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let kept = self
+            .everyone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        // Outside the lock: the last reference to every handle may go here.
+        drop(kept);
     }
 
     /// A fresh connection id, unique within this registry.

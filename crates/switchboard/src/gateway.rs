@@ -142,20 +142,37 @@ pub(crate) struct Session {
 impl Session {
     /// The context of one message from this socket.
     fn context(&self) -> Arc<Context> {
+        lock(&self.context).clone()
+    }
+
+    /// After a message (or the connect event) was published: the shared context is kept for
+    /// the next message only if nothing else holds it and nobody read its headers or params.
+    /// A handler that read them made their maps, which may be many times the text's size
+    /// (and a handler still at work may yet read them): the socket then takes a fresh
+    /// context from the same text, so that it never holds the maps for as long as it lives,
+    /// idle or not. The old one goes with the last message that holds it.
+    fn settle_context(&self) {
         let mut context = lock(&self.context);
-        // A handler that read the headers or params made their maps, which may be many
-        // times the text's size: a fresh context from the text, so that the socket does not
-        // hold the maps for as long as it lives (they go with the last message holding them).
-        if context.headers.is_parsed() || context.params.is_parsed() {
-            *context = Session::context_of(
-                self.id,
-                &self.username,
-                &self.namespace,
-                context.headers.json_text().unwrap_or("{}").into(),
-                context.params.json_text().unwrap_or("{}").into(),
-            );
+        let shared = Arc::strong_count(&context) > 1 || Arc::weak_count(&context) > 0;
+        if !shared && !context.headers.is_parsed() && !context.params.is_parsed() {
+            return;
         }
-        context.clone()
+        let text = |object: &JsonObject| {
+            object
+                .shared_json_text()
+                .cloned()
+                .unwrap_or_else(|| Arc::from("{}"))
+        };
+        let fresh = Session::context_of(
+            self.id,
+            &self.username,
+            &self.namespace,
+            text(&context.headers),
+            text(&context.params),
+        );
+        let old = std::mem::replace(&mut *context, fresh);
+        drop(context);
+        drop(old); // maps freed outside the lock, if this was the last holder
     }
 
     /// The context of a socket, from its identity and the JSON text of its headers and
@@ -462,7 +479,11 @@ impl Gateway {
             serde_json::from_str(context.headers.json_text().unwrap_or("{}")).unwrap_or_default();
         headers.insert("jwt".into(), Value::Object(identity.claims));
         let headers = serde_json::to_string(&headers).unwrap_or_default().into();
-        let params = context.params.json_text().unwrap_or("{}").into();
+        let params = context
+            .params
+            .shared_json_text()
+            .cloned()
+            .unwrap_or_else(|| Arc::from("{}"));
         *context = Session::context_of(s.id, &s.username, &s.namespace, headers, params);
         drop(context);
         if let Some(expiries) = &self.expiries {
@@ -573,6 +594,7 @@ impl Gateway {
         }
         // The last (usually the only) topic takes the shared parts instead of clones.
         publish(last, data, context, reply_to);
+        s.settle_context();
     }
 }
 
@@ -742,6 +764,7 @@ impl Service for Gateway {
                     .with_context(session.context())
                     .with_reply_to(self.replies(&session.handle, answering)),
             );
+            session.settle_context();
         } else if let Some(gate) = &session.gate {
             gate.let_in(); // nobody to ask
         }

@@ -184,3 +184,43 @@ async fn refreshes_are_verified_at_most_once_per_second_per_socket() {
     );
     assert_eq!((gw.stats().refreshes, gw.stats().refreshes_refused), (1, 1));
 }
+
+/// A socket's messages share one context, but the socket must not keep the maps a handler
+/// made by reading its headers or params (they can be many times the text's size) while it
+/// sits idle: after the connect event and after a message whose handlers read the context,
+/// the context they read is gone once they are done.
+#[tokio::test]
+async fn an_idle_socket_does_not_keep_a_context_its_handlers_read() {
+    use std::sync::{mpsc, Arc, Weak};
+    use switchboard::Context;
+    let mut c = container(spec_config(""));
+    let (tx, read) = mpsc::channel::<Weak<Context>>();
+    for topic in ["socket:connection", "socket:generalMessage"] {
+        let tx = tx.clone();
+        c.add_handler(topic, move |m: Message| {
+            let tx = tx.clone();
+            async move {
+                assert_eq!(m.context().headers["jwt"]["preferred_username"], "alex");
+                assert!(m.context().params.is_parsed() || m.context().params.is_empty());
+                tx.send(Arc::downgrade(m.shared_context())).unwrap();
+                m.reply(1);
+            }
+        })
+        .unwrap();
+    }
+    let gw = start(c).await;
+    let mut ws = connect(&gw, "alex", None).await;
+    assert_eq!(recv(&mut ws).await["type"], "onconnect");
+    let at_connect = read.recv_timeout(Duration::from_secs(5)).unwrap();
+    send(&mut ws, json!({"type": "hello"})).await;
+    assert_eq!(recv(&mut ws).await["type"], "socket:generalMessage");
+    let at_message = read.recv_timeout(Duration::from_secs(5)).unwrap();
+    // The socket now sits idle: nothing holds either context any more.
+    switchboard_test_support::wait_until("contexts freed", Duration::from_secs(5), || {
+        at_connect.upgrade().is_none() && at_message.upgrade().is_none()
+    })
+    .await;
+    // And the next message still sees the claims.
+    send(&mut ws, json!({"type": "hello"})).await;
+    assert_eq!(recv(&mut ws).await["payload"], 1);
+}
