@@ -45,6 +45,9 @@ pub const REFRESHED_TYPE: &str = "$refreshed";
 const MAX_CONTEXT_HEADER_BYTES: usize = 4096;
 /// At most this many bytes of query parameters are kept in a socket's context.
 const MAX_CONTEXT_PARAM_BYTES: usize = 4096;
+/// At most this many query parameters are kept: a parsed parameter costs about 100 bytes
+/// however short, so 4 KiB of two-letter ones would make a map of some 200 KiB.
+const MAX_CONTEXT_PARAMS: usize = 64;
 /// A socket may have one `$refresh` verified per this interval; more are refused unverified.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest token a `$refresh` may bring.
@@ -535,14 +538,15 @@ impl Gateway {
 }
 
 /// The query parameters as a JSON object's text (`{}` shared by every socket without any), at
-/// most [`MAX_CONTEXT_PARAM_BYTES`] of them (in order; `namespace` is read apart from them).
+/// most [`MAX_CONTEXT_PARAM_BYTES`] and [`MAX_CONTEXT_PARAMS`] of them (in order; `namespace`
+/// is read apart from them).
 fn params_text(query: Option<&str>) -> Arc<str> {
     static EMPTY: OnceLock<Arc<str>> = OnceLock::new();
     let mut params = Map::new();
     let mut bytes = 0;
     for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         bytes += k.len() + v.len();
-        if bytes > MAX_CONTEXT_PARAM_BYTES {
+        if bytes > MAX_CONTEXT_PARAM_BYTES || params.len() >= MAX_CONTEXT_PARAMS {
             break;
         }
         params.insert(k.into_owned(), Value::String(v.into_owned()));
@@ -859,5 +863,24 @@ fn describe_close(reason: &CloseReason) -> Value {
         }
         CloseReason::Io(e) => json!({"by": "network", "kind": "io_error", "reason": e}),
         _ => json!({"kind": "unknown"}),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_params_kept_are_bounded_in_bytes_and_in_number() {
+        let many: Vec<String> = (0..2048).map(|i| format!("k{i}=")).collect();
+        let kept: Map<String, Value> =
+            serde_json::from_str(&params_text(Some(&many.join("&")))).unwrap();
+        assert_eq!(kept.len(), MAX_CONTEXT_PARAMS);
+        let long = format!("a={}&b=1", "x".repeat(MAX_CONTEXT_PARAM_BYTES));
+        assert_eq!(&*params_text(Some(&long)), "{}");
+        assert_eq!(
+            &*params_text(Some("namespace=acme&x=%C3%A9")),
+            r#"{"namespace":"acme","x":"é"}"#
+        );
     }
 }
