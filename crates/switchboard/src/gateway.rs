@@ -160,18 +160,12 @@ impl Session {
         if !shared && !context.headers.is_parsed() && !context.params.is_parsed() {
             return;
         }
-        let text = |object: &JsonObject| {
-            object
-                .shared_json_text()
-                .cloned()
-                .unwrap_or_else(|| Arc::from("{}"))
-        };
         let fresh = Session::context_of(
             self.id,
             &self.username,
             &self.namespace,
-            text(&context.headers),
-            text(&context.params),
+            shared_text(&context.headers),
+            shared_text(&context.params),
         );
         let old = std::mem::replace(&mut *context, fresh);
         drop(context);
@@ -195,6 +189,15 @@ impl Session {
             JsonObject::from_json_text(params),
         ))
     }
+}
+
+/// The JSON text a context's object was made from, shared (contexts are only ever made from
+/// text; `{}` otherwise).
+fn shared_text(object: &JsonObject) -> Arc<str> {
+    object
+        .shared_json_text()
+        .cloned()
+        .unwrap_or_else(|| Arc::from("{}"))
 }
 
 /// Milliseconds since the first call, from a monotonic clock (never 0).
@@ -482,11 +485,7 @@ impl Gateway {
             serde_json::from_str(context.headers.json_text().unwrap_or("{}")).unwrap_or_default();
         headers.insert("jwt".into(), Value::Object(identity.claims));
         let headers = serde_json::to_string(&headers).unwrap_or_default().into();
-        let params = context
-            .params
-            .shared_json_text()
-            .cloned()
-            .unwrap_or_else(|| Arc::from("{}"));
+        let params = shared_text(&context.params);
         *context = Session::context_of(s.id, &s.username, &s.namespace, headers, params);
         drop(context);
         if let Some(expiries) = &self.expiries {
