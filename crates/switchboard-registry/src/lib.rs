@@ -8,7 +8,8 @@
 //!
 //! Every index is sharded ([`dashmap`]); readers of one shard never wait for writers of another.
 //! The one lock they all take is held only for a moment: the list of everyone that a broadcast
-//! keeps is dropped at each change (see [`Registry::collect_in_order`]). The handle is stored by id, and once more in each index that
+//! keeps is dropped at each change (see [`Registry::collect_in_order`]). The handle is stored
+//! by id, and once more in each index that
 //! holds the connection (by user, and by namespace when it has one), so a lookup touches one
 //! map only; an index entry for a single connection holds it inline, with no table of its
 //! own. Visitors run while a shard is read-locked: keep them short (push into a queue, do not
