@@ -4,24 +4,62 @@
 /// Clock ticks per second of `/proc/*/stat` times (`USER_HZ`, 100 on every Linux build).
 pub const TICKS_PER_SEC: f64 = 100.0;
 
+/// CPU time a process has used, in clock ticks: in user space and in the kernel (system
+/// calls, and on loopback the receiving sockets' work the kernel does for its sends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ticks {
+    /// `utime`.
+    pub user: u64,
+    /// `stime`.
+    pub system: u64,
+}
+
+impl Ticks {
+    /// User and system together.
+    pub fn total(self) -> u64 {
+        self.user + self.system
+    }
+
+    /// The ticks used from `earlier` to `self` (none where a reading went backwards).
+    pub fn since(self, earlier: Ticks) -> Ticks {
+        Ticks {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
+}
+
+impl std::ops::AddAssign for Ticks {
+    fn add_assign(&mut self, other: Ticks) {
+        self.user += other.user;
+        self.system += other.system;
+    }
+}
+
 /// User + system CPU time of `pid` (or of this process) in clock ticks.
 pub fn cpu_ticks(pid: Option<u32>) -> Option<u64> {
+    cpu_ticks_split(pid).map(Ticks::total)
+}
+
+/// User and system CPU time of `pid` (or of this process), apart.
+pub fn cpu_ticks_split(pid: Option<u32>) -> Option<Ticks> {
     let path = match pid {
         Some(p) => format!("/proc/{p}/stat"),
         None => "/proc/self/stat".to_string(),
     };
-    parse_stat_ticks(&std::fs::read_to_string(path).ok()?)
+    parse_stat(&std::fs::read_to_string(path).ok()?)
 }
 
-/// `utime + stime` from the text of a `/proc/PID/stat` file.
-pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
+/// `utime` and `stime` from the text of a `/proc/PID/stat` file.
+pub fn parse_stat(stat: &str) -> Option<Ticks> {
     // The command name (field 2) may hold spaces; fields are counted after its `)`.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // After `)`: state is field 3, so utime (14) and stime (15) are at 11 and 12.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some(Ticks {
+        user: fields.get(11)?.parse().ok()?,
+        system: fields.get(12)?.parse().ok()?,
+    })
 }
 
 /// Resident set size of `pid` in KiB (`VmRSS`).
@@ -63,7 +101,13 @@ mod tests {
     #[test]
     fn stat_fields_are_counted_after_the_command_name() {
         let stat = "1234 (my (odd) cmd) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 4 0";
-        assert_eq!(parse_stat_ticks(stat), Some(325));
+        assert_eq!(
+            parse_stat(stat),
+            Some(Ticks {
+                user: 250,
+                system: 75
+            })
+        );
     }
 
     #[test]

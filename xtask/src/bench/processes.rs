@@ -48,10 +48,9 @@ pub(super) fn lines(from: impl std::io::Read + Send + 'static) -> mpsc::Receiver
     rx
 }
 
-/// A server process, killed by PID when dropped.
-/// `utime + stime` from the text of a `/proc/PID/stat` file. The same reading as
-/// `switchboard_bench::procfs::parse_stat_ticks` (xtask does not build the bench crate, which
-/// pulls in the whole gateway): keep the two in step.
+/// `utime + stime` from the text of a `/proc/PID/stat` file: the total of
+/// `switchboard_bench::procfs::parse_stat` (xtask does not build the bench crate, which pulls
+/// in the whole gateway); keep the two in step.
 fn stat_ticks(stat: &str) -> Option<u64> {
     // After the command name in parentheses (it may hold spaces and parentheses): state is
     // field 3, utime and stime are fields 14 and 15.
@@ -61,6 +60,7 @@ fn stat_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// A server process, killed by PID when dropped.
 pub(super) struct Running {
     child: Killed,
     pub(super) port: u16,

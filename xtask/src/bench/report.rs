@@ -74,6 +74,26 @@ fn series(rounds: &[Option<Figures>], key: &str) -> Vec<Option<f64>> {
         .collect()
 }
 
+/// Per round, server CPU (`cpu_key`: `server_cpu`, or `server_sys_cpu` for its kernel part)
+/// in µs per unit of work: less sensitive than throughput to a client or to other processes
+/// taking the cores.
+fn per_unit(rounds: &[Option<Figures>], cpu_key: &str) -> Vec<Option<f64>> {
+    series(rounds, cpu_key)
+        .into_iter()
+        .zip(series(rounds, "rate"))
+        .map(|(c, r)| c.zip(r.filter(|r| *r > 0.0)).map(|(c, r)| c * 1e6 / r))
+        .collect()
+}
+
+/// The unit of work a scenario's rate counts.
+fn unit_of(scenario: Scenario) -> &'static str {
+    match scenario {
+        Scenario::Broadcast => "delivery",
+        Scenario::Handshake => "connection",
+        _ => "message",
+    }
+}
+
 /// Round by round, Switchboard's figure ÷ the other's (`lower_is_better`: the other's ÷
 /// Switchboard's), so that above 1× always means Switchboard did better in that round.
 fn round_ratios(
@@ -359,27 +379,13 @@ impl Report {
         } else {
             "latency"
         };
-        let unit = if scenario == Scenario::Broadcast {
-            "delivery"
-        } else if scenario == Scenario::Handshake {
-            "connection"
-        } else {
-            "message"
-        };
+        let unit = unit_of(scenario);
         self.line(format!(
             "| server | {figure} | ratio | {latency} p50 µs | p99 µs | p999 µs | p99 ratio | \
              client CPU | server CPU | server CPU µs per {unit} | ratio |"
         ));
         self.line("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into());
-        // CPU time per unit of work: less sensitive than throughput to a client or to other
-        // processes taking the cores.
-        let cost = |rounds: &[Option<Figures>]| -> Vec<Option<f64>> {
-            series(rounds, "server_cpu")
-                .into_iter()
-                .zip(series(rounds, "rate"))
-                .map(|(c, r)| c.zip(r.filter(|r| *r > 0.0)).map(|(c, r)| c * 1e6 / r))
-                .collect()
-        };
+        let cost = |rounds: &[Option<Figures>]| per_unit(rounds, "server_cpu");
         let times = |v: f64| format!("{v:.2}×");
         for (server, rounds) in rows {
             let done = rounds.iter().filter(|f| f.is_some()).count();
@@ -441,6 +447,19 @@ impl Report {
                 fmt_spread(spread(cost(rounds)), |v| fmt_opt(Some(v), 1)),
             ));
         }
+        let kernel: Vec<String> = rows
+            .iter()
+            .filter_map(|(s, rounds)| {
+                let k = spread(per_unit(rounds, "server_sys_cpu"))?;
+                Some(format!("{} {:.1}", s.name(), k.median))
+            })
+            .collect();
+        if !kernel.is_empty() {
+            self.line(format!(
+                "\nServer CPU µs per {unit} spent in the kernel (median): {}.",
+                kernel.join(", ")
+            ));
+        }
         if scenario == Scenario::Broadcast {
             let bps: Vec<String> = rows
                 .iter()
@@ -496,6 +515,29 @@ impl Report {
         };
         let rate = round_ratios(&series(sb, "rate"), &series(uws, "rate"), false);
         self.verdict(&format!("{name}: {figure} ≥ 1.2× uws-node's"), &rate, 1.2);
+        // What no user-space work can pass: uws-node's whole CPU per unit against the part of
+        // Switchboard's that the kernel spends on the same traffic.
+        let ceiling = round_ratios(
+            &per_unit(sb, "server_sys_cpu"),
+            &per_unit(uws, "server_cpu"),
+            true,
+        );
+        if let Some(c) = spread(ceiling.iter().copied()) {
+            let unit = unit_of(scenario);
+            self.verdicts.push(format!(
+                "  - ceiling for user-space work: {:.2}× (worst round {:.2}×), uws-node's server \
+                 CPU per {unit} ÷ the part of Switchboard's spent in the kernel; {}",
+                c.median,
+                c.min,
+                if c.median < 1.2 {
+                    "below 1.2×, so this target needs less kernel work per {unit}, not less \
+                     user-space work"
+                        .replace("{unit}", unit)
+                } else {
+                    "at or above 1.2×".to_string()
+                }
+            ));
+        }
         if scenario == Scenario::Broadcast {
             self.verdict(
                 &format!("{name} (stretch): {figure} ≥ 1.5× uws-node's"),
@@ -712,6 +754,43 @@ mod tests {
         assert!(r.verdicts[2].contains("**not measured in every round**"));
         r.verdict_section(&o);
         assert!(r.text().contains("indicative only"));
+    }
+
+    #[test]
+    fn the_kernel_part_bounds_what_user_space_work_can_gain() {
+        let o = Options::new(&super::super::options::parse_words(&[]).unwrap());
+        let rounds = |figures: &[(f64, f64, f64)]| -> Vec<Option<Figures>> {
+            figures
+                .iter()
+                .map(|(rate, cpu, sys)| {
+                    Some(Figures::from([
+                        ("rate".to_string(), rate.to_string()),
+                        ("server_cpu".to_string(), cpu.to_string()),
+                        ("server_sys_cpu".to_string(), sys.to_string()),
+                    ]))
+                })
+                .collect()
+        };
+        // Switchboard: 10 µs per delivery, 9 of them in the kernel; uws-node: 10.5 µs.
+        let sb = rounds(&[(100_000.0, 1.0, 0.9), (100_000.0, 1.0, 0.9)]);
+        let uws = rounds(&[(95_000.0, 1.0, 0.95), (100_000.0, 1.05, 1.0)]);
+        let rows = vec![(Server::Switchboard, sb.clone()), (Server::UwsNode, uws)];
+        let mut r = Report::new(&o, &[]);
+        r.table(&o, Scenario::Broadcast, &rows);
+        let text = r.text();
+        assert!(
+            text.contains("spent in the kernel (median): switchboard 9.0, uws-node 10.0."),
+            "{text}"
+        );
+        assert!(r.verdicts[0].contains("**MISSED**"), "{:?}", r.verdicts);
+        assert!(
+            r.verdicts[1].starts_with(
+                "  - ceiling for user-space work: 1.17× (worst round 1.17×), uws-node's server \
+                 CPU per delivery ÷"
+            ) && r.verdicts[1].contains("needs less kernel work per delivery"),
+            "{:?}",
+            r.verdicts
+        );
     }
 
     #[test]

@@ -342,7 +342,7 @@ fn merge_slices(slices: &[Figures]) -> Result<Figures> {
     };
     let mut run = first.clone();
     let number = |f: &Figures, key: &str| f.get(key).and_then(|v| v.parse::<f64>().ok());
-    for key in ["rate", "bps", "client_cpu", "server_cpu"] {
+    for key in ["rate", "bps", "client_cpu", "server_cpu", "server_sys_cpu"] {
         let values: Vec<f64> = slices.iter().filter_map(|f| number(f, key)).collect();
         if !values.is_empty() {
             let mean = values.iter().sum::<f64>() / values.len() as f64;

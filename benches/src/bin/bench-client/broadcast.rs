@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchboard_bench::procfs;
+use switchboard_bench::procfs::{self, Ticks};
 use switchboard_bench::result_line;
 use switchboard_bench::stats::Samples;
 use switchboard_bench::wire::{self, Kind, Stamp, Template};
 
 use crate::measure::{
-    client_cpu_fields, fmt_cores, percentiles, pooled, sample_cpu, wait_quiet, Clock, CpuTicks,
-    Tally,
+    client_cpu_fields, percentiles, pooled, sample_cpu, server_cpu_fields, wait_quiet, Clock,
+    Cores, CpuTicks, ServerCores, Tally,
 };
 use crate::poller::{Inbound, Loop, Scenario, Sender};
 use crate::roundtrip::max_frame;
@@ -77,9 +77,6 @@ pub(crate) async fn broadcast(
 /// The longest turn `--turns` takes.
 const MAX_TURN_MS: u64 = 60_000;
 
-/// The client's and the server's CPU in cores, where known.
-type Cores = (Option<f64>, Option<f64>);
-
 /// The `RESULT` line of a broadcast run measured over `window` seconds, with the client's and
 /// the server's CPU over it (`cpu`), and what `pool` adds (the pooled percentiles of a slice).
 fn fanout_result(
@@ -112,10 +109,8 @@ fn fanout_result(
         ("bps", format!("{:.1}", tta.len() as f64 / window)),
     ];
     line.extend(client_cpu_fields(client_cpu, tally.idle, window));
-    line.extend([
-        ("server_cpu", fmt_cores(server_cpu)),
-        ("errors", tally.errors.to_string()),
-    ]);
+    line.extend(server_cpu_fields(server_cpu));
+    line.push(("errors", tally.errors.to_string()));
     line.extend(percentiles(&tta, ["p50_us", "p99_us", "p999_us"]));
     line.extend(pool(&tta));
     result_line(&line)
@@ -142,7 +137,7 @@ fn turns(
 ) -> Result<(Fanout, Cores, f64), String> {
     use std::io::{BufRead, Write};
     let base = fan.clock.base;
-    let (mut window, mut client_ticks, mut server_ticks) = (Duration::ZERO, 0u64, 0u64);
+    let (mut window, mut client_ticks, mut server_ticks) = (Duration::ZERO, 0u64, Ticks::default());
     println!("READY");
     let _ = std::io::stdout().flush();
     for line in std::io::stdin().lock().lines() {
@@ -188,9 +183,9 @@ fn turns(
         let _ = std::io::stdout().flush();
     }
     let secs = window.as_secs_f64();
-    let cores = |t: u64| (secs > 0.0).then(|| t as f64 / procfs::TICKS_PER_SEC / secs);
-    let server = server_pid.and_then(|_| cores(server_ticks));
-    Ok((fan, (cores(client_ticks), server), secs))
+    let client = (secs > 0.0).then(|| client_ticks as f64 / procfs::TICKS_PER_SEC / secs);
+    let server = server_pid.and_then(|_| ServerCores::of(server_ticks, secs));
+    Ok((fan, (client, server), secs))
 }
 
 /// One echo round trip on each of the `n` subscribers, all at once: proves the server has

@@ -19,7 +19,9 @@
 //!
 //! The last line on stdout is `RESULT k=v ...` (read by `cargo xtask bench`); it includes the
 //! client's own CPU use (`client_cpu`, in cores) and the server's (`server_cpu`, given its
-//! PID), so a run can tell when the client, not the server, was the bottleneck, and the cores
+//! PID, with `server_sys_cpu` its part in the kernel), so a run can tell when the client, not
+//! the server, was the bottleneck, and how much of the server's work no user-space change can
+//! touch; and the cores
 //! the client may run on (`cores`, as `/proc/self/status` lists them), so a pinned run can
 //! be checked.
 

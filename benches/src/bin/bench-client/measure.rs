@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
-use switchboard_bench::procfs;
+use switchboard_bench::procfs::{self, Ticks};
 use switchboard_bench::result_line;
 use switchboard_bench::stats::Samples;
 
@@ -50,28 +50,62 @@ impl Clock {
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub(crate) struct CpuTicks {
     pub(crate) client: Option<u64>,
-    /// `None` without the server's PID.
-    pub(crate) server: Option<u64>,
+    /// `None` without the server's PID. User and kernel apart: see [`ServerCores`].
+    pub(crate) server: Option<Ticks>,
 }
 
 impl CpuTicks {
     pub(crate) fn now(server_pid: Option<u32>) -> CpuTicks {
         CpuTicks {
             client: procfs::cpu_ticks(None),
-            server: server_pid.and_then(|p| procfs::cpu_ticks(Some(p))),
+            server: server_pid.and_then(|p| procfs::cpu_ticks_split(Some(p))),
         }
     }
 
     /// The ticks the client and the server used from `self` to `later` (0 where a reading
     /// is missing).
-    pub(crate) fn until(self, later: CpuTicks) -> (u64, u64) {
-        let used =
-            |b: Option<u64>, a: Option<u64>| b.zip(a).map_or(0, |(b, a)| a.saturating_sub(b));
-        (
-            used(self.client, later.client),
-            used(self.server, later.server),
-        )
+    pub(crate) fn until(self, later: CpuTicks) -> (u64, Ticks) {
+        let client = self
+            .client
+            .zip(later.client)
+            .map_or(0, |(b, a)| a.saturating_sub(b));
+        let server = self
+            .server
+            .zip(later.server)
+            .map_or(Ticks::default(), |(b, a)| a.since(b));
+        (client, server)
     }
+}
+
+/// The server's CPU over a window, in cores: all of it, and the part spent in the kernel.
+///
+/// On loopback the kernel's part holds the sends and receives a server asks for and, on the
+/// sending core, the receiving socket's side of each send: work every server pays alike for
+/// the same traffic. What user-space work could ever gain is bounded by it (`cargo xtask
+/// bench` reports that ceiling).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ServerCores {
+    pub(crate) all: f64,
+    pub(crate) kernel: f64,
+}
+
+impl ServerCores {
+    /// `ticks` used over `secs` seconds (`None` for an empty window).
+    pub(crate) fn of(ticks: Ticks, secs: f64) -> Option<ServerCores> {
+        let cores = |t: u64| t as f64 / procfs::TICKS_PER_SEC / secs;
+        (secs > 0.0).then(|| ServerCores {
+            all: cores(ticks.total()),
+            kernel: cores(ticks.system),
+        })
+    }
+}
+
+/// `server_cpu` and `server_sys_cpu` (its kernel part), in cores; `na` where unknown.
+pub(crate) fn server_cpu_fields(server: Option<ServerCores>) -> [(&'static str, String); 2] {
+    [
+        ("server_cpu", fmt_cores(server.map(|s| s.all))),
+        ("server_sys_cpu", fmt_cores(server.map(|s| s.kernel))),
+    ]
 }
 
 /// Between turns: a server is quiet once its CPU time has not moved for `QUIET_STEP` (its
@@ -99,29 +133,30 @@ pub(crate) fn wait_quiet(pid: Option<u32>) {
 }
 
 /// CPU of client and server over the measured window, sampled by a task of its own.
-pub(crate) fn sample_cpu(
-    clock: Clock,
-    server_pid: Option<u32>,
-) -> JoinHandle<(Option<f64>, Option<f64>)> {
+pub(crate) fn sample_cpu(clock: Clock, server_pid: Option<u32>) -> JoinHandle<Cores> {
     tokio::spawn(async move {
         tokio::time::sleep_until(clock.warm.into()).await;
         let (before, t0) = (CpuTicks::now(server_pid), Instant::now());
         tokio::time::sleep_until(clock.end.into()).await;
         let secs = t0.elapsed().as_secs_f64();
         let after = CpuTicks::now(server_pid);
-        (
-            procfs::cores(before.client, after.client, secs),
-            procfs::cores(before.server, after.server, secs),
-        )
+        let server = before
+            .server
+            .zip(after.server)
+            .and_then(|(b, a)| ServerCores::of(a.since(b), secs));
+        (procfs::cores(before.client, after.client, secs), server)
     })
 }
+
+/// The client's CPU in cores and the server's, where known.
+pub(crate) type Cores = (Option<f64>, Option<ServerCores>);
 
 /// The `RESULT` line of a latency scenario (echo, send, cross-node, handshake): `head` (the
 /// scenario and its parameters), then what the workers measured and the CPU over the window.
 pub(crate) async fn latency_result(
     mut head: Vec<(&'static str, String)>,
     workers: Vec<JoinHandle<Tally>>,
-    cpu: JoinHandle<(Option<f64>, Option<f64>)>,
+    cpu: JoinHandle<Cores>,
     clock: &Clock,
     pool: Option<&Path>,
 ) -> String {
@@ -141,10 +176,8 @@ pub(crate) async fn latency_result(
         ),
     ]);
     head.extend(client_cpu_fields(client_cpu, idle, clock.window_secs()));
-    head.extend([
-        ("server_cpu", fmt_cores(server_cpu)),
-        ("errors", errors.to_string()),
-    ]);
+    head.extend(server_cpu_fields(server_cpu));
+    head.push(("errors", errors.to_string()));
     head.extend(percentiles(&samples, ["p50_us", "p99_us", "p999_us"]));
     head.extend(pooled(pool, &samples));
     result_line(&head)

@@ -17,13 +17,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchboard_bench::procfs;
+use switchboard_bench::procfs::{self, Ticks};
 use switchboard_bench::result_line;
 use switchboard_bench::stats::Samples;
 use switchboard_bench::wire::{self, Kind, Template};
 
 use crate::measure::{
-    client_cpu_fields, fmt_cores, percentiles, wait_quiet, Clock, CpuTicks, Tally, QUIET_LIMIT,
+    client_cpu_fields, percentiles, server_cpu_fields, wait_quiet, Clock, CpuTicks, ServerCores,
+    Tally, QUIET_LIMIT,
 };
 use crate::poller::{Inbound, Loop, Scenario, Sender};
 use crate::roundtrip::{max_frame, send_stamped};
@@ -106,9 +107,9 @@ pub(crate) async fn phased_roundtrips(
                 ),
             ];
             line.extend(client_cpu_fields(per(t.client_ticks), t.idle, window));
-            let server_cpu = pids[k].and_then(|_| per(t.server_ticks));
+            let server_cpu = pids[k].and_then(|_| ServerCores::of(t.server_ticks, window));
+            line.extend(server_cpu_fields(server_cpu));
             line.extend([
-                ("server_cpu", fmt_cores(server_cpu)),
                 ("errors", (t.errors + run_errors).to_string()),
                 ("late", t.late.to_string()),
             ]);
@@ -191,7 +192,7 @@ pub(crate) struct TargetTally {
     active: Duration,
     phases: usize,
     /// CPU ticks of the server, and of this process, within the measured phases.
-    server_ticks: u64,
+    server_ticks: Ticks,
     client_ticks: u64,
     /// The client loop's idle polling within the measured phases.
     idle: Duration,
@@ -620,7 +621,11 @@ mod tests {
         for t in &finished.targets {
             assert_eq!(t.phases, 5, "measured turns");
             assert!(!t.samples.is_empty() && t.active > Duration::ZERO);
-            assert_eq!((t.errors, t.server_ticks), (0, 0), "no PID: no server CPU");
+            assert_eq!(
+                (t.errors, t.server_ticks),
+                (0, Ticks::default()),
+                "no PID: no server CPU"
+            );
         }
     }
 
