@@ -41,9 +41,10 @@ pub use switchboard_config::REFRESH_TYPE;
 /// The `type` of the gateway's answer to an accepted refresh.
 pub const REFRESHED_TYPE: &str = "$refreshed";
 
-/// At most this many bytes of request headers are copied into a socket's context.
+/// At most this many bytes of a socket's context text are request headers (beside the claims
+/// at `jwt`), counted as JSON text ([`json_len`]).
 const MAX_CONTEXT_HEADER_BYTES: usize = 4096;
-/// At most this many bytes of query parameters are kept in a socket's context.
+/// At most this many bytes of JSON text are a socket's query parameters ([`json_len`]).
 const MAX_CONTEXT_PARAM_BYTES: usize = 4096;
 /// At most this many query parameters are kept: a parsed parameter costs about 100 bytes
 /// however short, so 4 KiB of two-letter ones would make a map of some 200 KiB.
@@ -421,7 +422,7 @@ impl Gateway {
                 value.push_str(", ");
                 value.push_str(&String::from_utf8_lossy(more.as_bytes()));
             }
-            bytes += name.as_str().len() + value.len();
+            bytes += json_len(name.as_str()) + json_len(&value) + ENTRY_SYNTAX;
             if bytes > MAX_CONTEXT_HEADER_BYTES {
                 break;
             }
@@ -537,14 +538,14 @@ impl Gateway {
 }
 
 /// The query parameters as a JSON object's text (`{}` shared by every socket without any), at
-/// most [`MAX_CONTEXT_PARAM_BYTES`] and [`MAX_CONTEXT_PARAMS`] of them (in order; `namespace`
-/// is read apart from them).
+/// most [`MAX_CONTEXT_PARAM_BYTES`] of text and [`MAX_CONTEXT_PARAMS`] parameters (in order;
+/// `namespace` is read apart from them).
 fn params_text(query: Option<&str>) -> Arc<str> {
     static EMPTY: OnceLock<Arc<str>> = OnceLock::new();
     let mut params = Map::new();
-    let mut bytes = 0;
+    let mut bytes = 1; // the `{`; each entry brings its `,` or the closing `}`
     for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-        bytes += k.len() + v.len();
+        bytes += json_len(&k) + json_len(&v) + ENTRY_SYNTAX;
         if bytes > MAX_CONTEXT_PARAM_BYTES || params.len() >= MAX_CONTEXT_PARAMS {
             break;
         }
@@ -554,6 +555,25 @@ fn params_text(query: Option<&str>) -> Arc<str> {
         return EMPTY.get_or_init(|| Arc::from("{}")).clone();
     }
     serde_json::to_string(&params).unwrap_or_default().into()
+}
+
+/// The bytes of an object entry's text besides its name and value: their quotes, the `:`, and
+/// the `,` (or `}`) after it.
+const ENTRY_SYNTAX: usize = 6;
+
+/// The bytes `s` takes inside the quotes of a JSON string as serde_json writes it: what a
+/// socket's context text holds, not the decoded bytes. A control character (`%01` in a query)
+/// is six bytes there (`\u0001`), a quote or backslash two, so counting decoded bytes let a
+/// client make a context's text several times the bound.
+fn json_len(s: &str) -> usize {
+    s.len()
+        + s.bytes()
+            .map(|b| match b {
+                b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+                0..=0x1f => 5,
+                _ => 0,
+            })
+            .sum::<usize>()
 }
 
 impl Gateway {
@@ -868,6 +888,19 @@ fn describe_close(reason: &CloseReason) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_len_is_what_serde_json_writes() {
+        let mut every: String = (0u8..0x80).map(char::from).collect();
+        every.push_str("é€😀\u{2028}");
+        for s in [every.as_str(), "", "plain", "\"\\", "\u{1}\u{1f}\u{7f}"] {
+            assert_eq!(
+                json_len(s) + 2,
+                serde_json::to_string(s).unwrap().len(),
+                "{s:?}"
+            );
+        }
+    }
 
     #[test]
     fn the_params_kept_are_bounded_in_bytes_and_in_number() {

@@ -65,6 +65,42 @@ async fn handlers_see_only_the_configured_headers_and_a_message_stays_small() {
     assert!(event.len() < 1024, "{} bytes: {event}", event.len());
 }
 
+/// The 4 KiB of headers and of query parameters a socket keeps are bytes of the JSON text it
+/// holds, not decoded bytes: `%01` in a query is six bytes there (`\u0001`), a `"` in a header
+/// two. Counting decoded bytes, 1,000 `%01`s (one kilobyte) were kept as 6 KB of text, and 3,000
+/// quotes in a header as 6 KB, for as long as the socket lived.
+#[tokio::test]
+async fn the_context_kept_is_bounded_as_the_json_text_it_is_held_as() {
+    let mut c = container(config("", ""));
+    let mut seen = recorder(&mut c, &["socket:connection"]);
+    let gw = start(c).await;
+    let addr = gw.local_addr().unwrap();
+    let query = format!("?a={}&b=1", "%01".repeat(1000));
+    let extra = format!("User-Agent: {}\r\n", "\"".repeat(3000));
+    let (_ws, head) = raw::open(
+        addr,
+        &raw::upgrade_request(addr, &query, &token("alex"), &extra),
+        &[],
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (_, _, ctx) = next_published(&mut seen).await;
+    let params = serde_json::to_string(&ctx["params"]).unwrap();
+    assert!(
+        params.len() <= 4096,
+        "{} bytes of params kept",
+        params.len()
+    );
+    let mut headers = ctx["headers"].as_object().unwrap().clone();
+    headers.remove("jwt");
+    let headers = serde_json::to_string(&headers).unwrap();
+    assert!(
+        headers.len() <= 4096,
+        "{} bytes of headers kept",
+        headers.len()
+    );
+}
+
 #[tokio::test]
 async fn credential_headers_cannot_be_configured_into_the_context() {
     for name in ["cookie", "Authorization", "proxy-authorization"] {
