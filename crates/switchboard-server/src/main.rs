@@ -102,11 +102,13 @@ enum Command {
         /// `gateway.drain`, 10 s unless set), e.g. `30s`.
         #[arg(long, value_parser = humantime_duration, value_name = "DURATION")]
         drain: Option<Duration>,
-        /// Worker threads (default: one per core this process may use, so `taskset` and
-        /// cgroup CPU limits count). With 1, one thread runs everything on tokio's
-        /// current-thread scheduler, the cheapest per message; more threads serve more
-        /// sockets at once on a machine with the cores to spare.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        /// Worker threads (default: `TOKIO_WORKER_THREADS` if set, 1 to 1024, else one per
+        /// core this process may use, so `taskset` and cgroup CPU limits count). With 1, one
+        /// thread runs everything on tokio's current-thread scheduler, the cheapest per
+        /// message; more threads serve more sockets at once on a machine with the cores to
+        /// spare.
+        #[arg(long, value_name = "N",
+              value_parser = clap::value_parser!(u16).range(1..=switchboard::MAX_WORKERS as i64))]
         workers: Option<u16>,
     },
     /// Validate a config file: exit 0 with a summary, or non-zero naming the key and line.

@@ -94,7 +94,7 @@ pub use presence::{
     Connection, NamespacePresence, Presence, UserConnections, UserPresence, PRESENCE_TIMEOUT,
     PRESENCE_TOPIC,
 };
-pub use runtime::runtime;
+pub use runtime::{runtime, MAX_WORKERS};
 pub use stats::Stats;
 pub use switchboard_bus::{
     Bus, Context, Handler, HandlerError, InProcessBus, JsonObject, Message, Producer, PublishError,

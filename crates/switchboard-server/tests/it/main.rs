@@ -26,6 +26,14 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_switchboard"))
 }
 
+/// `yaml` written as `socket.yaml` in a directory of its own, removed when the guard drops.
+fn config_file(yaml: impl AsRef<[u8]>) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("socket.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    (dir, file)
+}
+
 fn repo(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -49,13 +57,8 @@ fn check_config_accepts_the_spec_file() {
 
 #[test]
 fn check_config_names_the_key_and_line_of_an_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("socket.yaml");
-    std::fs::write(
-        &file,
-        "gateway:\n  socket:\n    path: /x\n    onclose:\n      publsh: t\n",
-    )
-    .unwrap();
+    let (_dir, file) =
+        config_file("gateway:\n  socket:\n    path: /x\n    onclose:\n      publsh: t\n");
     let out = bin().arg("check-config").arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);

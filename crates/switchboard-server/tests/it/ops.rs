@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::{bin, get, start_demo};
+use super::{bin, config_file, get, start_demo};
 
 fn help(args: &[&str]) -> String {
     let out = bin().args(args).output().unwrap();
@@ -39,6 +39,8 @@ fn help_covers_every_command_flag_and_variable() {
         "--log-format",
         "--demo",
         "--drain",
+        "--workers",
+        "TOKIO_WORKER_THREADS",
         "/metrics",
         "Exit status",
         "[default: conf/socket.yaml]",
@@ -59,13 +61,9 @@ fn help_covers_every_command_flag_and_variable() {
 
 #[test]
 fn check_config_expands_variables_and_names_an_unset_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("socket.yaml");
-    std::fs::write(
-        &file,
+    let (_dir, file) = config_file(
         "gateway:\n  listen: \"127.0.0.1:${SB_IT_PORT}\"\n  socket:\n    path: /connect\n  admin:\n    listen: 127.0.0.1:9091\n",
-    )
-    .unwrap();
+    );
     let out = bin()
         .arg("check-config")
         .arg(&file)
@@ -92,6 +90,56 @@ fn check_config_expands_variables_and_names_an_unset_one() {
         stderr.contains("environment variable `SB_IT_PORT` is not set at line 2"),
         "{stderr}"
     );
+}
+
+#[test]
+fn serve_refuses_a_worker_count_it_cannot_use_and_names_it() {
+    let (_dir, file) =
+        config_file("gateway:\n  listen: \"127.0.0.1:0\"\n  socket:\n    path: /connect\n");
+    // A typo or an absurd count is an error before anything listens, not a silent default.
+    for bad in ["four", "0", "100000"] {
+        let mut child = bin()
+            .args(["serve", "--config"])
+            .arg(&file)
+            .env("TOKIO_WORKER_THREADS", bad)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Bounded: a server that started anyway is ended here, and the test fails.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("serve started with TOKIO_WORKER_THREADS={bad}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(1), "{bad}");
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert!(
+            stderr.contains(&format!("TOKIO_WORKER_THREADS is `{bad}`"))
+                && stderr.contains("from 1 to 1024"),
+            "{bad}: {stderr}"
+        );
+    }
+    let out = bin()
+        .args(["serve", "--workers", "1025", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap refuses --workers 1025");
 }
 
 /// Ends a `switchboard serve` with SIGTERM and checks that it exited cleanly.
@@ -148,13 +196,9 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 #[test]
 fn serve_prints_what_it_loaded_serves_admin_endpoints_and_logs_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("socket.yaml");
-    std::fs::write(
-        &file,
+    let (_dir, file) = config_file(
         "gateway:\n  listen: 127.0.0.1:0\n  socket:\n    path: \"/${SB_IT_PATH}\"\n  auth:\n    secret_env: SB_IT_SECRET\n  admin:\n    listen: 127.0.0.1:0\n  log:\n    format: json\n",
-    )
-    .unwrap();
+    );
     let mut child = bin()
         .args(["serve", "--config"])
         .arg(&file)
@@ -222,16 +266,12 @@ async fn demo_serves_the_client_helper_that_its_page_imports() {
 #[test]
 fn at_the_open_file_limit_upgrades_get_503_and_the_admin_still_answers() {
     use std::io::Write;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("socket.yaml");
-    std::fs::write(
-        &file,
+    let (_dir, file) = config_file(
         format!(
             "gateway:\n  listen: 127.0.0.1:0\n  socket:\n    path: /ws\n  auth:\n    secret_env: {}\n  admin:\n    listen: 127.0.0.1:0\n",
             switchboard_test_support::SECRET_ENV
         ),
-    )
-    .unwrap();
+    );
     let mut child = Command::new("sh")
         .args(["-c", "ulimit -n 300 && exec \"$0\" \"$@\""])
         .arg(env!("CARGO_BIN_EXE_switchboard"))
