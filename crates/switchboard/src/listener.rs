@@ -3,8 +3,11 @@
 //! its connections.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -15,6 +18,7 @@ use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use switchboard_core::{BoxFuture, HttpResponse};
 use switchboard_tls::ServerTls;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -25,6 +29,11 @@ const MAX_CONNECTIONS: usize = 128;
 /// How long a connection may take to send its request head (and, with TLS, to finish the
 /// TLS handshake before that).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a write may wait for the client to take bytes: a client that stops reading its
+/// answers (say, after pipelining many requests) is dropped then, instead of holding one of
+/// the [`MAX_CONNECTIONS`] places for ever.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Answers one request.
 pub(crate) type Respond =
@@ -102,6 +111,7 @@ async fn accept_loop(
         let tls = tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let stream = WriteStall::new(stream);
             let Some(tls) = tls else {
                 return serve(TokioIo::new(stream), peer, what, respond, stopped).await;
             };
@@ -142,5 +152,90 @@ async fn serve<I>(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "{what} connection ended with an error");
+    }
+}
+
+/// A connection whose writes must make progress: a write, flush or shutdown that stays
+/// pending (the client takes no bytes) for [`WRITE_STALL_TIMEOUT`] fails, and the connection
+/// with it. Reads are bounded elsewhere (the head timeout, the API's body timeout).
+struct WriteStall<I> {
+    io: I,
+    /// Running while a write is pending; reset by any write that goes through.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteStall<I> {
+    fn new(io: I) -> Self {
+        WriteStall { io, stalled: None }
+    }
+
+    /// `poll` is the inner write's outcome: pending past the timeout turns into an error.
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL_TIMEOUT)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client took no bytes of its answer in time",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteStall<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteStall<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.check(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.check(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_flush(cx);
+        this.check(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.check(cx, poll)
     }
 }

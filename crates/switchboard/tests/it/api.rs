@@ -358,3 +358,26 @@ async fn the_api_listener_holds_at_most_128_connections() {
         .await
         .expect("served once a place is free");
 }
+
+/// A client that pipelines requests and never reads the answers: the server's writes stall,
+/// and the connection is dropped (after 10 s without progress) instead of holding one of the
+/// 128 places for ever. Before, 128 such clients, without the key, shut the API out for good.
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answers_is_dropped() {
+    use tokio::io::AsyncWriteExt;
+    let (_gw, addr) = api_gateway(Kind::WebSocket).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_send_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    // Unauthenticated: each gets a small 401, none is ever read. The writes go on until the
+    // server has stopped taking requests (its answers stalled), then fail once it drops us.
+    let requests = "GET /api/presence?namespace=x HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100);
+    let dropped = async { while stream.write_all(requests.as_bytes()).await.is_ok() {} };
+    tokio::time::timeout(std::time::Duration::from_secs(60), dropped)
+        .await
+        .expect("the connection is dropped once its answers stall");
+    // The listener serves others as before.
+    let (status, _) = call(addr, "GET", "/api/presence?namespace=x", None).await;
+    assert_eq!(status, 200);
+}
