@@ -321,6 +321,9 @@ impl TryFrom<RawAuth> for Auth {
         if raw.username_claim.is_empty() {
             return Err("auth.username_claim must not be empty".into());
         }
+        if let Some(name) = &raw.secret_env {
+            crate::de::env_name(name).map_err(|why| format!("auth.secret_env {why}"))?;
+        }
         let jwks = match (raw.jwks_url, raw.jwks) {
             (Some(url), jwks) => {
                 // One source of keys: a key set rules out a secret or a key file, and its

@@ -155,6 +155,68 @@ pub(crate) fn de_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::
     d.deserialize_any(ByteSizeVisitor)
 }
 
+/// An environment variable's name, as `${NAME}` takes it: letters, digits and `_`, not
+/// starting with a digit. The value is not echoed in the error: written as `"${SECRET}"` by
+/// mistake, it is the secret itself.
+pub(crate) fn de_env_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    d.deserialize_str(StrVisitor {
+        expecting: "the name of an environment variable",
+        parse: |name| {
+            env_name(name)?;
+            Ok(name.to_string())
+        },
+    })
+}
+
+/// Checks that `name` can name an environment variable (see [`de_env_name`]).
+pub(crate) fn env_name(name: &str) -> Result<(), String> {
+    if crate::expand::is_var_name(name) {
+        Ok(())
+    } else {
+        Err(
+            "must name an environment variable (letters, digits and `_`, not starting with a \
+             digit), not hold its value"
+                .into(),
+        )
+    }
+}
+
+/// An `ip:port` address to listen on. The parser's own message (`invalid socket address
+/// syntax`) does not say what it wants, nor that host names are not looked up.
+pub(crate) fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<std::net::SocketAddr, D::Error> {
+    d.deserialize_str(StrVisitor {
+        expecting: "an address such as `127.0.0.1:4000`",
+        parse: |text| {
+            text.trim().parse().map_err(|_| {
+                format!(
+                    "`{text}` is not an address to listen on: write an IP address and a port, \
+                     such as 127.0.0.1:4000, 0.0.0.0:4000 or [::]:4000 (host names are not \
+                     looked up)"
+                )
+            })
+        },
+    })
+}
+
+/// A string value parsed inside the visit of its own scalar, so that its error names the
+/// key and the value's line (see the top of this file).
+struct StrVisitor<T> {
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+}
+
+impl<T> Visitor<'_> for StrVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        (self.parse)(v).map_err(E::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

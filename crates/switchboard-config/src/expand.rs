@@ -61,7 +61,7 @@ pub(crate) fn expand<'a>(text: &'a str, env: Env<'_>) -> Result<Cow<'a, str>, St
     Ok(Cow::Owned(out))
 }
 
-fn is_var_name(name: &str) -> bool {
+pub(crate) fn is_var_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::de::{de_byte_size, de_duration};
+use crate::de::{de_byte_size, de_duration, de_env_name, de_listen};
 use crate::{Auth, BusConfig, HttpHandlers, Limits, Socket};
 
 /// The `gateway` section.
@@ -16,7 +16,7 @@ use crate::{Auth, BusConfig, HttpHandlers, Limits, Socket};
 #[non_exhaustive]
 pub struct Gateway {
     /// Address the public listener binds (extension). Default `127.0.0.1:4000`.
-    #[serde(default = "default_listen")]
+    #[serde(default = "default_listen", deserialize_with = "de_listen")]
     pub listen: SocketAddr,
     /// The spec's socket section.
     pub socket: Socket,
@@ -59,6 +59,7 @@ pub struct Gateway {
 #[non_exhaustive]
 pub struct Admin {
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(deserialize_with = "de_listen")]
     pub listen: SocketAddr,
     /// How many namespaces get their own `switchboard_sockets_open_by_namespace` series (the
     /// ones with the most sockets); the rest are summed under `namespace="(other)"`.
@@ -148,10 +149,11 @@ fn default_top_namespaces() -> usize {
 #[non_exhaustive]
 pub struct Api {
     /// Address of the API listener. Keep it off the public network.
+    #[serde(deserialize_with = "de_listen")]
     pub listen: SocketAddr,
     /// The environment variable that holds the API key (at least 16 bytes), which callers
     /// send as `Authorization: Bearer <key>`. Default `SWITCHBOARD_API_KEY`.
-    #[serde(default = "default_api_key_env")]
+    #[serde(default = "default_api_key_env", deserialize_with = "de_env_name")]
     pub key_env: String,
     /// Largest request body, in bytes; larger gets `413`. Default 64 KiB.
     #[serde(default = "default_api_max_body", deserialize_with = "de_byte_size")]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use crate::de::{de_byte_size, de_duration};
+use crate::de::{de_byte_size, de_duration, de_env_name};
 use crate::socket::header_names;
 use crate::Topic;
 
@@ -74,7 +74,7 @@ pub struct HttpHandler {
     pub ca_file: Option<PathBuf>,
     /// The environment variable holding the signing secret (at least 16 bytes). Default
     /// `SWITCHBOARD_HANDLER_SECRET`.
-    #[serde(default = "default_secret_env")]
+    #[serde(default = "default_secret_env", deserialize_with = "de_env_name")]
     pub secret_env: String,
     /// Headers of the socket's upgrade request sent along with each of its events (kept per
     /// socket like `socket.context_headers`, within the same 4 KiB).

@@ -108,9 +108,71 @@ impl Config {
         refuse_deep_nesting(text)?;
         let de = serde_yaml::Deserializer::from_str(text);
         let config = Config::deserialize(expand::Expand { de, env })
-            .map_err(|e| at_named_auth_key(ConfigError::from_yaml(e), text))?;
+            .map_err(|e| with_tab_hint(at_named_auth_key(ConfigError::from_yaml(e), text), text))?;
         config.check_bindings(text)?;
+        config.check_paths_and_addresses(text)?;
         Ok(config)
+    }
+
+    /// Checks across sections that serde cannot place: the SSE fallback's path must not be
+    /// the socket path, and no two listeners may take the same address (`serve` would stop
+    /// with "address in use" for its own config, and `check-config` would pass it). The line
+    /// is the later key's, or its section's when the key is written in flow style.
+    fn check_paths_and_addresses(&self, text: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &[&str], problem: String| {
+            let line = key_line(text, key);
+            ConfigError::Invalid {
+                file: None,
+                message: format!(
+                    "{}: {problem}{}",
+                    key.join("."),
+                    line.map(|l| format!(" at line {l}")).unwrap_or_default()
+                ),
+                line,
+                column: None,
+            }
+        };
+        let socket = &self.gateway.socket;
+        if let Some(sse) = socket.sse_path() {
+            if sse == socket.path.as_str() {
+                return Err(invalid(
+                    &["gateway", "socket", "sse", "path"],
+                    format!(
+                        "`{sse}` is gateway.socket.path too: the event stream needs a path of \
+                         its own (leave the key out for `{}`)",
+                        socket.default_sse_path()
+                    ),
+                ));
+            }
+        }
+        let gw = &self.gateway;
+        let listeners = [
+            (Some(gw.listen), ["gateway", "listen"].as_slice()),
+            (
+                gw.admin.as_ref().map(|a| a.listen),
+                ["gateway", "admin", "listen"].as_slice(),
+            ),
+            (
+                gw.api.as_ref().map(|a| a.listen),
+                ["gateway", "api", "listen"].as_slice(),
+            ),
+        ];
+        for (i, (addr, key)) in listeners.iter().enumerate() {
+            let Some(addr) = addr else { continue };
+            for (earlier, earlier_key) in &listeners[..i] {
+                if earlier.is_some_and(|e| same_listener(e, *addr)) {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "{addr} is also the address of {}: each listener needs a port of \
+                             its own",
+                            earlier_key.join(".")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every topic bound to an HTTP endpoint must be one the socket hooks publish to (not a
@@ -213,6 +275,28 @@ fn refuse_deep_nesting(text: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A tab in the line of a syntax error is the likely cause (the parser says only `found
+/// character that cannot start any token`): say so.
+fn with_tab_hint(mut e: ConfigError, text: &str) -> ConfigError {
+    if let ConfigError::Invalid {
+        message,
+        line: Some(line),
+        ..
+    } = &mut e
+    {
+        let tab = text
+            .lines()
+            .nth(*line - 1)
+            .is_some_and(|l| l[..l.len() - l.trim_start().len()].contains('\t'));
+        if tab {
+            message.push_str(&format!(
+                " (line {line} is indented with a tab: YAML indents with spaces only)"
+            ));
+        }
+    }
+    e
+}
+
 /// The `auth` section's checks of one key against another run once the section is read, so
 /// the parser places their errors at the enclosing section. When the message names an
 /// `auth.KEY` that the text has, the error is placed at that key's line instead, and at the
@@ -285,6 +369,47 @@ fn auth_line(text: &str, key: Option<&str>) -> Option<usize> {
         }
     }
     None
+}
+
+/// Whether two listeners would take the same port: the same address, or the same port on
+/// a wildcard address of the same family (port 0 is any free port: never the same).
+fn same_listener(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip()
+            || ((a.ip().is_unspecified() || b.ip().is_unspecified()) && a.is_ipv4() == b.is_ipv4()))
+}
+
+/// The 1-based line of the key at `path` (`["gateway", "admin", "listen"]`) in block-style
+/// YAML, or of the deepest section on the way that is there (a key written in flow style,
+/// `admin: {listen: ...}`, is on its section's line). Comments and blank lines are skipped.
+fn key_line(text: &str, path: &[&str]) -> Option<usize> {
+    let mut open: Vec<(usize, String)> = Vec::new(); // (indent, key) of the enclosing keys
+    let mut best: Option<(usize, usize)> = None; // (depth, line)
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim_start();
+        if t.is_empty() || t.starts_with('#') || t.starts_with("---") {
+            continue;
+        }
+        let indent = line.len() - t.len();
+        while open.last().is_some_and(|(i, _)| *i >= indent) {
+            open.pop();
+        }
+        let Some((key, _)) = t.split_once(':') else {
+            continue;
+        };
+        let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+        open.push((indent, key.to_string()));
+        let depth = open.len();
+        let on_path = depth <= path.len() && open.iter().zip(path).all(|((_, k), p)| k == p);
+        if on_path && best.is_none_or(|(d, _)| depth > d) {
+            best = Some((depth, n + 1));
+            if depth == path.len() {
+                break;
+            }
+        }
+    }
+    best.map(|(_, line)| line)
 }
 
 /// The 1-based line of the first mention of `needle` after the line holding `key`.

@@ -44,7 +44,7 @@ pub(crate) fn use_demo_secret_if_unset(config: &Config) {
     }
     for (var, value) in vars {
         if std::env::var(var).map_or(true, |v| v.is_empty()) {
-            eprintln!(
+            say_err!(
                 "switchboard: demo mode: {var} is unset, using the demo's (never in production)"
             );
             std::env::set_var(var, value);

@@ -23,6 +23,23 @@ use clap::{Parser, Subcommand, ValueEnum};
 use switchboard::config::LogFormat;
 use switchboard::{Config, Container};
 
+/// `println!`, but a stdout that went away (a closed pipe, a log collector that ended) is
+/// not a panic: the gateway keeps serving, and still drains on SIGTERM.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!`, likewise for stderr.
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod demo;
 
 /// jemalloc rather than glibc's malloc: per message the gateway allocates a dozen small
@@ -48,8 +65,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
         switchboard serve -c conf/socket.yaml --admin-listen 127.0.0.1:9090\n  \
         switchboard check-config conf/socket.yaml    # exit 0 and a summary, or 2 and the error\n\n\
         Environment:\n  \
-        RUST_LOG                 which log events to write (default `info`)\n  \
-        SWITCHBOARD_JWT_SECRET   the HS* secret (the name is `gateway.auth.secret_env`)\n  \
+        RUST_LOG                    which log events to write (default `info`)\n  \
+        SWITCHBOARD_JWT_SECRET      the HS* secret (the name is `gateway.auth.secret_env`)\n  \
+        SWITCHBOARD_API_KEY         the server API's key (`gateway.api.key_env`)\n  \
+        SWITCHBOARD_HANDLER_SECRET  HTTP handlers' signing secret (`http_handlers[].secret_env`)\n  \
+        TOKIO_WORKER_THREADS        worker threads when `serve --workers` is not given\n  \
         ${NAME} in the config's string values is replaced by the variable NAME."
 )]
 struct Cli {
@@ -81,8 +101,12 @@ enum Command {
     )]
     Serve {
         /// The config file (YAML; `${NAME}` in string values is read from the environment).
-        #[arg(long, short, default_value = "conf/socket.yaml")]
-        config: PathBuf,
+        /// With `--demo` and without this flag, the built-in demo config is used when
+        /// conf/socket.yaml is not there.
+        ///
+        /// [default: conf/socket.yaml]
+        #[arg(long, short, value_name = "CONFIG")]
+        config: Option<PathBuf>,
         /// Listen on this address instead of the config's `gateway.listen` (port 0: any).
         #[arg(long, value_name = "IP:PORT")]
         listen: Option<SocketAddr>,
@@ -135,11 +159,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => match Config::from_file(&file) {
             Ok(config) => {
-                println!("{}: ok ({})", file.display(), summary(&config));
+                say!("{}: ok ({})", file.display(), summary(&config));
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                say_err!("error: {e}");
                 ExitCode::from(2)
             }
         },
@@ -152,10 +176,10 @@ fn main() -> ExitCode {
             drain,
             workers,
         } => {
-            let loaded = match load_config(&config, demo) {
+            let loaded = match load_config(config, demo) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    say_err!("error: {e}");
                     return ExitCode::from(2);
                 }
             };
@@ -170,14 +194,14 @@ fn main() -> ExitCode {
             let runtime = match switchboard::runtime(workers.map(usize::from)) {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
+                    say_err!("error: cannot start the runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
             match runtime.block_on(serve(loaded, listen, admin_listen, demo, drain)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    say_err!("error: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -188,13 +212,22 @@ fn main() -> ExitCode {
 /// The config and where it came from.
 type Loaded = (String, Config);
 
-fn load_config(path: &PathBuf, demo: bool) -> Result<Loaded, switchboard::ConfigError> {
-    if demo && !path.exists() {
-        // `serve --demo` works from any directory: fall back to the repo's config.
-        let config = Config::from_yaml_str(demo::BUNDLED_CONFIG)?;
-        return Ok(("built-in conf/socket.yaml".into(), config));
-    }
-    Ok((path.display().to_string(), Config::from_file(path)?))
+/// The config file when `--config` is not given.
+const DEFAULT_CONFIG: &str = "conf/socket.yaml";
+
+fn load_config(path: Option<PathBuf>, demo: bool) -> Result<Loaded, switchboard::ConfigError> {
+    let path = match path {
+        Some(path) => path,
+        None if demo && !std::path::Path::new(DEFAULT_CONFIG).exists() => {
+            // `serve --demo` works from any directory: fall back to the repo's config. Only
+            // when no file was named: a `--config` that is not there is an error, not the
+            // demo's config in its place.
+            let config = Config::from_yaml_str(demo::BUNDLED_CONFIG)?;
+            return Ok(("built-in conf/socket.yaml".into(), config));
+        }
+        None => PathBuf::from(DEFAULT_CONFIG),
+    };
+    Ok((path.display().to_string(), Config::from_file(&path)?))
 }
 
 fn summary(config: &Config) -> String {
@@ -247,13 +280,15 @@ async fn serve(
     if let Some(bus) = &nats {
         // Subscriptions must be live before the first socket can publish.
         bus.subscriptions_ready().await?;
-        println!("switchboard: bus nats, node {}", bus.node_name());
+        say!("switchboard: bus nats, node {}", bus.node_name());
     }
     // Caught from before the first socket: a SIGTERM during start-up still drains.
     let stop = switchboard::shutdown_signal();
     // Listened for from here, so that a SIGHUP during start-up (which may wait for the key
-    // set) reloads nothing rather than ends the process.
-    let hangups = tls.then(hangup_signal).flatten();
+    // set) reloads nothing rather than ends the process. Without TLS too: there is nothing
+    // to reload, but its default action would end the process at once, every socket dropped
+    // without a close frame and no `onclose` published.
+    let hangups = hangup_signal();
     let running = container.start_on(addr).await?;
     let local = running.local_addr().unwrap_or(addr);
     let (ws, http) = if running.tls().is_some() {
@@ -262,36 +297,33 @@ async fn serve(
         ("ws", "http")
     };
     let scheme = |tls: bool| if tls { "https" } else { "http" };
-    println!("switchboard: config {source}");
-    println!("switchboard: listening on {ws}://{local}{path}");
+    say!("switchboard: config {source}");
+    say!("switchboard: listening on {ws}://{local}{path}");
     if let Some(sse) = sse_path {
-        println!("switchboard: sse fallback on {http}://{local}{sse}");
+        say!("switchboard: sse fallback on {http}://{local}{sse}");
     }
     if let Some(admin) = running.admin_addr() {
         let http = scheme(admin_tls);
-        println!("switchboard: admin on {http}://{admin} (/metrics, /healthz, /readyz)");
+        say!("switchboard: admin on {http}://{admin} (/metrics, /healthz, /readyz)");
     }
     if let Some(api) = running.api_addr() {
         let http = scheme(api_tls);
-        println!("switchboard: api on {http}://{api} (docs/API.md)");
+        say!("switchboard: api on {http}://{api} (docs/API.md)");
     }
     if demo {
-        println!("switchboard: demo chat at {http}://{local}/ (open it in two browser windows)");
+        say!("switchboard: demo chat at {http}://{local}/ (open it in two browser windows)");
     }
-    let reloads = running
-        .tls()
-        .cloned()
-        .zip(hangups)
-        .map(|(tls, hangups)| tokio::spawn(reload_on_sighup(tls, hangups)));
+    let tls = running.tls().cloned();
+    let reloads = hangups.map(|hangups| tokio::spawn(reload_on_sighup(tls, hangups)));
     stop.await;
     if let Some(reloads) = reloads {
         reloads.abort();
     }
-    println!("switchboard: shutting down");
+    say!("switchboard: shutting down");
     let drain = drain.unwrap_or(running.drain());
     let report = running.shutdown(drain).await;
     if !report.drained {
-        eprintln!("switchboard: some sockets did not close within {drain:?}");
+        say_err!("switchboard: some sockets did not close within {drain:?}");
     }
     Ok(())
 }
@@ -308,7 +340,7 @@ fn hangup_signal() -> Option<Hangups> {
     match signal(SignalKind::hangup()) {
         Ok(hangups) => Some(hangups),
         Err(e) => {
-            eprintln!(
+            say_err!(
                 "switchboard: cannot listen for SIGHUP ({e}); TLS reloads on file change only"
             );
             None
@@ -322,13 +354,16 @@ fn hangup_signal() -> Option<Hangups> {
 }
 
 /// Reloads the listeners' certificate and key on every SIGHUP (the old ones stay in use when
-/// the files do not load; the log says why).
-async fn reload_on_sighup(tls: switchboard::ServerTls, hangups: Hangups) {
+/// the files do not load; the log says why). Without TLS, says there is nothing to reload.
+async fn reload_on_sighup(tls: Option<switchboard::ServerTls>, hangups: Hangups) {
     #[cfg(unix)]
     {
         let mut hangups = hangups;
         while hangups.recv().await.is_some() {
-            tls.reload_logged("SIGHUP", true);
+            match &tls {
+                Some(tls) => tls.reload_logged("SIGHUP", true),
+                None => tracing::info!("SIGHUP: nothing to reload (no gateway.tls); still serving"),
+            }
         }
     }
     #[cfg(not(unix))]

@@ -949,3 +949,121 @@ fn http_handler_errors_name_the_key_and_line() {
     );
     assert_eq!(e.line(), Some(12), "{text}");
 }
+
+#[test]
+fn an_sse_path_equal_to_the_socket_path_is_refused_at_its_line() {
+    // Was accepted here (and by `check-config`), then refused by `serve` with exit 1.
+    let e = bad("gateway:\n  socket:\n    path: /c\n    sse:\n      path: /c\n");
+    let text = e.to_string();
+    assert!(text.starts_with("gateway.socket.sse.path: `/c`"), "{e}");
+    assert!(text.contains("leave the key out for `/c/sse`"), "{e}");
+    assert_eq!(e.line(), Some(5), "{e}");
+    // In flow style, the line of the section that holds it; with the default socket path too.
+    let e = bad("gateway:\n  socket:\n    sse: {path: /connect}\n");
+    assert_eq!(e.line(), Some(3), "{e}");
+    assert!(Config::from_yaml_str("gateway:\n  socket:\n    sse: {path: /c}\n").is_ok());
+}
+
+#[test]
+fn two_listeners_on_one_address_are_refused_naming_both_keys() {
+    // Was accepted; `serve` then stopped with "address in use" for its own config.
+    let e = bad(
+        "gateway:\n  listen: 127.0.0.1:4601\n  socket: {}\n  admin:\n    listen: 127.0.0.1:4601\n",
+    );
+    let text = e.to_string();
+    assert!(
+        text.starts_with(
+            "gateway.admin.listen: 127.0.0.1:4601 is also the address of gateway.listen"
+        ),
+        "{e}"
+    );
+    assert_eq!(e.line(), Some(5), "{e}");
+    // The default gateway.listen, a wildcard address, the API against the admin listener.
+    let e = bad("gateway:\n  socket: {}\n  api: {listen: \"0.0.0.0:4000\"}\n");
+    assert!(text_has(
+        &e,
+        "gateway.api.listen: 0.0.0.0:4000 is also the address of gateway.listen"
+    ));
+    assert_eq!(e.line(), Some(3), "{e}");
+    let e = bad(
+        "gateway:\n  socket: {}\n  admin:\n    listen: 127.0.0.1:9000\n  api:\n    # here\n    listen: 127.0.0.1:9000\n",
+    );
+    assert!(text_has(&e, "is also the address of gateway.admin.listen"));
+    assert_eq!(e.line(), Some(7), "{e}");
+    // Port 0 (any free port), other ports and other addresses are fine.
+    for ok in [
+        "gateway:\n  listen: 127.0.0.1:0\n  socket: {}\n  admin: {listen: 127.0.0.1:0}\n  api: {listen: 127.0.0.1:0}\n",
+        "gateway:\n  socket: {}\n  admin: {listen: 127.0.0.1:9090}\n  api: {listen: 127.0.0.1:9091}\n",
+        "gateway:\n  socket: {}\n  admin: {listen: 127.0.0.2:4000}\n",
+    ] {
+        assert!(Config::from_yaml_str(ok).is_ok(), "{ok}");
+    }
+}
+
+fn text_has(e: &ConfigError, needle: &str) -> bool {
+    let text = e.to_string();
+    assert!(text.contains(needle), "{text}");
+    true
+}
+
+#[test]
+fn a_variable_name_key_must_hold_a_name_and_the_error_does_not_echo_it() {
+    // An empty name, or a value where the name goes (`"${SECRET}"` expands to the secret):
+    // was accepted, then `serve` said "environment variable <the value> is not set".
+    let secret = "s3cr3t-value==";
+    let env = |name: &str| (name == "JWT").then(|| secret.to_string());
+    for (yaml, key, line) in [
+        (
+            "gateway:\n  socket: {}\n  auth:\n    secret_env: \"${JWT}\"\n",
+            "auth.secret_env",
+            4,
+        ),
+        (
+            "gateway:\n  socket: {}\n  auth:\n    secret_env: \"\"\n",
+            "auth.secret_env",
+            4,
+        ),
+        (
+            "gateway:\n  socket: {}\n  api:\n    listen: 127.0.0.1:9\n    key_env: \"${JWT}\"\n",
+            "gateway.api.key_env",
+            5,
+        ),
+        (
+            "gateway:\n  socket: {onclose: {publish: c}}\n  http_handlers:\n    - url: http://127.0.0.1:9/\n      topics: [c]\n      secret_env: \"A=B\"\n",
+            "gateway.http_handlers[0].secret_env",
+            6,
+        ),
+    ] {
+        let e = Config::from_yaml_str_with_env(yaml, &env).expect_err(yaml);
+        let text = e.to_string();
+        assert!(text.contains(key), "{text}");
+        assert!(text.contains("must name an environment variable"), "{text}");
+        assert!(!text.contains(secret), "{text}");
+        assert_eq!(e.line(), Some(line), "{text}");
+    }
+    let ok = "gateway:\n  socket: {}\n  auth:\n    secret_env: _MY_SECRET_2\n";
+    assert!(Config::from_yaml_str(ok).is_ok());
+}
+
+#[test]
+fn a_listen_address_error_says_what_is_wanted() {
+    let e = bad("gateway:\n  socket: {}\n  admin:\n    listen: \"localhost:9090\"\n");
+    let text = e.to_string();
+    assert!(
+        text.starts_with("gateway.admin.listen: `localhost:9090` is not an address to listen on"),
+        "{text}"
+    );
+    assert!(text.contains("host names are not looked up"), "{text}");
+    assert_eq!(e.line(), Some(4), "{text}");
+}
+
+#[test]
+fn a_tab_in_the_indentation_is_named_as_the_cause() {
+    let e = bad("gateway:\n\tsocket: {}\n");
+    let text = e.to_string();
+    assert!(
+        text.contains("line 2 is indented with a tab: YAML indents with spaces only"),
+        "{text}"
+    );
+    assert_eq!(e.line(), Some(2), "{text}");
+}

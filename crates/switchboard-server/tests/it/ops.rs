@@ -22,6 +22,9 @@ fn help_covers_every_command_flag_and_variable() {
         "check-config",
         "RUST_LOG",
         "SWITCHBOARD_JWT_SECRET",
+        "SWITCHBOARD_API_KEY",
+        "SWITCHBOARD_HANDLER_SECRET",
+        "TOKIO_WORKER_THREADS",
         "${NAME}",
         "docs/CONFIG.md",
         "Examples:",
@@ -98,36 +101,13 @@ fn serve_refuses_a_worker_count_it_cannot_use_and_names_it() {
         config_file("gateway:\n  listen: \"127.0.0.1:0\"\n  socket:\n    path: /connect\n");
     // A typo or an absurd count is an error before anything listens, not a silent default.
     for bad in ["four", "0", "100000"] {
-        let mut child = bin()
+        let mut serve = bin();
+        serve
             .args(["serve", "--config"])
             .arg(&file)
-            .env("TOKIO_WORKER_THREADS", bad)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Bounded: a server that started anyway is ended here, and the test fails.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("serve started with TOKIO_WORKER_THREADS={bad}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert_eq!(status.code(), Some(1), "{bad}");
-        let mut stderr = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
+            .env("TOKIO_WORKER_THREADS", bad);
+        let (code, stderr) = exit_code_and_stderr(serve);
+        assert_eq!(code, Some(1), "{bad}: {stderr}");
         assert!(
             stderr.contains(&format!("TOKIO_WORKER_THREADS is `{bad}`"))
                 && stderr.contains("from 1 to 1024"),
@@ -316,4 +296,183 @@ fn at_the_open_file_limit_upgrades_get_503_and_the_admin_still_answers() {
     assert_eq!(http_get(admin, "/healthz"), (200, "ok\n".into()));
     drop(open);
     stop_cleanly(&mut child);
+}
+
+/// Runs `switchboard` with `args` in `dir` (see [`exit_code_and_stderr`]).
+fn exit_of(dir: &std::path::Path, args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let mut command = bin();
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("SB_IT_SECRET", "an it secret of 32 bytes or so..");
+    exit_code_and_stderr(command)
+}
+
+/// Runs `command`, which must exit by itself, and waits at most 10 s for it (one that started
+/// serving anyway is ended, and the test fails): (exit code, stderr).
+fn exit_code_and_stderr(mut command: Command) -> (Option<i32>, String) {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} started instead of exiting");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.code(), stderr)
+}
+
+#[test]
+fn serve_demo_with_a_config_that_is_not_there_is_an_error_not_the_built_in_config() {
+    // Was: `serve --demo -c typo.yaml` served the built-in config in its place, silently.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stderr) = exit_of(
+        dir.path(),
+        &[
+            "serve".as_ref(),
+            "--demo".as_ref(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--config".as_ref(),
+            "typo.yaml".as_ref(),
+        ],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cannot read config file typo.yaml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_config_serve_cannot_use_fails_check_config_and_serve_alike_with_2() {
+    // Each was `ok` for check-config, then a start-up failure (exit 1) for serve.
+    for (yaml, says) in [
+        (
+            "gateway:\n  listen: 127.0.0.1:0\n  socket:\n    path: /c\n    sse:\n      path: /c\n  auth:\n    secret_env: SB_IT_SECRET\n",
+            "gateway.socket.sse.path: `/c` is gateway.socket.path too",
+        ),
+        (
+            "gateway:\n  listen: 127.0.0.1:4698\n  socket: {}\n  auth:\n    secret_env: SB_IT_SECRET\n  admin:\n    listen: 127.0.0.1:4698\n",
+            "gateway.admin.listen: 127.0.0.1:4698 is also the address of gateway.listen",
+        ),
+        (
+            "gateway:\n  listen: 127.0.0.1:0\n  socket: {}\n  auth:\n    secret_env: \"\"\n",
+            "auth.secret_env must name an environment variable",
+        ),
+    ] {
+        let (dir, file) = config_file(yaml);
+        for args in [
+            ["check-config".as_ref(), file.as_os_str()].as_slice(),
+            ["serve".as_ref(), "--config".as_ref(), file.as_os_str()].as_slice(),
+        ] {
+            let (code, stderr) = exit_of(dir.path(), args);
+            assert_eq!(code, Some(2), "{args:?}: {stderr}");
+            assert!(stderr.contains(says), "{args:?}: {stderr}");
+            assert!(stderr.contains(" at line "), "{args:?}: {stderr}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_tls_does_not_end_the_process_and_sigterm_still_drains() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    // Was: only a TLS config listened for SIGHUP; without one, SIGHUP's default action ended
+    // the process at once (sockets dropped without a close frame, no onclose published).
+    let (_dir, file) = config_file(format!(
+        "gateway:\n  listen: 127.0.0.1:0\n  socket:\n    path: /connect\n  auth:\n    secret_env: {}\n",
+        switchboard_test_support::SECRET_ENV
+    ));
+    let (mut child, addr) =
+        super::spawn_serve(super::serve_config(&file, "unused-api-key-0123456789"));
+    let mut req = format!("ws://{addr}/connect?namespace=acme")
+        .into_client_request()
+        .unwrap();
+    let token = switchboard_test_support::token("alex");
+    req.headers_mut()
+        .insert("cookie", format!("ID_TOKEN={token}").parse().unwrap());
+    let mut ws = tokio_tungstenite::connect_async(req).await.unwrap().0;
+
+    let pid = child.id().to_string();
+    // SIGHUP, then SIGTERM: were SIGHUP fatal, it would end the process first (signals are
+    // taken lowest number first), without the close frame below and with a failed status.
+    for signal in ["-HUP", "-TERM"] {
+        assert!(Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a close frame")
+        {
+            Some(Ok(WsMessage::Close(Some(f)))) => break f.code,
+            Some(Ok(_)) => continue,
+            other => panic!("expected close 1001, got {other:?}"),
+        }
+    };
+    assert_eq!(code, CloseCode::Away);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_stdout_that_went_away_is_not_a_panic() {
+    // Was: `println!` panicked on the closed pipe (`serve | head -1`, a log collector that
+    // ended): at the next line printed, by SIGTERM at the latest, instead of draining.
+    let (_dir, file) =
+        config_file("gateway:\n  listen: 127.0.0.1:0\n  socket:\n    path: /connect\n");
+    let mut child = bin()
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("SWITCHBOARD_JWT_SECRET", "an it secret of 32 bytes or so..")
+        .env("RUST_LOG", "warn")
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("serve printed its address").unwrap();
+        if line.starts_with("switchboard: listening on ") {
+            break;
+        }
+    }
+    drop(lines); // the reader goes away: every later write to stdout fails
+    let mut stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    stop_cleanly(&mut child);
+    let stderr = stderr.join().unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
