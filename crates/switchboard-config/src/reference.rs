@@ -589,7 +589,9 @@ const SECTIONS: &[Section] = &[
                 Ext,
                 "RS\\*/ES\\*/EdDSA only, and required for them unless `jwks_url` is set. PEM \
                  public key (RSA for RS\\*, EC for ES\\*, Ed25519 for EdDSA). A relative path is \
-                 resolved from the working directory. Setting it with HS\\* is an error.",
+                 resolved from the working directory. Setting it with HS\\* is an error. `serve` \
+                 refuses to start, naming the file, when it holds a private key or is not a \
+                 PEM key for the algorithm.",
                 Some("/etc/switchboard/jwt.pem"),
             ),
             key(

@@ -206,13 +206,19 @@ impl Verifier {
                     (pem, path.display().to_string())
                 }
             };
+            check_public_pem(&pem, &from)?;
             let parsed = match auth.algorithm {
                 A::ES256 | A::ES384 => DecodingKey::from_ec_pem(&pem),
                 A::EdDSA => DecodingKey::from_ed_pem(&pem),
                 _ => DecodingKey::from_rsa_pem(&pem),
             };
-            parsed
-                .map_err(|e| BuildError::Auth(format!("{from} is not a usable public key: {e}")))?
+            parsed.map_err(|e| {
+                BuildError::Auth(format!(
+                    "{from} is not a usable {:?} public key ({e}): auth.public_key_file takes \
+                     the PEM public key that matches auth.algorithm",
+                    auth.algorithm
+                ))
+            })?
         })
     }
 
@@ -353,6 +359,30 @@ pub(crate) fn token_from_headers<'h>(headers: &'h HeaderMap, cookie_name: &str) 
             .then(|| token.trim())
             .filter(|v| !v.is_empty())
     })
+}
+
+/// A key file must be a PEM public key. A private key parses too (the PEM decoder takes
+/// either) and every token would then fail as a bad signature, far from the cause: refuse it
+/// at start-up, naming the file, and refuse text that is not PEM at all.
+fn check_public_pem(pem: &[u8], from: &str) -> Result<(), BuildError> {
+    let text = String::from_utf8_lossy(pem);
+    let label = text.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix("-----BEGIN ")?
+            .strip_suffix("-----")
+    });
+    match label {
+        None => Err(BuildError::Auth(format!(
+            "{from} is not a PEM file (no `-----BEGIN ...-----` line): auth.public_key_file \
+             takes a PEM public key"
+        ))),
+        Some(label) if label.contains("PRIVATE") => Err(BuildError::Auth(format!(
+            "{from} holds a private key (`{label}`): auth.public_key_file takes the public key \
+             only (`openssl pkey -in KEY -pubout` writes it); keep the private key off the \
+             gateway"
+        ))),
+        Some(_) => Ok(()),
+    }
 }
 
 #[cfg(test)]

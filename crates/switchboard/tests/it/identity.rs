@@ -195,6 +195,30 @@ async fn unusable_auth_settings_fail_at_build_time() {
     .unwrap();
     let e = Container::new(c).unwrap_err().to_string();
     assert!(e.contains("/nonexistent/key.pem"), "{e}");
+    // A key file that is not the algorithm's public key fails here, naming the file, rather
+    // than every token later as a bad signature (a private key parses as a key too).
+    for (alg, file, says) in [
+        (
+            "RS256",
+            "rsa_private.pem",
+            "holds a private key (`PRIVATE KEY`)",
+        ),
+        ("ES256", "ec_private.pem", "holds a private key"),
+        ("RS256", "README", "is not a PEM file"),
+        ("RS256", "ec_public.pem", "is not a usable RS256 public key"),
+    ] {
+        let path = keys_dir().join(file);
+        let c = Config::from_yaml_str(&format!(
+            "gateway:\n  socket: {{}}\n  auth:\n    algorithm: {alg}\n    public_key_file: {}\n",
+            path.display()
+        ))
+        .unwrap();
+        let e = Container::new(c).unwrap_err().to_string();
+        assert!(
+            e.contains(says) && e.contains(&*path.to_string_lossy()),
+            "{alg} {file}: {e}"
+        );
+    }
     // A key given directly must suit the algorithm, and a secret be long enough.
     let bus = || std::sync::Arc::new(switchboard::InProcessBus::new());
     let hs256 = || Config::from_yaml_str("gateway:\n  socket: {}\n").unwrap();
