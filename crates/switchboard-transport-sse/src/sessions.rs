@@ -107,8 +107,25 @@ impl<S: Service> Bound<S> {
     /// The session's task: waits for its end, then tells the service, once.
     async fn run(self: Arc<Self>, id: SessionId, session: Arc<Session<S>>) {
         let socket = session.socket.clone();
+        let close_timeout = self.options.close_timeout;
         if !socket.has_ended() {
-            socket.ended.notified().await;
+            tokio::select! {
+                _ = socket.ended.notified() => {}
+                _ = socket.closing_started.notified() => {
+                    // Closing (by the server, the client's `DELETE` or shutdown): the close
+                    // event waits behind what was queued. A client that does not read it
+                    // within the close timeout is cut off, as a WebSocket that does not
+                    // answer a close frame: its queue and its session do not wait for the
+                    // heartbeat sweep.
+                    if !socket.has_ended()
+                        && tokio::time::timeout(close_timeout, socket.ended.notified())
+                            .await
+                            .is_err()
+                    {
+                        socket.cut();
+                    }
+                }
+            }
         }
         lock(&self.sessions).remove(&id);
         self.stats.sessions_open.fetch_sub(1, Relaxed);
@@ -123,7 +140,7 @@ impl<S: Service> Bound<S> {
         // The session is over, but its connection may not be: a client that does not read
         // the last events would hold it (and hyper's buffer) for ever. Give it the close
         // timeout to take them, then drop it (a no-op if it is gone already).
-        tokio::time::sleep(self.options.close_timeout).await;
+        tokio::time::sleep(close_timeout).await;
         socket.abort.abort();
     }
 }

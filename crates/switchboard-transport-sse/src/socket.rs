@@ -47,6 +47,9 @@ pub(crate) struct SseSocket {
     /// Wakes the session's task: the session has ended (the stream is done or dropped, or
     /// it was cut off).
     pub(crate) ended: Notify,
+    /// Wakes the session's task: a close reason was set (the session's close timeout runs
+    /// from then).
+    pub(crate) closing_started: Notify,
     ended_flag: AtomicBool,
     paused: AtomicBool,
     /// Wakes posts waiting for [`Socket::resume_reading`] or for the end.
@@ -118,6 +121,7 @@ impl SseSocket {
             closing: AtomicBool::new(false),
             reason: Mutex::new(None),
             ended: Notify::new(),
+            closing_started: Notify::new(),
             ended_flag: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             resumed: Notify::new(),
@@ -237,6 +241,7 @@ impl SseSocket {
         *slot = Some(reason);
         self.closing.store(true, Ordering::Release);
         drop(slot);
+        self.closing_started.notify_one();
         // Posts waiting for the connect gate learn of the close now.
         self.resumed.notify_waiters();
         true

@@ -237,6 +237,47 @@ async fn a_client_that_takes_nothing_between_two_heartbeats_is_cut_off() {
 }
 
 #[tokio::test]
+async fn a_server_close_that_the_client_does_not_read_ends_within_the_close_timeout() {
+    // Heartbeats an hour apart: only the close timeout (2 s) can end the session.
+    let mut c = container(spec_config(
+        "    sse: {}\n    heartbeat: 1h\n    send_queue: 100000\n    send_queue_bytes: 64MiB\n    disconnect: {subscribe: \"socket:disconnect\"}",
+    ));
+    let mut closes = recorder(&mut c, &["socket:close"]);
+    let gw = start(Kind::Sse, c).await;
+    let sse = open_sse(&gw, "alex", None).await;
+    gw.wait_for_sockets(1).await;
+    let producer = gw.producer();
+    // 25 MB the client never reads: more than the kernel's and hyper's buffers take.
+    for i in 0..100 {
+        let _ = producer.send(
+            "socket:broadcast",
+            json!({"type": "bulk", "payload": "x".repeat(256 * 1024) + &i.to_string()}),
+        );
+    }
+    wait_until("the queue filled", Duration::from_secs(5), || {
+        gw.stats().transport.buffered_bytes > 1 << 20
+    })
+    .await;
+    // The server closes it: the close event is queued after the backlog, which the client
+    // never takes. Was: the session (its queue, its place in the registry) lasted until the
+    // next heartbeat sweeps, and onclose with it.
+    producer
+        .send(
+            "socket:disconnect",
+            json!({"username": "alex", "code": 4003}),
+        )
+        .unwrap();
+    gw.wait_for_sockets(0).await;
+    let (_, data, _) = next_published(&mut closes).await;
+    assert_eq!(data["reason"]["code"], 4003, "{data}");
+    wait_until("nothing held", Duration::from_secs(5), || {
+        gw.stats().transport.buffered_bytes == 0
+    })
+    .await;
+    drop(sse);
+}
+
+#[tokio::test]
 async fn sse_queues_stay_within_the_buffer_budget_and_a_reading_session_sees_everything() {
     // Per-session queues too large to matter: only the budget bounds what is held.
     let yaml = "    sse: {}\n    send_queue: 100000\n    send_queue_bytes: 64MiB";
