@@ -24,6 +24,12 @@ use crate::rate::{Bucket, RateLimit, Verdict};
 use crate::stats::GatewayStats;
 use crate::Routes;
 
+/// The longest namespace an upgrade may ask for, in bytes once percent-decoded (longer gets
+/// `400`). Namespaces are kept per socket, sent to handlers and used as a metrics label: a
+/// request head's worth (kilobytes) of name is not a tenant. Centrifugo's default channel
+/// length limit is 255.
+pub const MAX_NAMESPACE_BYTES: usize = 256;
+
 /// Close code sent after an `onconnect` handler's `fail`.
 pub const CONNECT_FAILED_CODE: u16 = 1008;
 /// Close code for a socket that kept sending over its rate limit.
@@ -671,6 +677,16 @@ impl Service for Gateway {
                 "namespace is not UTF-8 once percent-decoded\n",
             ));
         };
+        if namespace
+            .as_ref()
+            .is_some_and(|ns| ns.len() > MAX_NAMESPACE_BYTES)
+        {
+            GatewayStats::bump(&self.stats().refused_namespace_too_long);
+            return Err(plain_response(
+                StatusCode::BAD_REQUEST,
+                "namespace longer than 256 bytes\n",
+            ));
+        }
         let namespace = namespace
             .filter(|ns| !ns.is_empty())
             .map(|ns| Arc::<str>::from(ns.as_str()));

@@ -86,8 +86,8 @@ pub use api::API_ROUTES;
 pub use auth::{AuthError, VerificationKey};
 pub use delivery::DISCONNECT_CODE;
 pub use gateway::{
-    encode_frame, CONNECT_FAILED_CODE, CONNECT_HANDLER_ERROR_CODE, RATE_LIMIT_CLOSE_CODE,
-    REFRESHED_TYPE, REFRESH_MISMATCH_CODE, REFRESH_TYPE, TOKEN_EXPIRED_CODE,
+    encode_frame, CONNECT_FAILED_CODE, CONNECT_HANDLER_ERROR_CODE, MAX_NAMESPACE_BYTES,
+    RATE_LIMIT_CLOSE_CODE, REFRESHED_TYPE, REFRESH_MISMATCH_CODE, REFRESH_TYPE, TOKEN_EXPIRED_CODE,
 };
 pub use inbound::{decode_client_message, decode_client_text, BadMessage, ClientMessage};
 pub use presence::{

@@ -310,6 +310,7 @@ impl Collector for Scraped {
                 ("namespace", "403", g.refused_namespace),
                 ("namespace_repeated", "400", g.refused_namespace_repeated),
                 ("namespace_not_utf8", "400", g.refused_namespace_not_utf8),
+                ("namespace_too_long", "400", g.refused_namespace_too_long),
                 ("origin", "403", t.refused_origin),
                 ("user_limit", "429", g.refused_user_limit),
                 ("capacity", "503", t.refused_capacity),

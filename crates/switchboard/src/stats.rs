@@ -12,6 +12,7 @@ pub(crate) struct GatewayStats {
     pub(crate) refused_namespace: AtomicU64,
     pub(crate) refused_namespace_repeated: AtomicU64,
     pub(crate) refused_namespace_not_utf8: AtomicU64,
+    pub(crate) refused_namespace_too_long: AtomicU64,
     pub(crate) refused_user_limit: AtomicU64,
     pub(crate) messages_in: AtomicU64,
     pub(crate) bad_messages: AtomicU64,
@@ -52,6 +53,9 @@ pub struct Stats {
     /// Upgrades refused with 400 for a `namespace` that is not UTF-8 once percent-decoded
     /// (`?namespace=%ff`).
     pub refused_namespace_not_utf8: u64,
+    /// Upgrades refused with 400 for a `namespace` longer than
+    /// [`MAX_NAMESPACE_BYTES`](crate::MAX_NAMESPACE_BYTES) once decoded.
+    pub refused_namespace_too_long: u64,
     /// Upgrades refused with 429 for `max_sockets_per_user`.
     pub refused_user_limit: u64,
     /// Well-formed messages received and published.
@@ -90,6 +94,7 @@ impl GatewayStats {
             refused_namespace: l(&self.refused_namespace),
             refused_namespace_repeated: l(&self.refused_namespace_repeated),
             refused_namespace_not_utf8: l(&self.refused_namespace_not_utf8),
+            refused_namespace_too_long: l(&self.refused_namespace_too_long),
             refused_user_limit: l(&self.refused_user_limit),
             messages_in: l(&self.messages_in),
             bad_messages: l(&self.bad_messages),

@@ -231,13 +231,23 @@ async fn namespace_claim_limits_which_namespaces_a_token_may_join() {
     // a token could list).
     assert_eq!(try_ns("%ff", json!(["\u{fffd}"])).await, 400);
     assert_eq!(try_ns("a%ffb", json!(["a\u{fffd}b"])).await, 400);
+    // A namespace is at most 256 bytes once decoded; longer is refused before the token's
+    // list is consulted (a token holder could otherwise make kilobyte-long tenants).
+    let (fits, over) = ("n".repeat(256), "n".repeat(257));
+    assert_eq!(try_ns(&fits, json!([fits])).await, 101);
+    assert_eq!(try_ns(&"%6E".repeat(256), json!([fits])).await, 101);
+    assert_eq!(try_ns(&over, json!([over])).await, 400);
+    assert_eq!(try_ns(&"%C3%A9".repeat(129), json!(["x"])).await, 400);
     assert_eq!(gw.stats().refused_namespace, 2);
     assert_eq!(gw.stats().refused_namespace_repeated, 4);
     assert_eq!(gw.stats().refused_namespace_not_utf8, 2);
+    assert_eq!(gw.stats().refused_namespace_too_long, 2);
     let metrics = gw.metrics_text();
     assert!(
         metrics.contains(
             r#"switchboard_handshakes_refused_total{reason="namespace_not_utf8",status="400"} 2"#
+        ) && metrics.contains(
+            r#"switchboard_handshakes_refused_total{reason="namespace_too_long",status="400"} 2"#
         ),
         "{metrics}"
     );
