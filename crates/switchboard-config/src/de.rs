@@ -106,6 +106,12 @@ pub fn parse_byte_size(text: &str) -> Result<usize, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
+    if !digits.is_empty() && unit.starts_with(['.', ',']) {
+        return Err(format!(
+            "size `{text}` has a fraction: sizes are whole numbers of a unit (`1536KiB`, not \
+             `1.5MiB`)"
+        ));
+    }
     let n: usize = digits
         .parse()
         .map_err(|_| format!("invalid size `{text}` (try `64KiB`)"))?;
@@ -143,6 +149,10 @@ impl Visitor<'_> for ByteSizeVisitor {
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<usize, E> {
+        parse_byte_size(&v.to_string()).map_err(E::custom)
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<usize, E> {
         parse_byte_size(&v.to_string()).map_err(E::custom)
     }
 
@@ -240,5 +250,9 @@ mod tests {
         assert!(parse_byte_size("0").is_err());
         assert!(parse_byte_size("12 parsecs").is_err());
         assert!(parse_byte_size("").is_err());
+        for fraction in ["1.5MiB", "1.5 MB", "0.5", "2,5KiB"] {
+            let e = parse_byte_size(fraction).unwrap_err();
+            assert!(e.contains("has a fraction"), "{fraction}: {e}");
+        }
     }
 }

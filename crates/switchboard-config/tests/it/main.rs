@@ -155,6 +155,19 @@ fn bad_duration_size_and_queue() {
     assert_eq!(e.line(), Some(3));
     let e = bad("gateway:\n  socket:\n    max_message_size: 10 parsecs\n");
     assert!(e.to_string().contains("invalid size unit"), "{e}");
+    // A fraction is named as such, written as text or as a YAML number.
+    for size in ["1.5MiB", "1.5"] {
+        let e = bad(&format!(
+            "gateway:\n  socket:\n    max_message_size: {size}\n"
+        ));
+        assert!(
+            e.to_string()
+                .starts_with("gateway.socket.max_message_size: size `1.5")
+                && e.to_string().contains("has a fraction"),
+            "{e}"
+        );
+        assert_eq!(e.line(), Some(3), "{e}");
+    }
     let e = bad("gateway:\n  socket:\n    send_queue: 0\n");
     assert!(
         e.to_string().contains("send_queue must be at least 1"),
