@@ -206,7 +206,7 @@ impl Verifier {
                     (pem, path.display().to_string())
                 }
             };
-            check_public_pem(&pem, &from)?;
+            check_public_pem(&pem, &from, auth.algorithm)?;
             let parsed = match auth.algorithm {
                 A::ES256 | A::ES384 => DecodingKey::from_ec_pem(&pem),
                 A::EdDSA => DecodingKey::from_ed_pem(&pem),
@@ -363,26 +363,70 @@ pub(crate) fn token_from_headers<'h>(headers: &'h HeaderMap, cookie_name: &str) 
 
 /// A key file must be a PEM public key. A private key parses too (the PEM decoder takes
 /// either) and every token would then fail as a bad signature, far from the cause: refuse it
-/// at start-up, naming the file, and refuse text that is not PEM at all.
-fn check_public_pem(pem: &[u8], from: &str) -> Result<(), BuildError> {
+/// at start-up, naming the file, and refuse text that is not PEM at all. Likewise an EC key
+/// of the other curve (a P-384 key for ES256), which the decoder does not check.
+fn check_public_pem(
+    pem: &[u8],
+    from: &str,
+    algorithm: switchboard_config::Algorithm,
+) -> Result<(), BuildError> {
+    use switchboard_config::Algorithm as A;
     let text = String::from_utf8_lossy(pem);
     let label = text.lines().find_map(|line| {
         line.trim()
             .strip_prefix("-----BEGIN ")?
             .strip_suffix("-----")
     });
-    match label {
-        None => Err(BuildError::Auth(format!(
-            "{from} is not a PEM file (no `-----BEGIN ...-----` line): auth.public_key_file \
-             takes a PEM public key"
-        ))),
-        Some(label) if label.contains("PRIVATE") => Err(BuildError::Auth(format!(
-            "{from} holds a private key (`{label}`): auth.public_key_file takes the public key \
-             only (`openssl pkey -in KEY -pubout` writes it); keep the private key off the \
-             gateway"
-        ))),
-        Some(_) => Ok(()),
+    let label = match label {
+        None => {
+            return Err(BuildError::Auth(format!(
+                "{from} is not a PEM file (no `-----BEGIN ...-----` line): auth.public_key_file \
+                 takes a PEM public key"
+            )))
+        }
+        Some(label) if label.contains("PRIVATE") => {
+            return Err(BuildError::Auth(format!(
+                "{from} holds a private key (`{label}`): auth.public_key_file takes the public \
+                 key only (`openssl pkey -in KEY -pubout` writes it); keep the private key off \
+                 the gateway"
+            )))
+        }
+        Some(label) => label,
+    };
+    let (wanted, curve) = match algorithm {
+        A::ES256 => (P256_OID, "P-256"),
+        A::ES384 => (P384_OID, "P-384"),
+        _ => return Ok(()),
+    };
+    // The key's DER names its curve by OID; one that does not name the algorithm's is
+    // another curve's (the decoder will have refused what is not an EC key at all).
+    let der = pem_body(&text, label);
+    if der.is_some_and(|der| !der.windows(wanted.len()).any(|w| w == wanted)) {
+        return Err(BuildError::Auth(format!(
+            "{from} is not a {curve} key, which {algorithm:?} verifies with (ES256 takes P-256, \
+             ES384 P-384)"
+        )));
     }
+    Ok(())
+}
+
+/// The curve OIDs (DER, tag and length included) of P-256 and P-384.
+const P256_OID: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const P384_OID: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+
+/// The DER between the `BEGIN label` and `END label` lines, or `None` if it does not decode.
+fn pem_body(text: &str, label: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let body: String = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|line| *line != begin)
+        .skip(1)
+        .take_while(|line| *line != end)
+        .collect();
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
 }
 
 #[cfg(test)]

@@ -219,6 +219,41 @@ async fn unusable_auth_settings_fail_at_build_time() {
             "{alg} {file}: {e}"
         );
     }
+    // An EC key of the other curve parses too: named, at start-up.
+    let dir = tempfile::tempdir().unwrap();
+    for (alg, curve, says) in [
+        (
+            "ES256",
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            "is not a P-256 key",
+        ),
+        (
+            "ES384",
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            "is not a P-384 key",
+        ),
+    ] {
+        let path = dir.path().join(format!("{alg}.pem"));
+        let pair = rcgen::KeyPair::generate_for(curve).unwrap();
+        std::fs::write(&path, pair.public_key_pem()).unwrap();
+        let yaml = format!(
+            "gateway:\n  socket: {{}}\n  auth:\n    algorithm: {alg}\n    public_key_file: {}\n",
+            path.display()
+        );
+        let e = Container::new(Config::from_yaml_str(&yaml).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{alg}: {e}");
+        // The curve the algorithm wants is taken.
+        let pair = rcgen::KeyPair::generate_for(if alg == "ES256" {
+            &rcgen::PKCS_ECDSA_P256_SHA256
+        } else {
+            &rcgen::PKCS_ECDSA_P384_SHA384
+        })
+        .unwrap();
+        std::fs::write(&path, pair.public_key_pem()).unwrap();
+        Container::new(Config::from_yaml_str(&yaml).unwrap()).expect(alg);
+    }
     // A key given directly must suit the algorithm, and a secret be long enough.
     let bus = || std::sync::Arc::new(switchboard::InProcessBus::new());
     let hs256 = || Config::from_yaml_str("gateway:\n  socket: {}\n").unwrap();
