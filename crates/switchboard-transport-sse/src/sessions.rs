@@ -113,16 +113,23 @@ impl<S: Service> Bound<S> {
                 _ = socket.ended.notified() => {}
                 _ = socket.closing_started.notified() => {
                     // Closing (by the server, the client's `DELETE` or shutdown): the close
-                    // event waits behind what was queued. A client that does not read it
-                    // within the close timeout is cut off, as a WebSocket that does not
-                    // answer a close frame: its queue and its session do not wait for the
-                    // heartbeat sweep.
-                    if !socket.has_ended()
+                    // event waits behind what was queued, and nothing more is queued. A client
+                    // that takes nothing of it for a close timeout is cut off, as a WebSocket
+                    // that does not take its close frame: its queue and its session do not
+                    // wait for the heartbeat sweep. One that reads, however slowly, gets to
+                    // the close event.
+                    let mut taken = socket.taken_total();
+                    while !socket.has_ended()
                         && tokio::time::timeout(close_timeout, socket.ended.notified())
                             .await
                             .is_err()
                     {
-                        socket.cut();
+                        let now = socket.taken_total();
+                        if now == taken {
+                            socket.cut();
+                            break;
+                        }
+                        taken = now;
                     }
                 }
             }

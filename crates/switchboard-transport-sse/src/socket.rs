@@ -34,6 +34,8 @@ struct Queue {
     finished: bool,
     /// A chunk was taken since the last heartbeat sweep.
     taken: bool,
+    /// Chunks taken in all: the close timeout's measure of progress.
+    taken_total: u64,
 }
 
 /// The [`Socket`] of one Server-Sent Events session.
@@ -183,6 +185,11 @@ impl SseSocket {
         lock(&self.queue).bytes
     }
 
+    /// How many chunks the stream has taken so far.
+    pub(crate) fn taken_total(&self) -> u64 {
+        lock(&self.queue).taken_total
+    }
+
     /// Shed to keep the transport within its budget: see [`SseSocket::end_now`].
     pub(crate) fn end_over_budget(&self) {
         self.end_now(
@@ -296,9 +303,11 @@ impl SseSocket {
         }
     }
 
-    /// Server shutdown: a close event with 1001, then the end.
+    /// Server shutdown: what is queued is dropped (as the WebSocket transport does), a close
+    /// event with 1001 is the last, then the end.
     pub(crate) fn shut_down(&self) {
         if self.set_reason(CloseReason::Shutdown) {
+            self.drop_queue();
             self.finish(Some(close_event(1001, "server shutting down")));
         }
     }
@@ -394,6 +403,7 @@ impl BodyChunks for EventStream {
         if let Some(chunk) = q.chunks.pop_front() {
             q.bytes -= chunk.len();
             q.taken = true;
+            q.taken_total += 1;
             drop(q);
             socket.stats.release(chunk.len());
             return Poll::Ready(Some(chunk));

@@ -8,7 +8,7 @@ use switchboard::Message;
 use switchboard_test_support::sse::{self as sse_client, SseClient, SseEvent};
 use switchboard_test_support::{
     container, next_published, recorder, spec_config, start, token, wait_until, websocket, Gateway,
-    Kind,
+    Kind, Seen,
 };
 
 fn sse_config() -> switchboard::Config {
@@ -275,6 +275,74 @@ async fn a_server_close_that_the_client_does_not_read_ends_within_the_close_time
     })
     .await;
     drop(sse);
+}
+
+/// A session with `n` 256 KiB broadcasts queued that its client has not read yet.
+async fn backlogged(extra: &str, n: usize) -> (Gateway, SseClient, Seen) {
+    let mut c = container(spec_config(&format!(
+        "    sse: {{}}\n    heartbeat: 1h\n    send_queue: 100000\n    send_queue_bytes: 64MiB\n{extra}"
+    )));
+    let closes = recorder(&mut c, &["socket:close"]);
+    let gw = start(Kind::Sse, c).await;
+    let sse = open_sse(&gw, "alex", None).await;
+    gw.wait_for_sockets(1).await;
+    let producer = gw.producer();
+    for i in 0..n {
+        let _ = producer.send(
+            "socket:broadcast",
+            json!({"type": "bulk", "payload": "x".repeat(256 * 1024) + &i.to_string()}),
+        );
+    }
+    wait_until("the queue filled", Duration::from_secs(5), || {
+        gw.stats().transport.buffered_bytes > 1 << 20
+    })
+    .await;
+    (gw, sse, closes)
+}
+
+#[tokio::test]
+async fn a_client_that_reads_its_backlog_slowly_after_a_server_close_gets_all_of_it_and_the_close()
+{
+    let (gw, mut sse, mut closes) =
+        backlogged("    disconnect: {subscribe: \"socket:disconnect\"}", 80).await;
+    gw.producer()
+        .send(
+            "socket:disconnect",
+            json!({"username": "alex", "code": 4003}),
+        )
+        .unwrap();
+    // 50 ms per message: four seconds for the backlog, twice the close timeout, yet never
+    // two seconds without taking anything.
+    let mut got = 0;
+    let code = loop {
+        match sse.next_sse_event().await {
+            Some(SseEvent::Message(_)) => got += 1,
+            Some(SseEvent::Close { code, .. }) => break code,
+            other => panic!("{other:?} after {got} messages"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((got, code), (80, 4003));
+    let (_, data, _) = next_published(&mut closes).await;
+    assert_eq!(data["reason"]["code"], 4003, "{data}");
+}
+
+#[tokio::test]
+async fn shutdown_drops_an_sse_backlog_and_sends_1001_at_once() {
+    let (gw, mut sse, _closes) = backlogged("", 100).await;
+    let shutdown = tokio::spawn(gw.shutdown(Duration::from_secs(10)));
+    // What the kernel had taken before may arrive; the rest of the 25 MB backlog does not.
+    let mut got = 0;
+    let code = loop {
+        match sse.next_sse_event().await {
+            Some(SseEvent::Message(_)) => got += 1,
+            Some(SseEvent::Close { code, .. }) => break code,
+            other => panic!("{other:?} after {got} messages"),
+        }
+    };
+    assert_eq!(code, 1001);
+    assert!(got < 100, "the backlog was sent: {got}");
+    assert!(shutdown.await.unwrap().drained);
 }
 
 #[tokio::test]
