@@ -184,6 +184,11 @@ impl SocketState {
             self.request_close(None, CloseReason::SlowConsumer);
             return;
         }
+        if self.closing.load(Ordering::Acquire) {
+            // A server close waits behind the backlog: no ping can be queued now, so no pong
+            // is owed. The progress check above still bounds a client that stops reading.
+            return;
+        }
         // A paused socket reads nothing, so its pongs wait unread; whoever paused it bounds
         // the pause.
         let paused = self.reading_paused.load(Ordering::Acquire);

@@ -344,6 +344,41 @@ async fn a_backlog_reaches_a_slow_reader_whole_and_in_order() {
 }
 
 #[tokio::test]
+async fn a_server_close_behind_a_backlog_reaches_a_slow_reader_across_heartbeats() {
+    // Heartbeats every 300 ms; the client reads 20 MB in pauses of 30 ms, for more than four
+    // of them. A close queued behind the backlog owes no pong (no ping can go out once the
+    // close is queued): only a client that takes nothing for a whole interval is cut.
+    let mut h = Harness::start(|o| {
+        o.send_queue = 100_000;
+        o.send_queue_bytes = usize::MAX;
+        o.heartbeat_interval = Duration::from_millis(300);
+    })
+    .await;
+    let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    c.send_frame(true, raw::TEXT, b"flood 20000").await;
+    c.send_frame(true, raw::TEXT, b"close").await;
+    let started = std::time::Instant::now();
+    for i in 0..20_000 {
+        if i % 500 == 0 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert_eq!(c.read_frame().await.0, raw::TEXT, "frame {i}");
+    }
+    assert_eq!(c.read_close_code().await, 4000);
+    assert!(
+        started.elapsed() > Duration::from_millis(600),
+        "read across two sweeps"
+    );
+    assert_eq!(
+        h.next_close().await,
+        CloseReason::Server {
+            code: 4000,
+            reason: "bye".into()
+        }
+    );
+}
+
+#[tokio::test]
 async fn a_panic_in_open_closes_the_connection() {
     let h = Harness::start(|_| {}).await;
     let url = format!("{}?panic-open", h.url());
