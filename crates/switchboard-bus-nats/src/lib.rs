@@ -153,6 +153,11 @@ pub struct NatsBus {
     /// The every-node subscriptions' one dispatcher ([`in_order`]), and how many were made.
     every_node: tokio::sync::mpsc::UnboundedSender<Lane>,
     every_node_made: std::sync::atomic::AtomicUsize,
+    /// What the every-node subscriptions hold, received and not yet handled.
+    holding: Arc<Holding>,
+    /// The topics of the every-node subscriptions: an event published on one goes out
+    /// without a way back, since the nodes answer gather inboxes only there.
+    every_node_topics: Mutex<Vec<Arc<str>>>,
     /// Answers to this node's gathers ignored as malformed.
     malformed_gathered: std::sync::atomic::AtomicU64,
 }
@@ -203,7 +208,13 @@ impl NatsBus {
             options.outbox_bytes,
         );
         let (every_node, lanes) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(in_order(client.clone(), lanes));
+        let holding = Arc::new(Holding {
+            max_bytes: options.every_node_bytes,
+            ..Holding::default()
+        });
+        let (handling, held) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(in_order(lanes, holding.clone(), handling));
+        tokio::spawn(handle_held(client.clone(), holding.clone(), held));
         Ok(NatsBus {
             client,
             node,
@@ -214,6 +225,8 @@ impl NatsBus {
             subscribing: Mutex::new(Vec::new()),
             every_node,
             every_node_made: std::sync::atomic::AtomicUsize::new(0),
+            holding,
+            every_node_topics: Mutex::new(Vec::new()),
             malformed_gathered: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -233,6 +246,26 @@ impl NatsBus {
     /// that does not go with it.
     pub fn malformed_gathered(&self) -> u64 {
         self.malformed_gathered
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Messages and bytes (their `length` on the wire) of the every-node subscriptions
+    /// (`send`, `broadcast`, `disconnect`, presence) received and not yet handled: each
+    /// subscription holds at most [`NatsOptions::every_node_bytes`].
+    pub fn every_node_held(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Acquire;
+        (
+            self.holding.messages.load(Acquire),
+            self.holding.bytes.load(Acquire),
+        )
+    }
+
+    /// Messages of the every-node subscriptions dropped so far because their subscription
+    /// held [`NatsOptions::every_node_bytes`] (or 65,536 messages) already: this node could
+    /// not keep up. Logged as `nats: messages dropped`, at most once a second.
+    pub fn every_node_dropped(&self) -> u64 {
+        self.holding
+            .dropped
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -324,16 +357,21 @@ impl NatsBus {
                 }
             };
             if let Some((order, lanes)) = lanes {
+                let held = Arc::new(LaneHeld {
+                    topic,
+                    handler,
+                    messages: 0.into(),
+                    bytes: 0.into(),
+                });
                 let _ = lanes.send(Lane {
                     order,
-                    topic,
                     subscriber,
-                    handler,
+                    held,
                 });
                 return;
             }
             while let Some(incoming) = subscriber.next().await {
-                handle_incoming(&client, &topic, handler.as_ref(), incoming);
+                handle_incoming(&client, &topic, handler.as_ref(), incoming, answerable);
             }
         });
     }
@@ -421,7 +459,15 @@ impl Bus for NatsBus {
             Ok(p) => p,
             Err(e) => return fail(msg, e),
         };
-        let id = if msg.can_reply() {
+        // A socket's event on an every-node topic (a message type routed straight to the
+        // `broadcast` topic, say) has nobody to answer it: the nodes answer gather inboxes
+        // only (see `answerable_by_every_node`). Waiting would tell the socket "no handler
+        // answered" after the reply timeout.
+        let answered_here = msg.can_reply()
+            && !lock(&self.every_node_topics)
+                .iter()
+                .any(|t| **t == *msg.topic());
+        let id = if answered_here {
             match self.answers.register(&msg, payload.len()) {
                 Some(id) => Some(id),
                 None => {
@@ -464,6 +510,7 @@ impl Bus for NatsBus {
             topic: topic.into(),
             reason,
         })?;
+        lock(&self.every_node_topics).push(topic.into());
         self.start_subscription(topic, None, handler);
         Ok(())
     }
@@ -777,29 +824,125 @@ fn answerable(reply: &str) -> bool {
     reply.starts_with("_SB_REPLY.") || reply.starts_with("_INBOX.")
 }
 
+/// Whether a node answers an every-node message (`send`, `broadcast`, `disconnect`,
+/// presence) on `reply`: only a gather's inbox, a node's `_SB_REPLY.<node>.<token>.gather.<id>`
+/// or an asker's `_INBOX.…`. Never an event's way back, `_SB_REPLY.<node>.<token>.<id>`:
+/// whoever may publish `send` and has seen one event's reply subject (a handler, say) could
+/// otherwise name it as the reply of a `send` and have every node answer that socket's event
+/// for it (`{}` swallowing the real answer, a refusal closing a connecting socket with 1008),
+/// events of topics it may not even read among them (ids are consecutive).
+fn answerable_by_every_node(reply: &str) -> bool {
+    if reply.starts_with("_INBOX.") {
+        return true;
+    }
+    let Some(rest) = reply.strip_prefix("_SB_REPLY.") else {
+        return false;
+    };
+    // An event's way back ends `<22-character token>.<id>`, never `gather.<id>`.
+    let mut tokens = rest.rsplit('.');
+    let _unique = tokens.next();
+    tokens.next() == Some("gather") && tokens.next().is_some()
+}
+
 /// An every-node subscription, handed to [`in_order`].
 struct Lane {
     /// When it was made among the every-node subscriptions: earlier ones go first.
     order: usize,
-    topic: String,
     subscriber: async_nats::Subscriber,
-    handler: Arc<dyn Handler>,
+    held: Arc<LaneHeld>,
 }
 
-/// At most this many messages of earlier lanes are handled before one of a later lane: the
+/// An every-node subscription's handler, and what it holds: received from the client, not
+/// yet handled.
+struct LaneHeld {
+    topic: String,
+    handler: Arc<dyn Handler>,
+    messages: std::sync::atomic::AtomicUsize,
+    bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// What the every-node subscriptions hold between the client and their handlers, all
+/// together, and how many messages they dropped.
+#[derive(Default)]
+struct Holding {
+    /// Most bytes one subscription holds ([`NatsOptions::every_node_bytes`]).
+    max_bytes: usize,
+    messages: std::sync::atomic::AtomicUsize,
+    bytes: std::sync::atomic::AtomicUsize,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+/// Messages of every-node subscriptions dropped for want of room: anyone who may publish
+/// there chooses how many, so one line a second.
+static DROPPED_HELD: switchboard_bus::LogLimit = switchboard_bus::LogLimit::new();
+
+impl Holding {
+    /// Takes `message` of `lane` to be handled, or drops it when the lane holds
+    /// [`MOST_BEFORE`] messages or would pass its bytes (a message is always taken into an
+    /// empty lane).
+    fn hold(
+        &self,
+        lane: &Arc<LaneHeld>,
+        message: async_nats::Message,
+        handling: &tokio::sync::mpsc::UnboundedSender<(Arc<LaneHeld>, async_nats::Message)>,
+    ) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+        let len = message.length;
+        let (messages, bytes) = (lane.messages.load(Acquire), lane.bytes.load(Acquire));
+        if messages > 0 && (messages >= MOST_BEFORE || bytes.saturating_add(len) > self.max_bytes) {
+            let dropped = self.dropped.fetch_add(1, Relaxed) + 1;
+            if let Some(since) = DROPPED_HELD.note() {
+                tracing::warn!(
+                    topic = %lane.topic, dropped = since, total = dropped,
+                    held_bytes = bytes, "nats: messages dropped (this node cannot keep up)"
+                );
+            }
+            return;
+        }
+        lane.messages.fetch_add(1, AcqRel);
+        lane.bytes.fetch_add(len, AcqRel);
+        self.messages.fetch_add(1, AcqRel);
+        self.bytes.fetch_add(len, AcqRel);
+        if handling.send((lane.clone(), message)).is_err() {
+            self.release(lane, len);
+        }
+    }
+
+    fn release(&self, lane: &LaneHeld, len: usize) {
+        use std::sync::atomic::Ordering::AcqRel;
+        lane.messages.fetch_sub(1, AcqRel);
+        lane.bytes.fetch_sub(len, AcqRel);
+        self.messages.fetch_sub(1, AcqRel);
+        self.bytes.fetch_sub(len, AcqRel);
+    }
+}
+
+/// At most this many messages of earlier lanes are taken before one of a later lane: the
 /// capacity of a subscription's channel in the client, so every one that arrived before it
-/// (and was still waiting) goes first.
+/// (and was still waiting) goes first. Also the most messages one lane holds.
 const MOST_BEFORE: usize = 65_536;
 
-/// Handles the every-node subscriptions (`send`, `broadcast`, `disconnect`, presence) in one
-/// task. The lanes take turns, one message each, so none is starved; but before a message of
-/// a later lane (a `disconnect`), the messages already waiting in the earlier lanes (`send`,
-/// `broadcast`) are handled. The client puts each message into its subscription's channel in
-/// the order the server sent them, so a `send` that a publisher sent before a `disconnect`
-/// is waiting by the time the `disconnect` is, and goes first: with a task per subscription,
-/// the `disconnect` often overtook it and the user never got the message. (Within one
-/// subscription, order was and is kept.)
-async fn in_order(client: async_nats::Client, mut new: tokio::sync::mpsc::UnboundedReceiver<Lane>) {
+/// Takes the every-node subscriptions' messages (`send`, `broadcast`, `disconnect`,
+/// presence) from the client, in one task, as fast as they come, into one queue that
+/// [`handle_held`] handles in order. The lanes take turns, one message each, so none is
+/// starved; but before a message of a later lane (a `disconnect`), the messages already
+/// waiting in the earlier lanes (`send`, `broadcast`) are taken. The client puts each message
+/// into its subscription's channel in the order the server sent them, so a `send` that a
+/// publisher sent before a `disconnect` is waiting by the time the `disconnect` is, and goes
+/// first: with a task per subscription, the `disconnect` often overtook it and the user never
+/// got the message. (Within one subscription, order was and is kept.)
+///
+/// Taking is cheap and handling is not (a body is parsed, a broadcast fans out), so what a
+/// node cannot handle yet waits here, bounded per lane in bytes
+/// ([`NatsOptions::every_node_bytes`]) and in messages ([`MOST_BEFORE`]); beyond that it is
+/// dropped and counted ([`NatsBus::every_node_dropped`]). Left in the client's channels, it
+/// was bounded only in messages (65,536 per subscription, each up to the server's
+/// `max_payload`): a publisher of large broadcasts made a node hold gigabytes.
+async fn in_order(
+    mut new: tokio::sync::mpsc::UnboundedReceiver<Lane>,
+    holding: Arc<Holding>,
+    handling: tokio::sync::mpsc::UnboundedSender<(Arc<LaneHeld>, async_nats::Message)>,
+) {
     use std::task::Poll;
     let mut lanes: Vec<Lane> = Vec::new();
     let mut turn = 0usize;
@@ -848,25 +991,44 @@ async fn in_order(client: async_nats::Client, mut new: tokio::sync::mpsc::Unboun
                             break;
                         };
                         before += 1;
-                        handle_incoming(&client, &earlier.topic, earlier.handler.as_ref(), waiting);
+                        holding.hold(&earlier.held, waiting, &handling);
                     }
                 }
-                let lane = &lanes[i];
-                handle_incoming(&client, &lane.topic, lane.handler.as_ref(), message);
+                holding.hold(&lanes[i].held, message, &handling);
             }
         }
+    }
+}
+
+/// Handles the every-node messages [`in_order`] took, in the order it took them.
+async fn handle_held(
+    client: async_nats::Client,
+    holding: Arc<Holding>,
+    mut held: tokio::sync::mpsc::UnboundedReceiver<(Arc<LaneHeld>, async_nats::Message)>,
+) {
+    while let Some((lane, message)) = held.recv().await {
+        let len = message.length;
+        handle_incoming(
+            &client,
+            &lane.topic,
+            lane.handler.as_ref(),
+            message,
+            answerable_by_every_node,
+        );
+        holding.release(&lane, len);
     }
 }
 
 /// Turns a NATS message into a bus [`Message`] and runs the local handler on it. If the
 /// handler finishes without answering, an empty answer tells the sender it was handled. A
 /// panic, even in the handler's synchronous part, is answered as a failure and leaves the
-/// subscription running.
+/// subscription running. It is answered only on a reply subject `answerable` accepts.
 fn handle_incoming(
     client: &async_nats::Client,
     topic: &str,
     handler: &dyn Handler,
     incoming: async_nats::Message,
+    answerable: fn(&str) -> bool,
 ) {
     let Some((data, context)) = decode(topic, &incoming) else {
         return;
@@ -924,6 +1086,28 @@ mod tests {
             "x._INBOX.y",
         ] {
             assert!(!answerable(subject), "{subject}");
+        }
+    }
+
+    #[test]
+    fn every_node_messages_are_answered_on_gather_inboxes_only() {
+        for inbox in [
+            "_SB_REPLY.gw-1.tok.gather.u",
+            "_SB_REPLY.eu.gw-1.tok.gather.u",
+            "_INBOX.abc.def",
+        ] {
+            assert!(answerable_by_every_node(inbox), "{inbox}");
+        }
+        for subject in [
+            "_SB_REPLY.gw-1.tok.7",
+            "_SB_REPLY.gather.tok.7",
+            "_SB_REPLY.gw.gather.tok.7",
+            "_SB_REPLY.gather.7",
+            "_SB_REPLY.gw-1.tok.flush.x",
+            "chat:say",
+            "_SB_REPLYx.a.gather.b",
+        ] {
+            assert!(!answerable_by_every_node(subject), "{subject}");
         }
     }
 

@@ -39,6 +39,11 @@ pub struct NatsOptions {
     /// socket until answered or timed out); over it, publishing an answerable event fails.
     /// Default 262,144.
     pub max_pending_answers: usize,
+    /// Most bytes of messages one every-node subscription (`send`, `broadcast`,
+    /// `disconnect`, presence) holds, received and not yet handled; over it, newer ones are
+    /// dropped ([`crate::NatsBus::every_node_dropped`]). A message is always taken when its
+    /// subscription holds none. Default 64 MiB.
+    pub every_node_bytes: usize,
 }
 
 impl NatsOptions {
@@ -59,6 +64,7 @@ impl NatsOptions {
             outbox_messages: 65_536,
             outbox_bytes: 64 << 20,
             max_pending_answers: 262_144,
+            every_node_bytes: 64 << 20,
         }
     }
 }
@@ -75,6 +81,7 @@ impl fmt::Debug for NatsOptions {
             .field("outbox_messages", &self.outbox_messages)
             .field("outbox_bytes", &self.outbox_bytes)
             .field("max_pending_answers", &self.max_pending_answers)
+            .field("every_node_bytes", &self.every_node_bytes)
             .finish()
     }
 }

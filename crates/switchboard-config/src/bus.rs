@@ -50,6 +50,11 @@ pub struct NatsConfig {
         deserialize_with = "de_max_pending_answers"
     )]
     pub max_pending_answers: usize,
+    /// Most bytes of `send`/`broadcast`/`disconnect` messages one of the node's every-node
+    /// subscriptions holds, received and not yet handled; over it, newer ones are dropped
+    /// (logged, counted). Default 64 MiB.
+    #[serde(default = "default_outbox_bytes", deserialize_with = "de_byte_size")]
+    pub every_node_bytes: usize,
 }
 
 fn default_outbox_bytes() -> usize {

@@ -1041,6 +1041,17 @@ const SECTIONS: &[Section] = &[
                  refused with an error frame.",
                 Some("10000"),
             ),
+            key(
+                "gateway.bus.nats.every_node_bytes",
+                "size",
+                "`64MiB`",
+                Ext,
+                "Most bytes of `send`, `broadcast` and `disconnect` messages that one of them \
+                 holds, received from NATS and not yet delivered (a publisher faster than the \
+                 node's fan-out); over it, newer messages are dropped, logged at most once a \
+                 second. At most 65,536 messages wait either way.",
+                Some("16MiB"),
+            ),
         ],
     },
     Section {

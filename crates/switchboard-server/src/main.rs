@@ -380,6 +380,7 @@ async fn connect_nats(
     options.node_name = config.node_name.as_ref().map(|n| n.as_str().to_string());
     options.outbox_bytes = config.outbox_bytes;
     options.max_pending_answers = config.max_pending_answers;
+    options.every_node_bytes = config.every_node_bytes;
     options.auth = match &config.auth {
         None => NatsAuth::None,
         Some(NatsCredentials::UserPassword { user, password }) => NatsAuth::UserPassword {

@@ -290,6 +290,163 @@ async fn a_no_answer_relayed_by_another_node_arrives_as_a_no_answer() {
     assert_eq!(body["fail"]["topic"], "inner", "{body}");
 }
 
+/// Whoever may publish `send` and has seen one event's reply subject (a handler of another
+/// topic, a second handler group) cannot have the nodes answer that event for it: a refused
+/// `send` naming a connecting socket's way back as its reply closed the socket (1008), and an
+/// accepted one swallowed the real answer (`{}` came first). Asking on an inbox still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_cannot_answer_a_sockets_event_through_the_nodes() {
+    let nats = NatsServer::start();
+    let outside = async_nats::connect(nats.url()).await.unwrap();
+    let mut events = outside
+        .queue_subscribe("socket:connection", "switchboard-handlers".into())
+        .await
+        .unwrap();
+    outside.flush().await.unwrap();
+    let gw = gateway(&nats, Duration::from_secs(60), |_| {}).await;
+    let mut ws = connect(gw.running.local_addr().unwrap(), "alex", None).await;
+    let way_back = events.next().await.unwrap().reply.unwrap().to_string();
+
+    // a refused `send` (no username), then an accepted one (to nobody), each with the way back
+    for body in [
+        json!({"type": "x"}),
+        json!({"username": "nobody", "type": "x", "payload": 1}),
+    ] {
+        outside
+            .publish_with_reply("socket:send", way_back.clone(), body.to_string().into())
+            .await
+            .unwrap();
+    }
+    outside.flush().await.unwrap();
+    assert_silent(&mut ws, 500).await;
+    assert_eq!(gw.bus.pending_answers().events, 1, "still waiting");
+
+    // the handler's own answer is the one the socket gets
+    outside
+        .publish(way_back, r#"{"reply": "welcome"}"#.into())
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type": "onconnect", "payload": "welcome"})
+    );
+
+    // a publisher asking on an inbox still hears why its `send` was refused
+    let answer = outside
+        .request("socket:send", json!({"type": "x"}).to_string().into())
+        .await
+        .unwrap();
+    let answer: Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(
+        answer["fail"]["message"], "send needs a string `username`",
+        "{answer}"
+    );
+    assert_silent(&mut ws, 300).await;
+}
+
+/// A socket's event published on a topic the nodes take on every node (a config that routes
+/// a message type straight to the `broadcast` topic): the nodes do not answer it (they answer
+/// gather inboxes only), so it goes out without a way back and the socket is not told
+/// "no handler answered" when the reply timeout runs out; every node's handler gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_on_an_every_node_topic_waits_for_no_answer() {
+    let nats = NatsServer::start();
+    let mut options = NatsOptions::new(nats.url());
+    options.reply_timeout = Duration::from_millis(200);
+    let node = NatsBus::connect(options).await.unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counting = handled.clone();
+    node.subscribe_every_node(
+        "everyone",
+        Arc::new(move |_m: Message| {
+            counting.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(())
+        }),
+    )
+    .unwrap();
+    node.subscriptions_ready().await.unwrap();
+    let (tx, mut told) = tokio::sync::mpsc::unbounded_channel();
+    node.publish(Message::new("everyone", json!({"n": 1})).with_reply_to(Arc::new(Told(tx))))
+        .unwrap();
+    wait_until(|| handled.load(Ordering::SeqCst) == 1, "handled").await;
+    assert_eq!(
+        node.pending_answers().events,
+        0,
+        "nothing waits for an answer"
+    );
+    // Past the reply timeout: nothing was said to the socket.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(told.try_recv().is_err(), "the socket was told something");
+}
+
+/// A publisher of large `broadcast`s faster than a node handles them: the node holds at most
+/// `every_node_bytes` of them and drops the rest (it held every one, 65,536 per subscription
+/// of up to `max_payload` each, in the client's channel); the subscription goes on after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_on_an_every_node_topic_is_held_within_its_bytes() {
+    let nats = NatsServer::start();
+    let mut options = NatsOptions::new(nats.url());
+    options.every_node_bytes = 4 << 20;
+    let node = NatsBus::connect(options).await.unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    // The handler's first call blocks (a fan-out that takes long) until the test lets it go
+    // (off the runtime's workers, so the client and the bus go on meanwhile).
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
+    let counting = handled.clone();
+    node.subscribe_every_node(
+        "flood",
+        Arc::new(move |_m: Message| {
+            if counting.fetch_add(1, Ordering::SeqCst) == 0 {
+                tokio::task::block_in_place(|| {
+                    let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(30));
+                });
+            }
+            std::future::ready(())
+        }),
+    )
+    .unwrap();
+    node.subscriptions_ready().await.unwrap();
+
+    let outside = async_nats::connect(nats.url()).await.unwrap();
+    outside.publish("flood", "{}".into()).await.unwrap();
+    outside.flush().await.unwrap();
+    wait_until(
+        || handled.load(Ordering::SeqCst) == 1,
+        "the handler is busy",
+    )
+    .await;
+    let big = bytes::Bytes::from(format!("{{\"blob\":\"{}\"}}", "x".repeat(512 << 10)));
+    let flood = 100;
+    for _ in 0..flood {
+        outside.publish("flood", big.clone()).await.unwrap();
+    }
+    outside.flush().await.unwrap();
+    wait_until(
+        || node.every_node_held().0 as u64 + node.every_node_dropped() == flood + 1,
+        "every message held or dropped",
+    )
+    .await;
+    let (messages, bytes) = node.every_node_held();
+    assert!(bytes <= 4 << 20, "{messages} messages, {bytes} bytes held");
+    assert!(
+        node.every_node_dropped() >= flood - 8,
+        "{}",
+        node.every_node_dropped()
+    );
+
+    release.send(()).unwrap();
+    wait_until(|| node.every_node_held() == (0, 0), "the held ones handled").await;
+    assert_eq!(handled.load(Ordering::SeqCst), messages);
+    outside.publish("flood", "{}".into()).await.unwrap();
+    outside.flush().await.unwrap();
+    wait_until(
+        || handled.load(Ordering::SeqCst) == messages + 1,
+        "a later message is handled",
+    )
+    .await;
+}
+
 /// A handler process that relays each `outer` event to `inner`, with the event's way back,
 /// and waits up to `reply_timeout` for an answer from there: what it hears (or its own
 /// timeout) is what it tells the sender, through its node.
