@@ -106,10 +106,15 @@ pub fn parse_byte_size(text: &str) -> Result<usize, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
-    if !digits.is_empty() && unit.starts_with(['.', ',']) {
+    if !digits.is_empty() && unit.starts_with('.') {
         return Err(format!(
             "size `{text}` has a fraction: sizes are whole numbers of a unit (`1536KiB`, not \
              `1.5MiB`)"
+        ));
+    }
+    if !digits.is_empty() && unit.starts_with([',', '_', '\'']) {
+        return Err(format!(
+            "size `{text}`: write the number without separators (`1000KiB`, not `1,000KiB`)"
         ));
     }
     let n: usize = digits
@@ -152,8 +157,13 @@ impl Visitor<'_> for ByteSizeVisitor {
         parse_byte_size(&v.to_string()).map_err(E::custom)
     }
 
+    /// A YAML float (`1.5`, `2.0`, `1e3`): refused, whole or not, since `2.0` would read as 2
+    /// bytes where `2.0MiB` was likely meant.
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<usize, E> {
-        parse_byte_size(&v.to_string()).map_err(E::custom)
+        Err(E::custom(format!(
+            "size `{v}` is a decimal number: sizes are whole numbers of a unit (`1536KiB`, \
+             not `1.5MiB`; `1000`, not `1e3`)"
+        )))
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<usize, E> {
@@ -250,9 +260,11 @@ mod tests {
         assert!(parse_byte_size("0").is_err());
         assert!(parse_byte_size("12 parsecs").is_err());
         assert!(parse_byte_size("").is_err());
-        for fraction in ["1.5MiB", "1.5 MB", "0.5", "2,5KiB"] {
+        for fraction in ["1.5MiB", "1.5 MB", "0.5"] {
             let e = parse_byte_size(fraction).unwrap_err();
             assert!(e.contains("has a fraction"), "{fraction}: {e}");
         }
+        let e = parse_byte_size("1,000KiB").unwrap_err();
+        assert!(e.contains("without separators"), "{e}");
     }
 }

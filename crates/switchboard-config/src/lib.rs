@@ -146,7 +146,8 @@ impl Config {
             }
         }
         let gw = &self.gateway;
-        let listeners = [
+        // (address, key, the line it is written on: 0 for the default `gateway.listen`)
+        let listeners: Vec<(std::net::SocketAddr, &[&str], usize)> = [
             (Some(gw.listen), ["gateway", "listen"].as_slice()),
             (
                 gw.admin.as_ref().map(|a| a.listen),
@@ -156,20 +157,43 @@ impl Config {
                 gw.api.as_ref().map(|a| a.listen),
                 ["gateway", "api", "listen"].as_slice(),
             ),
-        ];
-        for (i, (addr, key)) in listeners.iter().enumerate() {
-            let Some(addr) = addr else { continue };
-            for (earlier, earlier_key) in &listeners[..i] {
-                if earlier.is_some_and(|e| same_listener(e, *addr)) {
-                    return Err(invalid(
-                        key,
-                        format!(
-                            "{addr} is also the address of {}: each listener needs a port of \
-                             its own",
-                            earlier_key.join(".")
-                        ),
-                    ));
+        ]
+        .into_iter()
+        .filter_map(|(addr, key)| {
+            // A key in flow style (`api: {listen: ...}`) is placed at its section's line;
+            // only `gateway.listen` may be left out, for its default.
+            let line = match key_position(text, key) {
+                Some((depth, _)) if depth < key.len() && key.len() == 2 => 0,
+                found => found.map_or(0, |(_, line)| line),
+            };
+            Some((addr?, key, line))
+        })
+        .collect();
+        for (i, (addr, key, line)) in listeners.iter().enumerate() {
+            for (other, other_key, other_line) in &listeners[i + 1..] {
+                if !same_listener(*addr, *other) {
+                    continue;
                 }
+                // Named at the one written later in the file; the other as written, or as
+                // the default.
+                let ((addr, key), (earlier_key, earlier_line)) = if other_line >= line {
+                    ((other, other_key), (key, line))
+                } else {
+                    ((addr, key), (other_key, other_line))
+                };
+                let default = if *earlier_line == 0 {
+                    " (its default)"
+                } else {
+                    ""
+                };
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{addr} is also the address of {}{default}: each listener needs a port \
+                         of its own",
+                        earlier_key.join(".")
+                    ),
+                ));
             }
         }
         Ok(())
@@ -371,19 +395,33 @@ fn auth_line(text: &str, key: Option<&str>) -> Option<usize> {
     None
 }
 
-/// Whether two listeners would take the same port: the same address, or the same port on
-/// a wildcard address of the same family (port 0 is any free port: never the same).
+/// Whether two listeners would take the same port: the same address, or the same port on a
+/// wildcard address that covers the other (`0.0.0.0` every IPv4 address; `[::]` every
+/// address, IPv4 included, as Linux binds it by default). Port 0 is any free port: never the
+/// same.
 fn same_listener(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
-    a.port() == b.port()
-        && a.port() != 0
-        && (a.ip() == b.ip()
-            || ((a.ip().is_unspecified() || b.ip().is_unspecified()) && a.is_ipv4() == b.is_ipv4()))
+    use std::net::IpAddr;
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let covers = |wild: IpAddr, other: IpAddr| match wild {
+        IpAddr::V6(w) => w.is_unspecified(),
+        IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
+    };
+    x == y || covers(x, y) || covers(y, x)
 }
 
 /// The 1-based line of the key at `path` (`["gateway", "admin", "listen"]`) in block-style
 /// YAML, or of the deepest section on the way that is there (a key written in flow style,
 /// `admin: {listen: ...}`, is on its section's line). Comments and blank lines are skipped.
 fn key_line(text: &str, path: &[&str]) -> Option<usize> {
+    key_position(text, path).map(|(_, line)| line)
+}
+
+/// [`key_line`], with how deep the key it found is (`path.len()` when the key itself is
+/// there).
+fn key_position(text: &str, path: &[&str]) -> Option<(usize, usize)> {
     let mut open: Vec<(usize, String)> = Vec::new(); // (indent, key) of the enclosing keys
     let mut best: Option<(usize, usize)> = None; // (depth, line)
     for (n, line) in text.lines().enumerate() {
@@ -409,7 +447,7 @@ fn key_line(text: &str, path: &[&str]) -> Option<usize> {
             }
         }
     }
-    best.map(|(_, line)| line)
+    best
 }
 
 /// The 1-based line of the first mention of `needle` after the line holding `key`.

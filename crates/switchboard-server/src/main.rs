@@ -341,7 +341,7 @@ fn hangup_signal() -> Option<Hangups> {
         Ok(hangups) => Some(hangups),
         Err(e) => {
             say_err!(
-                "switchboard: cannot listen for SIGHUP ({e}); TLS reloads on file change only"
+                "switchboard: cannot listen for SIGHUP ({e}); a SIGHUP may end the process, and TLS (if any) reloads on file change only"
             );
             None
         }

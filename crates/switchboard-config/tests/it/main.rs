@@ -155,16 +155,22 @@ fn bad_duration_size_and_queue() {
     assert_eq!(e.line(), Some(3));
     let e = bad("gateway:\n  socket:\n    max_message_size: 10 parsecs\n");
     assert!(e.to_string().contains("invalid size unit"), "{e}");
-    // A fraction is named as such, written as text or as a YAML number.
-    for size in ["1.5MiB", "1.5"] {
+    // A fraction is named as such, written as text or as a YAML number; a YAML float is
+    // refused even when whole (`2.0` would be 2 bytes).
+    for (size, says) in [
+        ("1.5MiB", "has a fraction"),
+        ("1.5", "is a decimal number"),
+        ("2.0", "is a decimal number"),
+        ("1e3", "is a decimal number"),
+    ] {
         let e = bad(&format!(
             "gateway:\n  socket:\n    max_message_size: {size}\n"
         ));
         assert!(
             e.to_string()
-                .starts_with("gateway.socket.max_message_size: size `1.5")
-                && e.to_string().contains("has a fraction"),
-            "{e}"
+                .starts_with("gateway.socket.max_message_size: size `")
+                && e.to_string().contains(says),
+            "{size}: {e}"
         );
         assert_eq!(e.line(), Some(3), "{e}");
     }
@@ -1004,11 +1010,42 @@ fn two_listeners_on_one_address_are_refused_naming_both_keys() {
     );
     assert!(text_has(&e, "is also the address of gateway.admin.listen"));
     assert_eq!(e.line(), Some(7), "{e}");
+    // Named at the key written later in the file, whatever the section order; the default
+    // gateway.listen is said to be one.
+    let e = bad(
+        "gateway:\n  socket: {}\n  api:\n    listen: 127.0.0.1:9000\n  admin:\n    listen: 127.0.0.1:9000\n",
+    );
+    assert!(text_has(
+        &e,
+        "gateway.admin.listen: 127.0.0.1:9000 is also the address of gateway.api.listen: each"
+    ));
+    assert_eq!(e.line(), Some(6), "{e}");
+    let e = bad("gateway:\n  socket: {}\n  admin: {listen: \"127.0.0.1:4000\"}\n");
+    assert!(text_has(
+        &e,
+        "gateway.admin.listen: 127.0.0.1:4000 is also the address of gateway.listen (its default)"
+    ));
+    // `[::]` takes the port on every address, IPv4 included (Linux's default); an
+    // IPv4-mapped address is its IPv4 one.
+    for (listen, other) in [
+        ("\"[::]:4600\"", "0.0.0.0:4600"),
+        ("\"[::]:4600\"", "127.0.0.1:4600"),
+        ("127.0.0.1:4600", "\"[::]:4600\""),
+        ("127.0.0.1:4600", "\"[::ffff:127.0.0.1]:4600\""),
+        ("\"[::1]:4600\"", "\"[::]:4600\""),
+    ] {
+        let e = bad(&format!(
+            "gateway:\n  listen: {listen}\n  socket: {{}}\n  admin:\n    listen: {other}\n"
+        ));
+        assert!(text_has(&e, "is also the address of gateway.listen:"));
+    }
     // Port 0 (any free port), other ports and other addresses are fine.
     for ok in [
         "gateway:\n  listen: 127.0.0.1:0\n  socket: {}\n  admin: {listen: 127.0.0.1:0}\n  api: {listen: 127.0.0.1:0}\n",
         "gateway:\n  socket: {}\n  admin: {listen: 127.0.0.1:9090}\n  api: {listen: 127.0.0.1:9091}\n",
         "gateway:\n  socket: {}\n  admin: {listen: 127.0.0.2:4000}\n",
+        "gateway:\n  listen: \"[::1]:4000\"\n  socket: {}\n  admin: {listen: 127.0.0.1:4000}\n",
+        "gateway:\n  listen: 0.0.0.0:4000\n  socket: {}\n  admin: {listen: \"[::1]:4000\"}\n",
     ] {
         assert!(Config::from_yaml_str(ok).is_ok(), "{ok}");
     }
