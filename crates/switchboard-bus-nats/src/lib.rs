@@ -59,8 +59,8 @@ use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use switchboard_bus::{
-    Bus, Context, Gathering, Handler, Message, PublishError, PublishFailure, Reply, ReplyTo,
-    SubscribeError,
+    Bus, BusCounters, Context, Gathering, Handler, Message, PublishError, PublishFailure, Reply,
+    ReplyTo, SubscribeError,
 };
 use tokio::sync::oneshot;
 
@@ -525,6 +525,14 @@ impl Bus for NatsBus {
 
     fn flush(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(self.flush_published())
+    }
+
+    fn counters(&self) -> BusCounters {
+        let mut counters = BusCounters::default();
+        counters.incoming_dropped = self.every_node_dropped();
+        counters.incoming_held_bytes = self.every_node_held().1 as u64;
+        counters.answers_pending = self.pending_answers().events as u64;
+        counters
     }
 
     /// Publishes `data` on `topic` with a fresh reply subject of this process

@@ -499,6 +499,12 @@ pub trait Bus: Send + Sync + 'static {
         Box::pin(std::future::ready(()))
     }
 
+    /// What the bus counts of its own work (see [`BusCounters`]), read at each metrics
+    /// scrape.
+    fn counters(&self) -> BusCounters {
+        BusCounters::default()
+    }
+
     /// Asks every node: publishes `data` on `topic` with a way back, and gathers what the
     /// handlers each node subscribed there with [`Bus::subscribe_every_node`] answer
     /// ([`Message::reply`]; failures are left out). A broker bus waits at most `within`, and
@@ -513,6 +519,20 @@ pub trait Bus: Send + Sync + 'static {
             Ok(answers.take())
         })
     }
+}
+
+/// What a bus counts of its own work, for metrics ([`Bus::counters`]). A bus that keeps
+/// nothing between publishing and handling (the in-process one) reports zeros.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BusCounters {
+    /// Messages for this node's every-node subscriptions dropped because it could not keep up
+    /// (it held as many as it may).
+    pub incoming_dropped: u64,
+    /// Bytes of such messages received and not yet handled.
+    pub incoming_held_bytes: u64,
+    /// Events published here that wait for a handler's answer.
+    pub answers_pending: u64,
 }
 
 /// The answers of [`Bus::gather`], to come.

@@ -97,8 +97,8 @@ pub use presence::{
 pub use runtime::{runtime, MAX_WORKERS};
 pub use stats::Stats;
 pub use switchboard_bus::{
-    Bus, Context, Handler, HandlerError, InProcessBus, JsonObject, Message, Producer, PublishError,
-    Reply, ReplyTo, SubscribeError,
+    Bus, BusCounters, Context, Handler, HandlerError, InProcessBus, JsonObject, Message, Producer,
+    PublishError, Reply, ReplyTo, SubscribeError,
 };
 /// The config schema (`switchboard-config`), for its section types.
 pub use switchboard_config as config;

@@ -473,6 +473,29 @@ impl Collector for Scraped {
                 i64::try_from(j.last_success.load(Relaxed)).unwrap_or(i64::MAX),
             )?;
         }
+        let bus = &self.readiness.bus;
+        if bus.node_name().is_some() {
+            // A broker bus: what it holds and drops between the broker and the gateway.
+            let c = bus.counters();
+            counter(
+                &mut e,
+                "switchboard_bus_incoming_dropped",
+                "send/broadcast/disconnect messages from the broker dropped because this node held as many as it may (gateway.bus.nats.every_node_bytes).",
+                c.incoming_dropped,
+            )?;
+            gauge(
+                &mut e,
+                "switchboard_bus_incoming_held_bytes",
+                "Bytes of send/broadcast/disconnect messages received from the broker and not yet delivered.",
+                i64::try_from(c.incoming_held_bytes).unwrap_or(i64::MAX),
+            )?;
+            gauge(
+                &mut e,
+                "switchboard_bus_answers_pending",
+                "Events published by this node that wait for a handler's answer (at most gateway.bus.nats.max_pending_answers).",
+                i64::try_from(c.answers_pending).unwrap_or(i64::MAX),
+            )?;
+        }
         gauge(
             &mut e,
             "switchboard_ready",

@@ -320,6 +320,12 @@ async fn a_send_cannot_answer_a_sockets_event_through_the_nodes() {
     outside.flush().await.unwrap();
     assert_silent(&mut ws, 500).await;
     assert_eq!(gw.bus.pending_answers().events, 1, "still waiting");
+    let metrics = gw.running.metrics_text();
+    assert!(
+        metrics.contains("switchboard_bus_answers_pending 1\n")
+            && metrics.contains("switchboard_bus_incoming_dropped_total 0\n"),
+        "{metrics}"
+    );
 
     // the handler's own answer is the one the socket gets
     outside
@@ -433,6 +439,11 @@ async fn a_flood_on_an_every_node_topic_is_held_within_its_bytes() {
         node.every_node_dropped() >= flood - 8,
         "{}",
         node.every_node_dropped()
+    );
+    let counters = node.counters();
+    assert_eq!(
+        (counters.incoming_dropped, counters.incoming_held_bytes),
+        (node.every_node_dropped(), bytes as u64)
     );
 
     release.send(()).unwrap();
