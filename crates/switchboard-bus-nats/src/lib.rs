@@ -214,7 +214,7 @@ impl NatsBus {
         });
         let (handling, held) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(in_order(lanes, holding.clone(), handling));
-        tokio::spawn(handle_held(client.clone(), holding.clone(), held));
+        tokio::spawn(handle_held(client.clone(), held));
         Ok(NatsBus {
             client,
             node,
@@ -884,20 +884,48 @@ struct Holding {
 /// there chooses how many, so one line a second.
 static DROPPED_HELD: switchboard_bus::LogLimit = switchboard_bus::LogLimit::new();
 
+/// What one held message counts besides its `length` (subject, reply and payload): its
+/// headers, the `Message` and the queue's node, roughly. A flood of empty messages is held
+/// within the bound too.
+const HELD_OVERHEAD: usize = 256;
+
+/// A message taken to be handled: what it counts is given back when it is dropped, handled
+/// or not (a queue dropped with the task, a panic).
+struct HeldMessage {
+    /// Taken out when it is handled.
+    message: Option<async_nats::Message>,
+    lane: Arc<LaneHeld>,
+    holding: Arc<Holding>,
+    counted: usize,
+}
+
+impl Drop for HeldMessage {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::AcqRel;
+        let (lane, holding, n) = (&self.lane, &self.holding, self.counted);
+        lane.messages.fetch_sub(1, AcqRel);
+        lane.bytes.fetch_sub(n, AcqRel);
+        holding.messages.fetch_sub(1, AcqRel);
+        holding.bytes.fetch_sub(n, AcqRel);
+    }
+}
+
 impl Holding {
     /// Takes `message` of `lane` to be handled, or drops it when the lane holds
     /// [`MOST_BEFORE`] messages or would pass its bytes (a message is always taken into an
     /// empty lane).
     fn hold(
-        &self,
+        self: &Arc<Self>,
         lane: &Arc<LaneHeld>,
-        message: async_nats::Message,
-        handling: &tokio::sync::mpsc::UnboundedSender<(Arc<LaneHeld>, async_nats::Message)>,
+        mut message: async_nats::Message,
+        handling: &tokio::sync::mpsc::UnboundedSender<HeldMessage>,
     ) {
         use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
-        let len = message.length;
+        let counted = message.length.saturating_add(HELD_OVERHEAD);
         let (messages, bytes) = (lane.messages.load(Acquire), lane.bytes.load(Acquire));
-        if messages > 0 && (messages >= MOST_BEFORE || bytes.saturating_add(len) > self.max_bytes) {
+        if messages > 0
+            && (messages >= MOST_BEFORE || bytes.saturating_add(counted) > self.max_bytes)
+        {
             let dropped = self.dropped.fetch_add(1, Relaxed) + 1;
             if let Some(since) = DROPPED_HELD.note() {
                 tracing::warn!(
@@ -907,21 +935,21 @@ impl Holding {
             }
             return;
         }
+        // The client cuts a payload out of its read buffer without copying it: held, even a
+        // small one would keep that whole buffer alive (a megabyte, after a large message),
+        // so a flood of small messages after large ones would pin far more than is counted.
+        message.payload = bytes::Bytes::copy_from_slice(&message.payload);
         lane.messages.fetch_add(1, AcqRel);
-        lane.bytes.fetch_add(len, AcqRel);
+        lane.bytes.fetch_add(counted, AcqRel);
         self.messages.fetch_add(1, AcqRel);
-        self.bytes.fetch_add(len, AcqRel);
-        if handling.send((lane.clone(), message)).is_err() {
-            self.release(lane, len);
-        }
-    }
-
-    fn release(&self, lane: &LaneHeld, len: usize) {
-        use std::sync::atomic::Ordering::AcqRel;
-        lane.messages.fetch_sub(1, AcqRel);
-        lane.bytes.fetch_sub(len, AcqRel);
-        self.messages.fetch_sub(1, AcqRel);
-        self.bytes.fetch_sub(len, AcqRel);
+        self.bytes.fetch_add(counted, AcqRel);
+        // Sent back (and dropped, given back) only once the handling task is gone.
+        let _ = handling.send(HeldMessage {
+            message: Some(message),
+            lane: lane.clone(),
+            holding: self.clone(),
+            counted,
+        });
     }
 }
 
@@ -949,7 +977,7 @@ const MOST_BEFORE: usize = 65_536;
 async fn in_order(
     mut new: tokio::sync::mpsc::UnboundedReceiver<Lane>,
     holding: Arc<Holding>,
-    handling: tokio::sync::mpsc::UnboundedSender<(Arc<LaneHeld>, async_nats::Message)>,
+    handling: tokio::sync::mpsc::UnboundedSender<HeldMessage>,
 ) {
     use std::task::Poll;
     let mut lanes: Vec<Lane> = Vec::new();
@@ -1011,19 +1039,28 @@ async fn in_order(
 /// Handles the every-node messages [`in_order`] took, in the order it took them.
 async fn handle_held(
     client: async_nats::Client,
-    holding: Arc<Holding>,
-    mut held: tokio::sync::mpsc::UnboundedReceiver<(Arc<LaneHeld>, async_nats::Message)>,
+    mut held: tokio::sync::mpsc::UnboundedReceiver<HeldMessage>,
 ) {
-    while let Some((lane, message)) = held.recv().await {
-        let len = message.length;
-        handle_incoming(
-            &client,
-            &lane.topic,
-            lane.handler.as_ref(),
-            message,
-            answerable_by_every_node,
-        );
-        holding.release(&lane, len);
+    while let Some(mut held) = held.recv().await {
+        let Some(message) = held.message.take() else {
+            continue;
+        };
+        // A handler's panic is caught inside; anything else must not end this task, which
+        // every `send`, `broadcast`, `disconnect` and presence question of the node goes
+        // through.
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handle_incoming(
+                &client,
+                &held.lane.topic,
+                held.lane.handler.as_ref(),
+                message,
+                answerable_by_every_node,
+            )
+        }));
+        if handled.is_err() {
+            tracing::error!(topic = %held.lane.topic, "nats: handling a message panicked");
+        }
+        drop(held); // gives back what it counted
     }
 }
 
