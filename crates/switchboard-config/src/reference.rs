@@ -1093,7 +1093,9 @@ const SECTIONS: &[Section] = &[
                 Ext,
                 "How long a socket waits for the answer, time in the queue included; then it \
                  gets the same error frame as when a NATS handler is silent \
-                 (`no handler answered within ...`). At most `1h`.",
+                 (`no handler answered within ...`). At most `1h`. It also bounds a new \
+                 connection (TCP and TLS, at most 5 s), and an HTTP/2 connection silent for it \
+                 (clamped to 1-5 s) is sent a PING and dropped if that goes unanswered as long.",
                 Some("2s"),
             ),
             key(

@@ -6,8 +6,17 @@
 //! system's roots plus an optional CA file, a deadline on the whole exchange and a byte bound
 //! on the response body. It is hyper-util's pooled client with hyper-rustls underneath;
 //! this crate only fixes those choices and turns every failure into one [`ClientError`].
+//!
+//! Nothing it holds is unbounded in time, including what no caller waits for: a connection
+//! the pool finishes on its own (one a request started before an idle one freed up) must be
+//! made, TLS included, within `connect_timeout`, and an HTTP/2 connection that stops answering
+//! PINGs is dropped (its requests' deadlines alone reset their streams and kept it in the
+//! pool, where every later request found it).
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,7 +33,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 pub struct ClientOptions {
     /// A CA (PEM) trusted beside the system's roots, for endpoints with a private CA.
     pub ca_file: Option<PathBuf>,
-    /// Longest wait for a TCP connection. Default 5 s.
+    /// Longest wait for a connection: TCP, then the TLS handshake. Default 5 s.
     pub connect_timeout: Duration,
     /// How long an idle connection stays in the pool. Default 60 s.
     pub idle_timeout: Duration,
@@ -33,6 +42,9 @@ pub struct ClientOptions {
     /// Most bytes of a response's head (status line and headers; for HTTP/2 the header list),
     /// at least 8 KiB. Default 64 KiB: a hostile server cannot make a call buffer more.
     pub max_response_head: usize,
+    /// An HTTP/2 connection that has received nothing for this long (idle or not) is sent a
+    /// PING, and dropped when the PING is not answered within as long again. Default 10 s.
+    pub http2_keep_alive: Duration,
 }
 
 impl Default for ClientOptions {
@@ -43,6 +55,7 @@ impl Default for ClientOptions {
             idle_timeout: Duration::from_secs(60),
             max_idle_per_host: 32,
             max_response_head: 64 * 1024,
+            http2_keep_alive: Duration::from_secs(10),
         }
     }
 }
@@ -68,7 +81,44 @@ pub enum ClientError {
 /// A pooled client. Cheap to clone; clones share the pool.
 #[derive(Clone, Debug)]
 pub struct HttpClient {
-    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    inner: Client<Bounded<HttpsConnector<HttpConnector>>, Full<Bytes>>,
+}
+
+/// A connector whose connections (TCP and TLS together) are made within `within`, or fail.
+/// `HttpConnector`'s own timeout covers TCP only; a request's deadline covers the rest only
+/// while the request waits, not when the pool finishes the connection for itself.
+#[derive(Clone, Debug)]
+struct Bounded<C> {
+    inner: C,
+    within: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<C> tower_service::Service<http::Uri> for Bounded<C>
+where
+    C: tower_service::Service<http::Uri>,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let within = self.within;
+        let connecting = self.inner.call(uri);
+        Box::pin(async move {
+            match tokio::time::timeout(within, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(format!("no connection within {within:?}").into()),
+            }
+        })
+    }
 }
 
 impl HttpClient {
@@ -84,6 +134,10 @@ impl HttpClient {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
+        let connector = Bounded {
+            inner: connector,
+            within: options.connect_timeout,
+        };
         let inner = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -94,6 +148,9 @@ impl HttpClient {
             .http2_max_header_list_size(
                 u32::try_from(options.max_response_head).unwrap_or(u32::MAX),
             )
+            .http2_keep_alive_interval(options.http2_keep_alive)
+            .http2_keep_alive_timeout(options.http2_keep_alive)
+            .http2_keep_alive_while_idle(true)
             .build(connector);
         Ok(HttpClient { inner })
     }

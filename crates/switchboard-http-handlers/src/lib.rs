@@ -282,6 +282,13 @@ impl HttpHandlers {
             let mut client_options = ClientOptions::default();
             client_options.ca_file.clone_from(&options.ca_file);
             client_options.max_idle_per_host = options.concurrency;
+            // No request waits longer than `timeout`: a connection the pool finishes for itself
+            // gets no more, and an HTTP/2 connection silent about as long (to a PING too) is
+            // dropped, or it would fail every next event of the endpoint.
+            client_options.connect_timeout = options.timeout.min(Duration::from_secs(5));
+            client_options.http2_keep_alive = options
+                .timeout
+                .clamp(Duration::from_secs(1), Duration::from_secs(5));
             let client = HttpClient::new(&client_options).map_err(|e| SetupError::Endpoint {
                 endpoint: options.name.clone(),
                 reason: e.to_string(),

@@ -2,6 +2,8 @@
 //! real WebSocket clients of a running container; the answers and every failure reach the
 //! socket as the bus paths' do.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
@@ -16,6 +18,11 @@ use switchboard_test_support::{
 /// A gateway whose `onconnect`, `onmessage` and `onclose` topics are bound to `backend`, with
 /// `extra` lines (indented by six spaces) in the binding.
 async fn gateway(backend: &HttpBackend, extra: &str) -> Gateway {
+    gateway_at(&backend.url(), extra).await
+}
+
+/// The same with the endpoint at `url`.
+async fn gateway_at(url: &str, extra: &str) -> Gateway {
     let yaml = format!(
         r#"
 gateway:
@@ -34,7 +41,6 @@ gateway:
       secret_env: {HANDLER_SECRET_ENV}
 {extra}"#,
         secret = switchboard_test_support::SECRET_ENV,
-        url = backend.url(),
     );
     let mut c = container(Config::from_yaml_str(&yaml).unwrap());
     c.http_handler_secret(HANDLER_SECRET_ENV, HANDLER_SECRET);
@@ -554,4 +560,303 @@ gateway:
         on_bus.try_recv().is_err(),
         "nothing was published on the bus"
     );
+}
+
+/// Reads one HTTP/1.1 request (head and `content-length` body) from `stream` into `buf`,
+/// keeping what follows it; its body, or `None` when the connection ends first.
+async fn read_request<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                let body = buf[end + 4..end + 4 + length].to_vec();
+                buf.drain(..end + 4 + length);
+                return Some(body);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// An `https://` endpoint (HTTP/1.1 only) that serves its first connection and leaves every
+/// later one hanging in the TLS handshake (TCP accepted, the ClientHello never answered).
+/// When a request starts a connection and an idle one frees up first, hyper's pool finishes
+/// the new connection in a task of its own, for the pool; nothing bounded the TLS handshake
+/// there, so every such race held a socket and a task for as long as the endpoint kept the
+/// TCP connection open. The whole connect (TCP and TLS) is now bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_left_hanging_in_the_tls_handshake_are_let_go() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = switchboard_tls::TestCa::new();
+    let ca_file = ca.write_pem(dir.path(), "ca.pem");
+    let tls = switchboard_tls::ServerTls::load(ca.write_server_files(dir.path(), "leaf")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Connections left hanging, and those of them the gateway closed.
+    let (hanging, let_go) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (h, l) = (hanging.clone(), let_go.clone());
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            if std::mem::take(&mut first) {
+                let acceptor = tls.acceptor();
+                tokio::spawn(async move {
+                    let Ok(mut stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    // Kept alive; each request answered after 300 ms.
+                    let mut buf = Vec::new();
+                    while read_request(&mut stream, &mut buf).await.is_some() {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let body = r#"{"reply":"ok"}"#;
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            } else {
+                h.fetch_add(1, SeqCst);
+                let l = l.clone();
+                tokio::spawn(async move {
+                    let mut chunk = [0u8; 4096];
+                    while matches!(tcp.read(&mut chunk).await, Ok(n) if n > 0) {}
+                    l.fetch_add(1, SeqCst);
+                });
+            }
+        }
+    });
+    let url = format!("https://127.0.0.1:{}/events", addr.port());
+    let extra = format!(
+        "      concurrency: 2\n      per_user: 2\n      timeout: 1s\n      ca_file: {ca_file:?}\n"
+    );
+    let gw = gateway_at(&url, &extra).await;
+    let mut alex = gw.connect("alex", None).await;
+    assert_eq!(alex.recv().await["payload"], "ok");
+    // Two events at once: one takes the idle connection, the other starts a new one, which
+    // hangs until the first is answered and frees its connection.
+    for round in 0..3 {
+        alex.send(json!({"type": "say", "payload": round})).await;
+        alex.send(json!({"type": "say", "payload": round})).await;
+        for _ in 0..2 {
+            assert_eq!(alex.recv().await["payload"], "ok", "round {round}");
+        }
+    }
+    assert!(hanging.load(SeqCst) >= 1, "no connection was left hanging");
+    // Every connection left hanging is closed soon after the endpoint's timeout (they were
+    // held until the endpoint gave up on them, here never).
+    wait_until(
+        "the hanging connections closed by the gateway",
+        Duration::from_secs(10),
+        || let_go.load(SeqCst) == hanging.load(SeqCst),
+    )
+    .await;
+}
+
+/// A TCP proxy to `backend` whose connections can be wedged: kept open, nothing forwarded
+/// either way any more (a stuck middlebox, a peer gone without a reset).
+struct Wedgeable {
+    addr: std::net::SocketAddr,
+    connections: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+}
+
+impl Wedgeable {
+    async fn start(backend: std::net::SocketAddr) -> Wedgeable {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        async fn pump(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            wedged: Arc<AtomicBool>,
+        ) {
+            let mut chunk = [0u8; 16384];
+            loop {
+                let n = match from.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if wedged.load(SeqCst) {
+                    // Hold both ends open, forward nothing, until the test ends.
+                    let _ends = (from, to);
+                    std::future::pending::<()>().await;
+                    return;
+                }
+                if to.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = Wedgeable {
+            addr: listener.local_addr().unwrap(),
+            connections: Arc::default(),
+        };
+        let connections = proxy.connections.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = tokio::net::TcpStream::connect(backend).await else {
+                    continue;
+                };
+                let wedged = Arc::new(AtomicBool::new(false));
+                connections.lock().unwrap().push(wedged.clone());
+                let (client_read, client_write) = client.into_split();
+                let (upstream_read, upstream_write) = upstream.into_split();
+                tokio::spawn(pump(client_read, upstream_write, wedged.clone()));
+                tokio::spawn(pump(upstream_read, client_write, wedged));
+            }
+        });
+        proxy
+    }
+
+    /// Wedges every connection open now; later ones are forwarded.
+    fn wedge(&self) {
+        for c in self.connections.lock().unwrap().iter() {
+            c.store(true, SeqCst);
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.lock().unwrap().len()
+    }
+}
+
+/// An HTTP/2 endpoint whose one connection wedges: each request on it timed out, but the
+/// pool kept handing out that connection (a stream that times out is reset, the connection
+/// stays), so every event of every socket failed for as long as the connection stayed open,
+/// although a new connection would have been answered. A connection that does not answer a
+/// PING in time is now dropped, and the events after it get a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_http2_connection_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let backend = HttpBackend::start_tls(&ca, by_type).await;
+    let backend_addr: std::net::SocketAddr = backend
+        .url()
+        .trim_start_matches("https://")
+        .trim_end_matches("/events")
+        .parse()
+        .unwrap();
+    let proxy = Wedgeable::start(backend_addr).await;
+    let url = format!("https://127.0.0.1:{}/events", proxy.addr.port());
+    let gw = gateway_at(
+        &url,
+        &format!("      timeout: 500ms\n      ca_file: {ca:?}\n"),
+    )
+    .await;
+    let mut alex = gw.connect("alex", None).await;
+    assert_eq!(alex.recv().await["payload"], json!({"hello": "alex"}));
+    assert!(backend
+        .requests()
+        .iter()
+        .all(|r| r.version == switchboard::http::Version::HTTP_2));
+    assert_eq!(proxy.connections(), 1);
+    proxy.wedge();
+    // Events time out on the wedged connection until it is dropped (within about two
+    // keep-alive intervals, 1 s each here); then one is answered.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut n = 0;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no event answered after the connection wedged ({n} sent, {} connections)",
+            proxy.connections()
+        );
+        n += 1;
+        alex.send(json!({"type": "say", "payload": n})).await;
+        let answer = alex.recv().await;
+        if answer["payload"] == json!({"echo": n}) {
+            break;
+        }
+        // Timed out, or failed with the connection when it was dropped.
+        let why = answer["payload"]["message"].as_str().unwrap_or_default();
+        assert!(
+            [
+                "no handler answered within 500ms",
+                "internal error in a handler"
+            ]
+            .contains(&why),
+            "{answer}"
+        );
+    }
+    assert!(proxy.connections() >= 2, "answered on a new connection");
+}
+
+/// An HTTP/1.1 endpoint that answers one event after its socket stopped waiting, on the
+/// kept-alive connection, and another with a second, unasked-for answer behind the first:
+/// neither reaches the socket of the event sent next (the late answer's connection is closed
+/// when its request is dropped; bytes before a request are an error, not the next answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_or_unasked_for_answer_never_reaches_the_next_events_socket() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = |reply: &str| {
+        let body = json!({"reply": reply}).to_string();
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(body) = read_request(&mut tcp, &mut buf).await {
+                    let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    let user = event["context"]["username"].as_str().unwrap_or("?");
+                    let text = match event["data"]["type"].as_str() {
+                        Some("slow") => {
+                            tokio::time::sleep(Duration::from_millis(1200)).await;
+                            answer("late, for alex")
+                        }
+                        Some("twice") => answer("for alex") + &answer("unasked, for alex"),
+                        _ => answer(user),
+                    };
+                    if tcp.write_all(text.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let url = format!("http://{addr}/events");
+    // One request at a time, one connection kept alive for all of them.
+    let gw = gateway_at(&url, "      concurrency: 1\n      timeout: 400ms\n").await;
+    let mut alex = gw.connect("alex", None).await;
+    assert_eq!(alex.recv().await["payload"], "alex");
+    let mut sam = gw.connect("sam", None).await;
+    assert_eq!(sam.recv().await["payload"], "sam");
+    alex.send(json!({"type": "slow"})).await;
+    assert_eq!(
+        alex.recv().await["payload"]["message"],
+        "no handler answered within 400ms"
+    );
+    // The late answer is written about now; sam's event must not read it.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    sam.send(json!({"type": "say"})).await;
+    assert_eq!(sam.recv().await["payload"], "sam");
+    alex.send(json!({"type": "twice"})).await;
+    assert_eq!(alex.recv().await["payload"], "for alex");
+    for _ in 0..3 {
+        sam.send(json!({"type": "say"})).await;
+        assert_eq!(sam.recv().await["payload"], "sam");
+    }
+    alex.assert_silent(300).await;
+    sam.assert_silent(300).await;
 }
