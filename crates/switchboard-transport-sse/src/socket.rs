@@ -304,11 +304,45 @@ impl SseSocket {
     }
 
     /// Server shutdown: what is queued is dropped (as the WebSocket transport does), a close
-    /// event with 1001 is the last, then the end.
+    /// event with 1001 is the last, then the end. A session already closing keeps only its
+    /// close event: the backlog in front of it is not waited for either.
     pub(crate) fn shut_down(&self) {
         if self.set_reason(CloseReason::Shutdown) {
-            self.drop_queue();
-            self.finish(Some(close_event(1001, "server shutting down")));
+            self.replace_queue(Some(close_event(1001, "server shutting down")));
+        } else {
+            self.replace_queue(None);
+        }
+    }
+
+    /// Drops what is queued and ends the stream with `last` (a close event), under one lock,
+    /// so no send slips in between. A finished queue keeps its own last chunk (its close
+    /// event) instead.
+    fn replace_queue(&self, last: Option<Bytes>) {
+        let mut q = lock(&self.queue);
+        let kept = if q.finished {
+            q.chunks.pop_back()
+        } else {
+            last
+        };
+        let held = q.bytes;
+        q.chunks.clear();
+        q.bytes = 0;
+        if let Some(kept) = kept {
+            q.bytes = kept.len();
+            q.chunks.push_back(kept);
+        }
+        q.finished = true;
+        let waker = q.waker.take();
+        let now = q.bytes;
+        drop(q);
+        // The close event kept or added stays counted, as `finish` counts one.
+        if now > held {
+            self.stats.reserve_always(now - held);
+        } else {
+            self.stats.release(held - now);
+        }
+        if let Some(waker) = waker {
+            waker.wake();
         }
     }
 

@@ -26,6 +26,11 @@ use crate::sockets::Hub;
 use crate::wire::Wire;
 use switchboard_core::{server_close, CloseReason, SendError, Socket, SLOW_CONSUMER_CODE};
 
+/// Heartbeat sweeps a socket whose server close waits behind its backlog may take to drain
+/// it (5 minutes at the default 30 s); then the backlog is dropped and the socket closed as a
+/// slow consumer.
+const MAX_CLOSING_SWEEPS: u32 = 10;
+
 /// The socket's task encodes at most this many queued bytes per write.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// Pings and pongs that may wait ahead of queued data.
@@ -55,6 +60,8 @@ pub(crate) struct SocketState {
     pub(crate) pong_seen: AtomicBool,
     pub(crate) awaiting_pong: AtomicBool,
     pub(crate) was_backlogged: AtomicBool,
+    /// Heartbeat sweeps since a server close was queued behind the backlog.
+    closing_sweeps: std::sync::atomic::AtomicU32,
     /// [`Socket::pause_reading`]: the socket's task reads nothing until resumed.
     pub(crate) reading_paused: AtomicBool,
 }
@@ -87,6 +94,7 @@ impl SocketState {
             pong_seen: AtomicBool::new(false),
             awaiting_pong: AtomicBool::new(false),
             was_backlogged: AtomicBool::new(false),
+            closing_sweeps: std::sync::atomic::AtomicU32::new(0),
             reading_paused: AtomicBool::new(false),
         }
     }
@@ -186,7 +194,12 @@ impl SocketState {
         }
         if self.closing.load(Ordering::Acquire) {
             // A server close waits behind the backlog: no ping can be queued now, so no pong
-            // is owed. The progress check above still bounds a client that stops reading.
+            // is owed. The progress check above bounds a client that stops reading; this
+            // bounds one that trickles (a closed socket must not keep its place for ever,
+            // a `disconnect`ed one least of all).
+            if self.closing_sweeps.fetch_add(1, Ordering::AcqRel) + 1 >= MAX_CLOSING_SWEEPS {
+                self.request_close(None, CloseReason::SlowConsumer);
+            }
             return;
         }
         // A paused socket reads nothing, so its pongs wait unread; whoever paused it bounds

@@ -379,6 +379,40 @@ async fn a_server_close_behind_a_backlog_reaches_a_slow_reader_across_heartbeats
 }
 
 #[tokio::test]
+async fn a_trickling_reader_cannot_hold_a_closed_socket_past_ten_heartbeats() {
+    // After a server close, a client that takes 64 KiB every 20 ms makes the server write at
+    // every 1 s sweep, but would need about 16 s for the 50 MB backlog: ten sweeps after the
+    // close the socket is closed as a slow consumer, the rest dropped.
+    let mut h = Harness::start(|o| {
+        o.send_queue = 100_000;
+        o.send_queue_bytes = usize::MAX;
+        o.heartbeat_interval = Duration::from_secs(1);
+    })
+    .await;
+    let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    c.send_frame(true, raw::TEXT, b"flood 50000").await;
+    c.send_frame(true, raw::TEXT, b"close").await;
+    let trickle = tokio::spawn(async move {
+        let mut got = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            for _ in 0..64 {
+                match tokio::time::timeout(Duration::from_secs(30), c.read_any_or_end()).await {
+                    Ok(Some(_)) => got += 1,
+                    _ => return got,
+                }
+            }
+        }
+    });
+    let closed = tokio::time::timeout(Duration::from_secs(30), h.closes.recv())
+        .await
+        .expect("closed within 30 s");
+    assert_eq!(closed, Some(CloseReason::SlowConsumer));
+    let got = trickle.await.unwrap();
+    assert!((1..50_000).contains(&got), "{got} frames before the end");
+}
+
+#[tokio::test]
 async fn a_panic_in_open_closes_the_connection() {
     let h = Harness::start(|_| {}).await;
     let url = format!("{}?panic-open", h.url());

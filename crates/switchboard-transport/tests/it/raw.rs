@@ -125,17 +125,22 @@ impl Client {
         }
     }
 
-    async fn read_any(&mut self) -> (u8, Vec<u8>) {
+    /// The next frame, or `None` once the connection has ended (or broke).
+    pub(crate) async fn read_any_or_end(&mut self) -> Option<(u8, Vec<u8>)> {
         let mut h = [0u8; 2];
-        self.stream.read_exact(&mut h).await.unwrap();
+        self.stream.read_exact(&mut h).await.ok()?;
         let len = match h[1] & 0x7f {
-            126 => self.stream.read_u16().await.unwrap() as usize,
-            127 => self.stream.read_u64().await.unwrap() as usize,
+            126 => self.stream.read_u16().await.ok()? as usize,
+            127 => self.stream.read_u64().await.ok()? as usize,
             n => n as usize,
         };
         let mut payload = vec![0u8; len];
-        self.stream.read_exact(&mut payload).await.unwrap();
-        (h[0] & 0x0f, payload)
+        self.stream.read_exact(&mut payload).await.ok()?;
+        Some((h[0] & 0x0f, payload))
+    }
+
+    async fn read_any(&mut self) -> (u8, Vec<u8>) {
+        self.read_any_or_end().await.expect("a frame, not the end")
     }
 }
 
