@@ -114,7 +114,8 @@ pub fn parse_byte_size(text: &str) -> Result<usize, String> {
     }
     if !digits.is_empty() && unit.starts_with([',', '_', '\'']) {
         return Err(format!(
-            "size `{text}`: write the number without separators (`1000KiB`, not `1,000KiB`)"
+            "size `{text}` has a decimal comma or a separator: write a whole number without \
+             either (`1000KiB`, not `1,000KiB`; `1536KiB`, not `1,5MiB`)"
         ));
     }
     let n: usize = digits
@@ -265,6 +266,6 @@ mod tests {
             assert!(e.contains("has a fraction"), "{fraction}: {e}");
         }
         let e = parse_byte_size("1,000KiB").unwrap_err();
-        assert!(e.contains("without separators"), "{e}");
+        assert!(e.contains("a decimal comma or a separator"), "{e}");
     }
 }

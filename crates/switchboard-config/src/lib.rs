@@ -163,7 +163,16 @@ impl Config {
             // A key in flow style (`api: {listen: ...}`) is placed at its section's line;
             // only `gateway.listen` may be left out, for its default.
             let line = match key_position(text, key) {
-                Some((depth, _)) if depth < key.len() && key.len() == 2 => 0,
+                // `gateway:` found but not `listen` under it: the default, unless the section
+                // is written in flow style with the key on its line.
+                Some((depth, line)) if depth < key.len() && key.len() == 2 => {
+                    let on_line = text.lines().nth(line - 1).unwrap_or_default();
+                    if on_line.contains("listen") {
+                        line
+                    } else {
+                        0
+                    }
+                }
                 found => found.map_or(0, |(_, line)| line),
             };
             Some((addr?, key, line))

@@ -1025,6 +1025,14 @@ fn two_listeners_on_one_address_are_refused_naming_both_keys() {
         &e,
         "gateway.admin.listen: 127.0.0.1:4000 is also the address of gateway.listen (its default)"
     ));
+    // `gateway` in flow style: its listen is written, not the default.
+    let e = bad(
+        "gateway: {listen: \"127.0.0.1:4000\", socket: {}, admin: {listen: \"127.0.0.1:4000\"}}\n",
+    );
+    assert!(text_has(
+        &e,
+        "127.0.0.1:4000 is also the address of gateway.listen: each"
+    ));
     // `[::]` takes the port on every address, IPv4 included (Linux's default); an
     // IPv4-mapped address is its IPv4 one.
     for (listen, other) in [
