@@ -249,7 +249,8 @@ impl NatsBus {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Messages and bytes (their `length` on the wire) of the every-node subscriptions
+    /// Messages and bytes (their `length` on the wire, plus 256 each for what else a held
+    /// message takes) of the every-node subscriptions
     /// (`send`, `broadcast`, `disconnect`, presence) received and not yet handled: each
     /// subscription holds at most [`NatsOptions::every_node_bytes`].
     pub fn every_node_held(&self) -> (usize, usize) {
