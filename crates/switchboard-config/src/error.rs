@@ -39,6 +39,20 @@ impl ConfigError {
         }
     }
 
+    /// A check's error placed at `line` (when known), which the message ends by naming, as
+    /// the parser's own messages do.
+    pub(crate) fn at_line(message: String, line: Option<usize>) -> Self {
+        ConfigError::Invalid {
+            file: None,
+            message: match line {
+                Some(l) => format!("{message} at line {l}"),
+                None => message,
+            },
+            line,
+            column: None,
+        }
+    }
+
     pub(crate) fn in_file(self, path: &Path) -> Self {
         match self {
             ConfigError::Invalid {

@@ -120,17 +120,7 @@ impl Config {
     /// is the later key's, or its section's when the key is written in flow style.
     fn check_paths_and_addresses(&self, text: &str) -> Result<(), ConfigError> {
         let invalid = |key: &[&str], problem: String| {
-            let line = key_line(text, key);
-            ConfigError::Invalid {
-                file: None,
-                message: format!(
-                    "{}: {problem}{}",
-                    key.join("."),
-                    line.map(|l| format!(" at line {l}")).unwrap_or_default()
-                ),
-                line,
-                column: None,
-            }
+            ConfigError::at_line(format!("{}: {problem}", key.join(".")), key_line(text, key))
         };
         let socket = &self.gateway.socket;
         if let Some(sse) = socket.sse_path() {
@@ -220,16 +210,13 @@ impl Config {
                     continue;
                 }
                 let line = line_under(text, "http_handlers:", topic.as_str());
-                return Err(ConfigError::Invalid {
-                    file: None,
-                    message: format!(
+                return Err(ConfigError::at_line(
+                    format!(
                         "gateway.http_handlers[{i}].topics: topic `{topic}` is not published by \
-                         any socket hook (onconnect, onmessage, onmessage.types, onclose){}",
-                        line.map(|l| format!(" at line {l}")).unwrap_or_default()
+                         any socket hook (onconnect, onmessage, onmessage.types, onclose)"
                     ),
                     line,
-                    column: None,
-                });
+                ));
             }
         }
         Ok(())
@@ -293,15 +280,10 @@ fn refuse_deep_nesting(text: &str) -> Result<(), ConfigError> {
             }
             after_space = c.is_whitespace();
             if depth > MAX_NESTING {
-                return Err(ConfigError::Invalid {
-                    file: None,
-                    message: format!(
-                        "brackets nest deeper than {MAX_NESTING} levels at line {}",
-                        n + 1
-                    ),
-                    line: Some(n + 1),
-                    column: None,
-                });
+                return Err(ConfigError::at_line(
+                    format!("brackets nest deeper than {MAX_NESTING} levels"),
+                    Some(n + 1),
+                ));
             }
         }
     }
