@@ -213,8 +213,7 @@ impl SseSocket {
     /// connection is given the close timeout to deliver that event, then dropped.
     fn end_now(&self, reason: CloseReason, code: u16, text: &str) {
         if self.set_reason(reason) {
-            self.drop_queue();
-            self.finish(Some(close_event(code, text)));
+            self.replace_queue(Some(close_event(code, text)));
             self.mark_ended();
         }
     }
