@@ -190,14 +190,8 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_holds_noth
     gw.wait_for_sockets(1).await;
     // The client reads nothing more: the broadcasts fill its queue, and it is closed as a slow
     // consumer rather than holding them.
-    let producer = gw.producer();
     // 25 MB: more than the kernel's and hyper's buffers take.
-    for i in 0..400 {
-        let _ = producer.send(
-            "socket:broadcast",
-            json!({"type": "bulk", "payload": "x".repeat(64 * 1024) + &i.to_string()}),
-        );
-    }
+    broadcast_bulk(&gw, 400, 64 << 10);
     gw.wait_for_sockets(0).await;
     assert!(gw.stats().transport.slow_consumers >= 1);
     // The close event stays counted until the stream takes it (see the next test).
@@ -217,13 +211,7 @@ async fn a_client_that_takes_nothing_between_two_heartbeats_is_cut_off() {
     let gw = start(Kind::Sse, c).await;
     let sse = open_sse(&gw, "alex", None).await;
     gw.wait_for_sockets(1).await;
-    let producer = gw.producer();
-    for i in 0..100 {
-        let _ = producer.send(
-            "socket:broadcast",
-            json!({"type": "bulk", "payload": "x".repeat(256 * 1024) + &i.to_string()}),
-        );
-    }
+    broadcast_bulk(&gw, 100, 256 << 10);
     gw.wait_for_sockets(0).await;
     assert_eq!(gw.stats().transport.slow_consumers, 1);
     // Its queue was dropped at once; the close event (a few dozen bytes) stays counted until
@@ -238,30 +226,13 @@ async fn a_client_that_takes_nothing_between_two_heartbeats_is_cut_off() {
 
 #[tokio::test]
 async fn a_server_close_that_the_client_does_not_read_ends_within_the_close_timeout() {
-    // Heartbeats an hour apart: only the close timeout (2 s) can end the session.
-    let mut c = container(spec_config(
-        "    sse: {}\n    heartbeat: 1h\n    send_queue: 100000\n    send_queue_bytes: 64MiB\n    disconnect: {subscribe: \"socket:disconnect\"}",
-    ));
-    let mut closes = recorder(&mut c, &["socket:close"]);
-    let gw = start(Kind::Sse, c).await;
-    let sse = open_sse(&gw, "alex", None).await;
-    gw.wait_for_sockets(1).await;
-    let producer = gw.producer();
-    // 25 MB the client never reads: more than the kernel's and hyper's buffers take.
-    for i in 0..100 {
-        let _ = producer.send(
-            "socket:broadcast",
-            json!({"type": "bulk", "payload": "x".repeat(256 * 1024) + &i.to_string()}),
-        );
-    }
-    wait_until("the queue filled", Duration::from_secs(5), || {
-        gw.stats().transport.buffered_bytes > 1 << 20
-    })
-    .await;
+    // Heartbeats an hour apart: only the close timeout (2 s) can end the session. 25 MB the
+    // client never reads: more than the kernel's and hyper's buffers take.
+    let (gw, sse, mut closes) = backlogged(WITH_DISCONNECT, 100).await;
     // The server closes it: the close event is queued after the backlog, which the client
     // never takes. Was: the session (its queue, its place in the registry) lasted until the
     // next heartbeat sweeps, and onclose with it.
-    producer
+    gw.producer()
         .send(
             "socket:disconnect",
             json!({"username": "alex", "code": 4003}),
@@ -277,6 +248,20 @@ async fn a_server_close_that_the_client_does_not_read_ends_within_the_close_time
     drop(sse);
 }
 
+/// The socket section's line that subscribes the `disconnect` topic.
+const WITH_DISCONNECT: &str = "    disconnect: {subscribe: \"socket:disconnect\"}";
+
+/// Broadcasts `n` messages of `bytes` each (and a sequence number), to be queued.
+fn broadcast_bulk(gw: &Gateway, n: usize, bytes: usize) {
+    let producer = gw.producer();
+    for i in 0..n {
+        let _ = producer.send(
+            "socket:broadcast",
+            json!({"type": "bulk", "payload": "x".repeat(bytes) + &i.to_string()}),
+        );
+    }
+}
+
 /// A session with `n` 256 KiB broadcasts queued that its client has not read yet.
 async fn backlogged(extra: &str, n: usize) -> (Gateway, SseClient, Seen) {
     let mut c = container(spec_config(&format!(
@@ -286,13 +271,7 @@ async fn backlogged(extra: &str, n: usize) -> (Gateway, SseClient, Seen) {
     let gw = start(Kind::Sse, c).await;
     let sse = open_sse(&gw, "alex", None).await;
     gw.wait_for_sockets(1).await;
-    let producer = gw.producer();
-    for i in 0..n {
-        let _ = producer.send(
-            "socket:broadcast",
-            json!({"type": "bulk", "payload": "x".repeat(256 * 1024) + &i.to_string()}),
-        );
-    }
+    broadcast_bulk(&gw, n, 256 << 10);
     wait_until("the queue filled", Duration::from_secs(5), || {
         gw.stats().transport.buffered_bytes > 1 << 20
     })
@@ -303,8 +282,7 @@ async fn backlogged(extra: &str, n: usize) -> (Gateway, SseClient, Seen) {
 #[tokio::test]
 async fn a_client_that_reads_its_backlog_slowly_after_a_server_close_gets_all_of_it_and_the_close()
 {
-    let (gw, mut sse, mut closes) =
-        backlogged("    disconnect: {subscribe: \"socket:disconnect\"}", 80).await;
+    let (gw, mut sse, mut closes) = backlogged(WITH_DISCONNECT, 80).await;
     gw.producer()
         .send(
             "socket:disconnect",
@@ -337,8 +315,7 @@ async fn shutdown_drops_an_sse_backlog_and_sends_1001_at_once() {
 async fn shutdown_drops_the_backlog_of_a_session_already_closing() {
     // A server close queued its close event behind the backlog; shutdown does not wait for
     // the backlog either, and the close event the session had is its last.
-    let (gw, sse, _closes) =
-        backlogged("    disconnect: {subscribe: \"socket:disconnect\"}", 100).await;
+    let (gw, sse, _closes) = backlogged(WITH_DISCONNECT, 100).await;
     gw.producer()
         .send(
             "socket:disconnect",
