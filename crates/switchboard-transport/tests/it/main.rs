@@ -343,20 +343,29 @@ async fn a_backlog_reaches_a_slow_reader_whole_and_in_order() {
     );
 }
 
+/// A raw client whose socket (queues unbounded, heartbeats every `heartbeat`) was sent
+/// `frames` frames of 1 KiB and then closed by the server (4000, "bye"), the close queued behind
+/// them; nothing read yet.
+async fn closed_behind_a_flood(heartbeat: Duration, frames: usize) -> (Harness, raw::Client) {
+    let h = Harness::start(|o| {
+        o.send_queue = 100_000;
+        o.send_queue_bytes = usize::MAX;
+        o.heartbeat_interval = heartbeat;
+    })
+    .await;
+    let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
+    c.send_frame(true, raw::TEXT, format!("flood {frames}").as_bytes())
+        .await;
+    c.send_frame(true, raw::TEXT, b"close").await;
+    (h, c)
+}
+
 #[tokio::test]
 async fn a_server_close_behind_a_backlog_reaches_a_slow_reader_across_heartbeats() {
     // Heartbeats every 300 ms; the client reads 20 MB in pauses of 30 ms, for more than four
     // of them. A close queued behind the backlog owes no pong (no ping can go out once the
     // close is queued): only a client that takes nothing for a whole interval is cut.
-    let mut h = Harness::start(|o| {
-        o.send_queue = 100_000;
-        o.send_queue_bytes = usize::MAX;
-        o.heartbeat_interval = Duration::from_millis(300);
-    })
-    .await;
-    let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
-    c.send_frame(true, raw::TEXT, b"flood 20000").await;
-    c.send_frame(true, raw::TEXT, b"close").await;
+    let (mut h, mut c) = closed_behind_a_flood(Duration::from_millis(300), 20_000).await;
     let started = std::time::Instant::now();
     for i in 0..20_000 {
         if i % 500 == 0 {
@@ -383,15 +392,7 @@ async fn a_trickling_reader_cannot_hold_a_closed_socket_past_ten_heartbeats() {
     // After a server close, a client that takes 64 KiB every 20 ms makes the server write at
     // every 1 s sweep, but would need about 16 s for the 50 MB backlog: ten sweeps after the
     // close the socket is closed as a slow consumer, the rest dropped.
-    let mut h = Harness::start(|o| {
-        o.send_queue = 100_000;
-        o.send_queue_bytes = usize::MAX;
-        o.heartbeat_interval = Duration::from_secs(1);
-    })
-    .await;
-    let mut c = raw::Client::connect(h.server.local_addr(), "/ws").await;
-    c.send_frame(true, raw::TEXT, b"flood 50000").await;
-    c.send_frame(true, raw::TEXT, b"close").await;
+    let (mut h, mut c) = closed_behind_a_flood(Duration::from_secs(1), 50_000).await;
     let trickle = tokio::spawn(async move {
         let mut got = 0;
         loop {
