@@ -538,6 +538,9 @@ impl Report {
                 }
             ));
         }
+        if let Some((_, floor)) = rows.iter().find(|(s, _)| *s == Server::Floor) {
+            self.floor_reach(figure, floor, uws, 1.2);
+        }
         if scenario == Scenario::Broadcast {
             self.verdict(
                 &format!("{name} (stretch): {figure} ≥ 1.5× uws-node's"),
@@ -555,6 +558,44 @@ impl Report {
                 1.0,
             );
         }
+    }
+
+    /// What the run could show at all: the floor (the transport alone, no gateway work) against
+    /// uws-node in the same rounds. A floor below `want` means no gateway could meet the
+    /// target with this client on this machine; with the client at its core's limit while it
+    /// drives the floor, the limit is the client's.
+    fn floor_reach(
+        &mut self,
+        figure: &str,
+        floor: &[Option<Figures>],
+        uws: &[Option<Figures>],
+        want: f64,
+    ) {
+        let reach = round_ratios(&series(floor, "rate"), &series(uws, "rate"), false);
+        let Some(s) = spread(reach.iter().copied()) else {
+            return;
+        };
+        let client = spread(series(floor, "client_cpu")).map(|c| c.median);
+        let client_text = client.map_or(String::new(), |c| {
+            format!(", the client at {c:.2} of its core while it drives the floor")
+        });
+        let what = if s.min >= want {
+            "the floor reaches the target, so this run can show it".to_string()
+        } else if client.is_some_and(|c| c >= 0.9) {
+            format!(
+                "below {want:.1}× in its worst round with the client at its limit: no gateway \
+                 could show this target with this client on this machine"
+            )
+        } else {
+            format!(
+                "below {want:.1}× in its worst round: no gateway built on this transport could \
+                 show this target here"
+            )
+        };
+        self.verdicts.push(format!(
+            "  - reach of this run: the floor's {figure} ÷ uws-node's {:.2}× (worst round {:.2}×){client_text}; {what}",
+            s.median, s.min
+        ));
     }
 
     /// One target: met only if every round measured it and the worst round meets `want`.
@@ -791,6 +832,53 @@ mod tests {
             "{:?}",
             r.verdicts
         );
+    }
+
+    #[test]
+    fn the_floor_says_whether_the_run_could_show_a_target() {
+        let o = Options::new(&super::super::options::parse_words(&[]).unwrap());
+        let rounds = |figures: &[(f64, f64)]| -> Vec<Option<Figures>> {
+            figures
+                .iter()
+                .map(|(rate, client)| {
+                    Some(Figures::from([
+                        ("rate".to_string(), rate.to_string()),
+                        ("client_cpu".to_string(), client.to_string()),
+                    ]))
+                })
+                .collect()
+        };
+        let uws = rounds(&[(100.0, 0.8), (100.0, 0.8), (100.0, 0.8)]);
+        let sb = rounds(&[(110.0, 0.9), (112.0, 0.9), (111.0, 0.9)]);
+        let reach = |floor: Vec<Option<Figures>>| {
+            let rows = vec![
+                (Server::Switchboard, sb.clone()),
+                (Server::Floor, floor),
+                (Server::UwsNode, uws.clone()),
+            ];
+            let mut r = Report::new(&o, &[]);
+            r.targets(Scenario::Handshake, &rows, &sb);
+            r.verdicts
+                .into_iter()
+                .find(|v| v.contains("reach of this run"))
+                .expect("a reach line")
+        };
+        // The client at its limit and the floor short of 1.2× in one round: not showable.
+        let limited = reach(rounds(&[(125.0, 0.98), (118.0, 0.99), (130.0, 0.97)]));
+        assert!(
+            limited.contains("÷ uws-node's 1.25× (worst round 1.18×), the client at 0.98")
+                && limited.contains("no gateway could show this target with this client"),
+            "{limited}"
+        );
+        // The floor short, the client not at its limit: the transport's own cost.
+        let transport = reach(rounds(&[(115.0, 0.7), (116.0, 0.7), (117.0, 0.7)]));
+        assert!(
+            transport.contains("no gateway built on this transport"),
+            "{transport}"
+        );
+        // The floor above the target in every round: the run can show it.
+        let room = reach(rounds(&[(140.0, 0.95), (150.0, 0.95), (145.0, 0.95)]));
+        assert!(room.contains("so this run can show it"), "{room}");
     }
 
     #[test]
