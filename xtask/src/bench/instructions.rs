@@ -26,7 +26,7 @@ pub(crate) struct InstructionsArgs {
     /// The scenarios [default: echo,send,broadcast]
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set)]
     scenarios: Option<Vec<Kind>>,
-    /// The servers [default: switchboard,floor; the floor has no `send`]
+    /// The servers [default: switchboard,floor]
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set)]
     servers: Option<Vec<Counted>>,
     /// Seconds counted per run, after the sockets are open
@@ -118,9 +118,6 @@ pub(crate) fn run(args: &InstructionsArgs) -> Result {
     ];
     for &kind in &scenarios {
         for &server in &servers {
-            if server == Counted::Floor && kind == Kind::Send {
-                continue;
-            }
             let name = match server {
                 Counted::Switchboard => "switchboard",
                 Counted::Floor => "floor",

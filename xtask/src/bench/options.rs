@@ -179,13 +179,13 @@ impl Server {
         }
     }
 
-    /// Whether this server runs `scenario`: the floor has no bus, no users and no registry,
-    /// so it implements echo, broadcast and handshake only.
+    /// Whether this server runs `scenario`: the floor has no bus and no NATS, so it
+    /// implements echo, send, broadcast and handshake only.
     pub(super) fn runs(self, scenario: Scenario) -> bool {
         match self {
             Server::Floor => matches!(
                 scenario,
-                Scenario::Echo | Scenario::Broadcast | Scenario::Handshake
+                Scenario::Echo | Scenario::Send | Scenario::Broadcast | Scenario::Handshake
             ),
             _ => true,
         }

@@ -10,8 +10,13 @@
 //!   its type rewritten, one copy and no JSON parse (the client reads the type and the stamp);
 //! - `{"type":"broadcast",REST` → `{"type":"bench.broadcast",REST` built once as one `Bytes`
 //!   and sent to every open socket of a plain list, in a loop on the receiving task;
-//! - anything else gets an error frame (`send` needs users, which the floor does not have).
+//! - `{"type":"send","to":"NAME",REST` → `{"type":"bench.send",REST` to every socket of user
+//!   NAME (the username claim of its token), found in a map kept as sockets open and close:
+//!   the gateway's `send` without the bus, the JSON or the registry's namespaces (the name is
+//!   read up to the next `"`: the client's names have no escapes);
+//! - anything else gets an error frame.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,8 +36,10 @@ const ECHO_IN: &[u8] = br#"{"type":"echo","#;
 const ECHO_OUT: &[u8] = br#"{"type":"bench:echo","#;
 const BROADCAST_IN: &[u8] = br#"{"type":"broadcast","#;
 const BROADCAST_OUT: &[u8] = br#"{"type":"bench.broadcast","#;
+const SEND_IN: &[u8] = br#"{"type":"send","to":""#;
+const SEND_OUT: &[u8] = br#"{"type":"bench.send""#;
 const UNKNOWN: &str =
-    r#"{"type":"error","payload":{"message":"the floor answers echo and broadcast only"}}"#;
+    r#"{"type":"error","payload":{"message":"the floor answers echo, send and broadcast only"}}"#;
 
 /// Serves the floor on 127.0.0.1:`port` until SIGTERM or Ctrl-C.
 pub(crate) async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
@@ -71,16 +78,18 @@ struct Floor {
     sockets: Mutex<Slots>,
 }
 
-/// Every open socket, in a list whose holes are reused.
+/// Every open socket, in a list whose holes are reused, and each user's places in it.
 #[derive(Default)]
 struct Slots {
     list: Vec<Option<SocketRef>>,
     free: Vec<usize>,
+    users: HashMap<Arc<str>, Vec<usize>>,
 }
 
-/// A socket and its place in [`Slots`].
+/// A socket, its user and its place in [`Slots`].
 struct Session {
     socket: SocketRef,
+    user: Arc<str>,
     slot: usize,
 }
 
@@ -119,20 +128,20 @@ fn retyped(frame: &[u8], prefix: usize, with: &[u8]) -> Bytes {
 }
 
 impl Service for Floor {
-    type Admission = ();
+    type Admission = Arc<str>;
     type Session = Session;
 
-    fn admit(&self, request: &RequestParts) -> Result<(), HttpResponse> {
+    fn admit(&self, request: &RequestParts) -> Result<Arc<str>, HttpResponse> {
         let token = token(&request.headers).ok_or_else(unauthorized)?;
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
             .map_err(|_| unauthorized())?;
         match data.claims.get(USERNAME_CLAIM) {
-            Some(Value::String(name)) if !name.is_empty() => Ok(()),
+            Some(Value::String(name)) if !name.is_empty() => Ok(Arc::from(name.as_str())),
             _ => Err(unauthorized()),
         }
     }
 
-    fn open(&self, _: (), socket: SocketRef) -> Session {
+    fn open(&self, user: Arc<str>, socket: SocketRef) -> Session {
         let mut slots = self.sockets();
         let slot = match slots.free.pop() {
             Some(i) => {
@@ -144,7 +153,8 @@ impl Service for Floor {
                 slots.list.len() - 1
             }
         };
-        Session { socket, slot }
+        slots.users.entry(user.clone()).or_default().push(slot);
+        Session { socket, user, slot }
     }
 
     fn on_message(&self, session: &Session, message: Inbound) {
@@ -155,6 +165,14 @@ impl Service for Floor {
             let _ = session
                 .socket
                 .send_text(retyped(&frame, ECHO_IN.len(), ECHO_OUT));
+        } else if let Some((user, rest)) = addressed(&frame) {
+            let out = retyped(&frame, rest, SEND_OUT);
+            let slots = self.sockets();
+            for &slot in slots.users.get(user).into_iter().flatten() {
+                if let Some(socket) = &slots.list[slot] {
+                    let _ = socket.send_text(out.clone());
+                }
+            }
         } else if frame.starts_with(BROADCAST_IN) {
             let out = retyped(&frame, BROADCAST_IN.len(), BROADCAST_OUT);
             // Sending never waits, and `on_close` never runs inside a send, so the list can
@@ -173,7 +191,21 @@ impl Service for Floor {
         let mut slots = self.sockets();
         slots.list[session.slot] = None;
         slots.free.push(session.slot);
+        if let Some(places) = slots.users.get_mut(&session.user) {
+            places.retain(|&s| s != session.slot);
+            if places.is_empty() {
+                slots.users.remove(&session.user);
+            }
+        }
     }
+}
+
+/// A `send` frame's user and where the rest of the frame (`,"payload":...`) starts.
+fn addressed(frame: &[u8]) -> Option<(&str, usize)> {
+    let after = frame.strip_prefix(SEND_IN)?;
+    let end = after.iter().position(|&b| b == b'"')?;
+    let user = std::str::from_utf8(&after[..end]).ok()?;
+    Some((user, SEND_IN.len() + end + 1))
 }
 
 #[cfg(test)]
@@ -188,6 +220,14 @@ mod tests {
         let frame = br#"{"type":"broadcast","payload":"x"}"#;
         let reply = retyped(frame, BROADCAST_IN.len(), BROADCAST_OUT);
         assert_eq!(&reply[..], br#"{"type":"bench.broadcast","payload":"x"}"#);
+        // `send`: the gateway's frame, `to` left out.
+        let frame = br#"{"type":"send","to":"user-7","payload":"00ab"}"#;
+        let (user, rest) = addressed(frame).unwrap();
+        assert_eq!(user, "user-7");
+        let reply = retyped(frame, rest, SEND_OUT);
+        assert_eq!(&reply[..], br#"{"type":"bench.send","payload":"00ab"}"#);
+        assert_eq!(addressed(br#"{"type":"send","to":"unterminated"#), None);
+        assert_eq!(addressed(br#"{"type":"echo","payload":"x"}"#), None);
     }
 
     #[test]
