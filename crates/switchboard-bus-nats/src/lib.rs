@@ -155,6 +155,8 @@ pub struct NatsBus {
     every_node_made: std::sync::atomic::AtomicUsize,
     /// What the every-node subscriptions hold, received and not yet handled.
     holding: Arc<Holding>,
+    /// What the handler subscriptions (queue groups) hold: received, their handler not done.
+    handlers_holding: Arc<Holding>,
     /// The topics of the every-node subscriptions: an event published on one goes out
     /// without a way back, since the nodes answer gather inboxes only there.
     every_node_topics: Mutex<Vec<Arc<str>>>,
@@ -208,10 +210,7 @@ impl NatsBus {
             options.outbox_bytes,
         );
         let (every_node, lanes) = tokio::sync::mpsc::unbounded_channel();
-        let holding = Arc::new(Holding {
-            max_bytes: options.every_node_bytes,
-            ..Holding::default()
-        });
+        let holding = Arc::new(Holding::default());
         let (handling, held) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(in_order(lanes, holding.clone(), handling));
         tokio::spawn(handle_held(client.clone(), held));
@@ -226,6 +225,7 @@ impl NatsBus {
             every_node,
             every_node_made: std::sync::atomic::AtomicUsize::new(0),
             holding,
+            handlers_holding: Arc::new(Holding::default()),
             every_node_topics: Mutex::new(Vec::new()),
             malformed_gathered: std::sync::atomic::AtomicU64::new(0),
         })
@@ -254,20 +254,28 @@ impl NatsBus {
     /// (`send`, `broadcast`, `disconnect`, presence) received and not yet handled: each
     /// subscription holds at most [`NatsOptions::every_node_bytes`].
     pub fn every_node_held(&self) -> (usize, usize) {
-        use std::sync::atomic::Ordering::Acquire;
-        (
-            self.holding.messages.load(Acquire),
-            self.holding.bytes.load(Acquire),
-        )
+        self.holding.held()
     }
 
     /// Messages of the every-node subscriptions dropped so far because their subscription
     /// held [`NatsOptions::every_node_bytes`] (or 65,536 messages) already: this node could
     /// not keep up. Logged as `nats: messages dropped`, at most once a second.
     pub fn every_node_dropped(&self) -> u64 {
-        self.holding
-            .dropped
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.holding.dropped()
+    }
+
+    /// Messages and bytes (counted as [`NatsBus::every_node_held`] counts them) of the handler
+    /// subscriptions (queue groups) received and whose handler has not finished: each
+    /// subscription holds at most [`NatsOptions::handler_bytes`].
+    pub fn handlers_held(&self) -> (usize, usize) {
+        self.handlers_holding.held()
+    }
+
+    /// Messages of the handler subscriptions dropped so far because their subscription held
+    /// [`NatsOptions::handler_bytes`] (or 65,536 messages) already: their handlers could not
+    /// keep up. Logged as `nats: messages dropped`, at most once a second.
+    pub fn handlers_dropped(&self) -> u64 {
+        self.handlers_holding.dropped()
     }
 
     /// Events published here that still wait for an answer. An answered event leaves at once.
@@ -331,6 +339,9 @@ impl NatsBus {
         lock(&self.subscribing).push(rx);
         let client = self.client.clone();
         let topic = topic.to_string();
+        let handlers_holding = self.handlers_holding.clone();
+        let (every_node_bytes, handler_bytes) =
+            (self.options.every_node_bytes, self.options.handler_bytes);
         // Every-node subscriptions go to the one dispatcher, in the order they were made.
         let lanes = group.is_none().then(|| {
             let order = self
@@ -361,6 +372,7 @@ impl NatsBus {
                 let held = Arc::new(LaneHeld {
                     topic,
                     handler,
+                    max_bytes: every_node_bytes,
                     messages: 0.into(),
                     bytes: 0.into(),
                 });
@@ -371,8 +383,31 @@ impl NatsBus {
                 });
                 return;
             }
+            // Each message's handler runs on a task of its own; what the tasks hold is counted
+            // until they end, and what would pass the bound is dropped: whoever may publish
+            // here could otherwise make this node hold any number of handlers that wait.
+            let lane = Arc::new(LaneHeld {
+                topic,
+                handler,
+                max_bytes: handler_bytes,
+                messages: 0.into(),
+                bytes: 0.into(),
+            });
             while let Some(incoming) = subscriber.next().await {
-                handle_incoming(&client, &topic, handler.as_ref(), incoming, answerable);
+                let Some(mut taken) = handlers_holding.take(&lane, incoming) else {
+                    continue;
+                };
+                let Some(message) = taken.message.take() else {
+                    continue;
+                };
+                handle_incoming(
+                    &client,
+                    &lane.topic,
+                    lane.handler.as_ref(),
+                    message,
+                    answerable,
+                    taken,
+                );
             }
         });
     }
@@ -530,8 +565,8 @@ impl Bus for NatsBus {
 
     fn counters(&self) -> BusCounters {
         let mut counters = BusCounters::default();
-        counters.incoming_dropped = self.every_node_dropped();
-        counters.incoming_held_bytes = self.every_node_held().1 as u64;
+        counters.incoming_dropped = self.every_node_dropped() + self.handlers_dropped();
+        counters.incoming_held_bytes = (self.every_node_held().1 + self.handlers_held().1) as u64;
         counters.answers_pending = self.pending_answers().events as u64;
         counters
     }
@@ -861,28 +896,29 @@ struct Lane {
     held: Arc<LaneHeld>,
 }
 
-/// An every-node subscription's handler, and what it holds: received from the client, not
-/// yet handled.
+/// A subscription's handler, and what it holds: received from the client, not yet handled
+/// (every-node), or whose handler has not finished (queue groups).
 struct LaneHeld {
     topic: String,
     handler: Arc<dyn Handler>,
+    /// Most bytes it holds ([`NatsOptions::every_node_bytes`] or
+    /// [`NatsOptions::handler_bytes`]).
+    max_bytes: usize,
     messages: std::sync::atomic::AtomicUsize,
     bytes: std::sync::atomic::AtomicUsize,
 }
 
-/// What the every-node subscriptions hold between the client and their handlers, all
-/// together, and how many messages they dropped.
+/// What a kind of subscription (every-node, or queue groups) holds between the client and
+/// its handlers, all together, and how many messages they dropped.
 #[derive(Default)]
 struct Holding {
-    /// Most bytes one subscription holds ([`NatsOptions::every_node_bytes`]).
-    max_bytes: usize,
     messages: std::sync::atomic::AtomicUsize,
     bytes: std::sync::atomic::AtomicUsize,
     dropped: std::sync::atomic::AtomicU64,
 }
 
-/// Messages of every-node subscriptions dropped for want of room: anyone who may publish
-/// there chooses how many, so one line a second.
+/// Messages dropped for want of room: anyone who may publish there chooses how many, so
+/// one line a second.
 static DROPPED_HELD: switchboard_bus::LogLimit = switchboard_bus::LogLimit::new();
 
 /// What one held message counts besides its `length` (subject, reply and payload): its
@@ -912,20 +948,52 @@ impl Drop for HeldMessage {
 }
 
 impl Holding {
-    /// Takes `message` of `lane` to be handled, or drops it when the lane holds
-    /// [`MOST_BEFORE`] messages or would pass its bytes (a message is always taken into an
-    /// empty lane).
+    /// Messages and bytes held now.
+    fn held(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Acquire;
+        (self.messages.load(Acquire), self.bytes.load(Acquire))
+    }
+
+    /// Messages dropped so far.
+    fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes `message` of `lane` into the queue [`handle_held`] handles in order, or drops it
+    /// as [`Holding::take`] does.
     fn hold(
         self: &Arc<Self>,
         lane: &Arc<LaneHeld>,
-        mut message: async_nats::Message,
+        message: async_nats::Message,
         handling: &tokio::sync::mpsc::UnboundedSender<HeldMessage>,
     ) {
+        let Some(mut held) = self.take(lane, message) else {
+            return;
+        };
+        // The client cuts a payload out of its read buffer without copying it: held, even a
+        // small one would keep that whole buffer alive (a megabyte, after a large message),
+        // so a flood of small messages after large ones would pin far more than is counted.
+        // (A handler subscription's message is parsed at once, and its buffer let go.)
+        if let Some(message) = &mut held.message {
+            message.payload = bytes::Bytes::copy_from_slice(&message.payload);
+        }
+        // Sent back (and dropped, given back) only once the handling task is gone.
+        let _ = handling.send(held);
+    }
+
+    /// Counts `message` of `lane` as held until the returned guard is dropped, or drops it
+    /// (counted, logged at most once a second) when the lane holds [`MOST_BEFORE`] messages
+    /// or would pass its bytes (a message is always taken into an empty lane).
+    fn take(
+        self: &Arc<Self>,
+        lane: &Arc<LaneHeld>,
+        message: async_nats::Message,
+    ) -> Option<HeldMessage> {
         use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
         let counted = message.length.saturating_add(HELD_OVERHEAD);
         let (messages, bytes) = (lane.messages.load(Acquire), lane.bytes.load(Acquire));
         if messages > 0
-            && (messages >= MOST_BEFORE || bytes.saturating_add(counted) > self.max_bytes)
+            && (messages >= MOST_BEFORE || bytes.saturating_add(counted) > lane.max_bytes)
         {
             let dropped = self.dropped.fetch_add(1, Relaxed) + 1;
             if let Some(since) = DROPPED_HELD.note() {
@@ -934,23 +1002,18 @@ impl Holding {
                     held_bytes = bytes, "nats: messages dropped (this node cannot keep up)"
                 );
             }
-            return;
+            return None;
         }
-        // The client cuts a payload out of its read buffer without copying it: held, even a
-        // small one would keep that whole buffer alive (a megabyte, after a large message),
-        // so a flood of small messages after large ones would pin far more than is counted.
-        message.payload = bytes::Bytes::copy_from_slice(&message.payload);
         lane.messages.fetch_add(1, AcqRel);
         lane.bytes.fetch_add(counted, AcqRel);
         self.messages.fetch_add(1, AcqRel);
         self.bytes.fetch_add(counted, AcqRel);
-        // Sent back (and dropped, given back) only once the handling task is gone.
-        let _ = handling.send(HeldMessage {
+        Some(HeldMessage {
             message: Some(message),
             lane: lane.clone(),
             holding: self.clone(),
             counted,
-        });
+        })
     }
 }
 
@@ -1046,22 +1109,23 @@ async fn handle_held(
         let Some(message) = held.message.take() else {
             continue;
         };
+        let lane = held.lane.clone();
         // A handler's panic is caught inside; anything else must not end this task, which
         // every `send`, `broadcast`, `disconnect` and presence question of the node goes
-        // through.
+        // through. What `held` counts is given back when the handler is done.
         let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             handle_incoming(
                 &client,
-                &held.lane.topic,
-                held.lane.handler.as_ref(),
+                &lane.topic,
+                lane.handler.as_ref(),
                 message,
                 answerable_by_every_node,
+                held,
             )
         }));
         if handled.is_err() {
-            tracing::error!(topic = %held.lane.topic, "nats: handling a message panicked");
+            tracing::error!(topic = %lane.topic, "nats: handling a message panicked");
         }
-        drop(held); // gives back what it counted
     }
 }
 
@@ -1069,12 +1133,14 @@ async fn handle_held(
 /// handler finishes without answering, an empty answer tells the sender it was handled. A
 /// panic, even in the handler's synchronous part, is answered as a failure and leaves the
 /// subscription running. It is answered only on a reply subject `answerable` accepts.
+/// `counted` (what the message counts as held) is given back once the handler is done.
 fn handle_incoming(
     client: &async_nats::Client,
     topic: &str,
     handler: &dyn Handler,
     incoming: async_nats::Message,
     answerable: fn(&str) -> bool,
+    counted: HeldMessage,
 ) {
     let Some((data, context)) = decode(topic, &incoming) else {
         return;
@@ -1102,6 +1168,7 @@ fn handle_incoming(
     };
     tokio::spawn(async move {
         let outcome = AssertUnwindSafe(fut).catch_unwind().await;
+        drop(counted); // the handler and what it held are gone
         let failed = !matches!(outcome, Ok(Ok(())));
         if failed {
             tracing::error!("handler failed");

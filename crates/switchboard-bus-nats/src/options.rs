@@ -44,6 +44,12 @@ pub struct NatsOptions {
     /// dropped ([`crate::NatsBus::every_node_dropped`]). A message is always taken when its
     /// subscription holds none. Default 64 MiB.
     pub every_node_bytes: usize,
+    /// Most bytes of messages one handler subscription (a topic this node handles in the
+    /// queue group) holds, received and whose handler has not finished (each handler runs on
+    /// a task of its own, so handlers that wait add up); over it, newer ones are dropped
+    /// ([`crate::NatsBus::handlers_dropped`]). A message is always taken when its
+    /// subscription holds none. Default 64 MiB.
+    pub handler_bytes: usize,
 }
 
 impl NatsOptions {
@@ -65,6 +71,7 @@ impl NatsOptions {
             outbox_bytes: 64 << 20,
             max_pending_answers: 262_144,
             every_node_bytes: 64 << 20,
+            handler_bytes: 64 << 20,
         }
     }
 }
@@ -82,6 +89,7 @@ impl fmt::Debug for NatsOptions {
             .field("outbox_bytes", &self.outbox_bytes)
             .field("max_pending_answers", &self.max_pending_answers)
             .field("every_node_bytes", &self.every_node_bytes)
+            .field("handler_bytes", &self.handler_bytes)
             .finish()
     }
 }

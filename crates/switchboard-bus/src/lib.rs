@@ -526,10 +526,10 @@ pub trait Bus: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BusCounters {
-    /// Messages for this node's every-node subscriptions dropped because it could not keep up
-    /// (it held as many as it may).
+    /// Messages for this node's subscriptions (every-node ones, and its handlers') dropped
+    /// because it could not keep up (it held as many as it may).
     pub incoming_dropped: u64,
-    /// Bytes of such messages received and not yet handled.
+    /// Bytes of such messages received and not yet handled (for a handler: until it ends).
     pub incoming_held_bytes: u64,
     /// Events published here that wait for a handler's answer.
     pub answers_pending: u64,

@@ -55,6 +55,11 @@ pub struct NatsConfig {
     /// (logged, counted). Default 64 MiB.
     #[serde(default = "default_outbox_bytes", deserialize_with = "de_byte_size")]
     pub every_node_bytes: usize,
+    /// Most bytes of messages one of the node's handler subscriptions (topics its handlers
+    /// take in the queue group) holds, received and whose handler has not finished; over it,
+    /// newer ones are dropped (logged, counted). Default 64 MiB.
+    #[serde(default = "default_outbox_bytes", deserialize_with = "de_byte_size")]
+    pub handler_bytes: usize,
 }
 
 fn default_outbox_bytes() -> usize {

@@ -1052,6 +1052,18 @@ const SECTIONS: &[Section] = &[
                  second. At most 65,536 messages wait either way.",
                 Some("16MiB"),
             ),
+            key(
+                "gateway.bus.nats.handler_bytes",
+                "size",
+                "`64MiB`",
+                Ext,
+                "Most bytes of messages on one topic this node's handlers take (in the queue \
+                 group) that it holds, received from NATS and whose handler has not finished \
+                 (handlers that wait, say on an HTTP call, add up); over it, newer messages \
+                 are dropped, logged at most once a second. At most 65,536 messages wait \
+                 either way.",
+                Some("16MiB"),
+            ),
         ],
     },
     Section {

@@ -381,6 +381,7 @@ async fn connect_nats(
     options.outbox_bytes = config.outbox_bytes;
     options.max_pending_answers = config.max_pending_answers;
     options.every_node_bytes = config.every_node_bytes;
+    options.handler_bytes = config.handler_bytes;
     options.auth = match &config.auth {
         None => NatsAuth::None,
         Some(NatsCredentials::UserPassword { user, password }) => NatsAuth::UserPassword {

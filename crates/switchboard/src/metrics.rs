@@ -480,13 +480,13 @@ impl Collector for Scraped {
             counter(
                 &mut e,
                 "switchboard_bus_incoming_dropped",
-                "send/broadcast/disconnect messages from the broker dropped because this node held as many as it may (gateway.bus.nats.every_node_bytes).",
+                "Messages from the broker dropped because this node held as many as it may: send/broadcast/disconnect (gateway.bus.nats.every_node_bytes), and messages for its handlers while they had not finished (gateway.bus.nats.handler_bytes).",
                 c.incoming_dropped,
             )?;
             gauge(
                 &mut e,
                 "switchboard_bus_incoming_held_bytes",
-                "Bytes of send/broadcast/disconnect messages received from the broker and not yet delivered.",
+                "Bytes of messages received from the broker and not yet delivered (send/broadcast/disconnect) or not yet handled to the end (this node's handlers).",
                 i64::try_from(c.incoming_held_bytes).unwrap_or(i64::MAX),
             )?;
             gauge(

@@ -470,6 +470,75 @@ async fn flood_a_busy_node(payload: bytes::Bytes, flood: u64, dropped: u64) {
     .await;
 }
 
+/// A publisher faster than a node's handlers that wait (on an HTTP call, say): each handler
+/// runs on a task of its own, and the node holds at most `handler_bytes` of their messages and
+/// drops the rest (it ran a handler for every one, as many as came, each holding its
+/// message); the subscription goes on after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_on_a_handler_topic_is_held_within_its_bytes() {
+    let nats = NatsServer::start();
+    let mut options = NatsOptions::new(nats.url());
+    options.handler_bytes = 4 << 20;
+    let node = NatsBus::connect(options).await.unwrap();
+    let started = Arc::new(AtomicUsize::new(0));
+    let (release, gate) = tokio::sync::watch::channel(false);
+    let counting = started.clone();
+    node.subscribe(
+        "work",
+        Arc::new(move |_m: Message| {
+            counting.fetch_add(1, Ordering::SeqCst);
+            let mut gate = gate.clone();
+            async move {
+                let _ = gate.wait_for(|open| *open).await;
+            }
+        }),
+    )
+    .unwrap();
+    node.subscriptions_ready().await.unwrap();
+
+    let outside = async_nats::connect(nats.url()).await.unwrap();
+    let big = bytes::Bytes::from(format!("{{\"blob\":\"{}\"}}", "x".repeat(512 << 10)));
+    let flood = 100;
+    for _ in 0..flood {
+        outside.publish("work", big.clone()).await.unwrap();
+    }
+    outside.flush().await.unwrap();
+    wait_until(
+        || node.handlers_held().0 as u64 + node.handlers_dropped() == flood,
+        "every message held or dropped",
+    )
+    .await;
+    let (messages, bytes) = node.handlers_held();
+    assert!(bytes <= 4 << 20, "{messages} messages, {bytes} bytes held");
+    assert!(node.handlers_dropped() >= 92, "{}", node.handlers_dropped());
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        messages,
+        "a handler per held message"
+    );
+    assert_eq!(
+        node.every_node_held(),
+        (0, 0),
+        "counted apart from every-node topics"
+    );
+    let counters = node.counters();
+    assert_eq!(
+        (counters.incoming_dropped, counters.incoming_held_bytes),
+        (node.handlers_dropped(), bytes as u64)
+    );
+
+    release.send(true).unwrap();
+    wait_until(|| node.handlers_held() == (0, 0), "the handlers done").await;
+    outside.publish("work", "{}".into()).await.unwrap();
+    outside.flush().await.unwrap();
+    wait_until(
+        || started.load(Ordering::SeqCst) == messages + 1,
+        "a later message is handled",
+    )
+    .await;
+    wait_until(|| node.handlers_held() == (0, 0), "and let go").await;
+}
+
 /// A handler process that relays each `outer` event to `inner`, with the event's way back,
 /// and waits up to `reply_timeout` for an answer from there: what it hears (or its own
 /// timeout) is what it tells the sender, through its node.

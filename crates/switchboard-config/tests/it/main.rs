@@ -729,7 +729,8 @@ fn nats_production_options() {
         "      url: [nats://a:4222, \"tls://b:4222\", c:4222]\n      node_name: eu.gw-1\n      \
          auth: {user: gw, password: \"${NATS_PASSWORD}\"}\n      \
          tls: {ca_file: /ca.pem, cert_file: /c.pem, key_file: /k.pem}\n      \
-         outbox_bytes: 8MiB\n      max_pending_answers: 1000\n      every_node_bytes: 4MiB\n",
+         outbox_bytes: 8MiB\n      max_pending_answers: 1000\n      every_node_bytes: 4MiB\n      \
+         handler_bytes: 2MiB\n",
     )
     .unwrap();
     assert_eq!(
@@ -752,7 +753,7 @@ fn nats_production_options() {
     assert_eq!(tls.ca_file.unwrap().to_str(), Some("/ca.pem"));
     assert_eq!(tls.key_file.unwrap().to_str(), Some("/k.pem"));
     assert_eq!((n.outbox_bytes, n.max_pending_answers), (8 << 20, 1000));
-    assert_eq!(n.every_node_bytes, 4 << 20);
+    assert_eq!((n.every_node_bytes, n.handler_bytes), (4 << 20, 2 << 20));
     let n = nats("      url: nats://a:4222\n      auth: {nkey_seed: \"${NATS_SEED}\"}\n").unwrap();
     assert_eq!(
         n.auth,
