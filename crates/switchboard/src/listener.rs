@@ -35,6 +35,12 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// the [`MAX_CONNECTIONS`] places for ever.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a connection's writes may wait for its client in all: one that takes a few bytes
+/// of its answers every few seconds, never stalling [`WRITE_STALL_TIMEOUT`] at a time, is
+/// dropped once its waits add up to this. API and admin answers are small; a client that
+/// reads them makes its server wait milliseconds.
+const WRITE_WAIT_BUDGET: Duration = Duration::from_secs(30);
+
 /// Answers one request.
 pub(crate) type Respond =
     Arc<dyn Fn(Request<Incoming>) -> BoxFuture<'static, HttpResponse> + Send + Sync>;
@@ -152,40 +158,64 @@ async fn serve<I>(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "{what} connection ended with an error");
+       
     }
 }
 
 /// A connection whose writes must make progress: a write, flush or shutdown that stays
 /// pending (the client takes no bytes) for [`WRITE_STALL_TIMEOUT`] fails, and the connection
-/// with it. Reads are bounded elsewhere (the head timeout, the API's body timeout).
+/// with it, as does one that would make the writes wait more than [`WRITE_WAIT_BUDGET`] in
+/// all. Reads are bounded elsewhere (the head timeout, the API's body timeout).
 struct WriteStall<I> {
     io: I,
-    /// Running while a write is pending; reset by any write that goes through.
+    /// Running while a write is pending: it ends at the stall timeout or where the budget
+    /// runs out, whichever comes first; reset by any write that goes through.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Since when the pending write waits.
+    pending_since: Option<tokio::time::Instant>,
+    /// How long the earlier writes waited, together.
+    waited: Duration,
 }
 
 impl<I> WriteStall<I> {
     fn new(io: I) -> Self {
-        WriteStall { io, stalled: None }
+        WriteStall {
+            io,
+            stalled: None,
+            pending_since: None,
+            waited: Duration::ZERO,
+        }
     }
 
-    /// `poll` is the inner write's outcome: pending past the timeout turns into an error.
+    /// `poll` is the inner write's outcome: pending past the timeout or the budget turns into
+    /// an error.
     fn check<T>(
         &mut self,
         cx: &mut Context<'_>,
         poll: Poll<std::io::Result<T>>,
     ) -> Poll<std::io::Result<T>> {
         if poll.is_ready() {
+            if let Some(since) = self.pending_since.take() {
+                self.waited += since.elapsed();
+            }
             self.stalled = None;
             return poll;
         }
+        let since = *self
+            .pending_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        let wait = WRITE_STALL_TIMEOUT.min(WRITE_WAIT_BUDGET.saturating_sub(self.waited));
         let stalled = self
             .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL_TIMEOUT)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(since + wait)));
         match stalled.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                "the client took no bytes of its answer in time",
+                format!(
+                    "the client took its answers too slowly (nothing for {:?}, or {:?} of \
+                     waits in all)",
+                    WRITE_STALL_TIMEOUT, WRITE_WAIT_BUDGET
+                ),
             ))),
             Poll::Pending => Poll::Pending,
         }

@@ -381,3 +381,41 @@ async fn a_client_that_stops_reading_its_answers_is_dropped() {
     let (status, _) = call(addr, "GET", "/api/presence?namespace=x", None).await;
     assert_eq!(status, 200);
 }
+
+/// A client that pipelines requests and takes what has come of its answers every 2 s never
+/// makes a write wait the 10 s that drop a stalled client, but makes the server wait most of
+/// the time: it is dropped once the waits add up to 30 s (before, it held its place for ever).
+#[tokio::test]
+async fn a_client_that_takes_its_answers_every_few_seconds_is_dropped() {
+    use tokio::io::AsyncWriteExt;
+    let (_gw, addr) = api_gateway(Kind::WebSocket).await;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (answers, mut requests) = stream.into_split();
+    let pipelined = "GET /api/presence?namespace=x HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100);
+    let writing =
+        tokio::spawn(
+            async move { while requests.write_all(pipelined.as_bytes()).await.is_ok() {} },
+        );
+    let every_few_seconds = async {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            // What has come, up to 4 MiB: the server's writes go through, then wait again.
+            let mut taken = 0;
+            while taken < 4 << 20 {
+                match answers.try_read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => taken += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => return,
+                }
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(120), every_few_seconds)
+        .await
+        .expect("the connection is dropped once its waits add up");
+    writing.abort();
+    let (status, _) = call(addr, "GET", "/api/presence?namespace=x", None).await;
+    assert_eq!(status, 200);
+}
