@@ -35,10 +35,12 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// the [`MAX_CONNECTIONS`] places for ever.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a connection's writes may wait for its client in all: one that takes a few bytes
-/// of its answers every few seconds, never stalling [`WRITE_STALL_TIMEOUT`] at a time, is
-/// dropped once its waits add up to this. API and admin answers are small; a client that
-/// reads them makes its server wait milliseconds.
+/// How far a connection's writes may wait for its client more than they go without waiting:
+/// one that takes a little of its answers every few seconds, never stalling
+/// [`WRITE_STALL_TIMEOUT`] at a time but keeping the server waiting most of the time, is
+/// dropped once its waits outrun the time between them by this much. Time not spent waiting
+/// pays waits back, so a scraper whose large answers wait a moment every few seconds never
+/// gets near it, however long its connection lives.
 const WRITE_WAIT_BUDGET: Duration = Duration::from_secs(30);
 
 /// Answers one request.
@@ -158,14 +160,13 @@ async fn serve<I>(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "{what} connection ended with an error");
-       
     }
 }
 
 /// A connection whose writes must make progress: a write, flush or shutdown that stays
 /// pending (the client takes no bytes) for [`WRITE_STALL_TIMEOUT`] fails, and the connection
-/// with it, as does one that would make the writes wait more than [`WRITE_WAIT_BUDGET`] in
-/// all. Reads are bounded elsewhere (the head timeout, the API's body timeout).
+/// with it, as does one whose waits outrun the time between them by [`WRITE_WAIT_BUDGET`].
+/// Reads are bounded elsewhere (the head timeout, the API's body timeout).
 struct WriteStall<I> {
     io: I,
     /// Running while a write is pending: it ends at the stall timeout or where the budget
@@ -173,7 +174,9 @@ struct WriteStall<I> {
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Since when the pending write waits.
     pending_since: Option<tokio::time::Instant>,
-    /// How long the earlier writes waited, together.
+    /// When the last wait ended (or the connection began).
+    last_wait_end: tokio::time::Instant,
+    /// The earlier waits, less the time between them (never below zero).
     waited: Duration,
 }
 
@@ -183,6 +186,7 @@ impl<I> WriteStall<I> {
             io,
             stalled: None,
             pending_since: None,
+            last_wait_end: tokio::time::Instant::now(),
             waited: Duration::ZERO,
         }
     }
@@ -196,14 +200,22 @@ impl<I> WriteStall<I> {
     ) -> Poll<std::io::Result<T>> {
         if poll.is_ready() {
             if let Some(since) = self.pending_since.take() {
-                self.waited += since.elapsed();
+                let now = tokio::time::Instant::now();
+                self.waited += now - since;
+                self.last_wait_end = now;
             }
             self.stalled = None;
             return poll;
         }
-        let since = *self
-            .pending_since
-            .get_or_insert_with(tokio::time::Instant::now);
+        let since = match self.pending_since {
+            Some(since) => since,
+            None => {
+                // A wait begins: the time since the last one pays earlier waits back.
+                let now = tokio::time::Instant::now();
+                self.waited = self.waited.saturating_sub(now - self.last_wait_end);
+                *self.pending_since.insert(now)
+            }
+        };
         let wait = WRITE_STALL_TIMEOUT.min(WRITE_WAIT_BUDGET.saturating_sub(self.waited));
         let stalled = self
             .stalled
@@ -212,8 +224,8 @@ impl<I> WriteStall<I> {
             Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!(
-                    "the client took its answers too slowly (nothing for {:?}, or {:?} of \
-                     waits in all)",
+                    "the client took its answers too slowly (nothing for {:?}, or waits \
+                     {:?} longer than the time between them)",
                     WRITE_STALL_TIMEOUT, WRITE_WAIT_BUDGET
                 ),
             ))),
@@ -267,5 +279,46 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WriteStall<I> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.io).poll_shutdown(cx);
         this.check(cx, poll)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+
+    /// `n` writes that each wait `wait` for the client, `gap` apart (on tokio's paused
+    /// clock): whether the connection is cut.
+    async fn cut_after(n: usize, wait: Duration, gap: Duration) -> bool {
+        let mut writes = WriteStall::new(());
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..n {
+            tokio::time::advance(gap).await;
+            let mut left = wait;
+            loop {
+                if writes.check::<()>(&mut cx, Poll::Pending).is_ready() {
+                    return true;
+                }
+                if left.is_zero() {
+                    break;
+                }
+                let step = left.min(Duration::from_millis(100));
+                tokio::time::advance(step).await;
+                left -= step;
+            }
+            assert!(writes.check(&mut cx, Poll::Ready(Ok(()))).is_ready());
+        }
+        false
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_are_paid_back_by_the_time_between_them() {
+        // A scraper whose answers wait 1 s of every 3, for an hour: never cut.
+        assert!(!cut_after(1200, Duration::from_secs(1), Duration::from_secs(2)).await);
+        // A client that keeps the server waiting 1.9 s of every 2: cut.
+        assert!(cut_after(100, Duration::from_millis(1900), Duration::from_millis(100)).await);
+        // And one that takes nothing for longer than the stall timeout, at once.
+        assert!(cut_after(1, Duration::from_secs(11), Duration::ZERO).await);
+        assert!(!cut_after(1, Duration::from_secs(9), Duration::ZERO).await);
     }
 }

@@ -384,13 +384,16 @@ async fn a_client_that_stops_reading_its_answers_is_dropped() {
 
 /// A client that pipelines requests and takes what has come of its answers every 2 s never
 /// makes a write wait the 10 s that drop a stalled client, but makes the server wait most of
-/// the time: it is dropped once the waits add up to 30 s (before, it held its place for ever).
+/// the time: it is dropped once the waits outrun the time between them by 30 s (before, it
+/// held its place for ever). Its small receive buffer fills within a moment of each read,
+/// however slowly the server answers.
 #[tokio::test]
 async fn a_client_that_takes_its_answers_every_few_seconds_is_dropped() {
     use tokio::io::AsyncWriteExt;
     let (_gw, addr) = api_gateway(Kind::WebSocket).await;
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (answers, mut requests) = stream.into_split();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 << 10).unwrap();
+    let (answers, mut requests) = socket.connect(addr).await.unwrap().into_split();
     let pipelined = "GET /api/presence?namespace=x HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100);
     let writing =
         tokio::spawn(
