@@ -394,8 +394,12 @@ impl NatsBus {
                 bytes: 0.into(),
             });
             while let Some(incoming) = subscriber.next().await {
-                let Some(mut taken) = handlers_holding.take(&lane, incoming) else {
-                    continue;
+                let mut taken = match handlers_holding.take(&lane, incoming) {
+                    Ok(taken) => taken,
+                    Err(dropped) => {
+                        tell_busy(&client, &lane.topic, dropped.reply, answerable);
+                        continue;
+                    }
                 };
                 let Some(message) = taken.message.take() else {
                     continue;
@@ -967,7 +971,7 @@ impl Holding {
         message: async_nats::Message,
         handling: &tokio::sync::mpsc::UnboundedSender<HeldMessage>,
     ) {
-        let Some(mut held) = self.take(lane, message) else {
+        let Ok(mut held) = self.take(lane, message) else {
             return;
         };
         // The client cuts a payload out of its read buffer without copying it: held, even a
@@ -981,14 +985,15 @@ impl Holding {
         let _ = handling.send(held);
     }
 
-    /// Counts `message` of `lane` as held until the returned guard is dropped, or drops it
-    /// (counted, logged at most once a second) when the lane holds [`MOST_BEFORE`] messages
-    /// or would pass its bytes (a message is always taken into an empty lane).
+    /// Counts `message` of `lane` as held until the returned guard is dropped, or gives it
+    /// back as dropped (counted, logged at most once a second) when the lane holds
+    /// [`MOST_BEFORE`] messages or would pass its bytes (a message is always taken into an
+    /// empty lane).
     fn take(
         self: &Arc<Self>,
         lane: &Arc<LaneHeld>,
         message: async_nats::Message,
-    ) -> Option<HeldMessage> {
+    ) -> Result<HeldMessage, Box<async_nats::Message>> {
         use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
         let counted = message.length.saturating_add(HELD_OVERHEAD);
         let (messages, bytes) = (lane.messages.load(Acquire), lane.bytes.load(Acquire));
@@ -1002,13 +1007,13 @@ impl Holding {
                     held_bytes = bytes, "nats: messages dropped (this node cannot keep up)"
                 );
             }
-            return None;
+            return Err(Box::new(message));
         }
         lane.messages.fetch_add(1, AcqRel);
         lane.bytes.fetch_add(counted, AcqRel);
         self.messages.fetch_add(1, AcqRel);
         self.bytes.fetch_add(counted, AcqRel);
-        Some(HeldMessage {
+        Ok(HeldMessage {
             message: Some(message),
             lane: lane.clone(),
             holding: self.clone(),
@@ -1127,6 +1132,30 @@ async fn handle_held(
             tracing::error!(topic = %lane.topic, "nats: handling a message panicked");
         }
     }
+}
+
+/// Answers a handler subscription's message dropped for want of room, when it asks for an
+/// answer (`reply`, on a subject `answerable` accepts): in a queue group no other node gets
+/// it, so the socket hears at once that nothing will answer rather than after its reply
+/// timeout.
+fn tell_busy(
+    client: &async_nats::Client,
+    topic: &str,
+    reply: Option<async_nats::Subject>,
+    answerable: fn(&str) -> bool,
+) {
+    let Some(subject) = reply.filter(|s| answerable(s)) else {
+        return;
+    };
+    let answer = NatsAnswer {
+        client: client.clone(),
+        subject: subject.to_string(),
+        answered: false.into(),
+    };
+    answer.deliver(
+        topic,
+        Reply::NoAnswer(json!({"message": "the handlers are busy; try again later"})),
+    );
 }
 
 /// Turns a NATS message into a bus [`Message`] and runs the local handler on it. If the

@@ -47,8 +47,10 @@ pub struct NatsOptions {
     /// Most bytes of messages one handler subscription (a topic this node handles in the
     /// queue group) holds, received and whose handler has not finished (each handler runs on
     /// a task of its own, so handlers that wait add up); over it, newer ones are dropped
-    /// ([`crate::NatsBus::handlers_dropped`]). A message is always taken when its
-    /// subscription holds none. Default 64 MiB.
+    /// ([`crate::NatsBus::handlers_dropped`]), and one that asks for an answer is answered
+    /// that the handlers are busy. A message is always taken when its subscription holds
+    /// none. Counted as bytes on the wire: the parsed values a waiting handler holds take
+    /// more. Default 64 MiB.
     pub handler_bytes: usize,
 }
 

@@ -1060,8 +1060,10 @@ const SECTIONS: &[Section] = &[
                 "Most bytes of messages on one topic this node's handlers take (in the queue \
                  group) that it holds, received from NATS and whose handler has not finished \
                  (handlers that wait, say on an HTTP call, add up); over it, newer messages \
-                 are dropped, logged at most once a second. At most 65,536 messages wait \
-                 either way.",
+                 are dropped, logged at most once a second, and an event that waits for an \
+                 answer gets `the handlers are busy; try again later` at once. Counted as JSON \
+                 text: the parsed values a waiting handler holds take more. At most 65,536 \
+                 messages wait either way.",
                 Some("16MiB"),
             ),
         ],

@@ -473,7 +473,7 @@ async fn flood_a_busy_node(payload: bytes::Bytes, flood: u64, dropped: u64) {
 /// A publisher faster than a node's handlers that wait (on an HTTP call, say): each handler
 /// runs on a task of its own, and the node holds at most `handler_bytes` of their messages and
 /// drops the rest (it ran a handler for every one, as many as came, each holding its
-/// message); the subscription goes on after.
+/// message), answering each dropped one that asks at once; the subscription goes on after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_on_a_handler_topic_is_held_within_its_bytes() {
     let nats = NatsServer::start();
@@ -497,10 +497,14 @@ async fn a_flood_on_a_handler_topic_is_held_within_its_bytes() {
     node.subscriptions_ready().await.unwrap();
 
     let outside = async_nats::connect(nats.url()).await.unwrap();
+    let mut answers = outside.subscribe("_INBOX.flood").await.unwrap();
     let big = bytes::Bytes::from(format!("{{\"blob\":\"{}\"}}", "x".repeat(512 << 10)));
     let flood = 100;
     for _ in 0..flood {
-        outside.publish("work", big.clone()).await.unwrap();
+        outside
+            .publish_with_reply("work", "_INBOX.flood", big.clone())
+            .await
+            .unwrap();
     }
     outside.flush().await.unwrap();
     wait_until(
@@ -526,6 +530,18 @@ async fn a_flood_on_a_handler_topic_is_held_within_its_bytes() {
         (counters.incoming_dropped, counters.incoming_held_bytes),
         (node.handlers_dropped(), bytes as u64)
     );
+    // Every dropped one is answered, while the held ones still wait.
+    for _ in 0..node.handlers_dropped() {
+        let answer = tokio::time::timeout(NATS_WAIT, answers.next())
+            .await
+            .expect("an answer to each dropped message")
+            .unwrap();
+        let body: Value = serde_json::from_slice(&answer.payload).unwrap();
+        assert_eq!(
+            body["fail"]["message"], "the handlers are busy; try again later",
+            "{body}"
+        );
+    }
 
     release.send(true).unwrap();
     wait_until(|| node.handlers_held() == (0, 0), "the handlers done").await;
