@@ -372,12 +372,15 @@ fn check_public_pem(
 ) -> Result<(), BuildError> {
     use switchboard_config::Algorithm as A;
     let text = String::from_utf8_lossy(pem);
-    let label = text.lines().find_map(|line| {
+    let mut labels = text.lines().filter_map(|line| {
         line.trim()
             .strip_prefix("-----BEGIN ")?
             .strip_suffix("-----")
     });
-    let label = match label {
+    // Any block, not only the first that the decoder reads: a public key with its private key
+    // after it in one file would still put the private key on the gateway.
+    let private = labels.clone().find(|label| label.contains("PRIVATE"));
+    let label = match private.or_else(|| labels.next()) {
         None => {
             return Err(BuildError::Auth(format!(
                 "{from} is not a PEM file (no `-----BEGIN ...-----` line): auth.public_key_file \

@@ -219,8 +219,22 @@ async fn unusable_auth_settings_fail_at_build_time() {
             "{alg} {file}: {e}"
         );
     }
-    // An EC key of the other curve parses too: named, at start-up.
+    // The public key with its private key after it, in one file: refused too (the decoder
+    // reads the first block only).
     let dir = tempfile::tempdir().unwrap();
+    let both = dir.path().join("both.pem");
+    let mut pem = std::fs::read(keys_dir().join("rsa_public.pem")).unwrap();
+    pem.extend(std::fs::read(keys_dir().join("rsa_private.pem")).unwrap());
+    std::fs::write(&both, pem).unwrap();
+    let yaml = format!(
+        "gateway:\n  socket: {{}}\n  auth:\n    algorithm: RS256\n    public_key_file: {}\n",
+        both.display()
+    );
+    let e = Container::new(Config::from_yaml_str(&yaml).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("holds a private key"), "{e}");
+    // An EC key of the other curve parses too: named, at start-up.
     for (alg, curve, says) in [
         (
             "ES256",
