@@ -103,6 +103,15 @@ impl ReplyTo for QueueReplies {
     }
 }
 
+/// A client message's type and its payload as raw JSON text, borrowed from the frame.
+#[derive(serde::Deserialize)]
+struct RawParts<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    payload: Option<&'a serde_json::value::RawValue>,
+}
+
 fn routing(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -128,6 +137,15 @@ fn routing(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("decode", |b| {
         b.iter(|| black_box(decode_client_message(black_box(&text)).is_ok()))
+    });
+    // Not what the gateway does: what decoding costs when the payload is kept as raw JSON
+    // text (validated, not built into a `Value`), the next step that docs/PERFORMANCE.md
+    // weighs for `send` and `echo`.
+    g.bench_function("decode type and raw payload (borrowed)", |b| {
+        b.iter(|| {
+            let parts: RawParts<'_> = serde_json::from_slice(black_box(&text)).expect("valid");
+            black_box((parts.kind.len(), parts.payload.map(|p| p.get().len())))
+        })
     });
     g.bench_function("decode+publish+reply", |b| {
         b.iter(|| {
