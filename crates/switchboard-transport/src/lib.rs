@@ -854,8 +854,8 @@ impl Drop for SocketSlot {
 /// No ACK of its own for a client's first bytes (the upgrade request): it rides on the answer,
 /// which follows within microseconds. Sockets accepted on `listener` inherit the setting
 /// (Linux), which saves one packet of the eight of a connection's upgrade and reset, most of it
-/// paid for in the client's kernel on loopback (17-25% more handshakes a second on the
-/// benchmark's machine). HAProxy does the same in HTTP mode (`option tcp-smart-accept`).
+/// paid for in the client's kernel on loopback (10-13% more handshakes a second than the
+/// build before, in the benchmark's A/B turns). HAProxy does the same in HTTP mode (`option tcp-smart-accept`).
 /// Elsewhere, or if refused, nothing changes.
 fn ack_with_the_answer(listener: &TcpListener) {
     #[cfg(target_os = "linux")]
