@@ -217,6 +217,7 @@ async fn with_auth(
             connect.nkey(seed.clone())
         }
         NatsAuth::CredsFile(path) => {
+            readable("creds_file", path)?;
             connect
                 .credentials_file(path)
                 .await
@@ -254,19 +255,53 @@ fn with_tls(
     Ok(connect)
 }
 
-/// The client reads these files while connecting and reports a missing one vaguely.
+/// The client reads these files while connecting and reports a missing one vaguely; it
+/// also reads them whole, so a file over 1 MiB or a device (`/dev/zero` named by mistake)
+/// is refused here rather than read into memory.
 fn readable(option: &'static str, path: &std::path::Path) -> Result<(), NatsError> {
-    std::fs::metadata(path)
-        .map(|_| ())
-        .map_err(|e| NatsError::Option {
-            option,
-            reason: format!("{}: {e}", path.display()),
-        })
+    use std::os::unix::fs::FileTypeExt;
+    let refuse = |reason: String| NatsError::Option {
+        option,
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let meta = std::fs::metadata(path).map_err(|e| refuse(e.to_string()))?;
+    let kind = meta.file_type();
+    if kind.is_char_device() || kind.is_block_device() {
+        return Err(refuse("a device, not a file".into()));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(refuse(
+            "larger than 1 MiB: not a credentials, key or certificate file".into(),
+        ));
+    }
+    Ok(())
 }
+
+/// The largest credentials, key or certificate file the client is given.
+const MAX_FILE_BYTES: u64 = 1 << 20;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_the_client_reads_whole_are_bounded() {
+        assert!(readable("tls.ca_file", std::path::Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string()
+            .contains("a device, not a file"));
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.pem");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_FILE_BYTES + 1)
+            .unwrap();
+        let e = readable("tls.ca_file", &big).unwrap_err().to_string();
+        assert!(e.contains("larger than 1 MiB"), "{e}");
+        let small = dir.path().join("small.pem");
+        std::fs::write(&small, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        assert!(readable("tls.ca_file", &small).is_ok());
+    }
 
     #[test]
     fn node_names_are_checked() {

@@ -93,10 +93,30 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|source| TlsError::Read {
+    read_pem_file(path).map_err(|source| TlsError::Read {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The largest key or certificate file read: a chain of a few certificates is a few KiB.
+pub const MAX_PEM_FILE_BYTES: usize = 1 << 20;
+
+/// Reads a PEM file (a certificate chain, a key, a CA bundle), at most
+/// [`MAX_PEM_FILE_BYTES`]: a path that names `/dev/zero` or a log by mistake ends with an
+/// error instead of filling memory, at start-up and at every reload.
+pub fn read_pem_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    fs::File::open(path)?
+        .take(MAX_PEM_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() > MAX_PEM_FILE_BYTES {
+        return Err(std::io::Error::other(
+            "larger than 1 MiB: not a key or certificate file",
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Every certificate in a PEM file, in order.
@@ -321,6 +341,12 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, TlsError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_without_end_is_refused_not_read_whole() {
+        let e = load_certificates(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.to_string().contains("larger than 1 MiB"), "{e}");
+    }
 
     fn write_pair(dir: &Path, name: &str) -> ServerTlsFiles {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();

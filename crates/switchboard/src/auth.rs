@@ -200,7 +200,7 @@ impl Verifier {
                     let path = auth.public_key_file.as_ref().ok_or_else(|| {
                         BuildError::Auth("auth.public_key_file is not set".into())
                     })?;
-                    let pem = std::fs::read(path).map_err(|e| {
+                    let pem = switchboard_tls::read_pem_file(path).map_err(|e| {
                         BuildError::Auth(format!("cannot read {}: {e}", path.display()))
                     })?;
                     (pem, path.display().to_string())

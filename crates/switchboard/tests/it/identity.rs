@@ -195,6 +195,16 @@ async fn unusable_auth_settings_fail_at_build_time() {
     .unwrap();
     let e = Container::new(c).unwrap_err().to_string();
     assert!(e.contains("/nonexistent/key.pem"), "{e}");
+    // A file without end (named by mistake) is refused, not read whole.
+    let c = Config::from_yaml_str(
+        "gateway:\n  socket: {}\n  auth:\n    algorithm: RS256\n    public_key_file: /dev/zero\n",
+    )
+    .unwrap();
+    let e = Container::new(c).unwrap_err().to_string();
+    assert!(
+        e.contains("/dev/zero") && e.contains("larger than 1 MiB"),
+        "{e}"
+    );
     // A key file that is not the algorithm's public key fails here, naming the file, rather
     // than every token later as a bad signature (a private key parses as a key too).
     for (alg, file, says) in [
