@@ -110,8 +110,52 @@ impl Config {
         let config = Config::deserialize(expand::Expand { de, env })
             .map_err(|e| with_tab_hint(at_named_auth_key(ConfigError::from_yaml(e), text), text))?;
         config.check_bindings(text)?;
+        config.check_routes(text)?;
         config.check_paths_and_addresses(text)?;
         Ok(config)
+    }
+
+    /// No socket hook publishes to the gateway's own `send` or `disconnect` topic: a client's
+    /// message there would name its own `username` (and `type`), so any client could message
+    /// any user in another's name, or close anyone's sockets. A handler that checks and
+    /// forwards does it safely. (`broadcast` may take a type straight, as the spec's own
+    /// example does: every socket hears it, which is what routing it there asks for.) The
+    /// line is the first one under `socket:` that names the topic after the hook's key.
+    fn check_routes(&self, text: &str) -> Result<(), ConfigError> {
+        let socket = &self.gateway.socket;
+        let guarded = [
+            (
+                socket.send.as_ref(),
+                "send",
+                "message any user in another's name",
+            ),
+            (
+                socket.disconnect.as_ref(),
+                "disconnect",
+                "close any user's sockets",
+            ),
+        ];
+        for (hook, name, would) in guarded {
+            let Some(hook) = hook else { continue };
+            let topic = hook.subscribe.as_str();
+            if !socket.published_topics().contains(&topic) {
+                continue;
+            }
+            let line = text
+                .lines()
+                .position(|l| l.contains("publish") && l.contains(topic))
+                .map(|n| n + 1);
+            return Err(ConfigError::at_line(
+                format!(
+                    "gateway.socket: a hook publishes to `{topic}`, the topic of the built-in \
+                     `{name}` (gateway.socket.{name}.subscribe): any client could then {would}; \
+                     publish to a topic of your own and have a handler check the message and \
+                     forward it"
+                ),
+                line,
+            ));
+        }
+        Ok(())
     }
 
     /// Checks across sections that serde cannot place: the SSE fallback's path must not be
@@ -454,6 +498,29 @@ fn line_under(text: &str, key: &str, needle: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_hook_feeds_the_built_in_send_or_disconnect() {
+        for (topic, says) in [
+            ("socket:send", "message any user"),
+            ("socket:kick", "close any user's sockets"),
+        ] {
+            let yaml = format!(
+                "gateway:\n  socket:\n    send: {{subscribe: \"socket:send\"}}\n    \
+                 disconnect: {{subscribe: \"socket:kick\"}}\n    onmessage:\n      types:\n        \
+                 - {{type: x, publish: \"{topic}\"}}\n"
+            );
+            let e = Config::from_yaml_str(&yaml).unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
+            assert_eq!(e.line(), Some(7), "{e}");
+        }
+        // The spec's own example: a type straight to `broadcast`.
+        Config::from_yaml_str(
+            "gateway:\n  socket:\n    broadcast: {subscribe: \"socket:broadcast\"}\n    \
+             onmessage:\n      types:\n        - {type: x, publish: \"socket:broadcast\"}\n",
+        )
+        .unwrap();
+    }
 
     #[test]
     fn defaults_apply() {

@@ -538,7 +538,11 @@ const SECTIONS: &[Section] = &[
                 "topic",
                 "required",
                 Spec,
-                "Topic for messages of this type.",
+                "Topic for messages of this type. It may be the `broadcast` topic (every socket \
+                 then hears the client's message, as in the spec's example), but no hook may \
+                 publish to the `send` or `disconnect` topic: the config is refused, since any \
+                 client could then message any user in another's name or close anyone's \
+                 sockets (publish to a topic of your own and have a handler check and forward).",
                 Some("\"chat:say\""),
             ),
         ],
