@@ -357,8 +357,8 @@ const SECTIONS: &[Section] = &[
                 "no limit",
                 Ext,
                 "Sockets one username may hold. More get `429` with `Retry-After`. Checked at \
-                 admission; simultaneous handshakes of one user may overshoot by the number in \
-                 flight.",
+                 admission, with the user's upgrades still in flight counted; a socket waiting \
+                 at the connect gate is counted again at its verdict.",
                 Some("20"),
             ),
             key(

@@ -101,6 +101,8 @@ pub(crate) struct Gateway {
     pub(crate) routes: Routes,
     pub(crate) observe: Arc<Observe>,
     pub(crate) max_sockets_per_user: Option<usize>,
+    /// The same limit at admission, with the upgrades in flight counted.
+    pub(crate) user_limit: Option<Arc<crate::user_limit::UserLimit>>,
     pub(crate) rate_limit: Option<RateLimit>,
     /// `socket.context_headers`, parsed.
     pub(crate) context_headers: Vec<HeaderName>,
@@ -118,6 +120,8 @@ pub(crate) struct Admitted {
     namespace: Option<Arc<str>>,
     exp: u64,
     context: SocketContext,
+    /// The user's place under `max_sockets_per_user`, until the socket is registered.
+    reserved: Option<crate::user_limit::Reservation>,
 }
 
 /// What handlers see of a socket, kept as JSON text: the copied request headers with the
@@ -699,10 +703,14 @@ impl Service for Gateway {
                 ));
             }
         }
-        if let Some(max) = self.max_sockets_per_user {
-            // Checked here, before the upgrade; concurrent handshakes of one user may
-            // overshoot by the number in flight.
-            if self.registry.count(Target::User(&identity.username)) >= max {
+        let username: Arc<str> = identity.username.as_str().into();
+        let mut reserved = None;
+        if let Some(limit) = &self.user_limit {
+            // Checked here, before the upgrade, with this user's upgrades in flight counted.
+            reserved = limit.reserve(&username, || {
+                self.registry.count(Target::User(&identity.username))
+            });
+            if reserved.is_none() {
                 GatewayStats::bump(&self.stats().refused_user_limit);
                 let mut res = plain_response(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -718,10 +726,11 @@ impl Service for Gateway {
             params: params_text(request.uri.query()),
         };
         Ok(Admitted {
-            username: identity.username.as_str().into(),
+            username,
             namespace,
             exp: identity.exp,
             context,
+            reserved,
         })
     }
 
@@ -763,6 +772,9 @@ impl Service for Gateway {
                 handle.clone(),
             );
         }
+        // Registered (or waiting at the gate, which checks the limit again at its verdict):
+        // the registry counts it from here.
+        drop(a.reserved);
         if let Some(expiries) = &self.expiries {
             expiries.file(a.exp, id, &handle);
         }

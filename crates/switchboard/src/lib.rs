@@ -81,6 +81,7 @@ mod rate;
 mod runtime;
 mod stats;
 mod transports;
+mod user_limit;
 
 pub use api::API_ROUTES;
 pub use auth::{AuthError, VerificationKey};
@@ -498,6 +499,7 @@ impl Container {
                 metrics: self.metrics.clone(),
             }),
             max_sockets_per_user: limits.max_sockets_per_user,
+            user_limit: limits.max_sockets_per_user.map(user_limit::UserLimit::new),
             rate_limit,
             context_headers,
             gate_timeout,

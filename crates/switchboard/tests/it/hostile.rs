@@ -187,6 +187,46 @@ async fn socket_limits_refuse_before_the_upgrade() {
     assert_eq!(stats.transport.refused_capacity, 1);
 }
 
+/// Twenty upgrades of one user at once, two places: two sockets open; and the places come
+/// back when they close. Admission reserves a user's place until the socket is registered
+/// (the reservation's own test, `places_in_flight_count_until_given_back`, shows the race
+/// it closes); a place never given back would refuse the last two upgrades here.
+#[tokio::test]
+async fn upgrades_in_flight_count_against_the_per_user_limit() {
+    let config = config_with("", "  limits:\n    max_sockets_per_user: 2");
+    let gw = start(container(config)).await;
+    let url = format!("ws://{}/connect", gw.local_addr().unwrap());
+    let upgrade = || {
+        let mut req = url.as_str().into_client_request().unwrap();
+        req.headers_mut().insert(
+            "cookie",
+            format!("ID_TOKEN={}", token("alex")).parse().unwrap(),
+        );
+        async move { tokio_tungstenite::connect_async(req).await.ok() }
+    };
+    let open: Vec<_> = futures_util::future::join_all((0..20).map(|_| upgrade()))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(open.len(), 2);
+    assert_eq!(gw.stats().refused_user_limit, 18);
+    drop(open);
+    let mut again = Vec::new();
+    for _ in 0..2 {
+        // The server sees the closes a moment later: bounded retries.
+        let mut opened = None;
+        for _ in 0..100 {
+            opened = upgrade().await;
+            if opened.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        again.push(opened.expect("a place once the first two have closed"));
+    }
+}
+
 #[tokio::test]
 async fn namespace_claim_limits_which_namespaces_a_token_may_join() {
     let _ = spec_config("");
