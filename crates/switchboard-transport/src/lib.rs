@@ -855,8 +855,8 @@ impl Drop for SocketSlot {
 /// which follows within microseconds. Sockets accepted on `listener` inherit the setting
 /// (Linux), which saves one packet of the eight of a connection's upgrade and reset, most of it
 /// paid for in the client's kernel on loopback (10-13% more handshakes a second than the
-/// build before, in the benchmark's A/B turns). HAProxy does the same in HTTP mode (`option tcp-smart-accept`).
-/// Elsewhere, or if refused, nothing changes.
+/// build before, in the benchmark's A/B turns). HAProxy does the same in HTTP mode
+/// (`option tcp-smart-accept`). Elsewhere, or if refused, nothing changes.
 fn ack_with_the_answer(listener: &TcpListener) {
     #[cfg(target_os = "linux")]
     let _ = socket2::SockRef::from(listener).set_tcp_quickack(false);
