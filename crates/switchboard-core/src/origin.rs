@@ -17,9 +17,13 @@ pub enum OriginPolicy {
 impl OriginPolicy {
     /// Whether a request with these headers passes.
     pub fn allows(&self, headers: &http::HeaderMap) -> bool {
-        let Some(origin) = headers.get(http::header::ORIGIN) else {
+        let mut origins = headers.get_all(http::header::ORIGIN).iter();
+        let Some(origin) = origins.next() else {
             return true;
         };
+        if origins.next().is_some() && !matches!(self, OriginPolicy::Any) {
+            return false; // two origins: which one would the check be about?
+        }
         let Ok(origin) = origin.to_str() else {
             return false;
         };
@@ -36,5 +40,28 @@ impl OriginPolicy {
                 matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_origins_pass_only_where_any_origin_does() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::HOST, "gw.example".parse().unwrap());
+        headers.append(http::header::ORIGIN, "https://gw.example".parse().unwrap());
+        let list = OriginPolicy::List(vec!["https://gw.example".into()]);
+        for policy in [&OriginPolicy::SameHost, &list, &OriginPolicy::Any] {
+            assert!(policy.allows(&headers));
+        }
+        headers.append(
+            http::header::ORIGIN,
+            "https://evil.example".parse().unwrap(),
+        );
+        assert!(!OriginPolicy::SameHost.allows(&headers));
+        assert!(!list.allows(&headers));
+        assert!(OriginPolicy::Any.allows(&headers));
     }
 }

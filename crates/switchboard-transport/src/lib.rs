@@ -793,7 +793,11 @@ fn valid_upgrade(version: http::Version, headers: &http::HeaderMap) -> bool {
     let Some(key) = headers.get(SEC_WEBSOCKET_KEY) else {
         return false;
     };
+    // RFC 9112 3.2: an HTTP/1.1 request without a Host, or with more than one, is a 400 (the
+    // origin check would read the first of two).
+    let one_host = headers.get_all(hyper::header::HOST).iter().count() == 1;
     version == http::Version::HTTP_11
+        && one_host
         && headers
             .get(SEC_WEBSOCKET_VERSION)
             .is_some_and(|v| v.as_bytes() == b"13")

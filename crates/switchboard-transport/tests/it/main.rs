@@ -597,6 +597,18 @@ async fn an_upgrade_that_breaks_rfc_6455_gets_400() {
         let status = http_status(addr, &up(version, key)).await;
         assert!(status.contains(" 400"), "{version} key {key:?}: {status}");
     }
+    // RFC 9112 3.2: exactly one Host, or 400 (the origin check would read the first of two).
+    for head in [
+        format!("GET /ws HTTP/1.1\r\nHost: {addr}\r\nHost: evil.example\r\n"),
+        "GET /ws HTTP/1.1\r\n".to_string(),
+    ] {
+        let req = format!(
+            "{head}Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: {good}\r\n\r\n"
+        );
+        let status = http_status(addr, &req).await;
+        assert!(status.contains(" 400"), "{head:?}: {status}");
+    }
     // Refused before taking a socket: only the two good ones opened.
     assert_eq!(h.server.stats().snapshot().sockets_opened, 2);
 
