@@ -120,9 +120,10 @@ impl Config {
     /// any user in another's name, or close anyone's sockets. A handler that checks and
     /// forwards does it safely. (`broadcast` may take a type straight, as the spec's own
     /// example does: every socket hears it, which is what routing it there asks for.) The
-    /// line is the first one under `socket:` that names the topic after the hook's key.
+    /// line is the first that names both `publish` and the topic.
     fn check_routes(&self, text: &str) -> Result<(), ConfigError> {
         let socket = &self.gateway.socket;
+        let published = socket.published_topics();
         let guarded = [
             (
                 socket.send.as_ref(),
@@ -138,7 +139,7 @@ impl Config {
         for (hook, name, would) in guarded {
             let Some(hook) = hook else { continue };
             let topic = hook.subscribe.as_str();
-            if !socket.published_topics().contains(&topic) {
+            if !published.contains(&topic) {
                 continue;
             }
             let line = text

@@ -87,6 +87,11 @@ fn per_unit(rounds: &[Option<Figures>], cpu_key: &str) -> Vec<Option<f64>> {
         .collect()
 }
 
+/// Whether the load client, using `cores` of CPU with `threads` threads, was the bottleneck.
+fn at_its_limit(cores: f64, threads: usize) -> bool {
+    cores >= 0.9 * threads as f64
+}
+
 /// The unit of work a scenario's rate counts.
 fn unit_of(scenario: Scenario) -> &'static str {
     match scenario {
@@ -427,7 +432,7 @@ impl Report {
                 fmt_spread(spread(series(rounds, key)), |v| fmt_opt(Some(v), digits))
             };
             let client = spread(series(rounds, "client_cpu"));
-            let bound = if client.is_some_and(|c| c.median >= 0.9 * o.client_threads as f64) {
+            let bound = if client.is_some_and(|c| at_its_limit(c.median, o.client_threads)) {
                 " (client-bound)"
             } else {
                 ""
@@ -580,13 +585,13 @@ impl Report {
             return;
         };
         let client = spread(series(floor, "client_cpu")).map(|c| c.median);
-        let cores = self.client_threads as f64;
+        let threads = self.client_threads;
         let client_text = client.map_or(String::new(), |c| {
-            format!(", the client at {c:.2} of its {cores} core(s) while it drives the floor")
+            format!(", the client at {c:.2} of its {threads} core(s) while it drives the floor")
         });
         let what = if s.min >= want {
             "the floor reaches the target, so this run can show it".to_string()
-        } else if client.is_some_and(|c| c >= 0.9 * cores) {
+        } else if client.is_some_and(|c| at_its_limit(c, threads)) {
             format!(
                 "below {want:.1}× in its worst round with the client at its limit: with this \
                  client on this machine, a gateway on this transport cannot be expected to show \

@@ -1,7 +1,7 @@
 //! Admission: every bad-token case is a 401 with nothing published; RS256 and ES256 keys;
 //! 404 and 426; the spec's literal curl handshake.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
@@ -181,6 +181,16 @@ async fn es256_with_a_pem_public_key() {
     asymmetric_case("ES256", Algorithm::ES256, "ec_private.pem", "ec_public.pem").await;
 }
 
+/// Builds a container whose tokens `algorithm` verifies with the key in `path`; the error as
+/// text.
+fn with_key_file(algorithm: &str, path: &Path) -> Result<Container, String> {
+    let yaml = format!(
+        "gateway:\n  socket: {{}}\n  auth:\n    algorithm: {algorithm}\n    public_key_file: {}\n",
+        path.display()
+    );
+    Container::new(Config::from_yaml_str(&yaml).unwrap()).map_err(|e| e.to_string())
+}
+
 #[tokio::test]
 async fn unusable_auth_settings_fail_at_build_time() {
     let c = Config::from_yaml_str(
@@ -189,18 +199,10 @@ async fn unusable_auth_settings_fail_at_build_time() {
     .unwrap();
     let e = Container::new(c).unwrap_err().to_string();
     assert!(e.contains("SWITCHBOARD_IT_UNSET_VARIABLE"), "{e}");
-    let c = Config::from_yaml_str(
-        "gateway:\n  socket: {}\n  auth:\n    algorithm: RS256\n    public_key_file: /nonexistent/key.pem\n",
-    )
-    .unwrap();
-    let e = Container::new(c).unwrap_err().to_string();
+    let e = with_key_file("RS256", Path::new("/nonexistent/key.pem")).unwrap_err();
     assert!(e.contains("/nonexistent/key.pem"), "{e}");
     // A file without end (named by mistake) is refused, not read whole.
-    let c = Config::from_yaml_str(
-        "gateway:\n  socket: {}\n  auth:\n    algorithm: RS256\n    public_key_file: /dev/zero\n",
-    )
-    .unwrap();
-    let e = Container::new(c).unwrap_err().to_string();
+    let e = with_key_file("RS256", Path::new("/dev/zero")).unwrap_err();
     assert!(
         e.contains("/dev/zero") && e.contains("larger than 1 MiB"),
         "{e}"
@@ -218,12 +220,7 @@ async fn unusable_auth_settings_fail_at_build_time() {
         ("RS256", "ec_public.pem", "is not a usable RS256 public key"),
     ] {
         let path = keys_dir().join(file);
-        let c = Config::from_yaml_str(&format!(
-            "gateway:\n  socket: {{}}\n  auth:\n    algorithm: {alg}\n    public_key_file: {}\n",
-            path.display()
-        ))
-        .unwrap();
-        let e = Container::new(c).unwrap_err().to_string();
+        let e = with_key_file(alg, &path).unwrap_err();
         assert!(
             e.contains(says) && e.contains(&*path.to_string_lossy()),
             "{alg} {file}: {e}"
@@ -236,13 +233,7 @@ async fn unusable_auth_settings_fail_at_build_time() {
     let mut pem = std::fs::read(keys_dir().join("rsa_public.pem")).unwrap();
     pem.extend(std::fs::read(keys_dir().join("rsa_private.pem")).unwrap());
     std::fs::write(&both, pem).unwrap();
-    let yaml = format!(
-        "gateway:\n  socket: {{}}\n  auth:\n    algorithm: RS256\n    public_key_file: {}\n",
-        both.display()
-    );
-    let e = Container::new(Config::from_yaml_str(&yaml).unwrap())
-        .unwrap_err()
-        .to_string();
+    let e = with_key_file("RS256", &both).unwrap_err();
     assert!(e.contains("holds a private key"), "{e}");
     // An EC key of the other curve parses too: named, at start-up.
     for (alg, curve, says) in [
@@ -260,13 +251,7 @@ async fn unusable_auth_settings_fail_at_build_time() {
         let path = dir.path().join(format!("{alg}.pem"));
         let pair = rcgen::KeyPair::generate_for(curve).unwrap();
         std::fs::write(&path, pair.public_key_pem()).unwrap();
-        let yaml = format!(
-            "gateway:\n  socket: {{}}\n  auth:\n    algorithm: {alg}\n    public_key_file: {}\n",
-            path.display()
-        );
-        let e = Container::new(Config::from_yaml_str(&yaml).unwrap())
-            .unwrap_err()
-            .to_string();
+        let e = with_key_file(alg, &path).unwrap_err();
         assert!(e.contains(says), "{alg}: {e}");
         // The curve the algorithm wants is taken.
         let pair = rcgen::KeyPair::generate_for(if alg == "ES256" {
@@ -276,7 +261,7 @@ async fn unusable_auth_settings_fail_at_build_time() {
         })
         .unwrap();
         std::fs::write(&path, pair.public_key_pem()).unwrap();
-        Container::new(Config::from_yaml_str(&yaml).unwrap()).expect(alg);
+        with_key_file(alg, &path).expect(alg);
     }
     // A key given directly must suit the algorithm, and a secret be long enough.
     let bus = || std::sync::Arc::new(switchboard::InProcessBus::new());
