@@ -92,17 +92,14 @@ fn bad_field(field: &str, message: &str) -> HttpResponse {
     )
 }
 
-/// `Authorization: Bearer <key>`, the key compared in constant time (its length is not
-/// secret).
+/// `Authorization: Bearer <key>`, in exactly one header, the key compared in constant time
+/// (its length is not secret).
 fn authorized(key: &[u8], req: &Request<Incoming>) -> bool {
-    let Some(given) = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim().as_bytes())
-    else {
+    let mut values = req.headers().get_all(AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return false;
+    };
+    let Some(given) = crate::auth::bearer_token(value.to_str().ok()).map(str::as_bytes) else {
         return false;
     };
     given.len() == key.len() && given.iter().zip(key).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0

@@ -21,6 +21,10 @@ pub enum AuthError {
     /// Neither the cookie nor an `Authorization: Bearer` header carried a token.
     #[error("no token: send the `{0}` cookie or an `Authorization: Bearer` header")]
     Missing(String),
+    /// No cookie, and more than one `Authorization` header: which one is meant is not for the
+    /// gateway to guess (a proxy in front may check one and forward both).
+    #[error("more than one Authorization header: send one")]
+    TwoAuthorizations,
     /// The token failed verification (signature, expiry, not-before, issuer, audience, shape).
     #[error("invalid token: {0}")]
     Invalid(String),
@@ -238,7 +242,7 @@ impl Verifier {
     ) -> Option<switchboard_core::BoxFuture<'static, ()>> {
         // Without a key set, nothing to do (and no token to look at).
         self.jwks()?;
-        let token = token_from_headers(headers, &self.cookie)?;
+        let token = token_from_headers(headers, &self.cookie).ok()?;
         self.prepare_token(token)
     }
 
@@ -270,8 +274,7 @@ impl Verifier {
 
     /// Verifies the token an upgrade request carries (cookie, else bearer header).
     pub(crate) fn verify(&self, headers: &HeaderMap) -> Result<Identity, AuthError> {
-        let token = token_from_headers(headers, &self.cookie)
-            .ok_or_else(|| AuthError::Missing(self.cookie.clone()))?;
+        let token = token_from_headers(headers, &self.cookie)?;
         self.verify_token(token)
     }
 
@@ -299,7 +302,7 @@ impl Verifier {
                 jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, validation)
             }
         }
-        .map_err(|e| AuthError::Invalid(describe(&e)))?;
+        .map_err(|e| AuthError::Invalid(describe_for(token, &e)))?;
         let username = match data.claims.get(&self.username_claim) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(AuthError::MissingClaim(self.username_claim.clone())),
@@ -322,6 +325,33 @@ impl Verifier {
     }
 }
 
+/// [`describe`], but a required claim that is there with the wrong type (jsonwebtoken reports
+/// it missing) is named as such. Only on this error path, after the signature was verified, is
+/// the payload read again.
+fn describe_for(token: &str, e: &jsonwebtoken::errors::Error) -> String {
+    use base64::Engine as _;
+    if let jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(claim) = e.kind() {
+        let present = token
+            .split('.')
+            .nth(1)
+            .and_then(|p| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(p)
+                    .ok()
+            })
+            .and_then(|p| serde_json::from_slice::<Map<String, Value>>(&p).ok())
+            .is_some_and(|claims| claims.contains_key(claim.as_str()));
+        if present {
+            let wanted = match claim.as_str() {
+                "aud" | "iss" => "a string or an array of strings",
+                _ => "a number",
+            };
+            return format!("`{claim}` claim is not {wanted}");
+        }
+    }
+    describe(e)
+}
+
 fn describe(e: &jsonwebtoken::errors::Error) -> String {
     use jsonwebtoken::errors::ErrorKind as K;
     match e.kind() {
@@ -332,12 +362,17 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
         K::InvalidIssuer => "wrong issuer".into(),
         K::InvalidAudience => "wrong audience".into(),
         K::MissingRequiredClaim(c) => format!("missing `{c}` claim"),
+        // jsonwebtoken reports it for `exp` and `nbf`, which are numbers of seconds.
+        K::InvalidClaimFormat(c) => format!("`{c}` claim is not a number"),
         _ => "malformed".into(),
     }
 }
 
-/// The token from the `cookie_name` cookie, else from `Authorization: Bearer`.
-pub(crate) fn token_from_headers<'h>(headers: &'h HeaderMap, cookie_name: &str) -> Option<&'h str> {
+/// The token from the `cookie_name` cookie, else from the one `Authorization: Bearer` header.
+pub(crate) fn token_from_headers<'h>(
+    headers: &'h HeaderMap,
+    cookie_name: &str,
+) -> Result<&'h str, AuthError> {
     let from_cookie = headers
         .get_all(switchboard_core::http::header::COOKIE)
         .iter()
@@ -347,18 +382,31 @@ pub(crate) fn token_from_headers<'h>(headers: &'h HeaderMap, cookie_name: &str) 
         .find(|(name, _)| *name == cookie_name)
         .map(|(_, value)| value.trim().trim_matches('"'))
         .filter(|v| !v.is_empty());
-    from_cookie.or_else(|| {
-        let value = headers
-            .get(switchboard_core::http::header::AUTHORIZATION)?
-            .to_str()
-            .ok()?;
-        // The scheme is case-insensitive (RFC 9110 11.1): `Bearer`, `bearer`, `BEARER`.
-        let (scheme, token) = value.trim_start().split_once(' ')?;
-        scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim())
-            .filter(|v| !v.is_empty())
-    })
+    if let Some(token) = from_cookie {
+        return Ok(token);
+    }
+    let mut authorizations = headers
+        .get_all(switchboard_core::http::header::AUTHORIZATION)
+        .iter();
+    let (Some(value), None) = (authorizations.next(), authorizations.next()) else {
+        return Err(
+            match headers.contains_key(switchboard_core::http::header::AUTHORIZATION) {
+                true => AuthError::TwoAuthorizations,
+                false => AuthError::Missing(cookie_name.to_string()),
+            },
+        );
+    };
+    bearer_token(value.to_str().ok()).ok_or_else(|| AuthError::Missing(cookie_name.to_string()))
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive
+/// (RFC 9110 11.1): `Bearer`, `bearer`, `BEARER`.
+pub(crate) fn bearer_token(value: Option<&str>) -> Option<&str> {
+    let (scheme, token) = value?.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|v| !v.is_empty())
 }
 
 /// A key file must be a PEM public key. A private key parses too (the PEM decoder takes
@@ -440,21 +488,33 @@ mod tests {
     #[test]
     fn token_is_found_in_cookie_or_bearer_header() {
         let mut h = HeaderMap::new();
-        assert_eq!(token_from_headers(&h, "ID_TOKEN"), None);
+        assert_eq!(token_from_headers(&h, "ID_TOKEN").ok(), None);
         h.insert("authorization", HeaderValue::from_static("Bearer abc"));
-        assert_eq!(token_from_headers(&h, "ID_TOKEN"), Some("abc"));
+        assert_eq!(token_from_headers(&h, "ID_TOKEN").ok(), Some("abc"));
         for scheme in ["bearer", "BEARER", "bEaReR"] {
             let value = HeaderValue::from_str(&format!("{scheme}  abc ")).unwrap();
             h.insert("authorization", value);
-            assert_eq!(token_from_headers(&h, "ID_TOKEN"), Some("abc"), "{scheme}");
+            assert_eq!(
+                token_from_headers(&h, "ID_TOKEN").ok(),
+                Some("abc"),
+                "{scheme}"
+            );
         }
         h.insert("authorization", HeaderValue::from_static("Basic abc"));
-        assert_eq!(token_from_headers(&h, "ID_TOKEN"), None);
+        assert_eq!(token_from_headers(&h, "ID_TOKEN").ok(), None);
         h.insert("authorization", HeaderValue::from_static("Bearer abc"));
         h.insert("cookie", HeaderValue::from_static("a=1; ID_TOKEN=xyz; b=2"));
-        assert_eq!(token_from_headers(&h, "ID_TOKEN"), Some("xyz"));
-        assert_eq!(token_from_headers(&h, "OTHER"), Some("abc"));
+        assert_eq!(token_from_headers(&h, "ID_TOKEN").ok(), Some("xyz"));
+        assert_eq!(token_from_headers(&h, "OTHER").ok(), Some("abc"));
         h.insert("cookie", HeaderValue::from_static("MY_ID_TOKEN=no"));
-        assert_eq!(token_from_headers(&h, "ID_TOKEN"), Some("abc"));
+        assert_eq!(token_from_headers(&h, "ID_TOKEN").ok(), Some("abc"));
+        // Two bearer headers: neither is taken, and the refusal says why.
+        h.append("authorization", HeaderValue::from_static("Bearer other"));
+        assert_eq!(
+            token_from_headers(&h, "ID_TOKEN"),
+            Err(AuthError::TwoAuthorizations)
+        );
+        // The cookie, when there is one, still wins.
+        assert_eq!(token_from_headers(&h, "MY_ID_TOKEN").ok(), Some("no"));
     }
 }

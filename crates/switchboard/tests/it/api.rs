@@ -50,6 +50,10 @@ async fn every_call_needs_the_key_and_bad_input_names_the_field() {
         let (status, body) = http_json(addr, "POST", "/api/send", key, Some(&send)).await;
         assert_eq!(status, 401, "{key:?} {body}");
     }
+    // The right key twice, in two headers: which one counts is not guessed.
+    let twice = format!("{KEY}\r\nAuthorization: Bearer {KEY}");
+    let (status, body) = http_json(addr, "POST", "/api/send", Some(&twice), Some(&send)).await;
+    assert_eq!(status, 401, "two Authorization headers: {body}");
     let (status, _) = http_json(addr, "GET", "/api/nope", None, None).await;
     assert_eq!(status, 401, "no route is shown without the key");
     assert_eq!(call(addr, "GET", "/api/nope", None).await.0, 404);

@@ -13,14 +13,26 @@ use crate::harness::*;
 
 /// Connects with exactly these extra headers; returns the HTTP status of a refusal, or 101.
 async fn status_with(gw: &switchboard::Running, headers: &[(&'static str, String)]) -> u16 {
+    answer_with(gw, headers).await.0
+}
+
+/// Connects with exactly these extra headers (a name given twice is sent twice); returns the
+/// HTTP status and, for a refusal, its body.
+async fn answer_with(
+    gw: &switchboard::Running,
+    headers: &[(&'static str, String)],
+) -> (u16, String) {
     let url = format!("ws://{}/connect?namespace=acme", gw.local_addr().unwrap());
     let mut req = url.into_client_request().unwrap();
     for (k, v) in headers {
-        req.headers_mut().insert(*k, v.parse().unwrap());
+        req.headers_mut().append(*k, v.parse().unwrap());
     }
     match tokio_tungstenite::connect_async(req).await {
-        Ok((_ws, resp)) => resp.status().as_u16(),
-        Err(WsError::Http(resp)) => resp.status().as_u16(),
+        Ok((_ws, resp)) => (resp.status().as_u16(), String::new()),
+        Err(WsError::Http(resp)) => {
+            let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default());
+            (resp.status().as_u16(), body.into_owned())
+        }
         Err(e) => panic!("unexpected error: {e}"),
     }
 }
@@ -353,6 +365,47 @@ async fn the_specs_curl_handshake_gets_101() {
 }
 
 #[tokio::test]
+async fn a_refusal_names_a_claim_of_the_wrong_type_and_two_bearer_headers() {
+    let gw = start(container(spec_config(""))).await;
+    let t = now() + 600;
+    let bearer = |claims: serde_json::Value| {
+        (
+            "authorization",
+            format!("Bearer {}", token_with(claims, SECRET)),
+        )
+    };
+    let cases = [
+        (
+            vec![bearer(
+                json!({"preferred_username": "a", "exp": "tomorrow"}),
+            )],
+            "invalid token: `exp` claim is not a number",
+        ),
+        (
+            vec![bearer(
+                json!({"preferred_username": "a", "exp": t, "nbf": "later"}),
+            )],
+            "invalid token: `nbf` claim is not a number",
+        ),
+        (
+            vec![
+                bearer(json!({"preferred_username": "a", "exp": t})),
+                bearer(json!({"preferred_username": "b", "exp": t})),
+            ],
+            "more than one Authorization header: send one",
+        ),
+    ];
+    for (headers, want) in cases {
+        let (status, body) = answer_with(&gw, &headers).await;
+        assert_eq!((status, body.trim()), (401, want), "{headers:?}");
+    }
+    // Each of those on its own is let in.
+    let (status, _) =
+        answer_with(&gw, &[bearer(json!({"preferred_username": "a", "exp": t}))]).await;
+    assert_eq!(status, 101);
+}
+
+#[tokio::test]
 async fn issuer_and_audience_are_required_when_configured() {
     let _ = spec_config(""); // sets the test secret variable
     let yaml = format!(
@@ -387,4 +440,15 @@ async fn issuer_and_audience_are_required_when_configured() {
         let got = status_with(&gw, &cookie(&token_with(claims.clone(), SECRET))).await;
         assert_eq!(got, want, "{claims}");
     }
+    // An audience of the wrong type is named as such, not as missing.
+    let claims =
+        json!({"preferred_username": "a", "exp": t, "iss": "https://id.example", "aud": 42});
+    let (status, body) = answer_with(&gw, &cookie(&token_with(claims, SECRET))).await;
+    assert_eq!(
+        (status, body.trim()),
+        (
+            401,
+            "invalid token: `aud` claim is not a string or an array of strings"
+        )
+    );
 }
