@@ -892,8 +892,10 @@ const SECTIONS: &[Section] = &[
             "`text`",
             Ext,
             "Log lines on stderr: human-readable text, or one JSON object per line for log \
-             shippers. Which events are logged is set by the `RUST_LOG` environment variable \
-             (default `info`; e.g. `RUST_LOG=switchboard=debug`).",
+             shippers; text is coloured only when stderr is a terminal. Which events are \
+             logged is set by the `RUST_LOG` environment variable (default `info`; e.g. \
+             `RUST_LOG=switchboard=debug`); one that does not parse is named in a warning and \
+             `info` is used.",
             Some("json"),
         )],
     },

@@ -404,14 +404,32 @@ async fn connect_nats(
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text or one JSON object a line.
+/// Text is coloured only on a terminal (a log file or a collector gets no escape codes), and a
+/// `RUST_LOG` that does not parse is named in a warning, the default `info` used instead.
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    use tracing_subscriber::EnvFilter;
+    let asked = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let (filter, refused) = match asked.as_deref().map(EnvFilter::try_new) {
+        None => (EnvFilter::new("info"), None),
+        Some(Ok(filter)) => (filter, None),
+        Some(Err(e)) => (EnvFilter::new("info"), Some(e)),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => builder.json().init(),
         _ => builder.init(),
+    }
+    if let Some(e) = refused {
+        tracing::warn!(
+            RUST_LOG = asked.as_deref().unwrap_or_default(),
+            error = %e,
+            "RUST_LOG is not a valid filter; logging at `info` instead"
+        );
     }
 }

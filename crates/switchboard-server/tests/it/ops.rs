@@ -225,6 +225,47 @@ fn serve_prints_what_it_loaded_serves_admin_endpoints_and_logs_json() {
     }
 }
 
+#[test]
+fn logs_to_a_pipe_have_no_colour_and_a_bad_rust_log_is_named() {
+    let (_dir, file) = config_file(
+        "gateway:\n  listen: 127.0.0.1:0\n  socket: {}\n  auth:\n    secret_env: SB_IT_SECRET\n  admin:\n    listen: 127.0.0.1:0\n",
+    );
+    let mut child = bin()
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("SB_IT_SECRET", "a-secret-of-at-least-16-bytes")
+        .env("RUST_LOG", "info,switchboard=loud")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read on a thread of its own, so that a full pipe never stalls the server.
+    let mut stderr = child.stderr.take().unwrap();
+    let logged = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let _ = printed_addresses(&mut child);
+    stop_cleanly(&mut child);
+    // The process has ended, so its stderr is at its end.
+    let logged = logged.join().unwrap();
+    assert!(
+        !logged.contains('\u{1b}'),
+        "escape codes in a piped log: {logged:?}"
+    );
+    let warning = logged
+        .lines()
+        .find(|line| line.contains("RUST_LOG is not a valid filter"))
+        .unwrap_or_else(|| panic!("no warning naming RUST_LOG: {logged}"));
+    assert!(
+        warning.contains("WARN") && warning.contains("info,switchboard=loud"),
+        "{warning}"
+    );
+    // The default filter is in force: info events are written.
+    assert!(logged.contains("gateway listening"), "{logged}");
+}
+
 #[tokio::test]
 async fn demo_serves_the_client_helper_that_its_page_imports() {
     let demo = start_demo();
