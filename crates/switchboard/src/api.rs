@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 use switchboard_bus::{Bus, Message};
@@ -95,8 +95,7 @@ fn bad_field(field: &str, message: &str) -> HttpResponse {
 /// `Authorization: Bearer <key>`, in exactly one header, the key compared in constant time
 /// (its length is not secret).
 fn authorized(key: &[u8], req: &Request<Incoming>) -> bool {
-    let mut values = req.headers().get_all(AUTHORIZATION).iter();
-    let (Some(value), None) = (values.next(), values.next()) else {
+    let Ok(Some(value)) = crate::auth::single_authorization(req.headers()) else {
         return false;
     };
     let Some(given) = crate::auth::bearer_token(value.to_str().ok()).map(str::as_bytes) else {

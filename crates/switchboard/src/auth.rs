@@ -8,7 +8,7 @@ use std::sync::Arc;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use switchboard_config::Auth;
-use switchboard_core::http::HeaderMap;
+use switchboard_core::http::{HeaderMap, HeaderValue};
 
 use crate::jwks::{self, Jwks};
 use crate::BuildError;
@@ -25,6 +25,11 @@ pub enum AuthError {
     /// gateway to guess (a proxy in front may check one and forward both).
     #[error("more than one Authorization header: send one")]
     TwoAuthorizations,
+    /// The token cookie twice, with different values (a cookie set for another path or by a
+    /// sibling domain beside the real one): which identity is meant is not for the gateway to
+    /// guess.
+    #[error("more than one `{0}` cookie: send one")]
+    TwoCookies(String),
     /// The token failed verification (signature, expiry, not-before, issuer, audience, shape).
     #[error("invalid token: {0}")]
     Invalid(String),
@@ -344,7 +349,7 @@ fn describe_for(token: &str, e: &jsonwebtoken::errors::Error) -> String {
         if present {
             let wanted = match claim.as_str() {
                 "aud" | "iss" => "a string or an array of strings",
-                _ => "a number",
+                _ => "a number of seconds",
             };
             return format!("`{claim}` claim is not {wanted}");
         }
@@ -363,7 +368,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
         K::InvalidAudience => "wrong audience".into(),
         K::MissingRequiredClaim(c) => format!("missing `{c}` claim"),
         // jsonwebtoken reports it for `exp` and `nbf`, which are numbers of seconds.
-        K::InvalidClaimFormat(c) => format!("`{c}` claim is not a number"),
+        K::InvalidClaimFormat(c) => format!("`{c}` claim is not a number of seconds"),
         _ => "malformed".into(),
     }
 }
@@ -373,30 +378,35 @@ pub(crate) fn token_from_headers<'h>(
     headers: &'h HeaderMap,
     cookie_name: &str,
 ) -> Result<&'h str, AuthError> {
-    let from_cookie = headers
+    let mut from_cookies = headers
         .get_all(switchboard_core::http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == cookie_name)
+        .filter(|(name, _)| *name == cookie_name)
         .map(|(_, value)| value.trim().trim_matches('"'))
         .filter(|v| !v.is_empty());
-    if let Some(token) = from_cookie {
+    if let Some(token) = from_cookies.next() {
+        if from_cookies.any(|other| other != token) {
+            return Err(AuthError::TwoCookies(cookie_name.to_string()));
+        }
         return Ok(token);
     }
-    let mut authorizations = headers
+    let value = single_authorization(headers)?
+        .ok_or_else(|| AuthError::Missing(cookie_name.to_string()))?;
+    bearer_token(value.to_str().ok()).ok_or_else(|| AuthError::Missing(cookie_name.to_string()))
+}
+
+/// The `Authorization` header, when there is exactly one; two or more are refused.
+pub(crate) fn single_authorization(headers: &HeaderMap) -> Result<Option<&HeaderValue>, AuthError> {
+    let mut values = headers
         .get_all(switchboard_core::http::header::AUTHORIZATION)
         .iter();
-    let (Some(value), None) = (authorizations.next(), authorizations.next()) else {
-        return Err(
-            match headers.contains_key(switchboard_core::http::header::AUTHORIZATION) {
-                true => AuthError::TwoAuthorizations,
-                false => AuthError::Missing(cookie_name.to_string()),
-            },
-        );
-    };
-    bearer_token(value.to_str().ok()).ok_or_else(|| AuthError::Missing(cookie_name.to_string()))
+    match (values.next(), values.next()) {
+        (first, None) => Ok(first),
+        _ => Err(AuthError::TwoAuthorizations),
+    }
 }
 
 /// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive
@@ -483,7 +493,6 @@ fn pem_body(text: &str, label: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchboard_core::http::HeaderValue;
 
     #[test]
     fn token_is_found_in_cookie_or_bearer_header() {
@@ -516,5 +525,21 @@ mod tests {
         );
         // The cookie, when there is one, still wins.
         assert_eq!(token_from_headers(&h, "MY_ID_TOKEN").ok(), Some("no"));
+        // The token cookie twice: the same value passes, two values are refused, in one
+        // header or in two.
+        h.insert(
+            "cookie",
+            HeaderValue::from_static("ID_TOKEN=a; x=1; ID_TOKEN=a"),
+        );
+        assert_eq!(token_from_headers(&h, "ID_TOKEN").ok(), Some("a"));
+        h.insert(
+            "cookie",
+            HeaderValue::from_static("ID_TOKEN=a; x=1; ID_TOKEN=b"),
+        );
+        let two = Err(AuthError::TwoCookies("ID_TOKEN".into()));
+        assert_eq!(token_from_headers(&h, "ID_TOKEN"), two);
+        h.insert("cookie", HeaderValue::from_static("ID_TOKEN=a"));
+        h.append("cookie", HeaderValue::from_static("ID_TOKEN=b"));
+        assert_eq!(token_from_headers(&h, "ID_TOKEN"), two);
     }
 }

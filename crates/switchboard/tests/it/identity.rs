@@ -365,7 +365,7 @@ async fn the_specs_curl_handshake_gets_101() {
 }
 
 #[tokio::test]
-async fn a_refusal_names_a_claim_of_the_wrong_type_and_two_bearer_headers() {
+async fn a_refusal_names_a_claim_of_the_wrong_type_and_two_tokens() {
     let gw = start(container(spec_config(""))).await;
     let t = now() + 600;
     let bearer = |claims: serde_json::Value| {
@@ -379,13 +379,13 @@ async fn a_refusal_names_a_claim_of_the_wrong_type_and_two_bearer_headers() {
             vec![bearer(
                 json!({"preferred_username": "a", "exp": "tomorrow"}),
             )],
-            "invalid token: `exp` claim is not a number",
+            "invalid token: `exp` claim is not a number of seconds",
         ),
         (
             vec![bearer(
                 json!({"preferred_username": "a", "exp": t, "nbf": "later"}),
             )],
-            "invalid token: `nbf` claim is not a number",
+            "invalid token: `nbf` claim is not a number of seconds",
         ),
         (
             vec![
@@ -393,6 +393,17 @@ async fn a_refusal_names_a_claim_of_the_wrong_type_and_two_bearer_headers() {
                 bearer(json!({"preferred_username": "b", "exp": t})),
             ],
             "more than one Authorization header: send one",
+        ),
+        (
+            vec![(
+                "cookie",
+                format!(
+                    "ID_TOKEN={}; ID_TOKEN={}",
+                    token_with(json!({"preferred_username": "a", "exp": t}), SECRET),
+                    token_with(json!({"preferred_username": "b", "exp": t}), SECRET)
+                ),
+            )],
+            "more than one `ID_TOKEN` cookie: send one",
         ),
     ];
     for (headers, want) in cases {
