@@ -404,31 +404,35 @@ async fn connect_nats(
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text or one JSON object a line.
-/// Text is coloured only on a terminal (a log file or a collector gets no escape codes), and a
-/// `RUST_LOG` that does not parse is named in a warning, the default `info` used instead.
+/// Text is coloured only on a terminal, and not when `NO_COLOR` is set (a log file or a
+/// collector gets no escape codes); a `RUST_LOG` that does not parse is named in a warning, the
+/// default `info` used instead.
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
-    let asked = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|v| !v.trim().is_empty());
-    let (filter, refused) = match asked.as_deref().map(EnvFilter::try_new) {
+    let asked = std::env::var_os("RUST_LOG").filter(|v| !v.to_string_lossy().trim().is_empty());
+    let parsed = asked.as_ref().map(|v| match v.to_str() {
+        Some(text) => EnvFilter::try_new(text).map_err(|e| e.to_string()),
+        None => Err("not UTF-8".to_string()),
+    });
+    let (filter, refused) = match parsed {
         None => (EnvFilter::new("info"), None),
         Some(Ok(filter)) => (filter, None),
         Some(Err(e)) => (EnvFilter::new("info"), Some(e)),
     };
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal() && !no_color);
     match format {
         LogFormat::Json => builder.json().init(),
         _ => builder.init(),
     }
-    if let Some(e) = refused {
+    if let Some(error) = refused {
         tracing::warn!(
-            RUST_LOG = asked.as_deref().unwrap_or_default(),
-            error = %e,
+            RUST_LOG = %asked.unwrap_or_default().to_string_lossy(),
+            %error,
             "RUST_LOG is not a valid filter; logging at `info` instead"
         );
     }

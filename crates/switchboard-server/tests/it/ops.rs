@@ -235,6 +235,7 @@ fn logs_to_a_pipe_have_no_colour_and_a_bad_rust_log_is_named() {
         .arg(&file)
         .env("SB_IT_SECRET", "a-secret-of-at-least-16-bytes")
         .env("RUST_LOG", "info,switchboard=loud")
+        .env_remove("NO_COLOR") // colour must be off for the pipe alone
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
