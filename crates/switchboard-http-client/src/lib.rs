@@ -76,6 +76,10 @@ pub enum ClientError {
     /// The response body was larger than the bound.
     #[error("response body over {0} bytes")]
     TooLarge(usize),
+    /// The response head was larger than [`ClientOptions::max_response_head`] (HTTP/1.1; an
+    /// HTTP/2 header list over it is a stream reset, reported as [`ClientError::Transport`]).
+    #[error("response head over {0} bytes")]
+    HeadTooLarge(usize),
 }
 
 /// A pooled client. Cheap to clone; clones share the pool.
@@ -177,20 +181,21 @@ impl HttpClient {
                     // An answer whose head is over hyper's bound is too large, not a failed
                     // connection (the caller tells the two apart).
                     if head_too_large(&e) {
-                        ClientError::TooLarge(max_body)
+                        ClientError::HeadTooLarge(self.max_head)
                     } else {
                         ClientError::Transport(error_chain(&e))
                     }
                 })?;
             // hyper's buffer bounds the head only roughly (it reads past its size), so the
-            // exact bound is checked on what it parsed: each header as `name: value\r\n`.
+            // bound is checked again on what it parsed: each header as `name: value\r\n` (the
+            // status line, a few dozen bytes, aside).
             let head: usize = response
                 .headers()
                 .iter()
                 .map(|(name, value)| name.as_str().len() + value.len() + 4)
                 .sum();
             if head > self.max_head {
-                return Err(ClientError::TooLarge(max_body));
+                return Err(ClientError::HeadTooLarge(self.max_head));
             }
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, max_body)
@@ -302,7 +307,7 @@ mod tests {
             match passes {
                 true => assert!(answer.is_ok(), "{size}: {:?}", answer.err()),
                 false => assert!(
-                    matches!(answer, Err(ClientError::TooLarge(64))),
+                    matches!(answer, Err(ClientError::HeadTooLarge(65_536))),
                     "{size}: {:?}",
                     answer.map(|r| r.status())
                 ),

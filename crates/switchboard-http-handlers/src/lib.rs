@@ -582,7 +582,9 @@ fn classify(result: Result<http::Response<Bytes>, ClientError>) -> Outcome {
             }
         }
         Err(ClientError::Timeout(_)) => Outcome::Transient(ErrorKind::Timeout),
-        Err(ClientError::TooLarge(_)) => Outcome::Final(ErrorKind::Malformed),
+        Err(ClientError::TooLarge(_) | ClientError::HeadTooLarge(_)) => {
+            Outcome::Final(ErrorKind::Malformed)
+        }
         Err(_) => Outcome::Transient(ErrorKind::Network),
     }
 }
@@ -651,7 +653,7 @@ async fn answer(endpoint: &Endpoint, job: &Job, way_back: &Message) -> Option<Re
         Outcome::Transient(ErrorKind::Timeout) => timed_out(),
         Outcome::Final(ErrorKind::Malformed) => {
             endpoint.metrics.error(ErrorKind::Malformed);
-            tracing::warn!(endpoint = %name, "answer over max_response");
+            tracing::warn!(endpoint = %name, "answer over max_response, or its head over 64 KiB");
             Some(Reply::Fail(json!({"message": MALFORMED})))
         }
         Outcome::Transient(kind) | Outcome::Final(kind) => {
