@@ -214,19 +214,33 @@ fn as_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// The label of sockets without a namespace in `switchboard_sockets_open_by_namespace`.
+const NO_NAMESPACE: &str = "(none)";
+
 /// The `top` namespaces with the most sockets, largest first (ties by name), then the sum of
-/// the rest.
+/// the rest. A namespace a client named like one of the gauge's own labels (`(other)`,
+/// `(none)`) is never a series of its own, which would repeat that label: it counts in the
+/// rest.
 pub(crate) fn top_namespaces(
     mut counts: Vec<(Arc<str>, usize)>,
     top: usize,
 ) -> (Vec<(Arc<str>, usize)>, usize) {
+    let mut named_like_a_label = 0;
+    counts.retain(|(ns, n)| {
+        let own = &**ns != OTHER && &**ns != NO_NAMESPACE;
+        if !own {
+            named_like_a_label += n;
+        }
+        own
+    });
     let by_size = |a: &(Arc<str>, usize), b: &(Arc<str>, usize)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
-    let rest = if counts.len() > top {
-        counts.select_nth_unstable_by(top, by_size);
-        counts.split_off(top).iter().map(|c| c.1).sum()
-    } else {
-        0
-    };
+    let rest = named_like_a_label
+        + if counts.len() > top {
+            counts.select_nth_unstable_by(top, by_size);
+            counts.split_off(top).iter().map(|c| c.1).sum::<usize>()
+        } else {
+            0
+        };
     counts.sort_unstable_by(by_size);
     (counts, rest)
 }
@@ -261,7 +275,7 @@ impl Collector for Scraped {
             let none = open.saturating_sub(in_namespaces);
             if none > 0 {
                 ConstGauge::new(as_i64(none))
-                    .encode(m.encode_family(&[("namespace", "(none)")])?)?;
+                    .encode(m.encode_family(&[("namespace", NO_NAMESPACE)])?)?;
             }
         }
         counter(
@@ -546,6 +560,11 @@ mod tests {
         let (top, rest) = top_namespaces(all, 0);
         assert!(top.is_empty());
         assert_eq!(rest, 14);
+        // Namespaces named like the gauge's own labels: counted in the rest, never a series.
+        let labels = counts(&[("(none)", 2), ("a", 4), ("(other)", 1)]);
+        let (top, rest) = top_namespaces(labels, 10);
+        assert_eq!(top, counts(&[("a", 4)]));
+        assert_eq!(rest, 3);
     }
 
     #[test]
