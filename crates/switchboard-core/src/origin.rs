@@ -6,11 +6,14 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum OriginPolicy {
-    /// The `Origin`'s host and port must equal the `Host` header.
+    /// The `Origin`'s host and port must equal the `Host` header's (a port left out is the
+    /// default of the origin's scheme: 443 for `https`, 80 for `http`).
     SameHost,
     /// Any origin.
     Any,
-    /// Exactly these origins (`https://app.example.com`), compared case-insensitively.
+    /// Exactly these origins (`https://app.example.com`), compared as origins are: scheme and
+    /// host case-insensitively, a default port written out or not (`https://a.example:443`
+    /// is `https://a.example`).
     List(Vec<String>),
 }
 
@@ -29,18 +32,93 @@ impl OriginPolicy {
         };
         match self {
             OriginPolicy::Any => true,
-            OriginPolicy::List(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+            OriginPolicy::List(list) => {
+                let given = WebOrigin::parse(origin);
+                list.iter()
+                    .any(|allowed| match (&given, WebOrigin::parse(allowed)) {
+                        (Some(given), Some(allowed)) => *given == allowed,
+                        // Not an http(s) origin (`null`, another scheme): the text itself.
+                        _ => allowed.eq_ignore_ascii_case(origin),
+                    })
+            }
             OriginPolicy::SameHost => {
-                let authority = origin
-                    .strip_prefix("https://")
-                    .or_else(|| origin.strip_prefix("http://"));
+                let Some(origin) = WebOrigin::parse(origin) else {
+                    return false;
+                };
                 let host = headers
                     .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok());
-                matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| split_host_port(h, origin.default_port()));
+                matches!(host, Some((h, port)) if h.eq_ignore_ascii_case(&origin.host) && port == origin.port)
             }
         }
     }
+}
+
+/// An `http` or `https` origin, made comparable: scheme and host in lowercase, the port
+/// always given.
+#[derive(Debug, PartialEq, Eq)]
+struct WebOrigin {
+    scheme: &'static str,
+    host: String,
+    port: u16,
+}
+
+impl WebOrigin {
+    /// The port of the scheme, where none is written.
+    fn default_port(&self) -> u16 {
+        if self.scheme == "https" {
+            443
+        } else {
+            80
+        }
+    }
+
+    /// `scheme://host[:port]`, nothing after it (an origin has no path); `None` otherwise.
+    fn parse(text: &str) -> Option<WebOrigin> {
+        let (scheme, authority) = text.split_once("://")?;
+        let (scheme, default_port) = if scheme.eq_ignore_ascii_case("https") {
+            ("https", 443)
+        } else if scheme.eq_ignore_ascii_case("http") {
+            ("http", 80)
+        } else {
+            return None;
+        };
+        let (host, port) = split_host_port(authority, default_port)?;
+        Some(WebOrigin {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+/// `host[:port]` (an IPv6 host in brackets) into the host and the port, `default_port` when
+/// none is given; `None` for an empty host, a bad port, or anything after the authority.
+fn split_host_port(authority: &str, default_port: u16) -> Option<(&str, u16)> {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (inside, rest) = v6.split_once(']')?;
+            let host = &authority[..inside.len() + 2];
+            match rest {
+                "" => (host, None),
+                _ => (host, Some(rest.strip_prefix(':')?)),
+            }
+        }
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() || host.contains(['/', '?', '#', '@', ' ']) {
+        return None;
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok()?,
+        Some(_) => return None,
+    };
+    Some((host, port))
 }
 
 #[cfg(test)]
@@ -63,5 +141,58 @@ mod tests {
         assert!(!OriginPolicy::SameHost.allows(&headers));
         assert!(!list.allows(&headers));
         assert!(OriginPolicy::Any.allows(&headers));
+    }
+
+    fn request(host: &str, origin: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::HOST, host.parse().unwrap());
+        headers.insert(http::header::ORIGIN, origin.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn origins_compare_as_origins_not_as_text() {
+        let same = OriginPolicy::SameHost;
+        for (host, origin) in [
+            ("gw.example", "https://gw.example"),
+            ("gw.example", "HTTPS://GW.example"),
+            ("gw.example", "https://gw.example:443"),
+            ("gw.example:443", "https://gw.example"),
+            ("gw.example", "http://gw.example:80"),
+            ("gw.example:8080", "http://gw.example:8080"),
+            ("[::1]:8080", "http://[::1]:8080"),
+        ] {
+            assert!(same.allows(&request(host, origin)), "{host} {origin}");
+        }
+        for (host, origin) in [
+            ("gw.example", "https://gw.example:8443"),
+            ("gw.example:8080", "http://gw.example"),
+            ("gw.example", "https://evil.example"),
+            ("gw.example", "https://gw.example.evil.example"),
+            ("gw.example", "https://user@gw.example"),
+            ("gw.example", "https://gw.example/path"),
+            ("gw.example", "https://gw.example:"),
+            ("gw.example", "ftp://gw.example"),
+            ("gw.example", "null"),
+            ("[::1]:8080", "http://[::1]:8081"),
+        ] {
+            assert!(!same.allows(&request(host, origin)), "{host} {origin}");
+        }
+        let list = OriginPolicy::List(vec!["https://app.example.com".into(), "null".into()]);
+        for origin in [
+            "https://app.example.com",
+            "HTTPS://App.Example.com",
+            "https://app.example.com:443",
+            "null",
+        ] {
+            assert!(list.allows(&request("gw.example", origin)), "{origin}");
+        }
+        for origin in [
+            "http://app.example.com",
+            "https://app.example.com:8443",
+            "https://app.example.com.evil",
+        ] {
+            assert!(!list.allows(&request("gw.example", origin)), "{origin}");
+        }
     }
 }
