@@ -431,6 +431,20 @@ fn auth_line(text: &str, key: Option<&str>) -> Option<usize> {
     None
 }
 
+/// The first two of `listeners` (each named as the user gave it: a key or a command-line
+/// option) that would take the same port, for addresses given outside the file, where the
+/// file's own check cannot see them.
+pub fn clashing_listeners<'a>(
+    listeners: &[(&'a str, std::net::SocketAddr)],
+) -> Option<[(&'a str, std::net::SocketAddr); 2]> {
+    listeners.iter().enumerate().find_map(|(i, first)| {
+        listeners[i + 1..]
+            .iter()
+            .find(|second| same_listener(first.1, second.1))
+            .map(|second| [*first, *second])
+    })
+}
+
 /// Whether two listeners would take the same port: the same address, or the same port on a
 /// wildcard address that covers the other (`0.0.0.0` every IPv4 address; `[::]` every
 /// address, IPv4 included, as Linux binds it by default). Port 0 is any free port: never the

@@ -279,7 +279,9 @@ const SECTIONS: &[Section] = &[
                 "Origins whose pages may open sockets: `scheme://host[:port]` entries, or `\"*\"` \
                  for any. Others get `403`. **Absent: same host only** (the `Origin` host must \
                  equal the `Host` header), which stops cross-site WebSocket hijacking with the \
-                 auth cookie. Requests without `Origin` (non-browser clients) pass either way.",
+                 auth cookie. Requests without `Origin` (non-browser clients) pass either way. \
+                 Origins compare as origins: scheme and host in any case, a default port \
+                 written or not (`https://app.example.com:443` is `https://app.example.com`).",
                 Some("[\"https://app.example.com\"]"),
             ),
             key(
@@ -781,7 +783,8 @@ const SECTIONS: &[Section] = &[
                 "How many namespaces get their own `switchboard_sockets_open_by_namespace` \
                  series: the ones with the most sockets at scrape time. The rest are summed under \
                  `namespace=\"(other)\"`, which caps the label's cardinality. `0`: all under \
-                 `(other)`.",
+                 `(other)`. Sockets without a namespace are `(none)`; a namespace a client names \
+                 `(other)` or `(none)` counts under `(other)`, so no label appears twice.",
                 Some("50"),
             ),
             key(

@@ -183,6 +183,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Err(e) = check_overrides(&loaded.1, listen, admin_listen) {
+                say_err!("error: {e}");
+                return ExitCode::from(2);
+            }
             init_logging(match log_format {
                 Some(LogFormatArg::Json) => LogFormat::Json,
                 Some(LogFormatArg::Text) => LogFormat::Text,
@@ -211,6 +215,47 @@ fn main() -> ExitCode {
 
 /// The config and where it came from.
 type Loaded = (String, Config);
+
+/// `--listen` and `--admin-listen` replace addresses the config file's check has passed: each
+/// listener, as it will be, still needs a port of its own (else the second bind fails as if
+/// another process held the port).
+fn check_overrides(
+    config: &Config,
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+) -> Result<(), String> {
+    if listen.is_none() && admin_listen.is_none() {
+        return Ok(());
+    }
+    let gw = &config.gateway;
+    let mut listeners = vec![(
+        if listen.is_some() {
+            "--listen"
+        } else {
+            "gateway.listen"
+        },
+        listen.unwrap_or(gw.listen),
+    )];
+    match (admin_listen, &gw.admin) {
+        (Some(addr), _) => listeners.push(("--admin-listen", addr)),
+        (None, Some(admin)) => listeners.push(("gateway.admin.listen", admin.listen)),
+        (None, None) => {}
+    }
+    if let Some(api) = &gw.api {
+        listeners.push(("gateway.api.listen", api.listen));
+    }
+    let Some([first, second]) = switchboard::config::clashing_listeners(&listeners) else {
+        return Ok(());
+    };
+    // Named at an option (the file's own addresses passed its check): the later one if both.
+    let ((at, addr), (other, _)) = match second.0.starts_with("--") {
+        true => (second, first),
+        false => (first, second),
+    };
+    Err(format!(
+        "{at} {addr} is also the address of {other}: each listener needs a port of its own"
+    ))
+}
 
 /// The config file when `--config` is not given.
 const DEFAULT_CONFIG: &str = "conf/socket.yaml";

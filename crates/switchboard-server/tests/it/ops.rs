@@ -340,6 +340,43 @@ fn at_the_open_file_limit_upgrades_get_503_and_the_admin_still_answers() {
     stop_cleanly(&mut child);
 }
 
+#[test]
+fn listen_options_that_take_a_port_already_taken_are_refused_naming_both() {
+    let (dir, file) = config_file(
+        "gateway:\n  listen: 127.0.0.1:0\n  socket: {}\n  auth:\n    secret_env: SB_IT_SECRET\n  admin:\n    listen: 127.0.0.1:47611\n",
+    );
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["serve".as_ref(), "--config".as_ref(), file.as_os_str()];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        exit_of(dir.path(), &args)
+    };
+    let cases = [
+        (
+            &["--listen", "127.0.0.1:47611"][..],
+            "--listen 127.0.0.1:47611 is also the address of gateway.admin.listen",
+        ),
+        (
+            &[
+                "--listen",
+                "0.0.0.0:47612",
+                "--admin-listen",
+                "127.0.0.1:47612",
+            ][..],
+            "--admin-listen 127.0.0.1:47612 is also the address of --listen",
+        ),
+    ];
+    for (args, want) in cases {
+        let (code, stderr) = serve(args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "error: {want}: each listener needs a port of its own"
+            )),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
 /// Runs `switchboard` with `args` in `dir` (see [`exit_code_and_stderr`]).
 fn exit_of(dir: &std::path::Path, args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
     let mut command = bin();
