@@ -279,8 +279,10 @@ const SECTIONS: &[Section] = &[
                 "Origins whose pages may open sockets: `scheme://host[:port]` entries, or `\"*\"` \
                  for any. Others get `403`. **Absent: same host only** (the `Origin` host must \
                  equal the `Host` header), which stops cross-site WebSocket hijacking with the \
-                 auth cookie. Requests without `Origin` (non-browser clients) pass either way. \
-                 Origins compare as origins: scheme and host in any case, a default port \
+                 auth cookie; with `gateway.tls` the page must be `https` too (behind a proxy \
+                 that ends TLS the scheme is not known, so list the origins to pin it). \
+                 Requests without `Origin` (non-browser clients) pass either way. A page's \
+                 `Origin` compares as an origin: scheme and host in any case, a default port \
                  written or not (`https://app.example.com:443` is `https://app.example.com`).",
                 Some("[\"https://app.example.com\"]"),
             ),

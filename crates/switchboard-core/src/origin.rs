@@ -7,8 +7,14 @@
 #[non_exhaustive]
 pub enum OriginPolicy {
     /// The `Origin`'s host and port must equal the `Host` header's (a port left out is the
-    /// default of the origin's scheme: 443 for `https`, 80 for `http`).
+    /// default of the origin's scheme: 443 for `https`, 80 for `http`). The scheme is not
+    /// known here (a proxy in front may end TLS), so a page over plain `http` of the same host
+    /// and port passes: [`OriginPolicy::SameHostOverTls`] where the listener ends TLS itself.
     SameHost,
+    /// As [`OriginPolicy::SameHost`], for a listener that ends TLS itself: the page must be
+    /// `https` too (a plain-`http` page of the same host is another origin, one a network
+    /// attacker can serve), and a `Host` without a port means 443.
+    SameHostOverTls,
     /// Any origin.
     Any,
     /// Exactly these origins (`https://app.example.com`), compared as origins are: scheme and
@@ -41,10 +47,13 @@ impl OriginPolicy {
                         _ => allowed.eq_ignore_ascii_case(origin),
                     })
             }
-            OriginPolicy::SameHost => {
+            OriginPolicy::SameHost | OriginPolicy::SameHostOverTls => {
                 let Some(origin) = WebOrigin::parse(origin) else {
                     return false;
                 };
+                if matches!(self, OriginPolicy::SameHostOverTls) && origin.scheme != "https" {
+                    return false;
+                }
                 let host = headers
                     .get(http::header::HOST)
                     .and_then(|h| h.to_str().ok())
@@ -178,6 +187,24 @@ mod tests {
         ] {
             assert!(!same.allows(&request(host, origin)), "{host} {origin}");
         }
+        // Over TLS the page must be https: a plain-http page of the same host is refused.
+        let tls = OriginPolicy::SameHostOverTls;
+        for (host, origin, passes) in [
+            ("gw.example", "https://gw.example", true),
+            ("gw.example", "HTTPS://gw.example:443", true),
+            ("gw.example:8443", "https://gw.example:8443", true),
+            ("gw.example", "http://gw.example", false),
+            ("gw.example", "http://gw.example:443", false),
+            ("gw.example:8443", "http://gw.example:8443", false),
+        ] {
+            assert_eq!(
+                tls.allows(&request(host, origin)),
+                passes,
+                "{host} {origin}"
+            );
+        }
+        // Without TLS at the listener the scheme is not known: the http page passes.
+        assert!(same.allows(&request("gw.example", "http://gw.example")));
         let list = OriginPolicy::List(vec!["https://app.example.com".into(), "null".into()]);
         for origin in [
             "https://app.example.com",

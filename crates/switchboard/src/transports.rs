@@ -157,9 +157,11 @@ fn soft_open_file_limit(limits: &str) -> Option<usize> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// `socket.allowed_origins` as a policy.
+/// `socket.allowed_origins` as a policy; absent, same host only, and `https` pages only where
+/// the gateway ends TLS itself.
 pub(crate) fn origin_policy(config: &Config) -> OriginPolicy {
     match &config.gateway.socket.allowed_origins {
+        None if config.gateway.tls.is_some() => OriginPolicy::SameHostOverTls,
         None => OriginPolicy::SameHost,
         Some(list) if list.iter().any(|o| o == "*") => OriginPolicy::Any,
         Some(list) => OriginPolicy::List(list.clone()),
@@ -223,6 +225,24 @@ impl Transports {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gateway_that_ends_tls_itself_takes_only_https_pages_of_its_host() {
+        let policy = |extra: &str| {
+            let yaml = format!("gateway:\n  socket: {{{extra}}}\n  auth:\n    secret_env: X\n");
+            origin_policy(&Config::from_yaml_str(&yaml).unwrap())
+        };
+        assert_eq!(policy(""), OriginPolicy::SameHost);
+        let mut tls = Config::from_yaml_str(
+            "gateway:\n  socket: {}\n  auth:\n    secret_env: X\n  tls:\n    cert_file: c.pem\n    key_file: k.pem\n",
+        )
+        .unwrap();
+        assert_eq!(origin_policy(&tls), OriginPolicy::SameHostOverTls);
+        // A list given is the list, with TLS or without.
+        tls.gateway.socket.allowed_origins = Some(vec!["https://app.example.com".into()]);
+        assert!(matches!(origin_policy(&tls), OriginPolicy::List(_)));
+        assert_eq!(policy("allowed_origins: [\"*\"]"), OriginPolicy::Any);
+    }
 
     #[test]
     fn the_default_caps_leave_a_reserve_and_room_for_upgrades_in_progress() {
