@@ -112,19 +112,47 @@ impl Socket {
 fn de_origins<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
     let list = Vec::<String>::deserialize(d)?;
     for origin in &list {
-        let valid = origin == "*"
-            || ["http://", "https://"].iter().any(|scheme| {
-                origin
-                    .strip_prefix(scheme)
-                    .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
-            });
-        if !valid {
+        if origin != "*" && !is_web_origin(origin) {
             return Err(de::Error::custom(format_args!(
-                "allowed_origins entry `{origin}` must be `*` or scheme://host[:port] without a path"
+                "allowed_origins entry `{origin}` must be `*` or http(s)://host[:port] (no \
+                 path, user or wildcard; a port up to 65535)"
             )));
         }
     }
     Ok(Some(list))
+}
+
+/// Whether `entry` is an origin a browser could send: `http` or `https` (any case), a host
+/// (an IPv6 one in brackets) without user, path, query or wildcard, and a port that fits in
+/// 16 bits. An entry that is not can never match a page's `Origin`: refused at load, where the
+/// mistake can be named, rather than refusing every page at run time.
+fn is_web_origin(entry: &str) -> bool {
+    let Some((scheme, authority)) = entry.split_once("://") else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return false;
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((inside, rest)) if !inside.is_empty() => (inside, rest.strip_prefix(':')),
+            _ => return false,
+        },
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    let host_ok = !host.is_empty()
+        && !host
+            .chars()
+            .any(|c| matches!(c, '/' | '?' | '#' | '@' | '*' | '[' | ']') || c.is_whitespace());
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+    });
+    // After a bracketed host, nothing but `:port` may follow.
+    let tail_ok = !authority.starts_with('[') || authority.ends_with(']') || port.is_some();
+    host_ok && port_ok && tail_ok
 }
 
 fn default_path() -> UrlPath {

@@ -501,6 +501,13 @@ fn bad_origins_are_rejected() {
         "https://example.com/app",
         "ftp://x",
         "https://",
+        "https://user@example.com",
+        "https://example.com:99999",
+        "https://example.com:",
+        "https://*.example.com",
+        "https://example.com?x",
+        "https://[::1]x",
+        "https://[]",
     ] {
         let e = bad_origin(bad);
         assert!(
@@ -508,6 +515,21 @@ fn bad_origins_are_rejected() {
             "{bad}: {e}"
         );
         assert_eq!(e.line(), Some(3), "{e}");
+    }
+}
+
+#[test]
+fn origins_a_browser_can_send_are_accepted() {
+    for good in [
+        "https://app.example.com",
+        "HTTPS://App.Example.com",
+        "http://localhost:4000",
+        "https://app.example.com:443",
+        "http://[::1]:8080",
+        "http://[::1]",
+    ] {
+        let yaml = format!("gateway:\n  socket:\n    allowed_origins: [\"{good}\"]\n");
+        assert!(Config::from_yaml_str(&yaml).is_ok(), "{good}");
     }
 }
 
