@@ -57,48 +57,48 @@ impl OriginPolicy {
                 let host = headers
                     .get(http::header::HOST)
                     .and_then(|h| h.to_str().ok())
-                    .and_then(|h| split_host_port(h, origin.default_port()));
-                matches!(host, Some((h, port)) if h.eq_ignore_ascii_case(&origin.host) && port == origin.port)
+                    .and_then(|h| split_host_port(h, default_port(origin.scheme)));
+                matches!(host, Some((h, port)) if h.eq_ignore_ascii_case(origin.host) && port == origin.port)
             }
         }
     }
 }
 
-/// An `http` or `https` origin, made comparable: scheme and host in lowercase, the port
-/// always given.
-#[derive(Debug, PartialEq, Eq)]
-struct WebOrigin {
+/// An `http` or `https` origin, borrowed from the header (or the list entry) it was read
+/// from: the scheme in lowercase, the port always given; hosts compare in any case.
+#[derive(Debug)]
+struct WebOrigin<'a> {
     scheme: &'static str,
-    host: String,
+    host: &'a str,
     port: u16,
 }
 
-impl WebOrigin {
-    /// The port of the scheme, where none is written.
-    fn default_port(&self) -> u16 {
-        if self.scheme == "https" {
-            443
-        } else {
-            80
-        }
+impl PartialEq for WebOrigin<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.scheme == other.scheme
+            && self.port == other.port
+            && self.host.eq_ignore_ascii_case(other.host)
     }
+}
 
+impl<'a> WebOrigin<'a> {
     /// `scheme://host[:port]`, nothing after it (an origin has no path); `None` otherwise.
-    fn parse(text: &str) -> Option<WebOrigin> {
+    fn parse(text: &'a str) -> Option<WebOrigin<'a>> {
         let (scheme, authority) = text.split_once("://")?;
-        let (scheme, default_port) = if scheme.eq_ignore_ascii_case("https") {
-            ("https", 443)
-        } else if scheme.eq_ignore_ascii_case("http") {
-            ("http", 80)
-        } else {
-            return None;
-        };
-        let (host, port) = split_host_port(authority, default_port)?;
-        Some(WebOrigin {
-            scheme,
-            host: host.to_ascii_lowercase(),
-            port,
-        })
+        let scheme = ["https", "http"]
+            .into_iter()
+            .find(|known| scheme.eq_ignore_ascii_case(known))?;
+        let (host, port) = split_host_port(authority, default_port(scheme))?;
+        Some(WebOrigin { scheme, host, port })
+    }
+}
+
+/// The port of `scheme` (`https` or `http`) where none is written.
+fn default_port(scheme: &str) -> u16 {
+    if scheme == "https" {
+        443
+    } else {
+        80
     }
 }
 
