@@ -53,6 +53,24 @@ pub struct Gateway {
     pub http_handlers: HttpHandlers,
 }
 
+impl Gateway {
+    /// Every listener the section can set, by its key path, with its address (`None` where its
+    /// section is absent): what must not share a port.
+    pub fn listeners(&self) -> [(&'static [&'static str], Option<SocketAddr>); 3] {
+        [
+            (&["gateway", "listen"], Some(self.listen)),
+            (
+                &["gateway", "admin", "listen"],
+                self.admin.as_ref().map(|a| a.listen),
+            ),
+            (
+                &["gateway", "api", "listen"],
+                self.api.as_ref().map(|a| a.listen),
+            ),
+        ]
+    }
+}
+
 /// The `gateway.admin` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -180,67 +180,54 @@ impl Config {
                 ));
             }
         }
-        let gw = &self.gateway;
         // (address, key, the line it is written on: 0 for the default `gateway.listen`)
-        let listeners: Vec<(std::net::SocketAddr, &[&str], usize)> = [
-            (Some(gw.listen), ["gateway", "listen"].as_slice()),
-            (
-                gw.admin.as_ref().map(|a| a.listen),
-                ["gateway", "admin", "listen"].as_slice(),
-            ),
-            (
-                gw.api.as_ref().map(|a| a.listen),
-                ["gateway", "api", "listen"].as_slice(),
-            ),
-        ]
-        .into_iter()
-        .filter_map(|(addr, key)| {
-            // A key in flow style (`api: {listen: ...}`) is placed at its section's line;
-            // only `gateway.listen` may be left out, for its default.
-            let line = match key_position(text, key) {
-                // `gateway:` found but not `listen` under it: the default, unless the section
-                // is written in flow style with the key on its line.
-                Some((depth, line)) if depth < key.len() && key.len() == 2 => {
-                    let on_line = text.lines().nth(line - 1).unwrap_or_default();
-                    if on_line.contains("listen") {
-                        line
-                    } else {
-                        0
+        let listeners: Vec<(std::net::SocketAddr, &[&str], usize)> = self
+            .gateway
+            .listeners()
+            .into_iter()
+            .filter_map(|(key, addr)| {
+                // A key in flow style (`api: {listen: ...}`) is placed at its section's line;
+                // only `gateway.listen` may be left out, for its default.
+                let line = match key_position(text, key) {
+                    // `gateway:` found but not `listen` under it: the default, unless the section
+                    // is written in flow style with the key on its line.
+                    Some((depth, line)) if depth < key.len() && key.len() == 2 => {
+                        let on_line = text.lines().nth(line - 1).unwrap_or_default();
+                        if on_line.contains("listen") {
+                            line
+                        } else {
+                            0
+                        }
                     }
-                }
-                found => found.map_or(0, |(_, line)| line),
-            };
-            Some((addr?, key, line))
-        })
-        .collect();
-        for (i, (addr, key, line)) in listeners.iter().enumerate() {
-            for (other, other_key, other_line) in &listeners[i + 1..] {
-                if !same_listener(*addr, *other) {
-                    continue;
-                }
-                // Named at the one written later in the file; the other as written, or as
-                // the default.
-                let ((addr, key), (earlier_key, earlier_line)) = if other_line >= line {
-                    ((other, other_key), (key, line))
-                } else {
-                    ((addr, key), (other_key, other_line))
+                    found => found.map_or(0, |(_, line)| line),
                 };
-                let default = if *earlier_line == 0 {
-                    " (its default)"
-                } else {
-                    ""
-                };
-                return Err(invalid(
-                    key,
-                    format!(
-                        "{addr} is also the address of {}{default}: each listener needs a port \
-                         of its own",
-                        earlier_key.join(".")
-                    ),
-                ));
-            }
-        }
-        Ok(())
+                Some((addr?, key, line))
+            })
+            .collect();
+        let addresses: Vec<_> = listeners.iter().map(|(addr, _, _)| *addr).collect();
+        let Some((i, j)) = clashing_listeners(&addresses) else {
+            return Ok(());
+        };
+        let ((addr, key, line), (other, other_key, other_line)) = (listeners[i], listeners[j]);
+        // Named at the one written later in the file; the other as written, or as the default.
+        let ((addr, key), (earlier_key, earlier_line)) = if other_line >= line {
+            ((other, other_key), (key, line))
+        } else {
+            ((addr, key), (other_key, other_line))
+        };
+        let default = if earlier_line == 0 {
+            " (its default)"
+        } else {
+            ""
+        };
+        Err(invalid(
+            key,
+            format!(
+                "{addr} is also the address of {}{default}: each listener needs a port of its \
+                 own",
+                earlier_key.join(".")
+            ),
+        ))
     }
 
     /// Every topic bound to an HTTP endpoint must be one the socket hooks publish to (not a
@@ -431,17 +418,13 @@ fn auth_line(text: &str, key: Option<&str>) -> Option<usize> {
     None
 }
 
-/// The first two of `listeners` (each named as the user gave it: a key or a command-line
-/// option) that would take the same port, for addresses given outside the file, where the
-/// file's own check cannot see them.
-pub fn clashing_listeners<'a>(
-    listeners: &[(&'a str, std::net::SocketAddr)],
-) -> Option<[(&'a str, std::net::SocketAddr); 2]> {
-    listeners.iter().enumerate().find_map(|(i, first)| {
-        listeners[i + 1..]
-            .iter()
-            .find(|second| same_listener(first.1, second.1))
-            .map(|second| [*first, *second])
+/// The indexes of the first two of `addresses` that would take the same port, for listeners
+/// given outside the file (command-line options), where the file's own check cannot see them.
+pub fn clashing_listeners(addresses: &[std::net::SocketAddr]) -> Option<(usize, usize)> {
+    (0..addresses.len()).find_map(|i| {
+        (i + 1..addresses.len())
+            .find(|&j| same_listener(addresses[i], addresses[j]))
+            .map(|j| (i, j))
     })
 }
 

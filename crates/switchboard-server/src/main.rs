@@ -224,36 +224,43 @@ fn check_overrides(
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
 ) -> Result<(), String> {
-    if listen.is_none() && admin_listen.is_none() {
+    let options = [
+        (["gateway", "listen"].as_slice(), "--listen", listen),
+        (
+            ["gateway", "admin", "listen"].as_slice(),
+            "--admin-listen",
+            admin_listen,
+        ),
+    ];
+    if options.iter().all(|(_, _, given)| given.is_none()) {
         return Ok(());
     }
-    let gw = &config.gateway;
-    let mut listeners = vec![(
-        if listen.is_some() {
-            "--listen"
-        } else {
-            "gateway.listen"
-        },
-        listen.unwrap_or(gw.listen),
-    )];
-    match (admin_listen, &gw.admin) {
-        (Some(addr), _) => listeners.push(("--admin-listen", addr)),
-        (None, Some(admin)) => listeners.push(("gateway.admin.listen", admin.listen)),
-        (None, None) => {}
-    }
-    if let Some(api) = &gw.api {
-        listeners.push(("gateway.api.listen", api.listen));
-    }
-    let Some([first, second]) = switchboard::config::clashing_listeners(&listeners) else {
+    // Each listener as it will be: named by its option where one replaces it.
+    let (names, addresses): (Vec<String>, Vec<SocketAddr>) = config
+        .gateway
+        .listeners()
+        .into_iter()
+        .filter_map(|(key, in_file)| {
+            match options
+                .iter()
+                .find(|(k, _, given)| *k == key && given.is_some())
+            {
+                Some((_, option, given)) => Some((option.to_string(), (*given)?)),
+                None => Some((key.join("."), in_file?)),
+            }
+        })
+        .unzip();
+    let Some((first, second)) = switchboard::config::clashing_listeners(&addresses) else {
         return Ok(());
     };
     // Named at an option (the file's own addresses passed its check): the later one if both.
-    let ((at, addr), (other, _)) = match second.0.starts_with("--") {
+    let (at, other) = match names[second].starts_with("--") {
         true => (second, first),
         false => (first, second),
     };
     Err(format!(
-        "{at} {addr} is also the address of {other}: each listener needs a port of its own"
+        "{} {} is also the address of {}: each listener needs a port of its own",
+        names[at], addresses[at], names[other]
     ))
 }
 
