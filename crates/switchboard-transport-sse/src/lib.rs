@@ -149,13 +149,17 @@ impl HttpEndpoint for Endpoint {
             let refusal = plain_response(http::StatusCode::SERVICE_UNAVAILABLE, "not started\n");
             return Box::pin(std::future::ready(HttpReply::Full(refusal)));
         };
+        let reply =
+            |reply| -> BoxFuture<'static, HttpReply> { Box::pin(std::future::ready(reply)) };
+        // As the upgrade: HTTP/1.1 with exactly one `Host` (the origin check reads it).
+        if let Some(refusal) = sessions::malformed(&request) {
+            return reply(refusal);
+        }
         match request.parts.method {
             http::Method::GET => sessions.stream(request),
-            http::Method::OPTIONS => {
-                let reply = sessions::preflight(&request, &self.0.options.origins);
-                Box::pin(std::future::ready(reply))
-            }
-            _ => sessions.post(request),
+            http::Method::OPTIONS => reply(sessions::preflight(&request, &self.0.options.origins)),
+            http::Method::POST | http::Method::DELETE => sessions.post(request),
+            _ => reply(sessions::method_not_allowed()),
         }
     }
 }

@@ -205,7 +205,7 @@ fn open_stream<S: Service>(bound: &Arc<Bound<S>>, request: HttpRequest) -> HttpR
     let options = &bound.options;
     let stats = &bound.stats;
     let headers = &request.parts.headers;
-    if !options.origins.allows(headers) || cross_site_without_origin(headers) {
+    if !options.origins.allows(headers) || foreign_page_without_origin(headers) {
         stats.refused_origin.fetch_add(1, Relaxed);
         return refuse(StatusCode::FORBIDDEN, "origin not allowed\n");
     }
@@ -284,14 +284,43 @@ fn open_stream<S: Service>(bound: &Arc<Bound<S>>, request: HttpRequest) -> HttpR
     ))
 }
 
-/// A browser's request from another site that carries no `Origin` (an `<img>`, a link): it
-/// would bring the visitor's cookies, so it opens nothing. (`Sec-Fetch-Site` is sent by
-/// browsers only; other clients are not affected.)
-fn cross_site_without_origin(headers: &http::HeaderMap) -> bool {
+/// A browser's request from a page of another origin that carries no `Origin` (an `<img>`,
+/// a link, a `no-cors` fetch from a sibling subdomain): it would bring the visitor's cookies,
+/// so it opens nothing. An event source of another origin always sends `Origin`, and the
+/// policy judges it; without one, only the page's own origin (`same-origin`) or the visitor
+/// (`none`: typed in, a bookmark) may open a stream. `Sec-Fetch-Site` is sent by browsers
+/// only (a page cannot set it); other clients are not affected.
+fn foreign_page_without_origin(headers: &http::HeaderMap) -> bool {
     headers.get(header::ORIGIN).is_none()
         && headers
             .get("sec-fetch-site")
-            .is_some_and(|v| v.as_bytes() == b"cross-site")
+            .is_some_and(|v| !matches!(v.as_bytes(), b"same-origin" | b"none"))
+}
+
+/// A request the WebSocket upgrade would refuse as malformed (`400`): not HTTP/1.1, or
+/// without exactly one `Host` (RFC 9112 3.2; the same-host origin check reads it).
+pub(crate) fn malformed(request: &HttpRequest) -> Option<HttpReply> {
+    let parts = &request.parts;
+    let one_host = parts.headers.get_all(header::HOST).iter().count() == 1;
+    (parts.version != http::Version::HTTP_11 || !one_host).then(|| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            "an HTTP/1.1 request with one Host header\n",
+        )
+    })
+}
+
+/// `405` for a method the endpoint does not take, saying which it does.
+pub(crate) fn method_not_allowed() -> HttpReply {
+    let mut res = plain_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "GET opens the stream, POST sends, DELETE closes\n",
+    );
+    res.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
+    );
+    HttpReply::Full(res)
 }
 
 /// CORS for a page of another origin that the policy allows: it may read the answer, with
@@ -360,10 +389,7 @@ impl<S: Service> Bound<S> {
     async fn post_or_delete(&self, request: HttpRequest) -> HttpReply {
         let closing = request.parts.method == Method::DELETE;
         if request.parts.method != Method::POST && !closing {
-            return refuse(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "GET opens the stream, POST sends, DELETE closes\n",
-            );
+            return method_not_allowed();
         }
         if !self.options.origins.allows(&request.parts.headers) {
             self.stats.refused_origin.fetch_add(1, Relaxed);

@@ -358,7 +358,28 @@ fn frame_fields(
     Ok(())
 }
 
+/// Refuses a field the route does not know: a misspelt `namespace` (`Namespace`,
+/// `namespce`) would otherwise be ignored, and the send or disconnect reach the user in every
+/// namespace.
+fn only_fields(body: &Map<String, Value>, known: &[&str]) -> Result<(), HttpResponse> {
+    match body.keys().find(|k| !known.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(unknown) => Err(bad_field(
+            unknown,
+            &format!(
+                "unknown field `{unknown}`; this route takes {}",
+                known
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
 fn send(state: &ApiState, body: &Map<String, Value>) -> Answer {
+    only_fields(body, &["username", "namespace", "type", "payload"])?;
     let topic = topic(&state.send, "send")?;
     let (target, mut data) = user_target(body)?;
     frame_fields(body, &mut data)?;
@@ -366,6 +387,7 @@ fn send(state: &ApiState, body: &Map<String, Value>) -> Answer {
 }
 
 fn broadcast(state: &ApiState, body: &Map<String, Value>) -> Answer {
+    only_fields(body, &["namespace", "type", "payload"])?;
     let topic = topic(&state.broadcast, "broadcast")?;
     let namespace = string(body, "namespace", false)?;
     let mut data = Map::new();
@@ -378,6 +400,7 @@ fn broadcast(state: &ApiState, body: &Map<String, Value>) -> Answer {
 }
 
 fn disconnect(state: &ApiState, body: &Map<String, Value>) -> Answer {
+    only_fields(body, &["username", "namespace", "code", "reason"])?;
     let topic = topic(&state.disconnect, "disconnect")?;
     let (target, mut data) = user_target(body)?;
     match body.get("code") {

@@ -180,6 +180,62 @@ async fn call_raw(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> 
     )
 }
 
+/// A field a route does not take is refused, not ignored: a misspelt `namespace` would
+/// otherwise widen a send or a disconnect to the user's sockets in every namespace.
+#[tokio::test]
+async fn a_misspelt_field_is_400_naming_it_and_reaches_nobody() {
+    let (gw, addr) = api_gateway(Kind::WebSocket).await;
+    let mut in_acme = gw.connect("alex", Some("acme")).await;
+    let mut in_globex = gw.connect("alex", Some("globex")).await;
+    gw.wait_for_sockets(2).await;
+    let refused = [
+        (
+            "/api/send",
+            json!({"username": "alex", "Namespace": "acme", "type": "t"}),
+            "Namespace",
+        ),
+        (
+            "/api/broadcast",
+            json!({"namespace": "acme", "type": "t", "to": "alex"}),
+            "to",
+        ),
+        (
+            "/api/disconnect",
+            json!({"username": "alex", "namespce": "acme"}),
+            "namespce",
+        ),
+    ];
+    for (route, body, field) in refused {
+        let (status, answer) = call(addr, "POST", route, Some(body)).await;
+        assert_eq!(
+            (status, answer["field"].clone()),
+            (400, json!(field)),
+            "{route}: {answer}"
+        );
+        assert!(
+            answer["error"].as_str().unwrap().contains("`namespace`"),
+            "names what the route takes: {answer}"
+        );
+    }
+    // Nothing was sent to either socket, and neither was closed.
+    in_acme.assert_silent(200).await;
+    in_globex.assert_silent(100).await;
+    // Every field a route documents is taken.
+    let (status, answer) = call(
+        addr,
+        "POST",
+        "/api/send",
+        Some(json!({"username": "alex", "namespace": "acme", "type": "t", "payload": 1})),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["sockets_on_this_node"].clone()),
+        (200, json!(1))
+    );
+    assert_eq!(in_acme.recv().await, json!({"type": "t", "payload": 1}));
+    in_globex.assert_silent(100).await;
+}
+
 /// A parameter or a body field given twice gets `400` naming it, as `namespace` does at the
 /// upgrade: one value would be used, and which one is a guess (the last, before). A parameter
 /// that is not UTF-8 once percent-decoded gets `400` too, never U+FFFD in place of its bytes

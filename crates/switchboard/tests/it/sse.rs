@@ -180,6 +180,75 @@ async fn streams_and_posts_are_refused_as_upgrades_are() {
     assert_eq!(gw.stats().transport.refused_origin, 1 + 1);
 }
 
+/// The status of a raw request `head` (whole, with its blank line).
+async fn raw_status(addr: std::net::SocketAddr, head: &str) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut status = String::new();
+    let mut reader = BufReader::new(stream);
+    let read = reader.read_line(&mut status);
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("an answer")
+        .unwrap();
+    status
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn what_the_upgrade_refuses_as_malformed_or_foreign_opens_no_stream() {
+    let c = container(sse_config());
+    let gw = start(Kind::Sse, c).await;
+    let addr = gw.local_addr().unwrap();
+    let rest = format!("Accept: text/event-stream\r\n{}\r\n", cookie("alex"));
+    for (what, head) in [
+        ("no Host", format!("GET /connect/sse HTTP/1.1\r\n{rest}")),
+        (
+            "two Hosts",
+            format!("GET /connect/sse HTTP/1.1\r\nHost: {addr}\r\nHost: {addr}\r\n{rest}"),
+        ),
+        (
+            "HTTP/1.0",
+            format!("GET /connect/sse HTTP/1.0\r\nHost: {addr}\r\n{rest}"),
+        ),
+    ] {
+        assert_eq!(raw_status(addr, &head).await, 400, "{what}");
+    }
+    // What a browser sends for a `no-cors` fetch from a sibling subdomain's page: the cookie,
+    // no `Origin`. It would open a session in the visitor's name (and use up their sockets).
+    for site in ["same-site", "cross-site"] {
+        let headers = format!(
+            "{}Sec-Fetch-Site: {site}\r\nSec-Fetch-Mode: no-cors\r\n",
+            cookie("alex")
+        );
+        let refused = sse_client::open(addr, "/connect/sse", &headers)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{site}: opened"));
+        assert!(refused.starts_with("HTTP/1.1 403"), "{site}: {refused}");
+    }
+    // The page's own event source, and a client that is no browser, open one.
+    let own = format!(
+        "{}Sec-Fetch-Site: same-origin\r\nSec-Fetch-Mode: cors\r\n",
+        cookie("alex")
+    );
+    let _own = sse_client::open(addr, "/connect/sse", &own).await.unwrap();
+    let _other = open_sse(&gw, "alex", None).await;
+    gw.wait_for_sockets(2).await;
+    // A method it does not take: 405 saying which it does.
+    let (status, head) = sse_client::exchange(addr, "PUT", "/connect/sse", "", b"").await;
+    assert_eq!(status, 405);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("allow: get, post, delete, options"),
+        "{head}"
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_holds_nothing() {
     let c = container(spec_config(
