@@ -123,6 +123,31 @@ impl Config {
     /// line is the first that names both `publish` and the topic.
     fn check_routes(&self, text: &str) -> Result<(), ConfigError> {
         let socket = &self.gateway.socket;
+        // The built-ins must not share a topic: with `send` and `broadcast` on one, every
+        // private send would also go to everyone in every namespace; with `send` and
+        // `disconnect`, every send would close its target.
+        let builtins = [
+            ("send", socket.send.as_ref()),
+            ("broadcast", socket.broadcast.as_ref()),
+            ("disconnect", socket.disconnect.as_ref()),
+        ];
+        for (i, (later, hook)) in builtins.iter().enumerate() {
+            let Some(hook) = hook else { continue };
+            let topic = hook.subscribe.as_str();
+            let earlier = builtins[..i]
+                .iter()
+                .find(|(_, h)| h.is_some_and(|h| h.subscribe.as_str() == topic));
+            if let Some((earlier, _)) = earlier {
+                return Err(ConfigError::at_line(
+                    format!(
+                        "gateway.socket.{later}.subscribe: `{topic}` is the topic of \
+                         gateway.socket.{earlier} too; each built-in needs a topic of its own \
+                         (one message there would be both a {earlier} and a {later})"
+                    ),
+                    key_line(text, &["gateway", "socket", later]),
+                ));
+            }
+        }
         let published = socket.published_topics();
         let guarded = [
             (

@@ -56,6 +56,15 @@ impl<'de> Deserialize<'de> for UrlPath {
                 "path `{s}` must be a plain path (no query, fragment or spaces)"
             )));
         }
+        // A request's path arrives as visible ASCII (anything else percent-encoded): a path
+        // with a control character (a trailing newline from `${VAR}`, say) or a letter
+        // outside ASCII would never match one.
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(de::Error::custom(format_args!(
+                "path {s:?} must be visible ASCII (no control characters or spaces; \
+                 percent-encode other characters)"
+            )));
+        }
         Ok(UrlPath(s))
     }
 }

@@ -128,6 +128,53 @@ fn path_must_start_with_slash() {
 }
 
 #[test]
+fn a_path_no_request_could_match_is_rejected() {
+    // A trailing newline (from `${VAR}` or `path: |`), a tab, a letter outside ASCII.
+    for path in [r#""/connect\n""#, r#""/con\tnect""#, "/café"] {
+        let e = bad(&format!("gateway:\n  socket:\n    path: {path}\n"));
+        assert!(
+            e.to_string().contains("must be visible ASCII"),
+            "{path}: {e}"
+        );
+        assert!(e.to_string().starts_with("gateway.socket: path"), "{e}");
+        assert_eq!(e.line(), Some(3), "{e}");
+    }
+    let e = bad("gateway:\n  socket:\n    sse: {path: \"/s\\u0000e\"}\n");
+    assert!(e.to_string().contains("must be visible ASCII"), "{e}");
+    let ok = Config::from_yaml_str(
+        "gateway:\n  socket:\n    path: \"/a-b_c.d~e/%C3%A9:@!$&'()*+,;=\"\n",
+    );
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[test]
+fn two_built_ins_on_one_topic_are_rejected_naming_both() {
+    let e = bad(
+        "gateway:\n  socket:\n    send: {subscribe: t}\n    broadcast: {subscribe: u}\n    \
+         disconnect: {subscribe: t}\n",
+    );
+    assert!(
+        e.to_string().starts_with(
+            "gateway.socket.disconnect.subscribe: `t` is the topic of gateway.socket.send too"
+        ),
+        "{e}"
+    );
+    assert_eq!(e.line(), Some(5), "{e}");
+    let e = bad("gateway:\n  socket:\n    send: {subscribe: t}\n    broadcast: {subscribe: t}\n");
+    assert!(
+        e.to_string()
+            .contains("`t` is the topic of gateway.socket.send too"),
+        "{e}"
+    );
+    assert_eq!(e.line(), Some(4), "{e}");
+    let ok = Config::from_yaml_str(
+        "gateway:\n  socket:\n    send: {subscribe: t}\n    broadcast: {subscribe: u}\n    \
+         disconnect: {subscribe: v}\n",
+    );
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[test]
 fn empty_topic_is_rejected() {
     let e = bad("gateway:\n  socket:\n    onclose:\n      publish: \"\"\n");
     assert!(e.to_string().contains("topic must not be empty"), "{e}");
