@@ -79,6 +79,15 @@ pub enum TlsError {
     /// A file held no PEM certificate.
     #[error("{}: no PEM certificate in it", .0.display())]
     NoCertificate(PathBuf),
+    /// A PEM section that does not read (no end line, bad base64): a file half written, whose
+    /// certificates before it would otherwise load as if they were the whole chain.
+    #[error("{}: a PEM section does not read ({detail}); is the file still being written?", path.display())]
+    BadPem {
+        /// The file.
+        path: PathBuf,
+        /// What the PEM reader said.
+        detail: String,
+    },
     /// The key file held no PEM private key.
     #[error("{}: no PEM private key in it (PKCS#8, PKCS#1 or SEC1)", .0.display())]
     NoKey(PathBuf),
@@ -122,9 +131,14 @@ pub fn read_pem_file(path: &Path) -> std::io::Result<Vec<u8>> {
 /// Every certificate in a PEM file, in order.
 pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path)?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
-        .filter_map(Result::ok)
-        .collect();
+    // Every section must read: a chain cut off after its leaf would load as the leaf alone,
+    // and clients that need the intermediate would fail to verify it.
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadPem {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate(path.to_path_buf()));
     }
@@ -391,6 +405,25 @@ mod tests {
         let missing = ServerTlsFiles::new(dir.path().join("nope.crt"), &files.key);
         let err = ServerTls::load(missing).unwrap_err().to_string();
         assert!(err.contains("nope.crt"), "{err}");
+    }
+
+    #[test]
+    fn a_chain_cut_off_after_its_leaf_is_refused_and_the_old_config_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_pair(dir.path(), "a");
+        let tls = ServerTls::load(files.clone()).unwrap();
+        let before = tls.config();
+        // The leaf written whole, the intermediate behind it only begun.
+        let leaf = fs::read_to_string(&files.cert).unwrap();
+        let half = format!("{leaf}-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n");
+        fs::write(&files.cert, half).unwrap();
+        let err = tls.reload().unwrap_err().to_string();
+        assert!(
+            err.contains("a.crt") && err.contains("a PEM section does not read"),
+            "{err}"
+        );
+        assert!(Arc::ptr_eq(&before, &tls.config()), "the old config stays");
+        assert!(ServerTls::load(files).is_err(), "and it does not start");
     }
 
     #[test]

@@ -451,11 +451,16 @@ impl Gateway {
         let token = data
             .get("payload")
             .and_then(|p| p.get("token"))
-            .and_then(Value::as_str)
-            .filter(|t| t.len() <= MAX_REFRESH_TOKEN);
+            .and_then(Value::as_str);
         let Some(token) = token else {
             return self.refuse_refresh(s, "send {\"payload\":{\"token\":\"...\"}}");
         };
+        if token.len() > MAX_REFRESH_TOKEN {
+            return self.refuse_refresh(
+                s,
+                &format!("the token is longer than {MAX_REFRESH_TOKEN} bytes"),
+            );
+        }
         // Each verification costs a signature check: one per second per socket. (Refreshes of
         // one socket come from its task, one at a time.)
         let now = clock_millis();
@@ -472,22 +477,11 @@ impl Gateway {
             Err(e) => return self.refuse_refresh(s, &e.to_string()),
         };
         if *identity.username != *s.username {
-            GatewayStats::bump(&stats.refresh_mismatches);
-            let _ = s.handle.send_text(error_frame(&json!({
-                "message": "refresh refused: the token is for another user",
-                "type": REFRESH_TYPE,
-            })));
-            return s
-                .handle
-                .close(REFRESH_MISMATCH_CODE, "refresh token is for another user");
+            return self.close_for_mismatch(s, "the token is for another user");
         }
         if let Some(ns) = &s.namespace {
             if !self.verifier.namespace_allowed(&identity, ns) {
-                GatewayStats::bump(&stats.refresh_mismatches);
-                return s.handle.close(
-                    REFRESH_MISMATCH_CODE,
-                    "refresh token does not allow this namespace",
-                );
+                return self.close_for_mismatch(s, "the token does not allow this namespace");
             }
         }
         // The claims handlers see become the new token's.
@@ -507,6 +501,18 @@ impl Gateway {
         let _ = s
             .handle
             .send_text(encode_frame(REFRESHED_TYPE, &json!({"exp": identity.exp})));
+    }
+
+    /// A verified token that cannot be this socket's: the error frame, then close `1008`
+    /// (the socket may not go on under a token that does not cover it).
+    fn close_for_mismatch(&self, s: &Session, why: &str) {
+        GatewayStats::bump(&self.stats().refresh_mismatches);
+        let _ = s.handle.send_text(error_frame(&json!({
+            "message": format!("refresh refused: {why}"),
+            "type": REFRESH_TYPE,
+        })));
+        s.handle
+            .close(REFRESH_MISMATCH_CODE, &format!("refresh: {why}"));
     }
 
     fn refuse_refresh(&self, s: &Session, why: &str) {

@@ -121,6 +121,21 @@ async fn an_invalid_refresh_changes_nothing_and_another_users_token_closes_the_s
             "{frame}"
         );
     }
+    // Over the bound, the error says which bound.
+    let long = "x".repeat(20 << 10);
+    send(
+        &mut ws,
+        json!({"type": "$refresh", "payload": {"token": long}}),
+    )
+    .await;
+    let frame = recv(&mut ws).await;
+    assert!(
+        frame["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("longer than 16384 bytes"),
+        "{frame}"
+    );
     send(&mut ws, json!({"type": "still-here"})).await;
     assert_eq!(next_published(&mut seen).await.1["type"], "still-here");
     // A valid token, for someone else (a second verification: after the one-per-second limit).
@@ -139,7 +154,45 @@ async fn an_invalid_refresh_changes_nothing_and_another_users_token_closes_the_s
         ("socket:close", &json!("alex"))
     );
     let stats = gw.stats();
-    assert_eq!((stats.refreshes_refused, stats.refresh_mismatches), (3, 1));
+    assert_eq!((stats.refreshes_refused, stats.refresh_mismatches), (4, 1));
+}
+
+#[tokio::test]
+async fn a_refresh_whose_token_leaves_out_the_sockets_namespace_says_so_then_closes() {
+    let _ = spec_config("");
+    let yaml = format!(
+        "gateway:\n  socket: {{}}\n  auth:\n    secret_env: {SECRET_ENV}\n    namespace_claim: tenants\n"
+    );
+    let gw = start(container(Config::from_yaml_str(&yaml).unwrap())).await;
+    let tenants = |list: serde_json::Value| token_for("alex", 600, json!({"tenants": list}));
+    let first = tenants(json!(["acme"]));
+    let mut ws = switchboard_test_support::websocket::connect_request(
+        gw.local_addr().unwrap(),
+        switchboard_test_support::request(&first, Some("acme")),
+    )
+    .await
+    .unwrap();
+    // The same user, but a token for another tenant only.
+    send(
+        &mut ws,
+        json!({"type": "$refresh", "payload": {"token": tenants(json!(["globex"]))}}),
+    )
+    .await;
+    let frame = recv(&mut ws).await;
+    assert_eq!(
+        (frame["type"].as_str(), frame["payload"]["type"].as_str()),
+        (Some("error"), Some("$refresh")),
+        "{frame}"
+    );
+    assert!(
+        frame["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not allow this namespace"),
+        "{frame}"
+    );
+    assert_eq!(close_code_of(&mut ws).await, 1008);
+    assert_eq!(gw.stats().refresh_mismatches, 1);
 }
 
 #[tokio::test]
