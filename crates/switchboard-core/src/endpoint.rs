@@ -42,8 +42,9 @@ impl HttpRequest {
 
 /// A long-lived response: the head now, then each chunk as the stream yields it, until it
 /// ends. The server stops polling the stream while the client does not read (so a stream
-/// must bound what it holds), drops it when the client goes, and drops the connection when
-/// `abort` fires (a client that stopped reading cannot hold it).
+/// must bound what it holds; the server keeps the kernel's share of a stream small, so that
+/// this happens within some tens of kilobytes), drops it when the client goes, and drops the
+/// connection when `abort` fires (a client that stopped reading cannot hold it).
 #[non_exhaustive]
 pub struct StreamReply {
     /// Status and headers.
@@ -52,6 +53,10 @@ pub struct StreamReply {
     pub chunks: Pin<Box<dyn BodyChunks>>,
     /// Fired by the endpoint to drop the connection at once.
     pub abort: Arc<AbortSignal>,
+    /// Drop the connection when what was sent stays unacknowledged this long
+    /// (`TCP_USER_TIMEOUT`): a client that vanished without closing (a laptop shut, a network
+    /// gone) holds nothing longer. `None`: the kernel's own retransmission limit (minutes).
+    pub unacked_limit: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for StreamReply {
@@ -73,7 +78,14 @@ impl StreamReply {
             head,
             chunks,
             abort,
+            unacked_limit: None,
         }
+    }
+
+    /// Sets [`StreamReply::unacked_limit`].
+    pub fn with_unacked_limit(mut self, limit: std::time::Duration) -> Self {
+        self.unacked_limit = Some(limit);
+        self
     }
 }
 

@@ -349,7 +349,8 @@ impl SseSocket {
     /// client that took nothing of its backlog since the last sweep is cut off.
     pub(crate) fn heartbeat(&self) {
         let mut q = lock(&self.queue);
-        let stalled = !q.chunks.is_empty() && !q.taken;
+        let idle = q.chunks.is_empty();
+        let stalled = !idle && !q.taken;
         q.taken = false;
         let finished = q.finished;
         drop(q);
@@ -360,7 +361,10 @@ impl SseSocket {
             } else {
                 self.end_slow_consumer();
             }
-        } else if !finished {
+        } else if idle && !finished {
+            // Only on an idle stream: one whose queue is moving needs no comment to look
+            // alive, and a queue at its bound must not turn a reader that keeps up into a
+            // slow consumer for the sake of a comment.
             let _ = self.push(Bytes::from_static(b":\n\n"), false);
         }
     }
@@ -464,6 +468,44 @@ impl Drop for EventStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct NoRoom;
+    impl Shedder for NoRoom {
+        fn make_room(&self, _: &SseSocket, _: usize) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn a_reader_that_keeps_up_with_a_full_queue_is_not_ended_by_the_heartbeat() {
+        let limits = QueueLimits {
+            frames: 3,
+            bytes: 1 << 20,
+        };
+        let stats = Arc::new(SseStats::default());
+        stats.set_budget(usize::MAX);
+        let shedder: Weak<dyn Shedder> = Weak::<NoRoom>::new();
+        let socket = Arc::new(SseSocket::new(
+            "127.0.0.1:1".parse().unwrap(),
+            limits,
+            stats,
+            shedder,
+        ));
+        let mut stream = Box::pin(EventStream(socket.clone()));
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        for _ in 0..3 {
+            socket.send_text(Bytes::from_static(b"{}")).unwrap();
+        }
+        // The client takes one, the queue fills again: at its bound, but moving.
+        assert!(stream.as_mut().poll_chunk(&mut cx).is_ready());
+        socket.send_text(Bytes::from_static(b"{}")).unwrap();
+        socket.heartbeat();
+        assert!(!socket.is_closing(), "ended for the sake of a comment");
+        // Nothing taken until the next sweep: that one is stalled.
+        socket.heartbeat();
+        assert!(socket.is_closing());
+    }
 
     #[test]
     fn a_message_of_many_lines_becomes_many_data_lines() {

@@ -59,14 +59,22 @@ impl Body for ReplyBody {
     }
 }
 
+/// What a streamed answer asks of its connection.
+pub(crate) struct Streaming {
+    /// Fired by the endpoint to drop the connection.
+    pub(crate) abort: Arc<AbortSignal>,
+    /// See [`switchboard_core::StreamReply::unacked_limit`].
+    pub(crate) unacked_limit: Option<std::time::Duration>,
+}
+
 /// Reads the body (refusing one larger than the endpoint takes, unread) and asks the endpoint;
-/// a streamed answer leaves its abort signal in `abort`.
+/// a streamed answer leaves what it asks of its connection in `streaming`.
 pub(crate) async fn serve(
     endpoint: &dyn HttpEndpoint,
     req: Request<Incoming>,
     peer: SocketAddr,
     options: &TransportOptions,
-    abort: &mut Option<Arc<AbortSignal>>,
+    streaming: &mut Option<Streaming>,
 ) -> Response<ReplyBody> {
     let refuse = |status, text| plain_response(status, text).map(ReplyBody::full);
     let (parts, body) = req.into_parts();
@@ -88,7 +96,10 @@ pub(crate) async fn serve(
     match endpoint.call(request).await {
         HttpReply::Full(res) => res.map(ReplyBody::full),
         HttpReply::Stream(stream) => {
-            *abort = Some(stream.abort);
+            *streaming = Some(Streaming {
+                abort: stream.abort,
+                unacked_limit: stream.unacked_limit,
+            });
             stream.head.map(|()| ReplyBody::Stream(stream.chunks))
         }
         _ => refuse(StatusCode::INTERNAL_SERVER_ERROR, "unknown answer\n"),

@@ -127,6 +127,7 @@ use upgrade::Rewind;
 use wire::Wire;
 
 mod endpoints;
+mod stream_tuning;
 mod transport;
 pub use transport::WebSocketTransport;
 
@@ -465,9 +466,7 @@ async fn serve_tls<S: Service>(
     deadline: tokio::time::Instant,
 ) {
     match tokio::time::timeout_at(deadline, accept).await {
-        Ok(Ok(stream)) => {
-            serve_http(TokioIo::new(stream), peer, in_progress, shared, deadline).await
-        }
+        Ok(Ok(stream)) => serve_http(stream, peer, in_progress, shared, deadline).await,
         Ok(Err(e)) => {
             shared.hub.stats.refused_tls.fetch_add(1, Relaxed);
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -481,14 +480,22 @@ async fn serve_tls<S: Service>(
 
 /// The connection's one request, over plain TCP or TLS, within `deadline`.
 async fn serve_http<S: Service, I>(
-    io: TokioIo<I>,
+    io: I,
     peer: SocketAddr,
     in_progress: handshakes::InProgress,
     shared: Arc<Shared<S>>,
     deadline: tokio::time::Instant,
 ) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + stream_tuning::OverTcp
+        + Unpin
+        + Send
+        + 'static,
 {
+    // Set on the socket when an endpoint answers with a stream (hyper holds the IO by then).
+    let tuning = Arc::new(stream_tuning::StreamTuning::default());
+    let io = TokioIo::new(stream_tuning::Tuned::new(io, tuning.clone()));
     // While the request is served: its handshake slot, then (for a streamed answer) the
     // stream's abort signal in its place.
     let state = Arc::new(std::sync::Mutex::new(Connection {
@@ -500,18 +507,25 @@ async fn serve_http<S: Service, I>(
     let svc = service_fn(move |req: Request<Incoming>| {
         let shared = svc_shared.clone();
         let state = svc_state.clone();
+        let tuning = tuning.clone();
         async move {
             let mut response = match shared.endpoints.get(req.uri().path()) {
                 Some(endpoint) => {
-                    let mut abort = None;
-                    let response =
-                        endpoints::serve(endpoint.as_ref(), req, peer, &shared.options, &mut abort)
-                            .await;
-                    if let Some(abort) = abort {
+                    let mut streaming = None;
+                    let response = endpoints::serve(
+                        endpoint.as_ref(),
+                        req,
+                        peer,
+                        &shared.options,
+                        &mut streaming,
+                    )
+                    .await;
+                    if let Some(streaming) = streaming {
+                        tuning.request(streaming.unacked_limit);
                         // Long-lived from here: no longer a handshake in progress.
                         let mut state = lock(&state);
                         state.in_progress = None;
-                        state.abort = Some(abort);
+                        state.abort = Some(streaming.abort);
                     }
                     response
                 }
@@ -671,14 +685,15 @@ fn handle_request<S: Service>(
         // read first) or TLS (see `serve_connection`); taking the stream back lets the socket
         // read and write it without hyper's buffers in between. What hyper buffered came
         // first, from the front of the bytes put back; what it left of them follows.
-        let (wire, read_buf) = match upgraded.downcast::<TokioIo<Rewind<TcpStream>>>() {
+        use stream_tuning::Tuned;
+        let (wire, read_buf) = match upgraded.downcast::<TokioIo<Tuned<Rewind<TcpStream>>>>() {
             Ok(parts) => {
-                let (tcp, unread) = parts.io.into_inner().into_parts();
+                let (tcp, unread) = parts.io.into_inner().into_inner().into_parts();
                 (Wire::plain(tcp), join(parts.read_buf, unread))
             }
-            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream>>() {
+            Err(upgraded) => match upgraded.downcast::<TokioIo<Tuned<TlsStream>>>() {
                 Ok(parts) => {
-                    let (tcp, session) = parts.io.into_inner().into_inner();
+                    let (tcp, session) = parts.io.into_inner().into_inner().into_inner();
                     (Wire::tls(tcp, session), parts.read_buf)
                 }
                 Err(_) => {
@@ -825,6 +840,12 @@ fn accept_key(parts: &RequestParts) -> Option<HeaderValue> {
 
 /// A TLS connection as the server accepts it.
 type TlsStream = switchboard_tls::tokio_rustls::server::TlsStream<TcpStream>;
+
+impl stream_tuning::OverTcp for TlsStream {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
 
 /// What an admitted, upgraded connection brings to its socket.
 pub(crate) struct Open<A> {

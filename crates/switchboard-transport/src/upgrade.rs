@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -62,7 +61,7 @@ pub(crate) async fn serve_plain<S: Service>(
         let rewound = Rewind::new(first.freeze(), stream);
         // Boxed: hyper's connection is large, and every accepted connection's task would
         // otherwise be that large (and copied whole when spawned) for this rarer path.
-        let served = serve_http(TokioIo::new(rewound), peer, in_progress, shared, deadline);
+        let served = serve_http(rewound, peer, in_progress, shared, deadline);
         return Box::pin(served).await;
     };
     // As in `serve_http`: what the service must do before it can admit, awaited until a
@@ -205,6 +204,12 @@ impl<T> Rewind<T> {
     /// The stream, and what of the bytes put back was not read yet.
     pub(crate) fn into_parts(self) -> (T, Bytes) {
         (self.inner, self.unread)
+    }
+}
+
+impl crate::stream_tuning::OverTcp for Rewind<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        &self.inner
     }
 }
 

@@ -294,6 +294,24 @@ async fn a_client_that_takes_nothing_between_two_heartbeats_is_cut_off() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_before_the_kernel_takes_megabytes_for_it() {
+    // Queues that never fill, and 1 MiB pushed: less than the kernel's send buffer grows to
+    // for a connection by itself (4 MiB), so only a bounded one lets the heartbeat see that
+    // the client takes nothing. (Was: the session and its megabytes stayed, heartbeat after
+    // heartbeat, since each comment still fitted in the kernel.)
+    let c = container(spec_config(
+        "    sse: {}\n    heartbeat: 100ms\n    send_queue: 100000\n    send_queue_bytes: 64MiB",
+    ));
+    let gw = start(Kind::Sse, c).await;
+    let sse = open_sse(&gw, "alex", None).await;
+    gw.wait_for_sockets(1).await;
+    broadcast_bulk(&gw, 16, 64 << 10);
+    gw.wait_for_sockets(0).await;
+    assert_eq!(gw.stats().transport.slow_consumers, 1);
+    drop(sse);
+}
+
+#[tokio::test]
 async fn a_server_close_that_the_client_does_not_read_ends_within_the_close_timeout() {
     // Heartbeats an hour apart: only the close timeout (2 s) can end the session. 25 MB the
     // client never reads: more than the kernel's and hyper's buffers take.
