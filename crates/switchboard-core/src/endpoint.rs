@@ -142,4 +142,12 @@ pub trait HttpEndpoint: Send + Sync + 'static {
 
     /// Answers one request.
     fn call(&self, request: HttpRequest) -> BoxFuture<'static, HttpReply>;
+
+    /// Adds what the endpoint's own answers carry to a refusal the hosting server made without
+    /// calling it (`413` for a body over [`HttpEndpoint::max_body`], `431` for a head over
+    /// the bound): CORS headers, say, so that a page of another origin can read the status.
+    /// Nothing by default.
+    fn decorate_refusal(&self, request: &crate::RequestParts, refusal: &mut crate::HttpResponse) {
+        let _ = (request, refusal);
+    }
 }

@@ -144,6 +144,20 @@ impl HttpEndpoint for Endpoint {
         self.0.options.max_message_size
     }
 
+    /// A `413` for a post too large carries the CORS headers a post's answer would, so that
+    /// an allowed page of another origin reads it (the client closes with `1009`, not `1006`).
+    fn decorate_refusal(
+        &self,
+        request: &switchboard_core::RequestParts,
+        refusal: &mut switchboard_core::HttpResponse,
+    ) {
+        sessions::allow_origin(
+            &request.headers,
+            refusal.headers_mut(),
+            &self.0.options.origins,
+        );
+    }
+
     fn call(&self, request: HttpRequest) -> BoxFuture<'static, HttpReply> {
         let Some(sessions) = self.0.sessions.get().cloned() else {
             let refusal = plain_response(http::StatusCode::SERVICE_UNAVAILABLE, "not started\n");

@@ -76,21 +76,37 @@ pub(crate) async fn serve(
     options: &TransportOptions,
     streaming: &mut Option<Streaming>,
 ) -> Response<ReplyBody> {
-    let refuse = |status, text| plain_response(status, text).map(ReplyBody::full);
     let (parts, body) = req.into_parts();
+    // Refused here, without the endpoint: it adds what its answers carry (CORS headers).
+    let refuse = |parts: &http::request::Parts, status, text| {
+        let mut refusal = plain_response(status, text);
+        endpoint.decorate_refusal(parts, &mut refusal);
+        refusal.map(ReplyBody::full)
+    };
     if crate::request_head_len(&parts) > options.max_request_head {
         return refuse(
+            &parts,
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "request headers too large\n",
         );
     }
     let max = endpoint.max_body();
     if body.size_hint().lower() > max as u64 {
-        return refuse(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+        return refuse(
+            &parts,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large\n",
+        );
     }
     let body = match http_body_util::Limited::new(body, max).collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(_) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
+        Err(_) => {
+            return refuse(
+                &parts,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large\n",
+            )
+        }
     };
     let request = HttpRequest::new(parts, body, peer);
     match endpoint.call(request).await {
@@ -102,6 +118,7 @@ pub(crate) async fn serve(
             });
             stream.head.map(|()| ReplyBody::Stream(stream.chunks))
         }
-        _ => refuse(StatusCode::INTERNAL_SERVER_ERROR, "unknown answer\n"),
+        _ => plain_response(StatusCode::INTERNAL_SERVER_ERROR, "unknown answer\n")
+            .map(ReplyBody::full),
     }
 }

@@ -541,6 +541,16 @@ async fn a_page_of_an_allowed_origin_may_read_the_stream_and_post_with_credentia
     assert!(head
         .to_ascii_lowercase()
         .contains("access-control-allow-origin: https://app.example"));
+    // A post too large is refused before the endpoint sees it, and the page can still read
+    // why (its client then closes with 1009, not an unreadable 1006).
+    let too_big = vec![b' '; 64 * 1024 + 1];
+    let (status, head) = sse_client::exchange(addr, "POST", &sse.post, &from_app, &too_big).await;
+    assert_eq!(status, 413);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
     // Another site gets no CORS headers, and its preflight is refused.
     let (status, head) = sse_client::exchange(
         addr,
