@@ -336,12 +336,21 @@ async fn serve(
     }
     // Caught from before the first socket: a SIGTERM during start-up still drains.
     let stop = switchboard::shutdown_signal();
+    tokio::pin!(stop);
     // Listened for from here, so that a SIGHUP during start-up (which may wait for the key
     // set) reloads nothing rather than ends the process. Without TLS too: there is nothing
     // to reload, but its default action would end the process at once, every socket dropped
     // without a close frame and no `onclose` published.
     let hangups = hangup_signal();
-    let running = container.start_on(addr).await?;
+    // Start-up may wait (for the key set, up to `auth.jwks.startup_wait`): a SIGTERM then
+    // ends it at once, with nothing open to drain, rather than after the wait.
+    let running = tokio::select! {
+        started = container.start_on(addr) => started?,
+        () = &mut stop => {
+            say!("switchboard: stopped during start-up");
+            return Ok(());
+        }
+    };
     let local = running.local_addr().unwrap_or(addr);
     let (ws, http) = if running.tls().is_some() {
         ("wss", "https")

@@ -555,3 +555,52 @@ fn a_stdout_that_went_away_is_not_a_panic() {
     let stderr = stderr.join().unwrap();
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn sigterm_while_start_up_waits_for_the_key_set_ends_it_at_once() {
+    // A key-set server that takes the connection and never answers: start-up waits up to
+    // `startup_wait` (30 s) for it. Was: the SIGTERM caught meanwhile was acted on only
+    // after the wait, and after the gateway had started listening.
+    let keys = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/jwks", keys.local_addr().unwrap());
+    let (_dir, file) = config_file(format!(
+        "gateway:\n  listen: 127.0.0.1:0\n  socket:\n    path: /connect\n  auth:\n    \
+         jwks_url: \"{url}\"\n    jwks: {{startup_wait: 30s, timeout: 30s}}\n"
+    ));
+    let mut child = bin()
+        .args(["serve", "--config"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Its fetch has connected: start-up is waiting, with the signal handler in place.
+    let (_fetch, _) = keys.accept().unwrap();
+    let asked = std::time::Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if asked.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("still starting 10 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(out.contains("stopped during start-up"), "{out}");
+    assert!(!out.contains("listening on"), "{out}");
+}
