@@ -100,6 +100,8 @@ pub(crate) struct Verifier {
     cookie: String,
     username_claim: String,
     namespace_claim: Option<String>,
+    /// `auth.leeway` in seconds.
+    leeway: u64,
 }
 
 impl Verifier {
@@ -162,6 +164,7 @@ impl Verifier {
             cookie: auth.cookie.clone(),
             username_claim: auth.username_claim.clone(),
             namespace_claim: auth.namespace_claim.clone(),
+            leeway: auth.leeway.as_secs(),
         })
     }
 
@@ -322,6 +325,16 @@ impl Verifier {
                 .unwrap_or(0),
             None => 0,
         };
+        // RFC 7519 4.1.4: a token is expired *at* its `exp` (jsonwebtoken lets that second
+        // itself pass), plus the leeway, as the expiry close counts it.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if exp.saturating_add(self.leeway) <= now {
+            return Err(AuthError::Invalid(describe(
+                &jsonwebtoken::errors::ErrorKind::ExpiredSignature.into(),
+            )));
+        }
         Ok(Identity {
             username,
             claims: data.claims,

@@ -19,7 +19,7 @@ use crate::gateway::TOKEN_EXPIRED_CODE;
 
 /// The sockets by the second they expire.
 pub(crate) struct Expiries {
-    /// `(exp + leeway, id)`: the close comes once the clock has passed that second.
+    /// `(exp + leeway, id)`: the close comes as the clock reaches that second.
     queue: Mutex<BTreeMap<(u64, ConnId), SocketRef>>,
     leeway: u64,
     /// A socket was filed ahead of the one the task waits for, or the gateway stops.
@@ -81,12 +81,12 @@ impl Expiries {
         while !self.stopped.load(Ordering::Acquire) {
             let due = self.close_expired(now_secs());
             let wait = match due {
-                // Wake just after the second turns past `at`.
+                // Wake as the clock reaches the second `at`.
                 Some(at) => {
                     let now = SystemTime::now()
                         .duration_since(UNIX_EPOCH)
                         .unwrap_or_default();
-                    Duration::from_secs(at.saturating_add(1)).saturating_sub(now)
+                    Duration::from_secs(at).saturating_sub(now)
                 }
                 None => Duration::from_secs(3600),
             };
@@ -97,13 +97,14 @@ impl Expiries {
         }
     }
 
-    /// Closes the sockets filed under a second before `now`; returns the next one's second.
+    /// Closes the sockets filed under `now` or a second before (a token is expired *at* its
+    /// `exp`, RFC 7519 4.1.4); returns the next one's second.
     fn close_expired(&self, now: u64) -> Option<u64> {
         let mut expired = Vec::new();
         let next = {
             let mut queue = self.lock();
             while let Some(entry) = queue.first_entry() {
-                if entry.key().0 >= now {
+                if entry.key().0 > now {
                     break;
                 }
                 expired.push(entry.remove());

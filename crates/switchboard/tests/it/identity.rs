@@ -66,6 +66,14 @@ async fn every_bad_token_is_refused_with_401_and_publishes_nothing() {
             )),
         ),
         (
+            // RFC 7519: expired *at* `exp` (was: the second of `exp` itself still passed).
+            "exp is now",
+            cookie(&token_with(
+                json!({"preferred_username": "alex", "exp": t}),
+                SECRET,
+            )),
+        ),
+        (
             "not yet valid",
             cookie(&token_with(
                 json!({"preferred_username": "alex", "exp": t + 600, "nbf": t + 300}),

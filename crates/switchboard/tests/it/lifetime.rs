@@ -204,8 +204,9 @@ async fn with_close_on_expiry_off_sockets_outlive_their_token() {
     let mut c = container(Config::from_yaml_str(&yaml).unwrap());
     let mut seen = recorder(&mut c, &["m"]);
     let gw = start(c).await;
-    let mut ws = connect_with_token(&gw, &token_for("alex", 1, json!({}))).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Two seconds: a token of one could expire (at its `exp`) before the upgrade is verified.
+    let mut ws = connect_with_token(&gw, &token_for("alex", 2, json!({}))).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     send(&mut ws, json!({"type": "late"})).await;
     assert_eq!(next_published(&mut seen).await.1["type"], "late");
 }
