@@ -14,8 +14,9 @@ use serde::de::{self, Deserializer, Visitor};
 /// per connection), or `now - it` wrap (every token expired).
 pub(crate) const MAX_DURATION: Duration = Duration::from_secs(315_576_000);
 
-/// Parses `30s`, `5m`, `1h 30m` (humantime), at most [`MAX_DURATION`].
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+/// Parses `30s`, `5m`, `1h 30m` (humantime), at most ten years: how every duration key is
+/// read, and what `serve --drain` takes too.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text.trim())
         .map_err(|e| format!("invalid duration `{text}`: {e} (try `30s`)"))?;
     if d > MAX_DURATION {

@@ -49,7 +49,7 @@ mod values;
 
 pub use auth::{Algorithm, Auth, Jwks};
 pub use bus::{BusConfig, NatsConfig, NatsCredentials, NatsTls, NatsUrls, NodeName};
-pub use de::parse_byte_size;
+pub use de::{parse_byte_size, parse_duration};
 pub use error::ConfigError;
 pub use gateway::{Admin, Api, Gateway, Log, LogFormat, Tls, TlsVersion};
 pub use hooks::{

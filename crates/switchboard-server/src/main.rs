@@ -124,7 +124,7 @@ enum Command {
         demo: bool,
         /// How long shutdown waits for sockets to close (default: the config's
         /// `gateway.drain`, 10 s unless set), e.g. `30s`.
-        #[arg(long, value_parser = humantime_duration, value_name = "DURATION")]
+        #[arg(long, value_parser = duration_arg, value_name = "DURATION")]
         drain: Option<Duration>,
         /// Worker threads (default: `TOKIO_WORKER_THREADS` if set, 1 to 1024, else one per
         /// core this process may use, so `taskset` and cgroup CPU limits count). With 1, one
@@ -150,8 +150,9 @@ enum Command {
     },
 }
 
-fn humantime_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration `{s}`: {e} (try 10s)"))
+/// A duration as the config reads one (so at most ten years, as `gateway.drain`).
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    switchboard::config::parse_duration(s)
 }
 
 fn main() -> ExitCode {

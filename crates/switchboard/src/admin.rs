@@ -78,12 +78,12 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> HttpResponse {
     }
     match path {
         "/metrics" => {
-            let openmetrics = req
-                .headers()
-                .get_all(ACCEPT)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .any(|v| v.contains("application/openmetrics-text"));
+            let openmetrics = wants_openmetrics(
+                req.headers()
+                    .get_all(ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            );
             let text = metrics::render(&state.registry, openmetrics);
             let mut res = Response::new(Bytes::from(text));
             res.headers_mut().insert(
@@ -97,5 +97,51 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> HttpResponse {
             Some(why) => plain_response(StatusCode::SERVICE_UNAVAILABLE, why),
             None => plain_response(StatusCode::OK, "ready\n"),
         },
+    }
+}
+
+/// Whether the `Accept` header values prefer OpenMetrics to the Prometheus text format: an
+/// `application/openmetrics-text` range with a `q` above 0 and at least that of the best range
+/// the text format matches (`text/plain`, `text/*`, `*/*`). As Prometheus asks, OpenMetrics
+/// first; `q=0` refuses it.
+fn wants_openmetrics<'a>(accept: impl Iterator<Item = &'a str>) -> bool {
+    let (mut openmetrics, mut text) = (0.0f32, 0.0f32);
+    for range in accept.flat_map(|v| v.split(',')) {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+        match media.as_str() {
+            "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+            "text/plain" | "text/*" | "*/*" => text = text.max(q),
+            _ => {}
+        }
+    }
+    openmetrics > 0.0 && openmetrics >= text
+}
+
+#[cfg(test)]
+mod accept_tests {
+    use super::wants_openmetrics;
+
+    #[test]
+    fn openmetrics_is_chosen_only_when_preferred_and_never_at_q_0() {
+        let wants = |accept: &str| wants_openmetrics(std::iter::once(accept));
+        // What Prometheus sends.
+        assert!(wants(
+            "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;\
+             version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+        ));
+        assert!(wants("application/openmetrics-text"));
+        assert!(!wants(
+            "text/plain;version=0.0.4, application/openmetrics-text;q=0"
+        ));
+        assert!(!wants("text/plain, application/openmetrics-text;q=0.5"));
+        assert!(!wants("text/plain"));
+        assert!(!wants("*/*"));
+        assert!(!wants("application/openmetrics-text;q=nonsense"));
+        assert!(!wants(""));
     }
 }

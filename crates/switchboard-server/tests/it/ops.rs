@@ -120,6 +120,18 @@ fn serve_refuses_a_worker_count_it_cannot_use_and_names_it() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "clap refuses --workers 1025");
+    // --drain reads a duration as the config does: at most ten years, as `gateway.drain`.
+    let out = bin()
+        .args(["serve", "--drain", "500000000000years", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--drain") && stderr.contains("at most 10 years"),
+        "{stderr}"
+    );
 }
 
 /// Ends a `switchboard serve` with SIGTERM and checks that it exited cleanly.
