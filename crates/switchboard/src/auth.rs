@@ -311,6 +311,12 @@ impl Verifier {
             }
         }
         .map_err(|e| AuthError::Invalid(describe_for(token, &e)))?;
+        // RFC 7515 4.1.11: extensions listed in `crit` must be understood, and none are.
+        if data.header.crit.is_some() {
+            return Err(AuthError::Invalid(
+                "the header's `crit` names extensions this gateway does not understand".into(),
+            ));
+        }
         let username = match data.claims.get(&self.username_claim) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(AuthError::MissingClaim(self.username_claim.clone())),

@@ -805,7 +805,14 @@ impl Service for Gateway {
             gate,
         };
         // Escaped: a username (a token's claim) may hold newlines or escape codes.
-        tracing::debug!(connection = %id, username = %session.username.escape_debug(), namespace = ?session.namespace, "socket open");
+        // As `&str` values: the text format quotes and escapes them (a username cannot pass
+        // for another field), and JSON writes them as plain strings.
+        tracing::debug!(
+            connection = %id,
+            username = &*session.username,
+            namespace = session.namespace.as_deref().unwrap_or(""),
+            "socket open"
+        );
         if let Some(topic) = &self.hooks.onconnect {
             let answering = match &session.gate {
                 Some(gate) => Answering::Gate(gate.clone()),

@@ -616,3 +616,68 @@ fn sigterm_while_start_up_waits_for_the_key_set_ends_it_at_once() {
     assert!(out.contains("stopped during start-up"), "{out}");
     assert!(!out.contains("listening on"), "{out}");
 }
+
+#[tokio::test]
+async fn a_username_in_the_logs_cannot_pass_for_another_field() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    // Usernames come from tokens: whoever holds one chooses it. Was: written bare in the
+    // text format (`username=a level=ERROR`), and the namespace as `Some("acme")`.
+    let name = r#"a level=ERROR x="y""#;
+    for json in [false, true] {
+        let (_dir, file) = config_file(format!(
+            "gateway:\n  listen: 127.0.0.1:0\n  socket:\n    path: /connect\n  auth:\n    secret_env: {}\n",
+            switchboard_test_support::SECRET_ENV
+        ));
+        let mut serve = super::serve_config(&file, "unused-api-key-0123456789");
+        if json {
+            serve.args(["--log-format", "json"]);
+        }
+        let mut child = serve
+            .env("RUST_LOG", "switchboard=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let logged = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr: SocketAddr = loop {
+            let line = stdout.next().expect("the listening line").unwrap();
+            if let Some(rest) = line.strip_prefix("switchboard: listening on ws://") {
+                break rest.trim_end_matches("/connect").parse().unwrap();
+            }
+        };
+        std::thread::spawn(move || for _ in stdout {});
+        let mut req = format!("ws://{addr}/connect?namespace=acme")
+            .into_client_request()
+            .unwrap();
+        let token = switchboard_test_support::token(name);
+        req.headers_mut()
+            .insert("cookie", format!("ID_TOKEN={token}").parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        drop(ws);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop_cleanly(&mut child);
+        let logged = logged.join().unwrap();
+        let line = logged
+            .lines()
+            .find(|l| l.contains("socket open"))
+            .unwrap_or_else(|| panic!("no `socket open` line: {logged}"));
+        if json {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["fields"]["username"], name, "{line}");
+            assert_eq!(v["fields"]["namespace"], "acme", "{line}");
+        } else {
+            assert!(
+                line.contains(r#"username="a level=ERROR x=\"y\"""#),
+                "{line}"
+            );
+            assert!(line.contains(r#"namespace="acme""#), "{line}");
+        }
+    }
+}

@@ -104,6 +104,21 @@ async fn every_bad_token_is_refused_with_401_and_publishes_nothing() {
             )),
         ),
         (
+            // RFC 7515 4.1.11: an extension the verifier must understand, which it does not.
+            "crit header",
+            cookie(
+                &jsonwebtoken::encode(
+                    &jsonwebtoken::Header {
+                        crit: Some(vec!["x-unknown".into()]),
+                        ..Default::default()
+                    },
+                    &json!({"preferred_username": "alex", "exp": t + 600}),
+                    &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+                )
+                .unwrap(),
+            ),
+        ),
+        (
             "bad bearer",
             vec![("authorization", "Bearer nope".to_string())],
         ),
