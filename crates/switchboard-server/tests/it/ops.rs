@@ -134,6 +134,17 @@ fn serve_refuses_a_worker_count_it_cannot_use_and_names_it() {
     );
 }
 
+/// The child's stderr, read on a thread of its own (so that a full pipe never stalls the
+/// server) to its end: joined once the process has ended.
+fn stderr_on_a_thread(child: &mut std::process::Child) -> std::thread::JoinHandle<String> {
+    let mut stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    })
+}
+
 /// Ends a `switchboard serve` with SIGTERM and checks that it exited cleanly.
 fn stop_cleanly(child: &mut std::process::Child) {
     let pid = child.id().to_string();
@@ -253,12 +264,7 @@ fn logs_to_a_pipe_have_no_colour_and_a_bad_rust_log_is_named() {
         .spawn()
         .unwrap();
     // Read on a thread of its own, so that a full pipe never stalls the server.
-    let mut stderr = child.stderr.take().unwrap();
-    let logged = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
-        text
-    });
+    let logged = stderr_on_a_thread(&mut child);
     let _ = printed_addresses(&mut child);
     stop_cleanly(&mut child);
     // The process has ended, so its stderr is at its end.
@@ -557,12 +563,7 @@ fn a_stdout_that_went_away_is_not_a_panic() {
         }
     }
     drop(lines); // the reader goes away: every later write to stdout fails
-    let mut stderr = child.stderr.take().unwrap();
-    let stderr = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
+    let stderr = stderr_on_a_thread(&mut child);
     stop_cleanly(&mut child);
     let stderr = stderr.join().unwrap();
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -639,12 +640,7 @@ async fn a_username_in_the_logs_cannot_pass_for_another_field() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let logged = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
+        let logged = stderr_on_a_thread(&mut child);
         let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
         let addr: SocketAddr = loop {
             let line = stdout.next().expect("the listening line").unwrap();
