@@ -51,6 +51,23 @@ pub type HttpResponse = http::Response<Bytes>;
 /// One socket, whichever transport carries it. Cheap to clone; every clone is the same socket.
 pub type SocketRef = Arc<dyn Socket>;
 
+/// The size of a request's head as it came in (request line and header lines), from what
+/// the parser kept of it: what a server compares with its bound on heads, exactly, whatever
+/// its parser's buffer let through.
+pub fn request_head_len(
+    uri: &http::Uri,
+    method: &http::Method,
+    headers: &http::HeaderMap,
+) -> usize {
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = method.as_str().len() + target + 12;
+    let headers: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    line + headers + 2
+}
+
 /// A small text response, for refusals.
 pub fn plain_response(status: http::StatusCode, text: &'static str) -> HttpResponse {
     let mut res = http::Response::new(Bytes::from_static(text.as_bytes()));

@@ -616,7 +616,8 @@ fn refusal_before_admission<B>(options: &TransportOptions, req: &Request<B>) -> 
         Some(Refusal::NotAnUpgrade)
     } else if req.method() != hyper::Method::GET {
         Some(Refusal::NotGet)
-    } else if request_head_len_of(req.uri(), req.method(), req.headers()) > options.max_request_head
+    } else if switchboard_core::request_head_len(req.uri(), req.method(), req.headers())
+        > options.max_request_head
     {
         Some(Refusal::HeadTooLarge)
     } else if !options.origins.allows(req.headers()) {
@@ -777,17 +778,7 @@ fn join(first: Bytes, then: Bytes) -> Bytes {
 
 /// The size of a request's head as it came in: request line and header lines.
 fn request_head_len(parts: &RequestParts) -> usize {
-    request_head_len_of(&parts.uri, &parts.method, &parts.headers)
-}
-
-fn request_head_len_of(uri: &http::Uri, method: &http::Method, headers: &http::HeaderMap) -> usize {
-    let target = uri.path_and_query().map_or(1, |p| p.as_str().len());
-    let line = method.as_str().len() + target + 12;
-    let headers: usize = headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    line + headers + 2
+    switchboard_core::request_head_len(&parts.uri, &parts.method, &parts.headers)
 }
 
 /// The answer to a malformed upgrade request.

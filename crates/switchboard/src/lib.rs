@@ -649,7 +649,16 @@ fn tls_files(tls: &config::Tls) -> ServerTlsFiles {
 
 /// The server API's key from the environment variable `name`.
 fn api_key_from_env(name: &str) -> Result<Vec<u8>, BuildError> {
-    let key = std::env::var(name).unwrap_or_default();
+    let key = match std::env::var(name) {
+        Ok(key) => key,
+        Err(std::env::VarError::NotPresent) => {
+            return Err(BuildError::Api(format!(
+                "gateway.api.key_env: the environment variable `{name}` is not set: it must \
+                 hold the API key (at least 16 bytes)"
+            )))
+        }
+        Err(std::env::VarError::NotUnicode(_)) => String::new(),
+    };
     match api::key_problem(key.as_bytes()) {
         Some(problem) => Err(BuildError::Api(format!(
             "gateway.api.key_env: the environment variable `{name}` must hold the API key: \

@@ -26,6 +26,10 @@ use tokio::task::JoinHandle;
 /// Connections one listener serves at once; more are closed as they are accepted.
 const MAX_CONNECTIONS: usize = 128;
 
+/// The largest request head read: a larger one gets `431` (from hyper) before the key is
+/// checked. (Was hyper's default, about 400 KiB a connection, times [`MAX_CONNECTIONS`].)
+const MAX_HEAD: usize = 64 * 1024;
+
 /// How long a connection may take to send its request head (and, with TLS, to finish the
 /// TLS handshake before that).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -142,13 +146,26 @@ async fn serve<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| {
-        let answer = respond(req);
-        async move { Ok::<_, Infallible>(answer.await.map(Full::new)) }
+    let svc = service_fn(move |req: Request<Incoming>| {
+        // hyper's own bound on its buffer lets a little more through: this one is exact.
+        let too_large =
+            switchboard_core::request_head_len(req.uri(), req.method(), req.headers()) > MAX_HEAD;
+        let answer = (!too_large).then(|| respond(req));
+        async move {
+            let answer = match answer {
+                Some(answer) => answer.await,
+                None => switchboard_core::plain_response(
+                    hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request headers too large\n",
+                ),
+            };
+            Ok::<_, Infallible>(answer.map(Full::new))
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
         .serve_connection(io, svc);
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {

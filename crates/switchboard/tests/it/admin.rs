@@ -358,3 +358,34 @@ fn sample_tls_refusals(metrics: &str) -> f64 {
     )
     .unwrap_or(0.0)
 }
+
+#[tokio::test]
+async fn a_request_head_over_64_kib_is_431() {
+    // Was hyper's default buffer (about 400 KiB a connection, before the API key is
+    // checked), times the 128 connections a listener serves.
+    let config = Config::from_yaml_str(&format!(
+        "gateway:\n  socket: {{}}\n  auth:\n    secret_env: {SECRET_ENV}\n  admin:\n    listen: 127.0.0.1:0\n"
+    ))
+    .unwrap();
+    let running = start(container(config)).await;
+    let admin = running.admin_addr().unwrap();
+    let status_with_pad = |kib: usize| async move {
+        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+        let req = format!(
+            "GET /healthz HTTP/1.1\r\nHost: {admin}\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+            "a".repeat(kib << 10)
+        );
+        // The server may answer and close before it has read everything: what it sent
+        // before its reset is still read.
+        let _ = s.write_all(req.as_bytes()).await;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        String::from_utf8_lossy(&buf)
+            .chars()
+            .skip(9)
+            .take(3)
+            .collect::<String>()
+    };
+    assert_eq!(status_with_pad(100).await, "431");
+    assert_eq!(status_with_pad(40).await, "200");
+}

@@ -384,7 +384,11 @@ async fn without_a_key_the_gateway_does_not_start_and_says_which_variable() {
         .start_on("127.0.0.1:0".parse().unwrap())
         .await
         .expect_err("no API key");
-    assert!(err.to_string().contains("SWITCHBOARD_API_KEY"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the environment variable `SWITCHBOARD_API_KEY` is not set"),
+        "{err}"
+    );
     let mut c = container(api_config());
     assert!(c.api_key("too-short").is_err());
 }
