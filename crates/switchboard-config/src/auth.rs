@@ -318,8 +318,32 @@ impl TryFrom<RawAuth> for Auth {
         if raw.cookie.is_empty() {
             return Err("auth.cookie must not be empty".into());
         }
-        if raw.username_claim.is_empty() {
-            return Err("auth.username_claim must not be empty".into());
+        // A cookie name is an HTTP token (RFC 6265 4.1.1): `a=b; c` would never be found.
+        let separator = |c: char| "()<>@,;:\\\"/[]?={}".contains(c);
+        if !raw
+            .cookie
+            .chars()
+            .all(|c| c.is_ascii_graphic() && !separator(c))
+        {
+            return Err(format!(
+                "auth.cookie `{}` is not a cookie name (visible ASCII without spaces, `=`, `;` \
+                 or other separators)",
+                raw.cookie.escape_debug()
+            ));
+        }
+        if raw.username_claim.trim().is_empty() {
+            return Err("auth.username_claim must name a claim (not empty or blank)".into());
+        }
+        for (value, key) in [
+            (&raw.issuer, "auth.issuer"),
+            (&raw.audience, "auth.audience"),
+            (&raw.namespace_claim, "auth.namespace_claim"),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(format!(
+                    "{key} must not be empty or blank (leave the key out not to check it)"
+                ));
+            }
         }
         if let Some(name) = &raw.secret_env {
             crate::de::env_name(name).map_err(|why| format!("auth.secret_env {why}"))?;

@@ -112,6 +112,7 @@ impl Config {
         config.check_bindings(text)?;
         config.check_routes(text)?;
         config.check_paths_and_addresses(text)?;
+        config.check_limits(text)?;
         Ok(config)
     }
 
@@ -179,6 +180,46 @@ impl Config {
                      forward it"
                 ),
                 line,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Limits that would refuse everything, or that say nothing on their own.
+    fn check_limits(&self, text: &str) -> Result<(), ConfigError> {
+        let limits = &self.gateway.limits;
+        let invalid = |key: &str, problem: String| {
+            ConfigError::at_line(
+                format!("gateway.limits.{key}: {problem}"),
+                key_line(text, &["gateway", "limits", key]),
+            )
+        };
+        if limits.message_burst.is_some() && limits.messages_per_second.is_none() {
+            return Err(invalid(
+                "message_burst",
+                "is set without messages_per_second: a burst is allowed above a rate, so set \
+                 the rate too"
+                    .into(),
+            ));
+        }
+        if limits.max_request_head < MIN_REQUEST_HEAD {
+            return Err(invalid(
+                "max_request_head",
+                format!(
+                    "{} bytes would refuse every browser's upgrade request; at least 1KiB",
+                    limits.max_request_head
+                ),
+            ));
+        }
+        let largest = self.gateway.socket.max_message_size;
+        if limits.buffer_budget < largest {
+            return Err(invalid(
+                "buffer_budget",
+                format!(
+                    "{} bytes is less than gateway.socket.max_message_size ({largest} bytes): \
+                     a message of the largest size could never be buffered",
+                    limits.buffer_budget
+                ),
             ));
         }
         Ok(())
@@ -305,6 +346,10 @@ impl Config {
 
 /// The largest config file read: a real one is a few KiB.
 const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+/// The smallest `limits.max_request_head` taken: a browser's upgrade request (its cookies
+/// aside) is several hundred bytes.
+const MIN_REQUEST_HEAD: usize = 1024;
 
 /// Flow collections (`[`, `{`) nested deeper than this are refused before parsing: the YAML
 /// parser takes time quadratic in the depth (200,000 levels ran for minutes).

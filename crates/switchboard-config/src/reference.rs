@@ -399,7 +399,8 @@ const SECTIONS: &[Section] = &[
                 "size",
                 "`32KiB`",
                 Ext,
-                "Largest upgrade request head (request line and headers). Larger gets `431`.",
+                "Largest upgrade request head (request line and headers). Larger gets `431`. At \
+                 least `1KiB`.",
                 Some("16KiB"),
             ),
             key(
@@ -411,7 +412,8 @@ const SECTIONS: &[Section] = &[
                  queued outbound frames (a frame shared by many sockets counts once per \
                  socket). At the budget, the sockets that hold the most, above a fair share \
                  (the budget divided by the open sockets), are closed with 1013 (`buffer \
-                 budget exceeded`); a socket within its fair share is never refused.",
+                 budget exceeded`); a socket within its fair share is never refused. At least \
+                 `socket.max_message_size`.",
                 Some("1GiB"),
             ),
             key(
@@ -429,7 +431,8 @@ const SECTIONS: &[Section] = &[
                 "2 × rate",
                 Ext,
                 "Messages a socket may send at once above the rate. A socket refused this many \
-                 times in a row is closed (1008, `rate limit exceeded`).",
+                 times in a row is closed (1008, `rate limit exceeded`). Only with \
+                 `messages_per_second` (alone it is an error).",
                 Some("100"),
             ),
         ],
@@ -1334,6 +1337,9 @@ mod tests {
                     "socket:connection".into(),
                     &mut doc,
                 );
+            }
+            if k.path == "gateway.limits.message_burst" {
+                nested("gateway.limits.messages_per_second", 50.into(), &mut doc);
             }
             if k.path == "gateway.auth.public_key_file" {
                 nested("gateway.auth.algorithm", "RS256".into(), &mut doc);

@@ -175,6 +175,58 @@ fn two_built_ins_on_one_topic_are_rejected_naming_both() {
 }
 
 #[test]
+fn auth_values_that_could_never_match_are_rejected_at_their_line() {
+    for (key, value, says) in [
+        ("cookie", "\"a=b; c\"", "is not a cookie name"),
+        ("cookie", "\"ID TOKEN\"", "is not a cookie name"),
+        ("username_claim", "\"  \"", "must name a claim"),
+        ("issuer", "\"\"", "auth.issuer must not be empty"),
+        ("audience", "\" \"", "auth.audience must not be empty"),
+        (
+            "namespace_claim",
+            "\"\"",
+            "auth.namespace_claim must not be empty",
+        ),
+    ] {
+        let e = bad(&format!(
+            "gateway:\n  socket: {{}}\n  auth:\n    secret_env: S\n    {key}: {value}\n"
+        ));
+        assert!(e.to_string().contains(says), "{key}: {e}");
+        assert_eq!(e.line(), Some(5), "{key}: {e}");
+    }
+    let ok = Config::from_yaml_str(
+        "gateway:\n  socket: {}\n  auth:\n    cookie: __Host-id_token.v2\n    issuer: https://id.example\n",
+    );
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[test]
+fn limits_that_refuse_everything_or_mean_nothing_alone_are_rejected() {
+    let limits = |body: &str| format!("gateway:\n  socket: {{}}\n  limits:\n{body}");
+    let e = bad(&limits("    message_burst: 10\n"));
+    assert!(
+        e.to_string()
+            .starts_with("gateway.limits.message_burst: is set without messages_per_second"),
+        "{e}"
+    );
+    assert_eq!(e.line(), Some(4), "{e}");
+    let e = bad(&limits("    max_request_head: 1\n"));
+    assert!(e.to_string().contains("at least 1KiB"), "{e}");
+    assert_eq!(e.line(), Some(4), "{e}");
+    let e = bad(&limits("    buffer_budget: 1KiB\n"));
+    assert!(
+        e.to_string()
+            .contains("is less than gateway.socket.max_message_size"),
+        "{e}"
+    );
+    assert_eq!(e.line(), Some(4), "{e}");
+    let ok = Config::from_yaml_str(&limits(
+        "    messages_per_second: 5\n    message_burst: 10\n    max_request_head: 1KiB\n    buffer_budget: 1MiB\n",
+    ));
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[test]
 fn empty_topic_is_rejected() {
     let e = bad("gateway:\n  socket:\n    onclose:\n      publish: \"\"\n");
     assert!(e.to_string().contains("topic must not be empty"), "{e}");
