@@ -107,8 +107,10 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         refuse_deep_nesting(text)?;
         let de = serde_yaml::Deserializer::from_str(text);
-        let config = Config::deserialize(expand::Expand { de, env })
-            .map_err(|e| with_tab_hint(at_named_auth_key(ConfigError::from_yaml(e), text), text))?;
+        let config = Config::deserialize(expand::Expand { de, env }).map_err(|e| {
+            let e = placed(ConfigError::from_yaml(e), text);
+            with_tab_hint(at_named_auth_key(e, text), text)
+        })?;
         config.check_bindings(text)?;
         config.check_routes(text)?;
         config.check_paths_and_addresses(text)?;
@@ -347,6 +349,69 @@ impl Config {
 /// The largest config file read: a real one is a few KiB.
 const MAX_CONFIG_BYTES: usize = 1 << 20;
 
+/// An error the YAML parser gave no position: it leaves out the position of the document's
+/// very first character (line 1, column 1), so a wrong top-level key on the first line, or a
+/// top-level list, came without one. Placed there, or said plainly when there is no document
+/// (an empty file) or more than one.
+fn placed(e: ConfigError, text: &str) -> ConfigError {
+    let ConfigError::Invalid {
+        file,
+        message,
+        line,
+        column,
+    } = e
+    else {
+        return e;
+    };
+    let content = |l: &str| !l.trim().is_empty() && !l.trim_start().starts_with('#');
+    if !text.lines().any(content) {
+        return ConfigError::Invalid {
+            file,
+            message: "the config is empty: it needs a `gateway:` section".into(),
+            line: None,
+            column: None,
+        };
+    }
+    if let Some(line) = line {
+        // Known, but not in the message (the parser's text leaves out line 1, column 1).
+        let message = if message.contains(" at line ") {
+            message
+        } else {
+            format!("{message} at line {line} column {}", column.unwrap_or(1))
+        };
+        return ConfigError::Invalid {
+            file,
+            message,
+            line: Some(line),
+            column,
+        };
+    }
+    let (message, line, column) = if message.contains("more than one document") {
+        // The `---` that starts a second document: one after some content.
+        let mut seen = false;
+        let second = text.lines().position(|l| {
+            let starts = l.starts_with("---") && seen;
+            seen |= content(l) && !l.starts_with("---");
+            starts
+        });
+        let line = second.map(|n| n + 1);
+        let at = line.map(|l| format!(" at line {l}")).unwrap_or_default();
+        (
+            format!("the file holds more than one YAML document (`---`); a config is one{at}"),
+            line,
+            None,
+        )
+    } else {
+        (format!("{message} at line 1 column 1"), Some(1), Some(1))
+    };
+    ConfigError::Invalid {
+        file,
+        message,
+        line,
+        column,
+    }
+}
+
 /// The smallest `limits.max_request_head` taken: a browser's upgrade request (its cookies
 /// aside) is several hundred bytes.
 const MIN_REQUEST_HEAD: usize = 1024;
@@ -432,14 +497,35 @@ fn at_named_auth_key(mut e: ConfigError, text: &str) -> ConfigError {
     if !message.starts_with("gateway: auth.") {
         return e;
     }
-    let named = message.split("auth.").skip(1).find_map(|rest| {
-        let key: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+    // The keys the message names (`auth.jwks.max_stale` whole), the one to change first: in
+    // `X conflicts with Y`, Y.
+    let mut keys: Vec<String> = message
+        .split("auth.")
+        .skip(1)
+        .map(|rest| {
+            rest.chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_' || *c == '.')
+                .collect::<String>()
+                .trim_end_matches('.')
+                .to_string()
+        })
+        .filter(|key| !key.is_empty())
+        .collect();
+    if message.contains(" conflicts with auth.") {
+        keys.reverse();
+    }
+    let named = keys.iter().find_map(|key| {
+        let Some((first, nested)) = key.split_once('.') else {
+            return auth_line(text, Some(key));
+        };
+        // A key of a subsection (`auth.jwks.max_stale`): its own line, or its section's when
+        // written in flow style.
+        auth_line(text, Some(first))?;
+        let path: Vec<&str> = ["gateway", "auth", first]
+            .into_iter()
+            .chain(nested.split('.'))
             .collect();
-        (!key.is_empty())
-            .then(|| auth_line(text, Some(&key)))
-            .flatten()
+        key_line(text, &path)
     });
     // A key that is missing (`auth.public_key_file is required`): the section's own line.
     if let Some(at) = named.or_else(|| auth_line(text, None)) {

@@ -113,6 +113,28 @@ fn unknown_key_is_named_with_line_and_column() {
 }
 
 #[test]
+fn errors_at_the_documents_start_are_placed_or_said_plainly() {
+    // The parser leaves out the position of the first character of the document.
+    let e = bad("other: 1\ngateway:\n  socket: {}\n");
+    assert!(e.to_string().contains("unknown field `other`"), "{e}");
+    assert_eq!((e.line(), e.column()), (Some(1), Some(1)), "{e}");
+    assert!(e.to_string().ends_with("at line 1 column 1"), "{e}");
+    let e = bad("- a\n- b\n");
+    assert_eq!(e.line(), Some(1), "{e}");
+    let e = bad("# nothing but a comment\n\n");
+    assert_eq!(
+        e.to_string(),
+        "the config is empty: it needs a `gateway:` section"
+    );
+    let e = bad("gateway:\n  socket: {}\n---\ngateway:\n  socket: {}\n");
+    assert!(e.to_string().contains("more than one YAML document"), "{e}");
+    assert_eq!(e.line(), Some(3), "{e}");
+    // A document that starts with `---` is one document.
+    let ok = Config::from_yaml_str("---\ngateway:\n  socket: {}\n");
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[test]
 fn unknown_key_deep_inside_types() {
     let e = bad("gateway:\n  socket:\n    onmessage:\n      types:\n        - type: a\n          publsh: t\n");
     assert!(e.to_string().contains("unknown field `publsh`"), "{e}");
@@ -413,9 +435,16 @@ fn jwks_parses_with_defaults_and_its_conflicts_name_the_key_and_line() {
             text.contains(&format!("auth.jwks_url conflicts with {key}")),
             "{text}"
         );
-        // At the first key it names (the section's checks run once it is read).
-        assert_eq!(e.line(), Some(4), "{text}");
+        // At the key that conflicts (the one to take out), not at `jwks_url`.
+        assert_eq!(e.line(), Some(5), "{text}");
     }
+    // A key of the `jwks` subsection: its own line, not the `jwks:` line.
+    let e = bad(
+        "gateway:\n  socket: {}\n  auth:\n    jwks_url: https://id.example.com/\n    jwks:\n      \
+         min_refresh: 1m\n      max_refresh: 1s\n",
+    );
+    assert!(e.to_string().contains("auth.jwks.max_refresh"), "{e}");
+    assert_eq!(e.line(), Some(7), "{e}");
     // The URL itself: its own key and line.
     // Plain HTTP only to this machine: anyone on the path could serve their own keys.
     for (url, ok) in [
