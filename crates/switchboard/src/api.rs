@@ -147,9 +147,10 @@ fn query(query: &str) -> Result<BTreeMap<String, String>, HttpResponse> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         let Ok(name) = form_decode(name) else {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "a query parameter's name is not UTF-8 once percent-decoded",
+            // Named as it was sent (percent-encoded: ASCII).
+            return Err(bad_field(
+                name,
+                &format!("the query parameter name `{name}` is not UTF-8 once percent-decoded"),
             ));
         };
         let Ok(value) = form_decode(value) else {

@@ -649,6 +649,10 @@ impl Service for Gateway {
         let identity: Identity = self.verifier.verify(&request.headers).map_err(|e| {
             tracing::debug!(error = %e, "refused upgrade");
             let mut res = Response::new(Bytes::from(format!("{e}\n")));
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
             if e == AuthError::NoKeys {
                 // Not the client's fault: it may try again once the keys are fetched.
                 GatewayStats::bump(&self.stats().refused_no_keys);

@@ -155,6 +155,12 @@ async fn streams_and_posts_are_refused_as_upgrades_are() {
         .err()
         .unwrap();
     assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    assert!(
+        refused
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; charset=utf-8"),
+        "{refused}"
+    );
     let other_site = format!("{}Origin: https://evil.example\r\n", cookie("alex"));
     let refused = sse_client::open(addr, "/connect/sse", &other_site)
         .await
