@@ -704,7 +704,7 @@ fn handle_request<S: Service>(
         };
         // A task of its own, holding just the socket: this one (and what it held while
         // waiting for the upgrade) ends here.
-        tokio::spawn(SocketTask::open(wire, read_buf, *open, shared));
+        tokio::spawn(SocketTask::open(wire, read_buf, None, *open, shared));
     });
     switching_protocols(accept)
 }

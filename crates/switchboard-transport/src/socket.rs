@@ -99,6 +99,20 @@ impl SocketState {
         }
     }
 
+    /// `head` (the `101` of the upgrade) is the first thing the socket's task writes, before
+    /// any frame: until it is out, senders queue. The socket can then be opened (registered,
+    /// its connect event published) before its client hears the `101`, so that nothing sent
+    /// to it once the client is upgraded can miss it.
+    pub(crate) fn with_head(self, head: &[u8]) -> SocketState {
+        {
+            let mut outbox = lock(&self.out);
+            outbox.unsent = BytesMut::from(head);
+            outbox.backlogged = true;
+        }
+        self.work.store(true, Ordering::Release);
+        self
+    }
+
     /// Closes this socket to bring the server back within its buffer budget; returns the bytes
     /// it held for the caller to take off the budget (`None` if it was shed already). What it
     /// queued is freed here when no one else holds its queue at this moment (else by its own

@@ -58,9 +58,13 @@ impl<S: Service> Unpin for SocketTask<S> {}
 impl<S: Service> SocketTask<S> {
     /// Opens the socket for the service. `early`: bytes the client sent right behind its
     /// upgrade request.
+    /// Opens the socket of an upgraded connection: the service hears of it (and registers it)
+    /// here. With `head`, the `101` is not written yet: the task writes it first (see
+    /// [`SocketState::with_head`]).
     pub(crate) fn open(
         wire: Wire,
         early: Bytes,
+        head: Option<&[u8]>,
         open: Open<S::Admission>,
         shared: Arc<Shared<S>>,
     ) -> SocketTask<S> {
@@ -75,7 +79,11 @@ impl<S: Service> SocketTask<S> {
             frames: opts.send_queue,
             bytes: opts.send_queue_bytes,
         };
-        let state = Arc::new(SocketState::new(wire, peer, limits, shared.hub.clone()));
+        let mut state = SocketState::new(wire, peer, limits, shared.hub.clone());
+        if let Some(head) = head {
+            state = state.with_head(head);
+        }
+        let state = Arc::new(state);
         // With TLS, records the handshake left unwritten go first.
         state.after_read();
         shared

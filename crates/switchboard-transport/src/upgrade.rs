@@ -90,19 +90,18 @@ pub(crate) async fn serve_plain<S: Service>(
     };
     let mut head = [0u8; 160];
     let len = switching_protocols(&accept, &mut head);
-    match tokio::time::timeout_at(deadline, stream.write_all(&head[..len])).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "upgrade not completed"),
-        Err(_) => return tracing::debug!(%peer, "handshake timed out"),
-    }
-    // Upgraded: no longer a handshake in progress. Frames the client sent right behind its
+    // Admitted: no longer a handshake in progress. Frames the client sent right behind its
     // request are the socket's first bytes.
     drop(in_progress);
     // Copied (usually nothing): the reader takes them in at once, and the read buffer goes.
     let early = Bytes::copy_from_slice(&first[head_len..]);
     drop(first);
-    // A task of its own, holding just the socket.
-    tokio::spawn(SocketTask::open(Wire::plain(stream), early, open, shared));
+    // Opened (registered, its connect event published) before the `101` goes out, which its
+    // task writes first: a send to the user the moment the client is upgraded reaches it.
+    // (Was: the `101` first, and for some microseconds the client was upgraded but the socket
+    // not registered.) A task of its own, holding just the socket.
+    let task = SocketTask::open(Wire::plain(stream), early, Some(&head[..len]), open, shared);
+    tokio::spawn(task);
 }
 
 /// The request in `bytes` and its head's length, when it is one this path serves: a whole
