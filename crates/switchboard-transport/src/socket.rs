@@ -371,11 +371,15 @@ impl SocketState {
                     Err(e) => return Err(e),
                 }
             }
-            if outbox.unsent.is_empty() && outbox.unsent_counted > 0 {
-                // The batch is out: its allocation and its count go together.
+            if outbox.unsent.is_empty() {
+                // The batch is out (or the `101`, which counts for nothing): its allocation
+                // and its count go together. (Emptied by advancing, it may report no
+                // capacity and still hold its allocation.)
                 outbox.unsent = BytesMut::new();
                 let counted = std::mem::take(&mut outbox.unsent_counted);
-                self.release_out(outbox, counted);
+                if counted > 0 {
+                    self.release_out(outbox, counted);
+                }
             }
             if outbox.unsent.is_empty() {
                 match outbox.queue.front() {
