@@ -82,7 +82,7 @@ impl StreamReply {
         }
     }
 
-    /// Sets [`StreamReply::unacked_limit`].
+    /// Sets [`StreamReply::unacked_limit`] (zero: none; at most 24.8 days, the kernel's bound).
     pub fn with_unacked_limit(mut self, limit: std::time::Duration) -> Self {
         self.unacked_limit = Some(limit);
         self

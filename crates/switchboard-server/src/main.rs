@@ -335,7 +335,7 @@ async fn serve(
         bus.subscriptions_ready().await?;
         say!("switchboard: bus nats, node {}", bus.node_name());
     }
-    // Caught from before the first socket: a SIGTERM during start-up still drains.
+    // Caught from before the first socket: a SIGTERM once serving drains the sockets.
     let stop = switchboard::shutdown_signal();
     tokio::pin!(stop);
     // Listened for from here, so that a SIGHUP during start-up (which may wait for the key
@@ -344,7 +344,9 @@ async fn serve(
     // without a close frame and no `onclose` published.
     let hangups = hangup_signal();
     // Start-up may wait (for the key set, up to `auth.jwks.startup_wait`): a SIGTERM then
-    // ends it at once, with nothing open to drain, rather than after the wait.
+    // ends it at once rather than after the wait. The wait comes before anything listens, so
+    // there is nothing to drain; only a signal in the microseconds while the admin and API
+    // listeners are bound, after the public one, would drop what that one had accepted.
     let running = tokio::select! {
         started = container.start_on(addr) => started?,
         () = &mut stop => {

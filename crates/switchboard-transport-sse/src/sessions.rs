@@ -278,7 +278,9 @@ fn open_stream<S: Service>(bound: &Arc<Bound<S>>, request: HttpRequest) -> HttpR
     out.insert("x-accel-buffering", HeaderValue::from_static("no"));
     allow_origin(headers, out, &options.origins);
     // A client gone without a word (no ACK for two heartbeats) is dropped by the kernel.
-    let unacked_limit = (2 * sweep_interval(options)).max(MIN_UNACKED_LIMIT);
+    let unacked_limit = sweep_interval(options)
+        .saturating_mul(2)
+        .max(MIN_UNACKED_LIMIT);
     HttpReply::Stream(
         StreamReply::new(head, Box::pin(stream), socket.abort.clone())
             .with_unacked_limit(unacked_limit),
@@ -494,11 +496,11 @@ impl<S: Service> Shedder for Bound<S> {
     }
 }
 
-/// How long the heartbeat sweep waits between rounds.
 /// The shortest time a stream's bytes may go unacknowledged before the kernel drops it: a
 /// short test heartbeat must not make a slow network look like a dead client.
 const MIN_UNACKED_LIMIT: Duration = Duration::from_secs(10);
 
+/// How long the heartbeat sweep waits between rounds.
 pub(crate) fn sweep_interval(options: &SseOptions) -> Duration {
     options.heartbeat_interval.max(Duration::from_millis(10))
 }

@@ -122,7 +122,10 @@ impl SocketState {
         let held = self.holding.write_off()?;
         match self.out.try_lock() {
             Ok(mut outbox) => {
-                let mid_frame = !outbox.unsent.is_empty();
+                // Data the kernel took in part counts for something; the `101` of a socket
+                // opened before it went out counts for nothing, and goes out first whatever
+                // follows (the close frame, here).
+                let mid_frame = !outbox.unsent.is_empty() && outbox.unsent_counted > 0;
                 let won = self.request_close(
                     (!mid_frame).then(Farewell::over_budget),
                     CloseReason::OverBudget,
@@ -663,6 +666,50 @@ mod tests {
         assert_eq!(received, expected);
         assert!(done || matches!(state.flush().unwrap(), Flushed::Done));
         assert_eq!(state.hub.stats.budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_shed_before_the_101_is_out_keeps_it_and_sends_the_close_frame_after_it() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, addr) = listener.accept().await.unwrap();
+        let limits = QueueLimits {
+            frames: 100,
+            bytes: usize::MAX,
+        };
+        let head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        let state =
+            SocketState::new(Wire::plain(stream), addr, limits, Arc::default()).with_head(head);
+        // Queued behind the 101 (counted), then shed before the task wrote anything.
+        state.send_text(Bytes::from_static(b"data")).unwrap();
+        assert!(state.shed_for_budget().is_some());
+        assert!(!lock(&state.out).torn, "the 101 is no frame in progress");
+        assert_eq!(&lock(&state.out).unsent[..], &head[..], "the 101 is kept");
+        // What the socket's task then writes: the 101, and the close frame (1013) after it.
+        state.begin_closing(true);
+        loop {
+            match state.flush().unwrap() {
+                Flushed::Done => break,
+                Flushed::CloseReached(..) => {}
+                Flushed::Blocked => tokio::task::yield_now().await,
+            }
+        }
+        if let Some(farewell) = state.take_farewell() {
+            state.queue_farewell(farewell.payload());
+            while !matches!(state.flush().unwrap(), Flushed::Done) {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(state);
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(head), "{got:?}");
+        let close = &got[head.len()..];
+        assert_eq!(close.first(), Some(&0x88), "a close frame next: {close:?}");
+        assert_eq!(&close[2..4], &1013u16.to_be_bytes());
     }
 
     fn kinds(state: &SocketState) -> Vec<&'static str> {

@@ -56,11 +56,9 @@ pub(crate) struct SocketTask<S: Service> {
 impl<S: Service> Unpin for SocketTask<S> {}
 
 impl<S: Service> SocketTask<S> {
-    /// Opens the socket for the service. `early`: bytes the client sent right behind its
-    /// upgrade request.
     /// Opens the socket of an upgraded connection: the service hears of it (and registers it)
-    /// here. With `head`, the `101` is not written yet: the task writes it first (see
-    /// [`SocketState::with_head`]).
+    /// here. `early`: bytes the client sent right behind its upgrade request. With `head`, the
+    /// `101` is not written yet: the task writes it first (see [`SocketState::with_head`]).
     pub(crate) fn open(
         wire: Wire,
         early: Bytes,

@@ -37,11 +37,12 @@ impl StreamTuning {
     /// sent stays unacknowledged for `unacked_limit` (a client that vanished without a FIN or
     /// a reset would otherwise hold its place until TCP gives up, about 15 minutes).
     pub(crate) fn request(&self, unacked_limit: Option<Duration>) {
-        let ms = unacked_limit.map_or(NO_LIMIT, |d| {
-            u64::try_from(d.as_millis())
-                .unwrap_or(NO_LIMIT - 1)
-                .clamp(1, NO_LIMIT - 1)
-        });
+        // Zero would be the kernel's default to the option, not "at once": no limit then. The
+        // kernel takes at most `i32::MAX` milliseconds (24.8 days).
+        let ms = match unacked_limit {
+            Some(d) if !d.is_zero() => d.as_millis().clamp(1, i32::MAX as u128) as u64,
+            _ => NO_LIMIT,
+        };
         self.0.store(ms, Relaxed);
     }
 
