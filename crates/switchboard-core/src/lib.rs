@@ -68,6 +68,13 @@ pub fn request_head_len(
     line + headers + 2
 }
 
+/// Whether a request is HTTP/1.1 with exactly one `Host` (RFC 9112 3.2: without one, or with
+/// two, it is a `400`; a same-host origin check would read the first of two). What the
+/// WebSocket upgrade and the endpoints on its port both require.
+pub fn http11_with_one_host(version: http::Version, headers: &http::HeaderMap) -> bool {
+    version == http::Version::HTTP_11 && headers.get_all(http::header::HOST).iter().count() == 1
+}
+
 /// A small text response, for refusals.
 pub fn plain_response(status: http::StatusCode, text: &'static str) -> HttpResponse {
     let mut res = http::Response::new(Bytes::from_static(text.as_bytes()));

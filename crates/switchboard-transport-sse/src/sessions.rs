@@ -304,8 +304,7 @@ fn foreign_page_without_origin(headers: &http::HeaderMap) -> bool {
 /// without exactly one `Host` (RFC 9112 3.2; the same-host origin check reads it).
 pub(crate) fn malformed(request: &HttpRequest) -> Option<HttpReply> {
     let parts = &request.parts;
-    let one_host = parts.headers.get_all(header::HOST).iter().count() == 1;
-    (parts.version != http::Version::HTTP_11 || !one_host).then(|| {
+    (!switchboard_core::http11_with_one_host(parts.version, &parts.headers)).then(|| {
         refuse(
             StatusCode::BAD_REQUEST,
             "an HTTP/1.1 request with one Host header\n",

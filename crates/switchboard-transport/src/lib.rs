@@ -799,11 +799,7 @@ fn valid_upgrade(version: http::Version, headers: &http::HeaderMap) -> bool {
     let Some(key) = headers.get(SEC_WEBSOCKET_KEY) else {
         return false;
     };
-    // RFC 9112 3.2: an HTTP/1.1 request without a Host, or with more than one, is a 400 (the
-    // origin check would read the first of two).
-    let one_host = headers.get_all(hyper::header::HOST).iter().count() == 1;
-    version == http::Version::HTTP_11
-        && one_host
+    switchboard_core::http11_with_one_host(version, headers)
         && headers
             .get(SEC_WEBSOCKET_VERSION)
             .is_some_and(|v| v.as_bytes() == b"13")
@@ -878,6 +874,23 @@ fn ack_with_the_answer(listener: &TcpListener) {
     let _ = socket2::SockRef::from(listener).set_tcp_quickack(false);
     #[cfg(not(target_os = "linux"))]
     let _ = listener;
+}
+
+#[cfg(test)]
+mod test_support {
+    use std::net::SocketAddr;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected loopback pair: the accepted (server's) side with its peer's address, and
+    /// the peer.
+    pub(crate) async fn loopback_pair() -> (TcpStream, SocketAddr, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, addr) = listener.accept().await.unwrap();
+        (accepted, addr, peer)
+    }
 }
 
 #[cfg(all(test, target_os = "linux"))]

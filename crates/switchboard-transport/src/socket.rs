@@ -573,11 +573,7 @@ mod tests {
 
     /// A socket whose peer never reads, with the kernel's buffers full: every send queues.
     async fn backlogged_socket(capacity: usize) -> (SocketState, tokio::net::TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (stream, addr) = listener.accept().await.unwrap();
+        let (stream, addr, peer) = crate::test_support::loopback_pair().await;
         let limits = QueueLimits {
             frames: capacity,
             bytes: usize::MAX,
@@ -671,11 +667,7 @@ mod tests {
     #[tokio::test]
     async fn a_shed_before_the_101_is_out_keeps_it_and_sends_the_close_frame_after_it() {
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (stream, addr) = listener.accept().await.unwrap();
+        let (stream, addr, mut peer) = crate::test_support::loopback_pair().await;
         let limits = QueueLimits {
             frames: 100,
             bytes: usize::MAX,

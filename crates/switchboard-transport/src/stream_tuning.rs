@@ -149,16 +149,9 @@ mod tests {
         }
     }
 
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap());
-        let (client, accepted) = tokio::join!(client, listener.accept());
-        (client.unwrap(), accepted.unwrap().0)
-    }
-
     #[tokio::test]
     async fn the_options_asked_for_are_set_before_the_next_write_and_only_then() {
-        let (_client, server) = pair().await;
+        let (server, _, _client) = crate::test_support::loopback_pair().await;
         let tuning = Arc::new(StreamTuning::default());
         let mut io = Tuned::new(server, tuning.clone());
         io.write_all(b"head").await.unwrap();
@@ -182,7 +175,7 @@ mod tests {
         assert_eq!(bounded, 2 * STREAM_SEND_BUFFER, "was {autotuned}");
 
         // Without a limit, only the buffer.
-        let (_client, server) = pair().await;
+        let (server, _, _client) = crate::test_support::loopback_pair().await;
         let tuning = Arc::new(StreamTuning::default());
         let mut io = Tuned::new(server, tuning.clone());
         tuning.request(None);

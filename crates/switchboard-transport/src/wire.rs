@@ -303,11 +303,7 @@ mod tests {
     #[tokio::test]
     async fn head_and_payload_arrive_whole_at_every_size_boundary() {
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
+        let (server, _, mut client) = crate::test_support::loopback_pair().await;
         for total in [0, 1, 2, 255, 256, 257, 2047, 2048, 2049, 5000] {
             let head: Vec<u8> = (0..total.min(10)).map(|i| i as u8).collect();
             let payload: Vec<u8> = (head.len()..total).map(|i| (i % 251) as u8).collect();

@@ -333,10 +333,7 @@ impl Verifier {
         };
         // RFC 7519 4.1.4: a token is expired *at* its `exp` (jsonwebtoken lets that second
         // itself pass), plus the leeway, as the expiry close counts it.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if exp.saturating_add(self.leeway) <= now {
+        if exp.saturating_add(self.leeway) <= crate::expiry::now_secs() {
             return Err(AuthError::Invalid(describe(
                 &jsonwebtoken::errors::ErrorKind::ExpiredSignature.into(),
             )));

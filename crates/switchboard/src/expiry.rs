@@ -27,7 +27,7 @@ pub(crate) struct Expiries {
     stopped: AtomicBool,
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

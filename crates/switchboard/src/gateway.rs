@@ -227,6 +227,11 @@ fn error_frame(payload: &Value) -> Bytes {
     encode_frame("error", payload)
 }
 
+/// The error frame of a refused `$refresh`.
+fn refresh_refusal(why: &str) -> Bytes {
+    error_frame(&json!({"message": format!("refresh refused: {why}"), "type": REFRESH_TYPE}))
+}
+
 fn internal_error(topic: &str) -> Value {
     json!({"message": "internal error in a handler", "topic": topic})
 }
@@ -507,20 +512,14 @@ impl Gateway {
     /// (the socket may not go on under a token that does not cover it).
     fn close_for_mismatch(&self, s: &Session, why: &str) {
         GatewayStats::bump(&self.stats().refresh_mismatches);
-        let _ = s.handle.send_text(error_frame(&json!({
-            "message": format!("refresh refused: {why}"),
-            "type": REFRESH_TYPE,
-        })));
+        let _ = s.handle.send_text(refresh_refusal(why));
         s.handle
             .close(REFRESH_MISMATCH_CODE, &format!("refresh: {why}"));
     }
 
     fn refuse_refresh(&self, s: &Session, why: &str) {
         GatewayStats::bump(&self.stats().refreshes_refused);
-        let _ = s.handle.send_text(error_frame(&json!({
-            "message": format!("refresh refused: {why}"),
-            "type": REFRESH_TYPE,
-        })));
+        let _ = s.handle.send_text(refresh_refusal(why));
     }
 
     /// The rate limit's verdict on one message or ping; `false` drops it (the first of a run

@@ -26,8 +26,9 @@ use tokio::task::JoinHandle;
 /// Connections one listener serves at once; more are closed as they are accepted.
 const MAX_CONNECTIONS: usize = 128;
 
-/// The largest request head read: a larger one gets `431` (from hyper) before the key is
-/// checked. (Was hyper's default, about 400 KiB a connection, times [`MAX_CONNECTIONS`].)
+/// The largest request head taken: a larger one gets `431` before the key is checked (hyper's
+/// buffer is bounded to it, and the head is measured exactly once parsed). Was hyper's
+/// default, about 400 KiB a connection, times [`MAX_CONNECTIONS`].
 const MAX_HEAD: usize = 64 * 1024;
 
 /// How long a connection may take to send its request head (and, with TLS, to finish the
