@@ -289,13 +289,19 @@ impl<H: Clone> Registry<H> {
 
     /// Unregisters a connection and returns its entry, if it was there.
     pub fn remove(&self, id: ConnId) -> Option<Entry<H>> {
-        let (_, entry) = self.conns.remove(&id)?;
+        // The id map changes last, as on insert: once `len` shows a connection come or go,
+        // the per-user and per-namespace counts already agree with it.
+        let (username, namespace) = {
+            let entry = self.conns.get(&id)?;
+            (entry.username.clone(), entry.namespace.clone())
+        };
         self.by_user
-            .remove_if_mut(&entry.username, |_, members| members.remove(id));
-        if let Some(ns) = &entry.namespace {
+            .remove_if_mut(&username, |_, members| members.remove(id));
+        if let Some(ns) = &namespace {
             self.by_namespace
                 .remove_if_mut(ns, |_, members| members.remove(id));
         }
+        let (_, entry) = self.conns.remove(&id)?;
         self.changed();
         Some(entry)
     }
@@ -537,6 +543,45 @@ mod tests {
         assert!(reg.is_empty());
         assert!(reg.by_user.is_empty());
         assert!(reg.by_namespace.is_empty());
+    }
+
+    /// A caller that waits for `len` to change (a test, an operator polling the API) must
+    /// find the user and namespace counts already changed with it.
+    #[test]
+    fn the_counts_agree_with_len_as_soon_as_it_changes() {
+        let reg = Arc::new(Registry::new());
+        for _ in 0..2_000 {
+            let id = reg.insert("u", Some("n"), 1u8);
+            let remover = {
+                let reg = reg.clone();
+                std::thread::spawn(move || reg.remove(id))
+            };
+            while !reg.is_empty() {
+                std::hint::spin_loop();
+            }
+            assert_eq!(reg.count(Target::User("u")), 0, "user count lags len");
+            assert_eq!(
+                reg.count(Target::Namespace("n")),
+                0,
+                "namespace count lags len"
+            );
+            assert!(remover.join().unwrap().is_some());
+
+            let adder = {
+                let reg = reg.clone();
+                std::thread::spawn(move || reg.insert("u", Some("n"), 2u8))
+            };
+            while reg.is_empty() {
+                std::hint::spin_loop();
+            }
+            assert_eq!(reg.count(Target::User("u")), 1, "user count lags len");
+            assert_eq!(
+                reg.count(Target::Namespace("n")),
+                1,
+                "namespace count lags len"
+            );
+            reg.remove(adder.join().unwrap());
+        }
     }
 
     #[test]
