@@ -229,6 +229,20 @@ pub(crate) async fn json_exchange(
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
+/// Reads a response head from a blocking stream as a quick client reads, a chunk at a time
+/// (a `101` comes in one segment or record): the bytes read, up to the blank line at least.
+/// Panics if the stream ends first.
+pub fn read_head_blocking(stream: &mut impl std::io::Read) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk).expect("the response head");
+        assert!(n > 0, "closed before the response head");
+        head.extend_from_slice(&chunk[..n]);
+    }
+    head
+}
+
 /// Waits until `condition` holds, checking it every few milliseconds; panics naming `what`
 /// after `timeout`.
 pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {

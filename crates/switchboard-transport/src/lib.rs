@@ -123,7 +123,6 @@ pub use switchboard_core::{
     OVER_BUDGET_CODE, SLOW_CONSUMER_CODE,
 };
 pub use switchboard_tls::ServerTls;
-use upgrade::Rewind;
 use wire::Wire;
 
 mod endpoints;
@@ -448,8 +447,8 @@ async fn serve_connection<S: Service>(
         .checked_add(shared.options.handshake_timeout)
         .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
     match &shared.options.tls {
-        None => upgrade::serve_plain(stream, peer, in_progress, shared, deadline).await,
-        // Boxed, as `serve_plain` boxes its hyper path: the plain upgrade's task stays small.
+        None => upgrade::serve_first_request(stream, peer, in_progress, shared, deadline).await,
+        // Boxed, as `serve_first_request` boxes its hyper path: the upgrade's task stays small.
         Some(tls) => {
             let accept = tls.acceptor().accept(stream);
             Box::pin(serve_tls(accept, peer, in_progress, shared, deadline)).await
@@ -457,7 +456,8 @@ async fn serve_connection<S: Service>(
     }
 }
 
-/// A TLS connection: its handshake, then its one request (through hyper).
+/// A TLS connection: its handshake, then its one request (as on plain TCP: see
+/// [`upgrade::serve_first_request`]).
 async fn serve_tls<S: Service>(
     accept: switchboard_tls::tokio_rustls::Accept<TcpStream>,
     peer: SocketAddr,
@@ -466,7 +466,9 @@ async fn serve_tls<S: Service>(
     deadline: tokio::time::Instant,
 ) {
     match tokio::time::timeout_at(deadline, accept).await {
-        Ok(Ok(stream)) => serve_http(stream, peer, in_progress, shared, deadline).await,
+        Ok(Ok(stream)) => {
+            upgrade::serve_first_request(stream, peer, in_progress, shared, deadline).await
+        }
         Ok(Err(e)) => {
             shared.hub.stats.refused_tls.fetch_add(1, Relaxed);
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -682,25 +684,15 @@ fn handle_request<S: Service>(
             Ok(upgraded) => upgraded,
             Err(e) => return tracing::debug!(%peer, error = %e, "upgrade did not complete"),
         };
-        // The connection was served over plain TCP (behind the bytes `upgrade::serve_plain`
-        // read first) or TLS (see `serve_connection`); taking the stream back lets the socket
-        // read and write it without hyper's buffers in between. What hyper buffered came
-        // first, from the front of the bytes put back; what it left of them follows.
-        use stream_tuning::Tuned;
-        let (wire, read_buf) = match upgraded.downcast::<TokioIo<Tuned<Rewind<TcpStream>>>>() {
-            Ok(parts) => {
-                let (tcp, unread) = parts.io.into_inner().into_inner().into_parts();
-                (Wire::plain(tcp), join(parts.read_buf, unread))
-            }
-            Err(upgraded) => match upgraded.downcast::<TokioIo<Tuned<TlsStream>>>() {
-                Ok(parts) => {
-                    let (tcp, session) = parts.io.into_inner().into_inner().into_inner();
-                    (Wire::tls(tcp, session), parts.read_buf)
-                }
-                Err(_) => {
-                    return tracing::error!(%peer, "upgraded connection is neither TCP nor TLS")
-                }
-            },
+        // The connection was served over plain TCP or TLS, behind the bytes
+        // `upgrade::serve_first_request` read first; taking the stream back lets the socket
+        // read and write it without hyper's buffers in between.
+        let taken = match upgrade::taken_back::<TcpStream>(upgraded) {
+            Ok(taken) => Some(taken),
+            Err(upgraded) => upgrade::taken_back::<TlsStream>(upgraded).ok(),
+        };
+        let Some((wire, read_buf)) = taken else {
+            return tracing::error!(%peer, "upgraded connection is neither TCP nor TLS");
         };
         // A task of its own, holding just the socket: this one (and what it held while
         // waiting for the upgrade) ends here.
@@ -831,6 +823,15 @@ type TlsStream = switchboard_tls::tokio_rustls::server::TlsStream<TcpStream>;
 impl stream_tuning::OverTcp for TlsStream {
     fn tcp(&self) -> &TcpStream {
         self.get_ref().0
+    }
+}
+
+impl upgrade::Accepted for TlsStream {
+    fn into_wire(self) -> Wire {
+        // What rustls decrypted and the first read did not take stays in the session, which
+        // the socket reads first.
+        let (tcp, session) = self.into_inner();
+        Wire::tls(tcp, session)
     }
 }
 

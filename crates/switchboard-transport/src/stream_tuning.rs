@@ -64,6 +64,12 @@ pub(crate) trait OverTcp {
     fn tcp(&self) -> &TcpStream;
 }
 
+impl OverTcp for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
 /// A connection's IO that applies the [`StreamTuning`] asked for before its next write.
 pub(crate) struct Tuned<I> {
     io: I,
@@ -142,12 +148,6 @@ impl<I: AsyncWrite + OverTcp + Unpin> AsyncWrite for Tuned<I> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
-
-    impl OverTcp for TcpStream {
-        fn tcp(&self) -> &TcpStream {
-            self
-        }
-    }
 
     #[tokio::test]
     async fn the_options_asked_for_are_set_before_the_next_write_and_only_then() {

@@ -1,9 +1,10 @@
-//! The upgrade of a plain-TCP connection, written out by hand for the request almost every
-//! client sends: a whole HTTP/1.1 `GET` head in the first read, asking for a WebSocket at the
-//! socket path and passing the cheap checks. Everything else (a head in pieces or longer than
-//! one read, another path, HTTP/1.0, a body, a refusal by the cheap checks, a header hyper
-//! would refuse) goes to hyper, with the bytes already read put back in front of the stream
-//! ([`Rewind`]), and is answered exactly as before.
+//! The upgrade of a connection (plain TCP, or TLS once its handshake is done), written out
+//! by hand for the request almost every client sends: a whole HTTP/1.1 `GET` head in the
+//! first read, asking for a WebSocket at the socket path and passing the cheap checks.
+//! Everything else (a head in pieces or longer than one read, another path, HTTP/1.0, a body,
+//! a refusal by the cheap checks, a header hyper would refuse) goes to hyper, with the bytes
+//! already read put back in front of the stream ([`Rewind`]), and is answered exactly as
+//! before.
 //!
 //! Why: hyper's connection machinery (its buffers, dispatcher, upgrade channel and a task to
 //! await the upgrade) was an eighth of the server's user-space instructions per JWT handshake
@@ -36,10 +37,36 @@ const FIRST_READ: usize = 4096;
 /// Header lines parsed at most, as hyper's default: a head with more is hyper's to refuse.
 const MAX_HEADERS: usize = 100;
 
-/// Serves one accepted plain-TCP connection: the upgrade here when the first read holds a
-/// request this path takes, hyper otherwise.
-pub(crate) async fn serve_plain<S: Service>(
-    mut stream: TcpStream,
+/// The stream of an accepted connection, plain or TLS (its handshake done): read for its
+/// first request here or by hyper, then the socket's [`Wire`].
+pub(crate) trait Accepted:
+    AsyncRead + AsyncWrite + crate::stream_tuning::OverTcp + Unpin + Send + 'static
+{
+    fn into_wire(self) -> Wire;
+}
+
+impl Accepted for TcpStream {
+    fn into_wire(self) -> Wire {
+        Wire::plain(self)
+    }
+}
+
+/// The stream of a connection hyper upgraded, if it is a `T` (as [`serve_first_request`]
+/// handed it over, in a [`Rewind`]), with the bytes read but not yet the socket's: what hyper
+/// buffered came first, from the front of the bytes put back; what it left of them follows.
+pub(crate) fn taken_back<T: Accepted>(
+    upgraded: hyper::upgrade::Upgraded,
+) -> Result<(Wire, Bytes), hyper::upgrade::Upgraded> {
+    use crate::stream_tuning::Tuned;
+    let parts = upgraded.downcast::<hyper_util::rt::TokioIo<Tuned<Rewind<T>>>>()?;
+    let (stream, unread) = parts.io.into_inner().into_inner().into_parts();
+    Ok((stream.into_wire(), super::join(parts.read_buf, unread)))
+}
+
+/// Serves one accepted connection: the upgrade here when the first read holds a request
+/// this path takes, hyper otherwise.
+pub(crate) async fn serve_first_request<S: Service, T: Accepted>(
+    mut stream: T,
     peer: SocketAddr,
     in_progress: handshakes::InProgress,
     shared: Arc<Shared<S>>,
@@ -100,7 +127,7 @@ pub(crate) async fn serve_plain<S: Service>(
     // task writes first: a send to the user the moment the client is upgraded reaches it.
     // (Was: the `101` first, and for some microseconds the client was upgraded but the socket
     // not registered.) A task of its own, holding just the socket.
-    let task = SocketTask::open(Wire::plain(stream), early, Some(&head[..len]), open, shared);
+    let task = SocketTask::open(stream.into_wire(), early, Some(&head[..len]), open, shared);
     tokio::spawn(task);
 }
 
@@ -206,9 +233,9 @@ impl<T> Rewind<T> {
     }
 }
 
-impl crate::stream_tuning::OverTcp for Rewind<TcpStream> {
+impl<T: crate::stream_tuning::OverTcp> crate::stream_tuning::OverTcp for Rewind<T> {
     fn tcp(&self) -> &TcpStream {
-        &self.inner
+        self.inner.tcp()
     }
 }
 

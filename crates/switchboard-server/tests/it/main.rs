@@ -377,14 +377,7 @@ fn a_send_right_after_the_upgrade_reaches_the_new_socket() {
             switchboard_test_support::token(&user)
         );
         ws.write_all(upgrade.as_bytes()).unwrap();
-        // Read as a quick client reads: in one go (the `101` comes in one segment).
-        let mut head = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = ws.read(&mut chunk).unwrap();
-            assert!(n > 0, "closed before the 101");
-            head.extend_from_slice(&chunk[..n]);
-        }
+        let head = switchboard_test_support::read_head_blocking(&mut ws);
         assert!(
             head.starts_with(b"HTTP/1.1 101"),
             "{}",

@@ -18,6 +18,7 @@ mod lifetime;
 mod raw;
 mod sse;
 mod tenancy;
+mod tls;
 
 use std::time::Duration;
 

@@ -1,0 +1,169 @@
+//! `wss://` upgrades in process: the hand-written upgrade serves TLS as it serves plain TCP
+//! (the socket registered before its `101`, frames sent right behind the request kept), and
+//! hyper still serves a head too large for the first read.
+
+use std::time::Duration;
+
+use serde_json::json;
+use switchboard::{Config, Running};
+use switchboard_test_support::tls::{tls_stream, TestCa};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::{container, next_published, recorder, start, token, SECRET_ENV};
+
+/// A gateway serving TLS with a certificate of `ca`, recording connects and messages.
+async fn tls_gateway(
+    ca: &TestCa,
+    dir: &std::path::Path,
+) -> (Running, switchboard_test_support::Seen) {
+    let files = ca.write_server_files(dir, "server");
+    let text = format!(
+        "gateway:\n  socket:\n    onconnect: {{publish: \"socket:connection\"}}\n    \
+         onmessage: {{publish: \"socket:generalMessage\"}}\n  auth:\n    secret_env: {SECRET_ENV}\n  \
+         tls:\n    cert_file: {:?}\n    key_file: {:?}\n",
+        files.cert, files.key
+    );
+    let mut c = container(Config::from_yaml_str(&text).unwrap());
+    let seen = recorder(&mut c, &["socket:generalMessage"]);
+    (start(c).await, seen)
+}
+
+/// The upgrade request of `user`, with `padding` bytes of an extra header.
+fn upgrade_request(user: &str, padding: usize) -> String {
+    let pad = if padding > 0 {
+        format!("X-Padding: {}\r\n", "p".repeat(padding))
+    } else {
+        String::new()
+    };
+    format!(
+        "GET /connect HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         {pad}Cookie: ID_TOKEN={}\r\n\r\n",
+        token(user)
+    )
+}
+
+/// A masked text frame of `text` (under 126 bytes), as a client sends it.
+fn client_text_frame(text: &str) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | text.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Reads as a quick client reads, in one go (the `101` comes in one record), up to the end
+/// of the response head; returns the head and what came after it.
+async fn read_head(stream: &mut (impl AsyncRead + Unpin)) -> (String, Vec<u8>) {
+    let mut read = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = read.split_off(end + 4);
+            return (String::from_utf8(read).unwrap(), rest);
+        }
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => read.extend_from_slice(&chunk[..n]),
+            other => panic!(
+                "no whole head: {other:?} after {}",
+                String::from_utf8_lossy(&read)
+            ),
+        }
+    }
+}
+
+/// Over TLS, as on plain TCP, the socket is registered before its `101` goes out: a client
+/// that has read its `101` finds itself registered at once (hyper's path registered it a
+/// few microseconds after). The client is a blocking one on a thread of its own, which reads
+/// the `101` the moment it arrives. The frame sent right behind the request, in the same TLS
+/// write, is the socket's first message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wss_socket_is_registered_before_its_client_reads_the_101() {
+    use std::io::Write;
+    use switchboard_tls::rustls::{pki_types::ServerName, ClientConnection, StreamOwned};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (gw, mut seen) = tls_gateway(&ca, dir.path()).await;
+    let addr = gw.local_addr().unwrap();
+    let sockets = gw.sockets().clone();
+    let client = ca.client_config();
+    const CLIENTS: usize = 200;
+    let clients = tokio::task::spawn_blocking(move || {
+        let mut late = Vec::new();
+        let mut open = Vec::new();
+        for i in 0..CLIENTS {
+            let user = format!("fresh{i}");
+            let name = ServerName::try_from("localhost").unwrap();
+            let session = ClientConnection::new(client.clone(), name).unwrap();
+            let tcp = std::net::TcpStream::connect(addr).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut tls = StreamOwned::new(session, tcp);
+            let mut request = upgrade_request(&user, 0).into_bytes();
+            request.extend(client_text_frame(&format!(
+                r#"{{"type":"hi","payload":{i}}}"#
+            )));
+            tls.write_all(&request).unwrap();
+            let head = switchboard_test_support::read_head_blocking(&mut tls);
+            assert!(
+                head.starts_with(b"HTTP/1.1 101"),
+                "{}",
+                String::from_utf8_lossy(&head)
+            );
+            if sockets.count_of_user(&user, None) != 1 {
+                late.push(i);
+            }
+            open.push(tls);
+        }
+        (late, open)
+    });
+    let mut heard = Vec::new();
+    for _ in 0..CLIENTS {
+        let (_, data, context) = next_published(&mut seen).await;
+        assert_eq!(data["type"], "hi", "{data}");
+        assert_eq!(
+            context["username"],
+            json!(format!("fresh{}", data["payload"])),
+            "{context}"
+        );
+        heard.push(data["payload"].as_u64().unwrap());
+    }
+    heard.sort_unstable();
+    assert_eq!(heard, (0..CLIENTS as u64).collect::<Vec<_>>());
+    let (late, open) = clients.await.unwrap();
+    assert!(
+        late.is_empty(),
+        "sockets not yet registered when their client had the 101: {late:?}"
+    );
+    drop(open);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A head over the first read's 4 KiB goes to hyper over TLS too: the socket opens, the frame
+/// sent behind the request reaches the gateway, and a send reaches the socket.
+#[tokio::test]
+async fn a_wss_upgrade_too_large_for_the_first_read_is_served_by_hyper() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (gw, mut seen) = tls_gateway(&ca, dir.path()).await;
+    let (mut stream, _) = tls_stream(gw.local_addr().unwrap(), ca.client_config())
+        .await
+        .unwrap();
+    let mut request = upgrade_request("alex", 6000).into_bytes();
+    request.extend(client_text_frame(r#"{"type":"hi","payload":"big"}"#));
+    stream.write_all(&request).await.unwrap();
+    let (head, _) = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // hyper's `101` carries a date; the hand-written one does not.
+    assert!(head.to_ascii_lowercase().contains("\r\ndate: "), "{head}");
+    let (_, data, _) = next_published(&mut seen).await;
+    assert_eq!(data, json!({"type": "hi", "payload": "big"}));
+    for _ in 0..500 {
+        if gw.sockets().count_of_user("alex", None) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(gw.sockets().count_of_user("alex", None), 1);
+    drop(stream);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
