@@ -11,7 +11,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderValue, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, TRANSFER_ENCODING, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 use switchboard_bus::{Bus, Message};
@@ -212,6 +214,30 @@ async fn read_json(req: Request<Incoming>, max: usize) -> Result<Map<String, Val
             &format!("body over {max} bytes"),
         )
     };
+    // The body is read as it comes: a coding it would have to undo (`Content-Encoding:
+    // gzip`, `Transfer-Encoding: gzip, chunked`) is refused, never read as if it were plain.
+    let headers = req.headers();
+    if headers
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        return Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must not be content-encoded",
+        ));
+    }
+    if headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    {
+        return Err(error(
+            StatusCode::NOT_IMPLEMENTED,
+            "no transfer coding but chunked is taken",
+        ));
+    }
     let body = req.into_body();
     if body.size_hint().lower() > max as u64 {
         return Err(too_large());

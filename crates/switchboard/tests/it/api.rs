@@ -159,12 +159,23 @@ switchboard_test_support::each_transport!(send_broadcast_disconnect_and_presence
 
 /// `body` as it is, bytes that are not JSON (or not UTF-8) included, with the key.
 async fn call_raw(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> (u16, Value) {
+    let length = format!("Content-Length: {}\r\n", body.len());
+    call_with_head(addr, method, target, &length, body).await
+}
+
+/// `body` after a head of the key and `head_lines` (each ending in CRLF), which say how the
+/// body is framed.
+async fn call_with_head(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    head_lines: &str,
+    body: &[u8],
+) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut request = format!(
         "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n",
-        body.len()
+         Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n{head_lines}\r\n"
     )
     .into_bytes();
     request.extend_from_slice(body);
@@ -178,6 +189,53 @@ async fn call_raw(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> 
         head[9..12].parse().unwrap(),
         serde_json::from_str(body).unwrap(),
     )
+}
+
+/// A body in a coding the API does not undo is refused, never read as plain JSON: a body that
+/// says it is gzip and parses as JSON is not what its sender meant. Plain `chunked` and
+/// `identity` are read.
+#[tokio::test]
+async fn a_coded_body_is_refused_and_reaches_nobody() {
+    let (gw, addr) = api_gateway(Kind::WebSocket).await;
+    let mut alex = gw.connect("alex", None).await;
+    gw.wait_for_sockets(1).await;
+    let cases = [
+        ("Content-Encoding: gzip", false, 415),
+        ("Content-Encoding: identity, br", false, 415),
+        ("Transfer-Encoding: gzip, chunked", true, 501),
+        (
+            "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked",
+            true,
+            501,
+        ),
+        // Read: each reaches alex with its own payload, so a refused one that was sent would
+        // show up first.
+        ("Transfer-Encoding: chunked", true, 200),
+        ("Content-Encoding: identity", false, 200),
+    ];
+    for (i, (framing, chunked, status)) in cases.into_iter().enumerate() {
+        let body = format!(r#"{{"username":"alex","type":"t","payload":{i}}}"#);
+        let (head, body) = if chunked {
+            let chunk = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+            (format!("{framing}\r\n"), chunk)
+        } else {
+            let length = format!("Content-Length: {}\r\n", body.len());
+            (format!("{framing}\r\n{length}"), body)
+        };
+        let (got, answer) = call_with_head(addr, "POST", "/api/send", &head, body.as_bytes()).await;
+        assert_eq!(got, status, "{head}: {answer}");
+        if status == 200 {
+            assert_eq!(answer["sockets_on_this_node"], json!(1), "{head}");
+            assert_eq!(alex.recv().await, json!({"type": "t", "payload": i}));
+        } else {
+            let error = answer["error"].as_str().unwrap();
+            assert!(
+                error.contains("encoded") || error.contains("coding"),
+                "{answer}"
+            );
+        }
+    }
+    alex.assert_silent(100).await;
 }
 
 /// A field a route does not take is refused, not ignored: a misspelt `namespace` would
