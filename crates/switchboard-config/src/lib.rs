@@ -109,7 +109,11 @@ impl Config {
         let de = serde_yaml::Deserializer::from_str(text);
         let config = Config::deserialize(expand::Expand { de, env }).map_err(|e| {
             let e = placed(ConfigError::from_yaml(e), text);
-            with_tab_hint(at_named_auth_key(e, text), text)
+            let e = placed_again(at_named_auth_key(e, text), |message, line| {
+                named_entry_line(message, line, text)
+                    .or_else(|| second_of_duplicate_line(message, line, text))
+            });
+            with_tab_hint(e, text)
         })?;
         config.check_bindings(text)?;
         config.check_routes(text)?;
@@ -534,6 +538,84 @@ fn at_named_auth_key(mut e: ConfigError, text: &str) -> ConfigError {
         (*line, *column) = (Some(at), None);
     }
     e
+}
+
+/// An error the parser placed, moved to the line `find` gives for its message and the
+/// parser's line, if it gives one (the message's `at line` is rewritten with it).
+fn placed_again(
+    mut e: ConfigError,
+    find: impl FnOnce(&str, usize) -> Option<usize>,
+) -> ConfigError {
+    if let ConfigError::Invalid {
+        message,
+        line: Some(line),
+        column,
+        ..
+    } = &mut e
+    {
+        if let Some(found) = find(message, *line) {
+            message.truncate(message.rfind(" at line ").unwrap_or(message.len()));
+            message.push_str(&format!(" at line {found}"));
+            (*line, *column) = (found, None);
+        }
+    }
+    e
+}
+
+/// A list's entry is checked once the whole list is read, so the parser places its error at
+/// the section that holds the list. When the message names it (`allowed_origins entry
+/// `x``), this is the entry's line: the first from the parser's `line` that mentions it after
+/// the list's key.
+fn named_entry_line(message: &str, line: usize, text: &str) -> Option<usize> {
+    let at = message.find(" entry `")?;
+    let key = message[..at]
+        .rsplit(|c: char| c.is_whitespace() || c == ':' || c == '.')
+        .next()
+        .filter(|key| !key.is_empty())?;
+    let entry = message[at + " entry `".len()..]
+        .split('`')
+        .next()
+        .filter(|entry| !entry.is_empty())?
+        // Header names are named lower-cased.
+        .to_ascii_lowercase();
+    let list = text
+        .lines()
+        .skip(line - 1)
+        .position(|l| l.contains(&format!("{key}:")))?;
+    text.lines()
+        .enumerate()
+        .skip(line - 1 + list)
+        .find(|(_, l)| l.to_ascii_lowercase().contains(&entry))
+        .map(|(n, _)| n + 1)
+}
+
+/// The parser places a `duplicate field `x`` at the first of the two: this is the line of the
+/// second, the one to take out (the first `x:` from the parser's `line`, then the next at the
+/// same indent before the section ends).
+fn second_of_duplicate_line(message: &str, line: usize, text: &str) -> Option<usize> {
+    let (_, rest) = message.split_once("duplicate field `")?;
+    let field = rest.split('`').next()?;
+    let is_key = |t: &str| {
+        let t = t.trim_start_matches(['"', '\'']);
+        t.strip_prefix(field)
+            .is_some_and(|r| r.trim_start_matches(['"', '\'']).starts_with(':'))
+    };
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut first_indent = None;
+    for (n, l) in text.lines().enumerate().skip(line - 1) {
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        match first_indent {
+            None if is_key(t) => first_indent = Some(indent(l)),
+            None => {}
+            Some(i) if indent(l) < i => return None, // the section ended
+            Some(i) if indent(l) == i && is_key(t) => return Some(n + 1),
+            Some(_) => {}
+        }
+    }
+    None
 }
 
 /// The 1-based line of `key:` within the gateway's `auth:` section, or of the `auth:` line

@@ -291,14 +291,33 @@ fn summary(config: &Config) -> String {
         Some(jwks) => format!("JWKS {}", jwks.url),
         None => format!("{:?}", auth.algorithm),
     };
+    let g = &config.gateway;
     let mut summary = format!(
         "listen {}, path {}, {} message type route(s), auth {keys}",
-        config.gateway.listen,
+        g.listen,
         s.path.as_str(),
         types,
     );
-    if let Some(admin) = &config.gateway.admin {
+    if let Some(sse) = s.sse_path() {
+        summary.push_str(&format!(", sse {sse}"));
+    }
+    if g.tls.is_some() {
+        summary.push_str(", tls");
+    }
+    if let Some(admin) = &g.admin {
         summary.push_str(&format!(", admin {}", admin.listen));
+    }
+    if let Some(api) = &g.api {
+        summary.push_str(&format!(", api {}", api.listen));
+    }
+    if let Some(bus) = &g.bus {
+        // The URLs may carry credentials: only their count is shown.
+        let servers = bus.nats.url.as_slice().len();
+        summary.push_str(&format!(", bus nats ({servers} server URL(s))"));
+    }
+    if !g.http_handlers.is_empty() {
+        let n = g.http_handlers.iter().count();
+        summary.push_str(&format!(", {n} HTTP handler endpoint(s)"));
     }
     summary
 }

@@ -646,6 +646,58 @@ fn bad_origins_are_rejected() {
     }
 }
 
+/// A bad entry of a block list is placed at its own line, not at the section's first key
+/// (where the parser puts errors found once the list is read).
+#[test]
+fn a_bad_list_entry_is_placed_at_its_own_line() {
+    let cases = [
+        (
+            "gateway:\n  socket:\n    path: /connect\n    allowed_origins:\n      - https://ok.example\n      - example.com\n",
+            "allowed_origins entry `example.com`",
+            6,
+        ),
+        (
+            "gateway:\n  socket:\n    path: /connect\n    heartbeat: 30s\n    context_headers:\n      - user-agent\n      - cookie\n",
+            "context_headers entry `cookie`",
+            7,
+        ),
+        (
+            "gateway:\n  socket:\n    path: /connect\n    context_headers:\n      - x-a\n      - \"bad header\"\n",
+            "context_headers entry `bad header`",
+            6,
+        ),
+    ];
+    for (yaml, says, line) in cases {
+        let e = bad(yaml);
+        assert!(e.to_string().contains(says), "{e}");
+        assert_eq!(e.line(), Some(line), "{e}");
+        assert!(e.to_string().ends_with(&format!(" at line {line}")), "{e}");
+    }
+}
+
+/// A key given twice is placed at the second, the one to take out, wherever the section is.
+#[test]
+fn a_key_given_twice_is_placed_at_the_second() {
+    let cases = [
+        ("gateway:\n  socket:\n    path: /a\n    heartbeat: 5s\n    path: /b\n", "path", 5),
+        (
+            "gateway:\n  listen: 127.0.0.1:4000\n  socket: {}\n  limits:\n    max_sockets: 10\n    # a comment\n\n    max_sockets: 20\n",
+            "max_sockets",
+            8,
+        ),
+        ("gateway:\n  socket: {}\n  socket: {}\n", "socket", 3),
+    ];
+    for (yaml, field, line) in cases {
+        let e = bad(yaml);
+        assert!(
+            e.to_string()
+                .contains(&format!("duplicate field `{field}`")),
+            "{e}"
+        );
+        assert_eq!(e.line(), Some(line), "{e}");
+    }
+}
+
 #[test]
 fn origins_a_browser_can_send_are_accepted() {
     for good in [
@@ -1069,11 +1121,12 @@ fn http_handler_errors_name_the_key_and_line() {
             "queue must be at most 1000000",
             9,
         ),
-        ("      pass_headers: [cookie]\n", "carries credentials", 9),
+        // A list's entry: its own line.
+        ("      pass_headers: [cookie]\n", "carries credentials", 11),
         (
             "      pass_headers: [Host]\n",
             "`host` is set by the gateway itself",
-            9,
+            11,
         ),
         (
             "      onclose_retries: 11\n",

@@ -80,6 +80,10 @@ fn check_config_expands_variables_and_names_an_unset_one() {
         "{stdout}"
     );
     assert!(stdout.contains("admin 127.0.0.1:9091"), "{stdout}");
+    assert!(
+        !stdout.contains("api") && !stdout.contains("bus"),
+        "{stdout}"
+    );
 
     let out = bin()
         .arg("check-config")
@@ -93,6 +97,29 @@ fn check_config_expands_variables_and_names_an_unset_one() {
         stderr.contains("environment variable `SB_IT_PORT` is not set at line 2"),
         "{stderr}"
     );
+}
+
+#[test]
+fn check_config_summarises_every_listener_and_the_bus_without_its_credentials() {
+    let (_dir, file) = config_file(
+        "gateway:\n  listen: 127.0.0.1:4000\n  socket:\n    path: /connect\n    onclose: { publish: socket:close }\n    sse: {}\n  api:\n    listen: 127.0.0.1:9092\n  bus:\n    nats:\n      url: [\"nats://user:hunter2@127.0.0.1:4222\", \"nats://127.0.0.1:4223\"]\n  http_handlers:\n    - url: http://127.0.0.1:8080/events\n      topics: [socket:close]\n      secret_env: SB_IT_UNSET_SECRET\n",
+    );
+    let out = bin().arg("check-config").arg(&file).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for part in [
+        "sse /connect/sse",
+        "api 127.0.0.1:9092",
+        "bus nats (2 server URL(s))",
+        "1 HTTP handler endpoint(s)",
+    ] {
+        assert!(stdout.contains(part), "{part} in {stdout}");
+    }
+    assert!(!stdout.contains("hunter2"), "{stdout}");
 }
 
 #[test]
