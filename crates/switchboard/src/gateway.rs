@@ -29,6 +29,10 @@ use crate::Routes;
 /// request head's worth (kilobytes) of name is not a tenant. Centrifugo's default channel
 /// length limit is 255.
 pub const MAX_NAMESPACE_BYTES: usize = 256;
+/// The refusal's text, which names the bound: a static body, so the number is written out,
+/// and the assertion keeps the two together.
+const NAMESPACE_TOO_LONG: &str = "namespace longer than 256 bytes\n";
+const _: () = assert!(MAX_NAMESPACE_BYTES == 256, "update NAMESPACE_TOO_LONG");
 
 /// Close code sent after an `onconnect` handler's `fail`.
 pub const CONNECT_FAILED_CODE: u16 = 1008;
@@ -225,11 +229,6 @@ pub use crate::outbound::encode_frame;
 
 fn error_frame(payload: &Value) -> Bytes {
     encode_frame("error", payload)
-}
-
-/// The error frame of a refused `$refresh`.
-fn refresh_refusal(why: &str) -> Bytes {
-    error_frame(&json!({"message": format!("refresh refused: {why}"), "type": REFRESH_TYPE}))
 }
 
 fn internal_error(topic: &str) -> Value {
@@ -512,14 +511,21 @@ impl Gateway {
     /// (the socket may not go on under a token that does not cover it).
     fn close_for_mismatch(&self, s: &Session, why: &str) {
         GatewayStats::bump(&self.stats().refresh_mismatches);
-        let _ = s.handle.send_text(refresh_refusal(why));
+        self.send_refresh_refusal(s, why);
         s.handle
             .close(REFRESH_MISMATCH_CODE, &format!("refresh: {why}"));
     }
 
     fn refuse_refresh(&self, s: &Session, why: &str) {
         GatewayStats::bump(&self.stats().refreshes_refused);
-        let _ = s.handle.send_text(refresh_refusal(why));
+        self.send_refresh_refusal(s, why);
+    }
+
+    /// The error frame of a refused `$refresh`.
+    fn send_refresh_refusal(&self, s: &Session, why: &str) {
+        self.observe.metrics.errors.refresh.inc();
+        let frame = json!({"message": format!("refresh refused: {why}"), "type": REFRESH_TYPE});
+        let _ = s.handle.send_text(error_frame(&frame));
     }
 
     /// The rate limit's verdict on one message or ping; `false` drops it (the first of a run
@@ -695,10 +701,7 @@ impl Service for Gateway {
             .is_some_and(|ns| ns.len() > MAX_NAMESPACE_BYTES)
         {
             GatewayStats::bump(&self.stats().refused_namespace_too_long);
-            return Err(plain_response(
-                StatusCode::BAD_REQUEST,
-                "namespace longer than 256 bytes\n",
-            ));
+            return Err(plain_response(StatusCode::BAD_REQUEST, NAMESPACE_TOO_LONG));
         }
         let namespace = namespace
             .filter(|ns| !ns.is_empty())

@@ -99,6 +99,8 @@ pub(crate) struct ErrorFrames {
     pub(crate) fail: Counter,
     /// A handler returned an error or panicked.
     pub(crate) handler_error: Counter,
+    /// A `$refresh` refused (bad token, too frequent, or not this socket's).
+    pub(crate) refresh: Counter,
 }
 
 /// The gateway's live metrics; shared by the gateway, the delivery subscribers and the
@@ -126,6 +128,7 @@ impl Metrics {
             rate_limited: kind("rate_limited"),
             fail: kind("fail"),
             handler_error: kind("handler_error"),
+            refresh: kind("refresh"),
         };
         let topics = topics
             .into_iter()
@@ -165,7 +168,7 @@ impl Metrics {
         );
         r.register(
             "switchboard_error_frames",
-            "Error frames sent to sockets, by kind (bad_message, rate_limited, fail, handler_error)",
+            "Error frames sent to sockets, by kind (bad_message, rate_limited, fail, handler_error, refresh)",
             f.error_frames.clone(),
         );
         r.register_collector(Box::new(collector));

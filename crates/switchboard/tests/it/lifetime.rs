@@ -155,6 +155,12 @@ async fn an_invalid_refresh_changes_nothing_and_another_users_token_closes_the_s
     );
     let stats = gw.stats();
     assert_eq!((stats.refreshes_refused, stats.refresh_mismatches), (4, 1));
+    // Every refusal's error frame is counted with the others.
+    let metrics = gw.metrics_text();
+    assert!(
+        metrics.contains("\nswitchboard_error_frames_total{kind=\"refresh\"} 5\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
