@@ -577,9 +577,9 @@ impl Bus for NatsBus {
 
     /// Publishes `data` on `topic` with a fresh reply subject of this process
     /// (`_SB_REPLY.<node>.<token>.gather.<unique>`) and collects the
-    /// `{"reply": …}` answers there: until none has come for [`GATHER_QUIET`] after the first
-    /// (nodes on one NATS answer within a few milliseconds of each other), and for at most
-    /// `within`. A node slower than that is missing from the answers: callers say how many
+    /// `{"reply": …}` answers there: until none has come for [`NatsOptions::gather_quiet`]
+    /// after the first (nodes on one NATS answer within a few milliseconds of each other),
+    /// and for at most `within`. A node slower than that is missing from the answers: callers say how many
     /// nodes answered. A malformed answer is ignored and counted
     /// ([`NatsBus::malformed_gathered`]), never read as a reply.
     fn gather(&self, topic: &str, data: Value, within: std::time::Duration) -> Gathering<'_> {
@@ -622,7 +622,7 @@ impl Bus for NatsBus {
                 let mut bytes = 0usize;
                 // Bounded in count and bytes: anyone on the broker may answer.
                 while gathered.len() < MAX_GATHERED {
-                    let quiet = tokio::time::Instant::now() + GATHER_QUIET;
+                    let quiet = tokio::time::Instant::now() + self.options.gather_quiet;
                     let until = if gathered.is_empty() {
                         deadline
                     } else {
@@ -689,8 +689,9 @@ pub const MAX_GATHERED: usize = 256;
 /// few hundred KiB at most).
 pub const MAX_GATHERED_BYTES: usize = 16 << 20;
 
-/// [`NatsBus::gather`] stops this long after the last answer.
-pub const GATHER_QUIET: std::time::Duration = std::time::Duration::from_millis(50);
+/// [`NatsBus::gather`] stops this long after the last answer, unless
+/// [`NatsOptions::gather_quiet`] says otherwise.
+pub const DEFAULT_GATHER_QUIET: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Answers arriving on this process's reply subjects. Whoever may publish there (any
 /// handler) can send anything: an unknown or already answered id is ignored, a body that is

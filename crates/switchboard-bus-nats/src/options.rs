@@ -52,6 +52,11 @@ pub struct NatsOptions {
     /// none. Counted as bytes on the wire: the parsed values a waiting handler holds take
     /// more. Default 64 MiB.
     pub handler_bytes: usize,
+    /// How long a gather (a presence question across nodes) waits for another answer once one
+    /// has come: nodes on one NATS answer within milliseconds of each other, but a node whose
+    /// process is held up longer than this is left out of that answer. Default
+    /// [`crate::DEFAULT_GATHER_QUIET`].
+    pub gather_quiet: Duration,
 }
 
 impl NatsOptions {
@@ -74,6 +79,7 @@ impl NatsOptions {
             max_pending_answers: 262_144,
             every_node_bytes: 64 << 20,
             handler_bytes: 64 << 20,
+            gather_quiet: crate::DEFAULT_GATHER_QUIET,
         }
     }
 }
@@ -92,6 +98,7 @@ impl fmt::Debug for NatsOptions {
             .field("max_pending_answers", &self.max_pending_answers)
             .field("every_node_bytes", &self.every_node_bytes)
             .field("handler_bytes", &self.handler_bytes)
+            .field("gather_quiet", &self.gather_quiet)
             .finish()
     }
 }

@@ -60,6 +60,24 @@ pub struct NatsConfig {
     /// newer ones are dropped (logged, counted). Default 64 MiB.
     #[serde(default = "default_outbox_bytes", deserialize_with = "de_byte_size")]
     pub handler_bytes: usize,
+    /// How long a presence question across nodes waits for another node's answer once one
+    /// has come. Default 50 ms; at most 1 s (the question's own bound).
+    #[serde(default = "default_gather_quiet", deserialize_with = "de_gather_quiet")]
+    pub gather_quiet: Duration,
+}
+
+fn default_gather_quiet() -> Duration {
+    Duration::from_millis(50)
+}
+
+fn de_gather_quiet<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let quiet = de_duration(d)?;
+    if quiet.is_zero() || quiet > Duration::from_secs(1) {
+        return Err(de::Error::custom(
+            "gather_quiet must be more than 0 and at most 1s (a presence question waits 1s at most)",
+        ));
+    }
+    Ok(quiet)
 }
 
 fn default_outbox_bytes() -> usize {

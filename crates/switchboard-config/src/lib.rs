@@ -112,6 +112,7 @@ impl Config {
             let e = placed_again(at_named_auth_key(e, text), |message, line| {
                 named_entry_line(message, line, text)
                     .or_else(|| second_of_duplicate_line(message, line, text))
+                    .or_else(|| named_key_line(message, line, text))
             });
             with_tab_hint(e, text)
         })?;
@@ -587,6 +588,27 @@ fn named_entry_line(message: &str, line: usize, text: &str) -> Option<usize> {
         .skip(line - 1 + list)
         .find(|(_, l)| l.to_ascii_lowercase().contains(&entry))
         .map(|(n, _)| n + 1)
+}
+
+/// A key's own check runs once its value is read, and the parser places its error at the
+/// section that holds the key. When the message starts with the key (`gateway.limits:
+/// max_sockets must be ...`), this is the key's line, if the text has it below the parser's.
+fn named_key_line(message: &str, line: usize, text: &str) -> Option<usize> {
+    let (path, rest) = message.split_once(": ")?;
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+        .collect();
+    // A section path with list indexes (`http_handlers[0]`) is not followed here.
+    if word.is_empty() || !rest[word.len()..].starts_with(' ') || path.contains(['[', ' ']) {
+        return None;
+    }
+    let mut keys: Vec<&str> = path.split('.').collect();
+    keys.push(&word);
+    match key_position(text, &keys)? {
+        (depth, found) if depth == keys.len() && found > line => Some(found),
+        _ => None,
+    }
 }
 
 /// The parser places a `duplicate field `x`` at the first of the two: this is the line of the

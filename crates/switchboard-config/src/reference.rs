@@ -1080,6 +1080,19 @@ const SECTIONS: &[Section] = &[
                  messages wait either way.",
                 Some("16MiB"),
             ),
+            key(
+                "gateway.bus.nats.gather_quiet",
+                "duration",
+                "`50ms`",
+                Ext,
+                "How long a presence question (the API's `/api/presence` and \
+                 `/api/connections`, `Presence` in handlers) waits for another node's answer \
+                 once one has come; it waits 1 s at most in all. Nodes on one NATS answer \
+                 within milliseconds of each other, but a node whose process is held up longer \
+                 than this is left out of that answer (the answer says how many nodes \
+                 answered). Raise it on busy machines; more than 0, at most `1s`.",
+                Some("200ms"),
+            ),
         ],
     },
     Section {

@@ -465,6 +465,7 @@ async fn connect_nats(
     options.max_pending_answers = config.max_pending_answers;
     options.every_node_bytes = config.every_node_bytes;
     options.handler_bytes = config.handler_bytes;
+    options.gather_quiet = config.gather_quiet;
     options.auth = match &config.auth {
         None => NatsAuth::None,
         Some(NatsCredentials::UserPassword { user, password }) => NatsAuth::UserPassword {

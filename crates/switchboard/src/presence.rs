@@ -19,7 +19,7 @@ use switchboard_registry::{Registry, Target};
 pub const PRESENCE_TOPIC: &str = "_SB_PRESENCE";
 
 /// How long a presence question waits for the nodes at most (a broker bus stops as soon as
-/// the answers have stopped coming: `switchboard_bus_nats::GATHER_QUIET`).
+/// the answers have stopped coming: `switchboard_bus_nats::NatsOptions::gather_quiet`).
 pub const PRESENCE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A node lists at most this many users of a namespace in one answer (and says so).
@@ -95,7 +95,8 @@ impl Presence {
     }
 
     /// Who is online in `namespace`, across nodes. A node that does not answer within
-    /// [`PRESENCE_TIMEOUT`] (or, on NATS, within 50 ms of the others) is left out: `nodes`
+    /// [`PRESENCE_TIMEOUT`] (or, on NATS, within `gather_quiet` of the others, 50 ms by
+    /// default) is left out: `nodes`
     /// says how many did.
     pub async fn namespace(&self, namespace: &str) -> Result<NamespacePresence, PublishError> {
         let answers: Vec<NamespaceAnswer> = self.ask(json!({"namespace": namespace})).await?;

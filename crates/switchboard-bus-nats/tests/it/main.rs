@@ -24,6 +24,9 @@ pub(crate) async fn gateway(
 ) -> Gateway {
     let mut options = NatsOptions::new(nats.url());
     options.reply_timeout = reply_timeout;
+    // Presence waits this long for the other node once one has answered: the default 50 ms
+    // is shorter than the stalls a busy test machine gives one process.
+    options.gather_quiet = Duration::from_millis(500);
     gateway_on(options, setup).await
 }
 

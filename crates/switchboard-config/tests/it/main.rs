@@ -932,7 +932,7 @@ fn nats_production_options() {
          auth: {user: gw, password: \"${NATS_PASSWORD}\"}\n      \
          tls: {ca_file: /ca.pem, cert_file: /c.pem, key_file: /k.pem}\n      \
          outbox_bytes: 8MiB\n      max_pending_answers: 1000\n      every_node_bytes: 4MiB\n      \
-         handler_bytes: 2MiB\n",
+         handler_bytes: 2MiB\n      gather_quiet: 300ms\n",
     )
     .unwrap();
     assert_eq!(
@@ -956,6 +956,20 @@ fn nats_production_options() {
     assert_eq!(tls.key_file.unwrap().to_str(), Some("/k.pem"));
     assert_eq!((n.outbox_bytes, n.max_pending_answers), (8 << 20, 1000));
     assert_eq!((n.every_node_bytes, n.handler_bytes), (4 << 20, 2 << 20));
+    assert_eq!(n.gather_quiet, Duration::from_millis(300));
+    // Placed at the key's own line, not at the section's first key.
+    for bad in ["0s", "2s"] {
+        let e = nats(&format!(
+            "      url: nats://a:4222\n      gather_quiet: {bad}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("gather_quiet must be more than 0 and at most 1s"),
+            "{e}"
+        );
+        assert_eq!(e.line(), Some(6), "{e}");
+    }
     let n = nats("      url: nats://a:4222\n      auth: {nkey_seed: \"${NATS_SEED}\"}\n").unwrap();
     assert_eq!(
         n.auth,
@@ -963,6 +977,7 @@ fn nats_production_options() {
     );
     assert!(n.node_name.is_none() && n.tls.is_none());
     assert_eq!(n.outbox_bytes, 64 << 20);
+    assert_eq!(n.gather_quiet, Duration::from_millis(50));
     for (auth, kind) in [
         ("{token: t0k}", NatsCredentials::Token("t0k".into())),
         (
@@ -989,13 +1004,14 @@ fn nats_option_errors_name_the_key_and_line() {
         ))
         .unwrap_err();
         let text = e.to_string();
-        // serde_yaml places a custom error at its section: the message names the key
+        // serde_yaml places a custom error at its section; the message names the key, and
+        // the error is placed again at the key's line.
         assert!(text.starts_with("gateway.bus.nats: "), "{text}");
         assert!(
             text.contains(&format!("node_name `{line}` must be")),
             "{text}"
         );
-        assert_eq!(e.line(), Some(5), "{text}");
+        assert_eq!(e.line(), Some(6), "{text}");
     }
     let cases = [
         ("      url: []\n", "at least one server"),

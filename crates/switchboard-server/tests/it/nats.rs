@@ -13,6 +13,10 @@ use switchboard_test_support::nats::NatsServer;
 use switchboard_test_support::websocket::{assert_silent, connect, recv_within, send, Ws};
 use switchboard_test_support::{hooks_yaml, wait_until, SECRET, SECRET_ENV};
 
+/// How long the nodes' presence questions wait for the other node once one has answered:
+/// the default 50 ms is shorter than the stalls a busy test machine gives one process.
+const GATHER_QUIET: &str = "500ms";
+
 /// A gateway node: the real binary with a NATS bus; killed by PID when dropped.
 pub(crate) struct Node {
     child: Child,
@@ -54,6 +58,7 @@ pub(crate) fn node_with_env(
       url: "{}"
       node_name: "{name}"
       reply_timeout: 3s
+      gather_quiet: {GATHER_QUIET}
 {extra}"#,
             hooks_yaml(),
             nats.url()
@@ -518,7 +523,7 @@ fn demo_node(nats: &NatsServer, name: &str) -> Node {
     ))
     .unwrap();
     let bus = format!(
-        "  bus:\n    nats:\n      url: \"{}\"\n      node_name: \"{name}\"\n",
+        "  bus:\n    nats:\n      url: \"{}\"\n      node_name: \"{name}\"\n      gather_quiet: {GATHER_QUIET}\n",
         nats.url()
     );
     std::fs::write(&config, format!("{ours}{bus}")).unwrap();
@@ -580,7 +585,7 @@ fn api_node(nats: &NatsServer, name: &str) -> (Node, SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("socket.yaml");
     let yaml = format!(
-        "{}  bus:\n    nats:\n      url: \"{}\"\n      node_name: \"{name}\"\n  api:\n    listen: 127.0.0.1:0\n",
+        "{}  bus:\n    nats:\n      url: \"{}\"\n      node_name: \"{name}\"\n      gather_quiet: {GATHER_QUIET}\n  api:\n    listen: 127.0.0.1:0\n",
         hooks_yaml(),
         nats.url()
     );
