@@ -32,6 +32,35 @@ pub struct Answer {
     pub body: String,
     /// Wait this long before answering.
     pub delay: Duration,
+    /// Then wait until this gate is open, if any.
+    pub gate: Option<Gate>,
+}
+
+/// Holds the answers given it ([`Answer::held_by`]) until it is opened: a test's steps run
+/// while events are in flight however slow the machine, with no delay to guess.
+#[derive(Debug, Clone)]
+pub struct Gate(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+}
+
+impl Gate {
+    /// A closed gate.
+    pub fn new() -> Gate {
+        Gate::default()
+    }
+
+    /// Lets every answer it holds, and every later one, go.
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    async fn opened(&self) {
+        let _ = self.0.subscribe().wait_for(|open| *open).await;
+    }
 }
 
 impl Answer {
@@ -46,12 +75,19 @@ impl Answer {
             status,
             body: body.to_string(),
             delay: Duration::ZERO,
+            gate: None,
         }
     }
 
     /// The same, after `delay`.
     pub fn after(mut self, delay: Duration) -> Answer {
         self.delay = delay;
+        self
+    }
+
+    /// The same, once `gate` is open.
+    pub fn held_by(mut self, gate: &Gate) -> Answer {
+        self.gate = Some(gate.clone());
         self
     }
 }
@@ -139,6 +175,9 @@ impl HttpBackend {
                             let answer = script(&request);
                             seen.lock().unwrap().push(request);
                             tokio::time::sleep(answer.delay).await;
+                            if let Some(gate) = &answer.gate {
+                                gate.opened().await;
+                            }
                             let mut res = hyper::Response::new(Full::new(Bytes::from(answer.body)));
                             *res.status_mut() = http::StatusCode::from_u16(answer.status).unwrap();
                             Ok::<_, std::convert::Infallible>(res)

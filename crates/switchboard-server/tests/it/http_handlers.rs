@@ -29,13 +29,14 @@ impl Drop for Killed {
 }
 
 /// A port nothing listens on now (the API's: the backend must know it before the gateway
-/// starts).
+/// starts). Below Linux's ephemeral range (32768 up): a port probed there and released could
+/// be handed to a parallel test's outgoing connection before the gateway binds it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    (start..32_000)
+        .chain(20_000..start)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free port under 32000")
 }
 
 const API_KEY: &str = "http-handlers-test-api-key-0123456789";

@@ -362,20 +362,21 @@ async fn closed_behind_a_flood(heartbeat: Duration, frames: usize) -> (Harness, 
 
 #[tokio::test]
 async fn a_server_close_behind_a_backlog_reaches_a_slow_reader_across_heartbeats() {
-    // Heartbeats every 300 ms; the client reads 20 MB in pauses of 30 ms, for more than four
-    // of them. A close queued behind the backlog owes no pong (no ping can go out once the
-    // close is queued): only a client that takes nothing for a whole interval is cut.
-    let (mut h, mut c) = closed_behind_a_flood(Duration::from_millis(300), 20_000).await;
+    // Heartbeats every 600 ms (longer than the stalls a busy machine gives the test's one
+    // thread); the client reads 20 MB in pauses of 40 ms, for more than two intervals. A
+    // close queued behind the backlog owes no pong (no ping can go out once the close is
+    // queued): only a client that takes nothing for a whole interval is cut.
+    let (mut h, mut c) = closed_behind_a_flood(Duration::from_millis(600), 20_000).await;
     let started = std::time::Instant::now();
     for i in 0..20_000 {
         if i % 500 == 0 {
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            tokio::time::sleep(Duration::from_millis(40)).await;
         }
         assert_eq!(c.read_frame().await.0, raw::TEXT, "frame {i}");
     }
     assert_eq!(c.read_close_code().await, 4000);
     assert!(
-        started.elapsed() > Duration::from_millis(600),
+        started.elapsed() > Duration::from_millis(1200),
         "read across two sweeps"
     );
     assert_eq!(
@@ -430,11 +431,12 @@ async fn a_panic_in_open_closes_the_connection() {
 
 #[tokio::test]
 async fn client_that_ignores_pings_is_dropped() {
-    let mut h = Harness::start(|o| o.heartbeat_interval = Duration::from_millis(150)).await;
+    // An interval longer than the stalls a busy machine gives the test's one thread.
+    let mut h = Harness::start(|o| o.heartbeat_interval = Duration::from_millis(500)).await;
     // A raw client that never answers pings.
     let _silent = raw::Client::connect(h.server.local_addr(), "/ws").await;
     // A tungstenite client answers pings by itself and must stay.
-    let alive = keep_reading(&h, Duration::from_millis(900)).await;
+    let alive = keep_reading(&h, Duration::from_millis(2500)).await;
     assert_eq!(h.next_close().await, CloseReason::HeartbeatTimeout);
     still_echoes(alive.await.unwrap()).await;
 }
@@ -698,7 +700,9 @@ async fn max_connections_refuses_with_503_and_frees_slots_on_close() {
 async fn idle_connections_are_dropped_and_do_not_block_real_clients() {
     use tokio::io::AsyncReadExt;
     let h = Harness::start(|o| {
-        o.handshake_timeout = Duration::from_secs(2);
+        // Long enough for the 200 connects and the real client's handshake below, however
+        // busy the machine; the idle ones are then closed within the 10 s waited for.
+        o.handshake_timeout = Duration::from_secs(5);
         o.max_handshakes_per_address = 1000; // the per-address cap has a test of its own
     })
     .await;

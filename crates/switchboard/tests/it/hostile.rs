@@ -294,23 +294,24 @@ async fn namespace_claim_limits_which_namespaces_a_token_may_join() {
 }
 
 async fn rate_limit_refuses_with_an_error_frame_then_closes(kind: Kind) {
+    // The slowest refill the config takes: the six messages below must come within a second
+    // of each other for the sixth to find the burst spent.
     let config = config_with(
         "",
-        "  limits:\n    messages_per_second: 2\n    message_burst: 5",
+        "  limits:\n    messages_per_second: 1\n    message_burst: 5",
     );
     let mut c = container(config);
     let mut seen = recorder(&mut c, &["socket:generalMessage"]);
     let gw = start_on(kind, c).await;
     let mut calm = gw.connect("sam", None).await;
     let mut noisy = gw.connect("alex", None).await;
-    for i in 0..5 {
+    for i in 0..6 {
         noisy.send(json!({"type": "m", "payload": i})).await;
     }
-    for _ in 0..5 {
-        next_published(&mut seen).await;
+    for i in 0..5 {
+        assert_eq!(next_published(&mut seen).await.1["payload"], i);
     }
     // the sixth is refused with one error frame
-    noisy.send(json!({"type": "m", "payload": 5})).await;
     let frame = noisy.recv().await;
     assert_eq!(frame["type"], "error");
     assert!(frame["payload"]["message"]
@@ -399,7 +400,9 @@ async fn slow_consumer_among_a_thousand_is_closed_and_the_rest_get_everything() 
     // (5.9 MB; 320, with a 64-frame queue, sometimes fitted).
     const BROADCASTS: usize = 360;
     const PAD: usize = 16 * 1024;
-    let mut c = container(spec_config("    send_queue: 16"));
+    // The readers answer no pings: no heartbeat may close them, however long a busy machine
+    // takes over the gigabytes.
+    let mut c = container(spec_config("    send_queue: 16\n    heartbeat: 1h"));
     let mut closes = recorder(&mut c, &["socket:close"]);
     let gw = start(c).await;
     let received = Arc::new(AtomicUsize::new(0));

@@ -22,7 +22,9 @@ async fn a_socket_is_closed_when_its_token_expires_and_onclose_is_published_once
     let mut c = container(spec_config(""));
     let mut closes = recorder(&mut c, &["socket:close"]);
     let gw = start(c).await;
-    let mut short = connect_with_token(&gw, &token_for("alex", 2, json!({}))).await;
+    // Four seconds (three at least, `exp` being whole seconds): room for the upgrade to be
+    // verified on a busy machine.
+    let mut short = connect_with_token(&gw, &token_for("alex", 4, json!({}))).await;
     let _long = connect(&gw, "sam", None).await;
     assert_eq!(close_code_of(&mut short).await, TOKEN_EXPIRED_CODE);
     let (_, data, _) = next_published(&mut closes).await;
@@ -49,7 +51,9 @@ async fn a_refreshed_socket_outlives_its_first_token_and_handlers_see_the_new_cl
     })
     .unwrap();
     let gw = start(c).await;
-    let mut ws = connect_with_token(&gw, &token_for("alex", 2, json!({"level": 1}))).await;
+    // Four seconds (three at least): room for the exchanges and the refresh below, however
+    // busy the machine.
+    let mut ws = connect_with_token(&gw, &token_for("alex", 4, json!({"level": 1}))).await;
     // Each message of a socket shares its context: reading it twice, and a refresh after
     // that, must still show each message the claims of its time.
     for _ in 0..2 {
@@ -70,7 +74,7 @@ async fn a_refreshed_socket_outlives_its_first_token_and_handlers_see_the_new_cl
     assert_eq!(answer["type"], "$refreshed");
     assert!(answer["payload"]["exp"].as_u64().unwrap() >= now() + 590);
     // Past the first token's expiry, the socket is still open...
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     send(&mut ws, json!({"type": "hello"})).await;
     // ...and handlers see the new token's claims.
     assert_eq!(
@@ -210,9 +214,10 @@ async fn with_close_on_expiry_off_sockets_outlive_their_token() {
     let mut c = container(Config::from_yaml_str(&yaml).unwrap());
     let mut seen = recorder(&mut c, &["m"]);
     let gw = start(c).await;
-    // Two seconds: a token of one could expire (at its `exp`) before the upgrade is verified.
-    let mut ws = connect_with_token(&gw, &token_for("alex", 2, json!({}))).await;
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // Four seconds: a token of one could expire (at its `exp`) before the upgrade is verified
+    // on a busy machine.
+    let mut ws = connect_with_token(&gw, &token_for("alex", 4, json!({}))).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     send(&mut ws, json!({"type": "late"})).await;
     assert_eq!(next_published(&mut seen).await.1["type"], "late");
 }

@@ -482,7 +482,12 @@ async fn sse_queues_stay_within_the_buffer_budget_and_a_reading_session_sees_eve
     drop(hoarders);
     drop(reader);
     gw.wait_for_sockets(0).await;
-    assert_eq!(gw.stats().transport.buffered_bytes, 0);
+    // A shed session's bytes are given back as its connection is torn down, which may come
+    // a moment after it leaves the registry.
+    wait_until("nothing held", Duration::from_secs(15), || {
+        gw.stats().transport.buffered_bytes == 0
+    })
+    .await;
 }
 
 #[tokio::test]
