@@ -622,7 +622,10 @@ impl Bus for NatsBus {
                 let mut bytes = 0usize;
                 // Bounded in count and bytes: anyone on the broker may answer.
                 while gathered.len() < MAX_GATHERED {
-                    let quiet = tokio::time::Instant::now() + self.options.gather_quiet;
+                    // Checked: the options are public, and `Duration::MAX` must not panic.
+                    let quiet = tokio::time::Instant::now()
+                        .checked_add(self.options.gather_quiet)
+                        .unwrap_or(deadline);
                     let until = if gathered.is_empty() {
                         deadline
                     } else {

@@ -541,11 +541,11 @@ fn at_named_auth_key(mut e: ConfigError, text: &str) -> ConfigError {
     e
 }
 
-/// An error the parser placed, moved to the line `find` gives for its message and the
-/// parser's line, if it gives one (the message's `at line` is rewritten with it).
+/// An error the parser placed, moved to the (line, column) `find` gives for its message and
+/// the parser's line, if it gives one (the message's `at line` is rewritten with it).
 fn placed_again(
     mut e: ConfigError,
-    find: impl FnOnce(&str, usize) -> Option<usize>,
+    find: impl FnOnce(&str, usize) -> Option<(usize, usize)>,
 ) -> ConfigError {
     if let ConfigError::Invalid {
         message,
@@ -554,20 +554,37 @@ fn placed_again(
         ..
     } = &mut e
     {
-        if let Some(found) = find(message, *line) {
+        if let Some((found, at)) = find(message, *line) {
             message.truncate(message.rfind(" at line ").unwrap_or(message.len()));
-            message.push_str(&format!(" at line {found}"));
-            (*line, *column) = (found, None);
+            message.push_str(&format!(" at line {found} column {at}"));
+            (*line, *column) = (found, Some(at));
         }
     }
     e
 }
 
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start().len()
+}
+
+/// Whether `line` holds `key:` (quoted or not, as a list item's first key too).
+fn holds_key(line: &str, key: &str) -> bool {
+    let t = line.trim_start();
+    let t = t
+        .strip_prefix("- ")
+        .unwrap_or(t)
+        .trim_start_matches(['"', '\'']);
+    t.strip_prefix(key)
+        .is_some_and(|r| r.trim_start_matches(['"', '\'']).starts_with(':'))
+}
+
 /// A list's entry is checked once the whole list is read, so the parser places its error at
 /// the section that holds the list. When the message names it (`allowed_origins entry
-/// `x``), this is the entry's line: the first from the parser's `line` that mentions it after
-/// the list's key.
-fn named_entry_line(message: &str, line: usize, text: &str) -> Option<usize> {
+/// `x``), this is the entry's own place: the list item equal to it (without quotes or case)
+/// under the first `key:` from the parser's `line`, or the key's line for a list in flow
+/// style that mentions it. Nothing when the entry is not written there (it came from a
+/// `${VAR}`, say): the section's line stays.
+fn named_entry_line(message: &str, line: usize, text: &str) -> Option<(usize, usize)> {
     let at = message.find(" entry `")?;
     let key = message[..at]
         .rsplit(|c: char| c.is_whitespace() || c == ':' || c == '.')
@@ -576,24 +593,42 @@ fn named_entry_line(message: &str, line: usize, text: &str) -> Option<usize> {
     let entry = message[at + " entry `".len()..]
         .split('`')
         .next()
-        .filter(|entry| !entry.is_empty())?
-        // Header names are named lower-cased.
-        .to_ascii_lowercase();
-    let list = text
-        .lines()
-        .skip(line - 1)
-        .position(|l| l.contains(&format!("{key}:")))?;
-    text.lines()
-        .enumerate()
-        .skip(line - 1 + list)
-        .find(|(_, l)| l.to_ascii_lowercase().contains(&entry))
-        .map(|(n, _)| n + 1)
+        .filter(|entry| !entry.is_empty())?;
+    let lines: Vec<&str> = text.lines().collect();
+    let start = (line.saturating_sub(1)..lines.len()).find(|&n| holds_key(lines[n], key))?;
+    let key_line = lines[start];
+    let (_, value) = key_line.split_once(':')?;
+    if !value.trim().is_empty() && !value.trim_start().starts_with('#') {
+        // Flow style, `key: [a, b]`: the entry is on this line, if anywhere.
+        let lower = key_line.to_ascii_lowercase();
+        let column = lower.find(&entry.to_ascii_lowercase())?;
+        return Some((start + 1, column + 1));
+    }
+    let key_indent = indent(key_line);
+    for (n, l) in lines.iter().enumerate().skip(start + 1) {
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        // The list ends at a line less indented, or at the key's indent but not an item.
+        if indent(l) < key_indent || (indent(l) == key_indent && !t.starts_with('-')) {
+            return None;
+        }
+        let Some(item) = t.strip_prefix('-') else {
+            continue;
+        };
+        let item = item.split(" #").next().unwrap_or_default().trim();
+        if item.trim_matches(['"', '\'']).eq_ignore_ascii_case(entry) {
+            return Some((n + 1, indent(l) + 1 + t.len() - t[1..].trim_start().len()));
+        }
+    }
+    None
 }
 
 /// A key's own check runs once its value is read, and the parser places its error at the
 /// section that holds the key. When the message starts with the key (`gateway.limits:
 /// max_sockets must be ...`), this is the key's line, if the text has it below the parser's.
-fn named_key_line(message: &str, line: usize, text: &str) -> Option<usize> {
+fn named_key_line(message: &str, line: usize, text: &str) -> Option<(usize, usize)> {
     let (path, rest) = message.split_once(": ")?;
     let word: String = rest
         .chars()
@@ -606,34 +641,35 @@ fn named_key_line(message: &str, line: usize, text: &str) -> Option<usize> {
     let mut keys: Vec<&str> = path.split('.').collect();
     keys.push(&word);
     match key_position(text, &keys)? {
-        (depth, found) if depth == keys.len() && found > line => Some(found),
+        (depth, found) if depth == keys.len() && found > line => {
+            Some((found, indent(text.lines().nth(found - 1)?) + 1))
+        }
         _ => None,
     }
 }
 
-/// The parser places a `duplicate field `x`` at the first of the two: this is the line of the
-/// second, the one to take out (the first `x:` from the parser's `line`, then the next at the
-/// same indent before the section ends).
-fn second_of_duplicate_line(message: &str, line: usize, text: &str) -> Option<usize> {
+/// The parser places a `duplicate field `x`` at the first of the two: this is the place of
+/// the second, the one to take out (the first `x:` from the parser's `line`, then the next at
+/// the same indent before the section ends).
+fn second_of_duplicate_line(message: &str, line: usize, text: &str) -> Option<(usize, usize)> {
     let (_, rest) = message.split_once("duplicate field `")?;
     let field = rest.split('`').next()?;
-    let is_key = |t: &str| {
-        let t = t.trim_start_matches(['"', '\'']);
-        t.strip_prefix(field)
-            .is_some_and(|r| r.trim_start_matches(['"', '\'']).starts_with(':'))
-    };
-    let indent = |l: &str| l.len() - l.trim_start().len();
-    let mut first_indent = None;
-    for (n, l) in text.lines().enumerate().skip(line - 1) {
+    // The column of the first key's name (after `- ` in a list item of maps).
+    let mut first_column = None;
+    for (n, l) in text.lines().enumerate().skip(line.saturating_sub(1)) {
         let t = l.trim_start();
         if t.is_empty() || t.starts_with('#') {
             continue;
         }
-        match first_indent {
-            None if is_key(t) => first_indent = Some(indent(l)),
+        let item = t.starts_with("- ");
+        match first_column {
+            None if holds_key(l, field) => first_column = Some(indent(l) + 2 * usize::from(item)),
             None => {}
-            Some(i) if indent(l) < i => return None, // the section ended
-            Some(i) if indent(l) == i && is_key(t) => return Some(n + 1),
+            // The section ended, or the next item of a list began.
+            Some(c) if indent(l) < c => return None,
+            Some(c) if indent(l) == c && !item && holds_key(l, field) => {
+                return Some((n + 1, c + 1))
+            }
             Some(_) => {}
         }
     }

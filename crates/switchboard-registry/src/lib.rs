@@ -287,7 +287,9 @@ impl<H: Clone> Registry<H> {
         self.changed();
     }
 
-    /// Unregisters a connection and returns its entry, if it was there.
+    /// Unregisters a connection and returns its entry, if it was there. A removal and an
+    /// insertion of one id must not race (ids from [`Registry::next_id`], each inserted and
+    /// removed by its connection's owner, never do): the indexes could keep the one inserted.
     pub fn remove(&self, id: ConnId) -> Option<Entry<H>> {
         // The id map changes last, as on insert: once `len` shows a connection come or go,
         // the per-user and per-namespace counts already agree with it.

@@ -12,7 +12,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{
-    HeaderValue, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, TRANSFER_ENCODING, WWW_AUTHENTICATE,
+    HeaderValue, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE, TRANSFER_ENCODING,
+    WWW_AUTHENTICATE,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
@@ -216,23 +217,27 @@ async fn read_json(req: Request<Incoming>, max: usize) -> Result<Map<String, Val
     };
     // The body is read as it comes: a coding it would have to undo (`Content-Encoding:
     // gzip`, `Transfer-Encoding: gzip, chunked`) is refused, never read as if it were plain.
+    // (hyper itself answers `400` to a `Transfer-Encoding` that does not end in `chunked`.)
     let headers = req.headers();
-    if headers
-        .get_all(CONTENT_ENCODING)
-        .iter()
-        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
-    {
-        return Err(error(
+    let codings = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|coding| !coding.is_empty())
+    };
+    if codings(CONTENT_ENCODING).any(|c| !c.eq_ignore_ascii_case(b"identity")) {
+        let mut res = error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "the body must not be content-encoded",
-        ));
+        );
+        // What it takes (RFC 9110 15.5.16).
+        res.headers_mut()
+            .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        return Err(res);
     }
-    if headers
-        .get_all(TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-    {
+    if codings(TRANSFER_ENCODING).any(|c| !c.eq_ignore_ascii_case(b"chunked")) {
         return Err(error(
             StatusCode::NOT_IMPLEMENTED,
             "no transfer coding but chunked is taken",

@@ -666,13 +666,47 @@ fn a_bad_list_entry_is_placed_at_its_own_line() {
             "context_headers entry `bad header`",
             6,
         ),
+        // An entry that holds the bad one is not it.
+        (
+            "gateway:\n  socket:\n    allowed_origins:\n      - https://example.com\n      - example.com # no scheme\n",
+            "allowed_origins entry `example.com`",
+            5,
+        ),
+        (
+            "gateway:\n  socket:\n    context_headers:\n      - x-cookie-consent\n      - Cookie\n",
+            "context_headers entry `Cookie`",
+            5,
+        ),
+        // Flow style: the list's line.
+        (
+            "gateway:\n  socket:\n    path: /connect\n    context_headers: [x-a, cookie]\n",
+            "context_headers entry `cookie`",
+            4,
+        ),
     ];
     for (yaml, says, line) in cases {
         let e = bad(yaml);
         assert!(e.to_string().contains(says), "{e}");
         assert_eq!(e.line(), Some(line), "{e}");
-        assert!(e.to_string().ends_with(&format!(" at line {line}")), "{e}");
+        assert!(
+            e.to_string().contains(&format!(" at line {line} column ")),
+            "{e}"
+        );
     }
+    // An entry the file does not hold as it is (it came from a variable) is placed at its
+    // list's key rather than at a guess.
+    let env = |name: &str| (name == "ORIGIN").then(|| "example.com".to_string());
+    let e = Config::from_yaml_str_with_env(
+        "gateway:\n  socket:\n    path: /connect\n    allowed_origins:\n      - https://example.com\n      - ${ORIGIN}\n  admin:\n    listen: 127.0.0.1:9000 # example.com\n",
+        &env,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("allowed_origins entry `example.com`"),
+        "{e}"
+    );
+    assert_eq!(e.line(), Some(4), "{e}");
 }
 
 /// A key given twice is placed at the second, the one to take out, wherever the section is.
@@ -686,6 +720,12 @@ fn a_key_given_twice_is_placed_at_the_second() {
             8,
         ),
         ("gateway:\n  socket: {}\n  socket: {}\n", "socket", 3),
+        // In a list of maps: the item's own second `url`, not the next item's first.
+        (
+            "gateway:\n  socket:\n    onclose: {publish: c}\n  http_handlers:\n    - url: http://a/x\n      topics: [c]\n      url: http://b/x\n    - url: http://c/x\n      topics: [d]\n",
+            "url",
+            7,
+        ),
     ];
     for (yaml, field, line) in cases {
         let e = bad(yaml);

@@ -160,18 +160,19 @@ switchboard_test_support::each_transport!(send_broadcast_disconnect_and_presence
 /// `body` as it is, bytes that are not JSON (or not UTF-8) included, with the key.
 async fn call_raw(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> (u16, Value) {
     let length = format!("Content-Length: {}\r\n", body.len());
-    call_with_head(addr, method, target, &length, body).await
+    let (status, _, answer) = call_with_head(addr, method, target, &length, body).await;
+    (status, answer)
 }
 
 /// `body` after a head of the key and `head_lines` (each ending in CRLF), which say how the
-/// body is framed.
+/// body is framed: the status, the answer's head (lower-cased) and its JSON body.
 async fn call_with_head(
     addr: SocketAddr,
     method: &str,
     target: &str,
     head_lines: &str,
     body: &[u8],
-) -> (u16, Value) {
+) -> (u16, String, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut request = format!(
         "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
@@ -187,6 +188,7 @@ async fn call_with_head(
     let (head, body) = answer.split_once("\r\n\r\n").unwrap();
     (
         head[9..12].parse().unwrap(),
+        head.to_ascii_lowercase(),
         serde_json::from_str(body).unwrap(),
     )
 }
@@ -212,6 +214,9 @@ async fn a_coded_body_is_refused_and_reaches_nobody() {
         // show up first.
         ("Transfer-Encoding: chunked", true, 200),
         ("Content-Encoding: identity", false, 200),
+        // An empty value, or `identity` listed twice, asks for no coding either.
+        ("Content-Encoding: ", false, 200),
+        ("Content-Encoding: Identity, identity", false, 200),
     ];
     for (i, (framing, chunked, status)) in cases.into_iter().enumerate() {
         let body = format!(r#"{{"username":"alex","type":"t","payload":{i}}}"#);
@@ -222,7 +227,8 @@ async fn a_coded_body_is_refused_and_reaches_nobody() {
             let length = format!("Content-Length: {}\r\n", body.len());
             (format!("{framing}\r\n{length}"), body)
         };
-        let (got, answer) = call_with_head(addr, "POST", "/api/send", &head, body.as_bytes()).await;
+        let (got, answer_head, answer) =
+            call_with_head(addr, "POST", "/api/send", &head, body.as_bytes()).await;
         assert_eq!(got, status, "{head}: {answer}");
         if status == 200 {
             assert_eq!(answer["sockets_on_this_node"], json!(1), "{head}");
@@ -233,6 +239,13 @@ async fn a_coded_body_is_refused_and_reaches_nobody() {
                 error.contains("encoded") || error.contains("coding"),
                 "{answer}"
             );
+            if status == 415 {
+                // What it takes instead (RFC 9110 15.5.16).
+                assert!(
+                    answer_head.contains("\r\naccept-encoding: identity"),
+                    "{answer_head}"
+                );
+            }
         }
     }
     alex.assert_silent(100).await;

@@ -374,6 +374,14 @@ async fn a_backlog_of_closes_does_not_refuse_the_next_message() {
     // More events than `concurrency + queue` are held, yet the message is taken: it waits
     // behind the closes and is answered.
     sam.send(json!({"type": "say", "payload": 7})).await;
+    // Taken (not refused) while the four closes are held: five held.
+    let five = "switchboard_http_handler_held_events{endpoint=\"test-backend\"} 5";
+    wait_until(
+        "the message held with the closes",
+        Duration::from_secs(5),
+        || gw.metrics_text().contains(five),
+    )
+    .await;
     gate.open();
     assert_eq!(sam.recv().await["payload"], json!({"echo": 7}));
     wait_until("every close sent", Duration::from_secs(10), || {

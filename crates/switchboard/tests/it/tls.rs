@@ -28,6 +28,23 @@ async fn tls_gateway(
     (start(c).await, seen)
 }
 
+/// A [`tls_gateway`] (its files in the directory returned) and one connection to it, its TLS
+/// handshake done.
+async fn gateway_and_connection() -> (
+    tempfile::TempDir,
+    Running,
+    switchboard_test_support::Seen,
+    switchboard_tls::tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (gw, seen) = tls_gateway(&ca, dir.path()).await;
+    let (stream, _) = tls_stream(gw.local_addr().unwrap(), ca.client_config())
+        .await
+        .unwrap();
+    (dir, gw, seen, stream)
+}
+
 /// The upgrade request of `user`, with `padding` bytes of an extra header.
 fn upgrade_request(user: &str, padding: usize) -> String {
     let pad = if padding > 0 {
@@ -43,10 +60,17 @@ fn upgrade_request(user: &str, padding: usize) -> String {
     )
 }
 
-/// A masked text frame of `text` (under 126 bytes), as a client sends it.
+/// A masked text frame of `text` (under 64 KiB), as a client sends it.
 fn client_text_frame(text: &str) -> Vec<u8> {
     let mask = [1u8, 2, 3, 4];
-    let mut frame = vec![0x81, 0x80 | text.len() as u8];
+    let mut frame = vec![0x81];
+    match u16::try_from(text.len()).expect("under 64 KiB") {
+        short @ 0..=125 => frame.push(0x80 | short as u8),
+        len => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&len.to_be_bytes());
+        }
+    }
     frame.extend_from_slice(&mask);
     frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     frame
@@ -142,12 +166,7 @@ async fn a_wss_socket_is_registered_before_its_client_reads_the_101() {
 /// sent behind the request reaches the gateway, and a send reaches the socket.
 #[tokio::test]
 async fn a_wss_upgrade_too_large_for_the_first_read_is_served_by_hyper() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
-    let (gw, mut seen) = tls_gateway(&ca, dir.path()).await;
-    let (mut stream, _) = tls_stream(gw.local_addr().unwrap(), ca.client_config())
-        .await
-        .unwrap();
+    let (_dir, gw, mut seen, mut stream) = gateway_and_connection().await;
     let mut request = upgrade_request("alex", 6000).into_bytes();
     request.extend(client_text_frame(r#"{"type":"hi","payload":"big"}"#));
     stream.write_all(&request).await.unwrap();
@@ -164,6 +183,51 @@ async fn a_wss_upgrade_too_large_for_the_first_read_is_served_by_hyper() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(gw.sockets().count_of_user("alex", None), 1);
+    drop(stream);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A refusal on the hand-written path over TLS is a whole HTTP answer, then a clean end
+/// (`close_notify`): the client reads it all and no error.
+#[tokio::test]
+async fn a_wss_upgrade_refused_gets_its_whole_answer_and_a_clean_close() {
+    let (_dir, gw, _seen, mut stream) = gateway_and_connection().await;
+    let request = upgrade_request("alex", 0).replace("ID_TOKEN=", "ID_TOKEN=forged");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the connection ends")
+        .expect("with close_notify, not a cut");
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.contains(&format!("content-length: {}", body.len())),
+        "{answer}"
+    );
+    assert_eq!(gw.sockets().count(), 0);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A message larger than the first read, written with the request: what the first read left
+/// (decrypted or not, in the TLS session) is the socket's, and the message arrives whole.
+#[tokio::test]
+async fn a_message_sent_with_the_wss_request_past_the_first_read_arrives_whole() {
+    let (_dir, gw, mut seen, mut stream) = gateway_and_connection().await;
+    let fill = "f".repeat(20_000);
+    let mut request = upgrade_request("alex", 0).into_bytes();
+    request.extend(client_text_frame(&format!(
+        r#"{{"type":"big","payload":"{fill}"}}"#
+    )));
+    request.extend(client_text_frame(r#"{"type":"after","payload":1}"#));
+    stream.write_all(&request).await.unwrap();
+    let (head, _) = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (_, data, _) = next_published(&mut seen).await;
+    assert_eq!(data, json!({"type": "big", "payload": fill}));
+    let (_, data, _) = next_published(&mut seen).await;
+    assert_eq!(data, json!({"type": "after", "payload": 1}));
     drop(stream);
     gw.shutdown(Duration::from_secs(2)).await;
 }
