@@ -69,7 +69,7 @@ mod options;
 mod outbox;
 
 pub use answers::PendingAnswers;
-pub use options::{check_node_name, NatsAuth, NatsOptions, NatsTls, DEFAULT_GROUP};
+pub use options::{check_node_name, redacted_url, NatsAuth, NatsOptions, NatsTls, DEFAULT_GROUP};
 
 use answers::{lock, Answers};
 use outbox::{Outbox, Outgoing};
@@ -169,7 +169,10 @@ impl fmt::Debug for NatsBus {
         f.debug_struct("NatsBus")
             .field("node", &self.node)
             .field("reply_prefix", &self.reply_prefix)
-            .field("servers", &self.options.servers)
+            .field(
+                "servers",
+                &options::servers_for_humans(&self.options.servers),
+            )
             .field("ready", &self.is_ready())
             .finish()
     }
@@ -432,7 +435,8 @@ async fn connect_client(
     options: &NatsOptions,
     node: &str,
 ) -> Result<async_nats::Client, NatsError> {
-    let servers = options.servers.join(", ");
+    // For errors: a URL may carry a password.
+    let servers = options::servers_for_humans(&options.servers);
     let addrs = options
         .servers
         .iter()
@@ -440,7 +444,10 @@ async fn connect_client(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| NatsError::Option {
             option: "url",
-            reason: format!("{servers}: {e}"),
+            reason: format!(
+                "{servers}: {}",
+                redact_urls_in(&e.to_string(), &options.servers)
+            ),
         })?;
     if addrs.is_empty() {
         return Err(NatsError::Option {
@@ -454,8 +461,15 @@ async fn connect_client(
         .await
         .map_err(|e| NatsError::Connect {
             url: servers,
-            reason: e.to_string(),
+            reason: redact_urls_in(&e.to_string(), &options.servers),
         })
+}
+
+/// `text` (a client library's error) with every one of `servers` in it redacted.
+fn redact_urls_in(text: &str, servers: &[String]) -> String {
+    servers.iter().fold(text.to_string(), |text, url| {
+        text.replace(url.as_str(), &options::redacted_url(url))
+    })
 }
 
 /// A random token (a NUID: 22 characters of `[0-9A-Za-z]`), fresh on every call.

@@ -87,7 +87,7 @@ impl NatsOptions {
 impl fmt::Debug for NatsOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsOptions")
-            .field("servers", &self.servers)
+            .field("servers", &servers_for_humans(&self.servers))
             .field("node_name", &self.node_name)
             .field("reply_timeout", &self.reply_timeout)
             .field("group", &self.group)
@@ -101,6 +101,33 @@ impl fmt::Debug for NatsOptions {
             .field("gather_quiet", &self.gather_quiet)
             .finish()
     }
+}
+
+/// `url` with any credentials in it (`nats://user:password@host`) shown as `***`: what logs
+/// and errors may print.
+pub fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let scheme = if scheme.is_empty() {
+                String::new()
+            } else {
+                format!("{scheme}://")
+            };
+            format!("{scheme}***{}", &rest[at..])
+        }
+        None => url.to_string(),
+    }
+}
+
+/// The servers' URLs for humans, credentials redacted ([`redacted_url`]).
+pub(crate) fn servers_for_humans(servers: &[String]) -> String {
+    servers
+        .iter()
+        .map(|s| redacted_url(s))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// How a node authenticates to NATS. `Debug` never shows a secret.
@@ -290,6 +317,21 @@ const MAX_FILE_BYTES: u64 = 1 << 20;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_a_url_are_never_shown() {
+        for (url, shown) in [
+            ("nats://alice:pw@h:4222", "nats://***@h:4222"),
+            ("tls://a:b@c@h:4222/x", "tls://***@h:4222/x"),
+            ("alice:pw@h:4222", "***@h:4222"),
+            ("nats://h:4222", "nats://h:4222"),
+            ("nats://h:4222/a@b", "nats://h:4222/a@b"),
+        ] {
+            assert_eq!(redacted_url(url), shown);
+        }
+        let options = NatsOptions::cluster(["nats://alice:TopSecret@127.0.0.1:4222"]);
+        assert!(!format!("{options:?}").contains("TopSecret"));
+    }
 
     #[test]
     fn files_the_client_reads_whole_are_bounded() {

@@ -129,13 +129,42 @@ impl<'de> Deserialize<'de> for NatsUrls {
                 .strip_prefix("nats://")
                 .or_else(|| url.strip_prefix("tls://"))
                 .unwrap_or(url);
-            if rest.is_empty() || rest.contains("://") || url.contains(char::is_whitespace) {
+            // What follows `user:password@`, up to a path.
+            let authority = rest.split('/').next().unwrap_or_default();
+            let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+            let port = match host_port.strip_prefix('[') {
+                Some(v6) => v6.split_once(']').map(|(_, p)| p.strip_prefix(':')),
+                None => Some(host_port.rsplit_once(':').map(|(_, p)| p)),
+            };
+            let port_ok =
+                port.is_some_and(|port| port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0)));
+            if rest.is_empty()
+                || rest.contains("://")
+                || url.contains(char::is_whitespace)
+                || host_port.is_empty()
+                || host_port.starts_with(':')
+                || !port_ok
+            {
+                // Never the password a URL may carry.
                 return Err(de::Error::custom(format_args!(
-                    "url `{url}` must be nats://host:port, tls://host:port or host:port"
+                    "url `{}` must be nats://host:port, tls://host:port or host:port (a port \
+                     from 1 to 65535)",
+                    redacted(url)
                 )));
             }
         }
         Ok(NatsUrls(urls))
+    }
+}
+
+/// `url` with its `user:password@` shown as `***@`.
+fn redacted(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
+    let end = rest.find('/').unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) if scheme.is_empty() => format!("***{}", &rest[at..]),
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_string(),
     }
 }
 

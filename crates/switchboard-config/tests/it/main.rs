@@ -1056,6 +1056,17 @@ fn nats_option_errors_name_the_key_and_line() {
     let cases = [
         ("      url: []\n", "at least one server"),
         ("      url: \"http://a:80\"\n", "url `http://a:80` must be"),
+        // A port the client would refuse at start, and never the password in the message.
+        (
+            "      url: \"nats://alice:TopSecret@127.0.0.1:99999\"\n",
+            "url `nats://***@127.0.0.1:99999` must be",
+        ),
+        ("      url: \"nats://h:0\"\n", "a port from 1 to 65535"),
+        ("      url: \"nats://:4222\"\n", "must be nats://host:port"),
+        (
+            "      url: [h:4222, \"[::1]:x\"]\n",
+            "url `[::1]:x` must be",
+        ),
         ("      url: {a: 1}\n", "string or a list"),
         (
             "      url: a\n      auth: {user: gw}\n",
@@ -1088,6 +1099,7 @@ fn nats_option_errors_name_the_key_and_line() {
     for (section, want) in cases {
         let e = nats(section).unwrap_err().to_string();
         assert!(e.contains(want), "{section}: {e}");
+        assert!(!e.contains("TopSecret"), "{e}");
         assert!(e.contains("gateway.bus.nats"), "{section}: {e}");
         assert!(e.contains("line "), "{section}: {e}");
     }

@@ -122,6 +122,49 @@ fn check_config_summarises_every_listener_and_the_bus_without_its_credentials() 
     assert!(!stdout.contains("hunter2"), "{stdout}");
 }
 
+/// A NATS URL may carry a password: no message shows it, not the failed connection's, not a
+/// bad URL's (from the file or a variable).
+#[test]
+fn no_error_shows_the_password_of_a_nats_url() {
+    // A port nothing listens on (probed, released: a connection there is refused).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (_dir, file) = config_file(format!(
+        "gateway:\n  listen: \"127.0.0.1:0\"\n  socket:\n    path: /connect\n  bus:\n    nats:\n      url: \"nats://alice:${{SB_IT_NATS_PW}}@127.0.0.1:{closed}\"\n"
+    ));
+    let mut serve = bin();
+    serve
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("SB_IT_NATS_PW", "TopSecretPw");
+    let (code, stderr) = exit_code_and_stderr(serve);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot connect to NATS at nats://***@127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("TopSecretPw"), "{stderr}");
+    let (_dir, file) = config_file(
+        "gateway:\n  socket: {}\n  bus:\n    nats:\n      url: \"nats://alice:${SB_IT_NATS_PW}@127.0.0.1:99999\"\n",
+    );
+    let out = bin()
+        .arg("check-config")
+        .arg(&file)
+        .env("SB_IT_NATS_PW", "TopSecretPw")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("url `nats://***@127.0.0.1:99999`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("TopSecretPw"), "{stderr}");
+}
+
 #[test]
 fn serve_refuses_a_worker_count_it_cannot_use_and_names_it() {
     let (_dir, file) =
