@@ -634,8 +634,13 @@ fn named_key_line(message: &str, line: usize, text: &str) -> Option<(usize, usiz
         .chars()
         .take_while(|c| c.is_ascii_lowercase() || *c == '_')
         .collect();
-    // A section path with list indexes (`http_handlers[0]`) is not followed here.
-    if word.is_empty() || !rest[word.len()..].starts_with(' ') || path.contains(['[', ' ']) {
+    if word.is_empty() || !rest[word.len()..].starts_with(' ') || path.contains(' ') {
+        return None;
+    }
+    if path.ends_with(']') {
+        return key_in_list_item(text, line, &word);
+    }
+    if path.contains('[') {
         return None;
     }
     let mut keys: Vec<&str> = path.split('.').collect();
@@ -646,6 +651,29 @@ fn named_key_line(message: &str, line: usize, text: &str) -> Option<(usize, usiz
         }
         _ => None,
     }
+}
+
+/// The place of `key:` in the list item (of maps) whose first line is `line`, as the parser
+/// places an error of the item (`gateway.http_handlers[1]: ...`), if it is below that line.
+fn key_in_list_item(text: &str, line: usize, key: &str) -> Option<(usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let first = *lines.get(line.checked_sub(1)?)?;
+    let t = first.trim_start();
+    // The column of the item's keys: after its `- `.
+    let column = indent(first) + if t.starts_with("- ") { 2 } else { 0 };
+    for (n, l) in lines.iter().enumerate().skip(line) {
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        if indent(l) < column {
+            return None; // the next item, or the list's end
+        }
+        if indent(l) == column && holds_key(l, key) {
+            return Some((n + 1, column + 1));
+        }
+    }
+    None
 }
 
 /// The parser places a `duplicate field `x`` at the first of the two: this is the place of

@@ -20,10 +20,10 @@ pub struct Limits {
     #[serde(default, deserialize_with = "de_opt_positive")]
     pub max_sockets_per_user: Option<usize>,
     /// How long a connection may take from being accepted to completing its upgrade.
-    /// Default 10 s.
+    /// Default 10 s; at least 100 ms.
     #[serde(
         default = "default_handshake_timeout",
-        deserialize_with = "de_duration"
+        deserialize_with = "de_handshake_timeout"
     )]
     pub handshake_timeout: Duration,
     /// Connections that have not completed their upgrade, at most; more are closed as soon
@@ -71,6 +71,18 @@ impl Default for Limits {
             message_burst: None,
         }
     }
+}
+
+/// Under 100 ms, a client whose request comes in more than one segment, or over a link with
+/// any delay, could never be upgraded (`0s` closed every such connection at once).
+fn de_handshake_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let timeout = de_duration(d)?;
+    if timeout < Duration::from_millis(100) {
+        return Err(serde::de::Error::custom(
+            "handshake_timeout must be at least 100ms",
+        ));
+    }
+    Ok(timeout)
 }
 
 fn default_handshake_timeout() -> Duration {

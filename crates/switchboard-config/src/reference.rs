@@ -371,7 +371,7 @@ const SECTIONS: &[Section] = &[
                 "`10s`",
                 Ext,
                 "How long a connection may take from being accepted to completing its upgrade \
-                 (or receiving its one HTTP response) before it is closed.",
+                 (or receiving its one HTTP response) before it is closed. At least `100ms`.",
                 Some("5s"),
             ),
             key(

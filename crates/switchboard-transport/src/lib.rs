@@ -125,6 +125,7 @@ pub use switchboard_core::{
 pub use switchboard_tls::ServerTls;
 use wire::Wire;
 
+mod closing_tls;
 mod endpoints;
 mod stream_tuning;
 mod transport;
@@ -467,6 +468,7 @@ async fn serve_tls<S: Service>(
 ) {
     match tokio::time::timeout_at(deadline, accept).await {
         Ok(Ok(stream)) => {
+            let stream = closing_tls::ClosingTls::new(stream);
             upgrade::serve_first_request(stream, peer, in_progress, shared, deadline).await
         }
         Ok(Err(e)) => {
@@ -689,7 +691,7 @@ fn handle_request<S: Service>(
         // read and write it without hyper's buffers in between.
         let taken = match upgrade::taken_back::<TcpStream>(upgraded) {
             Ok(taken) => Some(taken),
-            Err(upgraded) => upgrade::taken_back::<TlsStream>(upgraded).ok(),
+            Err(upgraded) => upgrade::taken_back::<closing_tls::ClosingTls>(upgraded).ok(),
         };
         let Some((wire, read_buf)) = taken else {
             return tracing::error!(%peer, "upgraded connection is neither TCP nor TLS");
@@ -791,7 +793,12 @@ fn valid_upgrade(version: http::Version, headers: &http::HeaderMap) -> bool {
     let Some(key) = headers.get(SEC_WEBSOCKET_KEY) else {
         return false;
     };
+    // One key and one version (RFC 6455 4.1): with two, which one the answer is for would
+    // be a guess.
+    let once = |name| headers.get_all(name).iter().count() == 1;
     switchboard_core::http11_with_one_host(version, headers)
+        && once(SEC_WEBSOCKET_KEY)
+        && once(SEC_WEBSOCKET_VERSION)
         && headers
             .get(SEC_WEBSOCKET_VERSION)
             .is_some_and(|v| v.as_bytes() == b"13")
@@ -815,24 +822,6 @@ fn accept_key(parts: &RequestParts) -> Option<HeaderValue> {
     sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
     let accept = base64::engine::general_purpose::STANDARD.encode(sha1.finalize());
     HeaderValue::from_str(&accept).ok()
-}
-
-/// A TLS connection as the server accepts it.
-type TlsStream = switchboard_tls::tokio_rustls::server::TlsStream<TcpStream>;
-
-impl stream_tuning::OverTcp for TlsStream {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
-
-impl upgrade::Accepted for TlsStream {
-    fn into_wire(self) -> Wire {
-        // What rustls decrypted and the first read did not take stays in the session, which
-        // the socket reads first.
-        let (tcp, session) = self.into_inner();
-        Wire::tls(tcp, session)
-    }
 }
 
 /// What an admitted, upgraded connection brings to its socket.

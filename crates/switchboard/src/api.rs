@@ -243,6 +243,14 @@ async fn read_json(req: Request<Incoming>, max: usize) -> Result<Map<String, Val
             "no transfer coding but chunked is taken",
         ));
     }
+    // hyper undoes one `chunked`: a body chunked twice would be read with the inner framing
+    // left in it (RFC 9112 6.1: never applied more than once).
+    if codings(TRANSFER_ENCODING).count() > 1 {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "chunked is given more than once",
+        ));
+    }
     let body = req.into_body();
     if body.size_hint().lower() > max as u64 {
         return Err(too_large());

@@ -758,6 +758,17 @@ fn zero_limits_are_rejected() {
     let e = bad("gateway:\n  socket: {}\n  limits:\n    max_sockets: 0\n");
     assert!(e.to_string().contains("at least 1"), "{e}");
     assert_eq!(e.line(), Some(4), "{e}");
+    for short in ["0s", "99ms"] {
+        let e = bad(&format!(
+            "gateway:\n  socket: {{}}\n  limits:\n    max_sockets: 5\n    handshake_timeout: {short}\n"
+        ));
+        assert!(
+            e.to_string()
+                .contains("handshake_timeout must be at least 100ms"),
+            "{e}"
+        );
+        assert_eq!(e.line(), Some(5), "{e}");
+    }
 }
 
 fn bad_origin(origin: &str) -> ConfigError {
@@ -1172,22 +1183,23 @@ fn http_handlers_bind_topics_with_defaults() {
 fn http_handler_errors_name_the_key_and_line() {
     let entry = "    - url: http://h:1/\n      topics: [socket:connection]\n";
     for (extra, expect, line) in [
-        // serde_yaml places a custom error at its list entry; the message names the key
+        // serde_yaml places a custom error at its list entry; the message names the key, and
+        // the error is placed again at the key's line
         (
             "      concurrency: 0\n",
             "concurrency must be between 1 and 4096",
-            9,
+            11,
         ),
         (
             "      concurrency: 100000\n",
             "concurrency must be between 1 and 4096",
-            9,
+            11,
         ),
-        ("      timeout: 30days\n", "timeout must be at most 1h", 9),
+        ("      timeout: 30days\n", "timeout must be at most 1h", 11),
         (
             "      queue: 99999999\n",
             "queue must be at most 1000000",
-            9,
+            11,
         ),
         // A list's entry: its own line.
         ("      pass_headers: [cookie]\n", "carries credentials", 11),
@@ -1199,14 +1211,14 @@ fn http_handler_errors_name_the_key_and_line() {
         (
             "      onclose_retries: 11\n",
             "onclose_retries must be at most 10",
-            9,
+            11,
         ),
         // A value the field's own parser refuses: its own line.
         ("      timeout: soon\n", "invalid duration `soon`", 11),
         (
             "      per_user: 0\n",
             "per_user must be between 1 and 1004096",
-            9,
+            11,
         ),
         ("      zz: 1\n", "unknown field `zz`", 11),
     ] {
@@ -1216,6 +1228,18 @@ fn http_handler_errors_name_the_key_and_line() {
         assert!(text.contains(expect), "{text}");
         assert_eq!(e.line(), Some(line), "{text}");
     }
+    // In the second entry, below a comment: that entry's key, not the first entry's.
+    let e = with_handlers(
+        "    - url: http://h:1/\n      topics: [socket:connection]\n      concurrency: 4\n    \
+         - url: http://h:2/\n      topics: [socket:close]\n      # slow\n      concurrency: 0\n",
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("gateway.http_handlers[1]: concurrency"),
+        "{e}"
+    );
+    assert_eq!(e.line(), Some(15), "{e}");
     for (url, expect) in [
         ("ftp://h/", "must start with http:// or https://"),
         ("http://user:pw@h/", "must not carry credentials"),

@@ -602,9 +602,12 @@ async fn an_upgrade_that_breaks_rfc_6455_gets_400() {
         assert!(status.contains(" 400"), "{version} key {key:?}: {status}");
     }
     // RFC 9112 3.2: exactly one Host, or 400 (the origin check would read the first of two).
+    // RFC 6455 4.1: one key and one version; which of two the answer is for would be a guess.
     for head in [
         format!("GET /ws HTTP/1.1\r\nHost: {addr}\r\nHost: evil.example\r\n"),
         "GET /ws HTTP/1.1\r\n".to_string(),
+        format!("GET /ws HTTP/1.1\r\nHost: {addr}\r\nSec-WebSocket-Key: SGVsbG8sIHdvcmxkIQ==\r\n"),
+        format!("GET /ws HTTP/1.1\r\nHost: {addr}\r\nSec-WebSocket-Version: 13\r\n"),
     ] {
         let req = format!(
             "{head}Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\

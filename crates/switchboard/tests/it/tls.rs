@@ -187,27 +187,56 @@ async fn a_wss_upgrade_too_large_for_the_first_read_is_served_by_hyper() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
-/// A refusal on the hand-written path over TLS is a whole HTTP answer, then a clean end
-/// (`close_notify`): the client reads it all and no error.
+/// A refusal over TLS is a whole HTTP answer, then a clean end (`close_notify`), on either
+/// path: the hand-written one (the request whole in one read) and hyper's (in pieces, or
+/// refused by the cheap checks, which hyper answers and then drops without a shutdown).
 #[tokio::test]
 async fn a_wss_upgrade_refused_gets_its_whole_answer_and_a_clean_close() {
-    let (_dir, gw, _seen, mut stream) = gateway_and_connection().await;
-    let request = upgrade_request("alex", 0).replace("ID_TOKEN=", "ID_TOKEN=forged");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-        .await
-        .expect("the connection ends")
-        .expect("with close_notify, not a cut");
-    let answer = String::from_utf8(answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    assert!(
-        head.contains(&format!("content-length: {}", body.len())),
-        "{answer}"
+    let forged = upgrade_request("alex", 0).replace("ID_TOKEN=", "ID_TOKEN=forged");
+    let foreign = upgrade_request("alex", 0).replace(
+        "Host: localhost\r\n",
+        "Host: localhost\r\nOrigin: https://evil.example\r\n",
     );
-    assert_eq!(gw.sockets().count(), 0);
-    gw.shutdown(Duration::from_secs(2)).await;
+    let elsewhere = upgrade_request("alex", 0).replace("GET /connect ", "GET /elsewhere ");
+    let cases = [
+        ("forged token, one write", forged.clone(), false, "401"),
+        ("forged token, in pieces", forged, true, "401"),
+        ("foreign origin", foreign, false, "403"),
+        ("another path", elsewhere, false, "404"),
+    ];
+    for (what, request, in_pieces, status) in cases {
+        let (_dir, gw, _seen, mut stream) = gateway_and_connection().await;
+        if in_pieces {
+            let (first, rest) = request.split_at(40);
+            stream.write_all(first.as_bytes()).await.unwrap();
+            stream.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stream.write_all(rest.as_bytes()).await.unwrap();
+        } else {
+            stream.write_all(request.as_bytes()).await.unwrap();
+        }
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .expect("the connection ends");
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(
+            read.is_ok(),
+            "{what}: cut, not closed: {read:?} after {answer}"
+        );
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{what}: {answer}"
+        );
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("content-length: {}", body.len())),
+            "{what}: {answer}"
+        );
+        assert_eq!(gw.sockets().count(), 0);
+        gw.shutdown(Duration::from_secs(2)).await;
+    }
 }
 
 /// A message larger than the first read, written with the request: what the first read left
