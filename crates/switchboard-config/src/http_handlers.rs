@@ -305,17 +305,20 @@ impl HttpHandlers {
     }
 }
 
+/// `entry` against the entries before it. A message names the entry it is about first
+/// (`entry 2: ...`), which the config's error is placed at.
 fn check_unique(seen: &[HttpHandler], entry: &HttpHandler) -> Result<(), String> {
+    let this = seen.len() + 1;
     if entry.topics.is_empty() {
-        return Err("topics must name at least one topic".into());
+        return Err(format!("entry {this}: topics must name at least one topic"));
     }
     for (i, topic) in entry.topics.iter().enumerate() {
         if entry.topics[..i].contains(topic) {
-            return Err(format!("topic `{topic}` is listed twice"));
+            return Err(format!("entry {this}: topic `{topic}` is listed twice"));
         }
         if let Some(n) = seen.iter().position(|h| h.topics.contains(topic)) {
             return Err(format!(
-                "topic `{topic}` is already bound by entry {} of the list",
+                "entry {this}: topic `{topic}` is already bound by entry {} of the list",
                 n + 1
             ));
         }
@@ -323,8 +326,8 @@ fn check_unique(seen: &[HttpHandler], entry: &HttpHandler) -> Result<(), String>
     let label = entry.label();
     if let Some(n) = seen.iter().position(|h| h.label() == label) {
         return Err(format!(
-            "entry {} of the list has the same name `{label}` (set `name` to tell them apart \
-             in the metrics)",
+            "entry {this} has the same name `{label}` as entry {} (set `name` to tell them \
+             apart in the metrics)",
             n + 1
         ));
     }

@@ -111,6 +111,7 @@ impl Config {
             let e = placed(ConfigError::from_yaml(e), text);
             let e = placed_again(at_named_auth_key(e, text), |message, line| {
                 named_entry_line(message, line, text)
+                    .or_else(|| numbered_item_line(message, line, text))
                     .or_else(|| second_of_duplicate_line(message, line, text))
                     .or_else(|| named_key_line(message, line, text))
             });
@@ -651,6 +652,51 @@ fn named_key_line(message: &str, line: usize, text: &str) -> Option<(usize, usiz
         }
         _ => None,
     }
+}
+
+/// A list's check of one entry against the others runs once the list is read, and the parser
+/// places its error at the list. When the message names the entry (`entry 2: ...`, or
+/// `entries 1 and 3` for the later of two), this is that item's line: the n-th `- ` at the
+/// indent of the first item at or below the parser's `line`.
+fn numbered_item_line(message: &str, line: usize, text: &str) -> Option<(usize, usize)> {
+    let rest = message.split_once(": ").map_or(message, |(_, rest)| rest);
+    let number = |s: &str| -> Option<usize> {
+        s.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+    };
+    let n = match rest.strip_prefix("entry ") {
+        Some(after) => number(after)?,
+        None => {
+            let (_, pair) = rest.split_once("entries ")?;
+            let (_, later) = pair.split_once(" and ")?;
+            number(later)?
+        }
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let mut items = (line.checked_sub(1)?..lines.len()).filter(|&i| {
+        let t = lines[i].trim_start();
+        t.starts_with("- ") || t == "-"
+    });
+    let first = items.next()?;
+    let item_indent = indent(lines[first]);
+    let mut count = 1;
+    for (i, l) in lines.iter().enumerate().skip(first) {
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') || i == first {
+            continue;
+        }
+        if indent(l) < item_indent {
+            return None; // the list ended
+        }
+        if indent(l) == item_indent && (t.starts_with("- ") || t == "-") {
+            count += 1;
+            if count == n {
+                return Some((i + 1, item_indent + 3));
+            }
+        }
+    }
+    (n == 1).then_some((first + 1, item_indent + 3))
 }
 
 /// The place of `key:` in the list item (of maps) whose first line is `line`, as the parser

@@ -266,7 +266,7 @@ fn duplicate_type_is_rejected() {
             .contains("gateway.socket.onmessage.types: duplicate type `a`: entries 1 and 2"),
         "{e}"
     );
-    assert_eq!(e.line(), Some(5), "the list's line: {e}");
+    assert_eq!(e.line(), Some(7), "the later entry's line: {e}");
 }
 
 #[test]
@@ -1253,9 +1253,26 @@ fn http_handler_errors_name_the_key_and_line() {
         assert!(text.contains(expect), "{text}");
         assert_eq!(e.line(), Some(9), "{text}");
     }
-    // A topic bound twice, across entries.
+    // A topic bound twice, across entries: placed at the later entry.
     let e = with_handlers(&format!("{entry}{entry}")).unwrap_err();
-    assert!(e.to_string().contains("already bound by entry 1"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("entry 2: topic `socket:connection` is already bound by entry 1"),
+        "{e}"
+    );
+    assert_eq!(e.line(), Some(11), "{e}");
+    // The same name twice (the URL's host, when `name` is left out), after a comment.
+    let e = with_handlers(
+        "    - url: http://h:1/a\n      topics: [socket:connection]\n    # another\n    \
+         - url: http://h:1/b\n      topics: [socket:close]\n",
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("entry 2 has the same name `h:1` as entry 1"),
+        "{e}"
+    );
+    assert_eq!(e.line(), Some(12), "{e}");
     // A topic no hook publishes (a typo, or the send topic): the entry's line.
     let e = with_handlers("    - url: http://h:1/\n      topics:\n        - socket:connection\n        - socket:send\n").unwrap_err();
     let text = e.to_string();
