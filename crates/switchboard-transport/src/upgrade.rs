@@ -1,10 +1,10 @@
 //! The upgrade of a connection (plain TCP, or TLS once its handshake is done), written out
-//! by hand for the request almost every client sends: a whole HTTP/1.1 `GET` head in the
-//! first read, asking for a WebSocket at the socket path and passing the cheap checks.
-//! Everything else (a head in pieces or longer than one read, another path, HTTP/1.0, a body,
-//! a refusal by the cheap checks, a header hyper would refuse) goes to hyper, with the bytes
-//! already read put back in front of the stream ([`Rewind`]), and is answered exactly as
-//! before.
+//! by hand for the request almost every client sends: an HTTP/1.1 `GET` head (read whole,
+//! in one read or several, up to `max_request_head`), asking for a WebSocket at the socket
+//! path and passing the cheap checks. Everything else (another path, HTTP/1.0, a body, a
+//! refusal by the cheap checks, a head too long, a header hyper would refuse) goes to hyper,
+//! with the bytes already read put back in front of the stream ([`Rewind`]), and is answered
+//! exactly as before.
 //!
 //! Why: hyper's connection machinery (its buffers, dispatcher, upgrade channel and a task to
 //! await the upgrade) was an eighth of the server's user-space instructions per JWT handshake
@@ -31,7 +31,7 @@ use super::{
     Service, Shared, SocketTask, TransportOptions, Wire,
 };
 
-/// Bytes of the first read. A head longer than this (large cookies, say) is hyper's.
+/// Bytes of the first read, and what the buffer grows by while a head is not whole.
 const FIRST_READ: usize = 4096;
 
 /// Header lines parsed at most, as hyper's default: a head with more is hyper's to refuse.
@@ -72,17 +72,29 @@ pub(crate) async fn serve_first_request<S: Service, T: Accepted>(
     shared: Arc<Shared<S>>,
     deadline: Instant,
 ) {
+    // Read until the head is whole (it may come in pieces, or be larger than one read, with
+    // big cookies), as far as the head may be long: an upgrade this path takes is then
+    // registered before its `101`, however its request came. What is not one goes to hyper.
     let mut first = BytesMut::with_capacity(FIRST_READ);
-    match tokio::time::timeout_at(
-        deadline,
-        tokio::io::AsyncReadExt::read_buf(&mut stream, &mut first),
-    )
-    .await
-    {
-        Ok(Ok(n)) if n > 0 => {}
-        Ok(Ok(_)) => return, // closed before a byte
-        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "read before the request failed"),
-        Err(_) => return tracing::debug!(%peer, "handshake timed out"),
+    loop {
+        match tokio::time::timeout_at(
+            deadline,
+            tokio::io::AsyncReadExt::read_buf(&mut stream, &mut first),
+        )
+        .await
+        {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(Ok(_)) if first.is_empty() => return, // closed before a byte
+            Ok(Ok(_)) => break,                      // closed mid-head: hyper answers
+            Ok(Err(e)) => {
+                return tracing::debug!(%peer, error = %e, "read before the request failed")
+            }
+            Err(_) => return tracing::debug!(%peer, "handshake timed out"),
+        }
+        if !head_incomplete(&first) || first.len() > shared.options.max_request_head {
+            break;
+        }
+        first.reserve(FIRST_READ);
     }
     let Some((request, head_len)) = upgrade_request(&first, &shared.options) else {
         let rewound = Rewind::new(first.freeze(), stream);
@@ -162,6 +174,21 @@ fn upgrade_request(bytes: &[u8], options: &TransportOptions) -> Option<(Request<
     refusal_before_admission(options, &request)
         .is_none()
         .then_some((request, head_len))
+}
+
+/// Whether `bytes` begin an HTTP request head that is not whole yet (not one that is whole,
+/// or that is no request head at all).
+fn head_incomplete(bytes: &[u8]) -> bool {
+    // The usual case, a head whole in the first read (and nothing behind it), without
+    // parsing it twice.
+    if bytes.ends_with(b"\r\n\r\n") || bytes.windows(4).any(|w| w == b"\r\n\r\n") {
+        return false;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    matches!(
+        httparse::Request::new(&mut headers).parse(bytes),
+        Ok(httparse::Status::Partial)
+    )
 }
 
 /// Writes the `101` for `accept` into `out` and returns its length.

@@ -162,34 +162,43 @@ async fn a_wss_socket_is_registered_before_its_client_reads_the_101() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
-/// A head over the first read's 4 KiB goes to hyper over TLS too: the socket opens, the frame
-/// sent behind the request reaches the gateway, and a send reaches the socket.
+/// A head over the first read's 4 KiB (big cookies), or one written in pieces, is read whole
+/// by the hand-written upgrade too: the socket is registered before its `101` (hyper's, with
+/// its `date`, registered it after), and the frame sent behind the request arrives.
 #[tokio::test]
-async fn a_wss_upgrade_too_large_for_the_first_read_is_served_by_hyper() {
-    let (_dir, gw, mut seen, mut stream) = gateway_and_connection().await;
-    let mut request = upgrade_request("alex", 6000).into_bytes();
-    request.extend(client_text_frame(r#"{"type":"hi","payload":"big"}"#));
-    stream.write_all(&request).await.unwrap();
-    let (head, _) = read_head(&mut stream).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    // hyper's `101` carries a date; the hand-written one does not.
-    assert!(head.to_ascii_lowercase().contains("\r\ndate: "), "{head}");
-    let (_, data, _) = next_published(&mut seen).await;
-    assert_eq!(data, json!({"type": "hi", "payload": "big"}));
-    for _ in 0..500 {
-        if gw.sockets().count_of_user("alex", None) == 1 {
-            break;
+async fn a_wss_upgrade_too_large_for_the_first_read_is_registered_before_its_101_too() {
+    for (padding, in_pieces) in [(6000, false), (0, true), (20_000, true)] {
+        let what = format!("{padding} bytes of padding, in pieces: {in_pieces}");
+        let (_dir, gw, mut seen, mut stream) = gateway_and_connection().await;
+        let mut request = upgrade_request("alex", padding).into_bytes();
+        request.extend(client_text_frame(r#"{"type":"hi","payload":"big"}"#));
+        if in_pieces {
+            for piece in request.chunks(700) {
+                stream.write_all(piece).await.unwrap();
+                stream.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        } else {
+            stream.write_all(&request).await.unwrap();
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (head, _) = read_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{what}: {head}");
+        assert_eq!(gw.sockets().count_of_user("alex", None), 1, "{what}");
+        assert!(
+            !head.to_ascii_lowercase().contains("\r\ndate: "),
+            "{what}: {head}"
+        );
+        let (_, data, _) = next_published(&mut seen).await;
+        assert_eq!(data, json!({"type": "hi", "payload": "big"}), "{what}");
+        drop(stream);
+        gw.shutdown(Duration::from_secs(2)).await;
     }
-    assert_eq!(gw.sockets().count_of_user("alex", None), 1);
-    drop(stream);
-    gw.shutdown(Duration::from_secs(2)).await;
 }
 
 /// A refusal over TLS is a whole HTTP answer, then a clean end (`close_notify`), on either
-/// path: the hand-written one (the request whole in one read) and hyper's (in pieces, or
-/// refused by the cheap checks, which hyper answers and then drops without a shutdown).
+/// path: the hand-written one (a bad token, the request in one write or in pieces) and
+/// hyper's (refused by the cheap checks, which hyper answers and then drops without a
+/// shutdown).
 #[tokio::test]
 async fn a_wss_upgrade_refused_gets_its_whole_answer_and_a_clean_close() {
     let forged = upgrade_request("alex", 0).replace("ID_TOKEN=", "ID_TOKEN=forged");
