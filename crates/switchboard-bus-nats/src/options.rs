@@ -106,17 +106,13 @@ impl fmt::Debug for NatsOptions {
 /// `url` with any credentials in it (`nats://user:password@host`) shown as `***`: what logs
 /// and errors may print.
 pub fn redacted_url(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let scheme = if scheme.is_empty() {
-                String::new()
-            } else {
-                format!("{scheme}://")
-            };
-            format!("{scheme}***{}", &rest[at..])
-        }
+    // Up to the last `@` wherever it is: a password may hold a `/`.
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    match rest.rfind('@') {
+        Some(at) => format!("{scheme}***{}", &rest[at..]),
         None => url.to_string(),
     }
 }
@@ -325,7 +321,7 @@ mod tests {
             ("tls://a:b@c@h:4222/x", "tls://***@h:4222/x"),
             ("alice:pw@h:4222", "***@h:4222"),
             ("nats://h:4222", "nats://h:4222"),
-            ("nats://h:4222/a@b", "nats://h:4222/a@b"),
+            ("nats://alice:pa/ss@h:4222", "nats://***@h:4222"),
         ] {
             assert_eq!(redacted_url(url), shown);
         }

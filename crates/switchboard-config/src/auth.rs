@@ -117,8 +117,9 @@ impl<'de> Deserialize<'de> for JwksUrl {
             && !url.contains(|c: char| c.is_whitespace() || c.is_control());
         if !ok {
             return Err(de::Error::custom(format_args!(
-                "jwks_url `{url}` must be an http:// or https:// URL with a host (and no \
-                 user:password@)"
+                "jwks_url `{}` must be an http:// or https:// URL with a host (and no \
+                 user:password@)",
+                crate::de::redacted_url(&url)
             )));
         }
         // Whoever serves the key set decides who may connect: over plain HTTP, anyone on the

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::de::{de_byte_size, de_duration};
+use crate::de::{de_byte_size, de_duration, redacted_url};
 
 /// The `gateway.bus` section: a broker instead of the in-process bus.
 #[derive(Debug, Clone, Deserialize)]
@@ -97,8 +97,17 @@ fn de_max_pending_answers<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::E
 }
 
 /// `gateway.bus.nats.url`: one URL or a list, each `nats://`, `tls://` or `host:port`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` shows no password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct NatsUrls(Vec<String>);
+
+impl fmt::Debug for NatsUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|url| redacted_url(url)))
+            .finish()
+    }
+}
 
 impl NatsUrls {
     /// The URLs, in file order.
@@ -149,22 +158,11 @@ impl<'de> Deserialize<'de> for NatsUrls {
                 return Err(de::Error::custom(format_args!(
                     "url `{}` must be nats://host:port, tls://host:port or host:port (a port \
                      from 1 to 65535)",
-                    redacted(url)
+                    redacted_url(url)
                 )));
             }
         }
         Ok(NatsUrls(urls))
-    }
-}
-
-/// `url` with its `user:password@` shown as `***@`.
-fn redacted(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
-    let end = rest.find('/').unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
-        Some(at) if scheme.is_empty() => format!("***{}", &rest[at..]),
-        Some(at) => format!("{scheme}://***{}", &rest[at..]),
-        None => url.to_string(),
     }
 }
 

@@ -239,6 +239,20 @@ impl<T> Visitor<'_> for StrVisitor<T> {
     }
 }
 
+/// `url` as a message may show it: anything up to an `@` after the scheme (a
+/// `user:password@`, wherever the `@` is) is `***`. The same as
+/// `switchboard_bus_nats::redacted_url`: this crate depends on no other of the workspace.
+pub(crate) fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    match rest.rfind('@') {
+        Some(at) => format!("{scheme}***{}", &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -250,22 +250,24 @@ impl HandlerUrl {
     }
 
     fn parse(url: &str) -> Result<Self, String> {
+        // What a message shows: never a password the URL carries.
+        let shown = crate::de::redacted_url(url);
         let rest = url
             .strip_prefix("http://")
             .or_else(|| url.strip_prefix("https://"))
-            .ok_or_else(|| format!("url `{url}` must start with http:// or https://"))?;
+            .ok_or_else(|| format!("url `{shown}` must start with http:// or https://"))?;
         let authority = rest.split(['/', '?']).next().unwrap_or_default();
         if authority.is_empty() {
-            return Err(format!("url `{url}` has no host"));
+            return Err(format!("url `{shown}` has no host"));
         }
         if authority.contains('@') {
             return Err(format!(
-                "url `{url}` must not carry credentials (the requests are signed: secret_env)"
+                "url `{shown}` must not carry credentials (the requests are signed: secret_env)"
             ));
         }
         if url.contains('#') || url.contains(|c: char| c.is_whitespace() || c.is_control()) {
             return Err(format!(
-                "url `{url}` must not have a fragment, spaces or control characters"
+                "url `{shown}` must not have a fragment, spaces or control characters"
             ));
         }
         Ok(HandlerUrl(url.to_string()))

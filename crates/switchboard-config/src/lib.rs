@@ -668,17 +668,33 @@ fn numbered_item_line(message: &str, line: usize, text: &str) -> Option<(usize, 
     let n = match rest.strip_prefix("entry ") {
         Some(after) => number(after)?,
         None => {
-            let (_, pair) = rest.split_once("entries ")?;
+            // The last `entries ` of the message: a type's name may hold the word.
+            let (_, pair) = rest.rsplit_once("entries ")?;
             let (_, later) = pair.split_once(" and ")?;
             number(later)?
         }
     };
     let lines: Vec<&str> = text.lines().collect();
-    let mut items = (line.checked_sub(1)?..lines.len()).filter(|&i| {
-        let t = lines[i].trim_start();
+    let is_item = |l: &str| {
+        let t = l.trim_start();
         t.starts_with("- ") || t == "-"
-    });
-    let first = items.next()?;
+    };
+    // The parser's line is the list's first item, or the key of a block list right above
+    // it; a list in flow style (`key: [...]`) has no item lines to point at.
+    let at = line.checked_sub(1)?;
+    let first = if is_item(lines.get(at)?) {
+        at
+    } else {
+        let (_, value) = lines[at].split_once(':')?;
+        if !value.trim().is_empty() && !value.trim_start().starts_with('#') {
+            return None;
+        }
+        let next = (at + 1..lines.len()).find(|&i| {
+            let t = lines[i].trim_start();
+            !t.is_empty() && !t.starts_with('#')
+        })?;
+        is_item(lines[next]).then_some(next)?
+    };
     let item_indent = indent(lines[first]);
     let mut count = 1;
     for (i, l) in lines.iter().enumerate().skip(first) {

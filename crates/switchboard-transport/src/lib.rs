@@ -542,9 +542,7 @@ async fn serve_http<S: Service, I>(
                     let refusal = refusal_before_admission(&shared.options, &req);
                     if refusal.is_none() {
                         if let Some(prepare) = shared.service.prepare_admit(req.headers()) {
-                            let until = deadline
-                                .checked_sub(Duration::from_secs(1))
-                                .unwrap_or(deadline);
+                            let until = prepare_until(deadline, shared.options.handshake_timeout);
                             let _ = tokio::time::timeout_at(until, prepare).await;
                         }
                     }
@@ -661,10 +659,7 @@ fn handle_request<S: Service>(
         }
         Some(Refusal::HeadTooLarge) => {
             stats.refused_head_size.fetch_add(1, Relaxed);
-            return plain_response(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "request headers too large\n",
-            );
+            return head_too_large();
         }
         Some(Refusal::ForeignOrigin) => {
             stats.refused_origin.fetch_add(1, Relaxed);
@@ -701,6 +696,22 @@ fn handle_request<S: Service>(
         tokio::spawn(SocketTask::open(wire, read_buf, None, *open, shared));
     });
     switching_protocols(accept)
+}
+
+/// The answer to a request head over `max_request_head`.
+fn head_too_large() -> HttpResponse {
+    plain_response(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "request headers too large\n",
+    )
+}
+
+/// How long to await the service's `prepare_admit` within a handshake that ends at
+/// `deadline` and lasts `timeout`: until a second before the deadline (half the timeout, when
+/// it is shorter than two), so that the client still hears the service's answer.
+fn prepare_until(deadline: tokio::time::Instant, timeout: Duration) -> tokio::time::Instant {
+    let margin = Duration::from_secs(1).min(timeout / 2);
+    deadline.checked_sub(margin).unwrap_or(deadline)
 }
 
 /// An upgrade request admitted: what its socket starts with, and its `Sec-WebSocket-Accept`.
@@ -903,6 +914,26 @@ mod quick_ack_tests {
                 socket2::SockRef::from(&accepted).tcp_quickack().unwrap(),
                 quick,
                 "set on the listener: {set}"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The service's preparation (a key set fetch) gets most of a short handshake, and the
+    /// client still hears its answer before the deadline.
+    #[tokio::test]
+    async fn preparing_to_admit_leaves_time_to_answer_within_any_handshake_timeout() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        for (timeout, margin_ms) in [(10_000, 1000), (2_000, 1000), (1_000, 500), (100, 50)] {
+            let until = prepare_until(deadline, Duration::from_millis(timeout));
+            assert_eq!(
+                deadline - until,
+                Duration::from_millis(margin_ms),
+                "{timeout} ms"
             );
         }
     }

@@ -16,9 +16,9 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::{Request, StatusCode};
@@ -72,30 +72,18 @@ pub(crate) async fn serve_first_request<S: Service, T: Accepted>(
     shared: Arc<Shared<S>>,
     deadline: Instant,
 ) {
-    // Read until the head is whole (it may come in pieces, or be larger than one read, with
-    // big cookies), as far as the head may be long: an upgrade this path takes is then
-    // registered before its `101`, however its request came. What is not one goes to hyper.
-    let mut first = BytesMut::with_capacity(FIRST_READ);
-    loop {
-        match tokio::time::timeout_at(
-            deadline,
-            tokio::io::AsyncReadExt::read_buf(&mut stream, &mut first),
-        )
-        .await
-        {
-            Ok(Ok(n)) if n > 0 => {}
-            Ok(Ok(_)) if first.is_empty() => return, // closed before a byte
-            Ok(Ok(_)) => break,                      // closed mid-head: hyper answers
-            Ok(Err(e)) => {
-                return tracing::debug!(%peer, error = %e, "read before the request failed")
-            }
-            Err(_) => return tracing::debug!(%peer, "handshake timed out"),
+    // The head read whole (it may come in pieces, or be larger than one read, with big
+    // cookies): an upgrade this path takes is then registered before its `101`, however its
+    // request came. What is not one goes to hyper.
+    let limit = shared.options.max_request_head;
+    let first = match read_head(&mut stream, deadline, limit).await {
+        Ok(first) => first,
+        Err(HeadRead::Ended(why)) => return tracing::debug!(%peer, "{why}"),
+        Err(HeadRead::TooLarge) => {
+            shared.hub.stats.refused_head_size.fetch_add(1, Relaxed);
+            return send_refusal(stream, &super::head_too_large(), peer, deadline).await;
         }
-        if !head_incomplete(&first) || first.len() > shared.options.max_request_head {
-            break;
-        }
-        first.reserve(FIRST_READ);
-    }
+    };
     let Some((request, head_len)) = upgrade_request(&first, &shared.options) else {
         let rewound = Rewind::new(first.freeze(), stream);
         // Boxed: hyper's connection is large, and every accepted connection's task would
@@ -106,26 +94,13 @@ pub(crate) async fn serve_first_request<S: Service, T: Accepted>(
     // As in `serve_http`: what the service must do before it can admit, awaited until a
     // second before the deadline so that the client still hears the service's answer.
     if let Some(prepare) = shared.service.prepare_admit(request.headers()) {
-        let until = deadline
-            .checked_sub(Duration::from_secs(1))
-            .unwrap_or(deadline);
+        let until = super::prepare_until(deadline, shared.options.handshake_timeout);
         let _ = tokio::time::timeout_at(until, prepare).await;
     }
     let (parts, ()) = request.into_parts();
     let Admitted { open, accept } = match admit_upgrade(&shared, &parts, peer) {
         Ok(admitted) => admitted,
-        Err(answer) => {
-            // One request per connection: the answer, then the connection closes.
-            let answer = serialize_refusal(&answer);
-            let sent = tokio::time::timeout_at(deadline, async {
-                stream.write_all(&answer).await?;
-                stream.shutdown().await
-            });
-            if let Ok(Err(e)) = sent.await {
-                tracing::debug!(%peer, error = %e, "refusal not sent");
-            }
-            return;
-        }
+        Err(answer) => return send_refusal(stream, &answer, peer, deadline).await,
     };
     let mut head = [0u8; 160];
     let len = switching_protocols(&accept, &mut head);
@@ -176,19 +151,109 @@ fn upgrade_request(bytes: &[u8], options: &TransportOptions) -> Option<(Request<
         .then_some((request, head_len))
 }
 
-/// Whether `bytes` begin an HTTP request head that is not whole yet (not one that is whole,
-/// or that is no request head at all).
-fn head_incomplete(bytes: &[u8]) -> bool {
-    // The usual case, a head whole in the first read (and nothing behind it), without
-    // parsing it twice.
-    if bytes.ends_with(b"\r\n\r\n") || bytes.windows(4).any(|w| w == b"\r\n\r\n") {
-        return false;
+/// Why no head came to be looked at.
+enum HeadRead {
+    /// The client closed, stalled past the deadline, or the read failed: nothing to answer.
+    Ended(String),
+    /// More than the limit was read and the head had not ended: `431`.
+    TooLarge,
+}
+
+/// Reads until the head is whole: what was read (the head and what came behind it in the
+/// same read), or bytes that can be no request head (hyper answers those). The buffer holds
+/// one read of 4 KiB, and when the head is longer, `limit` + 1 bytes at most, allocated once;
+/// each byte is looked at once for the head's end, however the client splits its writes.
+async fn read_head<T: AsyncRead + Unpin>(
+    stream: &mut T,
+    deadline: Instant,
+    limit: usize,
+) -> Result<BytesMut, HeadRead> {
+    let mut read = BytesMut::with_capacity(FIRST_READ);
+    // The head's end is looked for from here on: the bytes before were looked at.
+    let mut looked_at = 0;
+    // Where the request line begins, after the empty lines a request may begin with.
+    let mut begins = None;
+    loop {
+        if read.len() == read.capacity() {
+            // Grown once to what a head may take (never doubled past it).
+            let mut bigger = BytesMut::with_capacity(limit + 1);
+            bigger.extend_from_slice(&read);
+            read = bigger;
+        }
+        match tokio::time::timeout_at(
+            deadline,
+            tokio::io::AsyncReadExt::read_buf(stream, &mut read),
+        )
+        .await
+        {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(Ok(_)) if read.is_empty() => {
+                return Err(HeadRead::Ended("closed before a byte".into()))
+            }
+            Ok(Ok(_)) => return Err(HeadRead::Ended("closed in the middle of its head".into())),
+            Ok(Err(e)) => {
+                return Err(HeadRead::Ended(format!(
+                    "read before the request failed: {e}"
+                )))
+            }
+            Err(_) => return Err(HeadRead::Ended("handshake timed out".into())),
+        }
+        if looked_at == 0 && !may_be_a_head(&read) {
+            return Ok(read);
+        }
+        if begins.is_none() {
+            begins = read[looked_at..]
+                .iter()
+                .position(|&b| b != b'\r' && b != b'\n')
+                .map(|at| looked_at + at);
+        }
+        if begins.is_some_and(|begins| head_ends_after(&read, looked_at.max(begins))) {
+            return Ok(read);
+        }
+        if read.len() > limit {
+            return Err(HeadRead::TooLarge);
+        }
+        // An end split across reads (`\r\n` | `\r\n`) is found from the last two bytes on.
+        looked_at = if begins.is_some() {
+            read.len().saturating_sub(2)
+        } else {
+            read.len()
+        };
     }
+}
+
+/// Whether the first bytes read could begin a request head (else hyper answers them).
+fn may_be_a_head(bytes: &[u8]) -> bool {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    matches!(
-        httparse::Request::new(&mut headers).parse(bytes),
-        Ok(httparse::Status::Partial)
-    )
+    httparse::Request::new(&mut headers).parse(bytes).is_ok()
+}
+
+/// Whether the head in `bytes` ends at or after `from` (at or after its request line): a
+/// blank line, `\r\n\r\n` or bare `\n\n` as httparse takes it.
+fn head_ends_after(bytes: &[u8], from: usize) -> bool {
+    bytes.get(from..).is_some_and(|rest| {
+        rest.windows(2)
+            .enumerate()
+            .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && rest.get(i + 2) == Some(&b'\n')))
+    })
+}
+
+/// Answers a request refused here with `answer`, then closes the connection (one request
+/// per connection), within the handshake's deadline.
+async fn send_refusal<T: AsyncWrite + Unpin>(
+    mut stream: T,
+    answer: &HttpResponse,
+    peer: SocketAddr,
+    deadline: Instant,
+) {
+    let answer = serialize_refusal(answer);
+    let sent = tokio::time::timeout_at(deadline, async {
+        stream.write_all(&answer).await?;
+        stream.shutdown().await
+    });
+    if let Ok(Err(e)) = sent.await {
+        tracing::debug!(%peer, error = %e, "refusal not sent");
+    }
 }
 
 /// Writes the `101` for `accept` into `out` and returns its length.

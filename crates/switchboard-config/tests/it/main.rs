@@ -267,6 +267,12 @@ fn duplicate_type_is_rejected() {
         "{e}"
     );
     assert_eq!(e.line(), Some(7), "the later entry's line: {e}");
+    // In flow style there is no item line: the list's own, never an item of a list below.
+    let e = bad(
+        "gateway:\n  socket:\n    onmessage:\n      types: [{type: a, publish: t1}, {type: a, publish: t2}]\n    allowed_origins:\n      - https://a.example\n      - https://b.example\n",
+    );
+    assert!(e.to_string().contains("duplicate type `a`"), "{e}");
+    assert_eq!(e.line(), Some(4), "{e}");
 }
 
 #[test]
@@ -468,13 +474,14 @@ fn jwks_parses_with_defaults_and_its_conflicts_name_the_key_and_line() {
         "ftp://x/",
         "id.example.com/jwks",
         "https:///jwks",
-        "https://u:p@x/",
+        "https://u:TopSecret@x/",
     ] {
         let e = bad(&format!(
             "gateway:\n  socket: {{}}\n  auth:\n    jwks_url: \"{url}\"\n"
         ));
         let text = e.to_string();
         assert!(text.contains("gateway.auth: jwks_url `"), "{text}");
+        assert!(!text.contains("TopSecret"), "no password shown: {text}");
         assert!(
             text.contains("must be an http:// or https:// URL"),
             "{text}"
@@ -1008,6 +1015,11 @@ fn nats_production_options() {
     assert_eq!((n.outbox_bytes, n.max_pending_answers), (8 << 20, 1000));
     assert_eq!((n.every_node_bytes, n.handler_bytes), (4 << 20, 2 << 20));
     assert_eq!(n.gather_quiet, Duration::from_millis(300));
+    let n = nats("      url: \"nats://alice:TopSecret@h:4222\"\n").unwrap();
+    assert!(
+        !format!("{n:?}").contains("TopSecret"),
+        "Debug shows no password: {n:?}"
+    );
     // Placed at the key's own line, not at the section's first key.
     for bad in ["0s", "2s"] {
         let e = nats(&format!(
@@ -1070,6 +1082,10 @@ fn nats_option_errors_name_the_key_and_line() {
         // A port the client would refuse at start, and never the password in the message.
         (
             "      url: \"nats://alice:TopSecret@127.0.0.1:99999\"\n",
+            "url `nats://***@127.0.0.1:99999` must be",
+        ),
+        (
+            "      url: \"nats://alice:Top/Secret@127.0.0.1:99999\"\n",
             "url `nats://***@127.0.0.1:99999` must be",
         ),
         ("      url: \"nats://h:0\"\n", "a port from 1 to 65535"),
@@ -1243,6 +1259,7 @@ fn http_handler_errors_name_the_key_and_line() {
     for (url, expect) in [
         ("ftp://h/", "must start with http:// or https://"),
         ("http://user:pw@h/", "must not carry credentials"),
+        ("ftp://user:pw@h/", "`ftp://***@h/` must start with"),
         ("http:///x", "has no host"),
     ] {
         let e = with_handlers(&format!(
@@ -1251,6 +1268,7 @@ fn http_handler_errors_name_the_key_and_line() {
         .unwrap_err();
         let text = e.to_string();
         assert!(text.contains(expect), "{text}");
+        assert!(!text.contains(":pw@"), "no password shown: {text}");
         assert_eq!(e.line(), Some(9), "{text}");
     }
     // A topic bound twice, across entries: placed at the later entry.

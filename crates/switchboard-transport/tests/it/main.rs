@@ -327,6 +327,68 @@ async fn upgrade_requests_in_pieces_or_past_the_first_read_are_served_whole() {
     assert!(!c.head.contains("date:"), "{}", c.head);
 }
 
+/// The head read by hand in pieces: bare line feeds and empty lines before the request line
+/// are taken as hyper takes them, and a head that passes `max_request_head` without ending
+/// gets `431` at once, not when the handshake times out.
+#[tokio::test]
+async fn a_head_in_pieces_is_answered_once_whole_or_once_too_long() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start(|o| {
+        o.max_request_head = 8 * 1024;
+        o.handshake_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let addr = h.server.local_addr();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    let bare_lf = request.replace("\r\n", "\n");
+    let padded = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nX-Pad: {}\r\n",
+        "p".repeat(8 * 1024)
+    );
+    let cases = [
+        (vec![&bare_lf[..30], &bare_lf[30..]], "HTTP/1.1 101"),
+        (
+            vec!["\r\n", "\r\n", &request[..50], &request[50..]],
+            "HTTP/1.1 101",
+        ),
+        // Ends exactly across two writes.
+        (
+            vec![&request[..request.len() - 3], &request[request.len() - 3..]],
+            "HTTP/1.1 101",
+        ),
+        (vec![&padded[..4000], &padded[4000..]], "HTTP/1.1 431"),
+    ];
+    for (pieces, status) in cases {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        for piece in &pieces {
+            s.write_all(piece.as_bytes()).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut answer = vec![0u8; 1024];
+        // A liveness bound well under the handshake timeout: the answer comes as soon as the
+        // head is whole or too long.
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut answer))
+            .await
+            .expect("an answer before the handshake timeout")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]).to_ascii_lowercase();
+        assert!(
+            answer.starts_with(&status.to_ascii_lowercase()),
+            "{pieces:.40?}: {answer}"
+        );
+        // Upgraded by hand (hyper's 101 carries a date).
+        assert!(
+            status.contains("431") || !answer.contains("\r\ndate: "),
+            "{answer}"
+        );
+    }
+    assert_eq!(h.server.stats().snapshot().refused_head_size, 1);
+}
+
 #[tokio::test]
 async fn a_backlog_reaches_a_slow_reader_whole_and_in_order() {
     // Far more than the socket buffers hold: most frames are queued, some are split by
