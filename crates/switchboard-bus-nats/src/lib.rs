@@ -435,19 +435,17 @@ async fn connect_client(
     options: &NatsOptions,
     node: &str,
 ) -> Result<async_nats::Client, NatsError> {
-    // For errors: a URL may carry a password.
-    let servers = options::servers_for_humans(&options.servers);
-    let addrs = options
-        .servers
+    // The client gets no URL with credentials (they go as `auth`), so neither its logs nor
+    // the errors below can show one.
+    let (servers, auth) = options::servers_and_auth(options)?;
+    let shown = servers.join(", ");
+    let addrs = servers
         .iter()
         .map(|s| s.parse::<async_nats::ServerAddr>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| NatsError::Option {
             option: "url",
-            reason: format!(
-                "{servers}: {}",
-                redact_urls_in(&e.to_string(), &options.servers)
-            ),
+            reason: format!("{shown}: {e}"),
         })?;
     if addrs.is_empty() {
         return Err(NatsError::Option {
@@ -455,21 +453,14 @@ async fn connect_client(
             reason: "no server URL".into(),
         });
     }
-    options::connect_options(options, node)
+    options::connect_options(options, &auth, node)
         .await?
         .connect(addrs)
         .await
         .map_err(|e| NatsError::Connect {
-            url: servers,
-            reason: redact_urls_in(&e.to_string(), &options.servers),
+            url: shown,
+            reason: e.to_string(),
         })
-}
-
-/// `text` (a client library's error) with every one of `servers` in it redacted.
-fn redact_urls_in(text: &str, servers: &[String]) -> String {
-    servers.iter().fold(text.to_string(), |text, url| {
-        text.replace(url.as_str(), &options::redacted_url(url))
-    })
 }
 
 /// A random token (a NUID: 22 characters of `[0-9A-Za-z]`), fresh on every call.

@@ -127,7 +127,7 @@ pub(crate) fn servers_for_humans(servers: &[String]) -> String {
 }
 
 /// How a node authenticates to NATS. `Debug` never shows a secret.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum NatsAuth {
     /// No credentials.
@@ -200,8 +200,92 @@ pub fn check_node_name(name: &str) -> Result<(), String> {
 }
 
 /// The client's connect options for `options`; `name` is the connection name.
+/// The servers' URLs as the client is given them, without credentials, and the credentials
+/// to use: `options.auth`, or what the URLs carry (`nats://user:password@host`,
+/// `nats://token@host`). The client never sees a URL with credentials, so it cannot log one
+/// (it logs every connection attempt's URL at debug). Refused: credentials both in a URL and
+/// in `auth`, or different ones in two URLs.
+pub(crate) fn servers_and_auth(
+    options: &NatsOptions,
+) -> Result<(Vec<String>, NatsAuth), NatsError> {
+    let refuse = |reason: &str| NatsError::Option {
+        option: "url",
+        reason: reason.into(),
+    };
+    let mut servers = Vec::with_capacity(options.servers.len());
+    let mut from_urls: Option<NatsAuth> = None;
+    for url in &options.servers {
+        let (server, auth) = split_credentials(url);
+        servers.push(server);
+        match (auth, &from_urls) {
+            (None, _) => {}
+            (Some(auth), None) => from_urls = Some(auth),
+            (Some(auth), Some(earlier)) if auth == *earlier => {}
+            (Some(_), Some(_)) => {
+                return Err(refuse(
+                    "two server URLs carry different credentials: give them once, in `auth`",
+                ))
+            }
+        }
+    }
+    let auth = match from_urls {
+        Some(_) if options.auth != NatsAuth::None => {
+            return Err(refuse(
+                "credentials are given both in a server URL and in `auth`: give them once",
+            ))
+        }
+        Some(auth) => auth,
+        None => options.auth.clone(),
+    };
+    Ok((servers, auth))
+}
+
+/// `url` without its `user:password@` or `token@`, and what that said.
+fn split_credentials(url: &str) -> (String, Option<NatsAuth>) {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return (url.to_string(), None);
+    };
+    let auth = match userinfo.split_once(':') {
+        Some((user, password)) => NatsAuth::UserPassword {
+            user: percent_decoded(user),
+            password: percent_decoded(password),
+        },
+        None => NatsAuth::Token(percent_decoded(userinfo)),
+    };
+    (format!("{scheme}{host}"), Some(auth))
+}
+
+/// `%XX` escapes decoded (as in a URL's user and password); anything else kept as it is.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| text.to_string())
+}
+
 pub(crate) async fn connect_options(
     options: &NatsOptions,
+    auth: &NatsAuth,
     name: &str,
 ) -> Result<async_nats::ConnectOptions, NatsError> {
     let mut connect = async_nats::ConnectOptions::new()
@@ -221,7 +305,7 @@ pub(crate) async fn connect_options(
                 event => tracing::info!(%event, "nats"),
             }
         });
-    connect = with_auth(connect, &options.auth).await?;
+    connect = with_auth(connect, auth).await?;
     if let Some(tls) = &options.tls {
         connect = with_tls(connect, tls)?;
     }

@@ -121,6 +121,7 @@ impl Config {
         config.check_routes(text)?;
         config.check_paths_and_addresses(text)?;
         config.check_limits(text)?;
+        config.check_nats_credentials(text)?;
         Ok(config)
     }
 
@@ -188,6 +189,47 @@ impl Config {
                      forward it"
                 ),
                 line,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Credentials in a NATS URL (`nats://user:password@host`) are used as `auth` would be:
+    /// given there and in `auth` too, or differently in two URLs, which ones count would be
+    /// a guess.
+    fn check_nats_credentials(&self, text: &str) -> Result<(), ConfigError> {
+        let Some(bus) = &self.gateway.bus else {
+            return Ok(());
+        };
+        let userinfo = |url: &str| {
+            let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+            rest.rsplit_once('@')
+                .map(|(userinfo, _)| userinfo.to_string())
+        };
+        let given: Vec<String> = bus
+            .nats
+            .url
+            .as_slice()
+            .iter()
+            .filter_map(|u| userinfo(u))
+            .collect();
+        let Some(first) = given.first() else {
+            return Ok(());
+        };
+        if bus.nats.auth.is_some() {
+            return Err(ConfigError::at_line(
+                "gateway.bus.nats.auth: credentials are given both in a server URL and in auth: \
+                 give them once"
+                    .to_string(),
+                key_line(text, &["gateway", "bus", "nats", "auth"]),
+            ));
+        }
+        if given.iter().any(|g| g != first) {
+            return Err(ConfigError::at_line(
+                "gateway.bus.nats.url: two server URLs carry different credentials: give them \
+                 once, in auth"
+                    .to_string(),
+                key_line(text, &["gateway", "bus", "nats", "url"]),
             ));
         }
         Ok(())

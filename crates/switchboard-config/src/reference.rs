@@ -927,7 +927,11 @@ const SECTIONS: &[Section] = &[
                 Ext,
                 "Server URL (`nats://host:4222`, `tls://host:4222`), or a list of the members of \
                  a cluster: the node connects to one and, when it goes away, to another (also to \
-                 members the cluster announces), keeping its sockets open.",
+                 members the cluster announces), keeping its sockets open. Credentials in a \
+                 URL (`nats://user:password@host:4222`, `nats://token@host:4222`, \
+                 percent-escaped) are used as `auth` would be, and given to the client apart \
+                 from the URL, so no log or message shows them; not together with `auth`, and \
+                 the same in every URL. A port from 1 to 65535.",
                 Some("nats://127.0.0.1:4222"),
             ),
             key(

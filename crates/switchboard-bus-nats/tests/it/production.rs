@@ -206,6 +206,10 @@ async fn tls_with_a_private_ca_and_client_certificates() {
 async fn round_trip(nats: &NatsServer, auth: NatsAuth) -> Result<(), NatsError> {
     let mut options = NatsOptions::new(nats.url());
     options.auth = auth;
+    round_trip_with(options).await
+}
+
+async fn round_trip_with(options: NatsOptions) -> Result<(), NatsError> {
     let bus = NatsBus::connect(options).await?;
     bus.subscribe(
         "auth.check",
@@ -252,11 +256,40 @@ async fn user_password_and_token() {
     assert_refused(round_trip(&nats, user("wrong")).await);
     assert_refused(round_trip(&nats, NatsAuth::None).await);
 
+    // In the URL, as CONFIG.md allows: taken from it (percent-escapes decoded), never
+    // handed to the client inside the URL it logs, and never shown in an error.
+    let in_url =
+        |userinfo: &str| NatsOptions::new(format!("nats://{userinfo}@127.0.0.1:{}", nats.port()));
+    round_trip_with(in_url("gw:s3cret%2Dpass")).await.unwrap();
+    let refused = round_trip_with(in_url("gw:wrong-pass")).await;
+    assert!(
+        !format!("{refused:?}").contains("wrong-pass"),
+        "{refused:?}"
+    );
+    assert_refused(refused);
+    // Given twice (in the URL and in `auth`), or differently in two URLs: which one counts
+    // would be a guess.
+    let mut twice = in_url("gw:s3cret-pass");
+    twice.auth = user("s3cret-pass");
+    let e = round_trip_with(twice).await.unwrap_err().to_string();
+    assert!(e.contains("both in a server URL and in `auth`"), "{e}");
+    let two = NatsOptions::cluster([
+        format!("nats://gw:a@127.0.0.1:{}", nats.port()),
+        format!("nats://gw:b@127.0.0.1:{}", nats.port()),
+    ]);
+    let e = round_trip_with(two).await.unwrap_err().to_string();
+    assert!(
+        e.contains("different credentials") && !e.contains("gw:a"),
+        "{e}"
+    );
+
     let nats = NatsServer::start_with(&["--auth", "t0ken-t0ken"]);
     round_trip(&nats, NatsAuth::Token("t0ken-t0ken".into()))
         .await
         .unwrap();
     assert_refused(round_trip(&nats, NatsAuth::Token("wrong".into())).await);
+    let token_url = format!("nats://t0ken-t0ken@127.0.0.1:{}", nats.port());
+    round_trip_with(NatsOptions::new(token_url)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

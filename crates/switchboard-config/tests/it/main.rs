@@ -1020,6 +1020,25 @@ fn nats_production_options() {
         !format!("{n:?}").contains("TopSecret"),
         "Debug shows no password: {n:?}"
     );
+    // Credentials in a URL count as `auth`: not both, and not two different ones.
+    for (section, says, line) in [
+        (
+            "      url: \"nats://alice:pw@h:4222\"\n      auth: {user: bob, password: pw2}\n",
+            "given both in a server URL and in auth",
+            6,
+        ),
+        (
+            "      url: [\"nats://alice:pw@h:4222\", \"nats://alice:other@h:4223\"]\n",
+            "different credentials",
+            5,
+        ),
+    ] {
+        let e = nats(section).unwrap_err();
+        assert!(e.to_string().contains(says), "{e}");
+        assert!(!e.to_string().contains(":pw"), "{e}");
+        assert_eq!(e.line(), Some(line), "{e}");
+    }
+    nats("      url: [\"nats://alice:pw@h:4222\", \"alice:pw@h:4223\"]\n").unwrap();
     // Placed at the key's own line, not at the section's first key.
     for bad in ["0s", "2s"] {
         let e = nats(&format!(
