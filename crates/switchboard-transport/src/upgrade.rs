@@ -198,9 +198,6 @@ async fn read_head<T: AsyncRead + Unpin>(
             }
             Err(_) => return Err(HeadRead::Ended("handshake timed out".into())),
         }
-        if looked_at == 0 && !may_be_a_head(&read) {
-            return Ok(read);
-        }
         if begins.is_none() {
             begins = read[looked_at..]
                 .iter()
@@ -208,6 +205,11 @@ async fn read_head<T: AsyncRead + Unpin>(
                 .map(|at| looked_at + at);
         }
         if begins.is_some_and(|begins| head_ends_after(&read, looked_at.max(begins))) {
+            return Ok(read);
+        }
+        // Not whole in the first read: parsed once, so that what is no request head at all
+        // goes to hyper now rather than after the limit or the deadline.
+        if looked_at == 0 && !may_be_a_head(&read) {
             return Ok(read);
         }
         if read.len() > limit {
