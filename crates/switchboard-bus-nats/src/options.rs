@@ -199,7 +199,6 @@ pub fn check_node_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The client's connect options for `options`; `name` is the connection name.
 /// The servers' URLs as the client is given them, without credentials, and the credentials
 /// to use: `options.auth`, or what the URLs carry (`nats://user:password@host`,
 /// `nats://token@host`). The client never sees a URL with credentials, so it cannot log one
@@ -213,14 +212,15 @@ pub(crate) fn servers_and_auth(
         reason: reason.into(),
     };
     let mut servers = Vec::with_capacity(options.servers.len());
-    let mut from_urls: Option<NatsAuth> = None;
+    // As written (the config compares them so too), and as the client takes them.
+    let mut from_urls: Option<(&str, NatsAuth)> = None;
     for url in &options.servers {
-        let (server, auth) = split_credentials(url);
+        let (server, given) = split_credentials(url);
         servers.push(server);
-        match (auth, &from_urls) {
+        match (given, &from_urls) {
             (None, _) => {}
-            (Some(auth), None) => from_urls = Some(auth),
-            (Some(auth), Some(earlier)) if auth == *earlier => {}
+            (Some(given), None) => from_urls = Some(given),
+            (Some((text, _)), Some((earlier, _))) if text == *earlier => {}
             (Some(_), Some(_)) => {
                 return Err(refuse(
                     "two server URLs carry different credentials: give them once, in `auth`",
@@ -234,14 +234,15 @@ pub(crate) fn servers_and_auth(
                 "credentials are given both in a server URL and in `auth`: give them once",
             ))
         }
-        Some(auth) => auth,
+        Some((_, auth)) => auth,
         None => options.auth.clone(),
     };
     Ok((servers, auth))
 }
 
-/// `url` without its `user:password@` or `token@`, and what that said.
-fn split_credentials(url: &str) -> (String, Option<NatsAuth>) {
+/// `url` without its `user:password@` or `token@`, and that text with what it says (none
+/// for an empty one, `nats://@host`).
+fn split_credentials(url: &str) -> (String, Option<(&str, NatsAuth)>) {
     let (scheme, rest) = match url.split_once("://") {
         Some((scheme, rest)) => (format!("{scheme}://"), rest),
         None => (String::new(), url),
@@ -249,6 +250,9 @@ fn split_credentials(url: &str) -> (String, Option<NatsAuth>) {
     let Some((userinfo, host)) = rest.rsplit_once('@') else {
         return (url.to_string(), None);
     };
+    if userinfo.is_empty() {
+        return (format!("{scheme}{host}"), None);
+    }
     let auth = match userinfo.split_once(':') {
         Some((user, password)) => NatsAuth::UserPassword {
             user: percent_decoded(user),
@@ -256,7 +260,7 @@ fn split_credentials(url: &str) -> (String, Option<NatsAuth>) {
         },
         None => NatsAuth::Token(percent_decoded(userinfo)),
     };
-    (format!("{scheme}{host}"), Some(auth))
+    (format!("{scheme}{host}"), Some((userinfo, auth)))
 }
 
 /// `%XX` escapes decoded (as in a URL's user and password); anything else kept as it is.
@@ -283,6 +287,8 @@ fn percent_decoded(text: &str) -> String {
     String::from_utf8(out).unwrap_or_else(|_| text.to_string())
 }
 
+/// The client's connect options for `options`, with `auth` ([`servers_and_auth`]); `name` is
+/// the connection name.
 pub(crate) async fn connect_options(
     options: &NatsOptions,
     auth: &NatsAuth,
@@ -411,6 +417,29 @@ mod tests {
         }
         let options = NatsOptions::cluster(["nats://alice:TopSecret@127.0.0.1:4222"]);
         assert!(!format!("{options:?}").contains("TopSecret"));
+    }
+
+    #[test]
+    fn credentials_leave_the_urls_for_auth() {
+        let split = |urls: &[&str]| servers_and_auth(&NatsOptions::cluster(urls.iter().copied()));
+        let (servers, auth) =
+            split(&["nats://al%69ce:p%2Fw:x@h:1", "h:2", "al%69ce:p%2Fw:x@h:3"]).unwrap();
+        assert_eq!(servers, ["nats://h:1", "h:2", "h:3"]);
+        let user = NatsAuth::UserPassword {
+            user: "alice".into(),
+            password: "p/w:x".into(),
+        };
+        assert_eq!(auth, user);
+        assert_eq!(
+            split(&["tls://t0k@h:1"]).unwrap().1,
+            NatsAuth::Token("t0k".into())
+        );
+        // An empty `@` is none; written differently is different, as the config reads it.
+        assert_eq!(
+            split(&["nats://@h:1"]).unwrap(),
+            (vec!["nats://h:1".to_string()], NatsAuth::None)
+        );
+        assert!(split(&["nats://a:b%21@h:1", "nats://a:b!@h:2"]).is_err());
     }
 
     #[test]

@@ -138,9 +138,9 @@ impl<'de> Deserialize<'de> for NatsUrls {
                 .strip_prefix("nats://")
                 .or_else(|| url.strip_prefix("tls://"))
                 .unwrap_or(url);
-            // What follows `user:password@`, up to a path.
-            let authority = rest.split('/').next().unwrap_or_default();
-            let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+            // What follows `user:password@` (a password may hold a `/`), up to a path.
+            let after = rest.rsplit_once('@').map_or(rest, |(_, after)| after);
+            let host_port = after.split('/').next().unwrap_or_default();
             let port = match host_port.strip_prefix('[') {
                 Some(v6) => v6.split_once(']').map(|(_, p)| p.strip_prefix(':')),
                 None => Some(host_port.rsplit_once(':').map(|(_, p)| p)),

@@ -201,10 +201,13 @@ impl Config {
         let Some(bus) = &self.gateway.bus else {
             return Ok(());
         };
+        // As the bus reads them (`switchboard_bus_nats`): the text before the last `@`,
+        // compared as written; an empty one is none.
         let userinfo = |url: &str| {
             let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
             rest.rsplit_once('@')
                 .map(|(userinfo, _)| userinfo.to_string())
+                .filter(|userinfo| !userinfo.is_empty())
         };
         let given: Vec<String> = bus
             .nats

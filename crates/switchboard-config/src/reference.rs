@@ -930,8 +930,9 @@ const SECTIONS: &[Section] = &[
                  members the cluster announces), keeping its sockets open. Credentials in a \
                  URL (`nats://user:password@host:4222`, `nats://token@host:4222`, \
                  percent-escaped) are used as `auth` would be, and given to the client apart \
-                 from the URL, so no log or message shows them; not together with `auth`, and \
-                 the same in every URL. A port from 1 to 65535.",
+                 from the URL, so no log or message shows them, and to every server (those the \
+                 cluster announces too); not together with `auth`, and the same in every URL \
+                 that carries any. A port from 1 to 65535.",
                 Some("nats://127.0.0.1:4222"),
             ),
             key(

@@ -34,6 +34,10 @@ use super::{
 /// Bytes of the first read, and what the buffer grows by while a head is not whole.
 const FIRST_READ: usize = 4096;
 
+/// Bytes a head as sent may take beyond `max_request_head` (which applies to it as parsed),
+/// as hyper's buffer allowed.
+const HEAD_SLACK: usize = 1024;
+
 /// Header lines parsed at most, as hyper's default: a head with more is hyper's to refuse.
 const MAX_HEADERS: usize = 100;
 
@@ -161,13 +165,18 @@ enum HeadRead {
 
 /// Reads until the head is whole: what was read (the head and what came behind it in the
 /// same read), or bytes that can be no request head (hyper answers those). The buffer holds
-/// one read of 4 KiB, and when the head is longer, `limit` + 1 bytes at most, allocated once;
-/// each byte is looked at once for the head's end, however the client splits its writes.
+/// one read of 4 KiB, and when the head is longer, `limit` + 1 KiB + 1 bytes at most,
+/// allocated once; each byte is looked at once for the head's end, however the client splits
+/// its writes.
 async fn read_head<T: AsyncRead + Unpin>(
     stream: &mut T,
     deadline: Instant,
     limit: usize,
 ) -> Result<BytesMut, HeadRead> {
+    // As hyper allowed before this path read long heads: the limit applies to the head as
+    // parsed (`request_head_len`), and what was sent may be a little longer (spaces around
+    // values, empty lines before the request line).
+    let most = limit + HEAD_SLACK;
     let mut read = BytesMut::with_capacity(FIRST_READ);
     // The head's end is looked for from here on: the bytes before were looked at.
     let mut looked_at = 0;
@@ -176,7 +185,7 @@ async fn read_head<T: AsyncRead + Unpin>(
     loop {
         if read.len() == read.capacity() {
             // Grown once to what a head may take (never doubled past it).
-            let mut bigger = BytesMut::with_capacity(limit + 1);
+            let mut bigger = BytesMut::with_capacity(most + 1);
             bigger.extend_from_slice(&read);
             read = bigger;
         }
@@ -198,6 +207,7 @@ async fn read_head<T: AsyncRead + Unpin>(
             }
             Err(_) => return Err(HeadRead::Ended("handshake timed out".into())),
         }
+        let begun_now = begins.is_none();
         if begins.is_none() {
             begins = read[looked_at..]
                 .iter()
@@ -207,12 +217,12 @@ async fn read_head<T: AsyncRead + Unpin>(
         if begins.is_some_and(|begins| head_ends_after(&read, looked_at.max(begins))) {
             return Ok(read);
         }
-        // Not whole in the first read: parsed once, so that what is no request head at all
-        // goes to hyper now rather than after the limit or the deadline.
-        if looked_at == 0 && !may_be_a_head(&read) {
+        // Not whole in the read its request line began in: parsed once, so that what is no
+        // request head at all goes to hyper now rather than after the limit or the deadline.
+        if begun_now && begins.is_some() && !may_be_a_head(&read) {
             return Ok(read);
         }
-        if read.len() > limit {
+        if read.len() > most {
             return Err(HeadRead::TooLarge);
         }
         // An end split across reads (`\r\n` | `\r\n`) is found from the last two bytes on.

@@ -1038,7 +1038,10 @@ fn nats_production_options() {
         assert!(!e.to_string().contains(":pw"), "{e}");
         assert_eq!(e.line(), Some(line), "{e}");
     }
-    nats("      url: [\"nats://alice:pw@h:4222\", \"alice:pw@h:4223\"]\n").unwrap();
+    nats("      url: [\"nats://alice:pw@h:4222\", \"alice:pw@h:4223\", h:4224]\n").unwrap();
+    // A password may hold a `/`; an empty `@` is no credentials (so `auth` may be given).
+    nats("      url: \"nats://alice:pa/ss@h:4222\"\n").unwrap();
+    nats("      url: \"nats://@h:4222\"\n      auth: {token: t}\n").unwrap();
     // Placed at the key's own line, not at the section's first key.
     for bad in ["0s", "2s"] {
         let e = nats(&format!(
