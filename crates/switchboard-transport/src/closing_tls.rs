@@ -101,7 +101,7 @@ impl OverTcp for ClosingTls {
 
 impl Accepted for ClosingTls {
     fn into_wire(mut self) -> Wire {
-        // What rustls decrypted and the first read did not take stays in the session, which
+        // What rustls decrypted and reading the head did not take stays in the session, which
         // the socket reads first.
         let (tcp, session) = self.stream.take().expect("taken once").into_inner();
         Wire::tls(tcp, session)

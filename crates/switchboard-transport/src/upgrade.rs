@@ -67,8 +67,8 @@ pub(crate) fn taken_back<T: Accepted>(
     Ok((stream.into_wire(), super::join(parts.read_buf, unread)))
 }
 
-/// Serves one accepted connection: the upgrade here when the first read holds a request
-/// this path takes, hyper otherwise.
+/// Serves one accepted connection: its head read whole ([`read_head`]), the upgrade here
+/// when it is a request this path takes, hyper otherwise.
 pub(crate) async fn serve_first_request<S: Service, T: Accepted>(
     mut stream: T,
     peer: SocketAddr,
@@ -159,7 +159,7 @@ fn upgrade_request(bytes: &[u8], options: &TransportOptions) -> Option<(Request<
 enum HeadRead {
     /// The client closed, stalled past the deadline, or the read failed: nothing to answer.
     Ended(String),
-    /// More than the limit was read and the head had not ended: `431`.
+    /// More than the limit and its slack was read and the head had not ended: `431`.
     TooLarge,
 }
 
