@@ -106,14 +106,21 @@ impl fmt::Debug for NatsOptions {
 /// `url` with any credentials in it (`nats://user:password@host`) shown as `***`: what logs
 /// and errors may print.
 pub fn redacted_url(url: &str) -> String {
-    // Up to the last `@` wherever it is: a password may hold a `/`.
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (format!("{scheme}://"), rest),
-        None => (String::new(), url),
-    };
-    match rest.rfind('@') {
-        Some(at) => format!("{scheme}***{}", &rest[at..]),
-        None => url.to_string(),
+    match url_parts(url) {
+        (scheme, Some(_), rest) => format!("{scheme}***@{rest}"),
+        (_, None, _) => url.to_string(),
+    }
+}
+
+/// `url` as `scheme://` (or nothing), its `user:password@` or `token@` without the `@`
+/// (what comes before the last `@`: a password may hold a `/`), and the rest. The config
+/// crate reads URLs with a copy of this (`switchboard_config`'s `url_parts`), as it depends
+/// on no other crate of the workspace.
+fn url_parts(url: &str) -> (&str, Option<&str>, &str) {
+    let (scheme, rest) = url.split_at(url.find("://").map_or(0, |at| at + 3));
+    match rest.rsplit_once('@') {
+        Some((userinfo, after)) => (scheme, Some(userinfo), after),
+        None => (scheme, None, rest),
     }
 }
 
@@ -243,16 +250,10 @@ pub(crate) fn servers_and_auth(
 /// `url` without its `user:password@` or `token@`, and that text with what it says (none
 /// for an empty one, `nats://@host`).
 fn split_credentials(url: &str) -> (String, Option<(&str, NatsAuth)>) {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (format!("{scheme}://"), rest),
-        None => (String::new(), url),
-    };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return (url.to_string(), None);
-    };
-    if userinfo.is_empty() {
+    let (scheme, userinfo, host) = url_parts(url);
+    let Some(userinfo) = userinfo.filter(|userinfo| !userinfo.is_empty()) else {
         return (format!("{scheme}{host}"), None);
-    }
+    };
     let auth = match userinfo.split_once(':') {
         Some((user, password)) => NatsAuth::UserPassword {
             user: percent_decoded(user),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::de::{de_byte_size, de_duration, redacted_url};
+use crate::de::{de_byte_size, de_duration, redacted_url, url_parts};
 
 /// The `gateway.bus` section: a broker instead of the in-process bus.
 #[derive(Debug, Clone, Deserialize)]
@@ -138,8 +138,8 @@ impl<'de> Deserialize<'de> for NatsUrls {
                 .strip_prefix("nats://")
                 .or_else(|| url.strip_prefix("tls://"))
                 .unwrap_or(url);
-            // What follows `user:password@` (a password may hold a `/`), up to a path.
-            let after = rest.rsplit_once('@').map_or(rest, |(_, after)| after);
+            // What follows `user:password@`, up to a path.
+            let (_, _, after) = url_parts(rest);
             let host_port = after.split('/').next().unwrap_or_default();
             let port = match host_port.strip_prefix('[') {
                 Some(v6) => v6.split_once(']').map(|(_, p)| p.strip_prefix(':')),

@@ -241,15 +241,22 @@ impl<T> Visitor<'_> for StrVisitor<T> {
 
 /// `url` as a message may show it: anything up to an `@` after the scheme (a
 /// `user:password@`, wherever the `@` is) is `***`. The same as
-/// `switchboard_bus_nats::redacted_url`: this crate depends on no other of the workspace.
+/// `switchboard_bus_nats::redacted_url` (as `url_parts` is its `url_parts`): this crate
+/// depends on no other of the workspace.
 pub(crate) fn redacted_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (format!("{scheme}://"), rest),
-        None => (String::new(), url),
-    };
-    match rest.rfind('@') {
-        Some(at) => format!("{scheme}***{}", &rest[at..]),
-        None => url.to_string(),
+    match url_parts(url) {
+        (scheme, Some(_), rest) => format!("{scheme}***@{rest}"),
+        (_, None, _) => url.to_string(),
+    }
+}
+
+/// `url` as `scheme://` (or nothing), its `user:password@` or `token@` without the `@`
+/// (what comes before the last `@`: a password may hold a `/`), and the rest.
+pub(crate) fn url_parts(url: &str) -> (&str, Option<&str>, &str) {
+    let (scheme, rest) = url.split_at(url.find("://").map_or(0, |at| at + 3));
+    match rest.rsplit_once('@') {
+        Some((userinfo, after)) => (scheme, Some(userinfo), after),
+        None => (scheme, None, rest),
     }
 }
 

@@ -201,20 +201,15 @@ impl Config {
         let Some(bus) = &self.gateway.bus else {
             return Ok(());
         };
-        // As the bus reads them (`switchboard_bus_nats`): the text before the last `@`,
-        // compared as written; an empty one is none.
-        let userinfo = |url: &str| {
-            let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-            rest.rsplit_once('@')
-                .map(|(userinfo, _)| userinfo.to_string())
-                .filter(|userinfo| !userinfo.is_empty())
-        };
-        let given: Vec<String> = bus
+        // As the bus reads them (`switchboard_bus_nats`): compared as written, and an empty
+        // one is none.
+        let given: Vec<&str> = bus
             .nats
             .url
             .as_slice()
             .iter()
-            .filter_map(|u| userinfo(u))
+            .filter_map(|url| de::url_parts(url).1)
+            .filter(|userinfo| !userinfo.is_empty())
             .collect();
         let Some(first) = given.first() else {
             return Ok(());
@@ -414,7 +409,7 @@ fn placed(e: ConfigError, text: &str) -> ConfigError {
     else {
         return e;
     };
-    let content = |l: &str| !l.trim().is_empty() && !l.trim_start().starts_with('#');
+    let content = |l: &str| !blank_or_comment(l);
     if !text.lines().any(content) {
         return ConfigError::Invalid {
             file,
@@ -613,6 +608,12 @@ fn indent(line: &str) -> usize {
     line.len() - line.trim_start().len()
 }
 
+/// Whether `line` says nothing to the parser: blank, or only a comment.
+fn blank_or_comment(line: &str) -> bool {
+    let t = line.trim_start();
+    t.is_empty() || t.starts_with('#')
+}
+
 /// Whether `line` holds `key:` (quoted or not, as a list item's first key too).
 fn holds_key(line: &str, key: &str) -> bool {
     let t = line.trim_start();
@@ -644,7 +645,7 @@ fn named_entry_line(message: &str, line: usize, text: &str) -> Option<(usize, us
     let start = (line.saturating_sub(1)..lines.len()).find(|&n| holds_key(lines[n], key))?;
     let key_line = lines[start];
     let (_, value) = key_line.split_once(':')?;
-    if !value.trim().is_empty() && !value.trim_start().starts_with('#') {
+    if !blank_or_comment(value) {
         // Flow style, `key: [a, b]`: the entry is on this line, if anywhere.
         let lower = key_line.to_ascii_lowercase();
         let column = lower.find(&entry.to_ascii_lowercase())?;
@@ -653,7 +654,7 @@ fn named_entry_line(message: &str, line: usize, text: &str) -> Option<(usize, us
     let key_indent = indent(key_line);
     for (n, l) in lines.iter().enumerate().skip(start + 1) {
         let t = l.trim_start();
-        if t.is_empty() || t.starts_with('#') {
+        if blank_or_comment(l) {
             continue;
         }
         // The list ends at a line less indented, or at the key's indent but not an item.
@@ -731,26 +732,22 @@ fn numbered_item_line(message: &str, line: usize, text: &str) -> Option<(usize, 
         at
     } else {
         let (_, value) = lines[at].split_once(':')?;
-        if !value.trim().is_empty() && !value.trim_start().starts_with('#') {
+        if !blank_or_comment(value) {
             return None;
         }
-        let next = (at + 1..lines.len()).find(|&i| {
-            let t = lines[i].trim_start();
-            !t.is_empty() && !t.starts_with('#')
-        })?;
+        let next = (at + 1..lines.len()).find(|&i| !blank_or_comment(lines[i]))?;
         is_item(lines[next]).then_some(next)?
     };
     let item_indent = indent(lines[first]);
     let mut count = 1;
     for (i, l) in lines.iter().enumerate().skip(first) {
-        let t = l.trim_start();
-        if t.is_empty() || t.starts_with('#') || i == first {
+        if blank_or_comment(l) || i == first {
             continue;
         }
         if indent(l) < item_indent {
             return None; // the list ended
         }
-        if indent(l) == item_indent && (t.starts_with("- ") || t == "-") {
+        if indent(l) == item_indent && is_item(l) {
             count += 1;
             if count == n {
                 return Some((i + 1, item_indent + 3));
@@ -769,8 +766,7 @@ fn key_in_list_item(text: &str, line: usize, key: &str) -> Option<(usize, usize)
     // The column of the item's keys: after its `- `.
     let column = indent(first) + if t.starts_with("- ") { 2 } else { 0 };
     for (n, l) in lines.iter().enumerate().skip(line) {
-        let t = l.trim_start();
-        if t.is_empty() || t.starts_with('#') {
+        if blank_or_comment(l) {
             continue;
         }
         if indent(l) < column {
@@ -793,7 +789,7 @@ fn second_of_duplicate_line(message: &str, line: usize, text: &str) -> Option<(u
     let mut first_column = None;
     for (n, l) in text.lines().enumerate().skip(line.saturating_sub(1)) {
         let t = l.trim_start();
-        if t.is_empty() || t.starts_with('#') {
+        if blank_or_comment(l) {
             continue;
         }
         let item = t.starts_with("- ");
@@ -814,11 +810,10 @@ fn second_of_duplicate_line(message: &str, line: usize, text: &str) -> Option<(u
 /// The 1-based line of `key:` within the gateway's `auth:` section, or of the `auth:` line
 /// itself for `None`. Comments are skipped; the section is the lines indented under it.
 fn auth_line(text: &str, key: Option<&str>) -> Option<usize> {
-    let indent = |l: &str| l.len() - l.trim_start().len();
     let (mut in_gateway, mut child_indent, mut auth_indent) = (false, None, None);
     for (n, line) in text.lines().enumerate() {
         let t = line.trim_start();
-        if t.is_empty() || t.starts_with('#') {
+        if blank_or_comment(line) {
             continue;
         }
         let ind = indent(line);
@@ -890,7 +885,7 @@ fn key_position(text: &str, path: &[&str]) -> Option<(usize, usize)> {
     let mut best: Option<(usize, usize)> = None; // (depth, line)
     for (n, line) in text.lines().enumerate() {
         let t = line.trim_start();
-        if t.is_empty() || t.starts_with('#') || t.starts_with("---") {
+        if blank_or_comment(line) || t.starts_with("---") {
             continue;
         }
         let indent = line.len() - t.len();
