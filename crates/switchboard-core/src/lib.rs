@@ -68,6 +68,14 @@ pub fn request_head_len(
     line + headers + 2
 }
 
+/// The answer to a request head over a server's bound on heads ([`request_head_len`]).
+pub fn head_too_large() -> HttpResponse {
+    plain_response(
+        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "request headers too large\n",
+    )
+}
+
 /// Whether a request is HTTP/1.1 with exactly one `Host` (RFC 9112 3.2: without one, or with
 /// two, it is a `400`; a same-host origin check would read the first of two). What the
 /// WebSocket upgrade and the endpoints on its port both require.

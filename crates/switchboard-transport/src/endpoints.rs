@@ -11,7 +11,7 @@ use hyper::{Request, Response, StatusCode};
 use std::sync::Arc;
 
 use switchboard_core::{
-    plain_response, AbortSignal, BodyChunks, HttpEndpoint, HttpReply, HttpRequest,
+    plain_response, AbortSignal, BodyChunks, HttpEndpoint, HttpReply, HttpRequest, HttpResponse,
 };
 
 use crate::TransportOptions;
@@ -78,35 +78,20 @@ pub(crate) async fn serve(
 ) -> Response<ReplyBody> {
     let (parts, body) = req.into_parts();
     // Refused here, without the endpoint: it adds what its answers carry (CORS headers).
-    let refuse = |parts: &http::request::Parts, status, text| {
-        let mut refusal = plain_response(status, text);
+    let refuse = |parts: &http::request::Parts, mut refusal: HttpResponse| {
         endpoint.decorate_refusal(parts, &mut refusal);
         refusal.map(ReplyBody::full)
     };
     if crate::request_head_len(&parts) > options.max_request_head {
-        return refuse(
-            &parts,
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "request headers too large\n",
-        );
+        return refuse(&parts, switchboard_core::head_too_large());
     }
     let max = endpoint.max_body();
     if body.size_hint().lower() > max as u64 {
-        return refuse(
-            &parts,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request body too large\n",
-        );
+        return refuse(&parts, body_too_large());
     }
     let body = match http_body_util::Limited::new(body, max).collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(_) => {
-            return refuse(
-                &parts,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body too large\n",
-            )
-        }
+        Err(_) => return refuse(&parts, body_too_large()),
     };
     let request = HttpRequest::new(parts, body, peer);
     match endpoint.call(request).await {
@@ -121,4 +106,9 @@ pub(crate) async fn serve(
         _ => plain_response(StatusCode::INTERNAL_SERVER_ERROR, "unknown answer\n")
             .map(ReplyBody::full),
     }
+}
+
+/// The answer to a body over the endpoint's `max_body`.
+fn body_too_large() -> HttpResponse {
+    plain_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
 }

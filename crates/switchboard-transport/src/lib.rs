@@ -659,7 +659,7 @@ fn handle_request<S: Service>(
         }
         Some(Refusal::HeadTooLarge) => {
             stats.refused_head_size.fetch_add(1, Relaxed);
-            return head_too_large();
+            return switchboard_core::head_too_large();
         }
         Some(Refusal::ForeignOrigin) => {
             stats.refused_origin.fetch_add(1, Relaxed);
@@ -696,14 +696,6 @@ fn handle_request<S: Service>(
         tokio::spawn(SocketTask::open(wire, read_buf, None, *open, shared));
     });
     switching_protocols(accept)
-}
-
-/// The answer to a request head over `max_request_head`.
-fn head_too_large() -> HttpResponse {
-    plain_response(
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        "request headers too large\n",
-    )
 }
 
 /// How long to await the service's `prepare_admit` within a handshake that ends at

@@ -85,7 +85,7 @@ pub(crate) async fn serve_first_request<S: Service, T: Accepted>(
         Err(HeadRead::Ended(why)) => return tracing::debug!(%peer, "{why}"),
         Err(HeadRead::TooLarge) => {
             shared.hub.stats.refused_head_size.fetch_add(1, Relaxed);
-            return send_refusal(stream, &super::head_too_large(), peer, deadline).await;
+            return send_refusal(stream, &switchboard_core::head_too_large(), peer, deadline).await;
         }
     };
     let Some((request, head_len)) = upgrade_request(&first, &shared.options) else {

@@ -155,10 +155,7 @@ async fn serve<I>(
         async move {
             let answer = match answer {
                 Some(answer) => answer.await,
-                None => switchboard_core::plain_response(
-                    hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    "request headers too large\n",
-                ),
+                None => switchboard_core::head_too_large(),
             };
             Ok::<_, Infallible>(answer.map(Full::new))
         }
